@@ -1,0 +1,258 @@
+"""ModelConfig: the DeepSeek-V3 architecture under the field names of HF's DeepseekV3Config.
+
+Using HF names means config.json round-trips with transformers and with the published DeepSeek checkpoints; the
+names inside the model code are ours (see checkpoint/hf.py for the only place that knows HF parameter names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from nanoseek.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (the only RoPE scaling DeepSeek uses)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.factor >= 1.0, "rope_scaling.factor", f"must be >= 1, got {self.factor}")
+        _require(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings",
+                 f"must be positive, got {self.original_max_position_embeddings}")
+        _require(self.beta_fast > self.beta_slow > 0, "rope_scaling.beta_fast",
+                 f"needs beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense MLP of the first layers
+    moe_intermediate_size: int = 2048  # one routed or shared expert
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536  # None: plain query projection (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    initializer_range: float = 0.006  # V3 report
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                     f"must be a positive integer, got {value!r}")
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
+        _require(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank",
+                 f"must be positive or null, got {self.q_lora_rank}")
+        _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+                 f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        _require(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+                 f"top-k {self.num_experts_per_tok} exceeds n_routed_experts {self.n_routed_experts}")
+        _require(self.n_routed_experts % self.n_group == 0, "n_group",
+                 f"{self.n_group} groups do not divide {self.n_routed_experts} experts")
+        _require(self.topk_group <= self.n_group, "topk_group",
+                 f"{self.topk_group} exceeds n_group {self.n_group}")
+        experts_per_group = self.n_routed_experts // self.n_group
+        _require(self.topk_group * experts_per_group >= self.num_experts_per_tok, "topk_group",
+                 f"{self.topk_group} groups of {experts_per_group} experts cannot hold top-k "
+                 f"{self.num_experts_per_tok}")
+        _require(self.scoring_func == "softmax" or experts_per_group >= 2 or self.n_group == 1, "n_group",
+                 "sigmoid group scores sum the top-2 experts of a group, so groups need at least 2 experts")
+        _require(self.scoring_func in ("sigmoid", "softmax"), "scoring_func",
+                 f"must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+        _require(self.routed_scaling_factor > 0, "routed_scaling_factor",
+                 f"must be positive, got {self.routed_scaling_factor}")
+        _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        _require(0 < self.rms_norm_eps < 1, "rms_norm_eps", f"must be in (0, 1), got {self.rms_norm_eps}")
+        _require(self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}")
+        if isinstance(self.rope_scaling, dict):  # accepted for convenience in Python code
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    # ---- derived shapes -------------------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """DeepSeek's rule; MTP blocks (index >= num_hidden_layers) follow it too, so V3's layer 61 is MoE."""
+        return layer_index >= self.first_k_dense_replace and layer_index % self.moe_layer_freq == 0
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_qk), times YaRN's mscale² when the context is extended (as the reference does)."""
+        scale = self.qk_head_dim ** -0.5
+        if self.rope_scaling is not None and self.rope_scaling.mscale_all_dim:
+            m = yarn_mscale(self.rope_scaling.factor, self.rope_scaling.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown config field {sorted(unknown)[0]!r}")
+        return dataclasses.replace(self, **changes)
+
+    # ---- config.json ----------------------------------------------------------------------------------------------
+    def to_hf_dict(self, style: Literal["transformers", "deepseek"] = "transformers") -> dict[str, Any]:
+        """config.json contents. 'transformers' writes transformers-5's rope_parameters; 'deepseek' the published
+        DeepSeek-V3 form (rope_theta + rope_scaling, scoring_func, topk_method)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        rope = fields.pop("rope_scaling")
+        theta = fields.pop("rope_theta")
+        # transformers' DeepseekV3 always routes with sigmoid scores; softmax routing is its DeepseekV2 model.
+        v3 = self.scoring_func == "sigmoid"
+        out: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+            "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+            **fields,
+            "num_key_value_heads": self.num_attention_heads,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "topk_method": "noaux_tc" if v3 else ("group_limited_greedy" if self.n_group > 1 else "greedy"),
+        }
+        rope_dict = {} if rope is None else {"type": "yarn", **dataclasses.asdict(rope)}
+        if style == "transformers":
+            rope_dict.pop("type", None)
+            out["rope_parameters"] = {"rope_type": "yarn" if rope else "default", "rope_theta": theta, **rope_dict}
+            out["rope_interleave"] = True
+        else:
+            out["rope_theta"] = theta
+            out["rope_scaling"] = rope_dict or None
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Read either config.json form (transformers-5 or the published DeepSeek V2/V3 one)."""
+        d = dict(raw)
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"config field 'hidden_act': only 'silu' is supported, got {d['hidden_act']!r}")
+        if d.get("attention_bias"):
+            raise ConfigError("config field 'attention_bias': biased attention projections are not supported")
+        model_type = d.get("model_type", "deepseek_v3")
+        d.setdefault("scoring_func", "softmax" if model_type == "deepseek_v2" else "sigmoid")
+        # V2's plain 'greedy' routing ignores any groups the config lists.
+        if d.get("topk_method") == "greedy" or d.get("n_group") is None:
+            d["n_group"], d["topk_group"] = 1, 1
+        rope_params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        d["rope_theta"] = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
+        if rope_type == "yarn":
+            names = {f.name for f in dataclasses.fields(RopeScaling)}
+            yarn = {k: v for k, v in rope_params.items() if k in names and v is not None}
+            yarn.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
+            if "factor" not in yarn:
+                yarn["factor"] = d["max_position_embeddings"] / yarn["original_max_position_embeddings"]
+            d["rope_scaling"] = RopeScaling(**yarn)
+        elif rope_type == "default":
+            d["rope_scaling"] = None
+        else:
+            raise ConfigError(f"config field 'rope_scaling': rope type {rope_type!r} is not supported (yarn only)")
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            d["eos_token_id"] = eos[0] if eos else None
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as e:
+            raise ConfigError(f"config: {e}") from None
+
+    def save_json(self, path: str | Path, style: Literal["transformers", "deepseek"] = "transformers") -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(style), indent=2) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_hf_dict(raw)
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction: 0.1·mscale·ln(factor) + 1 (1 when not extended)."""
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field {name!r}: {why}")
+
+
+_V3_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                       mscale=1.0, mscale_all_dim=1.0)
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU demo: trains to play-like text in minutes on 2 cores. A V3 in miniature: query compression, sigmoid
+    # group-limited routing, a shared expert, a dense first layer and one MTP module.
+    "tiny": ModelConfig(
+        vocab_size=4096, hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=256,
+        num_nextn_predict_layers=1),
+    "small": ModelConfig(
+        vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=128, num_hidden_layers=8,
+        num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=1024,
+        num_nextn_predict_layers=1),
+    "v2-lite": ModelConfig(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        n_group=1, topk_group=1, routed_scaling_factor=1.0, scoring_func="softmax", norm_topk_prob=False,
+        first_k_dense_replace=1, max_position_embeddings=163840,
+        rope_scaling=RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                                 mscale=0.707, mscale_all_dim=0.707),
+        bos_token_id=100000, eos_token_id=100001),
+    "v3": ModelConfig(max_position_embeddings=163840, rope_scaling=_V3_YARN, num_nextn_predict_layers=1,
+                      bos_token_id=0, eos_token_id=1),
+}

@@ -1,0 +1,77 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1): keys and values come from one small latent per token.
+
+    c_Q  = RMSNorm(W_DQ h)                      (q_lora_rank; or no compression: q = W_Q h)
+    q    = W_UQ c_Q → per head [q_nope (qk_nope_head_dim); q_rope (qk_rope_head_dim)], RoPE on q_rope
+    c_KV = RMSNorm(W_DKV h)                     (kv_lora_rank, the only per-token state besides k_rope)
+    k_rope = RoPE(W_KR h)                       (one key shared by all heads)
+    [k_nope; v] = W_UKV c_KV per head
+    out  = W_O softmax([q_nope; q_rope]·[k_nope; k_rope] · scale) v
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import RMSNorm
+from nanoseek.model.rope import apply_rope
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        qk_dim, dim = config.qk_head_dim, config.hidden_size
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_down = nn.Linear(dim, config.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_up = nn.Linear(config.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.kv_down = nn.Linear(dim, self.latent_dim + self.rope_dim, bias=False)  # → [c_KV; k_rope]
+        self.kv_norm = RMSNorm(self.latent_dim, config.rms_norm_eps)
+        self.kv_up = nn.Linear(self.latent_dim, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.out_proj = nn.Linear(self.n_heads * self.v_dim, dim, bias=False)
+
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] → q_nope [B, H, T, nope], q_rope [B, H, T, rope] (rotated)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_up(self.q_norm(self.q_down(x)))
+        q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] → normalized latent c_KV [B, T, kv_lora_rank], rotated k_rope [B, T, rope]:
+        all that MLA has to remember of a token."""
+        latent, k_rope = self.kv_down(x).split([self.latent_dim, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)
+        return self.kv_norm(latent), k_rope
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over a whole sequence (training and prefill): up-project the latents, then SDPA."""
+        B, T, _ = x.shape
+        q_nope, q_rope = self.queries(x, cos, sin)
+        latent, k_rope = self.latents(x, cos, sin)
+        kv = self.kv_up(latent).view(B, T, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, T, self.rope_dim)], dim=-1)
+        y = attend(q, k, v, self.softmax_scale)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal SDPA. MLA's values are narrower than its queries/keys (128 vs 192 at V3 shape), which sends SDPA to
+    its slow math backend on some devices (CPU among them); zero-padding v to the key width keeps the fused flash
+    kernel (1.6x faster here), and the padded output columns are exactly zero and dropped."""
+    pad = q.shape[-1] - v.shape[-1]
+    if pad <= 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True, scale=scale)
+    return y[..., : v.shape[-1]]

@@ -1,0 +1,114 @@
+"""DeepSeekMoE (V3 §2.1.2): shared experts + many fine-grained routed experts, group-limited top-k routing.
+
+Routed experts are stacked weights [E, out, in]. Tokens are sorted by expert and all experts run as one grouped GEMM
+(no Python loop over experts), so expert parallelism can later shard dim 0 and feed the same kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import MLP
+
+
+class Router(nn.Module):
+    """Scores every expert, then picks top-k within the best `topk_group` groups.
+
+    The correction bias (aux-loss-free balancing) shifts which experts are *selected* but never the gate values,
+    so it steers load without entering the gradient.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.scoring_func, self.norm_topk_prob = config.scoring_func, config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, dim] → gate weights [N, k] (fp32), expert ids [N, k], scores [N, E] (fp32, unbiased)."""
+        logits = F.linear(x.float(), self.weight.float())  # routing is precision-sensitive: fp32
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.expert_bias
+        if self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            # V3 (sigmoid): a group's score is the sum of its two best experts; V2 (softmax): its best expert.
+            if self.scoring_func == "sigmoid":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            kept = group_scores.topk(self.topk_group, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        expert_ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, expert_ids, scores
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """x [N, in] (rows sorted by group) @ weight[g].T for each group g → [N, out]; weight is [G, out, in].
+
+    The grouped-GEMM kernels want every row stride 16-byte aligned; odd sizes are zero-padded, which changes no
+    result (the padding multiplies zeros).
+    """
+    align = 16 // x.element_size()
+    pad_in, pad_out = -x.shape[1] % align, -weight.shape[1] % align
+    if pad_in or pad_out:
+        x = F.pad(x, (0, pad_in))
+        weight = F.pad(weight, (0, pad_in, 0, pad_out))
+    out = F.grouped_mm(x, weight.transpose(-2, -1), offs=group_ends)
+    return out[:, : out.shape[1] - pad_out] if pad_out else out
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights: gate_up [E, 2·I, dim] (rows [gate; up]), down [E, dim, I]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.n_experts, self.hidden_dim = n_experts, hidden_dim
+        self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
+        self.down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+
+    def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        """x [N, dim], rows sorted by expert; group_ends [E] int32 cumulative row counts → [N, dim]."""
+        gate, up = grouped_mm(x, self.gate_up, group_ends).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down, group_ends)
+
+
+def sort_by_expert(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened (token, slot) pairs ordered by expert (stable), and tokens per expert [E] (int64)."""
+    flat = expert_ids.flatten()
+    return flat.argsort(stable=True), torch.bincount(flat, minlength=n_experts)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = Router(config)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                       if config.n_shared_experts else None)
+        # Tokens routed to each expert by the latest forward: the load signal for aux-loss-free balancing.
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, expert_ids, _ = self.router(x)
+        order, counts = sort_by_expert(expert_ids, self.experts.n_experts)
+        self.expert_load = counts.detach().float()
+        routed = self.experts(x[order // self.top_k], counts.cumsum(0).to(torch.int32))
+        # Back to (token, slot) order, then a weighted sum over the k slots: deterministic, unlike index_add_.
+        unsorted = torch.empty_like(routed)
+        unsorted[order] = routed
+        y = (unsorted.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(shape)

@@ -1,0 +1,74 @@
+"""Rotary position embedding with YaRN context extension, for MLA's decoupled RoPE dimensions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig, yarn_mscale
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Per-pair rotation speeds [rope_dim/2] and the factor YaRN applies to cos/sin.
+
+    YaRN keeps the high-frequency pairs (many rotations within the original context) as they are, interpolates the
+    low-frequency ones by `factor`, and ramps linearly between the two correction dimensions.
+    """
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    yarn = config.rope_scaling
+    if yarn is None:
+        return inv_freq, 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(yarn.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(yarn.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (unchanged), 0: interpolate
+    inv_freq = inv_freq / yarn.factor * (1 - keep) + inv_freq * keep
+    # mscale/mscale_all_dim both given (as DeepSeek does): their ratio, 1 for V3; the attention temperature itself
+    # goes into the softmax scale (ModelConfig.softmax_scale).
+    if yarn.mscale and yarn.mscale_all_dim:
+        cos_sin_scale = yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    else:
+        cos_sin_scale = yarn_mscale(yarn.factor)
+    return inv_freq, cos_sin_scale
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(config.qk_rope_head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Recomputes the (non-persistent) frequencies, e.g. after a model was built on the meta device."""
+        inv_freq, self.cos_sin_scale = rope_inverse_frequencies(self.config)
+        with torch.no_grad():
+            self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [..., T] → cos, sin [..., T, rope_dim/2] in fp32."""
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        return angles.cos() * self.cos_sin_scale, angles.sin() * self.cos_sin_scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs (x0, x1), (x2, x3), ... of x [B, H, T, D] as DeepSeek's weights expect.
+
+    The result is laid out [rotated evens; rotated odds] rather than re-interleaved: RoPE dims only ever meet in
+    q·k dot products, which a permutation shared by q and k leaves unchanged, and this saves an interleaving copy.
+    cos, sin: [T, D/2] or [B, T, D/2].
+    """
+    if cos.dim() == 3:  # per-sequence positions: broadcast over heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    rotated = torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+    return rotated.to(x.dtype)

@@ -1,0 +1,123 @@
+"""The DeepSeek-V3 decoder: embedding → blocks (dense MLP for the first layers, then MoE) → norm → head, plus the
+multi-token-prediction modules that train on (and can draft) the tokens after next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.layers import MLP, RMSNorm
+from nanoseek.model.moe import MoE, RoutedExperts, Router
+from nanoseek.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = MultiHeadLatentAttention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: MLP | MoE = (MoE(config) if config.is_moe_layer(layer_index)
+                               else MLP(config.hidden_size, config.intermediate_size))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MTPModule(nn.Module):
+    """MTP depth k (V3 §2.2): h_k = Block(eh_proj([enorm(Emb(t_{i+k})); hnorm(h_{k-1})])), logits = head(norm(h_k)).
+
+    The embedding comes first in the concatenation: that is the order DeepSeek's released eh_proj weights use.
+    Embedding and output head are the main model's (shared, not copied).
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_index)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
+        return self.block(x, cos, sin)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, vocab]
+    lm_loss: torch.Tensor  # next-token cross-entropy
+    mtp_loss: torch.Tensor | None  # mean over MTP depths of their cross-entropy (the trainer weighs it by λ)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rope = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTPModule(config, config.num_hidden_layers + k)
+                                 for k in range(config.num_nextn_predict_layers))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """V3 initialization: every weight matrix N(0, 0.006); norms 1; balancing biases 0."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RoutedExperts):
+                nn.init.normal_(module.gate_up, std=std)
+                nn.init.normal_(module.down, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for module in self.modules():
+            if isinstance(module, Router):
+                module.expert_bias.zero_()
+        self.rope.reset_parameters()
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
+        """input_ids [B, T] → logits [B, T, vocab]; with targets [B, T] (input_ids shifted by one, -100 = ignore)
+        a ModelOutput with the LM loss and, if the model has MTP modules, their loss."""
+        T = input_ids.shape[1]
+        cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin) if len(self.mtp) else None
+        return ModelOutput(logits, lm_loss, mtp_loss)
+
+    def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+        """Depth k at position i sees h_{k-1}[i] and token t_{i+k} and predicts t_{i+k+1} = targets[i+k]; each depth
+        is one position shorter, keeping the causal chain."""
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            n = input_ids.shape[1] - k
+            if n <= 0:
+                break
+            hidden = module(hidden[:, :n], self.embed(input_ids[:, k:]), cos[:n], sin[:n])
+            logits = self.head(module.norm(hidden))
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100))
+        return torch.stack(losses).mean() if losses else hidden.new_zeros(())

@@ -1,0 +1,43 @@
+"""Shared test fixtures: tiny configs and transformers reference models built offline."""
+
+from __future__ import annotations
+
+import torch
+
+from nanoseek import ModelConfig, RopeScaling
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A few-layer V3 shape small enough to run in milliseconds."""
+    base = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=128,
+                initializer_range=0.02)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+YARN = RopeScaling(factor=4.0, original_max_position_embeddings=32, beta_fast=32, beta_slow=1, mscale=1.0,
+                   mscale_all_dim=1.0)
+
+
+def hf_model(config: ModelConfig, seed: int = 0):
+    """transformers' DeepseekV3/V2ForCausalLM for the config, with every weight random (norms and the routing
+    bias too, so that a wrong mapping cannot hide behind ones and zeros)."""
+    import transformers
+
+    hf_dict = config.to_hf_dict()
+    kind = transformers.DeepseekV3Config if hf_dict["model_type"] == "deepseek_v3" else transformers.DeepseekV2Config
+    model_cls = (transformers.DeepseekV3ForCausalLM if hf_dict["model_type"] == "deepseek_v3"
+                 else transformers.DeepseekV2ForCausalLM)
+    hf_config = kind.from_dict({k: v for k, v in hf_dict.items() if k != "architectures"})
+    torch.manual_seed(seed)
+    model = model_cls(hf_config).eval()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("norm.weight"):
+                tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
+            elif name.endswith("e_score_correction_bias"):
+                tensor.copy_(0.05 * torch.randn_like(tensor))
+    return model

@@ -1,0 +1,121 @@
+"""Checkpoint boundary: FP8 checkpoints, sharding, and clear errors for broken directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from helpers import tiny_config
+from nanoseek.checkpoint.fp8 import E4M3_MAX, dequantize_blockwise, quantize_blockwise
+
+
+def _model(**overrides) -> nanoseek.Transformer:
+    torch.manual_seed(0)
+    return nanoseek.Transformer(tiny_config(**overrides)).eval()
+
+
+def test_blockwise_quantization_roundtrip_within_e4m3_bound():
+    torch.manual_seed(0)
+    w = torch.randn(300, 200) * torch.logspace(-3, 1, 200)  # ragged edges, wide dynamic range across blocks
+    q, scale_inv = quantize_blockwise(w)
+    assert q.dtype == torch.float8_e4m3fn and scale_inv.shape == (3, 2)
+    back = dequantize_blockwise(q, scale_inv)
+    # E4M3: 3 mantissa bits → relative error ≤ 2^-4 for normals; below 2^-6 the step is the subnormal 2^-9.
+    scale = scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :200]
+    bound = torch.maximum(w.abs() * 2**-4, scale * 2**-10) * (1 + 1e-6)
+    assert ((back - w).abs() <= bound).all()
+    assert (q.float().abs().amax() <= E4M3_MAX) and q.float().abs().amax() > E4M3_MAX / 2
+
+
+def test_fp8_checkpoint_loads_within_quantization_error(tmp_path):
+    model = _model(hidden_size=160, q_lora_rank=136, intermediate_size=272)
+    nanoseek.save_pretrained(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    quantizable = [k for k, t in tensors.items() if t.dim() == 2 and "proj" in k and "eh_proj" not in k]
+    assert any("experts.0" in k for k in quantizable) and any("kv_b_proj" in k for k in quantizable)
+    for key in quantizable:
+        tensors[key], tensors[key.removesuffix(".weight") + ".weight_scale_inv"] = quantize_blockwise(tensors[key])
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    loaded = nanoseek.load_pretrained(tmp_path)
+    for (name, exact), got in zip(model.state_dict().items(), loaded.state_dict().values()):
+        err = (got - exact).abs().max().item()
+        assert err <= exact.abs().max().item() * 2**-4 + 1e-6, name
+    ids = torch.randint(0, 96, (1, 16))
+    with torch.no_grad():
+        a, b = model(ids), loaded(ids)
+    assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_sharded_save_roundtrip(tmp_path):
+    model = _model(num_nextn_predict_layers=1)
+    nanoseek.save_pretrained(model, tmp_path, max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3 and not (tmp_path / "model.safetensors").exists()
+    loaded = nanoseek.load_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))
+    # saving again unsharded leaves no stale index behind
+    nanoseek.save_pretrained(model, tmp_path)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert torch.equal(nanoseek.load_pretrained(tmp_path)(ids), model(ids))
+
+
+def test_mtp_layer_stored_as_layer_num_hidden_layers(tmp_path):
+    model = _model(num_nextn_predict_layers=1)
+    nanoseek.save_pretrained(model, tmp_path)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens",
+                 "self_attn.kv_b_proj", "mlp.experts.7.down_proj", "mlp.gate"):
+        assert f"model.layers.3.{name}.weight" in keys
+
+
+def test_load_dtype_and_bias_precision(tmp_path):
+    nanoseek.save_pretrained(_model(), tmp_path)
+    model = nanoseek.load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert all(m.router.expert_bias.dtype == torch.float32 for m in model.moe_layers())
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "truncated"),
+    ("no-config", "no config.json"),
+    ("no-weights", r"no \*\.safetensors"),
+    ("missing-key", "missing tensor"),
+    ("wrong-shape", "does not match config.json"),
+    ("extra-key", "has no place"),
+    ("bad-config", "num_experts_per_tok"),
+])
+def test_broken_checkpoint_gives_one_clear_error(tmp_path, damage, message):
+    nanoseek.save_pretrained(_model(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "no-config":
+        (tmp_path / "config.json").unlink()
+    elif damage == "no-weights":
+        weights.unlink()
+    elif damage == "bad-config":
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["num_experts_per_tok"] = 99
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    else:
+        tensors = load_file(weights)
+        if damage == "missing-key":
+            del tensors["model.layers.1.self_attn.o_proj.weight"]
+        elif damage == "wrong-shape":
+            tensors["model.norm.weight"] = torch.ones(7)
+        else:
+            tensors["model.layers.1.mlp.foo.weight"] = torch.ones(2)
+        save_file(tensors, weights)
+    with pytest.raises(nanoseek.CheckpointError, match=message):
+        nanoseek.load_pretrained(tmp_path)
