@@ -49,6 +49,54 @@ def cmd_info(args: argparse.Namespace) -> None:
           f"= {100 * stats.kv_cache_ratio:.2f}%")
 
 
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r} is not KEY=VALUE (e.g. model.hidden_size=256 train.lr=1e-3)")
+        out[key] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from nanoseek.train.config import TrainConfig, apply_overrides, read_config_file
+    from nanoseek.train.trainer import RunSpec, train
+
+    overrides = read_config_file(args.config) if args.config else {}
+    flags = {"train.max_steps": args.max_steps, "train.save_every": args.save_every,
+             "train.eval_every": args.eval_every, "train.seed": args.seed, "train.balance": args.balance,
+             "train.tokenizer": args.tokenizer}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_mtp:
+        overrides["train.use_mtp"] = False
+    overrides.update(_overrides(args.overrides))
+    model_config, train_config = apply_overrides(ModelConfig.preset(args.preset), TrainConfig(), overrides)
+    out = Path(args.out or f"runs/{args.preset}")
+    summary = train(RunSpec(out, model_config, train_config, args.data, args.resume))
+    final = summary["final"] or {}
+    print(f"done: {out}  val loss {summary['val_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f})  "
+          f"expert load max/mean over the last 100 steps {summary['imbalance_last_100']:.2f}  "
+          f"{final.get('tokens_per_s', 0):.0f} tok/s")
+    print(f"sample it:  nanoseek generate {out} --prompt 'ROMEO.'")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from nanoseek.checkpoint.hf import load_pretrained
+    from nanoseek.data.tokenizer import end_of_text_id, load_tokenizer
+    from nanoseek.generate import generate
+
+    run = Path(args.model)
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+    model = load_pretrained(run).eval()
+    prompt = tokenizer.encode(args.prompt).ids
+    if not prompt:
+        raise NanoseekError("the prompt is empty")
+    new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                   stop_id=end_of_text_id(tokenizer))
+    print(tokenizer.decode(prompt + new))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3-style models: train, inspect, serve")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention FLOPs")
     info.set_defaults(run=cmd_info)
+
+    train = commands.add_parser("train", help="train a model (default: the tiny preset on Shakespeare)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. model.hidden_size=256 train.lr=1e-3")
+    train.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    train.add_argument("--config", help="YAML or TOML file with 'model' and 'train' sections")
+    train.add_argument("--data", help="a .txt/.jsonl file or a directory of them (default: Shakespeare's plays)")
+    train.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
+    train.add_argument("--out", help="run directory (default: runs/PRESET)")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--save-every", type=int)
+    train.add_argument("--eval-every", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--no-mtp", action="store_true", help="train without multi-token prediction")
+    train.add_argument("--balance", choices=["aux-free", "aux-loss", "none"])
+    train.set_defaults(run=cmd_train)
+
+    gen = commands.add_parser("generate", help="sample text from a trained run directory")
+    gen.add_argument("model", help="run or model directory (with tokenizer.json)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(run=cmd_generate)
     return parser
 
 
@@ -65,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except NanoseekError as e:
-        print(f"nanoseek: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # parsers write several
+        print(f"nanoseek: error: {message}", file=sys.stderr)
         return 2
     return 0

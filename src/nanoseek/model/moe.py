@@ -97,13 +97,17 @@ class MoE(nn.Module):
                        if config.n_shared_experts else None)
         # Tokens routed to each expert by the latest forward: the load signal for aux-loss-free balancing.
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+        self.seq_aux_alpha = 0.0  # set by the trainer; > 0 computes the sequence-wise balance loss
+        self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, expert_ids, _ = self.router(x)
+        weights, expert_ids, scores = self.router(x)
         order, counts = sort_by_expert(expert_ids, self.experts.n_experts)
         self.expert_load = counts.detach().float()
+        if self.seq_aux_alpha > 0 and torch.is_grad_enabled():
+            self.aux_loss = self.sequence_balance_loss(scores.view(*shape[:-1], -1), expert_ids.view(shape[0], -1))
         routed = self.experts(x[order // self.top_k], counts.cumsum(0).to(torch.int32))
         # Back to (token, slot) order, then a weighted sum over the k slots: deterministic, unlike index_add_.
         unsorted = torch.empty_like(routed)
@@ -112,3 +116,15 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape)
+
+    def sequence_balance_loss(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """V3's complementary sequence-wise loss α·Σ_i f_i·P_i, averaged over sequences:
+        f_i = N_r/(K_r·T) · tokens of the sequence routed to i,
+        P_i = mean over its tokens of the normalized affinity s_i/Σ_j s_j.
+        scores [B, T, E], expert_ids [B, T·k]."""
+        n_experts, tokens = scores.shape[-1], scores.shape[1]
+        affinity = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        ones = torch.ones_like(expert_ids, dtype=scores.dtype)
+        picks = torch.zeros_like(affinity).scatter_add_(1, expert_ids, ones)
+        fraction = picks * n_experts / (self.top_k * tokens)
+        return self.seq_aux_alpha * (fraction * affinity).sum(dim=-1).mean()

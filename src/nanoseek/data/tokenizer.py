@@ -1,0 +1,44 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`): trained on the corpus, or loaded from a tokenizer.json."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from nanoseek.errors import NanoseekError
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses with the parser's message
+        raise NanoseekError(f"cannot load tokenizer {path}: {e}") from None
+
+
+def end_of_text_id(tokenizer: Tokenizer) -> int | None:
+    for token in (END_OF_TEXT, "<｜end▁of▁sentence｜>", "</s>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding."""
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise NanoseekError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+                            f"{vocab_size}; set vocab_size >= {tokenizer.get_vocab_size()}")

@@ -1,0 +1,137 @@
+"""TrainConfig: everything about a run except the model shape, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from nanoseek.config import ModelConfig
+from nanoseek.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int = 128
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 600
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: the final share of steps that decays
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    balance: Literal["aux-free", "aux-loss", "none"] = "aux-free"
+    bias_update_speed: float = 0.01  # γ of aux-loss-free balancing (V3: 0.001 over ~100x more steps)
+    seq_aux_alpha: float = 0.0001  # α of the sequence-wise balance loss (aux-free keeps it small, as V3)
+    aux_loss_alpha: float = 0.01  # α when balancing by the loss alone (--balance aux-loss)
+    mtp_weight: float = 0.3  # λ
+    use_mtp: bool = True
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    seed: int = 1337
+    vocab_size: int = 4096  # of a tokenizer trained on the corpus
+    tokenizer: str | None = None  # a tokenizer.json to use instead
+    text_field: str = "text"  # of .jsonl corpora
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                     "save_every", "keep_checkpoints", "vocab_size", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"train field {name!r}: must be a positive integer, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train field 'warmup_steps': must be >= 0, got {self.warmup_steps}")
+        for name in ("lr", "beta1", "beta2", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train field {name!r}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
+            raise ConfigError("train fields 'min_lr_ratio' and 'decay_fraction' must lie in [0, 1]")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"train field 'schedule': 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.balance not in ("aux-free", "aux-loss", "none"):
+            raise ConfigError(f"train field 'balance': 'aux-free', 'aux-loss' or 'none', got {self.balance!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum
+
+
+def _coerce(value: str, current: Any) -> Any:
+    """A command-line string as the type of the field it overrides."""
+    if isinstance(current, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if isinstance(current, str):  # e.g. balance=none is the string "none"
+        return value
+    if value.lower() in ("none", "null"):
+        return None
+    for kind in (int, float):
+        if isinstance(current, kind):
+            return kind(value)
+    if current is None:
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
+def apply_overrides(model: ModelConfig, train: TrainConfig,
+                    overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """Overrides keyed `model.FIELD` / `train.FIELD` (or a bare field name found in either config)."""
+    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    fields = {section: {f.name for f in dataclasses.fields(obj)} for section, obj in (("model", model),
+                                                                                      ("train", train))}
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        if not section:
+            section = "train" if name in fields["train"] else "model"
+        if section not in fields or name not in fields[section]:
+            raise ConfigError(f"unknown setting {key!r} (use model.FIELD or train.FIELD)")
+        current = getattr(model if section == "model" else train, name)
+        if isinstance(value, str):
+            try:
+                value = _coerce(value, current)
+            except ValueError as e:
+                raise ConfigError(f"setting {key!r}: {e}") from None
+        changes[section][name] = value
+    try:
+        return model.replace(**changes["model"]), dataclasses.replace(train, **changes["train"])
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or TOML file with optional `model:` and `train:` sections → flat dotted overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            import tomllib  # Python >= 3.11
+
+            raw = tomllib.loads(path.read_text())
+        else:
+            import yaml
+
+            raw = yaml.safe_load(path.read_text()) or {}
+    except Exception as e:  # both parsers raise their own error types; the message says what is wrong
+        raise ConfigError(f"cannot parse {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping with 'model' and/or 'train' sections")
+    flat: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in ("model", "train") or not isinstance(values, dict):
+            raise ConfigError(f"{path}: top-level keys must be 'model' or 'train' sections, got {section!r}")
+        flat.update({f"{section}.{k}": v for k, v in values.items()})
+    return flat

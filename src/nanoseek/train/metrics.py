@@ -1,0 +1,67 @@
+"""What a run records: metrics.jsonl (one JSON object per logged step), loss.png, and MFU against a matmul peak
+measured on this machine at start."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """FLOP/s of a large square matmul in the training dtype: the practical peak MFU is measured against."""
+    n = 1024 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * runs / (time.perf_counter() - start)
+
+
+class MetricsLog:
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():  # drop rows a killed run logged after its last checkpoint
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self._write_all([r for r in rows if r["step"] <= resume_step])
+        elif resume_step is None:
+            self._write_all([])
+
+    def _write_all(self, rows: list[dict[str, Any]]) -> None:
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def log(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train LM loss"), ("mtp_loss", "train MTP loss"), ("val_loss", "validation loss")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

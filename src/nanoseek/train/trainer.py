@@ -1,0 +1,194 @@
+"""The training loop. A run directory holds everything a run makes and is itself a model directory:
+config.json, tokenizer.json, model.safetensors (HF layout), checkpoints/, metrics.jsonl, loss.png."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.config import ModelConfig
+from nanoseek.data.corpus import corpus_files, read_documents
+from nanoseek.data.dataset import TokenDataset
+from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer, train_tokenizer
+from nanoseek.errors import NanoseekError
+from nanoseek.flops import model_stats
+from nanoseek.model.transformer import Transformer
+from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
+from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.metrics import MetricsLog, measure_peak_flops, plot_losses
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    out: Path
+    model: ModelConfig
+    train: TrainConfig
+    data: str | None  # corpus path; None = the embedded default
+    resume: bool = False
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine (or warmup-stable-decay) down to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule == "wsd":
+        decay = max(0.0, (progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction)
+        return 1 - (1 - cfg.min_lr_ratio) * decay
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
+    """Resolves configs, tokenizer and data, all checked before anything in the run directory is written."""
+    checkpoints = list_checkpoints(spec.out / "checkpoints")
+    if spec.resume:
+        if not checkpoints:
+            raise NanoseekError(f"nothing to resume: no checkpoint under {spec.out / 'checkpoints'}")
+        meta = json.loads((checkpoints[-1] / "trainer.json").read_text())
+        spec = dataclasses.replace(spec, model=ModelConfig.from_hf_dict(meta["model"]),
+                                   train=TrainConfig(**meta["train"]), data=meta["data"])
+        tokenizer = load_tokenizer(spec.out / "tokenizer.json")
+    else:
+        if checkpoints or (spec.out / "model.safetensors").exists():
+            raise NanoseekError(f"{spec.out} already holds a run; pass --resume to continue it or choose another "
+                                "--out")
+        files = corpus_files(spec.data)
+        if spec.train.tokenizer:
+            tokenizer = load_tokenizer(spec.train.tokenizer)
+            check_vocab(tokenizer, spec.model.vocab_size)
+        else:
+            tokenizer = train_tokenizer(read_documents(files, spec.train.text_field), spec.train.vocab_size)
+            spec = dataclasses.replace(spec, model=spec.model.replace(vocab_size=spec.train.vocab_size))
+        eot = end_of_text_id(tokenizer)
+        spec = dataclasses.replace(spec, model=spec.model.replace(bos_token_id=eot, eos_token_id=eot))
+    if not spec.train.use_mtp:
+        spec = dataclasses.replace(spec, model=spec.model.replace(num_nextn_predict_layers=0))
+    if spec.train.seq_len > spec.model.max_position_embeddings:
+        raise NanoseekError(f"seq_len {spec.train.seq_len} exceeds the model's max_position_embeddings "
+                            f"{spec.model.max_position_embeddings}")
+    dataset = TokenDataset.build(corpus_files(spec.data), tokenizer, spec.train.text_field)
+    dataset.check(spec.train.seq_len)
+    return spec, tokenizer, dataset, checkpoints[-1] if spec.resume else None
+
+
+def _configure_balance(model: Transformer, cfg: TrainConfig) -> None:
+    alpha = {"aux-free": cfg.seq_aux_alpha, "aux-loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
+    for moe in model.moe_layers():
+        moe.seq_aux_alpha = alpha
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, device: torch.device) -> float:
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_batches):
+        x, y = dataset.batch("val", cfg.batch_size, cfg.seq_len, cfg.seed, step=i)
+        with _autocast(device):
+            losses.append(model(x.to(device), y.to(device)).lm_loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on accelerators; CPUs train in fp32 (their bf16 matmuls are far slower)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu")
+
+
+def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
+    spec, tokenizer, dataset, resume_from = _prepare(spec)
+    cfg, out = spec.train, spec.out
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        tokenizer.save(str(out / "tokenizer.json"))
+        spec.model.save_json(out / "config.json")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    model = Transformer(spec.model).to(device)
+    _configure_balance(model, cfg)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2))
+    start = load_checkpoint(resume_from, model, optimizer)["step"] if resume_from else 0
+    metrics = MetricsLog(out / "metrics.jsonl", start if resume_from else None)
+    meta = {"model": spec.model.to_hf_dict(), "train": dataclasses.asdict(cfg), "data": spec.data}
+    moe_layers = model.moe_layers()
+    tracker = ImbalanceTracker(len(moe_layers))
+    stats = model_stats(spec.model, seq_len=cfg.seq_len)
+    flops_per_token = stats.flops_per_token + stats.mtp_flops_per_token
+    peak = measure_peak_flops(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    val_loss = None
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
+               disable=not show_progress, dynamic_ncols=True)
+    for step in bar:
+        tic = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        loads = [torch.zeros_like(m.expert_load) for m in moe_layers]
+        lm_sum = mtp_sum = aux_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step, micro)
+            with _autocast(device):
+                result = model(x.to(device), y.to(device))
+            loss = result.lm_loss
+            if result.mtp_loss is not None:
+                loss = loss + cfg.mtp_weight * result.mtp_loss
+                mtp_sum += result.mtp_loss.item()
+            aux = [m.aux_loss for m in moe_layers if m.seq_aux_alpha > 0 and m.aux_loss is not None]
+            if aux:
+                aux_total = torch.stack(aux).sum()
+                loss = loss + aux_total
+                aux_sum += aux_total.item()
+            (loss / cfg.grad_accum).backward()
+            lm_sum += result.lm_loss.item()
+            for total, moe in zip(loads, moe_layers):
+                total += moe.expert_load
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.balance == "aux-free":
+            update_expert_bias(moe_layers, loads, cfg.bias_update_speed)
+        if loads:
+            tracker.add(loads)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - tic
+        done = step + 1
+        row: dict[str, Any] = {"step": done, "loss": lm_sum / cfg.grad_accum, "lr": optimizer.param_groups[0]["lr"],
+                               "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / seconds,
+                               "mfu": cfg.tokens_per_step * flops_per_token / seconds / peak}
+        if spec.model.num_nextn_predict_layers:
+            row["mtp_loss"] = mtp_sum / cfg.grad_accum
+        if aux_sum:
+            row["aux_loss"] = aux_sum / cfg.grad_accum
+        if loads:
+            row["imbalance"] = tracker.last()
+            row["imbalance_window"] = tracker.window()
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            val_loss = evaluate(model, dataset, cfg, device)
+            row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+        if done % cfg.log_every == 0 or "val_loss" in row or done == cfg.max_steps:
+            metrics.log(row)
+        bar.set_postfix_str(f"loss {row['loss']:.3f} val {val_loss if val_loss is not None else float('nan'):.3f} "
+                            f"tok/s {row['tokens_per_s']:.0f} mfu {100 * row['mfu']:.1f}% "
+                            f"imb {row.get('imbalance_window', float('nan')):.2f}")
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints)
+    bar.close()
+    save_pretrained(model, out)
+    rows = metrics.rows()
+    plot_losses(rows, out / "loss.png")
+    return {"run_dir": str(out), "steps": cfg.max_steps, "val_loss": val_loss,
+            "unigram_entropy": dataset.unigram_entropy(),
+            "imbalance_last_100": tracker.window() if moe_layers else None, "final": rows[-1] if rows else None}

@@ -1,0 +1,170 @@
+"""Training: exact resume after SIGKILL, atomic checkpoints, balancing, MTP on/off, run dir = model dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.train import checkpoint as train_checkpoint
+from nanoseek.train.checkpoint import list_checkpoints
+
+MICRO_YAML = """
+model:
+  hidden_size: 32
+  intermediate_size: 64
+  moe_intermediate_size: 16
+  num_hidden_layers: 2
+  num_attention_heads: 2
+  q_lora_rank: 16
+  kv_lora_rank: 16
+  qk_nope_head_dim: 8
+  qk_rope_head_dim: 8
+  v_head_dim: 8
+  n_routed_experts: 8
+  num_experts_per_tok: 2
+  n_group: 2
+  topk_group: 1
+  vocab_size: 320
+  max_position_embeddings: 64
+train:
+  seq_len: 32
+  batch_size: 4
+  max_steps: 30
+  warmup_steps: 5
+  eval_every: 10
+  eval_batches: 2
+  save_every: 5
+  log_every: 1
+  vocab_size: 300
+"""
+
+
+def _corpus_lines() -> list[str]:
+    names = ["HAMLET", "OPHELIA", "HORATIO", "LAERTES"]
+    words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
+    return [f"{names[i % 4]}.\n{' '.join(words[(i * j) % len(words)] for j in range(3, 12))}\n"
+            for i in range(1500)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    (root / "corpus.txt").write_text("\n".join(_corpus_lines()))
+    (root / "micro.yaml").write_text(MICRO_YAML)
+    tokenizer = train_tokenizer([(root / "corpus.txt").read_text()], 300)
+    tokenizer.save(str(root / "tokenizer.json"))
+    return root
+
+
+def _cli(workspace: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nanoseek", "train", "--config", str(workspace / "micro.yaml"), "--data",
+            str(workspace / "corpus.txt"), "--tokenizer", str(workspace / "tokenizer.json"), "--out", str(out),
+            *extra]
+
+
+def _env(workspace: Path) -> dict[str, str]:
+    return {**os.environ, "NANOSEEK_CACHE": str(workspace / "cache"), "TQDM_DISABLE": "1"}
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
+    env = _env(workspace)
+    subprocess.run(_cli(workspace, workspace / "straight"), env=env, check=True, capture_output=True)
+    killed = workspace / "killed"
+    process = subprocess.Popen(_cli(workspace, killed), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_0000010").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed_from = list_checkpoints(killed / "checkpoints")[-1].name
+    assert resumed_from != "step_0000030"
+    subprocess.run(_cli(workspace, killed, "--resume"), env=env, check=True, capture_output=True)
+    straight, resumed = _losses(workspace / "straight"), _losses(killed)
+    assert sorted(resumed) == list(range(1, 31))
+    assert resumed == straight  # bit for bit, every step before and after the kill
+
+
+def test_kill_during_checkpoint_write_keeps_previous(workspace, monkeypatch):
+    from nanoseek.train.config import TrainConfig
+    from nanoseek.train.trainer import RunSpec, train
+
+    monkeypatch.setenv("NANOSEEK_CACHE", str(workspace / "cache"))
+    real_save, calls = train_checkpoint.torch.save, []
+
+    def dying_save(obj, path):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint dies half-written: weights done, optimizer not
+            raise KeyboardInterrupt
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_checkpoint.torch, "save", dying_save)
+    config = nanoseek.ModelConfig.preset("tiny").replace(hidden_size=32, num_hidden_layers=2, vocab_size=320,
+                                                         max_position_embeddings=64)
+    train_config = TrainConfig(seq_len=32, batch_size=2, max_steps=10, save_every=5, eval_batches=1,
+                               tokenizer=str(workspace / "tokenizer.json"))
+    spec = RunSpec(workspace / "dying", config, train_config, str(workspace / "corpus.txt"))
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, show_progress=False)
+    assert [p.name for p in list_checkpoints(spec.out / "checkpoints")] == ["step_0000005"]
+    monkeypatch.setattr(train_checkpoint.torch, "save", real_save)
+    summary = train(RunSpec(spec.out, config, spec.train, spec.data, resume=True), show_progress=False)
+    assert summary["final"]["step"] == 10
+    assert [p.name for p in list_checkpoints(spec.out / "checkpoints")] == ["step_0000005", "step_0000010"]
+
+
+@pytest.mark.parametrize("mtp", [True, False])
+def test_run_dir_is_a_model_dir(workspace, mtp):
+    import transformers
+
+    out = workspace / f"mtp-{mtp}"
+    extra = [] if mtp else ["--no-mtp"]
+    subprocess.run(_cli(workspace, out, "--max-steps", "10", *extra), env=_env(workspace), check=True,
+                   capture_output=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ("mtp_loss" in rows[-1]) == mtp and rows[-1]["val_loss"] > 0
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "loss.png"):
+        assert (out / name).exists(), name
+    ours = nanoseek.load_pretrained(out)
+    assert len(ours.mtp) == int(mtp)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert (ours(ids) - reference(ids).logits).abs().max() < 1e-5
+    text = subprocess.run([sys.executable, "-m", "nanoseek", "generate", str(out), "--prompt", "HAMLET.",
+                           "--max-new-tokens", "12", "--seed", "0"], env=_env(workspace), check=True,
+                          capture_output=True, text=True).stdout
+    assert text.startswith("HAMLET.") and len(text) > len("HAMLET.")
+
+
+def test_aux_free_balancing_evens_expert_load(workspace, monkeypatch):
+    from nanoseek.train.config import TrainConfig
+    from nanoseek.train.trainer import RunSpec, train
+
+    monkeypatch.setenv("NANOSEEK_CACHE", str(workspace / "cache"))
+    config = nanoseek.ModelConfig.preset("tiny").replace(hidden_size=32, num_hidden_layers=2, vocab_size=320,
+                                                         max_position_embeddings=64, num_nextn_predict_layers=0)
+    imbalance = {}
+    for balance in ("aux-free", "none"):
+        cfg = TrainConfig(seq_len=32, batch_size=4, max_steps=150, save_every=1000, eval_every=1000,
+                          eval_batches=1, balance=balance, lr=1e-2, tokenizer=str(workspace / "tokenizer.json"))
+        summary = train(RunSpec(workspace / f"balance-{balance}", config, cfg, str(workspace / "corpus.txt")),
+                        show_progress=False)
+        imbalance[balance] = summary["imbalance_last_100"]
+    assert imbalance["aux-free"] < imbalance["none"]
+    assert imbalance["aux-free"] <= 1.3

@@ -1,0 +1,68 @@
+"""Unit checks of the trainer's pieces: LR schedules, the balancing update, the sequence-wise loss, sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from nanoseek.generate import sample_next
+from nanoseek.model.moe import MoE
+from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.trainer import lr_factor
+
+
+def test_schedules():
+    cosine = TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cosine) == pytest.approx(0.1) and lr_factor(9, cosine) == pytest.approx(1.0)
+    assert lr_factor(60, cosine) == pytest.approx(0.55) and lr_factor(110, cosine) == pytest.approx(0.1)
+    wsd = TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
+    assert lr_factor(80, wsd) == 1.0 and lr_factor(100, wsd) == pytest.approx(0.55)
+    assert lr_factor(110, wsd) == pytest.approx(0.1)
+
+
+def test_bias_moves_against_load_error():
+    moe = MoE(tiny_config())
+    load = torch.tensor([10.0, 0, 2, 2, 2, 2, 2, 4])  # mean 3
+    update_expert_bias([moe], [load], speed=0.01)
+    assert moe.router.expert_bias.tolist() == pytest.approx([-0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, -0.01])
+    tracker = ImbalanceTracker(1)
+    tracker.add([load])
+    assert tracker.window() == pytest.approx(10 / 3)
+
+
+def test_sequence_balance_loss_is_alpha_when_even():
+    """Perfectly even routing and affinities give f_i = 1 and P_i = 1/E, so L = α·Σ 1/E = α."""
+    moe = MoE(tiny_config())
+    moe.seq_aux_alpha = 0.5
+    scores = torch.full((2, 8, 8), 0.3)
+    expert_ids = torch.arange(8).repeat(2, 2)  # each expert picked twice per sequence of 8 tokens × top-2
+    assert moe.sequence_balance_loss(scores, expert_ids).item() == pytest.approx(0.5)
+    skewed = torch.zeros(2, 16, dtype=torch.long)  # everything to expert 0, which also has all the affinity
+    skewed_scores = torch.zeros(2, 8, 8).index_fill_(2, torch.tensor([0]), 1.0)
+    assert moe.sequence_balance_loss(skewed_scores, skewed).item() == pytest.approx(0.5 * 8)
+
+
+def test_sampling_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert sample_next(logits, 0.0, None, None, None).item() == 0
+    generator = torch.Generator().manual_seed(0)
+    top_k = {sample_next(logits, 1.0, 2, None, generator).item() for _ in range(200)}
+    assert top_k == {0, 1}
+    top_p = {sample_next(logits, 1.0, None, 0.7, generator).item() for _ in range(200)}
+    assert top_p == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 ≥ 0.7 stops there
+    assert not math.isnan(sample_next(logits, 5.0, None, 0.99, generator).item())
+
+
+def test_overrides_take_the_field_type():
+    from nanoseek import ModelConfig
+    from nanoseek.train.config import apply_overrides
+
+    model, train = apply_overrides(ModelConfig.preset("tiny"), TrainConfig(),
+                                   {"train.balance": "none", "model.q_lora_rank": "null", "train.lr": "1e-3",
+                                    "use_mtp": "false", "model.hidden_size": "256"})
+    assert train.balance == "none" and train.lr == 1e-3 and train.use_mtp is False
+    assert model.q_lora_rank is None and model.hidden_size == 256
