@@ -54,7 +54,10 @@ def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
     if spec.resume:
         if not checkpoints:
             raise NanoseekError(f"nothing to resume: no checkpoint under {spec.out / 'checkpoints'}")
-        meta = json.loads((checkpoints[-1] / "trainer.json").read_text())
+        try:
+            meta = json.loads((checkpoints[-1] / "trainer.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise NanoseekError(f"checkpoint {checkpoints[-1]} is damaged or truncated: {e}") from None
         spec = dataclasses.replace(spec, model=ModelConfig.from_hf_dict(meta["model"]),
                                    train=TrainConfig(**meta["train"]), data=meta["data"])
         tokenizer = load_tokenizer(spec.out / "tokenizer.json")
