@@ -75,8 +75,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/{args.preset}")
     summary = train(RunSpec(out, model_config, train_config, args.data, args.resume))
     final = summary["final"] or {}
-    print(f"done: {out}  val loss {summary['val_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f})  "
-          f"expert load max/mean over the last 100 steps {summary['imbalance_last_100']:.2f}  "
+    val = final.get("val_loss", float("nan"))
+    imbalance = summary["imbalance_last_100"]
+    print(f"done: {out}  val loss {val:.3f} (unigram entropy {summary['unigram_entropy']:.3f})  "
+          f"expert load max/mean over the last 100 steps {imbalance if imbalance is not None else float('nan'):.2f}  "
           f"{final.get('tokens_per_s', 0):.0f} tok/s")
     print(f"sample it:  nanoseek generate {out} --prompt 'ROMEO.'")
 

@@ -93,9 +93,10 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                with_mtp: bool = True) -> torch.Tensor | ModelOutput:
         """input_ids [B, T] → logits [B, T, vocab]; with targets [B, T] (input_ids shifted by one, -100 = ignore)
-        a ModelOutput with the LM loss and, if the model has MTP modules, their loss."""
+        a ModelOutput with the LM loss and, if the model has MTP modules and with_mtp, their loss."""
         T = input_ids.shape[1]
         cos, sin = self.rope(torch.arange(T, device=input_ids.device))
         x = self.embed(input_ids)
@@ -105,7 +106,7 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin) if len(self.mtp) else None
+        mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin) if len(self.mtp) and with_mtp else None
         return ModelOutput(logits, lm_loss, mtp_loss)
 
     def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor,

@@ -97,7 +97,7 @@ def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, device
     for i in range(cfg.eval_batches):
         x, y = dataset.batch("val", cfg.batch_size, cfg.seq_len, cfg.seed, step=i)
         with _autocast(device):
-            losses.append(model(x.to(device), y.to(device)).lm_loss.item())
+            losses.append(model(x.to(device), y.to(device), with_mtp=False).lm_loss.item())
     model.train()
     return sum(losses) / len(losses)
 
