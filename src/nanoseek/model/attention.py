@@ -6,6 +6,9 @@
     k_rope = RoPE(W_KR h)                       (one key shared by all heads)
     [k_nope; v] = W_UKV c_KV per head
     out  = W_O softmax([q_nope; q_rope]·[k_nope; k_rope] · scale) v
+
+Decoding absorbs the up-projection (DeepSeek-V2 §2.1.2): q_nope·k_nope = (W_UKᵀ q_nope)·c_KV, and W_UV moves past
+the attention weights, so attention runs directly over the cached latents and nothing per head is ever cached.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.infer.cache import LayerCache
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.rope import apply_rope
 
@@ -64,6 +68,27 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, T, self.rope_dim)], dim=-1)
         y = attend(q, k, v, self.softmax_scale)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """Absorbed attention for prefill and decode: x [B, T, dim] holds the tokens at `positions` [B, T]; their
+        latents are written to the cache, then each attends to every cached position up to its own."""
+        B, T, _ = x.shape
+        q_nope, q_rope = self.queries(x, cos, sin)
+        latent, k_rope = self.latents(x, cos, sin)
+        cache.write(positions, latent, k_rope)
+        span = int(positions.max()) + 1
+        keys, rope_keys = cache.latent[:, :span].unsqueeze(1), cache.k_rope[:, :span].unsqueeze(1)  # [B, 1, S, *]
+        w_uk, w_uv = self.kv_up.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim).split(
+            [self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # the query in latent space
+        scores = (q_latent @ keys.transpose(-1, -2) + q_rope @ rope_keys.transpose(-1, -2)) * self.softmax_scale
+        visible = torch.arange(span, device=x.device) <= positions.unsqueeze(-1)  # [B, T, S]
+        scores = scores.float().masked_fill(~visible.unsqueeze(1), float("-inf"))
+        out_latent = scores.softmax(dim=-1).to(keys.dtype) @ keys  # [B, H, T, C]
+        out = torch.einsum("bhtc,hvc->bthv", out_latent, w_uv).reshape(B, T, self.n_heads * self.v_dim)
+        return self.out_proj(out)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.infer.cache import LatentCache, LayerCache
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.moe import MoE, RoutedExperts, Router
@@ -25,8 +26,14 @@ class Block(nn.Module):
         self.mlp: MLP | MoE = (MoE(config) if config.is_moe_layer(layer_index)
                                else MLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole causal sequences without a cache (training); with one, the tokens at `positions` (inference)."""
+        normed = self.attn_norm(x)
+        if cache is None:
+            x = x + self.attn(normed, cos, sin)
+        else:
+            x = x + self.attn.forward_cached(normed, cos, sin, cache, positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -45,10 +52,10 @@ class MTPModule(nn.Module):
         self.block = Block(config, layer_index)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
-        return self.block(x, cos, sin)
+        return self.block(x, cos, sin, cache, positions)
 
 
 @dataclass
@@ -108,6 +115,24 @@ class Transformer(nn.Module):
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin) if len(self.mtp) and with_mtp else None
         return ModelOutput(logits, lm_loss, mtp_loss)
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: input_ids [B, T] at positions [B, T] (per sequence, so prompts of different lengths batch
+        together) → logits [B, T, vocab] and the final hidden states [B, T, dim] (before the norm: MTP's input)."""
+        cos, sin = self.rope(positions)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layer(i), positions)
+        return self.head(self.norm(x)), x
+
+    def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                           cache: LatentCache, depth: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` at positions i: from h_i and token t_{i+1}, logits for t_{i+2} (the draft)."""
+        module = self.mtp[depth]
+        cos, sin = self.rope(positions)
+        hidden = module(hidden, self.embed(next_ids), cos, sin, cache.mtp_layer(depth), positions)
+        return self.head(module.norm(hidden)), hidden
 
     def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
