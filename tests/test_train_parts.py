@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from nanoseek.generate import sample_next
+from nanoseek.infer.sampling import sample_next
 from nanoseek.model.moe import MoE
 from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
 from nanoseek.train.config import TrainConfig

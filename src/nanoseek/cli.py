@@ -86,17 +86,61 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from nanoseek.checkpoint.hf import load_pretrained
     from nanoseek.data.tokenizer import end_of_text_id, load_tokenizer
-    from nanoseek.generate import generate
+    from nanoseek.infer.engine import Engine, SamplingParams
 
     run = Path(args.model)
     tokenizer = load_tokenizer(run / "tokenizer.json")
-    model = load_pretrained(run).eval()
+    engine = Engine(load_pretrained(run), decode=tokenizer.decode)
     prompt = tokenizer.encode(args.prompt).ids
-    if not prompt:
-        raise NanoseekError("the prompt is empty")
-    new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                   stop_id=end_of_text_id(tokenizer))
-    print(tokenizer.decode(prompt + new))
+    stop = end_of_text_id(tokenizer)
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, stop_token_ids=() if stop is None else (stop,))
+        engine.check(prompt, params)
+    except ValueError as e:
+        raise NanoseekError(str(e)) from None
+    print(args.prompt, end="", flush=True)
+    engine.generate([prompt], params, on_token=lambda _, delta, __: print(delta, end="", flush=True))
+    print()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from nanoseek.infer.server import create_app
+
+    app = create_app(args.model, api_key=args.api_key, max_batch=args.max_batch)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from nanoseek.checkpoint.hf import load_pretrained
+    from nanoseek.data.tokenizer import end_of_text_id, load_tokenizer
+    from nanoseek.infer.chat import ChatTemplate
+    from nanoseek.infer.engine import Engine, SamplingParams
+
+    run = Path(args.model)
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+    engine = Engine(load_pretrained(run), decode=tokenizer.decode)
+    template, stop = ChatTemplate(run), end_of_text_id(tokenizer)
+    messages: list[dict[str, str]] = []
+    print("nanoseek chat — an empty line or Ctrl-D ends the conversation")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.encode(template.render(messages)).ids[-(engine.max_len - args.max_new_tokens):]
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                stop_token_ids=() if stop is None else (stop,), stop_strings=template.stop_strings)
+        print("model>", end="", flush=True)
+        reply = engine.generate([prompt], params, on_token=lambda _, delta, __: print(delta, end="", flush=True))
+        print()
+        messages.append({"role": "assistant", "content": reply[0].text.strip()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=cmd_generate)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP API for a model directory")
+    serve.add_argument("model", help="run or model directory (with tokenizer.json)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    serve.set_defaults(run=cmd_serve)
+
+    chat = commands.add_parser("chat", help="a conversation in the terminal")
+    chat.add_argument("model", help="run or model directory (with tokenizer.json)")
+    chat.add_argument("--max-new-tokens", type=int, default=200)
+    chat.add_argument("--temperature", type=float, default=0.8)
+    chat.add_argument("--top-k", type=int, default=50)
+    chat.set_defaults(run=cmd_chat)
     return parser
 
 

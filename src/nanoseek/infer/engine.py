@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from nanoseek.generate import sample_next
+from nanoseek.infer.sampling import sample_next
 from nanoseek.infer.cache import LatentCache
 from nanoseek.model.transformer import Transformer
 
@@ -35,7 +35,7 @@ class SamplingParams:
 class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
     prompt_tokens: int = 0
 
 
@@ -98,7 +98,9 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 on_token: StreamCallback | None = None) -> list[Completion]:
+                 on_token: StreamCallback | None = None,
+                 cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
+        """`cancelled(row)` lets a caller drop a sequence whose client went away (finish_reason 'abort')."""
         batch = len(prompts)
         params = params if isinstance(params, list) else [params] * batch
         for prompt, p in zip(prompts, params):
@@ -121,6 +123,9 @@ class Engine:
         while True:
             for row, (p, result) in enumerate(zip(params, results)):
                 if result.finish_reason is not None:
+                    continue
+                if cancelled is not None and cancelled(row):
+                    result.finish_reason = "abort"
                     continue
                 token = int(sample_next(logits[row: row + 1], p.temperature, p.top_k, p.top_p, generators[row]))
                 next_ids[row] = token
