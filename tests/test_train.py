@@ -105,15 +105,15 @@ def test_kill_during_checkpoint_write_keeps_previous(workspace, monkeypatch):
     from nanoseek.train.trainer import RunSpec, train
 
     monkeypatch.setenv("NANOSEEK_CACHE", str(workspace / "cache"))
-    real_save, calls = train_checkpoint.torch.save, []
+    real_save, calls = train_checkpoint.dcp.save, []
 
-    def dying_save(obj, path):
-        calls.append(path)
-        if len(calls) == 2:  # the second checkpoint dies half-written: weights done, optimizer not
+    def dying_save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        real_save(state, checkpoint_id=checkpoint_id)
+        if len(calls) == 2:  # the second checkpoint dies after its tensors are written, before it is complete
             raise KeyboardInterrupt
-        real_save(obj, path)
 
-    monkeypatch.setattr(train_checkpoint.torch, "save", dying_save)
+    monkeypatch.setattr(train_checkpoint.dcp, "save", dying_save)
     config = nanoseek.ModelConfig.preset("tiny").replace(hidden_size=32, num_hidden_layers=2, vocab_size=320,
                                                          max_position_embeddings=64)
     train_config = TrainConfig(seq_len=32, batch_size=2, max_steps=10, save_every=5, eval_batches=1,
@@ -122,7 +122,7 @@ def test_kill_during_checkpoint_write_keeps_previous(workspace, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(spec, show_progress=False)
     assert [p.name for p in list_checkpoints(spec.out / "checkpoints")] == ["step_0000005"]
-    monkeypatch.setattr(train_checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(train_checkpoint.dcp, "save", real_save)
     summary = train(RunSpec(spec.out, config, spec.train, spec.data, resume=True), show_progress=False)
     assert summary["final"]["step"] == 10
     assert [p.name for p in list_checkpoints(spec.out / "checkpoints")] == ["step_0000005", "step_0000010"]

@@ -63,7 +63,7 @@ def test_existing_run_and_truncated_checkpoint_leave_files_alone(tmp_path):
     run = tmp_path / "run"
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     _assert_one_line_error(_train(tmp_path, *tiny), "already holds a run")
-    weights = run / "checkpoints" / "step_0000004" / "model.safetensors"
+    weights = next((run / "checkpoints" / "step_0000004").glob("*.distcp"))
     weights.write_bytes(before[weights][:100])
     before[weights] = weights.read_bytes()
     _assert_one_line_error(_train(tmp_path, *tiny, "--resume"), "damaged or truncated")

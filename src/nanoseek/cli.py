@@ -73,8 +73,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides.update(_overrides(args.overrides))
     model_config, train_config = apply_overrides(ModelConfig.preset(args.preset), TrainConfig(), overrides)
     out = Path(args.out or f"runs/{args.preset}")
-    summary = train(RunSpec(out, model_config, train_config, args.data, args.resume))
-    final = summary["final"] or {}
+    summary = train(RunSpec(out, model_config, train_config, args.data, args.resume, args.dp, args.ep))
+    if summary["final"] is None:  # a non-zero rank of a distributed run: rank 0 reports
+        return
+    final = summary["final"]
     val = final.get("val_loss", float("nan"))
     imbalance = summary["imbalance_last_100"]
     print(f"done: {out}  val loss {val:.3f} (unigram entropy {summary['unigram_entropy']:.3f})  "
@@ -167,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--no-mtp", action="store_true", help="train without multi-token prediction")
     train.add_argument("--balance", choices=["aux-free", "aux-loss", "none"])
+    train.add_argument("--dp", type=int, help="data-parallel ranks under torchrun (default: all processes)")
+    train.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (a divisor of --dp)")
     train.set_defaults(run=cmd_train)
 
     gen = commands.add_parser("generate", help="sample text from a trained run directory")

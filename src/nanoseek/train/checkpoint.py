@@ -1,7 +1,9 @@
-"""Training checkpoints: weights, optimizer state, step (= data position) and RNG states, written atomically.
+"""Training checkpoints: weights + optimizer state as a torch.distributed.checkpoint (DCP) directory, plus the step
+(= data position) and RNG states. DCP stores every tensor under its global shape, so a checkpoint written by N
+processes (FSDP shards, expert-parallel shards) resumes on M processes, or on one.
 
-A checkpoint is a directory checkpoints/step_NNNNNNN/ that is assembled under a temporary name and renamed into
-place only when complete, so a process killed mid-write leaves the previous checkpoints as they were.
+A checkpoint is checkpoints/step_NNNNNNN/, assembled under a temporary name and renamed into place only when
+complete, so a process killed mid-write leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -10,37 +12,62 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from nanoseek.errors import CheckpointError
 
 PREFIX = "step_"
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
 def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     meta: dict[str, Any], keep: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Collective: every process calls it."""
     final = directory / f"{PREFIX}{step:07d}"
     tmp = directory / f".tmp-{PREFIX}{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if "head.weight" in state and state["head.weight"].data_ptr() == state["embed.weight"].data_ptr():
-        del state["head.weight"]  # tied: stored once
-    save_file(state, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp / "optimizer.pt")
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+    torch.save({"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                "python_rng": random.getstate()}, tmp / f"rng-{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
@@ -51,22 +78,31 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restores model, optimizer and RNGs in place; returns trainer.json."""
+def read_meta(path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((path / "trainer.json").read_text())
-        state = load_file(str(path / "model.safetensors"))
-        extra = torch.load(path / "optimizer.pt", weights_only=False)
-    except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, EOFError) as e:
+        return json.loads((path / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged or truncated: {e}") from None
-    if "head.weight" not in state and "embed.weight" in state:
-        state["head.weight"] = state["embed.weight"]
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restores model, optimizer and (this rank's, if saved) RNGs in place; returns trainer.json."""
+    meta = read_meta(path)
+    state = _state(model, optimizer)
     try:
-        model.load_state_dict(state, strict=True)
-        optimizer.load_state_dict(extra["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} does not match this model: {str(e).splitlines()[0]}") from None
-    torch.set_rng_state(extra["torch_rng"])
-    np.random.set_state(extra["numpy_rng"])
-    random.setstate(extra["python_rng"])
+        with warnings.catch_warnings():  # DCP warns that a lone process is loading alone: that is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    except (Exception, CheckpointException) as e:  # DCP's own error type derives from BaseException
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated, or does not match this model: "
+                              f"{first}") from None
+    rng = path / f"rng-{_rank()}.pt"
+    if rng.exists():
+        states = torch.load(rng, weights_only=False)
+        torch.set_rng_state(states["torch_rng"])
+        np.random.set_state(states["numpy_rng"])
+        random.setstate(states["python_rng"])
     return meta

@@ -4,7 +4,6 @@ config.json, tokenizer.json, model.safetensors (HF layout), checkpoints/, metric
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -12,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.data.corpus import corpus_files, read_documents
 from nanoseek.data.dataset import TokenDataset
@@ -22,8 +22,16 @@ from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer,
 from nanoseek.errors import NanoseekError
 from nanoseek.flops import model_stats
 from nanoseek.model.transformer import Transformer
+from nanoseek.parallel.collectives import (
+    average_expert_grads,
+    clip_grad_norm,
+    mean_over_ranks,
+    save_final_model,
+    sum_over_ranks,
+)
+from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
 from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
-from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import MetricsLog, measure_peak_flops, plot_losses
 
@@ -35,6 +43,8 @@ class RunSpec:
     train: TrainConfig
     data: str | None  # corpus path; None = the embedded default
     resume: bool = False
+    dp: int | None = None  # data-parallel ranks (default: every process torchrun started)
+    ep: int = 1  # expert-parallel ranks within them
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -54,10 +64,7 @@ def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
     if spec.resume:
         if not checkpoints:
             raise NanoseekError(f"nothing to resume: no checkpoint under {spec.out / 'checkpoints'}")
-        try:
-            meta = json.loads((checkpoints[-1] / "trainer.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise NanoseekError(f"checkpoint {checkpoints[-1]} is damaged or truncated: {e}") from None
+        meta = read_meta(checkpoints[-1])
         spec = dataclasses.replace(spec, model=ModelConfig.from_hf_dict(meta["model"]),
                                    train=TrainConfig(**meta["train"]), data=meta["data"])
         tokenizer = load_tokenizer(spec.out / "tokenizer.json")
@@ -91,15 +98,15 @@ def _configure_balance(model: Transformer, cfg: TrainConfig) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, device: torch.device) -> float:
+def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, par: Parallelism) -> float:
     model.eval()
     losses = []
     for i in range(cfg.eval_batches):
-        x, y = dataset.batch("val", cfg.batch_size, cfg.seq_len, cfg.seed, step=i)
-        with _autocast(device):
-            losses.append(model(x.to(device), y.to(device), with_mtp=False).lm_loss.item())
+        x, y = _local_rows(dataset.batch("val", cfg.batch_size, cfg.seq_len, cfg.seed, step=i), par)
+        with _autocast(par.device):
+            losses.append(model(x.to(par.device), y.to(par.device), with_mtp=False).lm_loss.item())
     model.train()
-    return sum(losses) / len(losses)
+    return mean_over_ranks([sum(losses) / len(losses)], par)[0]
 
 
 def _autocast(device: torch.device) -> torch.autocast:
@@ -107,30 +114,68 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu")
 
 
+def _local_rows(batch: tuple[torch.Tensor, torch.Tensor], par: Parallelism) -> tuple[torch.Tensor, torch.Tensor]:
+    """This data-parallel rank's share of the global batch: every run sees the same global batches."""
+    rows = batch[0].shape[0] // par.dp
+    return tuple(t[par.rank * rows: (par.rank + 1) * rows] for t in batch)
+
+
+def _prepare_everywhere(spec: RunSpec, par: Parallelism) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
+    """Rank 0 resolves and checks everything (and writes the run's config and tokenizer); the others receive the
+    result, or its error, so that bad input stops every process at once."""
+    payload: list[Any] = [None]
+    if par.is_main:
+        try:
+            spec, tokenizer, dataset, resume_from = _prepare(spec)
+            spec.out.mkdir(parents=True, exist_ok=True)
+            if resume_from is None:
+                tokenizer.save(str(spec.out / "tokenizer.json"))
+                spec.model.save_json(spec.out / "config.json")
+            payload = [(spec, tokenizer.to_str(), resume_from)]
+        except NanoseekError as e:
+            payload = [e]
+    if par.distributed:
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], NanoseekError):
+        raise payload[0]
+    if par.is_main:
+        return spec, tokenizer, dataset, resume_from
+    spec, tokenizer_json, resume_from = payload[0]
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    return spec, tokenizer, TokenDataset.build(corpus_files(spec.data), tokenizer, spec.train.text_field), resume_from
+
+
 def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
-    spec, tokenizer, dataset, resume_from = _prepare(spec)
-    cfg, out = spec.train, spec.out
-    out.mkdir(parents=True, exist_ok=True)
-    if resume_from is None:
-        tokenizer.save(str(out / "tokenizer.json"))
-        spec.model.save_json(out / "config.json")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    par = init_parallelism(spec.dp, spec.ep)
+    try:
+        return _train(spec, par, show_progress and par.is_main)
+    finally:
+        if par.distributed:
+            dist.destroy_process_group()
+
+
+def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, Any]:
+    spec, tokenizer, dataset, resume_from = _prepare_everywhere(spec, par)
+    cfg, out, device = spec.train, spec.out, par.device
+    if cfg.batch_size % par.dp:
+        raise NanoseekError(f"batch_size {cfg.batch_size} does not split over {par.dp} data-parallel ranks")
     torch.manual_seed(cfg.seed)
     model = Transformer(spec.model).to(device)
     _configure_balance(model, cfg)
+    expert_params = parallelize(model, par)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2))
     start = load_checkpoint(resume_from, model, optimizer)["step"] if resume_from else 0
-    metrics = MetricsLog(out / "metrics.jsonl", start if resume_from else None)
+    metrics = MetricsLog(out / "metrics.jsonl", start if resume_from else None) if par.is_main else None
     meta = {"model": spec.model.to_hf_dict(), "train": dataclasses.asdict(cfg), "data": spec.data}
     moe_layers = model.moe_layers()
     tracker = ImbalanceTracker(len(moe_layers))
     stats = model_stats(spec.model, seq_len=cfg.seq_len)
     flops_per_token = stats.flops_per_token + stats.mtp_flops_per_token
-    peak = measure_peak_flops(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    peak = measure_peak_flops(device, torch.float32 if device.type == "cpu" else torch.bfloat16) * par.dp
     val_loss = None
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
                disable=not show_progress, dynamic_ncols=True)
@@ -139,49 +184,52 @@ def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         loads = [torch.zeros_like(m.expert_load) for m in moe_layers]
-        lm_sum = mtp_sum = aux_sum = 0.0
+        sums = [0.0, 0.0, 0.0]  # LM, MTP, balance losses
         for micro in range(cfg.grad_accum):
-            x, y = dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step, micro)
+            x, y = _local_rows(dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step, micro), par)
             with _autocast(device):
                 result = model(x.to(device), y.to(device))
             loss = result.lm_loss
+            sums[0] += result.lm_loss.item()
             if result.mtp_loss is not None:
                 loss = loss + cfg.mtp_weight * result.mtp_loss
-                mtp_sum += result.mtp_loss.item()
+                sums[1] += result.mtp_loss.item()
             aux = [m.aux_loss for m in moe_layers if m.seq_aux_alpha > 0 and m.aux_loss is not None]
             if aux:
                 aux_total = torch.stack(aux).sum()
                 loss = loss + aux_total
-                aux_sum += aux_total.item()
+                sums[2] += aux_total.item()
             (loss / cfg.grad_accum).backward()
-            lm_sum += result.lm_loss.item()
             for total, moe in zip(loads, moe_layers):
                 total += moe.expert_load
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        average_expert_grads(expert_params, par)
+        grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip, par)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loads = sum_over_ranks(loads, par)
         if cfg.balance == "aux-free":
             update_expert_bias(moe_layers, loads, cfg.bias_update_speed)
         if loads:
             tracker.add(loads)
+        lm, mtp, aux_loss = (v / cfg.grad_accum for v in mean_over_ranks(sums, par))
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - tic
         done = step + 1
-        row: dict[str, Any] = {"step": done, "loss": lm_sum / cfg.grad_accum, "lr": optimizer.param_groups[0]["lr"],
+        row: dict[str, Any] = {"step": done, "loss": lm, "lr": optimizer.param_groups[0]["lr"],
                                "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / seconds,
                                "mfu": cfg.tokens_per_step * flops_per_token / seconds / peak}
         if spec.model.num_nextn_predict_layers:
-            row["mtp_loss"] = mtp_sum / cfg.grad_accum
-        if aux_sum:
-            row["aux_loss"] = aux_sum / cfg.grad_accum
+            row["mtp_loss"] = mtp
+        if aux_loss:
+            row["aux_loss"] = aux_loss
         if loads:
             row["imbalance"] = tracker.last()
             row["imbalance_window"] = tracker.window()
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            val_loss = evaluate(model, dataset, cfg, device)
+            val_loss = evaluate(model, dataset, cfg, par)
             row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
-        if done % cfg.log_every == 0 or "val_loss" in row or done == cfg.max_steps:
+        if metrics and (done % cfg.log_every == 0 or "val_loss" in row or done == cfg.max_steps):
             metrics.log(row)
         bar.set_postfix_str(f"loss {row['loss']:.3f} val {val_loss if val_loss is not None else float('nan'):.3f} "
                             f"tok/s {row['tokens_per_s']:.0f} mfu {100 * row['mfu']:.1f}% "
@@ -189,9 +237,10 @@ def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints)
     bar.close()
-    save_pretrained(model, out)
-    rows = metrics.rows()
-    plot_losses(rows, out / "loss.png")
+    save_final_model(model, out, par)
+    rows = metrics.rows() if metrics else []
+    if metrics:
+        plot_losses(rows, out / "loss.png")
     return {"run_dir": str(out), "steps": cfg.max_steps, "val_loss": val_loss,
             "unigram_entropy": dataset.unigram_entropy(),
             "imbalance_last_100": tracker.window() if moe_layers else None, "final": rows[-1] if rows else None}

@@ -1,0 +1,75 @@
+"""The few collective steps a data/expert-parallel training step needs beyond what FSDP2 does itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.model.transformer import Transformer
+from nanoseek.parallel.setup import Parallelism
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def mean_over_ranks(values: list[float], par: Parallelism) -> list[float]:
+    if not par.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=par.device)
+    dist.all_reduce(t)
+    return (t / par.dp).tolist()
+
+
+def sum_over_ranks(tensors: list[torch.Tensor], par: Parallelism) -> list[torch.Tensor]:
+    """Expert loads of the whole global batch (aux-loss-free balancing must see all of it)."""
+    if not par.distributed or not tensors:
+        return tensors
+    stacked = torch.stack(tensors)
+    dist.all_reduce(stacked)
+    return list(stacked.unbind(0))
+
+
+def average_expert_grads(expert_params: list[torch.nn.Parameter], par: Parallelism) -> None:
+    """An expert's gradient already sums the contributions of every token routed to it from its EP group, each
+    rank's loss being a mean over its own tokens; the global loss is the mean over ranks, hence / dp (after
+    summing over EP replicas when dp > ep). FSDP does the same for every other parameter."""
+    for p in expert_params:
+        if p.grad is None:
+            continue
+        grad = _local(p.grad)
+        if par.replicate_group is not None:
+            dist.all_reduce(grad, group=par.replicate_group)
+        grad.div_(par.dp)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, par: Parallelism) -> float:
+    """Global gradient-norm clipping over sharded (FSDP, EP) and plain parameters; → the norm before clipping.
+    Each shard is held by exactly one rank of its group, so squared norms add up across ranks."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    squared = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    if par.distributed:
+        dist.all_reduce(squared)
+    norm = squared.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm.item()
+
+
+def save_final_model(model: Transformer, out: Path, par: Parallelism) -> None:
+    """The HF-layout model file of a run: gathered from all shards (collective), written by rank 0."""
+    if not par.distributed:
+        save_pretrained(model, out)
+        return
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if par.is_main:
+        plain = Transformer(model.config)
+        plain.load_state_dict(full)
+        save_pretrained(plain, out)
+    dist.barrier()

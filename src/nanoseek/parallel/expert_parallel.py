@@ -1,0 +1,67 @@
+"""Expert parallelism: each rank of the expert-parallel group owns E/ep consecutive routed experts.
+
+The router and the sort by expert stay the model's own; this module replaces only the expert computation:
+
+    tokens sorted by expert ──all_to_all (uneven splits)──▶ the ranks owning those experts
+    regroup by local expert ─▶ the same grouped GEMM ─▶ back to arrival order ──all_to_all──▶ home, same order
+
+Both all-to-alls are the autograd versions, so gradients flow back along the same routes. Expert weights become
+DTensors sharded on dim 0 over the EP mesh, so full state dicts and DCP checkpoints see the global [E, ...] shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from nanoseek.model.moe import RoutedExperts, grouped_mm
+from nanoseek.model.transformer import Transformer
+
+
+class ExpertParallelExperts(nn.Module):
+    def __init__(self, experts: RoutedExperts, mesh: DeviceMesh):
+        super().__init__()
+        self.group, self.ep = mesh.get_group(), mesh.size()
+        if experts.n_experts % self.ep:
+            raise ValueError(f"{experts.n_experts} experts do not split over {self.ep} expert-parallel ranks")
+        self.n_experts, self.local = experts.n_experts, experts.n_experts // self.ep
+        self.hidden_dim = experts.hidden_dim
+        self.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.data, mesh, [Shard(0)]))
+        self.down = nn.Parameter(distribute_tensor(experts.down.data, mesh, [Shard(0)]))
+
+    def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        """x [N, dim] sorted by global expert id; group_ends [E] cumulative counts → [N, dim], same order."""
+        counts = torch.diff(group_ends.long(), prepend=group_ends.new_zeros(1).long())  # tokens per global expert
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=self.group)  # [source rank, local expert] counts
+        received = received.view(self.ep, self.local)
+        send_splits = counts.view(self.ep, self.local).sum(dim=1).tolist()
+        recv_splits = received.sum(dim=1).tolist()
+        arrived = dist_fn.all_to_all_single(x.new_empty(sum(recv_splits), x.shape[1]), x.contiguous(),
+                                            recv_splits, send_splits, group=self.group)
+        # arrived is ordered (source, local expert); the grouped GEMM wants (local expert, source)
+        expert_of_row = torch.repeat_interleave(torch.arange(self.local, device=x.device).repeat(self.ep),
+                                                received.flatten())
+        order = expert_of_row.argsort(stable=True)
+        local_ends = received.sum(dim=0).cumsum(0).to(torch.int32)
+        gate_up, down = self.gate_up.to_local(), self.down.to_local()
+        gate, up = grouped_mm(arrived[order], gate_up, local_ends).chunk(2, dim=-1)
+        out = grouped_mm(F.silu(gate) * up, down, local_ends)
+        unordered = torch.empty_like(out)
+        unordered[order] = out
+        return dist_fn.all_to_all_single(x.new_empty(x.shape), unordered, send_splits, recv_splits,
+                                         group=self.group)
+
+
+def apply_expert_parallel(model: Transformer, mesh: DeviceMesh) -> list[nn.Parameter]:
+    """Swaps every MoE layer's experts for their expert-parallel shard; returns the sharded parameters."""
+    sharded = []
+    for moe in model.moe_layers():
+        moe.experts = ExpertParallelExperts(moe.experts, mesh)
+        sharded += [moe.experts.gate_up, moe.experts.down]
+    return sharded
