@@ -149,6 +149,13 @@ def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
     par = init_parallelism(spec.dp, spec.ep)
     try:
         return _train(spec, par, show_progress and par.is_main)
+    except (RuntimeError, dist.DistError) as e:
+        if not par.distributed:
+            raise
+        # gloo/NCCL report a dead or stalled peer from inside whatever collective was running
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NanoseekError(f"rank {par.rank}: a collective with the other processes failed (did one die?): "
+                            f"{first}") from None
     finally:
         if par.distributed:
             dist.destroy_process_group()

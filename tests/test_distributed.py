@@ -1,0 +1,101 @@
+"""torch.distributed on 2 CPU processes (gloo): DP2 and EP2 equal the single-process run on the same global batch,
+DCP checkpoints resume on a different number of processes, and a dead peer stops the others with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train import MICRO_YAML, _corpus_lines
+from nanoseek.data.tokenizer import train_tokenizer
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dist")
+    (root / "corpus.txt").write_text("\n".join(_corpus_lines()))
+    (root / "micro.yaml").write_text(MICRO_YAML.replace("max_steps: 30", "max_steps: 6")
+                                     .replace("save_every: 5", "save_every: 3"))
+    train_tokenizer([(root / "corpus.txt").read_text()], 300).save(str(root / "tokenizer.json"))
+    return root
+
+
+def _args(space: Path, out: str, *extra: str) -> list[str]:
+    return ["-m", "nanoseek", "train", "--config", str(space / "micro.yaml"), "--data", str(space / "corpus.txt"),
+            "--tokenizer", str(space / "tokenizer.json"), "--out", str(space / out), *extra]
+
+
+def _env(space: Path) -> dict[str, str]:
+    return {**os.environ, "NANOSEEK_CACHE": str(space / "cache"), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _run(space: Path, out: str, *extra: str, processes: int = 1) -> None:
+    launcher = TORCHRUN if processes == 2 else [sys.executable]
+    result = subprocess.run(launcher + _args(space, out, *extra), env=_env(space),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _losses(space: Path, out: str) -> dict[int, tuple[float, float]]:
+    rows = [json.loads(line) for line in (space / out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["mtp_loss"]) for r in rows}
+
+
+def _assert_close(a: dict, b: dict, steps) -> None:
+    for step in steps:
+        for x, y in zip(a[step], b[step]):
+            assert abs(x - y) <= 1e-5 * abs(y), (step, x, y)
+
+
+@pytest.fixture(scope="module")
+def single(space) -> dict:
+    _run(space, "single")
+    return _losses(space, "single")
+
+
+@pytest.mark.parametrize("mode", [[], ["--ep", "2"]], ids=["dp2", "ep2"])
+def test_two_processes_equal_one(space, single, mode):
+    out = "dp2" if not mode else "ep2"
+    _run(space, out, *mode, processes=2)
+    losses = _losses(space, out)
+    assert sorted(losses) == list(range(1, 7))
+    _assert_close(losses, single, range(1, 7))
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_dcp_resume_on_other_process_count(space, single, before, after):
+    out = f"resume-{before}-{after}"
+    _run(space, out, "train.max_steps=6", *(["--ep", "2"] if before == 2 else []), processes=before)
+    shutil.rmtree(space / out / "checkpoints" / "step_0000006")  # back to the step-3 checkpoint
+    _run(space, out, "--resume", *(["--ep", "2"] if after == 2 else []), processes=after)
+    _assert_close(_losses(space, out), single, range(4, 7))
+
+
+def test_dead_peer_stops_the_other_with_a_clear_error(space):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = _args(space, "dead", "train.max_steps=100000", "train.eval_every=100000", "train.save_every=100000")
+    env = {**_env(space), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    deadline = time.time() + 120
+    while not (space / "dead" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    ranks[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    _, stderr = ranks[0].communicate(timeout=150)
+    assert ranks[0].returncode == 2 and time.time() - start < 150
+    assert stderr.strip().splitlines()[-1].startswith("nanoseek: error: rank 0: a collective")
