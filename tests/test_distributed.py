@@ -99,3 +99,19 @@ def test_dead_peer_stops_the_other_with_a_clear_error(space):
     _, stderr = ranks[0].communicate(timeout=150)
     assert ranks[0].returncode == 2 and time.time() - start < 150
     assert stderr.strip().splitlines()[-1].startswith("nanoseek: error: rank 0: a collective")
+
+
+def test_export_of_an_expert_parallel_checkpoint(space):
+    import nanoseek
+    import torch
+
+    if not (space / "ep2").exists():
+        _run(space, "ep2", "--ep", "2", processes=2)
+    out = space / "exported"
+    subprocess.run([sys.executable, "-m", "nanoseek", "export", str(space / "ep2" / "checkpoints" / "step_0000006"),
+                    str(out)], env=_env(space), check=True, capture_output=True)
+    exported, final = nanoseek.load_pretrained(out), nanoseek.load_pretrained(space / "ep2")
+    for (name, a), b in zip(exported.state_dict().items(), final.state_dict().values()):
+        assert torch.equal(a, b), name
+    rows = [json.loads(line) for line in (space / "ep2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["a2a_bytes"] > 0 for r in rows)

@@ -145,6 +145,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": reply[0].text.strip()})
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from nanoseek.train.checkpoint import export_checkpoint
+
+    export_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3-style models: train, inspect, serve")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     serve.set_defaults(run=cmd_serve)
+
+    export = commands.add_parser("export", help="a training checkpoint (DCP, any process count) → HF model dir")
+    export.add_argument("checkpoint", help="RUN/checkpoints/step_NNNNNNN")
+    export.add_argument("out", help="output model directory")
+    export.set_defaults(run=cmd_export)
 
     chat = commands.add_parser("chat", help="a conversation in the terminal")
     chat.add_argument("model", help="run or model directory (with tokenizer.json)")

@@ -31,6 +31,7 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"{experts.n_experts} experts do not split over {self.ep} expert-parallel ranks")
         self.n_experts, self.local = experts.n_experts, experts.n_experts // self.ep
         self.hidden_dim = experts.hidden_dim
+        self.sent_bytes = 0  # activations this rank sent to other ranks by dispatch + combine (forward only)
         self.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.data, mesh, [Shard(0)]))
         self.down = nn.Parameter(distribute_tensor(experts.down.data, mesh, [Shard(0)]))
 
@@ -54,6 +55,9 @@ class ExpertParallelExperts(nn.Module):
         out = grouped_mm(F.silu(gate) * up, down, local_ends)
         unordered = torch.empty_like(out)
         unordered[order] = out
+        me = dist.get_rank(self.group)
+        row_bytes = x.shape[1] * x.element_size()
+        self.sent_bytes += (sum(send_splits) - send_splits[me] + sum(recv_splits) - recv_splits[me]) * row_bytes
         return dist_fn.all_to_all_single(x.new_empty(x.shape), unordered, send_splits, recv_splits,
                                          group=self.group)
 

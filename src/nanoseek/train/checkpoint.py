@@ -106,3 +106,25 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         np.random.set_state(states["numpy_rng"])
         random.setstate(states["python_rng"])
     return meta
+
+
+def export_checkpoint(path: Path, out: Path) -> None:
+    """A training checkpoint (DCP, from any number of processes) → an HF-layout model directory."""
+    from nanoseek.checkpoint.hf import save_pretrained
+    from nanoseek.config import ModelConfig
+    from nanoseek.model.transformer import Transformer
+
+    meta = read_meta(path)
+    model = Transformer(ModelConfig.from_hf_dict(meta["model"]))
+    state = {"model": get_model_state_dict(model)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated: {str(e).strip()[:200]}") from None
+    set_model_state_dict(model, state["model"])
+    save_pretrained(model, out)
+    tokenizer = path.parent.parent / "tokenizer.json"
+    if tokenizer.exists():
+        shutil.copy(tokenizer, out / "tokenizer.json")

@@ -230,6 +230,10 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
             row["mtp_loss"] = mtp
         if aux_loss:
             row["aux_loss"] = aux_loss
+        if expert_params:  # all-to-all traffic of this rank: forward dispatch + combine, and the same in backward
+            row["a2a_bytes"] = 2 * sum(m.experts.sent_bytes for m in moe_layers)
+            for m in moe_layers:
+                m.experts.sent_bytes = 0
         if loads:
             row["imbalance"] = tracker.last()
             row["imbalance_window"] = tracker.window()
