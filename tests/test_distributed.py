@@ -115,3 +115,29 @@ def test_export_of_an_expert_parallel_checkpoint(space):
         assert torch.equal(a, b), name
     rows = [json.loads(line) for line in (space / "ep2" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["a2a_bytes"] > 0 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def single_four_layers(space) -> dict:
+    _run(space, "single4", "model.num_hidden_layers=4")  # enough layers for 2 stages on each of 2 ranks
+    return _losses(space, "single4")
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"])
+def test_pipeline_schedules_equal_one_process(space, single_four_layers, schedule):
+    out = f"pp-{schedule}"
+    _run(space, out, "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", schedule, processes=2)
+    _assert_close(_losses(space, out), single_four_layers, range(1, 7))
+    val = {json.loads(r)["step"]: json.loads(r).get("val_loss") for r in
+           (space / out / "metrics.jsonl").read_text().splitlines()}
+    reference = {json.loads(r)["step"]: json.loads(r).get("val_loss") for r in
+                 (space / "single4" / "metrics.jsonl").read_text().splitlines()}
+    assert val[6] == pytest.approx(reference[6], rel=1e-5)
+
+
+def test_pipeline_checkpoint_resumes_on_one_process(space, single_four_layers):
+    out = "pp-resume"
+    _run(space, out, "model.num_hidden_layers=4", "--pp", "2", processes=2)
+    shutil.rmtree(space / out / "checkpoints" / "step_0000006")
+    _run(space, out, "--resume")
+    _assert_close(_losses(space, out), single_four_layers, range(4, 7))

@@ -77,3 +77,17 @@ def test_group_limited_routing_stays_in_top_groups():
     _, ids, _ = moe.router(torch.randn(64, config.hidden_size))
     groups_used = [len(set((row // 4).tolist())) for row in ids]
     assert max(groups_used) <= 2 and min(groups_used) >= 1
+
+
+def test_group_limited_routing_bounds_expert_parallel_ranks():
+    """Experts are sharded over EP ranks in contiguous blocks, and groups are contiguous blocks too: with n_group a
+    multiple of ep, each group lives on one rank, so a token's experts sit on at most topk_group ranks."""
+    torch.manual_seed(1)
+    config = tiny_config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+    moe = MoE(config)
+    torch.nn.init.normal_(moe.router.weight)
+    _, ids, _ = moe.router(torch.randn(256, config.hidden_size))
+    for ep in (2, 4):
+        ranks_per_token = [len(set((row // (16 // ep)).tolist())) for row in ids]
+        assert max(ranks_per_token) <= config.topk_group
+    assert max(len(set((row // 2).tolist())) for row in ids) > config.topk_group  # 8 ranks: groups split

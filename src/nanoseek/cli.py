@@ -73,7 +73,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides.update(_overrides(args.overrides))
     model_config, train_config = apply_overrides(ModelConfig.preset(args.preset), TrainConfig(), overrides)
     out = Path(args.out or f"runs/{args.preset}")
-    summary = train(RunSpec(out, model_config, train_config, args.data, args.resume, args.dp, args.ep))
+    summary = train(RunSpec(out, model_config, train_config, args.data, args.resume, args.dp, args.ep, args.pp,
+                            args.pp_schedule))
     if summary["final"] is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
     final = summary["final"]
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--balance", choices=["aux-free", "aux-loss", "none"])
     train.add_argument("--dp", type=int, help="data-parallel ranks under torchrun (default: all processes)")
     train.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (a divisor of --dp)")
+    train.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks")
+    train.add_argument("--pp-schedule", default="1f1b",
+                       choices=["gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"])
     train.set_defaults(run=cmd_train)
 
     gen = commands.add_parser("generate", help="sample text from a trained run directory")
@@ -213,7 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may stand anywhere among train's options (argparse only takes them in one run)
+    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except NanoseekError as e:

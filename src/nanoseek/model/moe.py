@@ -99,15 +99,14 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
         self.seq_aux_alpha = 0.0  # set by the trainer; > 0 computes the sequence-wise balance loss
         self.aux_loss: torch.Tensor | None = None
+        self.inject_aux_loss = False  # add its gradient in backward instead of leaving it to the caller's loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, expert_ids, scores = self.router(x)
         order, counts = sort_by_expert(expert_ids, self.experts.n_experts)
-        self.expert_load = counts.detach().float()
-        if self.seq_aux_alpha > 0 and torch.is_grad_enabled():
-            self.aux_loss = self.sequence_balance_loss(scores.view(*shape[:-1], -1), expert_ids.view(shape[0], -1))
+        self.expert_load += counts.detach()  # accumulates over micro-batches; the trainer zeroes it each step
         routed = self.experts(x[order // self.top_k], counts.cumsum(0).to(torch.int32))
         # Back to (token, slot) order, then a weighted sum over the k slots: deterministic, unlike index_add_.
         unsorted = torch.empty_like(routed)
@@ -115,6 +114,10 @@ class MoE(nn.Module):
         y = (unsorted.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
         if self.shared is not None:
             y = y + self.shared(x)
+        if self.seq_aux_alpha > 0 and torch.is_grad_enabled():
+            self.aux_loss = self.sequence_balance_loss(scores.view(*shape[:-1], -1), expert_ids.view(shape[0], -1))
+            if self.inject_aux_loss:
+                y = _WithLossGradient.apply(y, self.aux_loss)
         return y.view(shape)
 
     def sequence_balance_loss(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -128,3 +131,17 @@ class MoE(nn.Module):
         picks = torch.zeros_like(affinity).scatter_add_(1, expert_ids, ones)
         fraction = picks * n_experts / (self.top_k * tokens)
         return self.seq_aux_alpha * (fraction * affinity).sum(dim=-1).mean()
+
+
+class _WithLossGradient(torch.autograd.Function):
+    """Identity on y whose backward also gives `loss` the gradient 1, exactly as if the caller had added it to its
+    loss: how a balance loss reaches the gradients when a pipeline schedule owns the loss function."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_shape = loss.shape
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad.new_ones(ctx.loss_shape)

@@ -19,7 +19,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def mean_over_ranks(values: list[float], par: Parallelism) -> list[float]:
-    if not par.distributed:
+    """Mean over the data-parallel ranks (pipeline ranks report whole-batch values already)."""
+    if par.dp == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=par.device)
     dist.all_reduce(t)
@@ -28,7 +29,7 @@ def mean_over_ranks(values: list[float], par: Parallelism) -> list[float]:
 
 def sum_over_ranks(tensors: list[torch.Tensor], par: Parallelism) -> list[torch.Tensor]:
     """Expert loads of the whole global batch (aux-loss-free balancing must see all of it)."""
-    if not par.distributed or not tensors:
+    if par.dp == 1 or not tensors:
         return tensors
     stacked = torch.stack(tensors)
     dist.all_reduce(stacked)
@@ -67,7 +68,12 @@ def save_final_model(model: Transformer, out: Path, par: Parallelism) -> None:
     if not par.distributed:
         save_pretrained(model, out)
         return
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if par.pp > 1:  # each rank holds whole tensors of its own stages: collect them
+        parts: list[dict] = [None] * par.pp
+        dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+        full = {k: v for part in parts for k, v in part.items()}
+    else:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if par.is_main:
         plain = Transformer(model.config)
         plain.load_state_dict(full)

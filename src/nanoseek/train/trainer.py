@@ -29,6 +29,7 @@ from nanoseek.parallel.collectives import (
     save_final_model,
     sum_over_ranks,
 )
+from nanoseek.parallel.pipeline import PipelineRunner
 from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
 from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
@@ -45,6 +46,8 @@ class RunSpec:
     resume: bool = False
     dp: int | None = None  # data-parallel ranks (default: every process torchrun started)
     ep: int = 1  # expert-parallel ranks within them
+    pp: int = 1  # pipeline ranks
+    pp_schedule: str = "1f1b"
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -98,13 +101,15 @@ def _configure_balance(model: Transformer, cfg: TrainConfig) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, par: Parallelism) -> float:
+def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, par: Parallelism,
+             pipeline: PipelineRunner | None) -> float:
     model.eval()
     losses = []
     for i in range(cfg.eval_batches):
         x, y = _local_rows(dataset.batch("val", cfg.batch_size, cfg.seq_len, cfg.seed, step=i), par)
         with _autocast(par.device):
-            losses.append(model(x.to(par.device), y.to(par.device), with_mtp=False).lm_loss.item())
+            losses.append(pipeline.eval_loss(x, y) if pipeline else
+                          model(x.to(par.device), y.to(par.device), with_mtp=False).lm_loss.item())
     model.train()
     return mean_over_ranks([sum(losses) / len(losses)], par)[0]
 
@@ -117,7 +122,7 @@ def _autocast(device: torch.device) -> torch.autocast:
 def _local_rows(batch: tuple[torch.Tensor, torch.Tensor], par: Parallelism) -> tuple[torch.Tensor, torch.Tensor]:
     """This data-parallel rank's share of the global batch: every run sees the same global batches."""
     rows = batch[0].shape[0] // par.dp
-    return tuple(t[par.rank * rows: (par.rank + 1) * rows] for t in batch)
+    return tuple(t[par.dp_rank * rows: (par.dp_rank + 1) * rows] for t in batch)
 
 
 def _prepare_everywhere(spec: RunSpec, par: Parallelism) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
@@ -146,7 +151,7 @@ def _prepare_everywhere(spec: RunSpec, par: Parallelism) -> tuple[RunSpec, Any, 
 
 
 def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
-    par = init_parallelism(spec.dp, spec.ep)
+    par = init_parallelism(spec.dp, spec.ep, spec.pp, spec.pp_schedule)
     try:
         return _train(spec, par, show_progress and par.is_main)
     except (RuntimeError, dist.DistError) as e:
@@ -169,6 +174,12 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
     torch.manual_seed(cfg.seed)
     model = Transformer(spec.model).to(device)
     _configure_balance(model, cfg)
+    pipeline = None
+    if par.pp > 1:
+        if cfg.grad_accum != 1:
+            raise NanoseekError("with --pp the pipeline's micro-batches replace gradient accumulation: set "
+                                "train.grad_accum=1")
+        pipeline = PipelineRunner(model, par.rank, par.pp, par.pp_schedule, cfg.batch_size, cfg.mtp_weight, device)
     expert_params = parallelize(model, par)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -190,9 +201,12 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
         tic = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
-        loads = [torch.zeros_like(m.expert_load) for m in moe_layers]
+        for m in moe_layers:
+            m.expert_load.zero_()
         sums = [0.0, 0.0, 0.0]  # LM, MTP, balance losses
-        for micro in range(cfg.grad_accum):
+        if pipeline:
+            sums[:2] = pipeline.train_step(*dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step))
+        for micro in range(cfg.grad_accum if pipeline is None else 0):
             x, y = _local_rows(dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step, micro), par)
             with _autocast(device):
                 result = model(x.to(device), y.to(device))
@@ -207,8 +221,7 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
                 loss = loss + aux_total
                 sums[2] += aux_total.item()
             (loss / cfg.grad_accum).backward()
-            for total, moe in zip(loads, moe_layers):
-                total += moe.expert_load
+        loads = [m.expert_load.clone() for m in moe_layers]
         average_expert_grads(expert_params, par)
         grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip, par)
         optimizer.step()
@@ -238,7 +251,7 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
             row["imbalance"] = tracker.last()
             row["imbalance_window"] = tracker.window()
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            val_loss = evaluate(model, dataset, cfg, par)
+            val_loss = evaluate(model, dataset, cfg, par, pipeline)
             row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
         if metrics and (done % cfg.log_every == 0 or "val_loss" in row or done == cfg.max_steps):
             metrics.log(row)
