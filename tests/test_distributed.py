@@ -141,3 +141,14 @@ def test_pipeline_checkpoint_resumes_on_one_process(space, single_four_layers):
     shutil.rmtree(space / out / "checkpoints" / "step_0000006")
     _run(space, out, "--resume")
     _assert_close(_losses(space, out), single_four_layers, range(4, 7))
+
+
+def test_pipeline_times_data_parallel_on_four_processes(space):
+    _run(space, "single-b8", "model.num_hidden_layers=4", "train.batch_size=8", "train.max_steps=4")
+    out = "pp2-dp2"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                             *_args(space, out, "model.num_hidden_layers=4", "train.batch_size=8",
+                                    "train.max_steps=4", "--pp", "2", "--pp-schedule", "interleaved1f1b")],
+                            env=_env(space), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_close(_losses(space, out), _losses(space, "single-b8"), range(1, 5))

@@ -14,6 +14,10 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.setup import Parallelism
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -23,7 +27,7 @@ def mean_over_ranks(values: list[float], par: Parallelism) -> list[float]:
     if par.dp == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=par.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=par.dp_group)
     return (t / par.dp).tolist()
 
 
@@ -32,7 +36,7 @@ def sum_over_ranks(tensors: list[torch.Tensor], par: Parallelism) -> list[torch.
     if par.dp == 1 or not tensors:
         return tensors
     stacked = torch.stack(tensors)
-    dist.all_reduce(stacked)
+    dist.all_reduce(stacked, group=par.dp_group)
     return list(stacked.unbind(0))
 
 
@@ -68,9 +72,10 @@ def save_final_model(model: Transformer, out: Path, par: Parallelism) -> None:
     if not par.distributed:
         save_pretrained(model, out)
         return
-    if par.pp > 1:  # each rank holds whole tensors of its own stages: collect them
-        parts: list[dict] = [None] * par.pp
-        dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    if par.pp > 1:  # each rank holds its stages' tensors (FSDP-sharded when dp > 1): gather, then collect
+        mine = {k: _full(v).detach().cpu() for k, v in model.state_dict().items()}
+        parts: list[dict] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
         full = {k: v for part in parts for k, v in part.items()}
     else:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

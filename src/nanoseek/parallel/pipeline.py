@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
@@ -25,6 +26,7 @@ from torch.distributed.pipelining.schedules import (
 
 from nanoseek.errors import ConfigError
 from nanoseek.model.transformer import Transformer
+from nanoseek.parallel.setup import Parallelism, mixed_precision
 
 # name → (schedule class, stages per rank, V-shaped placement: rank r holds stages r and 2·pp-1-r)
 SCHEDULES = {"gpipe": (ScheduleGPipe, 1, False), "1f1b": (Schedule1F1B, 1, False),
@@ -89,7 +91,8 @@ def stage_indices(rank: int, pp: int, schedule: str) -> list[int]:
 
 
 def build_pipeline(model: Transformer, rank: int, pp: int, schedule: str, n_microbatches: int,
-                   loss_fn: Callable, device: torch.device, group=None) -> tuple[object, list[int]]:
+                   loss_fn: Callable, device: torch.device, group=None,
+                   shard: Callable[[nn.Module], None] | None = None) -> tuple[object, list[int]]:
     """Prunes `model` in place to this rank's stages; → (schedule, this rank's stage indices)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -114,11 +117,20 @@ def build_pipeline(model: Transformer, rank: int, pp: int, schedule: str, n_micr
     for moe in model.moe_layers():
         moe.inject_aux_loss = True  # the schedule owns the loss: balance losses ride on the activations' grads
     model.to(device)
-    stages = [PipelineStage(StageModule(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == n_stages - 1),
-                            s, n_stages, device, group=group) for s in mine]
+    modules = [StageModule(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == n_stages - 1) for s in mine]
+    if shard is not None:  # FSDP over the data-parallel ranks: each block, then each stage as a root
+        for module in modules:
+            for block in [*module.blocks, *(m.block for m in module.mtp or [])]:
+                shard(block)
+            shard(module)
+    stages = [PipelineStage(module, s, n_stages, device, group=group) for module, s in zip(modules, mine)]
     for stage in stages:
         _keep_loads_through_shape_inference(stage, model)
-    runner = cls(stages[0] if per_rank == 1 else stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+    try:
+        runner = cls(stages[0] if per_rank == 1 else stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+    except ValueError as e:  # e.g. too few micro-batches for the stages
+        raise ConfigError(f"pipeline schedule {schedule!r}: {e} (micro-batches are the sequences each "
+                          "data-parallel rank trains on per step: raise train.batch_size)") from None
     return runner, mine
 
 
@@ -141,12 +153,17 @@ class PipelineRunner:
     """Feeds the schedule: the first stage gets the tokens, the last the targets; the losses its loss function
     records on the last stage's rank are summed over all ranks so that every rank (rank 0 logs) knows them."""
 
-    def __init__(self, model: Transformer, rank: int, pp: int, schedule: str, batch_size: int,
-                 mtp_weight: float, device: torch.device):
+    def __init__(self, model: Transformer, par: Parallelism, batch_size: int, mtp_weight: float):
         self.record: list[tuple[float, float | None]] = []
-        self.device, self.n_microbatches = device, batch_size  # one sequence per micro-batch
-        self.schedule, stages = build_pipeline(model, rank, pp, schedule, batch_size,
-                                               pipeline_loss(mtp_weight, self.record), device)
+        self.device, self.n_microbatches, self.dp = par.device, batch_size, par.dp  # a sequence per micro-batch
+        shard = None
+        if par.dp > 1:
+            def shard(module: nn.Module) -> None:
+                fully_shard(module, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
+        pp, schedule = par.pp, par.pp_schedule
+        self.schedule, stages = build_pipeline(model, par.pp_rank, pp, schedule, batch_size,
+                                               pipeline_loss(mtp_weight, self.record), par.device, par.pp_group,
+                                               shard)
         self.first, self.last = 0 in stages, SCHEDULES[schedule][1] * pp - 1 in stages
         self.model, self.v_shaped = model, SCHEDULES[schedule][2]
 
@@ -158,8 +175,8 @@ class PipelineRunner:
         lm = sum(r[0] for r in real) / max(1, len(real))
         mtp = sum(r[1] or 0.0 for r in real) / max(1, len(real))
         totals = torch.tensor([lm, mtp], dtype=torch.float64)
-        torch.distributed.all_reduce(totals)  # only the last stage's rank contributes
-        return totals[0].item(), totals[1].item()
+        torch.distributed.all_reduce(totals)  # only the last stage's ranks contribute, one per data-parallel rank
+        return totals[0].item() / self.dp, totals[1].item() / self.dp
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         return self._run(self.schedule.step, x, y)

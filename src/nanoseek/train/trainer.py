@@ -179,7 +179,7 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
         if cfg.grad_accum != 1:
             raise NanoseekError("with --pp the pipeline's micro-batches replace gradient accumulation: set "
                                 "train.grad_accum=1")
-        pipeline = PipelineRunner(model, par.rank, par.pp, par.pp_schedule, cfg.batch_size, cfg.mtp_weight, device)
+        pipeline = PipelineRunner(model, par, cfg.batch_size // par.dp, cfg.mtp_weight)
     expert_params = parallelize(model, par)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -205,7 +205,8 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
             m.expert_load.zero_()
         sums = [0.0, 0.0, 0.0]  # LM, MTP, balance losses
         if pipeline:
-            sums[:2] = pipeline.train_step(*dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step))
+            sums[:2] = pipeline.train_step(*_local_rows(dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed,
+                                                                      step), par))
         for micro in range(cfg.grad_accum if pipeline is None else 0):
             x, y = _local_rows(dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step, micro), par)
             with _autocast(device):
