@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from helpers import tiny_config
-from nanoseek.checkpoint.fp8 import E4M3_MAX, dequantize_blockwise, quantize_blockwise
+from nanoseek.fp8.quant import E4M3_MAX, dequantize_blocks, quantize_blocks
 
 
 def _model(**overrides) -> nanoseek.Transformer:
@@ -21,9 +21,9 @@ def _model(**overrides) -> nanoseek.Transformer:
 def test_blockwise_quantization_roundtrip_within_e4m3_bound():
     torch.manual_seed(0)
     w = torch.randn(300, 200) * torch.logspace(-3, 1, 200)  # ragged edges, wide dynamic range across blocks
-    q, scale_inv = quantize_blockwise(w)
+    q, scale_inv = quantize_blocks(w)
     assert q.dtype == torch.float8_e4m3fn and scale_inv.shape == (3, 2)
-    back = dequantize_blockwise(q, scale_inv)
+    back = dequantize_blocks(q, scale_inv)
     # E4M3: 3 mantissa bits → relative error ≤ 2^-4 for normals; below 2^-6 the step is the subnormal 2^-9.
     scale = scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :200]
     bound = torch.maximum(w.abs() * 2**-4, scale * 2**-10) * (1 + 1e-6)
@@ -38,7 +38,7 @@ def test_fp8_checkpoint_loads_within_quantization_error(tmp_path):
     quantizable = [k for k, t in tensors.items() if t.dim() == 2 and "proj" in k and "eh_proj" not in k]
     assert any("experts.0" in k for k in quantizable) and any("kv_b_proj" in k for k in quantizable)
     for key in quantizable:
-        tensors[key], tensors[key.removesuffix(".weight") + ".weight_scale_inv"] = quantize_blockwise(tensors[key])
+        tensors[key], tensors[key.removesuffix(".weight") + ".weight_scale_inv"] = quantize_blocks(tensors[key])
     save_file(tensors, tmp_path / "model.safetensors")
     config = json.loads((tmp_path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

@@ -23,6 +23,12 @@ from nanoseek import ConfigError, ModelConfig
     (dict(scoring_func="relu"), "scoring_func"),
     (dict(n_group=8, topk_group=1, num_experts_per_tok=2), "topk_group"),
     (dict(num_hidden_layers=2.5), "num_hidden_layers"),
+    (dict(attention_type="mqa"), "attention_type"),
+    (dict(attention_type="gqa", num_key_value_heads=3, head_dim=8, first_k_dense_replace=3), "num_key_value_heads"),
+    (dict(attention_type="gqa", num_key_value_heads=2, head_dim=7, first_k_dense_replace=3), "head_dim"),
+    (dict(attention_type="gqa", num_key_value_heads=2, head_dim=8), "first_k_dense_replace"),
+    (dict(attention_type="gqa", num_key_value_heads=2, head_dim=8, first_k_dense_replace=3,
+          num_nextn_predict_layers=1), "num_nextn_predict_layers"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):

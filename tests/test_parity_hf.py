@@ -66,3 +66,26 @@ def test_nanoseek_saved_loads_in_transformers(case, tmp_path):
     assert again.config == config
     for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_dense_gqa_baseline_matches_transformers_llama(tmp_path):
+    """The dense baseline of the compute study is a Llama: saved in Llama's layout (RoPE rows reordered), it gives
+    transformers' LlamaForCausalLM the same logits, and it loads back unchanged."""
+    import transformers
+
+    config = tiny_config(attention_type="gqa", num_key_value_heads=2, head_dim=8, first_k_dense_replace=3)
+    torch.manual_seed(5)
+    ours = nanoseek.Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.normal_(1.0, 0.2) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
+    nanoseek.save_pretrained(ours, tmp_path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reference).__name__ == "LlamaForCausalLM"
+    ids = _inputs(config)
+    with torch.no_grad():
+        assert (ours(ids) - reference(ids).logits).abs().max().item() <= 1e-5
+    again = nanoseek.load_pretrained(tmp_path)
+    assert again.config.to_hf_dict() == config.to_hf_dict()
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name

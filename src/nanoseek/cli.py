@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
-from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.config import ModelConfig
 from nanoseek.errors import ConfigError, NanoseekError
+from nanoseek.presets import PRESETS
 
 
 def resolve_config(spec: str) -> ModelConfig:
@@ -45,8 +47,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"MTP modules: {_human(stats.mtp_params)} as stored ({_human(stats.mtp_unique_params)} of their own)")
     print(f"training FLOPs/token at seq {stats.seq_len}: {_human(stats.flops_per_token)} "
           f"(+{_human(stats.mtp_flops_per_token)} MTP)")
-    print(f"KV cache/token (bf16): MLA {stats.kv_bytes_per_token:,} B vs MHA {stats.kv_bytes_per_token_mha:,} B "
-          f"= {100 * stats.kv_cache_ratio:.2f}%")
+    kind = config.attention_type.upper()
+    print(f"KV cache/token (bf16): {kind} {stats.kv_bytes_per_token:,} B vs MHA {stats.kv_bytes_per_token_mha:,} B "
+          f"= {100 * stats.kv_cache_ratio:.2f}% (GQA, 8 query heads per KV head: {stats.kv_bytes_per_token_gqa:,} B)")
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -66,6 +69,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = read_config_file(args.config) if args.config else {}
     flags = {"train.max_steps": args.max_steps, "train.save_every": args.save_every,
              "train.eval_every": args.eval_every, "train.seed": args.seed, "train.balance": args.balance,
+             "train.precision": args.precision,
              "train.tokenizer": args.tokenizer}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if args.no_mtp:
@@ -149,12 +153,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from nanoseek.train.checkpoint import export_checkpoint
 
-    export_checkpoint(Path(args.checkpoint), Path(args.out))
-    print(f"wrote {args.out}")
+    from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
+
+    source, out = Path(args.checkpoint), Path(args.out)
+    if (source / "config.json").exists():  # a model or run directory
+        written = save_pretrained(load_pretrained(source, device="cpu"), out, fp8=args.fp8)
+        if (source / "tokenizer.json").exists():
+            shutil.copy(source / "tokenizer.json", out / "tokenizer.json")
+    else:
+        written = export_checkpoint(source, out, fp8=args.fp8)
+    fp8_count = sum(key.endswith(".weight_scale_inv") for key in written)
+    print(f"wrote {args.out}" + (f": {fp8_count} weights in FP8 E4M3 with 128x128 block scales (only weights made of "
+                                 "whole blocks are quantized)" if args.fp8 else ""))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from nanoseek.bench import bench
+
+    bench(args.model, Path(args.out), args.batch, args.seq, args.steps, args.new_tokens, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3-style models: train, inspect, serve")
+    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3-style models: train, inspect, serve, "
+                                     "benchmark")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="parameters, FLOPs and KV-cache size of a model")
     info.add_argument("model", help="preset name, config.json or model directory")
@@ -177,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--no-mtp", action="store_true", help="train without multi-token prediction")
     train.add_argument("--balance", choices=["aux-free", "aux-loss", "none"])
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"],
+                       help="auto: bf16 on GPUs, fp32 on CPUs; fp8: V3's FP8 GEMMs (emulated exactly on CPUs)")
     train.add_argument("--dp", type=int, help="data-parallel ranks under torchrun (default: all processes)")
     train.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (a divisor of --dp)")
     train.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks")
@@ -202,10 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     serve.set_defaults(run=cmd_serve)
 
-    export = commands.add_parser("export", help="a training checkpoint (DCP, any process count) → HF model dir")
-    export.add_argument("checkpoint", help="RUN/checkpoints/step_NNNNNNN")
+    export = commands.add_parser("export", help="a training checkpoint (DCP) or a model → HF model directory")
+    export.add_argument("checkpoint", help="RUN/checkpoints/step_NNNNNNN, or a run/model directory")
     export.add_argument("out", help="output model directory")
+    export.add_argument("--fp8", action="store_true",
+                        help="DeepSeek-V3's FP8 format: E4M3 projections, a weight_scale_inv per 128x128 block")
     export.set_defaults(run=cmd_export)
+
+    bench = commands.add_parser("bench", help="training and decoding speed vs transformers, KV-cache sizes")
+    bench.add_argument("model", nargs="?", default="tiny", help="preset (random weights) or run/model directory")
+    bench.add_argument("--batch", type=int, default=8, help="training batch")
+    bench.add_argument("--seq", type=int, default=256, help="training sequence length")
+    bench.add_argument("--steps", type=int, default=10, help="timed training steps (median)")
+    bench.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per sequence")
+    bench.add_argument("--out", default="bench", help="directory for bench.md, bench.json, bench.png")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    bench.set_defaults(run=cmd_bench)
 
     chat = commands.add_parser("chat", help="a conversation in the terminal")
     chat.add_argument("model", help="run or model directory (with tokenizer.json)")

@@ -67,6 +67,11 @@ class ModelConfig:
     initializer_range: float = 0.006  # V3 report
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # The dense baseline (Llama 3 style, HF layout LlamaForCausalLM): grouped-query attention with every head
+    # dimension rotated and a SwiGLU MLP in every layer. The MLA and MoE fields above are then unused.
+    attention_type: Literal["mla", "gqa"] = "mla"
+    num_key_value_heads: int | None = None  # gqa: key/value heads, each shared by a group of query heads
+    head_dim: int | None = None  # gqa: per-head dimension
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -104,11 +109,38 @@ class ModelConfig:
         _require(self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}")
         if isinstance(self.rope_scaling, dict):  # accepted for convenience in Python code
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        _require(self.attention_type in ("mla", "gqa"), "attention_type",
+                 f"must be 'mla' or 'gqa', got {self.attention_type!r}")
+        if self.attention_type == "gqa":
+            self._check_dense_baseline()
+
+    def _check_dense_baseline(self) -> None:
+        kv_heads, head_dim = self.num_key_value_heads, self.head_dim
+        _require(isinstance(kv_heads, int) and kv_heads > 0 and self.num_attention_heads % kv_heads == 0,
+                 "num_key_value_heads", f"gqa needs a positive divisor of num_attention_heads "
+                 f"{self.num_attention_heads}, got {kv_heads!r}")
+        _require(isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0, "head_dim",
+                 f"gqa needs a positive even head_dim (RoPE rotates pairs), got {head_dim!r}")
+        _require(self.first_k_dense_replace >= self.num_hidden_layers, "first_k_dense_replace",
+                 "the gqa baseline is dense (Llama layout): set it to num_hidden_layers")
+        _require(self.num_nextn_predict_layers == 0, "num_nextn_predict_layers",
+                 "the gqa baseline has no MTP modules (Llama layout): set it to 0")
+        _require(self.rope_scaling is None, "rope_scaling", "the gqa baseline takes no YaRN scaling")
 
     # ---- derived shapes -------------------------------------------------------------------------------------------
     @property
     def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
+        """Query/key width per head."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
+
+    @property
+    def attention_v_dim(self) -> int:
+        return self.v_head_dim if self.attention_type == "mla" else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions of a head that RoPE rotates: MLA's decoupled key part, or all of a GQA head."""
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """DeepSeek's rule; MTP blocks (index >= num_hidden_layers) follow it too, so V3's layer 61 is MoE."""
@@ -133,7 +165,12 @@ class ModelConfig:
     def to_hf_dict(self, style: Literal["transformers", "deepseek"] = "transformers") -> dict[str, Any]:
         """config.json contents. 'transformers' writes transformers-5's rope_parameters; 'deepseek' the published
         DeepSeek-V3 form (rope_theta + rope_scaling, scoring_func, topk_method)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.attention_type == "gqa":
+            from nanoseek.llama import llama_hf_dict
+
+            return llama_hf_dict(self, style)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("attention_type", "num_key_value_heads", "head_dim")}
         rope = fields.pop("rope_scaling")
         theta = fields.pop("rope_theta")
         # transformers' DeepseekV3 always routes with sigmoid scores; softmax routing is its DeepseekV2 model.
@@ -166,6 +203,13 @@ class ModelConfig:
         if d.get("attention_bias"):
             raise ConfigError("config field 'attention_bias': biased attention projections are not supported")
         model_type = d.get("model_type", "deepseek_v3")
+        if model_type == "llama":
+            from nanoseek.llama import llama_fields
+
+            d = llama_fields(d)
+        else:  # DeepSeek configs carry these HF fields too, but MLA has no use for them
+            d.pop("num_key_value_heads", None)
+            d.pop("head_dim", None)
         d.setdefault("scoring_func", "softmax" if model_type == "deepseek_v2" else "sigmoid")
         # V2's plain 'greedy' routing ignores any groups the config lists.
         if d.get("topk_method") == "greedy" or d.get("n_group") is None:
@@ -211,6 +255,8 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
+        from nanoseek.presets import PRESETS
+
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[name]
@@ -224,35 +270,3 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 def _require(ok: bool, name: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"config field {name!r}: {why}")
-
-
-_V3_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-                       mscale=1.0, mscale_all_dim=1.0)
-
-PRESETS: dict[str, ModelConfig] = {
-    # CPU demo: trains to play-like text in minutes on 2 cores. A V3 in miniature: query compression, sigmoid
-    # group-limited routing, a shared expert, a dense first layer and one MTP module.
-    "tiny": ModelConfig(
-        vocab_size=4096, hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-        routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=256,
-        num_nextn_predict_layers=1),
-    "small": ModelConfig(
-        vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=128, num_hidden_layers=8,
-        num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-        v_head_dim=64, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-        routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=1024,
-        num_nextn_predict_layers=1),
-    "v2-lite": ModelConfig(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
-        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-        n_group=1, topk_group=1, routed_scaling_factor=1.0, scoring_func="softmax", norm_topk_prob=False,
-        first_k_dense_replace=1, max_position_embeddings=163840,
-        rope_scaling=RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-                                 mscale=0.707, mscale_all_dim=0.707),
-        bos_token_id=100000, eos_token_id=100001),
-    "v3": ModelConfig(max_position_embeddings=163840, rope_scaling=_V3_YARN, num_nextn_predict_layers=1,
-                      bos_token_id=0, eos_token_id=1),
-}

@@ -43,9 +43,10 @@ class ModelStats:
     seq_len: int
     flops_per_token: float  # training (forward + backward) FLOPs per token of the main model at seq_len
     mtp_flops_per_token: float  # the same for all MTP modules together
-    kv_bytes_per_token: int  # MLA cache: (kv_lora_rank + qk_rope_head_dim) · layers · bytes
+    kv_bytes_per_token: int  # this model's cache: MLA (kv_lora_rank + qk_rope_head_dim) or GQA 2·G·d_h, · layers
     kv_bytes_per_token_mha: int  # an MHA with the same heads: 2 · heads · d_h · layers · bytes
-    kv_cache_ratio: float  # MLA / MHA
+    kv_bytes_per_token_gqa: int  # a GQA with the same heads in groups of 8 (Llama 3's 64/8): 2 · heads/8 · d_h · ...
+    kv_cache_ratio: float  # this model / MHA
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,7 +55,7 @@ class ModelStats:
 def _attention_core_flops(config: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token per layer of QKᵀ and AV, averaged over a causal sequence of seq_len."""
     keys_attended = (seq_len + 1) / 2
-    return 2 * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * keys_attended
+    return 2 * config.num_attention_heads * (config.qk_head_dim + config.attention_v_dim) * keys_attended
 
 
 def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per_element: int = 2) -> ModelStats:
@@ -90,12 +91,17 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     flops = training_flops(components, config.num_hidden_layers)
     mtp_flops = training_flops(mtp_components, 1) * config.num_nextn_predict_layers if mtp_unique else 0.0
     layers, nbytes = config.num_hidden_layers, cache_bytes_per_element
-    mla = (config.kv_lora_rank + config.qk_rope_head_dim) * layers * nbytes
-    # The papers' MHA baseline: per-head dimension d_h = qk_nope_head_dim (128 at V2/V3 shape).
-    mha = 2 * config.num_attention_heads * config.qk_nope_head_dim * layers * nbytes
+    # The papers' MHA baseline for MLA: per-head dimension d_h = qk_nope_head_dim (128 at V2/V3 shape).
+    head_dim = config.qk_nope_head_dim if config.attention_type == "mla" else config.head_dim
+    mha = 2 * config.num_attention_heads * head_dim * layers * nbytes
+    gqa = 2 * max(1, config.num_attention_heads // 8) * head_dim * layers * nbytes
+    if config.attention_type == "mla":
+        own = (config.kv_lora_rank + config.qk_rope_head_dim) * layers * nbytes
+    else:
+        own = 2 * config.num_key_value_heads * head_dim * layers * nbytes
     return ModelStats(
         total_params=total, active_params=active,
         mtp_params=mtp_unique + 2 * head_params * config.num_nextn_predict_layers, mtp_unique_params=mtp_unique,
         components=components, active_components=active_components, seq_len=seq_len,
         flops_per_token=flops, mtp_flops_per_token=mtp_flops,
-        kv_bytes_per_token=mla, kv_bytes_per_token_mha=mha, kv_cache_ratio=mla / mha)
+        kv_bytes_per_token=own, kv_bytes_per_token_mha=mha, kv_bytes_per_token_gqa=gqa, kv_cache_ratio=own / mha)

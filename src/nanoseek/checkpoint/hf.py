@@ -1,4 +1,5 @@
-"""HF DeepSeek-V2/V3 checkpoint directory ⇄ nanoseek model. The only module that knows HF parameter names.
+"""HF DeepSeek-V2/V3 (or, for the dense baseline, Llama) checkpoint directory ⇄ nanoseek model. The only module
+that knows HF parameter names.
 
 Layout (DeepSeek's release and transformers' DeepseekV3ForCausalLM): config.json + model.safetensors, or shards
 listed in model.safetensors.index.json. Experts are stored one per key (`mlp.experts.E.gate_proj.weight`); ours are
@@ -19,14 +20,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.checkpoint.fp8 import dequantize_blockwise
+from nanoseek.checkpoint.fp8 import FP8_QUANTIZATION_CONFIG, quantize_state_dict
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError
+from nanoseek.fp8.quant import dequantize_blocks
+from nanoseek.llama import halves_to_interleaved, interleaved_to_halves
 from nanoseek.model.transformer import Transformer
 
 _ATTENTION = {"q_proj": "q_proj", "q_down": "q_a_proj", "q_norm": "q_a_layernorm", "q_up": "q_b_proj",
               "kv_down": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "kv_up": "kv_b_proj",
-              "out_proj": "o_proj"}
+              "out_proj": "o_proj", "k_proj": "k_proj", "v_proj": "v_proj"}
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -38,6 +41,7 @@ class Entry:
     ours: str
     parts: tuple[tuple[str, ...], ...]
     stacked: bool = False
+    rope_head_dim: int = 0  # > 0: GQA q/k rows, reordered for Llama's RoPE layout (nanoseek.llama)
 
 
 def _mlp_entries(ours: str, hf: str) -> list[Entry]:
@@ -45,10 +49,18 @@ def _mlp_entries(ours: str, hf: str) -> list[Entry]:
             Entry(f"{ours}.down.weight", ((f"{hf}.down_proj.weight",),))]
 
 
-def _block_entries(config: ModelConfig, ours: str, hf: str, layer_index: int) -> list[Entry]:
+def _attention_entries(config: ModelConfig, ours: str, hf: str) -> list[Entry]:
+    if config.attention_type == "gqa":
+        return [Entry(f"{ours}.attn.{n}.weight", ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),),
+                      rope_head_dim=config.head_dim if n in ("q_proj", "k_proj") else 0)
+                for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
     names = ["kv_down", "kv_norm", "kv_up", "out_proj"]
     names += ["q_proj"] if config.q_lora_rank is None else ["q_down", "q_norm", "q_up"]
-    entries = [Entry(f"{ours}.attn.{n}.weight", ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),)) for n in names]
+    return [Entry(f"{ours}.attn.{n}.weight", ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),)) for n in names]
+
+
+def _block_entries(config: ModelConfig, ours: str, hf: str, layer_index: int) -> list[Entry]:
+    entries = _attention_entries(config, ours, hf)
     entries += [Entry(f"{ours}.attn_norm.weight", ((f"{hf}.input_layernorm.weight",),)),
                 Entry(f"{ours}.mlp_norm.weight", ((f"{hf}.post_attention_layernorm.weight",),))]
     if not config.is_moe_layer(layer_index):
@@ -128,7 +140,7 @@ class SafetensorsDir:
             if scale_key not in self.location:
                 raise CheckpointError(f"FP8 tensor {key!r} has no {scale_key!r}")
             try:
-                tensor = dequantize_blockwise(tensor, self.get(scale_key))
+                tensor = dequantize_blocks(tensor, self.get(scale_key))
             except ValueError as e:
                 raise CheckpointError(f"{key}: {e}") from None
         return tensor
@@ -142,6 +154,8 @@ def _assemble(entry: Entry, source: SafetensorsDir, shape: torch.Size) -> torch.
         return source.get(f"{experts_prefix}.{'gate_up_proj' if len(entry.parts[0]) == 2 else 'down_proj'}")
     slices = [torch.cat([source.get(k) for k in keys]) if len(keys) > 1 else source.get(keys[0])
               for keys in entry.parts]
+    if entry.rope_head_dim and slices[0].shape[0] % entry.rope_head_dim == 0:
+        return halves_to_interleaved(slices[0], entry.rope_head_dim)
     return torch.stack(slices) if entry.stacked else slices[0]
 
 
@@ -226,6 +240,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         if config.tie_word_embeddings and entry.ours == "head.weight":
             continue
         tensor = ours[entry.ours].detach()
+        if entry.rope_head_dim:
+            tensor = interleaved_to_halves(tensor, entry.rope_head_dim)
         for piece, keys in zip(tensor.unbind(0) if entry.stacked else [tensor], entry.parts):
             for key, chunk in zip(keys, piece.chunk(len(keys))):
                 out[key] = chunk.contiguous().clone()
@@ -236,13 +252,17 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
+                    fp8: bool = False) -> list[str]:
     """Writes config.json and safetensors (sharded with an index past max_shard_bytes) that transformers and
-    load_pretrained read. Every file is written under a temporary name and renamed, so an interrupted save never
-    leaves a half-written file under a real name."""
+    load_pretrained read; `fp8` writes DeepSeek-V3's FP8 checkpoint format. Every file is written under a temporary
+    name and renamed, so an interrupted save never leaves a half-written file under a real name. Returns the tensor
+    names written."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(model)
+    if fp8:
+        tensors = quantize_state_dict(tensors)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in tensors.items():
@@ -264,7 +284,11 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes
                  "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
         _write_text_atomic(path / INDEX_FILE, json.dumps(index, indent=2))
     stale.unlink(missing_ok=True)
-    _write_text_atomic(path / "config.json", json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    config = model.config.to_hf_dict()
+    if fp8:
+        config["quantization_config"] = FP8_QUANTIZATION_CONFIG
+    _write_text_atomic(path / "config.json", json.dumps(config, indent=2) + "\n")
+    return list(tensors)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

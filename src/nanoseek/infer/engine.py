@@ -9,8 +9,9 @@ from typing import Literal
 
 import torch
 
-from nanoseek.infer.sampling import sample_next
+from nanoseek.errors import NanoseekError
 from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.sampling import sample_next
 from nanoseek.model.transformer import Transformer
 
 
@@ -78,6 +79,9 @@ class _TextTracker:
 
 class Engine:
     def __init__(self, model: Transformer, decode: Callable[[list[int]], str] | None = None):
+        if model.config.attention_type != "mla":
+            raise NanoseekError("generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
+                                "layout for transformers to sample from")
         self.model = model.eval()
         self.decode = decode
         self.device = next(model.parameters()).device

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
 from nanoseek.infer.cache import LayerCache
@@ -41,42 +42,63 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(self.latent_dim, config.rms_norm_eps)
         self.kv_up = nn.Linear(self.latent_dim, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.out_proj = nn.Linear(self.n_heads * self.v_dim, dim, bias=False)
+        self.recompute = False  # set by the trainer: replay attend_latents in backward
 
-    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, dim] → q_nope [B, H, T, nope], q_rope [B, H, T, rope] (rotated)."""
-        B, T, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_up(self.q_norm(self.q_down(x)))
+    def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The down-projections: x [B, T, dim] → query input (c_Q before its norm, or x itself without query
+        compression), [c_KV; k_rope] before the norm and RoPE."""
+        return (self.q_down(x) if hasattr(self, "q_down") else x), self.kv_down(x)
+
+    def queries(self, q_input: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ q_nope [B, H, T, nope], q_rope [B, H, T, rope] (rotated)."""
+        B, T, _ = q_input.shape
+        q = self.q_up(self.q_norm(q_input)) if hasattr(self, "q_up") else self.q_proj(q_input)
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin)
 
-    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, dim] → normalized latent c_KV [B, T, kv_lora_rank], rotated k_rope [B, T, rope]:
-        all that MLA has to remember of a token."""
-        latent, k_rope = self.kv_down(x).split([self.latent_dim, self.rope_dim], dim=-1)
+    def latents(self, kv_input: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ normalized latent c_KV [B, T, kv_lora_rank], rotated k_rope [B, T, rope]: all that MLA has to
+        remember of a token."""
+        latent, k_rope = kv_input.split([self.latent_dim, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)
         return self.kv_norm(latent), k_rope
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over a whole sequence (training and prefill): up-project the latents, then SDPA."""
-        B, T, _ = x.shape
-        q_nope, q_rope = self.queries(x, cos, sin)
-        latent, k_rope = self.latents(x, cos, sin)
+    def attend_latents(self, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor:
+        """From the compressed inputs: norms, up-projections to per-head q, k [B, H, T, qk] and v, then causal
+        attention → [B, T, H·v]. `recompute` replays all of it in backward (V3 §3.3.4 recomputes the norms and
+        up-projections; SDPA would keep its per-head q, k, v for backward, so the core is replayed with them), and
+        only the compressed inputs stay in memory: the small per-token latents that are MLA's point."""
+        B, T, _ = kv_input.shape
+        q_nope, q_rope = self.queries(q_input, cos, sin)
+        latent, k_rope = self.latents(kv_input, cos, sin)
         kv = self.kv_up(latent).view(B, T, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, T, self.rope_dim)], dim=-1)
         y = attend(q, k, v, self.softmax_scale)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)
 
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over a whole sequence (training and prefill): up-project the latents, then SDPA."""
+        q_input, kv_input = self.compress(x)
+        if self.recompute and torch.is_grad_enabled():
+            y = checkpoint(self.attend_latents, q_input, kv_input, cos, sin, use_reentrant=False)
+        else:
+            y = self.attend_latents(q_input, kv_input, cos, sin)
+        return self.out_proj(y)
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
                        positions: torch.Tensor) -> torch.Tensor:
         """Absorbed attention for prefill and decode: x [B, T, dim] holds the tokens at `positions` [B, T]; their
         latents are written to the cache, then each attends to every cached position up to its own."""
         B, T, _ = x.shape
-        q_nope, q_rope = self.queries(x, cos, sin)
-        latent, k_rope = self.latents(x, cos, sin)
+        q_input, kv_input = self.compress(x)
+        q_nope, q_rope = self.queries(q_input, cos, sin)
+        latent, k_rope = self.latents(kv_input, cos, sin)
         cache.write(positions, latent, k_rope)
         span = int(positions.max()) + 1
         keys, rope_keys = cache.latent[:, :span].unsqueeze(1), cache.k_rope[:, :span].unsqueeze(1)  # [B, 1, S, *]

@@ -6,6 +6,8 @@ Routed experts are stacked weights [E, out, in]. Tokens are sorted by expert and
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,16 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) 
     return out[:, : out.shape[1] - pad_out] if pad_out else out
 
 
+GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, group_ends: torch.Tensor,
+               gemm: GroupedGemm = grouped_mm) -> torch.Tensor:
+    """Every expert's SwiGLU over its rows: x [N, dim] sorted by expert, group_ends [E] int32 cumulative counts."""
+    gate, up = gemm(x, gate_up, group_ends).chunk(2, dim=-1)
+    return gemm(F.silu(gate) * up, down, group_ends)
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts as stacked weights: gate_up [E, 2·I, dim] (rows [gate; up]), down [E, dim, I]."""
 
@@ -74,11 +86,11 @@ class RoutedExperts(nn.Module):
         self.n_experts, self.hidden_dim = n_experts, hidden_dim
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.gemm: GroupedGemm = grouped_mm  # nanoseek.fp8 swaps in its FP8 grouped GEMM
 
     def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         """x [N, dim], rows sorted by expert; group_ends [E] int32 cumulative row counts → [N, dim]."""
-        gate, up = grouped_mm(x, self.gate_up, group_ends).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down, group_ends)
+        return expert_ffn(x, self.gate_up, self.down, group_ends, self.gemm)
 
 
 def sort_by_expert(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

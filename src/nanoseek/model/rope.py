@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN context extension, for MLA's decoupled RoPE dimensions."""
+"""Rotary position embedding with YaRN context extension, for MLA's decoupled RoPE dimensions (or GQA heads)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     YaRN keeps the high-frequency pairs (many rotations within the original context) as they are, interpolates the
     low-frequency ones by `factor`, and ramps linearly between the two correction dimensions.
     """
-    dim, base = config.qk_rope_head_dim, config.rope_theta
+    dim, base = config.rope_dim, config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     yarn = config.rope_scaling
     if yarn is None:
@@ -45,7 +45,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", torch.empty(config.qk_rope_head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(config.rope_dim // 2), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.infer.cache import LatentCache, LayerCache
 from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.gqa import GroupedQueryAttention
 from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.moe import MoE, RoutedExperts, Router
 from nanoseek.model.rope import RotaryEmbedding
@@ -21,7 +22,8 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = MultiHeadLatentAttention(config)
+        self.attn = (MultiHeadLatentAttention(config) if config.attention_type == "mla"
+                     else GroupedQueryAttention(config))
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: MLP | MoE = (MoE(config) if config.is_moe_layer(layer_index)
                                else MLP(config.hidden_size, config.intermediate_size))

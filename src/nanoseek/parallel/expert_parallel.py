@@ -14,12 +14,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from nanoseek.model.moe import RoutedExperts, grouped_mm
+from nanoseek.model.moe import RoutedExperts, expert_ffn
 from nanoseek.model.transformer import Transformer
 
 
@@ -30,7 +29,7 @@ class ExpertParallelExperts(nn.Module):
         if experts.n_experts % self.ep:
             raise ValueError(f"{experts.n_experts} experts do not split over {self.ep} expert-parallel ranks")
         self.n_experts, self.local = experts.n_experts, experts.n_experts // self.ep
-        self.hidden_dim = experts.hidden_dim
+        self.hidden_dim, self.gemm = experts.hidden_dim, experts.gemm
         self.sent_bytes = 0  # activations this rank sent to other ranks by dispatch + combine (forward only)
         self.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.data, mesh, [Shard(0)]))
         self.down = nn.Parameter(distribute_tensor(experts.down.data, mesh, [Shard(0)]))
@@ -51,8 +50,7 @@ class ExpertParallelExperts(nn.Module):
         order = expert_of_row.argsort(stable=True)
         local_ends = received.sum(dim=0).cumsum(0).to(torch.int32)
         gate_up, down = self.gate_up.to_local(), self.down.to_local()
-        gate, up = grouped_mm(arrived[order], gate_up, local_ends).chunk(2, dim=-1)
-        out = grouped_mm(F.silu(gate) * up, down, local_ends)
+        out = expert_ffn(arrived[order], gate_up, down, local_ends, self.gemm)
         unordered = torch.empty_like(out)
         unordered[order] = out
         me = dist.get_rank(self.group)

@@ -30,6 +30,7 @@ class Parallelism:
     replicate_group: dist.ProcessGroup | None = None  # ranks holding the same experts, when dp > ep
     pp_rank: int = 0
     pp_group: dist.ProcessGroup | None = None
+    compute_dtype: torch.dtype = torch.float32  # parameters' dtype in forward/backward (FSDP2 casts them)
 
     @property
     def distributed(self) -> bool:
@@ -103,7 +104,7 @@ def parallelize(model: Transformer, par: Parallelism) -> list[torch.nn.Parameter
 
 
 def mixed_precision(par: Parallelism) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 gradient reduction on GPUs; fp32 throughout on CPUs."""
-    if par.device.type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    """Parameters cast to the compute dtype for forward/backward, gradients reduced in fp32."""
+    if par.compute_dtype != torch.float32:
+        return MixedPrecisionPolicy(param_dtype=par.compute_dtype, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()

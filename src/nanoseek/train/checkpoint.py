@@ -108,8 +108,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return meta
 
 
-def export_checkpoint(path: Path, out: Path) -> None:
-    """A training checkpoint (DCP, from any number of processes) → an HF-layout model directory."""
+def export_checkpoint(path: Path, out: Path, fp8: bool = False) -> list[str]:
+    """A training checkpoint (DCP, from any number of processes) → an HF-layout model directory (`fp8`: in
+    DeepSeek-V3's FP8 format)."""
     from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.config import ModelConfig
     from nanoseek.model.transformer import Transformer
@@ -124,7 +125,8 @@ def export_checkpoint(path: Path, out: Path) -> None:
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"checkpoint {path} is damaged or truncated: {str(e).strip()[:200]}") from None
     set_model_state_dict(model, state["model"])
-    save_pretrained(model, out)
+    written = save_pretrained(model, out, fp8=fp8)
     tokenizer = path.parent.parent / "tokenizer.json"
     if tokenizer.exists():
         shutil.copy(tokenizer, out / "tokenizer.json")
+    return written

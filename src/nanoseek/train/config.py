@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from nanoseek.config import ModelConfig
 from nanoseek.errors import ConfigError
 
@@ -41,6 +43,13 @@ class TrainConfig:
     tokenizer: str | None = None  # a tokenizer.json to use instead
     text_field: str = "text"  # of .jsonl corpora
     log_every: int = 10
+    # precision and memory (V3 §3.3): auto = bf16 autocast on accelerators, fp32 on CPUs; fp8 = FP8 GEMMs in the
+    # attention projections, MLPs and experts, everything else as auto
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    fp8_pow2_scales: bool = False  # round FP8 scales up to powers of two
+    fp8_backend: Literal["auto", "emulate", "scaled_mm"] = "auto"
+    optimizer_moments: Literal["fp32", "bf16"] = "fp32"  # AdamW's m and v; master weights stay fp32
+    recompute: bool = False  # keep only MLA's compressed inputs; replay norms, up-projections and core in backward
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
@@ -56,12 +65,23 @@ class TrainConfig:
             raise ConfigError("train fields 'min_lr_ratio' and 'decay_fraction' must lie in [0, 1]")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"train field 'schedule': 'cosine' or 'wsd', got {self.schedule!r}")
-        if self.balance not in ("aux-free", "aux-loss", "none"):
-            raise ConfigError(f"train field 'balance': 'aux-free', 'aux-loss' or 'none', got {self.balance!r}")
+        for name, allowed in (("balance", ("aux-free", "aux-loss", "none")),
+                              ("precision", ("auto", "fp32", "bf16", "fp8")),
+                              ("fp8_backend", ("auto", "emulate", "scaled_mm")),
+                              ("optimizer_moments", ("fp32", "bf16"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train field {name!r}: one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
     @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size * self.grad_accum
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """What autocast computes in: bf16 where asked for, or by default on accelerators (a CPU's bf16 matmuls are
+        far slower than its fp32 ones)."""
+        if self.precision == "bf16" or (self.precision in ("auto", "fp8") and device.type != "cpu"):
+            return torch.bfloat16
+        return torch.float32
 
 
 def _coerce(value: str, current: Any) -> Any:

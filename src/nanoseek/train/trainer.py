@@ -35,6 +35,8 @@ from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import MetricsLog, measure_peak_flops, plot_losses
+from nanoseek.train.optim import build_optimizer
+from nanoseek.train.precision import apply_precision, autocast
 
 
 @dataclass(frozen=True)
@@ -107,16 +109,11 @@ def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, par: P
     losses = []
     for i in range(cfg.eval_batches):
         x, y = _local_rows(dataset.batch("val", cfg.batch_size, cfg.seq_len, cfg.seed, step=i), par)
-        with _autocast(par.device):
+        with autocast(par.device, cfg):
             losses.append(pipeline.eval_loss(x, y) if pipeline else
                           model(x.to(par.device), y.to(par.device), with_mtp=False).lm_loss.item())
     model.train()
     return mean_over_ranks([sum(losses) / len(losses)], par)[0]
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on accelerators; CPUs train in fp32 (their bf16 matmuls are far slower)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu")
 
 
 def _local_rows(batch: tuple[torch.Tensor, torch.Tensor], par: Parallelism) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,9 +168,11 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
     cfg, out, device = spec.train, spec.out, par.device
     if cfg.batch_size % par.dp:
         raise NanoseekError(f"batch_size {cfg.batch_size} does not split over {par.dp} data-parallel ranks")
+    par = dataclasses.replace(par, compute_dtype=cfg.compute_dtype(device))
     torch.manual_seed(cfg.seed)
     model = Transformer(spec.model).to(device)
     _configure_balance(model, cfg)
+    apply_precision(model, cfg)
     pipeline = None
     if par.pp > 1:
         if cfg.grad_accum != 1:
@@ -181,11 +180,7 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
                                 "train.grad_accum=1")
         pipeline = PipelineRunner(model, par, cfg.batch_size // par.dp, cfg.mtp_weight)
     expert_params = parallelize(model, par)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2))
+    optimizer = build_optimizer(model, cfg)
     start = load_checkpoint(resume_from, model, optimizer)["step"] if resume_from else 0
     metrics = MetricsLog(out / "metrics.jsonl", start if resume_from else None) if par.is_main else None
     meta = {"model": spec.model.to_hf_dict(), "train": dataclasses.asdict(cfg), "data": spec.data}
@@ -193,7 +188,7 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
     tracker = ImbalanceTracker(len(moe_layers))
     stats = model_stats(spec.model, seq_len=cfg.seq_len)
     flops_per_token = stats.flops_per_token + stats.mtp_flops_per_token
-    peak = measure_peak_flops(device, torch.float32 if device.type == "cpu" else torch.bfloat16) * par.dp
+    peak = measure_peak_flops(device, par.compute_dtype) * par.dp
     val_loss = None
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
                disable=not show_progress, dynamic_ncols=True)
@@ -209,7 +204,7 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
                                                                       step), par))
         for micro in range(cfg.grad_accum if pipeline is None else 0):
             x, y = _local_rows(dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step, micro), par)
-            with _autocast(device):
+            with autocast(device, cfg):
                 result = model(x.to(device), y.to(device))
             loss = result.lm_loss
             sums[0] += result.lm_loss.item()

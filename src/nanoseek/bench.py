@@ -1,0 +1,228 @@
+"""`nanoseek bench`: nanoseek side by side with transformers' DeepseekV3 on one config and identical weights.
+
+Measures, on this machine: training tokens/s and MFU (against a matmul peak measured at start), decode tokens/s
+(greedy, batch 1 and 16), MTP self-speculative decoding when the model is a trained run, and the KV-cache bytes
+per token of MLA against MHA and GQA. Prints a markdown table (or JSON) and writes bench.md, bench.json, bench.png.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
+from nanoseek.config import ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.flops import model_stats
+from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.model.transformer import Transformer
+from nanoseek.train.metrics import measure_peak_flops
+
+
+def _median_seconds(steps: int, *runs: Callable[[], Any], warmup: int = 2) -> list[float]:
+    """Median time of each callable, run in alternation: a machine whose speed drifts (turbo, neighbours) moves
+    every side alike instead of favouring whichever ran first."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(steps):
+        for run, spent in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
+
+
+def _models(spec: str) -> tuple[Transformer, Any, Path | None]:
+    """nanoseek's model and transformers' on identical weights: a trained run/model directory, or a preset with
+    seeded random weights (MTP left out: transformers does not implement it)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its load report lists the MTP layer it does not implement
+    path = Path(spec)
+    if (path / "config.json").exists():
+        ours = load_pretrained(path, dtype=torch.float32)
+        return ours, transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), path
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig.preset(spec).replace(num_nextn_predict_layers=0))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(ours, tmp)
+        reference = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    return ours, reference, None
+
+
+def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, steps: int) -> dict[str, float]:
+    """Forward + backward of the next-token loss (no MTP on either side), after checking both compute the same."""
+    ids = torch.randint(0, ours.config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    ours.train(), reference.train()
+
+    def ours_step() -> torch.Tensor:
+        ours.zero_grad(set_to_none=True)
+        loss = ours(inputs, targets, with_mtp=False).lm_loss
+        loss.backward()
+        return loss
+
+    def reference_step() -> torch.Tensor:
+        reference.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(reference(inputs).logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        return loss
+
+    diff = (ours_step() - reference_step()).abs().item()
+    if diff > 1e-4:
+        raise NanoseekError(f"nanoseek and transformers losses differ by {diff}: not the same model")
+    t_ours, t_ref = _median_seconds(steps, ours_step, reference_step)
+    return {"nanoseek_tokens_per_s": batch * seq / t_ours, "transformers_tokens_per_s": batch * seq / t_ref}
+
+
+def bench_decoding(ours: Transformer, reference: Any, batch: int, prompt_len: int, new: int) -> dict[str, float]:
+    """Greedy decoding of `new` tokens per sequence, never stopping early; agreement counts identical sequences."""
+    ours.eval(), reference.eval()
+    engine = Engine(ours)
+    prompts = torch.randint(0, ours.config.vocab_size, (batch, prompt_len),
+                            generator=torch.Generator().manual_seed(batch))
+    outputs: dict[str, Any] = {}
+
+    def ours_decode() -> None:
+        outputs["ours"] = engine.generate(prompts.tolist(), SamplingParams(max_new_tokens=new))
+
+    @torch.no_grad()
+    def reference_decode() -> None:
+        outputs["theirs"] = reference.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                                               min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    t_ours, t_ref = _median_seconds(3, ours_decode, reference_decode, warmup=1)
+    agree = sum(m.token_ids == t[prompt_len:].tolist() for m, t in zip(outputs["ours"], outputs["theirs"]))
+    return {"nanoseek_tokens_per_s": batch * new / t_ours, "transformers_tokens_per_s": batch * new / t_ref,
+            "identical_sequences": agree, "sequences": batch}
+
+
+def bench_speculation(model: Transformer, run: Path, prompt_len: int, new: int) -> dict[str, float]:
+    """MTP self-speculative greedy decoding on prompts cut from the training corpus (identical output checked)."""
+    from nanoseek.data.corpus import default_corpus_files
+    from nanoseek.data.tokenizer import end_of_text_id, load_tokenizer
+    from nanoseek.infer.speculative import speculative_greedy
+
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+    text = default_corpus_files()[0].read_text(encoding="utf-8")
+    stop = end_of_text_id(tokenizer)
+    stops = () if stop is None else (stop,)
+    engine = Engine(model)
+    plain_time = spec_time = accepted = drafted = produced = 0.0
+    for start in range(20000, 120000, 20000):
+        prompt = tokenizer.encode(text[start: start + 400]).ids[-prompt_len:]
+        tic = time.perf_counter()
+        plain = engine.generate([prompt], SamplingParams(max_new_tokens=new, stop_token_ids=stops))[0]
+        mid = time.perf_counter()
+        spec = speculative_greedy(model, prompt, new, stops)
+        spec_time, plain_time = spec_time + time.perf_counter() - mid, plain_time + mid - tic
+        if spec.token_ids != plain.token_ids:
+            raise NanoseekError("speculative decoding changed the greedy output")
+        accepted, drafted, produced = accepted + spec.accepted, drafted + spec.drafted, produced + len(spec.token_ids)
+    return {"acceptance": accepted / drafted, "plain_tokens_per_s": produced / plain_time,
+            "speculative_tokens_per_s": produced / spec_time, "speed_up": plain_time / spec_time}
+
+
+def kv_cache_table(config: ModelConfig) -> dict[str, dict[str, int]]:
+    """Bytes per token (bf16, all layers) of MLA, an MHA of the same heads and a GQA with 8 query heads per KV head,
+    at this config's shape and at DeepSeek-V3's."""
+    out = {}
+    for name, shape in (("this model", config), ("DeepSeek-V3 shape", ModelConfig.preset("v3"))):
+        stats = model_stats(shape)
+        out[name] = {"MLA": stats.kv_bytes_per_token, "MHA": stats.kv_bytes_per_token_mha,
+                     "GQA": stats.kv_bytes_per_token_gqa}
+    return out
+
+
+def run_bench(spec: str, batch: int, seq: int, steps: int, new_tokens: int) -> dict[str, Any]:
+    ours, reference, run = _models(spec)
+    if ours.config.attention_type != "mla":
+        raise NanoseekError("nanoseek bench compares MLA models with transformers' DeepseekV3; this is the dense "
+                            "GQA baseline")
+    device = torch.device("cpu")
+    peak = measure_peak_flops(device, torch.float32)
+    flops_per_token = model_stats(ours.config, seq_len=seq).flops_per_token
+    training = bench_training(ours, reference, batch, seq, steps)
+    for side in ("nanoseek", "transformers"):
+        training[f"{side}_mfu"] = training[f"{side}_tokens_per_s"] * flops_per_token / peak
+    result: dict[str, Any] = {
+        "model": spec, "machine": {"device": "cpu", "threads": torch.get_num_threads(),
+                                   "measured_fp32_matmul_flops": peak},
+        "training": {"batch": batch, "seq": seq, "flops_per_token": flops_per_token, **training},
+        "decoding": {f"batch_{b}": bench_decoding(ours, reference, b, 32, new_tokens) for b in (1, 16)},
+        "kv_cache_bytes_per_token": kv_cache_table(ours.config),
+    }
+    if run is not None and len(ours.mtp) and (run / "tokenizer.json").exists():
+        result["speculation"] = bench_speculation(ours.eval(), run, 32, new_tokens)
+    return result
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    t, machine = result["training"], result["machine"]
+    lines = [f"nanoseek bench: `{result['model']}` on {machine['device']}, {machine['threads']} threads, fp32; "
+             f"measured matmul peak {machine['measured_fp32_matmul_flops'] / 1e9:.0f} GFLOP/s", "",
+             "| | nanoseek | transformers | nanoseek / transformers |", "|---|---|---|---|",
+             f"| training tok/s (batch {t['batch']} × seq {t['seq']}) | {t['nanoseek_tokens_per_s']:.0f} | "
+             f"{t['transformers_tokens_per_s']:.0f} | "
+             f"{t['nanoseek_tokens_per_s'] / t['transformers_tokens_per_s']:.2f}× |",
+             f"| training MFU | {100 * t['nanoseek_mfu']:.1f} % | {100 * t['transformers_mfu']:.1f} % | |"]
+    for name, d in result["decoding"].items():
+        lines.append(f"| decode tok/s, {name.replace('_', ' ')} ({d['identical_sequences']}/{d['sequences']} "
+                     f"identical) | {d['nanoseek_tokens_per_s']:.1f} | {d['transformers_tokens_per_s']:.1f} | "
+                     f"{d['nanoseek_tokens_per_s'] / d['transformers_tokens_per_s']:.2f}× |")
+    if "speculation" in result:
+        s = result["speculation"]
+        lines += ["", f"MTP speculation: acceptance {100 * s['acceptance']:.1f} %, {s['plain_tokens_per_s']:.1f} → "
+                  f"{s['speculative_tokens_per_s']:.1f} tok/s ({s['speed_up']:.2f}×), output identical to greedy"]
+    lines += ["", "| KV cache, bytes/token (bf16) | MLA | MHA | GQA (8 q heads per KV head) | MLA / MHA |",
+              "|---|---|---|---|---|"]
+    for name, kv in result["kv_cache_bytes_per_token"].items():
+        lines.append(f"| {name} | {kv['MLA']:,} | {kv['MHA']:,} | {kv['GQA']:,} | "
+                     f"{100 * kv['MLA'] / kv['MHA']:.2f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    t, d = result["training"], result["decoding"]["batch_16"]
+    for ax, title, mine, theirs in ((axes[0], "training", t["nanoseek_tokens_per_s"], t["transformers_tokens_per_s"]),
+                                    (axes[1], "decoding, batch 16", d["nanoseek_tokens_per_s"],
+                                     d["transformers_tokens_per_s"])):
+        ax.bar(["nanoseek", "transformers"], [mine, theirs], color=["tab:blue", "tab:gray"])
+        ax.set_title(f"{title}: {mine / theirs:.2f}x")
+        ax.set_ylabel("tokens/s")
+    kv = result["kv_cache_bytes_per_token"]["DeepSeek-V3 shape"]
+    axes[2].bar(list(kv), list(kv.values()), color=["tab:blue", "tab:red", "tab:orange"])
+    axes[2].set_yscale("log")
+    axes[2].set_title("KV cache per token, V3 shape (bytes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench(spec: str, out: Path, batch: int, seq: int, steps: int, new_tokens: int, as_json: bool) -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise NanoseekError("nanoseek bench compares against transformers: "
+                            "pip install 'transformers>=5,<6'") from None
+    result = run_bench(spec, batch, seq, steps, new_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(result)
+    (out / "bench.md").write_text(markdown)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "bench.png")
+    print(json.dumps(result, indent=2) if as_json else markdown + f"\nwrote {out}/bench.md, bench.json, bench.png")

@@ -1,0 +1,31 @@
+"""Which GEMMs run in FP8 (DeepSeek-V3 §3.3.1): the attention projections, the dense and shared-expert MLPs, the
+routed experts and the MTP projection. The embedding, the output head, the router, every norm and the attention
+core (softmax(q·kᵀ)·v) keep the training precision."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from nanoseek.fp8.linear import Fp8Linear, Fp8Recipe, grouped_gemm_for
+from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.gqa import GroupedQueryAttention
+from nanoseek.model.layers import MLP
+from nanoseek.model.moe import RoutedExperts
+from nanoseek.model.transformer import MTPModule, Transformer
+
+
+def convert_to_fp8(model: Transformer, recipe: Fp8Recipe) -> list[str]:
+    """Swaps those layers' GEMMs for FP8 ones in place (parameters and their names stay); returns the names of the
+    converted modules. Call before parallelizing: expert parallelism takes the experts' GEMM from them."""
+    converted = []
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedExperts):
+            module.gemm = grouped_gemm_for(recipe)
+            converted.append(name)
+        if not isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention, MLP, MTPModule)):
+            continue
+        for child_name, child in module.named_children():
+            if type(child) is nn.Linear:
+                setattr(module, child_name, Fp8Linear.from_linear(child, recipe))
+                converted.append(f"{name}.{child_name}")
+    return converted

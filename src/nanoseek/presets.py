@@ -1,0 +1,42 @@
+"""Named model shapes: CPU-sized demos, the dense baseline of the compute study, and DeepSeek's published ones."""
+
+from __future__ import annotations
+
+from nanoseek.config import ModelConfig, RopeScaling
+
+_V3_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                       mscale=1.0, mscale_all_dim=1.0)
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU demo: trains to play-like text in minutes on 2 cores. A V3 in miniature: query compression, sigmoid
+    # group-limited routing, a shared expert, a dense first layer and one MTP module.
+    "tiny": ModelConfig(
+        vocab_size=4096, hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=256,
+        num_nextn_predict_layers=1),
+    # The compute study's dense baseline (Llama 3 style): the tiny shape with GQA and a SwiGLU MLP in every layer,
+    # sized to tiny's training FLOPs per token without MTP (13.3M vs 13.2M at seq 128; 2.12M active parameters each).
+    "tiny-dense": ModelConfig(
+        vocab_size=4096, hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        attention_type="gqa", num_key_value_heads=2, head_dim=48, first_k_dense_replace=4,
+        max_position_embeddings=256, num_nextn_predict_layers=0),
+    "small": ModelConfig(
+        vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=128, num_hidden_layers=8,
+        num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=1024,
+        num_nextn_predict_layers=1),
+    "v2-lite": ModelConfig(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        n_group=1, topk_group=1, routed_scaling_factor=1.0, scoring_func="softmax", norm_topk_prob=False,
+        first_k_dense_replace=1, max_position_embeddings=163840,
+        rope_scaling=RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                                 mscale=0.707, mscale_all_dim=0.707),
+        bos_token_id=100000, eos_token_id=100001),
+    "v3": ModelConfig(max_position_embeddings=163840, rope_scaling=_V3_YARN, num_nextn_predict_layers=1,
+                      bos_token_id=0, eos_token_id=1),
+}
