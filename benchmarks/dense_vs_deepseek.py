@@ -64,19 +64,16 @@ def iso_loss_flops(finals: list[tuple[float, float]], target: float) -> float | 
     return finals[0][0] if finals and finals[0][1] <= target else None
 
 
-def plot(rows: list[dict], path: Path, ratio_text: str) -> None:
+def plot(rows: list[dict], finals: dict[str, list[tuple[float, float]]], path: Path, ratio_text: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"deepseek": "tab:blue", "dense": "tab:orange"}
     for (arm, budget) in sorted({(r["arm"], r["budget"]) for r in rows}):
         run = [r for r in rows if r["arm"] == arm and r["budget"] == budget]
         ax.plot([r["train_flops"] for r in run], [r["val_loss"] for r in run], color=colors[arm], alpha=0.35,
                 lw=1)
-    for arm in colors:
-        finals = sorted((max(r["train_flops"] for r in rows if r["arm"] == arm and r["budget"] == b),
-                         [r["val_loss"] for r in rows if r["arm"] == arm and r["budget"] == b][-1])
-                        for b in sorted({r["budget"] for r in rows if r["arm"] == arm}))
+    for arm, points in finals.items():
         label = "MLA + DeepSeekMoE (tiny)" if arm == "deepseek" else "dense GQA + SwiGLU (tiny-dense)"
-        ax.plot(*zip(*finals), "o-", color=colors[arm], label=f"{label}, end of each run")
+        ax.plot(*zip(*sorted(points)), "o-", color=colors[arm], label=f"{label}, end of each run")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short log axis
     ax.set_xlabel("training FLOPs")
@@ -111,7 +108,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, docs / "dense_vs_deepseek.png", ratio_text)
+    plot(rows, finals, docs / "dense_vs_deepseek.png", ratio_text)
     summary = {"iso_loss_flop_ratio": ratio, "deepseek_final_loss": deepseek_loss, "deepseek_flops": deepseek_flops,
                "dense_flops_to_match": dense_flops, "final_losses": finals,
                "train": dataclasses.asdict(TrainConfig(max_steps=args.steps, use_mtp=False)),

@@ -24,6 +24,7 @@ from nanoseek.fp8.linear import Fp8Recipe, fp8_linear
 from nanoseek.fp8.quant import E4M3, E4M3_MAX, dequantize_tiles, quantize_blocks, quantize_tiles
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.metrics import saved_tensor_bytes
 from nanoseek.train.optim import build_optimizer, optimizer_state_bytes
 from nanoseek.train.precision import apply_precision
 
@@ -94,19 +95,6 @@ def gradient_errors() -> None:
           f" weight {100 * relative_error(fp8[1], w.grad):.2f} %")
 
 
-def saved_activation_bytes(model: Transformer, ids: torch.Tensor) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(ids, ids)
-    (out.lm_loss + 0.3 * out.mtp_loss).backward()
-    return sum(storages.values())
-
-
 def memory_report(preset: str, batch: int, seq: int) -> None:
     config = ModelConfig.preset(preset)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
@@ -123,7 +111,8 @@ def memory_report(preset: str, batch: int, seq: int) -> None:
         model = Transformer(config)
         apply_precision(model, cfg)
         optimizer = build_optimizer(model, cfg)
-        activations = saved_activation_bytes(model, ids)
+        activations, out = saved_tensor_bytes(lambda: model(ids, ids))
+        (out.lm_loss + 0.3 * out.mtp_loss).backward()
         optimizer.step()
         print(f"| {name} | {optimizer_state_bytes(optimizer) / mib:.1f} MiB | {activations / mib:.1f} MiB |")
 

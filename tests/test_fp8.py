@@ -23,6 +23,7 @@ from nanoseek.fp8.quant import (
 from nanoseek.model.moe import grouped_mm
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.metrics import saved_tensor_bytes
 from nanoseek.train.optim import AdamWLowPrecisionMoments, optimizer_state_bytes
 
 BACKENDS = ["emulate", "scaled_mm"]
@@ -174,19 +175,6 @@ def test_bf16_moments_follow_adamw():
     assert runs["torch"][1] - runs["bf16"][1] == 2 * moments  # 4 → 2 bytes per moment element
 
 
-def _saved_bytes(fn) -> tuple[int, torch.Tensor]:
-    """Bytes autograd keeps for backward while fn runs (each storage once), and fn's result."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
-
-
 def test_recompute_gives_the_same_gradients_and_keeps_less():
     config = tiny_config(num_hidden_layers=2, num_nextn_predict_layers=0, q_lora_rank=16, hidden_size=64)
     torch.manual_seed(0)
@@ -201,7 +189,7 @@ def test_recompute_gives_the_same_gradients_and_keeps_less():
         model.zero_grad()
         model(ids, ids).lm_loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-        kept.append(_saved_bytes(lambda: model.layers[0].attn(x, cos, sin))[0])
+        kept.append(saved_tensor_bytes(lambda: model.layers[0].attn(x, cos, sin))[0])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert kept[1] < 0.5 * kept[0]  # only the compressed inputs (and the output projection's input) stay

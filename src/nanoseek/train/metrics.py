@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +25,20 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
             torch.cuda.synchronize()
         fastest = min(fastest, time.perf_counter() - tic)
     return 2 * n**3 / fastest
+
+
+def saved_tensor_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Runs fn and returns the bytes autograd keeps for backward meanwhile (each storage counted once), and fn's
+    result: the activation memory that recomputation and FP8 copies reduce."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
 
 
 class MetricsLog:
