@@ -110,7 +110,7 @@ def memory_report(preset: str, batch: int, seq: int) -> None:
         torch.manual_seed(0)
         model = Transformer(config)
         apply_precision(model, cfg)
-        optimizer = build_optimizer(model, cfg)
+        optimizer = build_optimizer(model, cfg, torch.device("cpu"))
         activations, out = saved_tensor_bytes(lambda: model(ids, ids))
         (out.lm_loss + 0.3 * out.mtp_loss).backward()
         optimizer.step()

@@ -67,7 +67,7 @@ def step_seconds(config: ModelConfig, cfg: TrainConfig, device: torch.device, ba
     torch.manual_seed(0)
     model = Transformer(config).to(device)
     apply_precision(model, cfg)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, device)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     times = []
     for i in range(steps + 2):
@@ -84,17 +84,9 @@ def step_seconds(config: ModelConfig, cfg: TrainConfig, device: torch.device, ba
     return statistics.median(times)
 
 
-# ~1B parameters (0.3B active): the size the FP8 step-time comparison is asked for on a GPU
-ONE_B = ModelConfig(vocab_size=32768, hidden_size=1536, intermediate_size=4096, moe_intermediate_size=512,
-                    num_hidden_layers=12, num_attention_heads=12, q_lora_rank=512, kv_lora_rank=256,
-                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=32,
-                    n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
-                    max_position_embeddings=4096, num_nextn_predict_layers=1)
-
-
 def compare_step_times(preset: str, batch: int, seq: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = ONE_B if preset == "1b" else ModelConfig.preset(preset)
+    config = ModelConfig.preset(preset)
     stats = model_stats(config, seq_len=seq)
     print(f"{preset}: {stats.total_params / 1e9:.2f}B parameters, {stats.active_params / 1e9:.2f}B active")
     base = TrainConfig(seq_len=seq, batch_size=batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,17 +56,45 @@ def test_bad_override_and_config(tmp_path):
     _assert_one_line_error(_train(tmp_path, "--config", str(tmp_path / "c.yaml")), "cannot parse")
 
 
-def test_existing_run_and_truncated_checkpoint_leave_files_alone(tmp_path):
-    (tmp_path / "corpus.txt").write_text("".join(f"LINE {i} of some play text.\n" for i in range(3000)))
-    tiny = ["--data", str(tmp_path / "corpus.txt"), "--max-steps", "4", "--save-every", "2", "model.hidden_size=32",
+def _tiny_run(tmp: Path, steps: int) -> list[str]:
+    """Trains a tiny run in tmp/run; → its command-line arguments."""
+    (tmp / "corpus.txt").write_text("".join(f"LINE {i} of some play text.\n" for i in range(3000)))
+    tiny = ["--data", str(tmp / "corpus.txt"), "--max-steps", str(steps), "--save-every", "2", "model.hidden_size=32",
             "model.num_hidden_layers=2", "train.vocab_size=300", "model.max_position_embeddings=64",
             "train.seq_len=32", "train.batch_size=2", "train.eval_batches=1"]
-    assert _train(tmp_path, *tiny).returncode == 0
+    assert _train(tmp, *tiny).returncode == 0
+    return tiny
+
+
+def _files(run: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_existing_run_and_truncated_checkpoint_leave_files_alone(tmp_path):
+    tiny = _tiny_run(tmp_path, steps=4)
     run = tmp_path / "run"
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    before = _files(run)
     _assert_one_line_error(_train(tmp_path, *tiny), "already holds a run")
     weights = next((run / "checkpoints" / "step_0000004").glob("*.distcp"))
     weights.write_bytes(before[weights][:100])
     before[weights] = weights.read_bytes()
     _assert_one_line_error(_train(tmp_path, *tiny, "--resume"), "damaged or truncated")
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert _files(run) == before
+
+
+def test_resume_may_change_the_schedule_but_not_the_shape(tmp_path):
+    tiny = _tiny_run(tmp_path, steps=2)
+    (tmp_path / "other.txt").write_text("".join(f"Other {i} text.\n" for i in range(3000)))
+    run = tmp_path / "run"
+    before = _files(run)
+    _assert_one_line_error(_train(tmp_path, *tiny, "--resume", "model.hidden_size=64"), "model.hidden_size is 32")
+    _assert_one_line_error(_train(tmp_path, "--resume", "train.seq_len=16"), "train.seq_len")
+    _assert_one_line_error(_train(tmp_path, "--resume", "--preset", "small"), "model.hidden_size")
+    _assert_one_line_error(_train(tmp_path, "--resume", "--data", str(tmp_path / "other.txt")), "trained on")
+    assert _files(run) == before
+    # the same command with --resume, a longer run and a new evaluation cadence: taken
+    result = _train(tmp_path, *tiny, "--resume", "--max-steps", "4", "--eval-every", "3")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4]  # logged: every 10 steps and at each evaluation
+    assert all("val_loss" in r for r in rows)

@@ -7,6 +7,7 @@ per token of MLA against MHA and GQA. Prints a markdown table (or JSON) and writ
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
 from nanoseek.config import ModelConfig
@@ -22,7 +24,10 @@ from nanoseek.errors import NanoseekError
 from nanoseek.flops import model_stats
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model.transformer import Transformer
+from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import measure_peak_flops
+from nanoseek.train.optim import build_optimizer
+from nanoseek.train.precision import compile_blocks
 
 
 def _median_seconds(steps: int, *runs: Callable[[], Any], warmup: int = 2) -> list[float]:
@@ -58,29 +63,48 @@ def _models(spec: str) -> tuple[Transformer, Any, Path | None]:
     return ours, reference, None
 
 
-def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, steps: int) -> dict[str, float]:
-    """Forward + backward of the next-token loss (no MTP on either side), after checking both compute the same."""
+def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, steps: int,
+                   compile_blocks_too: bool = True) -> dict[str, float]:
+    """A whole training step (forward + backward of the next-token loss, no MTP on either side, and an AdamW step),
+    after checking that all sides compute the same loss. Three sides, timed in alternation:
+      - transformers, with the fused AdamW its Trainer uses by default;
+      - nanoseek as its trainer ran before the GPU-ready loop: eager, full logits then cross-entropy, torch's
+        per-tensor AdamW ("eager");
+      - nanoseek as its trainer runs now with train.compile=true: compiled blocks, the chunked head + cross-entropy,
+        fused AdamW ("compiled")."""
     ids = torch.randint(0, ours.config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    ours.train(), reference.train()
+    compiled = copy.deepcopy(ours)
+    if compile_blocks_too:
+        compile_blocks(compiled)
+    for model in (ours, compiled, reference):
+        model.train()
+    optimizers = {"eager": torch.optim.AdamW(ours.parameters(), lr=1e-9, foreach=False),
+                  "compiled": build_optimizer(compiled, TrainConfig(lr=1e-9), torch.device("cpu")),
+                  "transformers": torch.optim.AdamW(reference.parameters(), lr=1e-9, fused=True)}
 
-    def ours_step() -> torch.Tensor:
-        ours.zero_grad(set_to_none=True)
-        loss = ours(inputs, targets, with_mtp=False).lm_loss
-        loss.backward()
-        return loss
+    def step(name: str) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            if name == "transformers":
+                loss = F.cross_entropy(reference(inputs).logits.flatten(0, 1), targets.flatten())
+            elif name == "eager":  # the loss as the model computed it before: full logits, then cross-entropy
+                loss = F.cross_entropy(ours(inputs).flatten(0, 1).float(), targets.flatten())
+            else:
+                loss = compiled(inputs, targets, with_mtp=False).lm_loss
+            loss.backward()
+            optimizers[name].step()  # lr 1e-9: the weights stay put, so every timed step computes the same thing
+            optimizers[name].zero_grad(set_to_none=True)
+            return loss
+        return run
 
-    def reference_step() -> torch.Tensor:
-        reference.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(reference(inputs).logits.flatten(0, 1), targets.flatten())
-        loss.backward()
-        return loss
-
-    diff = (ours_step() - reference_step()).abs().item()
-    if diff > 1e-4:
-        raise NanoseekError(f"nanoseek and transformers losses differ by {diff}: not the same model")
-    t_ours, t_ref = _median_seconds(steps, ours_step, reference_step)
-    return {"nanoseek_tokens_per_s": batch * seq / t_ours, "transformers_tokens_per_s": batch * seq / t_ref}
+    runs = {name: step(name) for name in ("eager", "compiled", "transformers")}
+    losses = {name: run().item() for name, run in runs.items()}  # also compiles: before any timing
+    if max(losses.values()) - min(losses.values()) > 1e-4:
+        raise NanoseekError(f"the sides' losses differ ({losses}): not the same model")
+    seconds = dict(zip(runs, _median_seconds(steps, *runs.values())))
+    return {"nanoseek_eager_tokens_per_s": batch * seq / seconds["eager"],
+            "nanoseek_tokens_per_s": batch * seq / seconds["compiled"],
+            "transformers_tokens_per_s": batch * seq / seconds["transformers"]}
 
 
 def bench_decoding(ours: Transformer, reference: Any, batch: int, prompt_len: int, new: int) -> dict[str, float]:
@@ -151,7 +175,7 @@ def run_bench(spec: str, batch: int, seq: int, steps: int, new_tokens: int) -> d
     peak = measure_peak_flops(device, torch.float32)
     flops_per_token = model_stats(ours.config, seq_len=seq).flops_per_token
     training = bench_training(ours, reference, batch, seq, steps)
-    for side in ("nanoseek", "transformers"):
+    for side in ("nanoseek_eager", "nanoseek", "transformers"):
         training[f"{side}_mfu"] = training[f"{side}_tokens_per_s"] * flops_per_token / peak
     result: dict[str, Any] = {
         "model": spec, "machine": {"device": "cpu", "threads": torch.get_num_threads(),
@@ -170,10 +194,13 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [f"nanoseek bench: `{result['model']}` on {machine['device']}, {machine['threads']} threads, fp32; "
              f"measured matmul peak {machine['measured_fp32_matmul_flops'] / 1e9:.0f} GFLOP/s", "",
              "| | nanoseek | transformers | nanoseek / transformers |", "|---|---|---|---|",
-             f"| training tok/s (batch {t['batch']} × seq {t['seq']}) | {t['nanoseek_tokens_per_s']:.0f} | "
-             f"{t['transformers_tokens_per_s']:.0f} | "
+             f"| training tok/s (batch {t['batch']} × seq {t['seq']}, step with AdamW) | "
+             f"{t['nanoseek_tokens_per_s']:.0f} | {t['transformers_tokens_per_s']:.0f} | "
              f"{t['nanoseek_tokens_per_s'] / t['transformers_tokens_per_s']:.2f}× |",
-             f"| training MFU | {100 * t['nanoseek_mfu']:.1f} % | {100 * t['transformers_mfu']:.1f} % | |"]
+             f"| training MFU | {100 * t['nanoseek_mfu']:.1f} % | {100 * t['transformers_mfu']:.1f} % | |",
+             f"| training tok/s, nanoseek eager with per-tensor AdamW (the loop before compile + fused AdamW) | "
+             f"{t['nanoseek_eager_tokens_per_s']:.0f} | | "
+             f"{t['nanoseek_eager_tokens_per_s'] / t['transformers_tokens_per_s']:.2f}× |"]
     for name, d in result["decoding"].items():
         lines.append(f"| decode tok/s, {name.replace('_', ' ')} ({d['identical_sequences']}/{d['sequences']} "
                      f"identical) | {d['nanoseek_tokens_per_s']:.1f} | {d['transformers_tokens_per_s']:.1f} | "

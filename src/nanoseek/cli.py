@@ -52,6 +52,13 @@ def cmd_info(args: argparse.Namespace) -> None:
           f"= {100 * stats.kv_cache_ratio:.2f}% (GQA, 8 query heads per KV head: {stats.kv_bytes_per_token_gqa:,} B)")
 
 
+# A preset's fields that a run keeps as they are (a run's vocabulary and special tokens come from its tokenizer)
+PRESET_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                       "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
+                       "topk_group", "first_k_dense_replace", "attention_type")
+
+
 def _overrides(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -63,7 +70,7 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from nanoseek.train.config import TrainConfig, apply_overrides, read_config_file
+    from nanoseek.train.config import TrainConfig, apply_overrides, qualified_keys, read_config_file
     from nanoseek.train.trainer import RunSpec, train
 
     overrides = read_config_file(args.config) if args.config else {}
@@ -75,10 +82,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.no_mtp:
         overrides["train.use_mtp"] = False
     overrides.update(_overrides(args.overrides))
-    model_config, train_config = apply_overrides(ModelConfig.preset(args.preset), TrainConfig(), overrides)
-    out = Path(args.out or f"runs/{args.preset}")
+    preset = args.preset or "tiny"
+    model_config, train_config = apply_overrides(ModelConfig.preset(preset), TrainConfig(), overrides)
+    explicit = qualified_keys(model_config, train_config, overrides)
+    if args.preset:  # on --resume, a preset names the model's shape: it must be the checkpoint's
+        explicit |= {f"model.{name}" for name in PRESET_SHAPE_FIELDS}
+    out = Path(args.out or f"runs/{preset}")
     summary = train(RunSpec(out, model_config, train_config, args.data, args.resume, args.dp, args.ep, args.pp,
-                            args.pp_schedule))
+                            args.pp_schedule, explicit))
     if summary["final"] is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
     final = summary["final"]
@@ -186,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model (default: the tiny preset on Shakespeare)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. model.hidden_size=256 train.lr=1e-3")
-    train.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    train.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default: tiny)")
     train.add_argument("--config", help="YAML or TOML file with 'model' and 'train' sections")
     train.add_argument("--data", help="a .txt/.jsonl file or a directory of them (default: Shakespeare's plays)")
     train.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")

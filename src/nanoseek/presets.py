@@ -28,6 +28,13 @@ PRESETS: dict[str, ModelConfig] = {
         v_head_dim=64, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=1024,
         num_nextn_predict_layers=1),
+    # One GPU: ~1B parameters (0.3B active), the size of the GPU throughput and FP8 step-time checks
+    # (benchmarks/gpu_check.sh).
+    "1b": ModelConfig(
+        vocab_size=32768, hidden_size=1536, intermediate_size=4096, moe_intermediate_size=512, num_hidden_layers=12,
+        num_attention_heads=12, q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        first_k_dense_replace=1, max_position_embeddings=4096, num_nextn_predict_layers=1),
     "v2-lite": ModelConfig(
         vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
         num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,

@@ -208,7 +208,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         raise CheckpointError(f"checkpoint tensor {unexpected[0]!r} has no place in this config "
                               f"({len(unexpected)} unexpected tensors)")
     model.rope.reset_parameters()
-    return cast_model(model, dtype or default_dtype(device))
+    return model.to(dtype or default_dtype(device))  # the routing biases and RoPE table stay fp32 (KeepsFp32Buffers)
 
 
 def _written_not_read(key: str, config: ModelConfig) -> bool:
@@ -223,12 +223,6 @@ def _written_not_read(key: str, config: ModelConfig) -> bool:
     return False
 
 
-def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
-    """Casts parameters; the balancing biases stay fp32 (they accumulate γ-sized steps)."""
-    model.to(dtype)
-    for moe in model.moe_layers():
-        moe.router.expert_bias.data = moe.router.expert_bias.data.float()
-    return model
 
 
 # ---- writing ------------------------------------------------------------------------------------------------------

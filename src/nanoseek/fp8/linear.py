@@ -98,6 +98,8 @@ def _aligned_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) ->
     kernels want 16-byte aligned rows: M, N and K are zero-padded (the last group absorbs K's zero columns, adding
     nothing) and the padding is cut off again."""
     (m, k), n = a.shape, b.shape[1]
+    if k == 0:  # no tokens reached these experts (possible on an expert-parallel rank): zero gradients
+        return a.new_zeros(len(offs), m, n)
     a = F.pad(a, (0, -k % 4, 0, -m % 4))
     b = F.pad(b, (0, -n % 4, 0, -k % 4))
     offs = torch.cat([offs[:-1], offs.new_full((1,), a.shape[1])])

@@ -49,9 +49,10 @@ def _pad_to_tiles(x: torch.Tensor, dims: int) -> torch.Tensor:
 def quantize_tiles(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, K] → (E4M3 [R, K], scale fp32 [R, ceil(K/128)]): one scale per row and 128 consecutive columns."""
     rows, k = x.shape
-    tiles = _pad_to_tiles(x.float(), 1).view(rows, -1, TILE)
+    n_tiles = -(-k // TILE)  # spelled out, not -1: an expert-parallel rank may receive no rows at all
+    tiles = _pad_to_tiles(x.float(), 1).view(rows, n_tiles, TILE)
     scale = _scale_for(tiles.abs().amax(dim=-1, keepdim=True), pow2)
-    return _to_e4m3(tiles, scale).view(rows, -1)[:, :k].contiguous(), scale.squeeze(-1)
+    return _to_e4m3(tiles, scale).view(rows, n_tiles * TILE)[:, :k].contiguous(), scale.squeeze(-1)
 
 
 def quantize_grouped_tiles(x: torch.Tensor, group_ends: torch.Tensor,
@@ -67,7 +68,7 @@ def quantize_grouped_tiles(x: torch.Tensor, group_ends: torch.Tensor,
     in_group = torch.arange(k, device=x.device) - starts[group_of]
     tiles_before = torch.cat([ends.new_zeros(1), (-(-(ends - starts) // TILE)).cumsum(0)[:-1]])
     tile_of = tiles_before[group_of] + in_group // TILE  # [K] global tile index
-    n_tiles = int(tile_of.max()) + 1 if k else 0
+    n_tiles = len(ends) + -(-k // TILE)  # an upper bound (each group adds at most one partial tile): no host read
     amax = x.new_zeros(rows, n_tiles, dtype=torch.float32).scatter_reduce_(
         1, tile_of.expand(rows, k), x.float().abs(), "amax")
     scale = _scale_for(amax, pow2)[:, tile_of]

@@ -18,6 +18,7 @@ from nanoseek.config import ModelConfig
 class LayerCache:
     latent: torch.Tensor  # [B, max_len, kv_lora_rank]
     k_rope: torch.Tensor  # [B, max_len, qk_rope_head_dim]
+    span: int  # positions 0..span-1 are what this forward's queries may attend to (known once per forward)
 
     def write(self, positions: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
         """positions [B, T] ← latent [B, T, C], k_rope [B, T, R]."""
@@ -40,11 +41,11 @@ class LatentCache:
         self.num_hidden_layers = config.num_hidden_layers
         self.max_len = max_len
 
-    def layer(self, index: int) -> LayerCache:
-        return LayerCache(self.latent[index], self.k_rope[index])
+    def layer(self, index: int, span: int) -> LayerCache:
+        return LayerCache(self.latent[index], self.k_rope[index], span)
 
-    def mtp_layer(self, depth: int) -> LayerCache:
-        return self.layer(self.num_hidden_layers + depth)
+    def mtp_layer(self, depth: int, span: int) -> LayerCache:
+        return self.layer(self.num_hidden_layers + depth, span)
 
     def bytes_per_token(self, main_model_only: bool = True) -> int:
         """Cache bytes one token occupies across the (main-model) layers."""

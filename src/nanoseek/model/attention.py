@@ -100,7 +100,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = self.queries(q_input, cos, sin)
         latent, k_rope = self.latents(kv_input, cos, sin)
         cache.write(positions, latent, k_rope)
-        span = int(positions.max()) + 1
+        span = cache.span
         keys, rope_keys = cache.latent[:, :span].unsqueeze(1), cache.k_rope[:, :span].unsqueeze(1)  # [B, 1, S, *]
         w_uk, w_uv = self.kv_up.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim).split(
             [self.nope_dim, self.v_dim], dim=1)

@@ -7,6 +7,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class KeepsFp32Buffers:
+    """Mixin for modules whose buffers named in `fp32_buffers` must stay fp32 through every cast (`model.to(bf16)`,
+    `.half()`, `load_pretrained(dtype=...)`): a cast moves them to the new device but keeps their dtype and values.
+    Casting to bf16 and back would not do: the values are rounded on the way (8 distinct routing biases became 2)."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            device = getattr(self, name).device
+            setattr(self, name, torch.empty_like(old, device=device) if old.is_meta else old.to(device))
+        return self
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -13,15 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.layers import MLP
+from nanoseek.model.layers import MLP, KeepsFp32Buffers
 
 
-class Router(nn.Module):
+class Router(KeepsFp32Buffers, nn.Module):
     """Scores every expert, then picks top-k within the best `topk_group` groups.
 
     The correction bias (aux-loss-free balancing) shifts which experts are *selected* but never the gate values,
-    so it steers load without entering the gradient.
+    so it steers load without entering the gradient. It accumulates γ-sized steps, so it stays fp32 whatever the
+    model is cast to (DeepSeek's checkpoints and transformers keep it fp32 too).
     """
+
+    fp32_buffers = ("expert_bias",)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -32,8 +35,12 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, dim] → gate weights [N, k] (fp32), expert ids [N, k], scores [N, E] (fp32, unbiased)."""
-        logits = F.linear(x.float(), self.weight.float())  # routing is precision-sensitive: fp32
+        """x [N, dim] → gate weights [N, k] (fp32), expert ids [N, k], scores [N, E] (fp32, unbiased).
+
+        Routing is precision-sensitive (bf16 scores tie, and ties pick experts arbitrarily), so it runs in fp32 even
+        inside autocast, which would otherwise turn this linear back into bf16."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.expert_bias
         if self.n_group > 1:
@@ -56,9 +63,16 @@ class Router(nn.Module):
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """x [N, in] (rows sorted by group) @ weight[g].T for each group g → [N, out]; weight is [G, out, in].
 
-    The grouped-GEMM kernels want every row stride 16-byte aligned; odd sizes are zero-padded, which changes no
-    result (the padding multiplies zeros).
+    F.grouped_mm has no autocast rule, so this applies the one nn.Linear gets: both operands in the autocast dtype
+    when autocast is on, else in the weight's dtype (which FSDP's mixed-precision policy has already cast). The
+    grouped-GEMM kernels want every row stride 16-byte aligned; odd sizes are zero-padded, which changes no result
+    (the padding multiplies zeros).
     """
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    x, weight = x.to(dtype), weight.to(dtype)
+    if x.shape[0] == 0:  # an expert-parallel rank may receive no rows; grouped_mm's backward rejects that shape
+        return x @ weight[0].T  # empty, and the weight still gets its (zero) gradient
     align = 16 // x.element_size()
     pad_in, pad_out = -x.shape[1] % align, -weight.shape[1] % align
     if pad_in or pad_out:
@@ -71,6 +85,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) 
 GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@torch.compiler.disable  # runs eager inside compiled blocks: no compiled fp32 grouped GEMM on CPUs
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, group_ends: torch.Tensor,
                gemm: GroupedGemm = grouped_mm) -> torch.Tensor:
     """Every expert's SwiGLU over its rows: x [N, dim] sorted by expert, group_ends [E] int32 cumulative counts."""
@@ -94,12 +109,16 @@ class RoutedExperts(nn.Module):
 
 
 def sort_by_expert(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened (token, slot) pairs ordered by expert (stable), and tokens per expert [E] (int64)."""
+    """Flattened (token, slot) pairs ordered by expert (stable), and tokens per expert [E] (int64). The counts are
+    a scatter-add, not bincount, which on CUDA reads its input's maximum back to the host (a sync per layer)."""
     flat = expert_ids.flatten()
-    return flat.argsort(stable=True), torch.bincount(flat, minlength=n_experts)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return flat.argsort(stable=True), counts
 
 
-class MoE(nn.Module):
+class MoE(KeepsFp32Buffers, nn.Module):
+    fp32_buffers = ("expert_load",)  # token counts: bf16 would stop counting at 256
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
+from nanoseek.model.layers import KeepsFp32Buffers
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -41,7 +42,9 @@ def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, cos_sin_scale
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(KeepsFp32Buffers, nn.Module):
+    fp32_buffers = ("inv_freq",)  # bf16 frequencies would misplace every position past a few hundred
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

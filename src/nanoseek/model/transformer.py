@@ -4,17 +4,19 @@ multi-token-prediction modules that train on (and can draft) the tokens after ne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.infer.cache import LatentCache, LayerCache
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.gqa import GroupedQueryAttention
+from nanoseek.model.init import seeded_normal_
 from nanoseek.model.layers import MLP, RMSNorm
-from nanoseek.model.moe import MoE, RoutedExperts, Router
+from nanoseek.model.loss import linear_cross_entropy
+from nanoseek.model.moe import MoE, Router
 from nanoseek.model.rope import RotaryEmbedding
 
 
@@ -62,9 +64,15 @@ class MTPModule(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, vocab]
     lm_loss: torch.Tensor  # next-token cross-entropy
     mtp_loss: torch.Tensor | None  # mean over MTP depths of their cross-entropy (the trainer weighs it by λ)
+    head_input: torch.Tensor  # [B, T, dim], the final norm's output
+    head: nn.Module
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        """[B, T, vocab], computed only when read: the losses never materialize them (model/loss.py)."""
+        return self.head(self.head_input)
 
 
 class Transformer(nn.Module):
@@ -83,20 +91,24 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """V3 initialization: every weight matrix N(0, 0.006); norms 1; balancing biases 0."""
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """V3 initialization: every weight matrix N(0, 0.006) (the only parameters of two or more dims), norms 1
+        (the only 1-D ones); balancing biases 0. Without a seed, drawn from torch's global generator in module
+        order; with one, each parameter from (seed, its name) alone, which also holds for a sharded model
+        (nanoseek.model.init): build on meta, parallelize, materialize, then call this."""
         std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RoutedExperts):
-                nn.init.normal_(module.gate_up, std=std)
-                nn.init.normal_(module.down, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        for name, param in self.named_parameters():
+            if param.dim() < 2:
+                param.fill_(1.0)
+            elif seed is None:
+                nn.init.normal_(param, std=std)
+            else:
+                seeded_normal_(param, std, seed, name)
         for module in self.modules():
             if isinstance(module, Router):
                 module.expert_bias.zero_()
+            elif isinstance(module, MoE):
+                module.expert_load.zero_()
         self.rope.reset_parameters()
 
     def moe_layers(self) -> list[MoE]:
@@ -111,21 +123,22 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        logits = self.head(self.norm(x))
+        head_input = self.norm(x)
         if targets is None:
-            return logits
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            return self.head(head_input)
+        lm_loss = linear_cross_entropy(head_input.flatten(0, 1), self.head.weight, targets.flatten())
         mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin) if len(self.mtp) and with_mtp else None
-        return ModelOutput(logits, lm_loss, mtp_loss)
+        return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor,
                        cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference: input_ids [B, T] at positions [B, T] (per sequence, so prompts of different lengths batch
         together) → logits [B, T, vocab] and the final hidden states [B, T, dim] (before the norm: MTP's input)."""
+        span = int(positions.max()) + 1  # read once per forward, not in every layer (each read syncs a GPU)
         cos, sin = self.rope(positions)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layer(i), positions)
+            x = layer(x, cos, sin, cache.layer(i, span), positions)
         return self.head(self.norm(x)), x
 
     def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
@@ -133,7 +146,8 @@ class Transformer(nn.Module):
         """MTP module `depth` at positions i: from h_i and token t_{i+1}, logits for t_{i+2} (the draft)."""
         module = self.mtp[depth]
         cos, sin = self.rope(positions)
-        hidden = module(hidden, self.embed(next_ids), cos, sin, cache.mtp_layer(depth), positions)
+        hidden = module(hidden, self.embed(next_ids), cos, sin, cache.mtp_layer(depth, int(positions.max()) + 1),
+                        positions)
         return self.head(module.norm(hidden)), hidden
 
     def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor,
@@ -146,6 +160,6 @@ class Transformer(nn.Module):
             if n <= 0:
                 break
             hidden = module(hidden[:, :n], self.embed(input_ids[:, k:]), cos[:n], sin[:n])
-            logits = self.head(module.norm(hidden))
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100))
+            losses.append(linear_cross_entropy(module.norm(hidden).flatten(0, 1), self.head.weight,
+                                               targets[:, k:].flatten()))
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())

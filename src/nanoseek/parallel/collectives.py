@@ -22,13 +22,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def mean_over_ranks(values: list[float], par: Parallelism) -> list[float]:
-    """Mean over the data-parallel ranks (pipeline ranks report whole-batch values already)."""
+def mean_over_ranks(values: torch.Tensor, par: Parallelism) -> torch.Tensor:
+    """Mean over the data-parallel ranks of a tensor on par.device (pipeline ranks report whole-batch values
+    already)."""
     if par.dp == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=par.device)
-    dist.all_reduce(t, group=par.dp_group)
-    return (t / par.dp).tolist()
+    values = values.clone()
+    dist.all_reduce(values, group=par.dp_group)
+    return values / par.dp
 
 
 def sum_over_ranks(tensors: list[torch.Tensor], par: Parallelism) -> list[torch.Tensor]:
@@ -40,31 +41,19 @@ def sum_over_ranks(tensors: list[torch.Tensor], par: Parallelism) -> list[torch.
     return list(stacked.unbind(0))
 
 
-def average_expert_grads(expert_params: list[torch.nn.Parameter], par: Parallelism) -> None:
-    """An expert's gradient already sums the contributions of every token routed to it from its EP group, each
-    rank's loss being a mean over its own tokens; the global loss is the mean over ranks, hence / dp (after
-    summing over EP replicas when dp > ep). FSDP does the same for every other parameter."""
-    for p in expert_params:
-        if p.grad is None:
-            continue
-        grad = _local(p.grad)
-        if par.replicate_group is not None:
-            dist.all_reduce(grad, group=par.replicate_group)
-        grad.div_(par.dp)
-
-
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, par: Parallelism) -> float:
-    """Global gradient-norm clipping over sharded (FSDP, EP) and plain parameters; → the norm before clipping.
-    Each shard is held by exactly one rank of its group, so squared norms add up across ranks."""
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, par: Parallelism) -> torch.Tensor:
+    """Global gradient-norm clipping over sharded (FSDP, EP) and plain parameters; → the norm before clipping, on
+    the device (reading it would stall a GPU). Every gradient element lives on exactly one rank (FSDP shards the
+    expert-parallel experts over their replicas too; pipeline stages own disjoint parameters), so squared norms
+    add up over the world."""
     grads = [_local(p.grad) for p in params if p.grad is not None]
     squared = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
     if par.distributed:
         dist.all_reduce(squared)
     norm = squared.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.to(g.dtype))
-    return norm.item()
+    torch._foreach_mul_(grads, scale)
+    return norm
 
 
 def save_final_model(model: Transformer, out: Path, par: Parallelism) -> None:

@@ -34,6 +34,7 @@ class ExpertParallelExperts(nn.Module):
         self.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.data, mesh, [Shard(0)]))
         self.down = nn.Parameter(distribute_tensor(experts.down.data, mesh, [Shard(0)]))
 
+    @torch.compiler.disable  # eager inside compiled blocks: the all-to-all needs its split sizes on the host
     def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         """x [N, dim] sorted by global expert id; group_ends [E] cumulative counts → [N, dim], same order."""
         counts = torch.diff(group_ends.long(), prepend=group_ends.new_zeros(1).long())  # tokens per global expert
@@ -60,10 +61,7 @@ class ExpertParallelExperts(nn.Module):
                                          group=self.group)
 
 
-def apply_expert_parallel(model: Transformer, mesh: DeviceMesh) -> list[nn.Parameter]:
-    """Swaps every MoE layer's experts for their expert-parallel shard; returns the sharded parameters."""
-    sharded = []
+def apply_expert_parallel(model: Transformer, mesh: DeviceMesh) -> None:
+    """Swaps every MoE layer's experts for their expert-parallel shard (meta tensors stay meta)."""
     for moe in model.moe_layers():
         moe.experts = ExpertParallelExperts(moe.experts, mesh)
-        sharded += [moe.experts.gate_up, moe.experts.down]
-    return sharded

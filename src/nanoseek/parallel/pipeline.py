@@ -14,7 +14,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
@@ -26,7 +25,7 @@ from torch.distributed.pipelining.schedules import (
 
 from nanoseek.errors import ConfigError
 from nanoseek.model.transformer import Transformer
-from nanoseek.parallel.setup import Parallelism, mixed_precision
+from nanoseek.parallel.setup import Parallelism, shard_blocks, shard_experts
 
 # name → (schedule class, stages per rank, V-shaped placement: rank r holds stages r and 2·pp-1-r)
 SCHEDULES = {"gpipe": (ScheduleGPipe, 1, False), "1f1b": (Schedule1F1B, 1, False),
@@ -92,7 +91,7 @@ def stage_indices(rank: int, pp: int, schedule: str) -> list[int]:
 
 def build_pipeline(model: Transformer, rank: int, pp: int, schedule: str, n_microbatches: int,
                    loss_fn: Callable, device: torch.device, group=None,
-                   shard: Callable[[nn.Module], None] | None = None) -> tuple[object, list[int]]:
+                   shard: Callable[[list[nn.Module]], None] | None = None) -> tuple[object, list[int]]:
     """Prunes `model` in place to this rank's stages; → (schedule, this rank's stage indices)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -116,13 +115,10 @@ def build_pipeline(model: Transformer, rank: int, pp: int, schedule: str, n_micr
         model.norm, model.head, model.mtp = None, None, nn.ModuleList()
     for moe in model.moe_layers():
         moe.inject_aux_loss = True  # the schedule owns the loss: balance losses ride on the activations' grads
-    model.to(device)
+    model.to_empty(device=device)  # built on meta: the caller initializes or loads the weights afterwards
     modules = [StageModule(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == n_stages - 1) for s in mine]
-    if shard is not None:  # FSDP over the data-parallel ranks: each block, then each stage as a root
-        for module in modules:
-            for block in [*module.blocks, *(m.block for m in module.mtp or [])]:
-                shard(block)
-            shard(module)
+    if shard is not None:  # expert parallelism and FSDP over the data-parallel ranks of the stage
+        shard(modules)
     stages = [PipelineStage(module, s, n_stages, device, group=group) for module, s in zip(modules, mine)]
     for stage in stages:
         _keep_loads_through_shape_inference(stage, model)
@@ -134,17 +130,18 @@ def build_pipeline(model: Transformer, rank: int, pp: int, schedule: str, n_micr
     return runner, mine
 
 
-def pipeline_loss(mtp_weight: float, record: list[tuple[float, float | None]]) -> Callable:
-    """The last stage's loss: LM cross-entropy + λ · mean MTP cross-entropy; records both per microbatch."""
+def pipeline_loss(mtp_weight: float, record: list[torch.Tensor]) -> Callable:
+    """The last stage's loss: LM cross-entropy + λ · mean MTP cross-entropy; records both per micro-batch as a
+    detached [2] tensor on the device (no host sync)."""
     def loss_fn(outputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
         logits, *mtp = outputs
         lm = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
         if not mtp:
-            record.append((lm.item(), None))
+            record.append(torch.stack([lm.detach(), torch.zeros_like(lm)]))
             return lm
         mtp_loss = torch.stack([F.cross_entropy(m.flatten(0, 1).float(), target[:, k:].flatten(), ignore_index=-100)
                                 for k, m in enumerate(mtp, start=1)]).mean()
-        record.append((lm.item(), mtp_loss.item()))
+        record.append(torch.stack([lm, mtp_loss]).detach())
         return lm + mtp_weight * mtp_loss
     return loss_fn
 
@@ -154,12 +151,14 @@ class PipelineRunner:
     records on the last stage's rank are summed over all ranks so that every rank (rank 0 logs) knows them."""
 
     def __init__(self, model: Transformer, par: Parallelism, batch_size: int, mtp_weight: float):
-        self.record: list[tuple[float, float | None]] = []
+        self.record: list[torch.Tensor] = []
         self.device, self.n_microbatches, self.dp = par.device, batch_size, par.dp  # a sequence per micro-batch
         shard = None
         if par.dp > 1:
-            def shard(module: nn.Module) -> None:
-                fully_shard(module, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
+            def shard(modules: list[StageModule]) -> None:
+                shard_experts(model, par)  # this rank's pruned model: only its stages' MoE layers
+                for module in modules:  # each block, then each stage as a root
+                    shard_blocks([*module.blocks, *(m.block for m in module.mtp or [])], module, par)
         pp, schedule = par.pp, par.pp_schedule
         self.schedule, stages = build_pipeline(model, par.pp_rank, pp, schedule, batch_size,
                                                pipeline_loss(mtp_weight, self.record), par.device, par.pp_group,
@@ -167,21 +166,20 @@ class PipelineRunner:
         self.first, self.last = 0 in stages, SCHEDULES[schedule][1] * pp - 1 in stages
         self.model, self.v_shaped = model, SCHEDULES[schedule][2]
 
-    def _run(self, method: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    def _run(self, method: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """→ [LM loss, MTP loss] of the whole global batch, on the device, on every rank."""
         self.record.clear()
         method(*([x.to(self.device)] if self.first else []), target=y.to(self.device) if self.last else None,
                losses=[])
         real = self.record[-self.n_microbatches:]  # earlier entries: a shape-inference pass
-        lm = sum(r[0] for r in real) / max(1, len(real))
-        mtp = sum(r[1] or 0.0 for r in real) / max(1, len(real))
-        totals = torch.tensor([lm, mtp], dtype=torch.float64)
+        totals = (torch.stack(real).mean(dim=0) if real else torch.zeros(2, device=self.device)).float()
         torch.distributed.all_reduce(totals)  # only the last stage's ranks contribute, one per data-parallel rank
-        return totals[0].item() / self.dp, totals[1].item() / self.dp
+        return totals / self.dp
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._run(self.schedule.step, x, y)
 
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.v_shaped:
             with torch.no_grad():
                 return self._run(self.schedule.eval, x, y)[0]

@@ -50,6 +50,7 @@ class TrainConfig:
     fp8_backend: Literal["auto", "emulate", "scaled_mm"] = "auto"
     optimizer_moments: Literal["fp32", "bf16"] = "fp32"  # AdamW's m and v; master weights stay fp32
     recompute: bool = False  # keep only MLA's compressed inputs; replay norms, up-projections and core in backward
+    compile: bool = False  # torch.compile each block (what cannot compile, e.g. the experts' grouped GEMM, stays eager)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
@@ -84,6 +85,33 @@ class TrainConfig:
         return torch.float32
 
 
+# What may change when a run resumes: its length, learning-rate schedule and cadences, and how it computes without
+# changing what (compilation, recomputation). Everything else shapes the model, the data position or the optimizer
+# state that the checkpoint holds.
+RESUMABLE = frozenset({"max_steps", "lr", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio", "eval_every",
+                       "eval_batches", "save_every", "keep_checkpoints", "log_every", "compile", "recompute"})
+
+
+def resume_train_config(saved_model: ModelConfig, saved_train: TrainConfig, model: ModelConfig, train: TrainConfig,
+                   explicit: frozenset[str]) -> TrainConfig:
+    """The configs a resumed run continues with: the checkpoint's, plus the explicitly given settings (`explicit`:
+    keys as `model.X` / `train.X`) that RESUMABLE allows to change. Any other explicit setting that differs from
+    the checkpoint is refused, naming the field."""
+    changes = {}
+    for key in sorted(explicit):
+        section, _, name = key.rpartition(".")
+        asked, saved = (getattr(train, name), getattr(saved_train, name)) if section == "train" else \
+            (getattr(model, name), getattr(saved_model, name))
+        if asked == saved:
+            continue
+        if section != "train" or name not in RESUMABLE:
+            raise ConfigError(f"--resume: {key} is {saved!r} in the checkpoint and cannot change to {asked!r} (it "
+                              f"shapes the model, the data or the optimizer state); only these may change: "
+                              f"{', '.join(sorted(RESUMABLE))}")
+        changes[name] = asked
+    return dataclasses.replace(saved_train, **changes)
+
+
 def _coerce(value: str, current: Any) -> Any:
     """A command-line string as the type of the field it overrides."""
     if isinstance(current, bool):
@@ -104,6 +132,13 @@ def _coerce(value: str, current: Any) -> Any:
             except ValueError:
                 pass
     return value
+
+
+def qualified_keys(model: ModelConfig, train: TrainConfig, overrides: dict[str, Any]) -> frozenset[str]:
+    """The overrides' keys as `model.FIELD` / `train.FIELD` (a bare name means the train field if one exists)."""
+    train_fields = {f.name for f in dataclasses.fields(train)}
+    return frozenset(key if "." in key else f"{'train' if key in train_fields else 'model'}.{key}"
+                     for key in overrides)
 
 
 def apply_overrides(model: ModelConfig, train: TrainConfig,

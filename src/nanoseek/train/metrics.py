@@ -21,8 +21,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
     while time.perf_counter() - start < seconds:
         tic = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         fastest = min(fastest, time.perf_counter() - tic)
     return 2 * n**3 / fastest
 
@@ -39,6 +38,26 @@ def saved_tensor_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(storages.values()), out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Stopwatch:
+    """Adds up the time spent inside `with stopwatch:` (evaluation, checkpoints), which tokens/s leaves out; the
+    device is synchronized first, so that queued training work is not counted as paused."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, 0.0
+
+    def __enter__(self) -> None:
+        synchronize(self.device)
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self.start
 
 
 class MetricsLog:

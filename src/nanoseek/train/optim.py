@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from nanoseek.train.config import TrainConfig
 
@@ -50,14 +51,16 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on matrices only (not on norms or biases)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Weight decay on matrices only (not on norms or biases). torch's AdamW runs fused (one kernel for every
+    parameter, no per-tensor launches) where the device has the fused kernel."""
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.optimizer_moments == "bf16":
         return AdamWLowPrecisionMoments(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                          weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fused = device.type in _get_fused_kernels_supported_devices()
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -1,4 +1,5 @@
-"""How a run computes: autocast dtype, FP8 GEMMs and recomputation, applied to a freshly built model."""
+"""How a run computes: autocast dtype, FP8 GEMMs, recomputation and compilation, applied to a freshly built
+model."""
 
 from __future__ import annotations
 
@@ -17,9 +18,22 @@ def autocast(device: torch.device, cfg: TrainConfig) -> torch.autocast:
 
 
 def apply_precision(model: Transformer, cfg: TrainConfig) -> None:
-    """Before parallelizing: FP8 GEMMs where V3 uses them, and MLA's recomputation."""
+    """Before parallelizing: FP8 GEMMs where V3 uses them, MLA's recomputation, and compiled blocks."""
     if cfg.precision == "fp8":
         convert_to_fp8(model, Fp8Recipe(pow2_scales=cfg.fp8_pow2_scales, backend=cfg.fp8_backend))
     for module in model.modules():
         if isinstance(module, MultiHeadLatentAttention):
             module.recompute = cfg.recompute
+    if cfg.compile:
+        compile_blocks(model)
+
+
+def compile_blocks(model: Transformer) -> None:
+    """torch.compile each block's forward (the MTP modules' too). The module stays the same object, so parameter
+    names, state dicts and checkpoints do not change, and FSDP's hooks, which wrap forward, stay eager. The routed
+    experts' grouped GEMM and the expert-parallel all-to-all run eager inside the compiled graphs
+    (torch.compiler.disable: there is no compiled fp32 grouped GEMM on CPUs, and the all-to-all needs its split
+    sizes on the host). Shapes are static: the MTP block sees one position fewer than the main blocks, and the
+    dynamic-shape recompilation that would trigger fails in torch 2.13's inductor on CPU."""
+    for block in [*model.layers, *(m.block for m in model.mtp)]:
+        block.forward = torch.compile(block.forward, dynamic=False)

@@ -21,20 +21,15 @@ from nanoseek.data.dataset import TokenDataset
 from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer, train_tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.flops import model_stats
+from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import Transformer
-from nanoseek.parallel.collectives import (
-    average_expert_grads,
-    clip_grad_norm,
-    mean_over_ranks,
-    save_final_model,
-    sum_over_ranks,
-)
+from nanoseek.parallel.collectives import clip_grad_norm, mean_over_ranks, save_final_model, sum_over_ranks
 from nanoseek.parallel.pipeline import PipelineRunner
 from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
 from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
-from nanoseek.train.config import TrainConfig
-from nanoseek.train.metrics import MetricsLog, measure_peak_flops, plot_losses
+from nanoseek.train.config import TrainConfig, resume_train_config
+from nanoseek.train.metrics import MetricsLog, Stopwatch, measure_peak_flops, plot_losses, synchronize
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.precision import apply_precision, autocast
 
@@ -50,6 +45,7 @@ class RunSpec:
     ep: int = 1  # expert-parallel ranks within them
     pp: int = 1  # pipeline ranks
     pp_schedule: str = "1f1b"
+    explicit: frozenset[str] = frozenset()  # settings the user gave (model.X / train.X): on resume, checked or applied
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -70,8 +66,14 @@ def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
         if not checkpoints:
             raise NanoseekError(f"nothing to resume: no checkpoint under {spec.out / 'checkpoints'}")
         meta = read_meta(checkpoints[-1])
-        spec = dataclasses.replace(spec, model=ModelConfig.from_hf_dict(meta["model"]),
-                                   train=TrainConfig(**meta["train"]), data=meta["data"])
+        trained_on = meta["data"] and Path(meta["data"]).resolve()
+        if spec.data is not None and Path(spec.data).resolve() != trained_on:
+            raise NanoseekError(f"--resume: the run trained on {meta['data'] or 'the default corpus'}, not "
+                                f"{spec.data}; drop --data or start a new run")
+        saved_model = ModelConfig.from_hf_dict(meta["model"])
+        train_config = resume_train_config(saved_model, TrainConfig(**meta["train"]), spec.model, spec.train,
+                                           spec.explicit)
+        spec = dataclasses.replace(spec, model=saved_model, train=train_config, data=meta["data"])
         tokenizer = load_tokenizer(spec.out / "tokenizer.json")
     else:
         if checkpoints or (spec.out / "model.safetensors").exists():
@@ -106,14 +108,14 @@ def _configure_balance(model: Transformer, cfg: TrainConfig) -> None:
 def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, par: Parallelism,
              pipeline: PipelineRunner | None) -> float:
     model.eval()
-    losses = []
+    total = torch.zeros((), device=par.device)
     for i in range(cfg.eval_batches):
         x, y = _local_rows(dataset.batch("val", cfg.batch_size, cfg.seq_len, cfg.seed, step=i), par)
         with autocast(par.device, cfg):
-            losses.append(pipeline.eval_loss(x, y) if pipeline else
-                          model(x.to(par.device), y.to(par.device), with_mtp=False).lm_loss.item())
+            total += (pipeline.eval_loss(x, y) if pipeline else
+                      model(x.to(par.device), y.to(par.device), with_mtp=False).lm_loss.float())
     model.train()
-    return mean_over_ranks([sum(losses) / len(losses)], par)[0]
+    return mean_over_ranks(total / cfg.eval_batches, par).item()
 
 
 def _local_rows(batch: tuple[torch.Tensor, torch.Tensor], par: Parallelism) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,14 +165,13 @@ def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, Any]:
-    spec, tokenizer, dataset, resume_from = _prepare_everywhere(spec, par)
-    cfg, out, device = spec.train, spec.out, par.device
-    if cfg.batch_size % par.dp:
-        raise NanoseekError(f"batch_size {cfg.batch_size} does not split over {par.dp} data-parallel ranks")
-    par = dataclasses.replace(par, compute_dtype=cfg.compute_dtype(device))
-    torch.manual_seed(cfg.seed)
-    model = Transformer(spec.model).to(device)
+def build_model(spec: RunSpec, par: Parallelism) -> tuple[Transformer, PipelineRunner | None]:
+    """torchtitan's order: build on the meta device, apply precision, parallelize, then materialize and initialize
+    (sharding-independent seeded values, so every layout starts from the one-process weights). A model too large
+    for one device is never whole on any."""
+    cfg = spec.train
+    with torch.device("meta"):
+        model = Transformer(spec.model)
     _configure_balance(model, cfg)
     apply_precision(model, cfg)
     pipeline = None
@@ -179,8 +180,21 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
             raise NanoseekError("with --pp the pipeline's micro-batches replace gradient accumulation: set "
                                 "train.grad_accum=1")
         pipeline = PipelineRunner(model, par, cfg.batch_size // par.dp, cfg.mtp_weight)
-    expert_params = parallelize(model, par)
-    optimizer = build_optimizer(model, cfg)
+    parallelize(model, par)
+    model.to_empty(device=par.device)
+    model.reset_parameters(seed=cfg.seed)
+    return model, pipeline
+
+
+def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, Any]:
+    spec, tokenizer, dataset, resume_from = _prepare_everywhere(spec, par)
+    cfg, out, device = spec.train, spec.out, par.device
+    if cfg.batch_size % par.dp:
+        raise NanoseekError(f"batch_size {cfg.batch_size} does not split over {par.dp} data-parallel ranks")
+    par = dataclasses.replace(par, compute_dtype=cfg.compute_dtype(device))
+    torch.manual_seed(cfg.seed)
+    model, pipeline = build_model(spec, par)
+    optimizer = build_optimizer(model, cfg, device)
     start = load_checkpoint(resume_from, model, optimizer)["step"] if resume_from else 0
     metrics = MetricsLog(out / "metrics.jsonl", start if resume_from else None) if par.is_main else None
     meta = {"model": spec.model.to_hf_dict(), "train": dataclasses.asdict(cfg), "data": spec.data}
@@ -188,74 +202,77 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
     tracker = ImbalanceTracker(len(moe_layers))
     stats = model_stats(spec.model, seq_len=cfg.seq_len)
     flops_per_token = stats.flops_per_token + stats.mtp_flops_per_token
-    peak = measure_peak_flops(device, par.compute_dtype) * par.dp
+    peak = measure_peak_flops(device, par.compute_dtype) * par.world
+    accumulate_sync = par.dp > 1 and pipeline is None  # FSDP: reduce gradients on the last micro-batch only
     val_loss = None
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
                disable=not show_progress, dynamic_ncols=True)
+    # Nothing in a step reads a device value back to the host: losses, norms and expert loads stay on the device
+    # and are read once per logged step (the tokens/s of a log row covers the steps since the previous one).
+    interval_start, interval_steps, paused = time.perf_counter(), 0, Stopwatch(device)
     for step in bar:
-        tic = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         for m in moe_layers:
             m.expert_load.zero_()
-        sums = [0.0, 0.0, 0.0]  # LM, MTP, balance losses
+        sums = torch.zeros(3, device=device)  # LM, MTP and balance losses, summed over micro-batches
         if pipeline:
             sums[:2] = pipeline.train_step(*_local_rows(dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed,
                                                                       step), par))
         for micro in range(cfg.grad_accum if pipeline is None else 0):
+            if accumulate_sync:
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             x, y = _local_rows(dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step, micro), par)
             with autocast(device, cfg):
                 result = model(x.to(device), y.to(device))
             loss = result.lm_loss
-            sums[0] += result.lm_loss.item()
+            sums[0] += result.lm_loss.detach()
             if result.mtp_loss is not None:
                 loss = loss + cfg.mtp_weight * result.mtp_loss
-                sums[1] += result.mtp_loss.item()
+                sums[1] += result.mtp_loss.detach()
             aux = [m.aux_loss for m in moe_layers if m.seq_aux_alpha > 0 and m.aux_loss is not None]
             if aux:
                 aux_total = torch.stack(aux).sum()
                 loss = loss + aux_total
-                sums[2] += aux_total.item()
+                sums[2] += aux_total.detach()
             (loss / cfg.grad_accum).backward()
-        loads = [m.expert_load.clone() for m in moe_layers]
-        average_expert_grads(expert_params, par)
+        loads = sum_over_ranks([m.expert_load.clone() for m in moe_layers], par)
         grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip, par)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loads = sum_over_ranks(loads, par)
         if cfg.balance == "aux-free":
             update_expert_bias(moe_layers, loads, cfg.bias_update_speed)
         if loads:
             tracker.add(loads)
-        lm, mtp, aux_loss = (v / cfg.grad_accum for v in mean_over_ranks(sums, par))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - tic
-        done = step + 1
-        row: dict[str, Any] = {"step": done, "loss": lm, "lr": optimizer.param_groups[0]["lr"],
-                               "grad_norm": grad_norm, "tokens_per_s": cfg.tokens_per_step / seconds,
-                               "mfu": cfg.tokens_per_step * flops_per_token / seconds / peak}
-        if spec.model.num_nextn_predict_layers:
-            row["mtp_loss"] = mtp
-        if aux_loss:
-            row["aux_loss"] = aux_loss
-        if expert_params:  # all-to-all traffic of this rank: forward dispatch + combine, and the same in backward
-            row["a2a_bytes"] = 2 * sum(m.experts.sent_bytes for m in moe_layers)
-            for m in moe_layers:
-                m.experts.sent_bytes = 0
-        if loads:
-            row["imbalance"] = tracker.last()
-            row["imbalance_window"] = tracker.window()
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            val_loss = evaluate(model, dataset, cfg, par, pipeline)
-            row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
-        if metrics and (done % cfg.log_every == 0 or "val_loss" in row or done == cfg.max_steps):
-            metrics.log(row)
-        bar.set_postfix_str(f"loss {row['loss']:.3f} val {val_loss if val_loss is not None else float('nan'):.3f} "
-                            f"tok/s {row['tokens_per_s']:.0f} mfu {100 * row['mfu']:.1f}% "
-                            f"imb {row.get('imbalance_window', float('nan')):.2f}")
+        done, interval_steps = step + 1, interval_steps + 1
+        evaluating = done % cfg.eval_every == 0 or done == cfg.max_steps
+        if evaluating:
+            with paused:
+                val_loss = evaluate(model, dataset, cfg, par, pipeline)
+        if done % cfg.log_every == 0 or evaluating:
+            row = _log_row(done, mean_over_ranks(sums, par), grad_norm, optimizer, cfg, spec)
+            synchronize(device)
+            seconds = (time.perf_counter() - interval_start - paused.seconds) / interval_steps
+            row.update(tokens_per_s=cfg.tokens_per_step / seconds,
+                       mfu=cfg.tokens_per_step * flops_per_token / seconds / peak)
+            if moe_layers and not isinstance(moe_layers[0].experts, RoutedExperts):
+                # all-to-all traffic of this rank since the last row: forward dispatch + combine, same in backward
+                row["a2a_bytes"] = 2 * sum(m.experts.sent_bytes for m in moe_layers) // interval_steps
+                for m in moe_layers:
+                    m.experts.sent_bytes = 0
+            if loads:
+                row.update(imbalance=tracker.last(), imbalance_window=tracker.window())
+            if evaluating:
+                row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+            if metrics:
+                metrics.log(row)
+            bar.set_postfix_str(f"loss {row['loss']:.3f} val {val_loss if val_loss is not None else float('nan'):.3f}"
+                                f" tok/s {row['tokens_per_s']:.0f} mfu {100 * row['mfu']:.1f}% "
+                                f"imb {row.get('imbalance_window', float('nan')):.2f}")
+            interval_start, interval_steps, paused.seconds = time.perf_counter(), 0, 0.0
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints)
+            with paused:
+                save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints)
     bar.close()
     save_final_model(model, out, par)
     rows = metrics.rows() if metrics else []
@@ -264,3 +281,16 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
     return {"run_dir": str(out), "steps": cfg.max_steps, "val_loss": val_loss,
             "unigram_entropy": dataset.unigram_entropy(),
             "imbalance_last_100": tracker.window() if moe_layers else None, "final": rows[-1] if rows else None}
+
+
+def _log_row(done: int, mean_sums: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
+             cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
+    """The metrics of a logged step: the one host read of its losses and gradient norm."""
+    lm, mtp, aux = (mean_sums / cfg.grad_accum).tolist()
+    row: dict[str, Any] = {"step": done, "loss": lm, "lr": optimizer.param_groups[0]["lr"],
+                           "grad_norm": grad_norm.item()}
+    if spec.model.num_nextn_predict_layers:
+        row["mtp_loss"] = mtp
+    if aux:
+        row["aux_loss"] = aux
+    return row
