@@ -106,6 +106,17 @@ def test_every_layout_equals_one_process(space, one_process, layout, precision):
     assert got[4]["val_loss"] == pytest.approx(want[4]["val_loss"], rel=TOLERANCES[precision]["loss"])
 
 
+def test_gradient_accumulation_under_fsdp_equals_one_process(space):
+    """Two micro-batches per step: FSDP skips the gradient reduction on the first (no sync until the last)."""
+    accumulate = ("train.grad_accum=2", "train.precision=fp32", *PARITY_STEPS)
+    _run(space, "accum-one", *accumulate)
+    _run(space, "accum-dp2-ep2", "--ep", "2", *accumulate, processes=2)
+    got, want = _metrics(space, "accum-dp2-ep2"), _metrics(space, "accum-one")
+    for step in want:
+        for key, tolerance in TOLERANCES["fp32"].items():
+            assert got[step][key] == pytest.approx(want[step][key], rel=tolerance), (step, key)
+
+
 def test_compiled_blocks_train_like_eager(space, one_process):
     """train.compile=true (torch.compile per block; the experts' grouped GEMM stays eager) under FSDP + EP."""
     _run(space, "compiled", "--ep", "2", "train.compile=true", "train.precision=fp32", *PARITY_STEPS, processes=2)
