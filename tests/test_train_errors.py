@@ -98,3 +98,20 @@ def test_resume_may_change_the_schedule_but_not_the_shape(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3, 4]  # logged: every 10 steps and at each evaluation
     assert all("val_loss" in r for r in rows)
+
+
+def test_resume_ignores_what_the_run_derived_itself():
+    """The vocabulary size and special tokens come from the run's tokenizer, the MTP depth from --no-mtp: the same
+    command line with --resume is taken even where its config said otherwise."""
+    from nanoseek import ModelConfig
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.config import TrainConfig, resume_train_config
+
+    asked = ModelConfig.preset("tiny").replace(vocab_size=16384, num_nextn_predict_layers=1)
+    saved = asked.replace(vocab_size=4096, bos_token_id=3, eos_token_id=3, num_nextn_predict_layers=0)
+    explicit = frozenset({"model.vocab_size", "model.num_nextn_predict_layers", "train.max_steps"})
+    resumed = resume_train_config(saved, TrainConfig(), asked, TrainConfig(max_steps=900), explicit)
+    assert resumed == TrainConfig(max_steps=900)
+    with pytest.raises(ConfigError, match="model.hidden_size is 192"):
+        resume_train_config(saved, TrainConfig(), asked.replace(hidden_size=256), TrainConfig(),
+                            explicit | {"model.hidden_size"})

@@ -91,14 +91,18 @@ class TrainConfig:
 RESUMABLE = frozenset({"max_steps", "lr", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio", "eval_every",
                        "eval_batches", "save_every", "keep_checkpoints", "log_every", "compile", "recompute"})
 
+# Model fields a run sets itself (from its tokenizer and train.use_mtp), whatever the command line said: the same
+# command with --resume must not be refused over them.
+DERIVED_MODEL_FIELDS = frozenset({"vocab_size", "bos_token_id", "eos_token_id", "num_nextn_predict_layers"})
+
 
 def resume_train_config(saved_model: ModelConfig, saved_train: TrainConfig, model: ModelConfig, train: TrainConfig,
-                   explicit: frozenset[str]) -> TrainConfig:
-    """The configs a resumed run continues with: the checkpoint's, plus the explicitly given settings (`explicit`:
-    keys as `model.X` / `train.X`) that RESUMABLE allows to change. Any other explicit setting that differs from
-    the checkpoint is refused, naming the field."""
+                        explicit: frozenset[str]) -> TrainConfig:
+    """The train config a resumed run continues with: the checkpoint's, plus the explicitly given settings
+    (`explicit`: keys as `model.X` / `train.X`) that RESUMABLE allows to change. Any other explicit setting that
+    differs from the checkpoint is refused, naming the field."""
     changes = {}
-    for key in sorted(explicit):
+    for key in sorted(explicit - {f"model.{name}" for name in DERIVED_MODEL_FIELDS}):
         section, _, name = key.rpartition(".")
         asked, saved = (getattr(train, name), getattr(saved_train, name)) if section == "train" else \
             (getattr(model, name), getattr(saved_model, name))
