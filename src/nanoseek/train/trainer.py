@@ -21,7 +21,6 @@ from nanoseek.data.dataset import TokenDataset
 from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer, train_tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.flops import model_stats
-from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.collectives import clip_grad_norm, mean_over_ranks, save_final_model, sum_over_ranks
 from nanoseek.parallel.pipeline import PipelineRunner
@@ -255,7 +254,7 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
             seconds = (time.perf_counter() - interval_start - paused.seconds) / interval_steps
             row.update(tokens_per_s=cfg.tokens_per_step / seconds,
                        mfu=cfg.tokens_per_step * flops_per_token / seconds / peak)
-            if moe_layers and not isinstance(moe_layers[0].experts, RoutedExperts):
+            if par.ep > 1:
                 # all-to-all traffic of this rank since the last row: forward dispatch + combine, same in backward
                 row["a2a_bytes"] = 2 * sum(m.experts.sent_bytes for m in moe_layers) // interval_steps
                 for m in moe_layers:
