@@ -63,8 +63,7 @@ def _models(spec: str) -> tuple[Transformer, Any, Path | None]:
     return ours, reference, None
 
 
-def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, steps: int,
-                   compile_blocks_too: bool = True) -> dict[str, float]:
+def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, steps: int) -> dict[str, float]:
     """A whole training step (forward + backward of the next-token loss, no MTP on either side, and an AdamW step),
     after checking that all sides compute the same loss. Three sides, timed in alternation:
       - transformers, with the fused AdamW its Trainer uses by default;
@@ -75,8 +74,7 @@ def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, step
     ids = torch.randint(0, ours.config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = ids[:, :-1], ids[:, 1:]
     compiled = copy.deepcopy(ours)
-    if compile_blocks_too:
-        compile_blocks(compiled)
+    compile_blocks(compiled)
     for model in (ours, compiled, reference):
         model.train()
     optimizers = {"eager": torch.optim.AdamW(ours.parameters(), lr=1e-9, foreach=False),

@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear_compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """nn.Linear's autocast rule, for GEMMs autocast does not know (grouped GEMM, the chunked head): the autocast
+    dtype when autocast is on, else the weight's dtype (which FSDP's mixed-precision policy may already have cast)."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 class KeepsFp32Buffers:
     """Mixin for modules whose buffers named in `fp32_buffers` must stay fp32 through every cast (`model.to(bf16)`,
     `.half()`, `load_pretrained(dtype=...)`): a cast moves them to the new device but keeps their dtype and values.

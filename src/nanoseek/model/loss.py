@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from nanoseek.model.layers import linear_compute_dtype
+
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MB in fp32
-
-
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """nn.Linear's rule: the autocast dtype when autocast is on, else the weight's dtype."""
-    device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def _row_chunks(rows: int, vocab: int) -> list[slice]:
@@ -77,7 +73,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """Mean cross-entropy of `hidden @ weight.T` against targets (IGNORE = -100 skipped): hidden [N, dim], weight
     [vocab, dim], targets [N]. Equals F.cross_entropy(F.linear(hidden, weight).float(), targets) — computed in the
     autocast (or weight) dtype, softmax in fp32 — without ever materializing the [N, vocab] logits."""
-    dtype = _compute_dtype(weight)
+    dtype = linear_compute_dtype(weight)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
     total = sum(_chunk_loss(_chunk_logits(hidden[rows], weight, dtype), targets[rows])[0]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.layers import MLP, KeepsFp32Buffers
+from nanoseek.model.layers import MLP, KeepsFp32Buffers, linear_compute_dtype
 
 
 class Router(KeepsFp32Buffers, nn.Module):
@@ -63,13 +63,11 @@ class Router(KeepsFp32Buffers, nn.Module):
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """x [N, in] (rows sorted by group) @ weight[g].T for each group g → [N, out]; weight is [G, out, in].
 
-    F.grouped_mm has no autocast rule, so this applies the one nn.Linear gets: both operands in the autocast dtype
-    when autocast is on, else in the weight's dtype (which FSDP's mixed-precision policy has already cast). The
+    F.grouped_mm has no autocast rule, so this applies the one nn.Linear gets (linear_compute_dtype). The
     grouped-GEMM kernels want every row stride 16-byte aligned; odd sizes are zero-padded, which changes no result
     (the padding multiplies zeros).
     """
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    dtype = linear_compute_dtype(weight)
     x, weight = x.to(dtype), weight.to(dtype)
     if x.shape[0] == 0:  # an expert-parallel rank may receive no rows; grouped_mm's backward rejects that shape
         return x @ weight[0].T  # empty, and the weight still gets its (zero) gradient
