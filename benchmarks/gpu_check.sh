@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh      # PYTHON=/path/to/python to use another interpreter with a CUDA torch
 #
-# 1. the tests marked `cuda` (no host sync in a training step, bf16 vs fp32, FP8 scaled_mm vs its emulation);
+# 1. the tests marked `cuda` (no host sync in a training step, bf16 vs fp32, FP8 scaled_mm vs its emulation, the
+#    serving engine in bf16);
 # 2. one-GPU bf16 training of the `1b` preset (1.04B parameters, 0.27B active) through `nanoseek train`: tokens/s and
 #    MFU of its last logged steps (the first steps, which compile kernels and fill allocators, are logged apart);
 # 3. FP8 against bf16 on the same preset: step times of both, side by side (benchmarks/fp8_training.py).

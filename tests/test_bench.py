@@ -26,6 +26,8 @@ def test_bench_compares_with_transformers(tmp_path, capsys):
         num_nextn_predict_layers=0), seq_len=32).flops_per_token
     decode = result["decoding"]["batch_16"]
     assert decode["sequences"] == 16 and decode["identical_sequences"] >= 15  # greedy on the same weights
+    long_context = result["decoding"]["long_context_batch_8"]  # the tiny preset's whole context
+    assert long_context["prompt_tokens"] == 252 and long_context["identical_sequences"] >= 7
     v3 = result["kv_cache_bytes_per_token"]["DeepSeek-V3 shape"]
     assert v3["MLA"] == 576 * 61 * 2 and v3["MHA"] == 2 * 128 * 128 * 61 * 2 and v3["GQA"] == 2 * 16 * 128 * 61 * 2
     markdown = (tmp_path / "bench.md").read_text()

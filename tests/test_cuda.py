@@ -1,5 +1,6 @@
 """The CUDA paths, run by benchmarks/gpu_check.sh on a machine with a GPU (skipped elsewhere): a training step
-without host syncs, bf16 training against fp32, FP8 GEMMs through torch._scaled_mm against their exact emulation."""
+without host syncs, bf16 training against fp32, FP8 GEMMs through torch._scaled_mm against their exact emulation,
+the serving engine in bf16."""
 
 from __future__ import annotations
 
@@ -67,3 +68,18 @@ def test_fp8_scaled_mm_equals_its_emulation():
         warnings.simplefilter("error")
         scaled = fp8_linear(x, w, Fp8Recipe(backend="scaled_mm"))
     assert torch.allclose(scaled, emulated, rtol=1e-5, atol=1e-4)
+
+
+def test_engine_serves_on_cuda_in_bf16():
+    """The serving engine on the GPU in bf16 (paged store, device sampling, MTP verification): speculation gives
+    plain greedy's tokens, chunked or not."""
+    from nanoseek.infer.engine import Engine, EngineConfig
+    from nanoseek.infer.request import SamplingParams
+
+    model = _model().to(torch.bfloat16)
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 17)]
+    params = SamplingParams(max_new_tokens=24)
+    plain = Engine(model, config=EngineConfig(speculation=False, block_size=16)).generate(prompts, params)
+    speculative = Engine(model, config=EngineConfig(block_size=16, token_budget=16)).generate(prompts, params)
+    assert [r.token_ids for r in speculative] == [r.token_ids for r in plain]
+    assert all(len(r.token_ids) == 24 for r in plain)

@@ -1,4 +1,6 @@
-"""Inference: absorbed-MLA decode equals the full forward; batching has no cross-talk; MTP speculation is exact."""
+"""Inference: the paged forward (chunked prefill, prefix hits, absorbed decode) equals the full forward; the engine
+batches without cross-talk, preempts and recomputes identically, reuses cached prefixes, and its MTP speculation is
+exact when greedy and distribution-preserving when sampling."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import torch
 
 import nanoseek
 from helpers import YARN, tiny_config
-from nanoseek.infer.cache import LatentCache
-from nanoseek.infer.engine import Engine, SamplingParams
-from nanoseek.infer.speculative import speculative_greedy
+from nanoseek.infer.engine import Engine, EngineConfig
+from nanoseek.infer.request import SamplingParams
+from nanoseek.model.paged import PagedBatch, PrefillChunk
+
+BLOCK_BYTES = 4 * 4 * 20 * 4  # (3 layers + MTP) × 4 tokens × (latent 16 + rope 4) × fp32
 
 
 def _model(**overrides) -> nanoseek.Transformer:
@@ -22,51 +26,117 @@ def _model(**overrides) -> nanoseek.Transformer:
     return model
 
 
+def _store(model: nanoseek.Transformer, slots: int = 128) -> torch.Tensor:
+    c = model.config
+    return torch.zeros(c.num_hidden_layers + 1, slots, c.kv_lora_rank + c.qk_rope_head_dim)
+
+
+def _prefill(model, store, tokens, slots, start, stop) -> torch.Tensor:
+    batch = PagedBatch(torch.arange(start, stop), slots[start:stop],
+                       prefills=[PrefillChunk(0, stop - start, slots[:stop])])
+    return model.logits(model.forward_paged(torch.tensor(tokens[start:stop]), batch, store))
+
+
+def _decode(model, store, rows: list[tuple[list[int], torch.Tensor, int]], width: int) -> torch.Tensor:
+    """rows: (tokens, slots, first position) of sequences each computing `width` tokens in the absorbed form."""
+    ids = torch.tensor([t for tokens, _, at in rows for t in tokens[at: at + width]])
+    positions = torch.cat([torch.arange(at, at + width) for _, _, at in rows])
+    context = torch.nn.utils.rnn.pad_sequence([slots[: at + width] for _, slots, at in rows], batch_first=True)
+    batch = PagedBatch(positions, torch.cat([slots[at: at + width] for _, slots, at in rows]), len(rows), width,
+                       context)
+    return model.logits(model.forward_paged(ids, batch, store)).view(len(rows), width, -1)
+
+
 @pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None, rope_scaling=YARN),
                                        dict(scoring_func="softmax", norm_topk_prob=False)])
-def test_prefill_then_decode_equals_full_forward(overrides):
+@pytest.mark.parametrize("chunks", [(18,), (5, 7, 6), (1, 1, 16)])
+def test_paged_forward_equals_full_forward(overrides, chunks):
+    """Any chunking of the prompt, then decoding one and two tokens a step, for two sequences of different lengths
+    decoded together; slots scattered over the store as blocks would be."""
     model = _model(**overrides)
-    ids = torch.randint(0, 96, (2, 24))
-    cache = LatentCache(model.config, 2, 32)
+    store = _store(model)
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 96, (26,), generator=generator).tolist() for _ in range(2)]
+    slots = torch.randperm(128, generator=generator)[:52].view(2, 26)
     with torch.no_grad():
-        full = model(ids)
-        steps = [model.forward_cached(ids[:, :9], torch.arange(9).expand(2, -1), cache)[0]]
-        for t in range(9, 24):
-            steps.append(model.forward_cached(ids[:, t: t + 1], torch.full((2, 1), t), cache)[0])
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+        full = [model(torch.tensor([tokens]))[0] for tokens in sequences]
+        for tokens, seq_slots, reference in zip(sequences, slots, full):
+            at = 0
+            for length in chunks:
+                logits = _prefill(model, store, tokens, seq_slots, at, at + length)
+                assert (logits - reference[at: at + length]).abs().max().item() <= 1e-5
+                at += length
+        at = sum(chunks)
+        for width in (1, 2, 1, 2, 2):
+            rows = [(tokens, seq_slots, at) for tokens, seq_slots in zip(sequences, slots)]
+            logits = _decode(model, store, rows, width)
+            for row, reference in zip(logits, full):
+                assert (row - reference[at: at + width]).abs().max().item() <= 1e-5
+            at += width
 
 
-def test_cache_holds_only_latent_and_rope_key():
-    config = tiny_config()
-    cache = LatentCache(config, batch_size=3, max_len=50)
-    assert cache.bytes_per_token() == (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * 4
-    assert cache.latent.numel() + cache.k_rope.numel() == 3 * 50 * config.num_hidden_layers * (16 + 4)
-    v3 = nanoseek.ModelConfig.preset("v3")
-    assert (v3.kv_lora_rank + v3.qk_rope_head_dim) == 576
-
-
-def test_batch_has_no_cross_talk():
+def test_prefix_hit_then_chunk_equals_full_forward():
+    """A second sequence reuses the first one's slots for their common 16-token prefix and prefills only the rest."""
     model = _model()
-    engine = Engine(model)
-    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
-    params = SamplingParams(max_new_tokens=12)
-    batched = engine.generate(prompts, params)
+    store = _store(model)
+    first = torch.randint(0, 96, (24,)).tolist()
+    second = first[:16] + torch.randint(0, 96, (10,)).tolist()
+    first_slots, own_slots = torch.arange(0, 24), torch.arange(64, 90)
+    second_slots = torch.cat([first_slots[:16], own_slots[16:]])
+    with torch.no_grad():
+        _prefill(model, store, first, first_slots, 0, 24)
+        logits = torch.cat([_prefill(model, store, second, second_slots, 16, 21),
+                            _prefill(model, store, second, second_slots, 21, 26)])
+        assert (logits - model(torch.tensor([second]))[0, 16:]).abs().max().item() <= 1e-5
+
+
+def _greedy_by_recomputation(model, prompt: list[int], new: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("config", [EngineConfig(), EngineConfig(block_size=4, token_budget=8),
+                                    EngineConfig(block_size=4, cache_memory=9 * BLOCK_BYTES, max_seqs=3)],
+                         ids=["default", "chunked", "preempting"])
+def test_batch_has_no_cross_talk(config):
+    """Batched, chunked, or with a cache so small that sequences are preempted and recomputed: every sequence
+    gets the tokens that greedy decoding by full recomputation gives it alone."""
+    model = _model()
+    engine = Engine(model, config=config)
+    prompts = [[5, 6, 7], list(range(1, 23)), [42], list(range(30, 50))]
+    batched = engine.generate(prompts, SamplingParams(max_new_tokens=12))
     for prompt, result in zip(prompts, batched):
-        alone = engine.generate([prompt], params)[0]
-        assert result.token_ids == alone.token_ids and len(alone.token_ids) == 12
-        # and plain greedy by full recomputation agrees
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(12):
-                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-        assert ids[len(prompt):] == result.token_ids
+        assert result.token_ids == _greedy_by_recomputation(model, prompt, 12)
+    if config.cache_memory:
+        assert engine.scheduler.preemptions > 0
+    assert engine.blocks.used_blocks == 0  # every block was given back
+
+
+def test_repeated_prompt_hits_the_prefix_cache():
+    model = _model()
+    engine = Engine(model, config=EngineConfig(block_size=8))
+    prompt = torch.randint(0, 96, (30,)).tolist()
+    params = SamplingParams(max_new_tokens=10)
+    first = engine.generate([prompt], params)[0]
+    again = engine.generate([prompt], params)[0]
+    longer = engine.generate([prompt + first.token_ids[:3]], params)[0]
+    assert first.cached_tokens == 0 and again.cached_tokens == 24  # 3 full blocks, each followed by a token
+    assert longer.cached_tokens == 32  # the first one's generated tokens filled a fourth block
+    assert again.token_ids == first.token_ids
+    assert longer.token_ids == _greedy_by_recomputation(model, prompt + first.token_ids[:3], 10)
+    assert engine.stats()["prefix_hit_rate"] == pytest.approx((24 + 32) / (30 + 30 + 33))
 
 
 def test_sampling_is_seeded_and_stops():
     engine = Engine(_model(), decode=lambda ids: "".join(chr(97 + i % 26) for i in ids))
-    sampled = [engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, seed=s))[0]
-               for s in (0, 0, 1)]
-    assert sampled[0].token_ids == sampled[1].token_ids != sampled[2].token_ids
+    params = [SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, seed=s) for s in (0, 0, 1)]
+    alone = [engine.generate([[1, 2, 3]], p)[0] for p in params]
+    together = engine.generate([[1, 2, 3]] * 3, params)  # a seed draws the same numbers whatever shares its batch
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert alone[0].token_ids == alone[1].token_ids != alone[2].token_ids
     greedy = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20))[0]
     stop_id = greedy.token_ids[5]
     cut = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20, stop_token_ids=(stop_id,)))[0]
@@ -80,19 +150,76 @@ def test_sampling_is_seeded_and_stops():
     assert by_string.finish_reason == "stop" and greedy.finish_reason == "length"
 
 
-def test_too_long_prompt_is_refused():
-    engine = Engine(_model())
+def test_logprobs_are_the_models():
+    model = _model()
+    engine = Engine(model, config=EngineConfig(speculation=False))
+    result = engine.generate([[3, 4, 5]], SamplingParams(max_new_tokens=3, logprobs=2))[0]
+    with torch.no_grad():
+        reference = model(torch.tensor([[3, 4, 5] + result.token_ids]))[0].log_softmax(-1)
+    for i, entry in enumerate(result.logprobs):
+        assert entry.logprob == pytest.approx(reference[2 + i, entry.token].item(), abs=1e-5)
+        assert [t for t, _ in entry.top] == reference[2 + i].topk(2).indices.tolist()
+
+
+def test_requests_that_cannot_run_are_refused():
+    engine = Engine(_model(), config=EngineConfig(block_size=4, cache_memory=8 * BLOCK_BYTES))
     with pytest.raises(ValueError, match="exceeds the model's context"):
         engine.generate([[1] * 120], SamplingParams(max_new_tokens=20))
+    with pytest.raises(ValueError, match="exceeds the latent cache of 32 tokens"):
+        engine.generate([[1] * 30], SamplingParams(max_new_tokens=20))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([[96]], SamplingParams(max_new_tokens=4))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mtp_speculation_equals_greedy(seed):
     torch.manual_seed(seed)
     model = _model()
-    prompt = torch.randint(0, 96, (7,)).tolist()
-    plain = Engine(model).generate([prompt], SamplingParams(max_new_tokens=40))[0].token_ids
-    result = speculative_greedy(model, prompt, max_new_tokens=40)
-    assert result.token_ids == plain
-    assert result.main_forwards < 40 and result.drafted == result.main_forwards
-    assert result.main_forwards == 40 - 1 - result.accepted or result.main_forwards == 40 - result.accepted
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (7, 19, 3)]
+    params = SamplingParams(max_new_tokens=40)
+    plain_engine = Engine(model, config=EngineConfig(speculation=False))
+    spec_engine = Engine(model, config=EngineConfig(block_size=8, token_budget=16))
+    plain = plain_engine.generate(prompts, params)
+    speculative = spec_engine.generate(prompts, params)
+    assert [r.token_ids for r in speculative] == [r.token_ids for r in plain]
+    assert spec_engine.drafted >= 3 * 20  # at most two tokens a step: at least 20 verifying steps each
+
+
+def test_drafts_are_the_mtp_modules_predictions():
+    """After every step, a sequence's draft is what the MTP module predicts over the whole sequence (training's
+    path: depth 1 at position i reads h_i and t_{i+1}), accepted or not, whatever the chunking."""
+    model = _model()
+    engine = Engine(model, config=EngineConfig(block_size=4, token_budget=6))
+    seq = engine.add(torch.randint(0, 96, (9,)).tolist(), SamplingParams(max_new_tokens=12))
+    checked = 0
+    while seq.finish_reason is None:
+        engine.step()
+        if seq.output and seq.finish_reason is None:
+            ids = torch.tensor([seq.tokens])
+            T = ids.shape[1]
+            with torch.no_grad():
+                cos, sin = model.rope(torch.arange(T))
+                x = model.embed(ids)
+                for layer in model.layers:
+                    x = layer(x, cos, sin)
+                h = model.mtp[0](x[:, :-1], model.embed(ids[:, 1:]), cos[:-1], sin[:-1])
+                assert seq.draft == int(model.head(model.mtp[0].norm(h))[0, -1].argmax())
+            checked += 1
+    assert checked >= 6
+
+
+def test_speculative_sampling_keeps_the_model_distribution():
+    """Temperature 1 with MTP drafts: the second generated token (the first one that goes through rejection
+    sampling) is distributed as the model says, Σ_t1 p(t1 | prompt) p(t2 | prompt, t1), over 3,000 seeds."""
+    model = _model(vocab_size=12)
+    prompt, n = [3, 7, 1], 3000
+    engine = Engine(model, config=EngineConfig(max_seqs=n, token_budget=4 * n))
+    params = [SamplingParams(max_new_tokens=2, temperature=1.0, seed=s) for s in range(n)]
+    results = engine.generate([prompt] * n, params)
+    assert engine.drafted >= n and 0 < engine.accepted < engine.drafted
+    with torch.no_grad():
+        p1 = model(torch.tensor([prompt]))[0, -1].softmax(-1)
+        p2 = model(torch.tensor([prompt + [t] for t in range(12)]))[:, -1].softmax(-1)
+    expected = (p1[:, None] * p2).sum(0)
+    observed = torch.bincount(torch.tensor([r.token_ids[1] for r in results]), minlength=12).float() / n
+    assert (observed - expected).abs().max().item() < 0.03  # ~3.5 standard errors at worst

@@ -1,11 +1,14 @@
-"""`nanoseek serve` as a real process on loopback, driven by the official openai client and raw HTTP."""
+"""`nanoseek serve` as a real process on loopback, driven by the official openai client and raw HTTP: the OpenAI
+API, continuous batching seen from outside, prefix caching, cancellation, /health, /metrics and SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,10 +18,10 @@ import pytest
 import torch
 
 import nanoseek
-from helpers import tiny_config
 from nanoseek.data.tokenizer import train_tokenizer
 
 API_KEY = "sk-test"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def _free_port() -> int:
@@ -27,30 +30,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", str(port),
+                                "--api-key", API_KEY, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"server did not start: {process.stderr.read().decode()[-2000:]}")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def model_dir(tmp_path_factory):
+    """The tiny preset's shape (256 tokens of context), random weights, a tokenizer trained on a little dialogue."""
     model_dir = tmp_path_factory.mktemp("served") / "tiny-model"
     text = "User: hello there\nAssistant: good morrow, my lord\n" * 200
     tokenizer = train_tokenizer([text], 300)
     torch.manual_seed(0)
-    model = nanoseek.Transformer(tiny_config(vocab_size=320, max_position_embeddings=96))
-    nanoseek.save_pretrained(model, model_dir)
+    nanoseek.save_pretrained(nanoseek.Transformer(nanoseek.ModelConfig.preset("tiny").replace(vocab_size=320)),
+                             model_dir)
     tokenizer.save(str(model_dir / "tokenizer.json"))
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", str(port),
-                                "--api-key", API_KEY], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"server did not start: {process.stderr.read().decode()[-2000:]}")
-    yield base, model_dir.name, model_dir
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    process, base = _start(model_dir)
+    yield f"{base}/v1", model_dir.name, model_dir
     process.kill()
     process.wait()
 
@@ -58,6 +70,11 @@ def server(tmp_path_factory):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server[0], api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _metrics(server) -> dict[str, float]:
+    text = httpx.get(server[0].removesuffix("/v1") + "/metrics").text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
 
 
 def test_models_and_completions(server, client):
@@ -71,6 +88,29 @@ def test_models_and_completions(server, client):
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
 
 
+def test_token_prompts_logprobs_and_n(server, client, model_dir):
+    from nanoseek.data.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(model_dir / "tokenizer.json").encode("User: hello").ids
+    by_text = client.completions.create(model=server[1], prompt="User: hello", max_tokens=6, temperature=0,
+                                        logprobs=3, extra_body={"ignore_eos": True})
+    by_ids = client.completions.create(model=server[1], prompt=ids, max_tokens=6, temperature=0, logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+    logprobs = by_ids.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 6 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(len(top) <= 3 and max(top.values()) <= lp + 1e-6  # greedy: the chosen token is the most likely
+               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))  # (texts may coincide)
+    several = client.completions.create(model=server[1], prompt="User: hello " * 30, max_tokens=12, n=4,
+                                        temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in several.choices) == [0, 1, 2, 3] and several.usage.completion_tokens == 48
+    assert len({c.text for c in several.choices}) > 1  # independent samples, one shared prompt
+    chat = client.chat.completions.create(model=server[1], messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert 0 < len(content) <= 4 and all(len(c.top_logprobs) == 2 for c in content)
+
+
 def test_chat(server, client):
     messages = [{"role": "system", "content": "Speak as in a play."}, {"role": "user", "content": "hello"}]
     out = client.chat.completions.create(model=server[1], messages=messages, max_tokens=10, temperature=0)
@@ -81,18 +121,95 @@ def test_chat(server, client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == out.choices[0].message.content
 
 
+def test_repeated_chat_reuses_the_cached_prefix(server, client):
+    messages = [{"role": "system", "content": "Speak as in a play, my lord, and good morrow to thee. " * 3},
+                {"role": "user", "content": "hello there"}]
+    first = client.chat.completions.create(model=server[1], messages=messages, max_tokens=12, temperature=0)
+    second = client.chat.completions.create(model=server[1], messages=messages, max_tokens=12, temperature=0)
+    assert first.usage.prompt_tokens > 64 and first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= 64
+    assert second.choices[0].message.content == first.choices[0].message.content
+
+
+def test_short_requests_overtake_a_long_one(server, client):
+    """Continuous batching: 4 short requests sent 0.5 s into a long streaming generation join its batch and finish
+    first; their time to first token is a small fraction of the long request's duration."""
+    long_done: dict[str, float] = {}
+
+    def long_request() -> None:
+        start = time.perf_counter()
+        stream = client.completions.create(model=server[1], prompt="User: hello", max_tokens=240, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        long_done["tokens"] = sum(1 for _ in stream)
+        long_done["end"], long_done["duration"] = time.perf_counter(), time.perf_counter() - start
+
+    def short_request(i: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        stream = client.completions.create(model=server[1], prompt=f"User: hi {i}", max_tokens=8, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        first = None
+        for _ in stream:
+            first = first or time.perf_counter() - start
+        return first, time.perf_counter()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.5)
+    with ThreadPoolExecutor(4) as pool:
+        shorts = list(pool.map(short_request, range(4)))
+    thread.join()
+    assert long_done["tokens"] > 100  # it streamed most of the context
+    assert all(end < long_done["end"] for _, end in shorts)
+    assert max(ttft for ttft, _ in shorts) < 0.25 * long_done["duration"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_is_cancelled(server, stream):
+    before = _metrics(server)["nanoseek_generation_tokens_total"]
+    body = {"prompt": "User: hello", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{server[0]}/completions", headers=HEADERS, json=body) as response:
+            next(response.iter_lines())  # one event, then hang up
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server[0]}/completions", headers=HEADERS, json=body, timeout=0.6)
+    time.sleep(1.5)  # the server notices within its 0.5 s poll
+    settled = _metrics(server)
+    time.sleep(1.0)
+    after = _metrics(server)
+    assert after["nanoseek_requests_running"] == 0
+    assert after["nanoseek_generation_tokens_total"] == settled["nanoseek_generation_tokens_total"]
+    assert after["nanoseek_generation_tokens_total"] - before < 240
+
+
+def test_health_and_metrics(server, client):
+    assert httpx.get(server[0].removesuffix("/v1") + "/health").json() == {"status": "ok"}
+    client.completions.create(model=server[1], prompt="User: hello", max_tokens=4, temperature=0)
+    metrics = _metrics(server)
+    assert metrics["nanoseek_cache_tokens_capacity"] == 64 * metrics["nanoseek_cache_blocks_total"] > 0
+    assert metrics["nanoseek_generation_tokens_total"] >= 4 and metrics["nanoseek_prompt_tokens_total"] > 0
+    assert metrics["nanoseek_spec_draft_tokens_total"] > 0  # the model has an MTP module: speculation is on
+    assert 0 <= metrics["nanoseek_spec_acceptance_rate"] <= 1 and 0 <= metrics["nanoseek_prefix_cache_hit_rate"] <= 1
+    for name in ("nanoseek_requests_waiting", "nanoseek_cache_usage_ratio", "nanoseek_preemptions_total",
+                 "nanoseek_generation_tokens_per_second"):
+        assert name in metrics
+
+
 @pytest.mark.parametrize("body, status, needle", [
     (b"{not json", 400, "not valid JSON"),
     (json.dumps({"model": "gpt-9", "prompt": "hi"}).encode(), 404, "does not exist"),
     (json.dumps({"prompt": "hi", "max_tokens": -1}).encode(), 400, "max_tokens"),
     (json.dumps({"prompt": "hi", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
-    (json.dumps({"prompt": "hello " * 200, "max_tokens": 4}).encode(), 400, "context"),
+    (json.dumps({"prompt": "hello " * 400, "max_tokens": 4}).encode(), 400, "context"),
     (json.dumps({"prompt": 12}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": [1, 2, 100000]}).encode(), 400, "vocabulary"),
     (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "hi", "n": 99}).encode(), 400, "'n'"),
+    (json.dumps({"prompt": "hi", "logprobs": 50}).encode(), 400, "logprobs"),
 ])
 def test_bad_requests_get_json_4xx(server, body, status, needle):
     response = httpx.post(f"{server[0]}/completions", content=body,
-                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+                          headers={**HEADERS, "Content-Type": "application/json"})
     assert response.status_code == status
     assert needle in response.json()["error"]["message"]
 
@@ -100,12 +217,11 @@ def test_bad_requests_get_json_4xx(server, body, status, needle):
 def test_api_key_required(server):
     response = httpx.post(f"{server[0]}/completions", json={"prompt": "hi"})
     assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
-    bad_chat = httpx.post(f"{server[0]}/chat/completions", json={"messages": [{"role": "x"}]},
-                          headers={"Authorization": f"Bearer {API_KEY}"})
+    bad_chat = httpx.post(f"{server[0]}/chat/completions", json={"messages": [{"role": "x"}]}, headers=HEADERS)
     assert bad_chat.status_code == 400 and "messages" in bad_chat.json()["error"]["message"]
 
 
-def test_fifty_concurrent_clients_and_a_disconnect(server, client):
+def test_fifty_concurrent_clients(server, client):
     def ask(i: int) -> str:
         out = client.completions.create(model=server[1], prompt=f"User: hello {i}", max_tokens=6, temperature=0)
         return out.choices[0].text
@@ -114,14 +230,21 @@ def test_fifty_concurrent_clients_and_a_disconnect(server, client):
         answers = list(pool.map(ask, range(50)))
     assert len(answers) == 50
     assert answers[3] == ask(3)  # batched with 49 others or alone: the same greedy answer
-    with httpx.stream("POST", f"{server[0]}/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                      json={"prompt": "User: hello", "max_tokens": 60, "stream": True}) as response:
-        next(response.iter_lines())  # read one event, then hang up mid-stream
-    assert client.completions.create(model=server[1], prompt="User: hi", max_tokens=4).choices[0].text is not None
 
 
-def test_terminal_chat(server):
-    result = subprocess.run([sys.executable, "-m", "nanoseek", "chat", str(server[2]), "--max-new-tokens", "5"],
-                            input="hello\nhow are you\n\n", capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("model>") == 2 and result.stdout.count("you>") == 3
+def test_sigterm_finishes_running_requests_then_exits_0(model_dir):
+    process, base = _start(model_dir)
+    try:
+        body = {"prompt": "User: hello", "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", headers=HEADERS, json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(httpx.TransportError):  # no longer admitting: the listening socket is closed
+                httpx.post(f"{base}/v1/completions", headers=HEADERS, json={"prompt": "hi"}, timeout=5)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()

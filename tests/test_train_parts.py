@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from nanoseek.infer.sampling import sample_next
 from nanoseek.model.moe import MoE
 from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
 from nanoseek.train.config import TrainConfig
@@ -44,17 +43,6 @@ def test_sequence_balance_loss_is_alpha_when_even():
     skewed = torch.zeros(2, 16, dtype=torch.long)  # everything to expert 0, which also has all the affinity
     skewed_scores = torch.zeros(2, 8, 8).index_fill_(2, torch.tensor([0]), 1.0)
     assert moe.sequence_balance_loss(skewed_scores, skewed).item() == pytest.approx(0.5 * 8)
-
-
-def test_sampling_filters():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert sample_next(logits, 0.0, None, None, None).item() == 0
-    generator = torch.Generator().manual_seed(0)
-    top_k = {sample_next(logits, 1.0, 2, None, generator).item() for _ in range(200)}
-    assert top_k == {0, 1}
-    top_p = {sample_next(logits, 1.0, None, 0.7, generator).item() for _ in range(200)}
-    assert top_p == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 ≥ 0.7 stops there
-    assert not math.isnan(sample_next(logits, 5.0, None, 0.99, generator).item())
 
 
 def test_overrides_take_the_field_type():

@@ -1,7 +1,8 @@
 """`nanoseek bench`: nanoseek side by side with transformers' DeepseekV3 on one config and identical weights.
 
 Measures, on this machine: training tokens/s and MFU (against a matmul peak measured at start), decode tokens/s
-(greedy, batch 1 and 16), MTP self-speculative decoding when the model is a trained run, and the KV-cache bytes
+(greedy, batch 1 and 16 after short prompts, batch 8 after long ones), MTP speculation in the batch when the model
+is a trained run, and the KV-cache bytes
 per token of MLA against MHA and GQA. Prints a markdown table (or JSON) and writes bench.md, bench.json, bench.png.
 """
 
@@ -22,7 +23,7 @@ from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.flops import model_stats
-from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.infer.engine import Engine, EngineConfig, SamplingParams
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import measure_peak_flops
@@ -106,9 +107,11 @@ def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, step
 
 
 def bench_decoding(ours: Transformer, reference: Any, batch: int, prompt_len: int, new: int) -> dict[str, float]:
-    """Greedy decoding of `new` tokens per sequence, never stopping early; agreement counts identical sequences."""
+    """Greedy generation of `new` tokens per sequence after `prompt_len`-token prompts, prefill included, never
+    stopping early; agreement counts identical sequences. nanoseek prefills up-projected and decodes absorbed over
+    its latent cache; transformers' cache holds per-head keys and values."""
     ours.eval(), reference.eval()
-    engine = Engine(ours)
+    engine = Engine(ours, config=EngineConfig(speculation=False, max_seqs=batch))
     prompts = torch.randint(0, ours.config.vocab_size, (batch, prompt_len),
                             generator=torch.Generator().manual_seed(batch))
     outputs: dict[str, Any] = {}
@@ -123,34 +126,43 @@ def bench_decoding(ours: Transformer, reference: Any, batch: int, prompt_len: in
 
     t_ours, t_ref = _median_seconds(3, ours_decode, reference_decode, warmup=1)
     agree = sum(m.token_ids == t[prompt_len:].tolist() for m, t in zip(outputs["ours"], outputs["theirs"]))
-    return {"nanoseek_tokens_per_s": batch * new / t_ours, "transformers_tokens_per_s": batch * new / t_ref,
-            "identical_sequences": agree, "sequences": batch}
+    return {"prompt_tokens": prompt_len, "nanoseek_tokens_per_s": batch * new / t_ours,
+            "transformers_tokens_per_s": batch * new / t_ref, "identical_sequences": agree, "sequences": batch}
 
 
-def bench_speculation(model: Transformer, run: Path, prompt_len: int, new: int) -> dict[str, float]:
-    """MTP self-speculative greedy decoding on prompts cut from the training corpus (identical output checked)."""
+def bench_speculation(model: Transformer, run: Path, prompt_len: int, new: int) -> dict[str, dict[str, float]]:
+    """MTP speculation inside the batch against plain decoding, greedy, on prompts cut from the training corpus,
+    at batch 1 and 8 (identical output checked)."""
     from nanoseek.data.corpus import default_corpus_files
     from nanoseek.data.tokenizer import end_of_text_id, load_tokenizer
-    from nanoseek.infer.speculative import speculative_greedy
 
     tokenizer = load_tokenizer(run / "tokenizer.json")
     text = default_corpus_files()[0].read_text(encoding="utf-8")
     stop = end_of_text_id(tokenizer)
-    stops = () if stop is None else (stop,)
-    engine = Engine(model)
-    plain_time = spec_time = accepted = drafted = produced = 0.0
-    for start in range(20000, 120000, 20000):
-        prompt = tokenizer.encode(text[start: start + 400]).ids[-prompt_len:]
-        tic = time.perf_counter()
-        plain = engine.generate([prompt], SamplingParams(max_new_tokens=new, stop_token_ids=stops))[0]
-        mid = time.perf_counter()
-        spec = speculative_greedy(model, prompt, new, stops)
-        spec_time, plain_time = spec_time + time.perf_counter() - mid, plain_time + mid - tic
-        if spec.token_ids != plain.token_ids:
+    params = SamplingParams(max_new_tokens=new, stop_token_ids=() if stop is None else (stop,))
+    starts = [len(text) * (i + 1) // 10 for i in range(8)]
+    prompts = [tokenizer.encode(text[start: start + 400]).ids[-prompt_len:] for start in starts]
+    out = {}
+    for batch in (1, 8):
+        engines = {name: Engine(model, config=EngineConfig(speculation=name == "speculative", max_seqs=batch))
+                   for name in ("plain", "speculative")}
+        outputs: dict[str, list] = {}
+
+        def run_side(name: str) -> Callable[[], None]:
+            def go() -> None:
+                outputs[name] = [c for i in range(0, len(prompts), batch)
+                                 for c in engines[name].generate(prompts[i: i + batch], params)]
+            return go
+
+        t_plain, t_spec = _median_seconds(3, run_side("plain"), run_side("speculative"), warmup=1)
+        if [c.token_ids for c in outputs["plain"]] != [c.token_ids for c in outputs["speculative"]]:
             raise NanoseekError("speculative decoding changed the greedy output")
-        accepted, drafted, produced = accepted + spec.accepted, drafted + spec.drafted, produced + len(spec.token_ids)
-    return {"acceptance": accepted / drafted, "plain_tokens_per_s": produced / plain_time,
-            "speculative_tokens_per_s": produced / spec_time, "speed_up": plain_time / spec_time}
+        produced = sum(len(c.token_ids) for c in outputs["plain"])
+        spec = engines["speculative"]
+        out[f"batch_{batch}"] = {"acceptance": spec.accepted / max(1, spec.drafted),
+                                 "plain_tokens_per_s": produced / t_plain,
+                                 "speculative_tokens_per_s": produced / t_spec, "speed_up": t_plain / t_spec}
+    return out
 
 
 def kv_cache_table(config: ModelConfig) -> dict[str, dict[str, int]]:
@@ -166,6 +178,7 @@ def kv_cache_table(config: ModelConfig) -> dict[str, dict[str, int]]:
 
 def run_bench(spec: str, batch: int, seq: int, steps: int, new_tokens: int) -> dict[str, Any]:
     ours, reference, run = _models(spec)
+    long_prompt = min(768, ours.config.max_position_embeddings - new_tokens)
     if ours.config.attention_type != "mla":
         raise NanoseekError("nanoseek bench compares MLA models with transformers' DeepseekV3; this is the dense "
                             "GQA baseline")
@@ -179,7 +192,9 @@ def run_bench(spec: str, batch: int, seq: int, steps: int, new_tokens: int) -> d
         "model": spec, "machine": {"device": "cpu", "threads": torch.get_num_threads(),
                                    "measured_fp32_matmul_flops": peak},
         "training": {"batch": batch, "seq": seq, "flops_per_token": flops_per_token, **training},
-        "decoding": {f"batch_{b}": bench_decoding(ours, reference, b, 32, new_tokens) for b in (1, 16)},
+        "decoding": {**{f"batch_{b}": bench_decoding(ours, reference, b, 32, new_tokens) for b in (1, 16)},
+                     # long context: MLA's cache advantage shows once the context dwarfs the new tokens
+                     "long_context_batch_8": bench_decoding(ours, reference, 8, long_prompt, new_tokens)},
         "kv_cache_bytes_per_token": kv_cache_table(ours.config),
     }
     if run is not None and len(ours.mtp) and (run / "tokenizer.json").exists():
@@ -200,12 +215,13 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{t['nanoseek_eager_tokens_per_s']:.0f} | | "
              f"{t['nanoseek_eager_tokens_per_s'] / t['transformers_tokens_per_s']:.2f}× |"]
     for name, d in result["decoding"].items():
-        lines.append(f"| decode tok/s, {name.replace('_', ' ')} ({d['identical_sequences']}/{d['sequences']} "
+        lines.append(f"| decode tok/s, {name.replace('_', ' ')}, {d['prompt_tokens']}-token prompts "
+                     f"({d['identical_sequences']}/{d['sequences']} "
                      f"identical) | {d['nanoseek_tokens_per_s']:.1f} | {d['transformers_tokens_per_s']:.1f} | "
                      f"{d['nanoseek_tokens_per_s'] / d['transformers_tokens_per_s']:.2f}× |")
-    if "speculation" in result:
-        s = result["speculation"]
-        lines += ["", f"MTP speculation: acceptance {100 * s['acceptance']:.1f} %, {s['plain_tokens_per_s']:.1f} → "
+    for name, s in result.get("speculation", {}).items():
+        lines += ["", f"MTP speculation in the batch, {name.replace('_', ' ')}: acceptance "
+                  f"{100 * s['acceptance']:.1f} %, {s['plain_tokens_per_s']:.1f} → "
                   f"{s['speculative_tokens_per_s']:.1f} tok/s ({s['speed_up']:.2f}×), output identical to greedy"]
     lines += ["", "| KV cache, bytes/token (bf16) | MLA | MHA | GQA (8 q heads per KV head) | MLA / MHA |",
               "|---|---|---|---|---|"]

@@ -123,13 +123,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from dataclasses import replace
 
-    from nanoseek.infer.server import create_app
+    import torch
 
-    app = create_app(args.model, api_key=args.api_key, max_batch=args.max_batch)
+    from nanoseek.infer.engine import EngineConfig, available_memory
+    from nanoseek.infer.server import create_app, serve
+
+    if args.cache_memory is not None and args.cache_fraction is not None:
+        raise NanoseekError("give --cache-memory or --cache-fraction, not both")
+    if args.cache_fraction is not None and not 0 < args.cache_fraction < 1:
+        raise NanoseekError(f"--cache-fraction must be in (0, 1), got {args.cache_fraction}")
+    try:
+        memory = None if args.cache_memory is None else args.cache_memory * 2**30
+        config = EngineConfig(block_size=args.block_size, cache_memory=memory, max_seqs=args.max_seqs,
+                              token_budget=args.token_budget, speculation=False if args.no_speculation else None,
+                              static=args.batching == "static")
+        if args.cache_fraction is not None:  # of the memory free now, on the device the model is loaded to
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            config = replace(config, cache_memory=args.cache_fraction * available_memory(torch.device(device)))
+        app = create_app(args.model, api_key=args.api_key, config=config)
+    except ValueError as e:
+        raise NanoseekError(str(e)) from None
+    engine = app.state.engine
+    print(f"latent cache: {engine.cache_tokens:,} tokens in {engine.blocks.num_blocks} blocks of "
+          f"{engine.config.block_size} ({engine.cache_bytes / 2**20:,.1f} MiB); "
+          f"{'continuous' if not engine.config.static else 'static'} batching, speculation "
+          f"{'on (MTP)' if engine.speculate else 'off'}", flush=True)
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(app, args.host, args.port, args.shutdown_timeout)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -233,7 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    serve.add_argument("--max-seqs", type=int, default=64, help="sequences in the running batch at most")
+    serve.add_argument("--token-budget", type=int, default=512,
+                       help="tokens per engine step (decodes, then chunks of prompts)")
+    serve.add_argument("--cache-memory", type=float, metavar="GB", help="latent-cache size in GiB")
+    serve.add_argument("--cache-fraction", type=float, metavar="F",
+                       help="latent-cache size as a fraction of the free memory (default: room for --max-seqs "
+                            "full contexts, at most a quarter of free memory)")
+    serve.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
+    serve.add_argument("--no-speculation", action="store_true",
+                       help="do not draft with the MTP module (on by default when the model has one)")
+    serve.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                       help="static: the previous server's policy (a new batch only when the last one ended)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds running requests get to finish after SIGTERM")
     serve.set_defaults(run=cmd_serve)
 
     export = commands.add_parser("export", help="a training checkpoint (DCP) or a model → HF model directory")

@@ -1,95 +1,94 @@
-"""Batched generation over the latent cache: one prefill of all prompts (right-padded, each at its own
-positions), then one token per sequence per step. Stop tokens, stop strings, streaming, per-request sampling."""
+"""The serving engine: a short step loop over the scheduler (who runs), the block manager (where their latents
+live), the model runner (one forward, sampling on the device) and the detokenizer (what the client sees).
+
+Requests may be added and aborted from any thread; `step()` runs on one. `generate()` runs a list of prompts to the
+end, for the CLI and for offline use.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.cache import LatentCache
-from nanoseek.infer.sampling import sample_next
+from nanoseek.infer.blocks import BlockManager, chained_hashes, latent_store
+from nanoseek.infer.detokenize import Detokenizer
+from nanoseek.infer.request import Completion, SamplingParams, Sequence, TokenLogprob
+from nanoseek.infer.runner import ModelRunner, SeqResult
+from nanoseek.infer.scheduler import Scheduler
 from nanoseek.model.transformer import Transformer
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or (self.top_p is not None and not 0 < self.top_p <= 1):
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-
-
-@dataclass
-class Completion:
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: Literal["stop", "length", "abort"] | None = None
-    prompt_tokens: int = 0
-
-
-# on_token(sequence index, new text (possibly empty), finished)
+# on_token(sequence index, new text (possibly empty), finished) — generate()'s streaming callback
 StreamCallback = Callable[[int, str, bool], None]
 
 
-class _TextTracker:
-    """Incremental detokenization that never emits half a character or the start of a stop string."""
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 64  # tokens per cache block (FlashMLA's)
+    cache_memory: float | None = None  # bytes of latent cache; None: room for max_seqs full contexts (≤ 25 % RAM)
+    max_seqs: int = 64  # sequences running at once
+    token_budget: int = 512  # tokens per step: decodes first, then prefill chunks
+    speculation: bool | None = None  # MTP drafts verified in the batch; None: on when the model has an MTP module
+    static: bool = False  # the previous server's static batching, for comparison
 
-    def __init__(self, decode: Callable[[list[int]], str] | None, stops: tuple[str, ...]):
-        self.decode, self.stops, self.emitted = decode, stops, 0
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_seqs < 1 or self.token_budget < 2:
+            raise ValueError("block_size and max_seqs must be >= 1, token_budget >= 2")
+        if self.cache_memory is not None and self.cache_memory <= 0:
+            raise ValueError(f"the cache memory must be positive, got {self.cache_memory}")
 
-    def update(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """→ (new text to emit, whether a stop string was hit)."""
-        if self.decode is None:
-            return "", False
-        text = self.decode(ids)
-        for stop in self.stops:
-            at = text.find(stop)
-            if at >= 0:
-                delta, self.emitted = text[self.emitted:at], at
-                return delta, True
-        safe = len(text)
-        if not final:
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-                safe -= 1
-            for stop in self.stops:  # hold back a suffix that may grow into a stop string
-                for n in range(min(len(stop) - 1, safe), 0, -1):
-                    if text[:safe].endswith(stop[:n]):
-                        safe -= n
-                        break
-        delta = text[self.emitted:max(safe, self.emitted)]
-        self.emitted = max(safe, self.emitted)
-        return delta, False
 
-    def text(self, ids: list[int]) -> str:
-        return "" if self.decode is None else self.decode(ids)[: self.emitted]
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 4 << 30
 
 
 class Engine:
-    def __init__(self, model: Transformer, decode: Callable[[list[int]], str] | None = None):
+    def __init__(self, model: Transformer, decode: Callable[[list[int]], str] | None = None,
+                 config: EngineConfig | None = None):
         if model.config.attention_type != "mla":
             raise NanoseekError("generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
                                 "layout for transformers to sample from")
-        self.model = model.eval()
-        self.decode = decode
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.config = config = config or EngineConfig()
+        self.model, self.decode = model.eval(), decode
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        if config.speculation and not len(model.mtp):
+            raise NanoseekError("speculation needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        self.speculate = bool(len(model.mtp)) if config.speculation is None else config.speculation
+        mc = model.config
+        token_bytes = ((mc.num_hidden_layers + mc.num_nextn_predict_layers)
+                       * (mc.kv_lora_rank + mc.qk_rope_head_dim) * parameter.element_size())
+        memory = config.cache_memory or min(config.max_seqs * (mc.max_position_embeddings + 1) * token_bytes,
+                                            available_memory(self.device) // 4)
+        store = latent_store(mc, int(memory), config.block_size, self.device, self.dtype)
+        self.blocks = BlockManager(store.shape[1] // config.block_size, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_seqs, config.token_budget, config.static)
+        self.runner = ModelRunner(model, store, config.block_size, self.speculate)
+        self.cache_bytes = store.numel() * store.element_size()
+        self._inbox: deque[Sequence] = deque()
+        self._lock = threading.Lock()
+        self.generated_tokens = self.drafted = self.accepted = self.steps = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tokens/s
 
     @property
     def max_len(self) -> int:
         return self.model.config.max_position_embeddings
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -97,60 +96,128 @@ class Engine:
         if len(prompt) + params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
                              f"model's context of {self.max_len} tokens")
+        if len(prompt) + params.max_new_tokens + 1 > self.cache_tokens:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
+                             f"latent cache of {self.cache_tokens} tokens")
         if max(prompt) >= self.model.config.vocab_size or min(prompt) < 0:
             raise ValueError("prompt holds token ids outside the vocabulary")
 
-    @torch.no_grad()
+    def add(self, prompt: list[int], params: SamplingParams, after: Sequence | None = None) -> Sequence:
+        """Queue a request (from any thread); ValueError if it can never run."""
+        self.check(prompt, params)
+        seq = Sequence(list(prompt), params, Detokenizer(self.decode, params.stop_strings), after)
+        seq.seed &= (1 << 63) - 1
+        with self._lock:
+            self._inbox.append(seq)
+        return seq
+
+    @staticmethod
+    def abort(seq: Sequence) -> None:
+        """Stop a sequence (from any thread); it leaves at the next step with finish_reason 'abort'."""
+        seq.aborted = True
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> list[Sequence]:
+        """One forward for the scheduled sequences → those that produced text or finished (their new_text set)."""
+        with self._lock:
+            self.scheduler.waiting.extend(self._inbox)
+            self._inbox.clear()
+        changed = []
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if seq.aborted:
+                self._finish(seq, "abort")
+                changed.append(seq)
+        plan = self.scheduler.schedule(2 if self.speculate else 1)
+        if not plan:
+            return changed
+        results = self.runner.run(plan)
+        produced = 0
+        for seq, result in results.items():
+            produced += self._commit(seq, result)
+            if result.tokens or seq.finish_reason:
+                changed.append(seq)
+        self.steps += 1
+        self.generated_tokens += produced
+        now = time.monotonic()
+        self._recent.append((now, produced))
+        while self._recent and self._recent[0][0] < now - 10:
+            self._recent.popleft()
+        return changed
+
+    def _commit(self, seq: Sequence, result: SeqResult) -> int:
+        """Apply a step's result to the sequence: cache progress, new tokens (stop rules), prefix registration."""
+        if seq.decoding and self.speculate:
+            self.drafted += 1
+            self.accepted += len(result.tokens) - 1
+        seq.computed += result.computed
+        seq.draws += 1
+        seq.draft, seq.draft_probs = result.draft, result.draft_probs
+        self._register_blocks(seq)
+        params, added = seq.params, 0
+        for token, logprob in zip(result.tokens, result.logprobs):
+            if token in params.stop_token_ids:
+                seq.finish_reason = "stop"
+                break
+            seq.output.append(token)
+            added += 1
+            if params.logprobs is not None:
+                k = params.logprobs
+                top_ids, top_values = logprob[1: 1 + (len(logprob) - 1) // 2], logprob[1 + (len(logprob) - 1) // 2:]
+                seq.logprobs.append(TokenLogprob(token, logprob[0],
+                                                 [(int(i), v) for i, v in zip(top_ids[:k], top_values[:k])]))
+            if len(seq.output) >= params.max_new_tokens:
+                seq.finish_reason = "length"
+                break
+        if added or seq.finish_reason:
+            seq.new_text, hit_stop = seq.detokenizer.update(seq.output, final=seq.finish_reason is not None)
+            if hit_stop:
+                seq.finish_reason = "stop"
+        if seq.finish_reason:
+            self._finish(seq, seq.finish_reason)
+        return added
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Full blocks whose latents are all computed (and whose next token is known) join the prefix cache."""
+        known = seq.tokens[: seq.computed + 1]
+        previous = seq.block_hashes[-1] if seq.block_hashes else None
+        for block_hash in chained_hashes(known, self.blocks.block_size, seq.hashed_blocks, previous):
+            self.blocks.register(seq.blocks[seq.hashed_blocks], block_hash)
+            seq.block_hashes.append(block_hash)
+            seq.hashed_blocks += 1
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.scheduler.release(seq)
+        if seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        if reason == "abort":
+            seq.new_text = ""
+
+    def stats(self) -> dict[str, float]:
+        recent = sum(n for _, n in self._recent)
+        span = (self._recent[-1][0] - self._recent[0][0]) if len(self._recent) > 1 else 0.0
+        s = self.scheduler
+        return {"running": len(s.running), "waiting": len(s.waiting) + len(self._inbox),
+                "cache_blocks_used": self.blocks.used_blocks, "cache_blocks_total": self.blocks.num_blocks,
+                "cache_tokens_total": self.cache_tokens,
+                "prefix_hit_rate": s.prompt_tokens_hit / max(1, s.prompt_tokens_queried),
+                "prompt_tokens": s.prompt_tokens_queried, "cached_prompt_tokens": s.prompt_tokens_hit,
+                "generated_tokens": self.generated_tokens, "tokens_per_s": recent / span if span > 0 else 0.0,
+                "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+                "acceptance_rate": self.accepted / max(1, self.drafted), "preemptions": s.preemptions}
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 on_token: StreamCallback | None = None,
-                 cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
-        """`cancelled(row)` lets a caller drop a sequence whose client went away (finish_reason 'abort')."""
-        batch = len(prompts)
-        params = params if isinstance(params, list) else [params] * batch
+                 on_token: StreamCallback | None = None) -> list[Completion]:
+        """Run the prompts to the end (every step also serves whatever else was added)."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
         for prompt, p in zip(prompts, params):
             self.check(prompt, p)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        total = max(len(prompt) + p.max_new_tokens for prompt, p in zip(prompts, params))
-        cache = LatentCache(self.model.config, batch, total, self.device, self.dtype)
-        padded = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompts):
-            padded[row, : len(prompt)] = torch.tensor(prompt)
-        positions = torch.arange(padded.shape[1], device=self.device).expand(batch, -1)
-        logits, _ = self.model.forward_cached(padded, positions, cache)
-        logits = logits[torch.arange(batch), lengths - 1]  # each prompt's last real token
-
-        generators = [torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
-                      for p in params]
-        trackers = [_TextTracker(self.decode, p.stop_strings) for p in params]
-        results = [Completion(prompt_tokens=len(prompt)) for prompt in prompts]
-        next_ids = torch.zeros(batch, dtype=torch.long, device=self.device)
-        while True:
-            for row, (p, result) in enumerate(zip(params, results)):
-                if result.finish_reason is not None:
-                    continue
-                if cancelled is not None and cancelled(row):
-                    result.finish_reason = "abort"
-                    continue
-                token = int(sample_next(logits[row: row + 1], p.temperature, p.top_k, p.top_p, generators[row]))
-                next_ids[row] = token
-                if token in p.stop_token_ids:
-                    result.finish_reason = "stop"
-                else:
-                    result.token_ids.append(token)
-                    if len(result.token_ids) >= p.max_new_tokens:
-                        result.finish_reason = "length"
-                delta, hit_stop = trackers[row].update(result.token_ids, final=result.finish_reason is not None)
-                if hit_stop:
-                    result.finish_reason = "stop"
-                if on_token is not None:
-                    on_token(row, delta, result.finish_reason is not None)
-            if all(r.finish_reason is not None for r in results):
-                break
-            # finished rows keep stepping at their last position (harmless, and keeps the batch rectangular)
-            lengths = torch.where(torch.tensor([r.finish_reason is None for r in results], device=self.device),
-                                  lengths + 1, lengths).clamp(max=total - 1)
-            logits, _ = self.model.forward_cached(next_ids[:, None], (lengths - 1)[:, None], cache)
-            logits = logits[:, -1]
-        for result, tracker in zip(results, trackers):
-            result.text = tracker.text(result.token_ids)
-        return results
+        seqs = [self.add(prompt, p) for prompt, p in zip(prompts, params)]
+        index = {seq: i for i, seq in enumerate(seqs)}
+        while any(seq.finish_reason is None for seq in seqs):
+            for seq in self.step():
+                if on_token is not None and seq in index:
+                    on_token(index[seq], seq.new_text, seq.finish_reason is not None)
+        return [seq.completion() for seq in seqs]

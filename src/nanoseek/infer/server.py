@@ -1,124 +1,136 @@
 """`nanoseek serve`: an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions, SSE
-streaming). Requests that arrive together are decoded together: a worker thread takes every waiting request (up to
-max_batch) into one batch of the engine. Bad requests get an OpenAI-style JSON error with a 4xx status."""
+streaming) over the continuous-batching engine, plus /health and Prometheus /metrics.
+
+One thread runs the engine's step loop; requests join the running batch at its next step, and a client that goes
+away (streaming or not) has its sequences aborted. On SIGTERM the server stops admitting (new requests get 503,
+the listening socket closes), lets running requests finish for up to `shutdown_timeout` seconds, aborts the rest
+and exits 0.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import queue
+import signal
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer
+from nanoseek.infer import protocol
 from nanoseek.infer.chat import ChatTemplate, check_messages
-from nanoseek.infer.engine import Completion, Engine, SamplingParams
+from nanoseek.infer.engine import Engine, EngineConfig
+from nanoseek.infer.protocol import APIError
+from nanoseek.infer.request import Completion, SamplingParams, Sequence
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-@dataclass
+@dataclass(eq=False)
 class Job:
-    prompt: list[int]
-    params: SamplingParams
+    """A request's sequences (n of them) and the queue their events reach the request handler by."""
+
+    seqs: list[Sequence]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
 
     def push(self, item: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
+    def abort(self) -> None:
+        for seq in self.seqs:
+            Engine.abort(seq)
 
-class Batcher:
-    """The one thread that runs the model: batches whatever requests are waiting when it is free."""
 
-    def __init__(self, engine: Engine, max_batch: int):
-        self.engine, self.max_batch = engine, max_batch
-        self.waiting: queue.Queue[Job] = queue.Queue()
-        threading.Thread(target=self._run, daemon=True, name="nanoseek-batcher").start()
+class EngineLoop:
+    """The one thread that runs the model: steps while there is work, sleeps otherwise."""
 
-    def submit(self, job: Job) -> None:
-        self.waiting.put(job)
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.jobs: dict[Sequence, tuple[Job, int]] = {}
+        self.sent_logprobs: dict[Sequence, int] = {}
+        self.wake = threading.Event()
+        self.draining = False
+        threading.Thread(target=self._run, daemon=True, name="nanoseek-engine").start()
+
+    def submit(self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop) -> Job:
+        first = self.engine.add(prompt, params)
+        # the other choices wait for the first one's prefill, then find its prompt blocks in the prefix cache; a
+        # seeded request's choice i samples with seed + i: reproducible, and not n copies of one sample
+        seeds = [None if params.seed is None else params.seed + i for i in range(1, n)]
+        seqs = [first] + [self.engine.add(prompt, replace(params, seed=seed), after=first) for seed in seeds]
+        job = Job(seqs, loop)
+        for index, seq in enumerate(seqs):
+            self.jobs[seq] = (job, index)
+        self.wake.set()
+        return job
 
     def _run(self) -> None:
         while True:
-            jobs = [self.waiting.get()]
-            time.sleep(0.002)  # let requests sent at the same moment join this batch
-            while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self.waiting.get_nowait())
-                except queue.Empty:
-                    break
+            if not self.engine.has_work():
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()
+                continue
             try:
-                results = self.engine.generate(
-                    [j.prompt for j in jobs], [j.params for j in jobs],
-                    on_token=lambda row, delta, done: jobs[row].push(("delta", delta)) if delta else None,
-                    cancelled=lambda row: jobs[row].cancelled)
-                for job, result in zip(jobs, results):
-                    job.push(("done", result))
-            except Exception as e:  # a failed batch must not kill the server: every waiting client is told
-                for job in jobs:
-                    job.push(("error", f"generation failed: {e}"))
+                changed = self.engine.step()
+            except Exception as e:  # a failed step must not kill the server: every client is told
+                for job, _ in set(self.jobs.values()):
+                    job.push(("error", 0, f"generation failed: {e}"))
+                    job.abort()
+                continue
+            for seq in changed:
+                self._notify(seq)
+
+    def _notify(self, seq: Sequence) -> None:
+        job, index = self.jobs.get(seq, (None, 0))
+        if job is None:
+            return
+        sent = self.sent_logprobs.get(seq, 0)
+        new_logprobs, self.sent_logprobs[seq] = seq.logprobs[sent:], len(seq.logprobs)
+        if seq.new_text or new_logprobs:
+            job.push(("delta", index, (seq.new_text, new_logprobs)))
+            seq.new_text = ""
+        if seq.finish_reason is not None:
+            job.push(("done", index, seq.completion()))
+            del self.jobs[seq]
+            self.sent_logprobs.pop(seq, None)
 
 
-def _sampling(body: dict[str, Any], default_max_tokens: int, stop_token: int | None,
-              extra_stops: tuple[str, ...] = ()) -> SamplingParams:
-    def number(name: str, default: Any, kind: type, low: float, high: float) -> Any:
-        value = body.get(name, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise APIError(400, f"'{name}' must be a {kind.__name__}", name)
-        if not low <= value <= high:
-            raise APIError(400, f"'{name}' must be between {low} and {high}, got {value}", name)
-        return kind(value)
-
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", "n")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-    return SamplingParams(
-        max_new_tokens=number("max_tokens", default_max_tokens, int, 1, 1 << 20),
-        temperature=number("temperature", 1.0, float, 0.0, 2.0), top_p=number("top_p", 1.0, float, 1e-9, 1.0),
-        top_k=number("top_k", 0, int, 0, 1 << 30) or None, seed=number("seed", None, int, -(1 << 63), 1 << 63),
-        stop_token_ids=() if stop_token is None else (stop_token,), stop_strings=tuple(stop) + extra_stops)
-
-
-def create_app(model_dir: str | Path, api_key: str | None = None, max_batch: int = 16) -> FastAPI:
+def create_app(model_dir: str | Path, api_key: str | None = None, config: EngineConfig | None = None) -> FastAPI:
     model_dir = Path(model_dir)
     model_name = model_dir.resolve().name
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
-    engine = Engine(load_pretrained(model_dir), decode=tokenizer.decode)
+    engine = Engine(load_pretrained(model_dir), decode=tokenizer.decode, config=config)
     check_vocab(tokenizer, engine.model.config.vocab_size)
     template, stop_token = ChatTemplate(model_dir), end_of_text_id(tokenizer)
-    batcher = Batcher(engine, max_batch)
-    app = FastAPI(title="nanoseek", version="0.1")
+    runner = EngineLoop(engine)
+
+    async def authenticate(request: Request) -> None:
+        """Every route but /health and /metrics (a dependency, not an HTTP middleware: Starlette's middleware hides
+        the client's disconnect from the route)."""
+        if request.url.path in ("/health", "/metrics"):
+            return
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key", kind="authentication_error")
+        if runner.draining and request.method == "POST":
+            raise APIError(503, "the server is shutting down", kind="server_error")
+
+    app = FastAPI(title="nanoseek", version="0.2", dependencies=[Depends(authenticate)])
+    app.state.engine, app.state.loop = engine, runner
+
+    def token_text(token: int) -> str:
+        return tokenizer.decode([token])
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
                             status_code=e.status)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-            return await api_error(request, APIError(401, "invalid or missing API key", kind="authentication_error"))
-        return await call_next(request)
 
     async def read_body(request: Request) -> dict[str, Any]:
         try:
@@ -132,48 +144,71 @@ def create_app(model_dir: str | Path, api_key: str | None = None, max_batch: int
                            "model", "model_not_found")
         return body
 
-    def start(request_prompt: str, params: SamplingParams) -> Job:
-        prompt = tokenizer.encode(request_prompt).ids
+    def start(prompt: list[int], params: SamplingParams, n: int) -> Job:
         try:
-            engine.check(prompt, params)
+            return runner.submit(prompt, params, n, asyncio.get_running_loop())
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        job = Job(prompt, params, asyncio.get_running_loop())
-        batcher.submit(job)
-        return job
 
-    async def run(job: Job, chunk: Any, stream: bool) -> Any:
-        """Streams SSE chunks built by chunk(delta, finish_reason), or collects the completion."""
-        async def events() -> AsyncIterator[str]:
-            try:
-                while True:
-                    kind, value = await job.events.get()
-                    if kind == "error":
-                        yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                        return
-                    done = kind == "done"
-                    yield f"data: {json.dumps(chunk('' if done else value, value.finish_reason if done else None))}\n\n"
-                    if done:
-                        yield "data: [DONE]\n\n"
-                        return
-            finally:
-                job.cancelled = True  # no-op when finished; stops decoding for a client that went away
+    async def until_disconnect(request: Request, job: Job) -> None:
+        """A non-streaming client that goes away aborts its job (a streaming response notices on its own)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.push(("gone", 0, None))
 
+    async def events(job: Job, request: Request, stream: bool) -> AsyncIterator[tuple]:
+        """The job's events until every choice is done; aborts the job if the client goes away first."""
+        remaining = len(job.seqs)
+        watcher = None if stream else asyncio.ensure_future(until_disconnect(request, job))
+        try:
+            while remaining:
+                event = await job.events.get()
+                if event[0] == "gone":
+                    return
+                if event[0] == "error":
+                    raise APIError(500, event[2], kind="server_error")
+                remaining -= event[0] == "done"
+                yield event
+        finally:
+            job.abort()  # a no-op for finished sequences
+            if watcher is not None:
+                watcher.cancel()
+
+    async def respond(job: Job, request: Request, stream: bool, chunk: Any) -> Any:
+        """SSE of chunk(index, delta text, logprobs, finish_reason) dicts, or the finished completions."""
         if stream:
-            return StreamingResponse(events(), media_type="text/event-stream")
-        while True:
-            kind, value = await job.events.get()
-            if kind == "error":
-                raise APIError(500, value, kind="server_error")
+            async def sse() -> AsyncIterator[str]:
+                try:
+                    async for kind, index, value in events(job, request, True):
+                        if kind == "delta":
+                            data = chunk(index, value[0], value[1], None)
+                        else:
+                            data = chunk(index, "", [], value.finish_reason)
+                        yield f"data: {json.dumps(data)}\n\n"
+                    yield "data: [DONE]\n\n"
+                except APIError as e:
+                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        done: dict[int, Completion] = {}
+        async for kind, index, value in events(job, request, False):
             if kind == "done":
-                return value
+                done[index] = value
+        if len(done) < len(job.seqs):
+            raise APIError(499, "the client closed the request")
+        return [done[i] for i in range(len(job.seqs))]
 
     def envelope(kind: str, completion_id: str) -> dict[str, Any]:
         return {"id": completion_id, "object": kind, "created": int(time.time()), "model": model_name}
 
-    def usage(job: Job, result: Completion) -> dict[str, int]:
-        return {"prompt_tokens": len(job.prompt), "completion_tokens": len(result.token_ids),
-                "total_tokens": len(job.prompt) + len(result.token_ids)}
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if runner.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(protocol.prometheus(engine.stats()), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -183,22 +218,24 @@ def create_app(model_dir: str | Path, api_key: str | None = None, max_batch: int
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = await read_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "'prompt' must be a non-empty string", "prompt")
-        job = start(prompt, _sampling(body, 16, stop_token))
+        prompt = protocol.prompt_ids(body, lambda text: tokenizer.encode(text).ids)
+        top = protocol.completion_logprobs_field(body)
+        params = protocol.sampling_params(body, 16, stop_token, (), top)
+        job = start(prompt, params, protocol.choices(body))
         cid = f"cmpl-{uuid.uuid4().hex}"
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            return {**envelope("text_completion", cid), "choices": [choice]}
+        def choice(index: int, text: str, logprobs: list, finish: str | None) -> dict[str, Any]:
+            lp = protocol.completion_logprobs(logprobs, token_text) if top is not None else None
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": lp}
 
-        result = await run(job, chunk, bool(body.get("stream")))
+        def chunk(index: int, text: str, logprobs: list, finish: str | None) -> dict[str, Any]:
+            return {**envelope("text_completion", cid), "choices": [choice(index, text, logprobs, finish)]}
+
+        result = await respond(job, request, bool(body.get("stream")), chunk)
         if isinstance(result, StreamingResponse):
             return result
-        return {**chunk(result.text, result.finish_reason), "usage": usage(job, result)}
+        return {**envelope("text_completion", cid), "usage": protocol.usage(result),
+                "choices": [choice(i, c.text, c.logprobs or [], c.finish_reason) for i, c in enumerate(result)]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -207,21 +244,46 @@ def create_app(model_dir: str | Path, api_key: str | None = None, max_batch: int
             messages = check_messages(body.get("messages"))
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
-        job = start(template.render(messages), _sampling(body, 128, stop_token, template.stop_strings))
+        top = protocol.chat_logprobs_field(body)
+        params = protocol.sampling_params(body, 128, stop_token, template.stop_strings, top)
+        job = start(tokenizer.encode(template.render(messages)).ids, params, protocol.choices(body))
         cid = f"chatcmpl-{uuid.uuid4().hex}"
-        first = [True]
+        first = set()
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            delta = {"role": "assistant", "content": text} if first[0] else ({"content": text} if text else {})
-            first[0] = False
+        def chunk(index: int, text: str, logprobs: list, finish: str | None) -> dict[str, Any]:
+            delta = {"content": text} if text else {}
+            if index not in first:
+                first.add(index)
+                delta = {"role": "assistant", "content": text}
+            lp = protocol.chat_logprobs(logprobs, token_text) if top is not None else None
             return {**envelope("chat.completion.chunk", cid),
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
-        result = await run(job, chunk, bool(body.get("stream")))
+        result = await respond(job, request, bool(body.get("stream")), chunk)
         if isinstance(result, StreamingResponse):
             return result
-        message = {"role": "assistant", "content": result.text.strip()}
-        return {**envelope("chat.completion", cid), "usage": usage(job, result),
-                "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}]}
+        return {**envelope("chat.completion", cid), "usage": protocol.usage(result),
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text.strip()},
+                             "logprobs": protocol.chat_logprobs(c.logprobs, token_text) if top is not None else None,
+                             "finish_reason": c.finish_reason} for i, c in enumerate(result)]}
 
     return app
+
+
+def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
+    """Run until SIGTERM/SIGINT: then refuse new requests, give running ones `shutdown_timeout` seconds, abort the
+    rest."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.loop.draining = True
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # uvicorn re-raises caught signals after shutting down; SIGTERM ends in 0
+                self._captured_signals.remove(sig)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=shutdown_timeout)
+    Server(config).run()
+    for job, _ in set(app.state.loop.jobs.values()):
+        job.abort()

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
-from nanoseek.infer.cache import LayerCache
 from nanoseek.model.layers import RMSNorm
+from nanoseek.model.paged import PagedBatch
 from nanoseek.model.rope import apply_rope
 
 
@@ -66,6 +66,13 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)
         return self.kv_norm(latent), k_rope
 
+    def keys_values(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up-projection: latent [B, S, C], k_rope [B, S, rope] → per-head k [B, H, S, qk], v [B, H, S, v]."""
+        B, S, _ = latent.shape
+        kv = self.kv_up(latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        return torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, S, self.rope_dim)], dim=-1), v
+
     def attend_latents(self, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor) -> torch.Tensor:
         """From the compressed inputs: norms, up-projections to per-head q, k [B, H, T, qk] and v, then causal
@@ -74,16 +81,12 @@ class MultiHeadLatentAttention(nn.Module):
         only the compressed inputs stay in memory: the small per-token latents that are MLA's point."""
         B, T, _ = kv_input.shape
         q_nope, q_rope = self.queries(q_input, cos, sin)
-        latent, k_rope = self.latents(kv_input, cos, sin)
-        kv = self.kv_up(latent).view(B, T, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, T, self.rope_dim)], dim=-1)
-        y = attend(q, k, v, self.softmax_scale)
+        k, v = self.keys_values(*self.latents(kv_input, cos, sin))
+        y = attend(torch.cat([q_nope, q_rope], dim=-1), k, v, self.softmax_scale)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over a whole sequence (training and prefill): up-project the latents, then SDPA."""
+        """Causal self-attention over a whole sequence (training): up-project the latents, then SDPA."""
         q_input, kv_input = self.compress(x)
         if self.recompute and torch.is_grad_enabled():
             y = checkpoint(self.attend_latents, q_input, kv_input, cos, sin, use_reentrant=False)
@@ -91,34 +94,55 @@ class MultiHeadLatentAttention(nn.Module):
             y = self.attend_latents(q_input, kv_input, cos, sin)
         return self.out_proj(y)
 
-    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
-                       positions: torch.Tensor) -> torch.Tensor:
-        """Absorbed attention for prefill and decode: x [B, T, dim] holds the tokens at `positions` [B, T]; their
-        latents are written to the cache, then each attends to every cached position up to its own."""
-        B, T, _ = x.shape
+    def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store: torch.Tensor,
+                      batch: PagedBatch) -> torch.Tensor:
+        """Inference over a paged latent store (model/paged.py): x [1, N, dim] holds the batch's new tokens. Their
+        [c_KV; k_rope] go to their slots first; then decode rows attend in the absorbed form and each prefill chunk
+        attends, up-projected, to its whole context (cached prefix plus itself)."""
         q_input, kv_input = self.compress(x)
-        q_nope, q_rope = self.queries(q_input, cos, sin)
+        q_nope, q_rope = self.queries(q_input, cos, sin)  # [1, H, N, *]
         latent, k_rope = self.latents(kv_input, cos, sin)
-        cache.write(positions, latent, k_rope)
-        span = cache.span
-        keys, rope_keys = cache.latent[:, :span].unsqueeze(1), cache.k_rope[:, :span].unsqueeze(1)  # [B, 1, S, *]
-        w_uk, w_uv = self.kv_up.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim).split(
+        store.index_copy_(0, batch.slots, torch.cat([latent, k_rope], dim=-1)[0].to(store.dtype))
+        parts = []
+        if batch.decode_rows:
+            decoded = slice(0, batch.decode_tokens)
+            parts.append(self._absorbed(q_nope[0, :, decoded], q_rope[0, :, decoded], store, batch))
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        for chunk in batch.prefills:
+            context = store[chunk.context].to(q.dtype)[None]  # [1, ctx, C + R]
+            k, v = self.keys_values(*context.split([self.latent_dim, self.rope_dim], dim=-1))
+            queries = q[:, :, chunk.start: chunk.start + chunk.length]
+            mask = None if chunk.length == context.shape[1] else chunk.visible()
+            y = attend(queries, k, v, self.softmax_scale, mask)  # [1, H, T, v]
+            parts.append(y[0].transpose(0, 1).reshape(chunk.length, self.n_heads * self.v_dim))
+        return self.out_proj(torch.cat(parts)[None])
+
+    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, store: torch.Tensor,
+                  batch: PagedBatch) -> torch.Tensor:
+        """Decode rows: q_nope [H, rows·width, nope], q_rope [H, rows·width, rope] → [rows·width, H·v]. The query
+        moves into latent space (W_UKᵀ q_nope), so scores against [c_KV; k_rope] are one product, and the heads
+        (and draft tokens) of a sequence fold into the rows of one GEMM per sequence, not one GEMV per head."""
+        rows, width, heads = batch.decode_rows, batch.decode_width, self.n_heads
+        context = store[batch.decode_context].to(q_nope.dtype)  # [rows, S, C + R]
+        w_uk, w_uv = self.kv_up.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim).split(
             [self.nope_dim, self.v_dim], dim=1)
-        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # the query in latent space
-        scores = (q_latent @ keys.transpose(-1, -2) + q_rope @ rope_keys.transpose(-1, -2)) * self.softmax_scale
-        visible = torch.arange(span, device=x.device) <= positions.unsqueeze(-1)  # [B, T, S]
-        scores = scores.float().masked_fill(~visible.unsqueeze(1), float("-inf"))
-        out_latent = scores.softmax(dim=-1).to(keys.dtype) @ keys  # [B, H, T, C]
-        out = torch.einsum("bhtc,hvc->bthv", out_latent, w_uv).reshape(B, T, self.n_heads * self.v_dim)
-        return self.out_proj(out)
+        q_latent = torch.einsum("hnd,hdc->nhc", q_nope, w_uk)  # [rows·width, H, C]
+        q_all = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1).reshape(rows, width * heads, -1)
+        scores = torch.bmm(q_all, context.transpose(1, 2)).float() * self.softmax_scale  # [rows, width·H, S]
+        scores = scores.view(rows, width, heads, -1).masked_fill(~batch.decode_visible(), float("-inf"))
+        weights = scores.softmax(dim=-1).to(context.dtype).view(rows, width * heads, -1)
+        out_latent = torch.bmm(weights, context[..., : self.latent_dim])  # [rows, width·H, C]
+        out = torch.einsum("nhc,hvc->nhv", out_latent.view(rows * width, heads, -1), w_uv)
+        return out.reshape(rows * width, heads * self.v_dim)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal SDPA. MLA's values are narrower than its queries/keys (128 vs 192 at V3 shape), which sends SDPA to
-    its slow math backend on some devices (CPU among them); zero-padding v to the key width keeps the fused flash
-    kernel (1.6x faster here), and the padded output columns are exactly zero and dropped."""
-    pad = q.shape[-1] - v.shape[-1]
-    if pad <= 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True, scale=scale)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal SDPA, or with `mask` [T, S] (True = visible) when the queries are the last T of S positions. MLA's
+    values are narrower than its queries/keys (128 vs 192 at V3 shape), which sends SDPA to its slow math backend on
+    some devices (CPU among them); zero-padding v to the key width keeps the fused flash kernel (1.6x faster here),
+    and the padded output columns are exactly zero and dropped."""
+    pad = max(0, q.shape[-1] - v.shape[-1])
+    y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad else v, attn_mask=mask,
+                                       is_causal=mask is None, scale=scale)
     return y[..., : v.shape[-1]]

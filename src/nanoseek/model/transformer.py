@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.infer.cache import LatentCache, LayerCache
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.gqa import GroupedQueryAttention
 from nanoseek.model.init import seeded_normal_
 from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MoE, Router
+from nanoseek.model.paged import PagedBatch
 from nanoseek.model.rope import RotaryEmbedding
 
 
@@ -30,14 +30,15 @@ class Block(nn.Module):
         self.mlp: MLP | MoE = (MoE(config) if config.is_moe_layer(layer_index)
                                else MLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Whole causal sequences without a cache (training); with one, the tokens at `positions` (inference)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                paged: tuple[torch.Tensor, PagedBatch] | None = None) -> torch.Tensor:
+        """Whole causal sequences (training); with `paged` (this layer's latent store, the batch layout), the flat
+        new tokens of an inference forward."""
         normed = self.attn_norm(x)
-        if cache is None:
+        if paged is None:
             x = x + self.attn(normed, cos, sin)
         else:
-            x = x + self.attn.forward_cached(normed, cos, sin, cache, positions)
+            x = x + self.attn.forward_paged(normed, cos, sin, *paged)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -57,9 +58,9 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                paged: tuple[torch.Tensor, PagedBatch] | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
-        return self.block(x, cos, sin, cache, positions)
+        return self.block(x, cos, sin, paged)
 
 
 @dataclass
@@ -130,25 +131,29 @@ class Transformer(nn.Module):
         mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin) if len(self.mtp) and with_mtp else None
         return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
 
-    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                       cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference: input_ids [B, T] at positions [B, T] (per sequence, so prompts of different lengths batch
-        together) → logits [B, T, vocab] and the final hidden states [B, T, dim] (before the norm: MTP's input)."""
-        span = int(positions.max()) + 1  # read once per forward, not in every layer (each read syncs a GPU)
-        cos, sin = self.rope(positions)
-        x = self.embed(input_ids)
+    def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: torch.Tensor) -> torch.Tensor:
+        """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over the latent stores
+        [layers + MTP modules, slots, kv_lora_rank + rope] → final hidden states [N, dim] (before the norm: MTP's
+        input; `logits` turns the rows that are sampled into logits)."""
+        cos, sin = self.rope(batch.positions)
+        x = self.embed(input_ids)[None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layer(i, span), positions)
-        return self.head(self.norm(x)), x
+            x = layer(x, cos, sin, (stores[i], batch))
+        return x[0]
 
-    def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                           cache: LatentCache, depth: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """MTP module `depth` at positions i: from h_i and token t_{i+1}, logits for t_{i+2} (the draft)."""
-        module = self.mtp[depth]
-        cos, sin = self.rope(positions)
-        hidden = module(hidden, self.embed(next_ids), cos, sin, cache.mtp_layer(depth, int(positions.max()) + 1),
-                        positions)
-        return self.head(module.norm(hidden)), hidden
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden))
+
+    def mtp_forward_paged(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: PagedBatch,
+                          stores: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """MTP module `depth` at the batch's positions i, from h_i [N, dim] and token t_{i+1} [N] → its hidden
+        states [N, dim] (`mtp_logits` of a row: the logits for t_{i+2}, the draft)."""
+        cos, sin = self.rope(batch.positions)
+        paged = (stores[self.config.num_hidden_layers + depth], batch)
+        return self.mtp[depth](hidden[None], self.embed(next_ids)[None], cos, sin, paged)[0]
+
+    def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        return self.head(self.mtp[depth].norm(hidden))
 
     def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""The paged latent cache: one store per layer of fixed-size blocks, and the manager that hands blocks out.
+
+Every layer (and MTP module) has a store [num_blocks · block_size, kv_lora_rank + rope]; a sequence owns a list of
+block ids (its block table), the same in every layer. Prefix caching (vLLM's scheme): a block whose tokens are all
+computed gets a hash chained over every token before it, so two sequences whose prompts agree up to a block
+boundary share that block by reference count. A block nobody holds keeps its contents and its hash until the
+space is needed, and then the least recently released one is reused first (LRU).
+
+A block's hash also covers the first token after it: the MTP module's latent at a block's last position is computed
+from that token (MTP at position i reads t_{i+1}), so the block is only valid for sequences that continue the same
+way. For a model without MTP this costs at most the last block of a prompt.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from nanoseek.config import ModelConfig
+
+
+def latent_store(config: ModelConfig, memory_bytes: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """→ zeros [layers + MTP modules, blocks · block_size, kv_lora_rank + rope], as many whole blocks as fit."""
+    layers = config.num_hidden_layers + config.num_nextn_predict_layers
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    block_bytes = layers * block_size * width * torch.finfo(dtype).bits // 8
+    blocks = memory_bytes // block_bytes
+    if blocks < 1:
+        raise ValueError(f"the cache memory ({memory_bytes} bytes) holds no block of {block_size} tokens "
+                         f"({block_bytes} bytes)")
+    return torch.zeros(layers, blocks * block_size, width, device=device, dtype=dtype)
+
+
+def chained_hashes(tokens: list[int], block_size: int, start: int = 0, previous: int | None = None) -> list[int]:
+    """Hashes of the blocks start, start+1, ... of `tokens` that are full and followed by a token."""
+    hashes = []
+    block = start
+    while (block + 1) * block_size < len(tokens):
+        previous = hash((previous, tuple(tokens[block * block_size: (block + 1) * block_size]),
+                         tokens[(block + 1) * block_size]))
+        hashes.append(previous)
+        block += 1
+    return hashes
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.refs = [0] * num_blocks
+        self.hash_of: dict[int, int] = {}
+        self.by_hash: dict[int, int] = {}
+        self.unhashed: list[int] = list(range(num_blocks - 1, -1, -1))  # free and holding nothing worth keeping
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # free but holding a cached prefix, LRU first
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self.unhashed) + len(self.evictable)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - self.free_blocks
+
+    def match_prefix(self, tokens: list[int]) -> list[int]:
+        """The cached blocks that begin `tokens` (each now held once more)."""
+        blocks = []
+        for block_hash in chained_hashes(tokens, self.block_size):
+            block = self.by_hash.get(block_hash)
+            if block is None:
+                break
+            self._hold(block)
+            blocks.append(block)
+        return blocks
+
+    def allocate(self, count: int) -> list[int] | None:
+        """`count` blocks for one holder, or None (and nothing taken) if that many are not free."""
+        if count > self.free_blocks:
+            return None
+        blocks = []
+        for _ in range(count):
+            if self.unhashed:
+                block = self.unhashed.pop()
+            else:
+                block, _ = self.evictable.popitem(last=False)
+                del self.by_hash[self.hash_of.pop(block)]
+            self.refs[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one hold on each block; the tail first, so that a sequence's last blocks are evicted first."""
+        for block in reversed(blocks):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self.hash_of:
+                    self.evictable[block] = None
+                else:
+                    self.unhashed.append(block)
+
+    def register(self, block: int, block_hash: int) -> None:
+        """A block whose tokens are all computed: findable by later prompts (the first block with a hash keeps it)."""
+        if block_hash not in self.by_hash and block not in self.hash_of:
+            self.by_hash[block_hash], self.hash_of[block] = block, block_hash
+
+    def _hold(self, block: int) -> None:
+        if self.refs[block] == 0:
+            self.evictable.pop(block, None)
+        self.refs[block] += 1

@@ -1,0 +1,129 @@
+"""The OpenAI wire format: request fields checked into engine settings (a 4xx naming the field otherwise), and
+logprobs, usage and Prometheus metrics written out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from nanoseek.infer.request import MAX_TOP_LOGPROBS, Completion, SamplingParams, TokenLogprob
+
+MAX_CHOICES = 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def number(body: dict[str, Any], name: str, default: Any, kind: type, low: float, high: float) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise APIError(400, f"'{name}' must be a {kind.__name__}", name)
+    if not low <= value <= high:
+        raise APIError(400, f"'{name}' must be between {low} and {high}, got {value}", name)
+    return kind(value)
+
+
+def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_token: int | None,
+                    extra_stops: tuple[str, ...], logprobs: int | None) -> SamplingParams:
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: a fixed output length, for benchmarks
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, "'ignore_eos' must be a boolean", "ignore_eos")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    return SamplingParams(
+        max_new_tokens=number(body, "max_tokens", default_max_tokens, int, 1, 1 << 20),
+        temperature=number(body, "temperature", 1.0, float, 0.0, 2.0),
+        top_p=number(body, "top_p", 1.0, float, 1e-9, 1.0), top_k=number(body, "top_k", 0, int, 0, 1 << 30) or None,
+        seed=number(body, "seed", None, int, -(1 << 63), (1 << 64) - 1),
+        stop_token_ids=() if stop_token is None or ignore_eos else (stop_token,),
+        stop_strings=tuple(stop) + extra_stops, logprobs=logprobs)
+
+
+def choices(body: dict[str, Any]) -> int:
+    return number(body, "n", 1, int, 1, MAX_CHOICES)
+
+
+def completion_logprobs_field(body: dict[str, Any]) -> int | None:
+    return number(body, "logprobs", None, int, 0, MAX_TOP_LOGPROBS)
+
+
+def chat_logprobs_field(body: dict[str, Any]) -> int | None:
+    wanted = body.get("logprobs", False)
+    if not isinstance(wanted, bool):
+        raise APIError(400, "'logprobs' must be a boolean", "logprobs")
+    top = number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
+    if top and not wanted:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return top if wanted else None
+
+
+def prompt_ids(body: dict[str, Any], encode: Callable[[str], list[int]]) -> list[int]:
+    """/v1/completions' prompt: a string or a list of token ids (or a one-element list of either)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return encode(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise APIError(400, "'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
+
+
+def completion_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+    return {"tokens": [token_text(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": []}
+
+
+def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def usage(completions: list[Completion]) -> dict[str, Any]:
+    prompt = completions[0].prompt_tokens
+    generated = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": completions[0].cached_tokens}}
+
+
+_METRICS = [  # (name, type, help, stats key)
+    ("nanoseek_requests_running", "gauge", "Sequences in the running batch", "running"),
+    ("nanoseek_requests_waiting", "gauge", "Sequences waiting to be admitted", "waiting"),
+    ("nanoseek_cache_blocks_used", "gauge", "Latent-cache blocks held by sequences", "cache_blocks_used"),
+    ("nanoseek_cache_blocks_total", "gauge", "Latent-cache blocks", "cache_blocks_total"),
+    ("nanoseek_cache_tokens_capacity", "gauge", "Tokens the latent cache holds", "cache_tokens_total"),
+    ("nanoseek_cache_usage_ratio", "gauge", "Fraction of latent-cache blocks in use", "cache_usage"),
+    ("nanoseek_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache / prompt tokens",
+     "prefix_hit_rate"),
+    ("nanoseek_prompt_tokens_total", "counter", "Prompt tokens admitted", "prompt_tokens"),
+    ("nanoseek_prompt_tokens_cached_total", "counter", "Prompt tokens served from the prefix cache",
+     "cached_prompt_tokens"),
+    ("nanoseek_generation_tokens_total", "counter", "Tokens generated", "generated_tokens"),
+    ("nanoseek_generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s",
+     "tokens_per_s"),
+    ("nanoseek_spec_draft_tokens_total", "counter", "MTP draft tokens verified", "drafted_tokens"),
+    ("nanoseek_spec_accepted_tokens_total", "counter", "MTP draft tokens accepted", "accepted_tokens"),
+    ("nanoseek_spec_acceptance_rate", "gauge", "Accepted / drafted MTP tokens", "acceptance_rate"),
+    ("nanoseek_preemptions_total", "counter", "Sequences preempted for cache space (recomputed later)",
+     "preemptions"),
+]
+
+
+def prometheus(stats: dict[str, float]) -> str:
+    stats = {**stats, "cache_usage": stats["cache_blocks_used"] / max(1, stats["cache_blocks_total"])}
+    lines = []
+    for name, kind, text, key in _METRICS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {float(stats[key]):g}"]
+    return "\n".join(lines) + "\n"

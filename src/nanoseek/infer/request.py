@@ -1,0 +1,102 @@
+"""A request's sampling settings, and a sequence's state inside the engine."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from nanoseek.infer.detokenize import Detokenizer
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k ≥ 0: the chosen token's logprob and the k most likely
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or (self.top_p is not None and not 0 < self.top_p <= 1):
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this step, most likely first
+
+
+@dataclass
+class Completion:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation. `tokens` = prompt + output; the first `computed` have their latents in the cache, the rest
+    (one, the last sampled token, while decoding) go into the next forward."""
+
+    prompt: list[int]
+    params: SamplingParams
+    detokenizer: Detokenizer
+    after: Sequence | None = None  # admitted only once this one has prefilled (n > 1 shares its prompt blocks)
+    id: int = field(default_factory=lambda: next(_ids))
+    output: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0
+    hashed_blocks: int = 0  # how many leading blocks are registered in the prefix cache
+    block_hashes: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    admitted: bool = False
+    draft: int | None = None  # the MTP module's guess for the token after the pending one
+    draft_probs: torch.Tensor | None = None  # [vocab] the distribution the draft was sampled from
+    draws: int = 0  # the sampler's counter: each step's random numbers come from (seed, draws)
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    aborted: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    new_text: str = ""  # text produced by the last step, for streaming
+
+    def __post_init__(self) -> None:
+        self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(62)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def decoding(self) -> bool:
+        """Past its prompt, with only the last sampled token to compute (a recomputed sequence prefills first)."""
+        return bool(self.output) and self.length - self.computed == 1
+
+    def completion(self) -> Completion:
+        return Completion(list(self.output), self.detokenizer.text, self.finish_reason, len(self.prompt),
+                          self.cached_tokens, list(self.logprobs) if self.params.logprobs is not None else None)

@@ -1,0 +1,164 @@
+"""The model runner: turns a scheduled step into one forward over the paged latent store, samples (or verifies
+drafts) on the device, runs the MTP module to draft the next tokens, and brings everything back to the host in one
+transfer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.infer.request import Sequence
+from nanoseek.infer.sampler import RowSettings, sample, token_logprobs, verify
+from nanoseek.infer.scheduler import Step
+from nanoseek.model.paged import PagedBatch, PrefillChunk
+from nanoseek.model.transformer import Transformer
+
+
+@dataclass
+class SeqResult:
+    tokens: list[int]  # sampled tokens, in order (decode with an accepted draft: two)
+    computed: int  # how many more tokens now have correct latents in the cache
+    logprobs: list[list[float]]  # per token: [chosen, top ids..., top logprobs...] (empty rows when not asked)
+    draft: int | None = None
+    draft_probs: torch.Tensor | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, store: torch.Tensor, block_size: int, speculate: bool):
+        self.model, self.store, self.block_size, self.speculate = model, store, block_size, speculate
+        self.device = store.device
+
+    def slots(self, seq: Sequence, start: int, stop: int) -> torch.Tensor:
+        """Store slots of the sequence's positions start..stop-1 (its block table unrolled)."""
+        positions = torch.arange(start, stop)
+        return torch.tensor(seq.blocks)[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    @torch.inference_mode()
+    def run(self, step: Step) -> dict[Sequence, SeqResult]:
+        width = 2 if self.speculate else 1
+        ids, positions, slots, contexts, chunks = [], [], [], [], []
+        for seq in step.decode:
+            ids += [seq.tokens[-1]] + ([seq.draft] if self.speculate else [])
+            positions.append(torch.arange(seq.computed, seq.computed + width))
+            slots.append(self.slots(seq, seq.computed, seq.computed + width))
+            contexts.append(self.slots(seq, 0, seq.computed + width))
+        start = len(ids)
+        for seq, length in step.prefill:
+            ids += seq.tokens[seq.computed: seq.computed + length]
+            positions.append(torch.arange(seq.computed, seq.computed + length))
+            slots.append(self.slots(seq, seq.computed, seq.computed + length))
+            chunks.append(PrefillChunk(start, length, self.slots(seq, 0, seq.computed + length).to(self.device)))
+            start += length
+        decode_context = None
+        if contexts:
+            decode_context = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True).to(self.device)
+        batch = PagedBatch(torch.cat(positions).to(self.device), torch.cat(slots).to(self.device),
+                           len(step.decode), width, decode_context, chunks)
+        ids_t = torch.tensor(ids, device=self.device)
+        hidden = self.model.forward_paged(ids_t, batch, self.store)
+        return self._sample(step, batch, ids_t, hidden)
+
+    def _settings(self, seqs: list[Sequence]) -> RowSettings:
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        params = [s.params for s in seqs]
+        return RowSettings(column([p.temperature for p in params], torch.float32),
+                           column([p.top_k or 0 for p in params], torch.long),
+                           column([p.top_p or 1.0 for p in params], torch.float32),
+                           column([s.seed for s in seqs], torch.long), column([s.draws for s in seqs], torch.long),
+                           all_greedy=all(p.temperature <= 0 for p in params),
+                           unfiltered=all(not p.top_k and (p.top_p or 1.0) >= 1.0 for p in params))
+
+    def _sample(self, step: Step, batch: PagedBatch, ids: torch.Tensor,
+                hidden: torch.Tensor) -> dict[Sequence, SeqResult]:
+        decode_tokens = batch.decode_tokens
+        finals = [(seq, chunk) for (seq, _), chunk in zip(step.prefill, batch.prefills)
+                  if seq.computed + chunk.length == seq.length]
+        final_rows = [chunk.start + chunk.length - 1 for _, chunk in finals]
+        rows = torch.cat([torch.arange(decode_tokens), torch.tensor(final_rows, dtype=torch.long)]).to(self.device)
+        logits = self.model.logits(hidden[rows])
+        parts: list[torch.Tensor] = []
+        accepted = None
+        sampled = torch.empty(0, dtype=torch.long, device=self.device)
+        if step.decode:
+            settings = self._settings(step.decode)
+            dec_logits = logits[:decode_tokens]
+            if self.speculate:
+                drafts = torch.tensor([s.draft for s in step.decode], device=self.device)
+                draft_probs = None if settings.all_greedy else torch.stack([
+                    s.draft_probs if s.draft_probs is not None  # a greedy row's draft: its one-hot
+                    else torch.zeros_like(logits[0]).index_fill_(0, torch.tensor(s.draft, device=self.device), 1.0)
+                    for s in step.decode])
+                accepted, pairs = verify(dec_logits.view(len(step.decode), 2, -1), drafts, draft_probs, settings)
+                sampled = pairs.flatten()
+                parts.append(accepted.float())
+            else:
+                sampled = sample(dec_logits, settings)[0]
+        if finals:
+            sampled = torch.cat([sampled, sample(logits[decode_tokens:], self._settings([s for s, _ in finals]))[0]])
+        parts.append(sampled.float())
+        top = max((s.params.logprobs or 0 for s in step.decode + [seq for seq, _ in step.prefill]
+                   if s.params.logprobs is not None), default=None)
+        if top is not None:
+            parts.append(token_logprobs(logits, sampled, top).flatten())
+        drafted = self._draft(step, batch, ids, hidden, accepted, sampled, finals) if self.speculate else None
+        if drafted is not None:
+            parts.append(drafted[0].float())
+        host = torch.cat(parts).tolist()  # the step's one device → host transfer
+        return self._unpack(step, host, finals, top, drafted)
+
+    def _draft(self, step: Step, batch: PagedBatch, ids: torch.Tensor, hidden: torch.Tensor,
+               accepted: torch.Tensor | None, sampled: torch.Tensor,
+               finals: list[tuple[Sequence, PrefillChunk]]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The MTP module over every position of the step (it fills its own cache at each), reading t_{i+1}: the
+        verified tokens for decode rows, the next prompt token (or the token just sampled) for prefill chunks.
+        → drafts and their distributions for the decoding and newly decoding sequences."""
+        decode_tokens = batch.decode_tokens
+        next_ids = torch.cat([ids[1:], ids[:1]])  # t_{i+1} within each chunk; the chunk ends are fixed below
+        next_ids[:decode_tokens] = sampled[:decode_tokens]
+        for (seq, length), chunk in zip(step.prefill, batch.prefills):
+            end = seq.computed + length
+            if end < seq.length:
+                next_ids[chunk.start + length - 1] = seq.tokens[end]
+        final_rows = torch.tensor([c.start + c.length - 1 for _, c in finals], dtype=torch.long,
+                                  device=self.device)
+        next_ids[final_rows] = sampled[decode_tokens:]
+        draft_hidden = self.model.mtp_forward_paged(hidden, next_ids, batch, self.store)
+        seqs = step.decode + [seq for seq, _ in finals]
+        if not seqs:
+            return None
+        decode_rows = torch.arange(len(step.decode), device=self.device) * 2
+        if accepted is not None:
+            decode_rows = decode_rows + accepted.long()  # the draft follows the last verified token
+        draft_logits = self.model.mtp_logits(draft_hidden[torch.cat([decode_rows, final_rows])])
+        return sample(draft_logits, self._settings(seqs), stream=3)
+
+    def _unpack(self, step: Step, host: list[float], finals: list[tuple[Sequence, PrefillChunk]], top: int | None,
+                drafted: tuple[torch.Tensor, torch.Tensor | None] | None) -> dict[Sequence, SeqResult]:
+        width = 2 if self.speculate else 1
+        n_dec = len(step.decode)
+        at = 0
+        flags = host[:n_dec] if self.speculate else [0.0] * n_dec
+        at += n_dec if self.speculate else 0
+        tokens = [int(t) for t in host[at: at + n_dec * width + len(finals)]]
+        at += len(tokens)
+        stride = 1 + 2 * top if top is not None else 0
+        logprobs = [host[at + i * stride: at + (i + 1) * stride] for i in range(len(tokens))]
+        at += stride * len(tokens)
+        drafts = [int(t) for t in host[at:]]
+        results: dict[Sequence, SeqResult] = {}
+        for i, seq in enumerate(step.decode):
+            keep = 2 if flags[i] else 1
+            results[seq] = SeqResult(tokens[i * width: i * width + keep], keep if self.speculate else 1,
+                                     logprobs[i * width: i * width + keep])
+        for j, (seq, _) in enumerate(finals):
+            results[seq] = SeqResult([tokens[n_dec * width + j]], 0, [logprobs[n_dec * width + j]])
+        for seq, length in step.prefill:
+            results.setdefault(seq, SeqResult([], 0, [])).computed = length
+        if drafted is not None:
+            for k, seq in enumerate(step.decode + [seq for seq, _ in finals]):
+                results[seq].draft = drafts[k]
+                results[seq].draft_probs = None if drafted[1] is None else drafted[1][k]
+        return results

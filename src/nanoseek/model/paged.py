@@ -1,0 +1,52 @@
+"""What an inference forward over a paged latent store needs to know. The serving engine builds it; the model only
+reads it, so the model never depends on how blocks are allocated, shared or evicted.
+
+A layer's store is one tensor [slots, kv_lora_rank + qk_rope_head_dim]: slot s holds [c_KV; k_rope] of one token
+of one sequence. A forward gets, per sequence, the slots of its context in position order (its block table
+unrolled), and the slot each new token is written to.
+
+The N tokens of a forward lie flat: first the decode sequences, `decode_width` tokens each (1, or 1 + the draft
+when speculation verifies one), then the prefill chunks one after another. Decode rows attend in the absorbed
+form over the latents; prefill chunks up-project their context to per-head keys and values and run SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # index of the chunk's first token among the forward's N tokens
+    length: int
+    context: torch.Tensor  # [ctx] slots of positions 0..ctx-1: cached prefix, earlier chunks, then this chunk
+
+    def visible(self) -> torch.Tensor:
+        """[length, ctx] bool: the chunk's token i (at position ctx - length + i) sees positions up to its own."""
+        ctx = self.context.shape[0]
+        first = ctx - self.length
+        keys = torch.arange(ctx, device=self.context.device)
+        return keys <= torch.arange(first, ctx, device=self.context.device)[:, None]
+
+
+@dataclass
+class PagedBatch:
+    positions: torch.Tensor  # [N]
+    slots: torch.Tensor  # [N] the store slot each token's latent is written to
+    decode_rows: int = 0
+    decode_width: int = 1
+    decode_context: torch.Tensor | None = None  # [rows, S] slots of each decode sequence's context, padded
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+    @property
+    def decode_tokens(self) -> int:
+        return self.decode_rows * self.decode_width
+
+    def decode_visible(self) -> torch.Tensor:
+        """[rows, width, 1, S] bool: context index = position, so a query sees indices up to its own position (the
+        padding of shorter contexts lies beyond every one of their positions)."""
+        span = self.decode_context.shape[1]
+        own = self.positions[: self.decode_tokens].view(self.decode_rows, self.decode_width, 1, 1)
+        return torch.arange(span, device=own.device) <= own
