@@ -141,9 +141,10 @@ class Engine:
         self.steps += 1
         self.generated_tokens += produced
         now = time.monotonic()
-        self._recent.append((now, produced))
-        while self._recent and self._recent[0][0] < now - 10:
-            self._recent.popleft()
+        with self._lock:  # stats() reads it from the server's thread
+            self._recent.append((now, produced))
+            while self._recent and self._recent[0][0] < now - 10:
+                self._recent.popleft()
         return changed
 
     def _commit(self, seq: Sequence, result: SeqResult) -> int:
@@ -196,15 +197,18 @@ class Engine:
             seq.new_text = ""
 
     def stats(self) -> dict[str, float]:
-        recent = sum(n for _, n in self._recent)
-        span = (self._recent[-1][0] - self._recent[0][0]) if len(self._recent) > 1 else 0.0
+        """Counters and gauges for /metrics; safe to call from any thread."""
+        with self._lock:
+            recent = list(self._recent)
+        produced = sum(n for _, n in recent[1:])  # tokens made after the first timestamp of the window
+        span = recent[-1][0] - recent[0][0] if len(recent) > 1 else 0.0
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting) + len(self._inbox),
                 "cache_blocks_used": self.blocks.used_blocks, "cache_blocks_total": self.blocks.num_blocks,
                 "cache_tokens_total": self.cache_tokens,
                 "prefix_hit_rate": s.prompt_tokens_hit / max(1, s.prompt_tokens_queried),
                 "prompt_tokens": s.prompt_tokens_queried, "cached_prompt_tokens": s.prompt_tokens_hit,
-                "generated_tokens": self.generated_tokens, "tokens_per_s": recent / span if span > 0 else 0.0,
+                "generated_tokens": self.generated_tokens, "tokens_per_s": produced / span if span > 0 else 0.0,
                 "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
                 "acceptance_rate": self.accepted / max(1, self.drafted), "preemptions": s.preemptions}
 

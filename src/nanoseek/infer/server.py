@@ -80,7 +80,7 @@ class EngineLoop:
             try:
                 changed = self.engine.step()
             except Exception as e:  # a failed step must not kill the server: every client is told
-                for job, _ in set(self.jobs.values()):
+                for job in {job for job, _ in list(self.jobs.values())}:  # list(): one atomic copy
                     job.push(("error", 0, f"generation failed: {e}"))
                     job.abort()
                 continue
@@ -285,5 +285,5 @@ def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout)
     Server(config).run()
-    for job, _ in set(app.state.loop.jobs.values()):
+    for job, _ in list(app.state.loop.jobs.values()):
         job.abort()
