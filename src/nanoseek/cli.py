@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import ConfigError, NanoseekError
+from nanoseek.post import commands as post_commands
 from nanoseek.presets import PRESETS
 
 
@@ -103,17 +104,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from nanoseek.checkpoint.hf import load_pretrained
-    from nanoseek.data.tokenizer import end_of_text_id, load_tokenizer
+    from nanoseek.data.tokenizer import end_token_ids, load_tokenizer
     from nanoseek.infer.engine import Engine, SamplingParams
 
     run = Path(args.model)
     tokenizer = load_tokenizer(run / "tokenizer.json")
     engine = Engine(load_pretrained(run), decode=tokenizer.decode)
     prompt = tokenizer.encode(args.prompt).ids
-    stop = end_of_text_id(tokenizer)
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, stop_token_ids=() if stop is None else (stop,))
+                                top_p=args.top_p, seed=args.seed, stop_token_ids=end_token_ids(tokenizer))
         engine.check(prompt, params)
     except ValueError as e:
         raise NanoseekError(str(e)) from None
@@ -156,14 +156,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from nanoseek.checkpoint.hf import load_pretrained
-    from nanoseek.data.tokenizer import end_of_text_id, load_tokenizer
+    from nanoseek.data.tokenizer import end_token_ids, load_tokenizer
     from nanoseek.infer.chat import ChatTemplate
     from nanoseek.infer.engine import Engine, SamplingParams
 
     run = Path(args.model)
     tokenizer = load_tokenizer(run / "tokenizer.json")
     engine = Engine(load_pretrained(run), decode=tokenizer.decode)
-    template, stop = ChatTemplate(run), end_of_text_id(tokenizer)
+    template, stop = ChatTemplate(run), end_token_ids(tokenizer)
     messages: list[dict[str, str]] = []
     print("nanoseek chat — an empty line or Ctrl-D ends the conversation")
     while True:
@@ -176,7 +176,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": line})
         prompt = tokenizer.encode(template.render(messages)).ids[-(engine.max_len - args.max_new_tokens):]
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                stop_token_ids=() if stop is None else (stop,), stop_strings=template.stop_strings)
+                                stop_token_ids=stop, stop_strings=template.stop_strings)
         print("model>", end="", flush=True)
         reply = engine.generate([prompt], params, on_token=lambda _, delta, __: print(delta, end="", flush=True))
         print()
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.8)
     chat.add_argument("--top-k", type=int, default=50)
     chat.set_defaults(run=cmd_chat)
+
+    post_commands.register(commands)
     return parser
 
 

@@ -37,6 +37,13 @@ def end_of_text_id(tokenizer: Tokenizer) -> int | None:
     return None
 
 
+def end_token_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Every end marker the tokenizer has (a pretrained run's end of text, the chat format's end of sentence):
+    generation stops at any of them."""
+    ids = (tokenizer.token_to_id(t) for t in (END_OF_TEXT, "<｜end▁of▁sentence｜>", "</s>"))
+    return tuple(i for i in ids if i is not None)
+
+
 def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
     """Every id the tokenizer can produce must have a row in the model's embedding."""
     if tokenizer.get_vocab_size() > vocab_size:

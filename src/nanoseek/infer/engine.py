@@ -158,16 +158,18 @@ class Engine:
         self._register_blocks(seq)
         params, added = seq.params, 0
         for token, logprob in zip(result.tokens, result.logprobs):
+            entry = None
+            if params.logprobs is not None:
+                half, k = (len(logprob) - 1) // 2, params.logprobs
+                top = [(int(i), v) for i, v in zip(logprob[1: 1 + half][:k], logprob[1 + half:][:k])]
+                entry = TokenLogprob(token, logprob[0], top)
             if token in params.stop_token_ids:
-                seq.finish_reason = "stop"
+                seq.finish_reason, seq.stop_logprob = "stop", entry
                 break
             seq.output.append(token)
             added += 1
-            if params.logprobs is not None:
-                k = params.logprobs
-                top_ids, top_values = logprob[1: 1 + (len(logprob) - 1) // 2], logprob[1 + (len(logprob) - 1) // 2:]
-                seq.logprobs.append(TokenLogprob(token, logprob[0],
-                                                 [(int(i), v) for i, v in zip(top_ids[:k], top_values[:k])]))
+            if entry is not None:
+                seq.logprobs.append(entry)
             if len(seq.output) >= params.max_new_tokens:
                 seq.finish_reason = "length"
                 break

@@ -28,7 +28,7 @@ def number(body: dict[str, Any], name: str, default: Any, kind: type, low: float
     return kind(value)
 
 
-def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_token: int | None,
+def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_tokens: tuple[int, ...],
                     extra_stops: tuple[str, ...], logprobs: int | None) -> SamplingParams:
     ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: a fixed output length, for benchmarks
     if not isinstance(ignore_eos, bool):
@@ -42,7 +42,7 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_token: i
         temperature=number(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=number(body, "top_p", 1.0, float, 1e-9, 1.0), top_k=number(body, "top_k", 0, int, 0, 1 << 30) or None,
         seed=number(body, "seed", None, int, -(1 << 63), (1 << 64) - 1),
-        stop_token_ids=() if stop_token is None or ignore_eos else (stop_token,),
+        stop_token_ids=() if ignore_eos else stop_tokens,
         stop_strings=tuple(stop) + extra_stops, logprobs=logprobs)
 
 

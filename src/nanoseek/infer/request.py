@@ -51,6 +51,7 @@ class Completion:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+    stop_logprob: TokenLogprob | None = None  # the stop token that ended it (not in token_ids), if logprobs asked
 
 
 _ids = itertools.count()
@@ -79,6 +80,7 @@ class Sequence:
     finish_reason: Literal["stop", "length", "abort"] | None = None
     aborted: bool = False
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_logprob: TokenLogprob | None = None
     new_text: str = ""  # text produced by the last step, for streaming
 
     def __post_init__(self) -> None:
@@ -99,4 +101,5 @@ class Sequence:
 
     def completion(self) -> Completion:
         return Completion(list(self.output), self.detokenizer.text, self.finish_reason, len(self.prompt),
-                          self.cached_tokens, list(self.logprobs) if self.params.logprobs is not None else None)
+                          self.cached_tokens, list(self.logprobs) if self.params.logprobs is not None else None,
+                          self.stop_logprob)

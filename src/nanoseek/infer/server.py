@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from nanoseek.checkpoint.hf import load_pretrained
-from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer
+from nanoseek.data.tokenizer import check_vocab, end_token_ids, load_tokenizer
 from nanoseek.infer import protocol
 from nanoseek.infer.chat import ChatTemplate, check_messages
 from nanoseek.infer.engine import Engine, EngineConfig
@@ -108,7 +108,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     engine = Engine(load_pretrained(model_dir), decode=tokenizer.decode, config=config)
     check_vocab(tokenizer, engine.model.config.vocab_size)
-    template, stop_token = ChatTemplate(model_dir), end_of_text_id(tokenizer)
+    template, stop_tokens = ChatTemplate(model_dir), end_token_ids(tokenizer)
     runner = EngineLoop(engine)
 
     async def authenticate(request: Request) -> None:
@@ -220,7 +220,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         body = await read_body(request)
         prompt = protocol.prompt_ids(body, lambda text: tokenizer.encode(text).ids)
         top = protocol.completion_logprobs_field(body)
-        params = protocol.sampling_params(body, 16, stop_token, (), top)
+        params = protocol.sampling_params(body, 16, stop_tokens, (), top)
         job = start(prompt, params, protocol.choices(body))
         cid = f"cmpl-{uuid.uuid4().hex}"
 
@@ -245,7 +245,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         top = protocol.chat_logprobs_field(body)
-        params = protocol.sampling_params(body, 128, stop_token, template.stop_strings, top)
+        params = protocol.sampling_params(body, 128, stop_tokens, template.stop_strings, top)
         job = start(tokenizer.encode(template.render(messages)).ids, params, protocol.choices(body))
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         first = set()

@@ -1,0 +1,71 @@
+"""The chat format: DeepSeek-V3's conversation markers as special tokens, and one Jinja chat template that
+transformers' `apply_chat_template`, nanoseek's server and nanoseek's SFT all render to the same ids.
+
+    <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜><｜User｜>...
+
+SFT trains on the assistant's words and the end-of-sentence token after them, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+CHAT_TOKENS = (BOS, EOS, USER, ASSISTANT)
+ROLES = ("system", "user", "assistant")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    f"{{% elif message['role'] == 'user' %}}{USER}{{{{ message['content'] }}}}"
+    f"{{% else %}}{ASSISTANT}{{{{ message['content'] }}}}{{{{ eos_token }}}}{{% endif %}}"
+    f"{{% endfor %}}{{% if add_generation_prompt %}}{ASSISTANT}{{% endif %}}"
+)
+
+
+def add_chat_tokens(tokenizer: Tokenizer) -> int:
+    """Adds the markers the tokenizer lacks (as special tokens, never split or merged) → how many were added."""
+    missing = [t for t in CHAT_TOKENS if tokenizer.token_to_id(t) is None]
+    return tokenizer.add_special_tokens(missing) if missing else 0
+
+
+def has_chat_tokens(tokenizer: Tokenizer) -> bool:
+    return all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS)
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]],
+                add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """→ the ids the template renders to, and for each id whether SFT trains on it (assistant words + EOS).
+    Encoding piece by piece gives the ids of encoding the whole rendering: special tokens split the text there."""
+    special = {t: tokenizer.token_to_id(t) for t in CHAT_TOKENS}
+    ids, trained = [special[BOS]], [False]
+
+    def extend(piece: list[int], train: bool) -> None:
+        ids.extend(piece)
+        trained.extend([train] * len(piece))
+
+    for message in messages:
+        words = tokenizer.encode(message["content"], add_special_tokens=False).ids
+        if message["role"] == "system":
+            extend(words, False)
+        elif message["role"] == "user":
+            extend([special[USER]] + words, False)
+        else:
+            extend([special[ASSISTANT]], False)
+            extend(words + [special[EOS]], True)
+    if add_generation_prompt:
+        extend([special[ASSISTANT]], False)
+    return ids, trained
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
+    """tokenizer.json and a tokenizer_config.json with the chat template, as transformers' AutoTokenizer and
+    nanoseek's server read them."""
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+              "chat_template": CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,120 @@
+"""What SFT and RL share: a post-training run directory (from a model directory to a model directory), the chat
+tokens added to the tokenizer (and the embedding grown to match), the optimizer and schedule, checkpoints for
+--resume, and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
+from nanoseek.data.chat_format import add_chat_tokens, write_tokenizer_files
+from nanoseek.data.tokenizer import load_tokenizer
+from nanoseek.errors import NanoseekError
+from nanoseek.model.transformer import Transformer
+from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.metrics import MetricsLog
+from nanoseek.train.optim import build_optimizer
+from nanoseek.train.trainer import lr_factor
+
+
+@dataclass(frozen=True)
+class PostConfig:
+    max_steps: int
+    lr: float
+    batch_size: int
+    seed: int = 1337
+    warmup_steps: int = 10
+    eval_every: int = 50
+    save_every: int = 100
+    log_every: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise NanoseekError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.warmup_steps < 0:
+            raise NanoseekError("--lr must be positive and --warmup-steps >= 0")
+
+    def schedule(self) -> TrainConfig:
+        """The pretraining trainer's AdamW settings and warmup + cosine schedule, without weight decay."""
+        return TrainConfig(lr=self.lr, max_steps=self.max_steps, warmup_steps=min(self.warmup_steps, self.max_steps),
+                           weight_decay=0.0, min_lr_ratio=0.1, seed=self.seed)
+
+
+def resize_vocab(model: Transformer, vocab_size: int) -> Transformer:
+    """A copy of the model with `vocab_size` rows of embedding and head; the new rows start at the mean of the old
+    ones (so new tokens start as an average token rather than noise)."""
+    old = model.config.vocab_size
+    grown = Transformer(model.config.replace(vocab_size=vocab_size)).to(next(model.parameters()).device)
+    state = model.state_dict()
+    for name in ("embed.weight", "head.weight"):
+        rows = state[name]
+        state[name] = torch.cat([rows, rows.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)])
+    grown.load_state_dict(state)
+    return grown
+
+
+def device_for_run() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model_dir(source: Path, device: torch.device) -> tuple[Transformer, Tokenizer]:
+    """The model (fp32) and its tokenizer with the chat tokens, the embedding grown if they are new."""
+    if not (source / "tokenizer.json").is_file():
+        raise NanoseekError(f"{source} has no tokenizer.json: give a run or model directory")
+    model = load_pretrained(source, device=device, dtype=torch.float32)
+    tokenizer = load_tokenizer(source / "tokenizer.json")
+    add_chat_tokens(tokenizer)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        model = resize_vocab(model, tokenizer.get_vocab_size())
+    return model, tokenizer
+
+
+class PostRun:
+    """The output directory of an SFT or RL run: refuses to overwrite a run unless resuming, keeps checkpoints,
+    metrics.jsonl and the final model directory."""
+
+    def __init__(self, out: Path, source: Path, kind: str, cfg: PostConfig, resume: bool, settings: dict[str, Any]):
+        self.out, self.source, self.kind, self.cfg = out, source, kind, cfg
+        self.settings = {"kind": kind, "source": str(source.resolve()), **dataclasses.asdict(cfg), **settings}
+        checkpoints = list_checkpoints(out / "checkpoints")
+        if resume and not checkpoints:
+            raise NanoseekError(f"nothing to resume: no checkpoint under {out / 'checkpoints'}")
+        if not resume and (checkpoints or (out / "model.safetensors").exists()):
+            raise NanoseekError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        self.resume_from = checkpoints[-1] if resume else None
+
+    def start(self, model: Transformer) -> tuple[torch.optim.Optimizer, int, MetricsLog]:
+        """→ optimizer, first step, metrics log (restored from the last checkpoint when resuming)."""
+        optimizer = build_optimizer(model, self.cfg.schedule(), next(model.parameters()).device)
+        step = 0
+        if self.resume_from is not None:
+            meta = load_checkpoint(self.resume_from, model, optimizer)
+            if meta.get("settings") != self.settings:
+                raise NanoseekError(f"--resume: {self.out} was started with other settings; "
+                                    f"it has {json.dumps(meta.get('settings'))}")
+            step = meta["step"]
+        self.out.mkdir(parents=True, exist_ok=True)
+        return optimizer, step, MetricsLog(self.out / "metrics.jsonl", step if self.resume_from else None)
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.cfg.lr * lr_factor(step, self.cfg.schedule())
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def checkpoint(self, step: int, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
+        save_checkpoint(self.out / "checkpoints", step, model, optimizer, {"settings": self.settings}, keep=2)
+
+    def finish(self, model: Transformer, tokenizer: Tokenizer, summary: dict[str, Any]) -> None:
+        save_pretrained(model, self.out)
+        write_tokenizer_files(tokenizer, self.out)
+        (self.out / f"{self.kind}.json").write_text(json.dumps({**self.settings, **summary}, indent=2) + "\n")

@@ -1,0 +1,55 @@
+"""`nanoseek eval`: pass@1 (greedy) on a task's held-out problems, with its standard error; or bits per byte on the
+validation split of a corpus, which compares models whatever their tokenizers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.data.chat_format import encode_chat
+from nanoseek.data.corpus import corpus_files
+from nanoseek.data.dataset import TokenDataset
+from nanoseek.data.tokenizer import end_token_ids
+from nanoseek.infer.engine import Engine, EngineConfig
+from nanoseek.infer.request import SamplingParams
+from nanoseek.post.common import device_for_run, load_model_dir
+from nanoseek.post.tasks import get_task
+
+
+def evaluate_task(model_dir: Path, task_name: str, n: int, seed: int = 0, max_tokens: int = 64) -> dict[str, Any]:
+    task = get_task(task_name)
+    model, tokenizer = load_model_dir(model_dir, device_for_run())
+    problems = task.problems("heldout", n, seed)
+    prompts = [encode_chat(tokenizer, [{"role": "user", "content": p.question}], True)[0] for p in problems]
+    engine = Engine(model, decode=tokenizer.decode, config=EngineConfig(max_seqs=min(n, 256)))
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=max_tokens,
+                                                      stop_token_ids=end_token_ids(tokenizer)))
+    rewards = [task.reward(p, r.text) for p, r in zip(problems, results)]
+    accuracy = sum(r.correct for r in rewards) / n
+    return {"task": task_name, "n": n, "accuracy": accuracy, "stderr": math.sqrt(accuracy * (1 - accuracy) / n),
+            "format_rate": sum(r.formatted for r in rewards) / n,
+            "examples": [{"question": p.question, "answer": p.answer, "response": r.text}
+                         for p, r in list(zip(problems, results))[:3]]}
+
+
+@torch.no_grad()
+def evaluate_bpb(model_dir: Path, data: str | None, windows: int) -> dict[str, Any]:
+    """Summed next-token loss over non-overlapping context-length windows of the validation split, in bits, over
+    the UTF-8 bytes those tokens decode to."""
+    device = device_for_run()
+    model, tokenizer = load_model_dir(model_dir, device)
+    val = TokenDataset.build(corpus_files(data), tokenizer).val
+    length = model.config.max_position_embeddings
+    nats = byte_count = 0.0
+    starts = range(0, len(val) - length - 1, length)
+    for start in list(starts)[:windows]:
+        ids = torch.from_numpy(val[start: start + length + 1].astype("int64")).to(device)
+        out = model(ids[None, :-1], ids[None, 1:], with_mtp=False)
+        nats += out.lm_loss.item() * length
+        byte_count += len(tokenizer.decode(ids[1:].tolist()).encode("utf-8"))
+    if byte_count == 0:
+        raise ValueError(f"the validation split ({len(val)} tokens) is shorter than one window of {length}")
+    return {"task": "bpb", "bpb": nats / math.log(2) / byte_count, "bytes": int(byte_count)}

@@ -1,0 +1,181 @@
+"""Post-training: the chat format against transformers, SFT's loss mask and data errors, the task's reward, GRPO's
+loss on a hand-computed group, and the sft → rl → eval commands end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import nanoseek
+from helpers import tiny_config
+from nanoseek.cli import main
+from nanoseek.data.chat_format import add_chat_tokens, encode_chat, write_tokenizer_files
+from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.infer.chat import ChatTemplate
+from nanoseek.post.grpo import GrpoConfig, group_advantages, grpo_loss
+from nanoseek.post.sft_data import EncodedConversations, batch
+from nanoseek.post.tasks import Arithmetic, Problem
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"},
+            {"role": "assistant", "content": "<think>12 + 30</think> <answer>42</answer>"},
+            {"role": "user", "content": "And 1 + 1?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = train_tokenizer(["What is 12 + 30? The answer is 42. Be brief, my lord; and again, and again. "] * 50, 200)
+    add_chat_tokens(tok)
+    return tok
+
+
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_chat_template_renders_the_ids_transformers_renders(tmp_path, tokenizer, generation_prompt):
+    import transformers
+
+    write_tokenizer_files(tokenizer, tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    theirs = hf.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=generation_prompt,
+                                    return_dict=False)
+    ours, trained = encode_chat(tokenizer, MESSAGES, generation_prompt)
+    assert theirs == ours
+    served = tokenizer.encode(ChatTemplate(tmp_path).render(MESSAGES) if generation_prompt else "").ids
+    if generation_prompt:  # the server renders the template and encodes the text: the same ids again
+        assert served == ours
+    assistant = tokenizer.encode("<think>12 + 30</think> <answer>42</answer>").ids
+    assert [i for i, t in zip(ours, trained) if t] == assistant + [tokenizer.token_to_id("<｜end▁of▁sentence｜>")]
+
+
+def test_sft_loss_falls_on_assistant_tokens_only(tokenizer):
+    """A trailing user turn is context for no trained token, and its own tokens are never targets: changing it
+    changes no gradient (beyond float rounding: the sequence length changes the kernels' blocking), while changing
+    the assistant's answer does."""
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size(), num_nextn_predict_layers=1))
+
+    def gradients(last_user: str, answer: str = MESSAGES[2]["content"]) -> list[torch.Tensor]:
+        messages = MESSAGES[:2] + [{"role": "assistant", "content": answer}, {"role": "user", "content": last_user}]
+        ids, trained = encode_chat(tokenizer, messages)
+        inputs, targets = batch(EncodedConversations([ids], [trained]), [0], pad_id=0)
+        model.zero_grad()
+        out = model(inputs, targets)
+        (out.lm_loss + 0.3 * out.mtp_loss).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+    first = gradients("And 1 + 1?")
+    assert distance(first, gradients("Something else entirely, at length.")) < 1e-6
+    assert distance(first, gradients("And 1 + 1?", answer="<think>12 + 30</think> <answer>41</answer>")) > 1e-3
+    ids, trained = encode_chat(tokenizer, MESSAGES)
+    _, targets = batch(EncodedConversations([ids], [trained]), [0], pad_id=0)
+    assert (targets != -100).sum().item() == sum(trained)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("{not json", "line 2: not JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "line 2: no assistant turn"),
+    ('{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}',
+     "line 2: messages[0] has the unknown role 'wizard'"),
+    ('{"messages": [{"role": "user", "content": "' + "hello " * 300 + '"}, {"role": "assistant", "content": "x"}]}',
+     "line 2: the conversation is"),
+    ('["a list"]', "line 2: expected"),
+])
+def test_bad_sft_data_gets_one_line_naming_the_line(tmp_path, capsys, tokenizer, line, needle):
+    model_dir = tmp_path / "base"
+    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size())), model_dir)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    (tmp_path / "data.jsonl").write_text("\n".join([good, line, good]) + "\n")
+    code = main(["sft", str(model_dir), "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "sft"),
+                 "--max-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "sft" / "model.safetensors").exists()
+
+
+def test_arithmetic_rewards_and_disjoint_splits():
+    task = Arithmetic()
+    problem = Problem("What is 40 + 2?", "42")
+    assert task.reward(problem, "<think>40 + 2</think> <answer>42</answer>").value == 1.1
+    wrong = task.reward(problem, "<think>40 + 2</think> <answer>41</answer>")
+    assert (wrong.value, wrong.correct, wrong.formatted) == (0.1, False, True)
+    for malformed in ("42", "<answer>42</answer>", "<think>x</think> <answer>42</answer> and more", ""):
+        reward = task.reward(problem, malformed)
+        assert reward.value == 0.0 and not reward.correct and not reward.formatted
+    train = {p.question for p in task.problems("train", 3000, 0)}
+    heldout = task.problems("heldout", 500, 0)
+    assert not train & {p.question for p in heldout} and len({p.question for p in heldout}) > 400
+    assert heldout == task.problems("heldout", 500, 0) and all(task.reward(p, task.demonstration(p)).correct
+                                                               for p in heldout)
+
+
+def test_grpo_loss_on_a_hand_computed_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    advantages = group_advantages(rewards, group_size=4)
+    std = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    scaled = 0.5 / (std + 1e-4)
+    assert advantages.tolist() == pytest.approx([scaled, -scaled, -scaled, scaled])
+    assert group_advantages(rewards, 4, scale_by_std=False).tolist() == [0.5, -0.5, -0.5, 0.5]
+    # two responses, two tokens each (the second response's second token is padding)
+    old = torch.zeros(2, 2)
+    logp = torch.log(torch.tensor([[1.5, 1.1], [0.5, 1.0]]))  # ratios 1.5 (clipped to 1.2), 1.1; 0.5 (to 0.8)
+    mask = torch.tensor([[True, True], [True, False]])
+    adv = torch.tensor([1.0, -2.0])
+    cfg = GrpoConfig(clip=0.2)
+    loss, stats = grpo_loss(logp, old, adv, mask, cfg)
+    # response 1: -min(1.5·1, 1.2·1) = -1.2 and -1.1 → mean -1.15; response 2: -min(0.5·-2, 0.8·-2) = 1.6
+    assert loss.item() == pytest.approx((-1.15 + 1.6) / 2)
+    # clipped, so without gradient: 1.5 with A > 0 and 0.5 with A < 0 (the ratio past ε in the advantage's direction)
+    assert stats["clip_fraction"].item() == pytest.approx(2 / 3)
+    token_loss, _ = grpo_loss(logp, old, adv, mask, GrpoConfig(clip=0.2, token_mean=True))
+    assert token_loss.item() == pytest.approx((-1.2 - 1.1 + 1.6) / 3)
+    ref = torch.log(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+    kl_loss, kl_stats = grpo_loss(logp, old, adv, mask, GrpoConfig(clip=0.2, kl_beta=0.1), ref)
+    k3 = lambda lp: math.exp(-lp) + lp - 1  # exp(ref - logp) - (ref - logp) - 1 with ref = 0
+    kls = [k3(math.log(1.5)), k3(math.log(1.1)), k3(math.log(0.5))]
+    assert kl_stats["kl"].item() == pytest.approx(sum(kls) / 3)
+    assert kl_loss.item() == pytest.approx(((-1.2 + 0.1 * kls[0] - 1.1 + 0.1 * kls[1]) / 2 + 1.6 + 0.1 * kls[2]) / 2)
+
+
+def test_sft_rl_eval_end_to_end(tmp_path, capsys):
+    """The commands on a tiny model: each writes a model directory (chat tokenizer included), RL logs its
+    statistics and resumes, and eval reports accuracy and bits per byte as JSON."""
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    plain = train_tokenizer(["What is 12 + 30? The answer is 42. Be brief, my lord; and again. "] * 50, 200)
+    vocab = plain.get_vocab_size()
+    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=vocab, max_position_embeddings=128)), base)
+    plain.save(str(base / "tokenizer.json"))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": MESSAGES[1:3]}) + "\n" for _ in range(6)))
+    assert main(["sft", str(base), "--data", str(chat), "--task", "arithmetic", "--task-examples", "40",
+                 "--out", str(tmp_path / "sft"), "--max-steps", "4", "--batch-size", "4"]) == 0
+    sft_config = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert sft_config["vocab_size"] == vocab + 4  # the four chat markers were added, the embedding grown
+    assert "chat_template" in json.loads((tmp_path / "sft" / "tokenizer_config.json").read_text())
+    rl_args = ["rl", str(tmp_path / "sft"), "--out", str(tmp_path / "rl"), "--batch-size", "2", "--group-size", "3",
+               "--max-response-tokens", "6", "--save-every", "2", "--kl-beta", "0.05"]
+    assert main(rl_args + ["--max-steps", "2"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert {"reward", "accuracy", "response_tokens", "kl", "clip_fraction"} <= set(rows[0])
+    assert main(rl_args + ["--max-steps", "2"]) == 2  # the run exists: refused without --resume
+    interrupted = rl_args[:3] + [str(tmp_path / "rl2")] + rl_args[4:]
+    assert main(interrupted + ["--max-steps", "3"]) == 0
+    (tmp_path / "rl2" / "model.safetensors").unlink()  # as if killed after its step-2 checkpoint
+    assert main(interrupted + ["--max-steps", "3", "--resume"]) == 0
+    resumed = [json.loads(line) for line in (tmp_path / "rl2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "rl2"), "--n", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 8 and 0 <= result["accuracy"] <= 1 and result["stderr"] >= 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("What is 12 + 30? The answer is 42. Be brief, my lord; and again.\n" * 200)
+    assert main(["eval", str(tmp_path / "rl2"), "--task", "bpb", "--data", str(corpus), "--json"]) == 0
+    bpb = json.loads(capsys.readouterr().out)
+    assert 0 < bpb["bpb"] < 16 and bpb["bytes"] > 0
