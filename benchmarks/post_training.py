@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--task", default="arithmetic")
     parser.add_argument("--n", type=int, default=500, help="held-out problems per evaluation")
     parser.add_argument("--sft-steps", type=int, default=600)
-    parser.add_argument("--rl-steps", type=int, default=100)
+    parser.add_argument("--rl-steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,14 +81,15 @@ def main() -> None:
                                   "--seed", str(args.seed))
     if not (rl / "model.safetensors").exists():
         seconds["rl"] = nanoseek("rl", str(sft), "--task", args.task, "--out", str(rl), "--max-steps",
-                                 str(args.rl_steps), "--seed", str(args.seed))
+                                 str(args.rl_steps), "--batch-size", "32", "--lr", "1e-4", "--token-mean",
+                                 "--seed", str(args.seed))
     start = time.perf_counter()
     stages = {"base": base, "sft": sft, "rl": rl}
     results = {name: evaluate(path, args.task, args.n) for name, path in stages.items()}
     bpb = {name: evaluate(path, "bpb", 100)["bpb"] for name, path in stages.items()}
     seconds["eval"] = time.perf_counter() - start
     question = "What is 58 + 67?"
-    answer = ask_served(rl, question)
+    answers = {name: ask_served(stages[name], question) for name in ("sft", "rl")}
     lines = [f"| stage | {args.task} pass@1 (greedy, {args.n} held-out) | layout followed | bits per byte |",
              "|---|---|---|---|"]
     for name, r in results.items():
@@ -97,11 +98,12 @@ def main() -> None:
     gain = results["rl"]["accuracy"] - results["sft"]["accuracy"]
     lines += ["", f"RL − SFT: {100 * gain:+.1f} points", "",
               "| stage | minutes |", "|---|---|"] + [f"| {k} | {v / 60:.1f} |" for k, v in seconds.items()]
-    lines += ["", f"`nanoseek serve {rl}`, asked {question!r} through the openai client: {answer!r}"]
+    lines += [""] + [f"`nanoseek serve {stages[name]}`, asked {question!r} through the openai client: {reply!r}"
+                     for name, reply in answers.items()]
     report = "\n".join(lines) + "\n"
     (args.out / "report.md").write_text(report)
     (args.out / "report.json").write_text(json.dumps({"results": results, "bpb": bpb, "seconds": seconds,
-                                                      "served_answer": answer}, indent=2) + "\n")
+                                                      "served_answers": answers}, indent=2) + "\n")
     print(report)
 
 

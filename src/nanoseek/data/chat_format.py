@@ -1,7 +1,7 @@
 """The chat format: DeepSeek-V3's conversation markers as special tokens, and one Jinja chat template that
 transformers' `apply_chat_template`, nanoseek's server and nanoseek's SFT all render to the same ids.
 
-    <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜><｜User｜>...
+    <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>...
 
 SFT trains on the assistant's words and the end-of-sentence token after them, nothing else.
 """

@@ -143,7 +143,8 @@ def run_rl(source: Path, out: Path, task_name: str, cfg: PostConfig, grpo: GrpoC
     reference = copy.deepcopy(model).eval().requires_grad_(False) if grpo.kl_beta > 0 else None
     optimizer, start, metrics = run.start(model)
     schedule = cfg.schedule()
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="rl", disable=not show_progress)
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="rl",
+               disable=None if show_progress else True)  # None: shown on a terminal only
     for step in bar:
         lr = run.set_lr(optimizer, step)
         batch = rollout(model, tokenizer, task, step, cfg.batch_size, grpo, cfg.seed)

@@ -60,7 +60,8 @@ def run_sft(base: Path, out: Path, cfg: PostConfig, data: Path | None, task: str
     optimizer, start, metrics = run.start(model)
     schedule = cfg.schedule()
     model.train()
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="sft", disable=not show_progress)
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="sft",
+               disable=None if show_progress else True)  # None: shown on a terminal only
     row: dict[str, Any] = {}
     for step in bar:
         lr = run.set_lr(optimizer, step)
