@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.data.tokenizer import end_token_ids
+from nanoseek.model.loss import IGNORE
 from nanoseek.model.transformer import Transformer
 from nanoseek.post.common import PostConfig, PostRun, device_for_run, load_model_dir
 from nanoseek.post.sft_data import (Conversation, EncodedConversations, batch, chatterbot_conversations,
@@ -38,7 +39,7 @@ def heldout_loss(model: Transformer, data: EncodedConversations, batch_size: int
         inputs, targets = (t.to(next(model.parameters()).device) for t in batch(data, rows, pad_id))
         with cfg_autocast:
             out = model(inputs, targets, with_mtp=False)
-        count = (targets != -100).sum().item()
+        count = (targets != IGNORE).sum().item()
         total, tokens = total + out.lm_loss.item() * count, tokens + count
     return total / max(1, tokens)
 
