@@ -41,3 +41,38 @@ def hf_model(config: ModelConfig, seed: int = 0):
             elif name.endswith("e_score_correction_bias"):
                 tensor.copy_(0.05 * torch.randn_like(tensor))
     return model
+
+
+def micro_model_dir(directory, text: str, tokenizer_vocab: int, model_vocab: int, chat: bool = False):
+    """A model directory with random weights (tiny_config, one MTP module) and a tokenizer trained on `text`
+    (`chat`: with the chat template's tokenizer_config.json)."""
+    import nanoseek
+    from nanoseek.data.chat_format import write_tokenizer_files
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([text], tokenizer_vocab)
+    torch.manual_seed(0)
+    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=model_vocab, num_nextn_predict_layers=1)),
+                             directory)
+    if chat:
+        write_tokenizer_files(tokenizer, directory)
+    else:
+        tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def cli_exit(capsys, *argv: str) -> int:
+    """`nanoseek.cli.main(argv)`'s exit code, asserting that a failure is exactly one `nanoseek: error:` line on
+    stderr (a progress bar aside) and no traceback. Any exception other than a user error propagates out of main."""
+    from hypothesis import event
+
+    from nanoseek.cli import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    if code:
+        lines = [line for line in err.strip().splitlines() if line.startswith("nanoseek")]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("nanoseek: error: "), err
+        assert "Traceback" not in err, err
+    event(f"exit {code}")
+    return code

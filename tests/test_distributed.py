@@ -230,3 +230,42 @@ def test_interleaved_pipeline_times_data_parallel(space):
     _run(space, out, "model.num_hidden_layers=4", "train.batch_size=8", "train.max_steps=4", "--pp", "2",
          "--pp-schedule", "interleaved1f1b", processes=4)
     _assert_close(_losses(space, out), _losses(space, "single-b8"), range(1, 5))
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """RANK → pid of torchrun's worker processes (its children)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) if entry.name.isdigit() else 0
+            environ = (entry / "environ").read_bytes().split(b"\0") if parent == launcher_pid else []
+        except OSError:  # a process that ended meanwhile
+            continue
+        ranks.update({int(item[5:]): int(entry.name) for item in environ if item.startswith(b"RANK=")})
+    return ranks
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(space):
+    """A preemption that reaches one rank only: the ranks agree after every step, so both stop after the same step
+    and write that checkpoint together (each its RNG file); the run then resumes on one process."""
+    out = "dp2-sigterm"
+    process = subprocess.Popen([*TORCHRUN, "--nproc_per_node", "2"] + _args(space, out, "train.max_steps=400",
+                                                                            "train.save_every=1000"),
+                               env=_env(space), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((space / out / "metrics.jsonl").exists() and
+                                          len((space / out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.01)
+    ranks = _rank_pids(process.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    checkpoints = sorted((space / out / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1, stderr[-2000:]
+    step = int(checkpoints[0].name.removeprefix("step_"))
+    assert 2 <= step < 400 and {"rng-0.pt", "rng-1.pt"} <= {p.name for p in checkpoints[0].iterdir()}
+    assert stderr.count(f"nanoseek: stopped after step {step}") == 1  # rank 0 says it, once
+    assert "exitcode  : 75" in stderr  # torchrun reports its workers' status
+    _run(space, out, "--resume", f"train.max_steps={step + 2}")
+    rows = [json.loads(line) for line in (space / out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == step + 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from nanoseek.cli import main
 from nanoseek.data.chat_format import add_chat_tokens, encode_chat, write_tokenizer_files
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer.chat import ChatTemplate
+from nanoseek.post import grpo
 from nanoseek.post.grpo import GrpoConfig, group_advantages, grpo_loss
 from nanoseek.post.sft_data import EncodedConversations, batch
 from nanoseek.post.tasks import Arithmetic, Problem
@@ -141,7 +144,7 @@ def test_grpo_loss_on_a_hand_computed_group():
     assert kl_loss.item() == pytest.approx(((-1.2 + 0.1 * kls[0] - 1.1 + 0.1 * kls[1]) / 2 + 1.6 + 0.1 * kls[2]) / 2)
 
 
-def test_sft_rl_eval_end_to_end(tmp_path, capsys):
+def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     """The commands on a tiny model: each writes a model directory (chat tokenizer included), RL logs its
     statistics and resumes, and eval reports accuracy and bits per byte as JSON."""
     base = tmp_path / "base"
@@ -164,12 +167,26 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2]
     assert {"reward", "accuracy", "response_tokens", "kl", "clip_fraction"} <= set(rows[0])
     assert main(rl_args + ["--max-steps", "2"]) == 2  # the run exists: refused without --resume
+    straight = rl_args[:3] + [str(tmp_path / "rl3")] + rl_args[4:]
+    assert main(straight + ["--max-steps", "3"]) == 0
     interrupted = rl_args[:3] + [str(tmp_path / "rl2")] + rl_args[4:]
-    assert main(interrupted + ["--max-steps", "3"]) == 0
-    (tmp_path / "rl2" / "model.safetensors").unlink()  # as if killed after its step-2 checkpoint
+    real_rollout = grpo.rollout
+
+    def preempted_rollout(model, tokenizer, task, step, *args):
+        if step == 0:  # SIGTERM during the first step: it finishes, a checkpoint is written at step 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_rollout(model, tokenizer, task, step, *args)
+
+    monkeypatch.setattr(grpo, "rollout", preempted_rollout)
+    capsys.readouterr()
+    assert main(interrupted + ["--max-steps", "3"]) == 75
+    assert "stopped after step 1" in capsys.readouterr().err
+    assert not (tmp_path / "rl2" / "model.safetensors").exists()
+    monkeypatch.setattr(grpo, "rollout", real_rollout)
     assert main(interrupted + ["--max-steps", "3", "--resume"]) == 0
     resumed = [json.loads(line) for line in (tmp_path / "rl2" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed] == [1, 2, 3]
+    uninterrupted = [json.loads(line) for line in (tmp_path / "rl3" / "metrics.jsonl").read_text().splitlines()]
+    assert resumed == uninterrupted  # rewards, KL and clipping of every step, bit for bit
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "rl2"), "--n", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -248,3 +248,63 @@ def test_sigterm_finishes_running_requests_then_exits_0(model_dir):
         assert process.wait(timeout=30) == 0
     finally:
         process.kill()
+
+
+def _resident_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_soak_64_clients_with_disconnects_and_429s(model_dir):
+    """64 concurrent streaming clients, a tenth of them hanging up mid-stream, against a queue bounded at 16: every
+    request ends in a full stream or a 429 with Retry-After, and resident memory stays within 10 % of its level
+    after warm-up."""
+    process, base = _start(model_dir, "--max-seqs", "16", "--max-waiting", "16")
+    outcomes: dict[str, int] = {"done": 0, "429": 0, "hung_up": 0}
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client_loop(index: int, rounds: int) -> None:
+        with httpx.Client(headers=HEADERS, timeout=60) as http:
+            for r in range(rounds):
+                body = {"prompt": f"User: hello {index} {r}", "max_tokens": 24, "temperature": 0.7,
+                        "ignore_eos": True, "stream": True, "seed": index}
+                with http.stream("POST", f"{base}/v1/completions", json=body) as response:
+                    if response.status_code == 429:
+                        kind = "429" if response.headers.get("retry-after") else "429 without Retry-After"
+                        time.sleep(float(response.headers.get("retry-after", 1)) * 0.1)
+                    elif response.status_code != 200:
+                        kind = f"status {response.status_code}"
+                    elif index % 10 == 0:  # hang up after the first event
+                        next(response.iter_lines())
+                        kind = "hung_up"
+                    else:
+                        lines = [line for line in response.iter_lines() if line]
+                        finished = lines[-1] == "data: [DONE]" and '"finish_reason": "length"' in lines[-2]
+                        kind = "done" if finished else f"stream {lines[-2:]}"
+                with lock:
+                    if kind in outcomes:
+                        outcomes[kind] += 1
+                    else:
+                        failures.append(kind)
+
+    try:
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            list(pool.map(lambda i: client_loop(i, 2), range(64)))  # warm-up: every allocation path taken once
+        warm = _resident_bytes(process.pid)
+        deadline = time.time() + 30
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            while time.time() < deadline:
+                list(pool.map(lambda i: client_loop(i, 2), range(64)))
+        time.sleep(1.0)
+        end = _resident_bytes(process.pid)
+        metrics = httpx.get(f"{base}/metrics").text
+    finally:
+        process.kill()
+    print(f"soak: {outcomes}, resident {warm / 2**20:.1f} MiB after warm-up, {end / 2**20:.1f} MiB at the end")
+    assert not failures, (len(failures), failures[:3])
+    assert outcomes["done"] > 200 and outcomes["429"] > 0 and outcomes["hung_up"] > 10, outcomes
+    assert "nanoseek_requests_running 0" in metrics  # every hung-up stream was aborted
+    assert end <= 1.10 * warm, f"resident memory grew from {warm / 2**20:.0f} to {end / 2**20:.0f} MiB"

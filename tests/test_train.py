@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import resource
 import signal
 import subprocess
 import sys
@@ -83,7 +85,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
     env = _env(workspace)
-    subprocess.run(_cli(workspace, workspace / "straight"), env=env, check=True, capture_output=True)
+    _straight_run(workspace)
     killed = workspace / "killed"
     process = subprocess.Popen(_cli(workspace, killed), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -98,6 +100,58 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
     straight, resumed = _losses(workspace / "straight"), _losses(killed)
     assert sorted(resumed) == list(range(1, 31))
     assert resumed == straight  # bit for bit, every step before and after the kill
+
+
+def _straight_run(workspace: Path) -> Path:
+    """The uninterrupted 30-step run the interrupted ones are compared with (made once per module)."""
+    straight = workspace / "straight"
+    if not (straight / "model.safetensors").exists():
+        subprocess.run(_cli(workspace, straight), env=_env(workspace), check=True, capture_output=True)
+    return straight
+
+
+def test_sigterm_at_a_random_step_checkpoints_then_resumes_bit_identical(workspace):
+    """A preempted job: SIGTERM at a random step finishes that step, writes a checkpoint there (not at the last
+    save_every), says how to resume and exits 75; the resumed run's losses are the uninterrupted run's, bit for bit."""
+    straight = _straight_run(workspace)
+    stopped, env = workspace / "sigterm", _env(workspace)
+    signal_after = random.randint(3, 20)
+    process = subprocess.Popen(_cli(workspace, stopped), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_losses(stopped) if (stopped / "metrics.jsonl").exists() else {}) < \
+            signal_after:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 75, stderr
+    step = list_checkpoints(stopped / "checkpoints")[-1].name
+    assert int(step.removeprefix("step_")) >= signal_after, (step, signal_after)
+    assert "Traceback" not in stderr and f"checkpoint {stopped / 'checkpoints' / step}" in stderr
+    assert f"nanoseek train --out {stopped} --resume" in stderr
+    subprocess.run(_cli(workspace, stopped, "--resume"), env=env, check=True, capture_output=True)
+    assert _losses(stopped) == _losses(straight), f"stopped at {step}"
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(workspace):
+    """A checkpoint write that fails part-way (a file-size limit, as a full disk does) stops the run with one line
+    naming the path and the cause; the partial checkpoint is removed, never listed, and the previous one resumes."""
+    run, env = workspace / "full-disk", _env(workspace)
+    subprocess.run(_cli(workspace, run, "--max-steps", "5"), env=env, check=True, capture_output=True)
+    previous = list_checkpoints(run / "checkpoints")
+    limit = max(f.stat().st_size for f in previous[-1].iterdir()) // 2
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail with EFBIG
+
+    failed = subprocess.run(_cli(workspace, run, "--resume", "--max-steps", "10"), env=env, capture_output=True,
+                            preexec_fn=small_disk)
+    lines = [line for line in failed.stderr.decode().strip().splitlines() if not line.startswith("training:")]
+    assert failed.returncode == 2 and len(lines) == 1, failed.stderr.decode()  # one line besides the progress bar
+    assert f"cannot write checkpoint {run / 'checkpoints' / 'step_0000010'}: File too large" in lines[0]
+    assert list_checkpoints(run / "checkpoints") == previous
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000005"]  # no partial one left
+    subprocess.run(_cli(workspace, run, "--resume", "--max-steps", "10"), env=env, check=True, capture_output=True)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_0000005", "step_0000010"]
 
 
 def test_kill_during_checkpoint_write_keeps_previous(workspace, monkeypatch):

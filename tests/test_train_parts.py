@@ -54,3 +54,21 @@ def test_overrides_take_the_field_type():
                                     "use_mtp": "false", "model.hidden_size": "256"})
     assert train.balance == "none" and train.lr == 1e-3 and train.use_mtp is False
     assert model.q_lora_rank is None and model.hidden_size == 256
+
+
+def test_stop_requests_first_signal_asks_second_aborts():
+    """SIGTERM or a first Ctrl-C only ask (the step finishes and a checkpoint is written); a second one aborts at
+    once; leaving restores the previous handlers."""
+    import os
+    import signal
+
+    from nanoseek.train.interrupt import StopRequests
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequests(announce=False) as stop:
+        assert not stop.agreed()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.agreed()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -1,4 +1,6 @@
-"""nanoseek command line. User errors (NanoseekError) print one line and exit 2; bugs keep their traceback."""
+"""nanoseek command line. User errors (NanoseekError) and the machine's (OSError: a full disk) print one line and exit
+2; a run stopped by SIGTERM or Ctrl-C after its checkpoint exits 75, a second Ctrl-C 130; bugs keep their
+traceback."""
 
 from __future__ import annotations
 
@@ -6,10 +8,12 @@ import argparse
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from nanoseek.config import ModelConfig
-from nanoseek.errors import ConfigError, NanoseekError
+from nanoseek.errors import EXIT_ABORTED, EXIT_INTERRUPTED, ConfigError, NanoseekError, RunInterrupted
+from nanoseek.infer import commands as infer_commands
 from nanoseek.post import commands as post_commands
 from nanoseek.presets import PRESETS
 
@@ -70,6 +74,21 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _dashed_overrides(extra: list[str]) -> list[str]:
+    """`--train.seq_len=64` and `--train.seq_len 64`, as users type them, become `train.seq_len=64`."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if item.startswith(("--train.", "--model.")):
+            item = item[2:]
+            if "=" not in item and i + 1 < len(extra):
+                i += 1
+                item = f"{item}={extra[i]}"
+        out.append(item)
+        i += 1
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from nanoseek.train.config import TrainConfig, apply_overrides, qualified_keys, read_config_file
     from nanoseek.train.trainer import RunSpec, train
@@ -98,89 +117,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     imbalance = summary["imbalance_last_100"]
     print(f"done: {out}  val loss {val:.3f} (unigram entropy {summary['unigram_entropy']:.3f})  "
           f"expert load max/mean over the last 100 steps {imbalance if imbalance is not None else float('nan'):.2f}  "
-          f"{final.get('tokens_per_s', 0):.0f} tok/s")
+          f"{final.get('tokens_per_s', 0):.0f} tok/s over the last {final.get('tokens_per_s_steps', 0)} steps")
     print(f"sample it:  nanoseek generate {out} --prompt 'ROMEO.'")
-
-
-def cmd_generate(args: argparse.Namespace) -> None:
-    from nanoseek.checkpoint.hf import load_pretrained
-    from nanoseek.data.tokenizer import end_token_ids, load_tokenizer
-    from nanoseek.infer.engine import Engine, SamplingParams
-
-    run = Path(args.model)
-    tokenizer = load_tokenizer(run / "tokenizer.json")
-    engine = Engine(load_pretrained(run), decode=tokenizer.decode)
-    prompt = tokenizer.encode(args.prompt).ids
-    try:
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, stop_token_ids=end_token_ids(tokenizer))
-        engine.check(prompt, params)
-    except ValueError as e:
-        raise NanoseekError(str(e)) from None
-    print(args.prompt, end="", flush=True)
-    engine.generate([prompt], params, on_token=lambda _, delta, __: print(delta, end="", flush=True))
-    print()
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    import torch
-
-    from nanoseek.infer.engine import EngineConfig, available_memory
-    from nanoseek.infer.server import create_app, serve
-
-    if args.cache_memory is not None and args.cache_fraction is not None:
-        raise NanoseekError("give --cache-memory or --cache-fraction, not both")
-    if args.cache_fraction is not None and not 0 < args.cache_fraction < 1:
-        raise NanoseekError(f"--cache-fraction must be in (0, 1), got {args.cache_fraction}")
-    try:
-        memory = None if args.cache_memory is None else args.cache_memory * 2**30
-        config = EngineConfig(block_size=args.block_size, cache_memory=memory, max_seqs=args.max_seqs,
-                              token_budget=args.token_budget, speculation=False if args.no_speculation else None,
-                              static=args.batching == "static")
-        if args.cache_fraction is not None:  # of the memory free now, on the device the model is loaded to
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            config = replace(config, cache_memory=args.cache_fraction * available_memory(torch.device(device)))
-        app = create_app(args.model, api_key=args.api_key, config=config)
-    except ValueError as e:
-        raise NanoseekError(str(e)) from None
-    engine = app.state.engine
-    print(f"latent cache: {engine.cache_tokens:,} tokens in {engine.blocks.num_blocks} blocks of "
-          f"{engine.config.block_size} ({engine.cache_bytes / 2**20:,.1f} MiB); "
-          f"{'continuous' if not engine.config.static else 'static'} batching, speculation "
-          f"{'on (MTP)' if engine.speculate else 'off'}", flush=True)
-    print(f"serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
-    serve(app, args.host, args.port, args.shutdown_timeout)
-
-
-def cmd_chat(args: argparse.Namespace) -> None:
-    from nanoseek.checkpoint.hf import load_pretrained
-    from nanoseek.data.tokenizer import end_token_ids, load_tokenizer
-    from nanoseek.infer.chat import ChatTemplate
-    from nanoseek.infer.engine import Engine, SamplingParams
-
-    run = Path(args.model)
-    tokenizer = load_tokenizer(run / "tokenizer.json")
-    engine = Engine(load_pretrained(run), decode=tokenizer.decode)
-    template, stop = ChatTemplate(run), end_token_ids(tokenizer)
-    messages: list[dict[str, str]] = []
-    print("nanoseek chat — an empty line or Ctrl-D ends the conversation")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        messages.append({"role": "user", "content": line})
-        prompt = tokenizer.encode(template.render(messages)).ids[-(engine.max_len - args.max_new_tokens):]
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                stop_token_ids=stop, stop_strings=template.stop_strings)
-        print("model>", end="", flush=True)
-        reply = engine.generate([prompt], params, on_token=lambda _, delta, __: print(delta, end="", flush=True))
-        print()
-        messages.append({"role": "assistant", "content": reply[0].text.strip()})
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -240,37 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"])
     train.set_defaults(run=cmd_train)
 
-    gen = commands.add_parser("generate", help="sample text from a trained run directory")
-    gen.add_argument("model", help="run or model directory (with tokenizer.json)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.set_defaults(run=cmd_generate)
-
-    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP API for a model directory")
-    serve.add_argument("model", help="run or model directory (with tokenizer.json)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--max-seqs", type=int, default=64, help="sequences in the running batch at most")
-    serve.add_argument("--token-budget", type=int, default=512,
-                       help="tokens per engine step (decodes, then chunks of prompts)")
-    serve.add_argument("--cache-memory", type=float, metavar="GB", help="latent-cache size in GiB")
-    serve.add_argument("--cache-fraction", type=float, metavar="F",
-                       help="latent-cache size as a fraction of the free memory (default: room for --max-seqs "
-                            "full contexts, at most a quarter of free memory)")
-    serve.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
-    serve.add_argument("--no-speculation", action="store_true",
-                       help="do not draft with the MTP module (on by default when the model has one)")
-    serve.add_argument("--batching", choices=("continuous", "static"), default="continuous",
-                       help="static: the previous server's policy (a new batch only when the last one ended)")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="seconds running requests get to finish after SIGTERM")
-    serve.set_defaults(run=cmd_serve)
-
     export = commands.add_parser("export", help="a training checkpoint (DCP) or a model → HF model directory")
     export.add_argument("checkpoint", help="RUN/checkpoints/step_NNNNNNN, or a run/model directory")
     export.add_argument("out", help="output model directory")
@@ -288,19 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     bench.set_defaults(run=cmd_bench)
 
-    chat = commands.add_parser("chat", help="a conversation in the terminal")
-    chat.add_argument("model", help="run or model directory (with tokenizer.json)")
-    chat.add_argument("--max-new-tokens", type=int, default=200)
-    chat.add_argument("--temperature", type=float, default=0.8)
-    chat.add_argument("--top-k", type=int, default=50)
-    chat.set_defaults(run=cmd_chat)
-
+    infer_commands.register(commands)
     post_commands.register(commands)
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    return f"nanoseek: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # a warning is one line too, without the source line under it
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        argv = _dashed_overrides(argv)
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may stand anywhere among train's options (argparse only takes them in one run)
     if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
@@ -310,7 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except NanoseekError as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # parsers write several
-        print(f"nanoseek: error: {message}", file=sys.stderr)
-        return 2
+        return _error(str(e))
+    except RunInterrupted as e:
+        if str(e):  # only rank 0 of a distributed run says it
+            print(f"nanoseek: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\nnanoseek: interrupted", file=sys.stderr)
+        return EXIT_ABORTED
+    except OSError as e:  # the machine's, not ours: a full disk, a file-size limit, a permission
+        return _error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
     return 0
+
+
+def _error(text: str) -> int:
+    message = " ".join(line.strip() for line in text.splitlines() if line.strip())  # parsers write several lines
+    print(f"nanoseek: error: {message}", file=sys.stderr)
+    return 2

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nanoseek.errors import ConfigError
+from nanoseek.validate import check_field_types
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RopeScaling:
     mscale_all_dim: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self, "config rope_scaling")
         _require(self.factor >= 1.0, "rope_scaling.factor", f"must be >= 1, got {self.factor}")
         _require(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings",
                  f"must be positive, got {self.original_max_position_embeddings}")
@@ -74,6 +76,9 @@ class ModelConfig:
     head_dim: int | None = None  # gqa: per-head dimension
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # accepted for convenience in Python code
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        check_field_types(self, "config")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                      "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq",
@@ -81,6 +86,10 @@ class ModelConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
                      f"must be a positive integer, got {value!r}")
+        # beyond any published model; a typo past these would otherwise build millions of modules before failing
+        _require(self.num_hidden_layers <= 1024, "num_hidden_layers", f"at most 1024, got {self.num_hidden_layers}")
+        _require(self.num_nextn_predict_layers <= 16, "num_nextn_predict_layers",
+                 f"at most 16, got {self.num_nextn_predict_layers}")
         for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
@@ -100,17 +109,11 @@ class ModelConfig:
                  f"{self.num_experts_per_tok}")
         _require(self.scoring_func == "softmax" or experts_per_group >= 2 or self.n_group == 1, "n_group",
                  "sigmoid group scores sum the top-2 experts of a group, so groups need at least 2 experts")
-        _require(self.scoring_func in ("sigmoid", "softmax"), "scoring_func",
-                 f"must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
         _require(self.routed_scaling_factor > 0, "routed_scaling_factor",
                  f"must be positive, got {self.routed_scaling_factor}")
         _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         _require(0 < self.rms_norm_eps < 1, "rms_norm_eps", f"must be in (0, 1), got {self.rms_norm_eps}")
         _require(self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}")
-        if isinstance(self.rope_scaling, dict):  # accepted for convenience in Python code
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        _require(self.attention_type in ("mla", "gqa"), "attention_type",
-                 f"must be 'mla' or 'gqa', got {self.attention_type!r}")
         if self.attention_type == "gqa":
             self._check_dense_baseline()
 
@@ -203,6 +206,8 @@ class ModelConfig:
         if d.get("attention_bias"):
             raise ConfigError("config field 'attention_bias': biased attention projections are not supported")
         model_type = d.get("model_type", "deepseek_v3")
+        if model_type not in ("deepseek_v3", "deepseek_v2", "llama"):
+            raise ConfigError(f"config field 'model_type': deepseek_v3, deepseek_v2 or llama, got {model_type!r}")
         if model_type == "llama":
             from nanoseek.llama import llama_fields
 
@@ -215,14 +220,21 @@ class ModelConfig:
         if d.get("topk_method") == "greedy" or d.get("n_group") is None:
             d["n_group"], d["topk_group"] = 1, 1
         rope_params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope_params, dict):
+            raise ConfigError(f"config field 'rope_parameters' / 'rope_scaling': must be an object or null, got "
+                              f"{rope_params!r}")
         d["rope_theta"] = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
         if rope_type == "yarn":
             names = {f.name for f in dataclasses.fields(RopeScaling)}
             yarn = {k: v for k, v in rope_params.items() if k in names and v is not None}
             yarn.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 4096))
-            if "factor" not in yarn:
-                yarn["factor"] = d["max_position_embeddings"] / yarn["original_max_position_embeddings"]
+            if "factor" not in yarn:  # the extension the two context lengths imply
+                lengths = (d.get("max_position_embeddings", 4096), yarn["original_max_position_embeddings"])
+                if not all(isinstance(n, int) and n > 0 for n in lengths):
+                    raise ConfigError(f"config: a yarn rope_scaling without 'factor' needs positive integer context "
+                                      f"lengths, got {lengths}")
+                yarn["factor"] = lengths[0] / lengths[1]
             d["rope_scaling"] = RopeScaling(**yarn)
         elif rope_type == "default":
             d["rope_scaling"] = None
@@ -244,10 +256,10 @@ class ModelConfig:
     def load_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")

@@ -37,6 +37,9 @@ def llama_fields(raw: dict[str, Any]) -> dict[str, Any]:
     """A Llama config.json as ModelConfig fields: GQA, a dense MLP in every layer, no MTP."""
     if raw.get("mlp_bias"):
         raise ConfigError("config field 'mlp_bias': biased MLPs are not supported")
+    for name in ("num_attention_heads", "hidden_size", "num_hidden_layers"):
+        if not isinstance(raw.get(name), int) or isinstance(raw[name], bool) or raw[name] < 1:
+            raise ConfigError(f"config field {name!r}: a Llama config needs a positive integer, got {raw.get(name)!r}")
     heads = raw["num_attention_heads"]
     return {**raw, "attention_type": "gqa", "num_key_value_heads": raw.get("num_key_value_heads") or heads,
             "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,

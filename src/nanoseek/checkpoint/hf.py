@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from nanoseek.checkpoint.fp8 import FP8_QUANTIZATION_CONFIG, quantize_state_dict
 from nanoseek.config import ModelConfig
-from nanoseek.errors import CheckpointError, ConfigError
+from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
 from nanoseek.fp8.quant import dequantize_blocks
 from nanoseek.llama import halves_to_interleaved, interleaved_to_halves
 from nanoseek.model.transformer import Transformer
@@ -102,10 +102,19 @@ class SafetensorsDir:
         index = path / INDEX_FILE
         if index.exists():
             try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                weight_map = json.loads(index.read_bytes())["weight_map"]
+            except (ValueError, KeyError, TypeError, RecursionError) as e:  # bad JSON or UTF-8, no weight_map
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+            # shard names are plain file names in this directory: an index must not point elsewhere on the disk
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")
+                    for name in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files in {path}")
             files = sorted(set(weight_map.values()))
+            missing = [name for name in files if not (path / name).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names {len(missing)} shard(s) that are not in {path}, e.g. "
+                                      f"{missing[0]}")
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
@@ -135,6 +144,8 @@ class SafetensorsDir:
             tensor = self.handles[self.location[key]].get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read tensor {key!r} (truncated file?): {e}") from None
+        if not tensor.dtype.is_floating_point:
+            raise CheckpointError(f"tensor {key!r} is {tensor.dtype}; weights are floating point")
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale_key = key.removesuffix(".weight") + ".weight_scale_inv"
             if scale_key not in self.location:
@@ -192,15 +203,21 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(config)
-    model.to_empty(device=device)
-    expected = model.state_dict()
+    expected = model.state_dict()  # shapes only: nothing is allocated until the weights match them
     state = {}
     for entry in checkpoint_entries(config):
-        tensor = _assemble(entry, source, expected[entry.ours].shape)
+        try:
+            tensor = _assemble(entry, source, expected[entry.ours].shape)
+        except (RuntimeError, ValueError) as e:  # pieces whose shapes cannot be joined or reordered
+            raise CheckpointError(f"{entry.parts[0][0]}: {first_line(e)} (does config.json match the weights?)") \
+                from None
+        if tensor is None:
+            raise CheckpointError(f"checkpoint is missing tensor {entry.parts[0][0]!r}")
         if tensor.shape != expected[entry.ours].shape:
             raise CheckpointError(f"{entry.parts[0][0]}: shape {tuple(tensor.shape)} does not match config.json "
                                   f"(expects {tuple(expected[entry.ours].shape)})")
         state[entry.ours] = tensor
+    model.to_empty(device=device)
     model.load_state_dict(state, strict=True)
     unexpected = [k for k in source.location if k not in source.used and not _written_not_read(k, config)
                   and source.numel(k)]  # transformers writes empty shared experts when there are none
@@ -269,8 +286,13 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        save_file(shard, str(path / f".{name}.tmp"), metadata={"format": "pt"})
-        os.replace(path / f".{name}.tmp", path / name)
+        tmp = path / f".{name}.tmp"
+        try:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        except Exception as e:  # safetensors' own error type, or an OSError: a full disk, a file-size limit
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write {path / name}: {describe_write_failure(path, e)}") from None
+        os.replace(tmp, path / name)
     stale = path / (INDEX_FILE if len(shards) == 1 else "model.safetensors")
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())

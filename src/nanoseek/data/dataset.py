@@ -60,7 +60,7 @@ class TokenDataset:
         for name, data in (("training", self.train), ("validation", self.val)):
             if len(data) <= seq_len + 1:
                 raise CorpusError(f"the {name} split has {len(data)} tokens, too few for sequences of {seq_len}; "
-                                  "use more text or a shorter --train.seq_len")
+                                  "use more text or a shorter train.seq_len=N")
 
     def batch(self, split: str, batch_size: int, seq_len: int, seed: int, step: int,
               micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,11 +22,22 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+# ASCII, punctuation, whitespace runs, accents, CJK and an emoji: what a user's first prompt may hold
+PROBE_TEXT = "Hello, world!\n\tthe  year 2026: héllo, 日本語 🙂"
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json, checked by encoding and decoding a probe text: a file can parse and still describe a
+    pipeline that fails (or makes the Rust library panic) on the first real input."""
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception subclasses with the parser's message
-        raise NanoseekError(f"cannot load tokenizer {path}: {e}") from None
+        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer.decode(tokenizer.encode(PROBE_TEXT).ids)
+        return tokenizer
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # tokenizers' errors are Exceptions; a Rust panic arrives as a BaseException
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NanoseekError(f"cannot load tokenizer {path}: {message}") from None
 
 
 def end_of_text_id(tokenizer: Tokenizer) -> int | None:

@@ -11,23 +11,45 @@ PLAIN_STOP = "\nUser:"
 
 
 class ChatTemplate:
+    """ValueError (naming the file) if tokenizer_config.json is not a JSON object or its template does not parse."""
+
     def __init__(self, model_dir: Path):
         config = model_dir / "tokenizer_config.json"
-        raw = json.loads(config.read_text()) if config.exists() else {}
+        try:
+            raw = json.loads(config.read_bytes()) if config.exists() else {}
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{config} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{config} must hold a JSON object")
         self.template = raw.get("chat_template")
+        if isinstance(self.template, list):  # HF's named form: [{"name": "default", "template": "..."}, ...]
+            named = {t.get("name"): t.get("template") for t in self.template if isinstance(t, dict)}
+            self.template = named.get("default")
+        if self.template is not None and not isinstance(self.template, str):
+            raise ValueError(f"{config}: 'chat_template' must be a string")
         self.special = {k: v for k, v in raw.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
+        self._compiled = None
+        if self.template:
+            import jinja2
+
+            try:
+                self._compiled = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.template)
+            except jinja2.TemplateError as e:
+                raise ValueError(f"{config}: the chat template does not parse: {e}") from None
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return () if self.template else (PLAIN_STOP,)
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        if self.template:
+        """ValueError if the template fails on these messages (its own checks raise, e.g. on role order)."""
+        if self._compiled is not None:
             import jinja2
 
-            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-            return env.from_string(self.template).render(messages=messages, add_generation_prompt=True,
-                                                         **self.special)
+            try:
+                return self._compiled.render(messages=messages, add_generation_prompt=True, **self.special)
+            except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
+                raise ValueError(f"the chat template cannot render these messages: {e}") from None
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
         return "\n".join(lines) + "\nAssistant:"
 

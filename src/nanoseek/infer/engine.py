@@ -13,14 +13,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.blocks import BlockManager, chained_hashes, latent_store
 from nanoseek.infer.detokenize import Detokenizer
 from nanoseek.infer.request import Completion, SamplingParams, Sequence, TokenLogprob
 from nanoseek.infer.runner import ModelRunner, SeqResult
 from nanoseek.infer.scheduler import Scheduler
+from nanoseek.memory import available_memory
 from nanoseek.model.transformer import Transformer
 
 # on_token(sequence index, new text (possibly empty), finished) — generate()'s streaming callback
@@ -41,17 +40,6 @@ class EngineConfig:
             raise ValueError("block_size and max_seqs must be >= 1, token_budget >= 2")
         if self.cache_memory is not None and self.cache_memory <= 0:
             raise ValueError(f"the cache memory must be positive, got {self.cache_memory}")
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 4 << 30
 
 
 class Engine:
@@ -115,6 +103,11 @@ class Engine:
     def abort(seq: Sequence) -> None:
         """Stop a sequence (from any thread); it leaves at the next step with finish_reason 'abort'."""
         seq.aborted = True
+
+    @property
+    def waiting(self) -> int:
+        """Sequences queued and not yet admitted to the running batch (any thread: len() of each is atomic)."""
+        return len(self._inbox) + len(self.scheduler.waiting)
 
     def has_work(self) -> bool:
         return bool(self._inbox or self.scheduler.waiting or self.scheduler.running)
@@ -205,7 +198,7 @@ class Engine:
         produced = sum(n for _, n in recent[1:])  # tokens made after the first timestamp of the window
         span = recent[-1][0] - recent[0][0] if len(recent) > 1 else 0.0
         s = self.scheduler
-        return {"running": len(s.running), "waiting": len(s.waiting) + len(self._inbox),
+        return {"running": len(s.running), "waiting": self.waiting,
                 "cache_blocks_used": self.blocks.used_blocks, "cache_blocks_total": self.blocks.num_blocks,
                 "cache_tokens_total": self.cache_tokens,
                 "prefix_hit_rate": s.prompt_tokens_hit / max(1, s.prompt_tokens_queried),

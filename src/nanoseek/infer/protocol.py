@@ -1,10 +1,16 @@
-"""The OpenAI wire format: request fields checked into engine settings (a 4xx naming the field otherwise), and
-logprobs, usage and Prometheus metrics written out."""
+"""The OpenAI wire format: request bodies read within limits, their fields checked into engine settings (a 4xx
+naming the field otherwise), API keys compared in constant time, and logprobs, usage and Prometheus metrics written
+out."""
 
 from __future__ import annotations
 
+import hmac
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from starlette.requests import Request
 
 from nanoseek.infer.request import MAX_TOP_LOGPROBS, Completion, SamplingParams, TokenLogprob
 
@@ -12,9 +18,49 @@ MAX_CHOICES = 16
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_waiting: int = 256  # sequences queued for admission; past it, 429
+    max_body_bytes: int = 4 << 20  # a request body larger than this is refused (413) unread
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 1 or self.max_body_bytes < 1:
+            raise ValueError("max_waiting and max_body_bytes must be >= 1")
+
+
+def key_matches(header: str | None, api_key: str) -> bool:
+    """Constant-time comparison, so that response timing does not reveal how much of a guessed key was right."""
+    return hmac.compare_digest((header or "").encode(), f"Bearer {api_key}".encode())
+
+
+async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The request's body as a JSON object: 413 past `max_bytes` (before it is read whole, also when chunked),
+    400 if it is not a JSON object."""
+    too_large = APIError(413, f"the request body is larger than {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    raw = bytearray()
+    async for piece in request.stream():  # a chunked body has no length to check up front
+        raw += piece
+        if len(raw) > max_bytes:
+            raise too_large
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
 
 
 def number(body: dict[str, Any], name: str, default: Any, kind: type, low: float, high: float) -> Any:

@@ -2,7 +2,8 @@
 streaming) over the continuous-batching engine, plus /health and Prometheus /metrics.
 
 One thread runs the engine's step loop; requests join the running batch at its next step, and a client that goes
-away (streaming or not) has its sequences aborted. On SIGTERM the server stops admitting (new requests get 503,
+away (streaming or not) has its sequences aborted. Load is bounded: past `max_waiting` queued sequences a request
+gets 429 with Retry-After, and a body over `max_body_bytes` gets 413 before it is read whole. On SIGTERM the server stops admitting (new requests get 503,
 the listening socket closes), lets running requests finish for up to `shutdown_timeout` seconds, aborts the rest
 and exits 0.
 """
@@ -22,13 +23,14 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.data.tokenizer import check_vocab, end_token_ids, load_tokenizer
 from nanoseek.infer import protocol
 from nanoseek.infer.chat import ChatTemplate, check_messages
 from nanoseek.infer.engine import Engine, EngineConfig
-from nanoseek.infer.protocol import APIError
+from nanoseek.infer.protocol import APIError, ServerLimits
 from nanoseek.infer.request import Completion, SamplingParams, Sequence
 
 
@@ -102,13 +104,15 @@ class EngineLoop:
             self.sent_logprobs.pop(seq, None)
 
 
-def create_app(model_dir: str | Path, api_key: str | None = None, config: EngineConfig | None = None) -> FastAPI:
+def create_app(model_dir: str | Path, api_key: str | None = None, config: EngineConfig | None = None,
+               limits: ServerLimits = ServerLimits()) -> FastAPI:
     model_dir = Path(model_dir)
     model_name = model_dir.resolve().name
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    template = ChatTemplate(model_dir)  # checked before the weights load: a broken template fails at once
     engine = Engine(load_pretrained(model_dir), decode=tokenizer.decode, config=config)
     check_vocab(tokenizer, engine.model.config.vocab_size)
-    template, stop_tokens = ChatTemplate(model_dir), end_token_ids(tokenizer)
+    stop_tokens = end_token_ids(tokenizer)
     runner = EngineLoop(engine)
 
     async def authenticate(request: Request) -> None:
@@ -116,7 +120,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         the client's disconnect from the route)."""
         if request.url.path in ("/health", "/metrics"):
             return
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+        if api_key and not protocol.key_matches(request.headers.get("authorization"), api_key):
             raise APIError(401, "invalid or missing API key", kind="authentication_error")
         if runner.draining and request.method == "POST":
             raise APIError(503, "the server is shutting down", kind="server_error")
@@ -124,27 +128,38 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     app = FastAPI(title="nanoseek", version="0.2", dependencies=[Depends(authenticate)])
     app.state.engine, app.state.loop = engine, runner
 
+    def encode(text: str) -> list[int]:
+        try:
+            return tokenizer.encode(text).ids
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # the tokenizer's Rust code can panic (a BaseException) on input it mishandles
+            raise APIError(400, f"the tokenizer cannot encode this text: {type(e).__name__}") from None
+
     def token_text(token: int) -> str:
         return tokenizer.decode([token])
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
-                            status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        """Unknown paths (404) and methods (405) in the OpenAI error format, like every other error."""
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
 
     async def read_body(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        body = await protocol.read_json_object(request, limits.max_body_bytes)
         if body.get("model", model_name) != model_name:
             raise APIError(404, f"the model {body['model']!r} does not exist; this server has {model_name!r}",
                            "model", "model_not_found")
         return body
 
     def start(prompt: list[int], params: SamplingParams, n: int) -> Job:
+        if engine.waiting + n > limits.max_waiting:
+            raise APIError(429, f"the server is at capacity ({engine.waiting} sequences waiting); retry later",
+                           kind="rate_limit_error", headers={"Retry-After": "1"})
         try:
             return runner.submit(prompt, params, n, asyncio.get_running_loop())
         except ValueError as e:
@@ -218,7 +233,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = await read_body(request)
-        prompt = protocol.prompt_ids(body, lambda text: tokenizer.encode(text).ids)
+        prompt = protocol.prompt_ids(body, encode)
         top = protocol.completion_logprobs_field(body)
         params = protocol.sampling_params(body, 16, stop_tokens, (), top)
         job = start(prompt, params, protocol.choices(body))
@@ -246,7 +261,11 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
             raise APIError(400, str(e), "messages") from None
         top = protocol.chat_logprobs_field(body)
         params = protocol.sampling_params(body, 128, stop_tokens, template.stop_strings, top)
-        job = start(tokenizer.encode(template.render(messages)).ids, params, protocol.choices(body))
+        try:
+            prompt = template.render(messages)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+        job = start(encode(prompt), params, protocol.choices(body))
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         first = set()
 

@@ -16,10 +16,11 @@ from tokenizers import Tokenizer
 from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
 from nanoseek.data.chat_format import add_chat_tokens, write_tokenizer_files
 from nanoseek.data.tokenizer import load_tokenizer
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import NanoseekError, RunInterrupted
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.interrupt import StopRequests, resume_hint
 from nanoseek.train.metrics import MetricsLog
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.trainer import lr_factor
@@ -111,8 +112,16 @@ class PostRun:
             group["lr"] = lr
         return lr
 
-    def checkpoint(self, step: int, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
-        save_checkpoint(self.out / "checkpoints", step, model, optimizer, {"settings": self.settings}, keep=2)
+    def end_of_step(self, done: int, model: Transformer, optimizer: torch.optim.Optimizer,
+                    stop: StopRequests) -> None:
+        """A checkpoint every save_every steps; when asked to stop (SIGTERM, Ctrl-C), a checkpoint now and
+        RunInterrupted saying how to resume."""
+        periodic = done % self.cfg.save_every == 0
+        if done >= self.cfg.max_steps or not (periodic or stop.requested):
+            return
+        path = save_checkpoint(self.out / "checkpoints", done, model, optimizer, {"settings": self.settings}, keep=2)
+        if stop.requested:
+            raise RunInterrupted(resume_hint(done, str(path), f"nanoseek {self.kind} … --out {self.out} --resume"))
 
     def finish(self, model: Transformer, tokenizer: Tokenizer, summary: dict[str, Any]) -> None:
         save_pretrained(model, self.out)

@@ -27,6 +27,7 @@ from nanoseek.infer.request import SamplingParams
 from nanoseek.model.transformer import Transformer
 from nanoseek.post.common import PostConfig, PostRun, device_for_run, load_model_dir
 from nanoseek.post.tasks import Task, get_task
+from nanoseek.train.interrupt import StopRequests
 from nanoseek.train.precision import autocast
 
 
@@ -145,37 +146,37 @@ def run_rl(source: Path, out: Path, task_name: str, cfg: PostConfig, grpo: GrpoC
     schedule = cfg.schedule()
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="rl",
                disable=None if show_progress else True)  # None: shown on a terminal only
-    for step in bar:
-        lr = run.set_lr(optimizer, step)
-        batch = rollout(model, tokenizer, task, step, cfg.batch_size, grpo, cfg.seed)
-        advantages = group_advantages(batch.rewards, grpo.group_size, grpo.scale_by_std)
-        model.train()
-        stats: dict[str, float] = {"kl": 0.0, "clip_fraction": 0.0}
-        order = torch.randperm(len(advantages), generator=torch.Generator().manual_seed(cfg.seed + step))
-        for part in order.chunk(grpo.minibatches):
-            inputs, targets = batch.inputs[part].to(device), batch.targets[part].to(device)
-            with autocast(device, schedule):
-                logp = token_logprobs(model, inputs, targets)
-                ref_logp = None
-                if reference is not None:
-                    with torch.no_grad():
-                        ref_logp = token_logprobs(reference, inputs, targets)
-            loss, part_stats = grpo_loss(logp, batch.old_logp[part].to(device), advantages[part].to(device),
-                                         batch.mask[part].to(device), grpo, ref_logp)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for name, value in part_stats.items():
-                stats[name] += value.item() / grpo.minibatches
-        done = step + 1
-        row = {"step": done, "reward": batch.rewards.mean().item(), "accuracy": batch.correct.mean().item(),
-               "response_tokens": batch.lengths.mean().item(), "kl": stats["kl"],
-               "clip_fraction": stats["clip_fraction"], "lr": lr}
-        metrics.log(row)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("reward", "accuracy", "kl", "clip_fraction")})
-        if done % cfg.save_every == 0 and done < cfg.max_steps:
-            run.checkpoint(done, model, optimizer)
+    with StopRequests() as stop:
+        for step in bar:
+            lr = run.set_lr(optimizer, step)
+            batch = rollout(model, tokenizer, task, step, cfg.batch_size, grpo, cfg.seed)
+            advantages = group_advantages(batch.rewards, grpo.group_size, grpo.scale_by_std)
+            model.train()
+            stats: dict[str, float] = {"kl": 0.0, "clip_fraction": 0.0}
+            order = torch.randperm(len(advantages), generator=torch.Generator().manual_seed(cfg.seed + step))
+            for part in order.chunk(grpo.minibatches):
+                inputs, targets = batch.inputs[part].to(device), batch.targets[part].to(device)
+                with autocast(device, schedule):
+                    logp = token_logprobs(model, inputs, targets)
+                    ref_logp = None
+                    if reference is not None:
+                        with torch.no_grad():
+                            ref_logp = token_logprobs(reference, inputs, targets)
+                loss, part_stats = grpo_loss(logp, batch.old_logp[part].to(device), advantages[part].to(device),
+                                             batch.mask[part].to(device), grpo, ref_logp)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for name, value in part_stats.items():
+                    stats[name] += value.item() / grpo.minibatches
+            done = step + 1
+            row = {"step": done, "reward": batch.rewards.mean().item(), "accuracy": batch.correct.mean().item(),
+                   "response_tokens": batch.lengths.mean().item(), "kl": stats["kl"],
+                   "clip_fraction": stats["clip_fraction"], "lr": lr}
+            metrics.log(row)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("reward", "accuracy", "kl", "clip_fraction")})
+            run.end_of_step(done, model, optimizer, stop)
     rows = metrics.rows()[-10:]
     summary = {"final_reward": sum(r["reward"] for r in rows) / max(1, len(rows)),
                "final_accuracy": sum(r["accuracy"] for r in rows) / max(1, len(rows))}

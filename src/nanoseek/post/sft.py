@@ -18,6 +18,7 @@ from nanoseek.post.common import PostConfig, PostRun, device_for_run, load_model
 from nanoseek.post.sft_data import (Conversation, EncodedConversations, batch, chatterbot_conversations,
                                     encode_all, read_conversations, rows_for_step, split_heldout)
 from nanoseek.post.tasks import get_task
+from nanoseek.train.interrupt import StopRequests
 from nanoseek.train.precision import autocast
 
 
@@ -64,28 +65,28 @@ def run_sft(base: Path, out: Path, cfg: PostConfig, data: Path | None, task: str
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="sft",
                disable=None if show_progress else True)  # None: shown on a terminal only
     row: dict[str, Any] = {}
-    for step in bar:
-        lr = run.set_lr(optimizer, step)
-        inputs, targets = (t.to(device) for t in batch(train_data, rows_for_step(len(train_data), cfg.batch_size,
-                                                                                 cfg.seed, step), pad_id))
-        with autocast(device, schedule):
-            output = model(inputs, targets)
-        loss = output.lm_loss + (schedule.mtp_weight * output.mtp_loss if output.mtp_loss is not None else 0.0)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == cfg.max_steps:
-            row = {"step": done, "loss": output.lm_loss.item(), "lr": lr, "grad_norm": float(grad_norm)}
-            if done % cfg.eval_every == 0 or done == cfg.max_steps:
-                model.eval()
-                row["val_loss"] = heldout_loss(model, held_data, cfg.batch_size, pad_id, autocast(device, schedule))
-                model.train()
-            metrics.log(row)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("loss", "val_loss")})
-        if done % cfg.save_every == 0 and done < cfg.max_steps:
-            run.checkpoint(done, model, optimizer)
+    with StopRequests() as stop:
+        for step in bar:
+            lr = run.set_lr(optimizer, step)
+            inputs, targets = (t.to(device) for t in batch(train_data, rows_for_step(len(train_data), cfg.batch_size,
+                                                                                     cfg.seed, step), pad_id))
+            with autocast(device, schedule):
+                output = model(inputs, targets)
+            loss = output.lm_loss + (schedule.mtp_weight * output.mtp_loss if output.mtp_loss is not None else 0.0)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == cfg.max_steps:
+                row = {"step": done, "loss": output.lm_loss.item(), "lr": lr, "grad_norm": float(grad_norm)}
+                if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                    model.eval()
+                    row["val_loss"] = heldout_loss(model, held_data, cfg.batch_size, pad_id, autocast(device, schedule))
+                    model.train()
+                metrics.log(row)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("loss", "val_loss")})
+            run.end_of_step(done, model, optimizer, stop)
     model.eval()
     val = heldout_loss(model, held_data, cfg.batch_size, pad_id, autocast(device, schedule))
     summary = {"conversations": len(train_data), "heldout_conversations": len(held_data), "val_loss": val,

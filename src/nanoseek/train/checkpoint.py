@@ -2,8 +2,10 @@
 (= data position) and RNG states. DCP stores every tensor under its global shape, so a checkpoint written by N
 processes (FSDP shards, expert-parallel shards) resumes on M processes, or on one.
 
-A checkpoint is checkpoints/step_NNNNNNN/, assembled under a temporary name and renamed into place only when
-complete, so a process killed mid-write leaves the previous checkpoints as they were.
+A checkpoint is checkpoints/step_NNNNNNN/, assembled under a temporary name and renamed into place only when every
+process has written its part, so a process killed mid-write, or a full disk, leaves the previous checkpoints as they
+were and never lists a partial one. The RNG states are plain tensors and numbers, loaded with weights_only=True;
+DCP's own .metadata file is a pickle (see docs/threat-model.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from nanoseek.errors import CheckpointError
+from nanoseek.config import ModelConfig
+from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
+from nanoseek.train.config import TrainConfig
 
 PREFIX = "step_"
 
@@ -46,29 +50,88 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"{PREFIX}{step:07d}"
+
+
+def _agree(ok: bool) -> bool:
+    """Whether every process succeeded (collective)."""
+    if not dist.is_initialized():
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    failed = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    return not failed.item()
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's RNG states as tensors and numbers only, so that loading them needs no pickle."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_position": int(position), "numpy_has_gauss": int(has_gauss),
+            "numpy_cached_gaussian": float(cached_gaussian), "python_version": version,
+            "python_state": torch.tensor(python_state, dtype=torch.int64), "python_gauss_next": gauss_next}
+
+
+def _restore_rng_states(path: Path) -> None:
+    try:
+        states = torch.load(path, weights_only=True)
+        torch.set_rng_state(states["torch"])
+        np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), states["numpy_position"],
+                             states["numpy_has_gauss"], states["numpy_cached_gaussian"]))
+        random.setstate((states["python_version"], tuple(states["python_state"].tolist()),
+                         states["python_gauss_next"]))
+    except Exception as e:  # torch.load's unpickler refuses anything but tensors and plain values
+        raise CheckpointError(f"checkpoint RNG file {path} is damaged: {first_line(e)}") from None
+
+
 def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     meta: dict[str, Any], keep: int) -> Path:
-    """Collective: every process calls it."""
-    final = directory / f"{PREFIX}{step:07d}"
-    tmp = directory / f".tmp-{PREFIX}{step:07d}"
+    """Collective: every process calls it. A write that fails on any process (a full disk, a file-size limit)
+    removes the partial checkpoint and raises CheckpointError on every process; earlier checkpoints are untouched."""
+    final = checkpoint_path(directory, step)
+    tmp = directory / f".tmp-{final.name}"
+    error: BaseException | None = None
+    try:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        error = e
+    if _agree(error is None):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+            torch.save(_rng_states(), tmp / f"rng-{_rank()}.pt")
+        except (Exception, CheckpointException) as e:  # DCP's own error type derives from BaseException
+            error = e
+    if _agree(error is None) and _rank() == 0:
+        try:
+            _write_synced(tmp / "trainer.json", json.dumps({"step": step, **meta}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as e:
+            error = e
+    if not _agree(error is None):
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {describe_write_failure(directory, error)}; the previous "
+                              "checkpoints are intact")
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
-    torch.save({"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                "python_rng": random.getstate()}, tmp / f"rng-{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Written and flushed to the disk before the checkpoint is renamed into place (DCP syncs its own files)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -80,9 +143,43 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 def read_meta(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "trainer.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads((path / "trainer.json").read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"checkpoint {path} is damaged or truncated: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or isinstance(meta["step"], bool):
+        raise CheckpointError(f"checkpoint {path} is damaged: trainer.json has no integer 'step'")
+    return meta
+
+
+def saved_configs(meta: dict[str, Any], path: Path) -> tuple[ModelConfig, TrainConfig]:
+    """The model and train configs a checkpoint's trainer.json records, or CheckpointError naming what is wrong."""
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("train"), dict) or \
+            not isinstance(meta.get("data"), (str, type(None))):
+        raise CheckpointError(f"checkpoint {path} is damaged: trainer.json needs 'model' and 'train' objects and a "
+                              "'data' path or null")
+    try:
+        return ModelConfig.from_hf_dict(meta["model"]), TrainConfig(**meta["train"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: trainer.json: {e}") from None
+
+
+def check_shapes(path: Path, config: ModelConfig) -> None:
+    """The tensors a checkpoint holds must be the ones its config describes: checked against DCP's metadata on the
+    meta device, before anything is allocated (a damaged config must not allocate a giant model first)."""
+    from nanoseek.model.transformer import Transformer
+
+    try:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # a missing, truncated or foreign .metadata file
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated: {first_line(e)}") from None
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    for name, tensor in expected.items():
+        found = getattr(stored.get(f"model.{name}"), "size", None)
+        if found is None or tuple(found) != tuple(tensor.shape):
+            raise CheckpointError(f"checkpoint {path} does not match its trainer.json: model.{name} is "
+                                  f"{tuple(found) if found is not None else 'missing'}, the config makes it "
+                                  f"{tuple(tensor.shape)}")
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -96,15 +193,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     except (Exception, CheckpointException) as e:  # DCP's own error type derives from BaseException
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is damaged or truncated, or does not match this model: "
-                              f"{first}") from None
+                              f"{first_line(e)}") from None
     rng = path / f"rng-{_rank()}.pt"
     if rng.exists():
-        states = torch.load(rng, weights_only=False)
-        torch.set_rng_state(states["torch_rng"])
-        np.random.set_state(states["numpy_rng"])
-        random.setstate(states["python_rng"])
+        _restore_rng_states(rng)
     return meta
 
 
@@ -112,18 +205,18 @@ def export_checkpoint(path: Path, out: Path, fp8: bool = False) -> list[str]:
     """A training checkpoint (DCP, from any number of processes) → an HF-layout model directory (`fp8`: in
     DeepSeek-V3's FP8 format)."""
     from nanoseek.checkpoint.hf import save_pretrained
-    from nanoseek.config import ModelConfig
     from nanoseek.model.transformer import Transformer
 
-    meta = read_meta(path)
-    model = Transformer(ModelConfig.from_hf_dict(meta["model"]))
+    config = saved_configs(read_meta(path), path)[0]
+    check_shapes(path, config)
+    model = Transformer(config)
     state = {"model": get_model_state_dict(model)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated: {str(e).strip()[:200]}") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated: {first_line(e)}") from None
     set_model_state_dict(model, state["model"])
     written = save_pretrained(model, out, fp8=fp8)
     tokenizer = path.parent.parent / "tokenizer.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -11,6 +12,7 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import ConfigError
+from nanoseek.validate import check_field_types
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (what cannot compile, e.g. the experts' grouped GEMM, stays eager)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "train")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
                      "save_every", "keep_checkpoints", "vocab_size", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -64,14 +67,6 @@ class TrainConfig:
                 raise ConfigError(f"train field {name!r}: must be positive, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise ConfigError("train fields 'min_lr_ratio' and 'decay_fraction' must lie in [0, 1]")
-        if self.schedule not in ("cosine", "wsd"):
-            raise ConfigError(f"train field 'schedule': 'cosine' or 'wsd', got {self.schedule!r}")
-        for name, allowed in (("balance", ("aux-free", "aux-loss", "none")),
-                              ("precision", ("auto", "fp32", "bf16", "fp8")),
-                              ("fp8_backend", ("auto", "emulate", "scaled_mm")),
-                              ("optimizer_moments", ("fp32", "bf16"))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"train field {name!r}: one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -156,7 +151,11 @@ def apply_overrides(model: ModelConfig, train: TrainConfig,
         if not section:
             section = "train" if name in fields["train"] else "model"
         if section not in fields or name not in fields[section]:
-            raise ConfigError(f"unknown setting {key!r} (use model.FIELD or train.FIELD)")
+            known = [f"{sec}.{field}" for sec, names in fields.items() for field in sorted(names)]
+            close = difflib.get_close_matches(key if section else f"{section or 'train'}.{name}", known, n=1) or \
+                difflib.get_close_matches(f"model.{name}", known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (use model.FIELD or train.FIELD)"
+            raise ConfigError(f"unknown setting {key!r}{hint}")
         current = getattr(model if section == "model" else train, name)
         if isinstance(value, str):
             try:

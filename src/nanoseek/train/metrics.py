@@ -1,10 +1,12 @@
-"""What a run records: metrics.jsonl (one JSON object per logged step), loss.png, and MFU against a matmul peak
-measured on this machine at start."""
+"""What a run records: metrics.jsonl (one JSON object per logged step), loss.png, tokens/s over a stated window of
+steps, and MFU against a peak that the run cannot exceed: the datasheet's for GPUs it knows, else a matmul peak
+measured on this machine (raised whenever the run beats it, e.g. when the machine was busy at start)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +26,50 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
         synchronize(device)
         fastest = min(fastest, time.perf_counter() - tic)
     return 2 * n**3 / fastest
+
+
+# Dense bf16 tensor-core peaks of the SXM parts (NVIDIA datasheets; the "with sparsity" figures are twice these)
+DATASHEET_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "B200": 2250e12}
+
+
+class PeakFlops:
+    """The FLOP/s that MFU divides by: `source` says whether it came from a datasheet or was measured here."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, processes: int):
+        self.device, self.dtype, self.processes = device, dtype, processes
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        known = [flops for part, flops in DATASHEET_BF16_FLOPS.items() if part in name]
+        if known and dtype == torch.bfloat16:
+            self.per_process, self.source = known[0], "datasheet"
+        else:
+            self.per_process, self.source = measure_peak_flops(device, dtype), "measured"
+
+    def mfu(self, achieved_flops: float) -> float:
+        """Model FLOP/s over the peak. A measured peak the run exceeds was measured under contention: it is measured
+        again (between steps, so it is not counted as training time) and never lowered."""
+        if achieved_flops > self.per_process * self.processes and self.source == "measured":
+            self.per_process = max(self.per_process, measure_peak_flops(self.device, self.dtype))
+        return min(1.0, achieved_flops / (self.per_process * self.processes))
+
+
+class Throughput:
+    """Tokens/s over the last `window` steps, training time only (evaluation and checkpoints are left out)."""
+
+    def __init__(self, window: int = 50):
+        self.window = window
+        self.intervals: deque[tuple[int, float]] = deque()  # (steps, seconds) per logged interval
+
+    def add(self, steps: int, seconds: float) -> None:
+        self.intervals.append((steps, seconds))
+        while len(self.intervals) > 1 and self.steps - self.intervals[0][0] >= self.window:
+            self.intervals.popleft()
+
+    @property
+    def steps(self) -> int:
+        return sum(steps for steps, _ in self.intervals)
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return tokens_per_step * self.steps / max(1e-9, sum(seconds for _, seconds in self.intervals))
 
 
 def saved_tensor_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
@@ -100,3 +146,26 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def progress_text(row: dict[str, Any], val_loss: float | None, peak_source: str) -> str:
+    """The progress bar's figures: tok/s over the window it covers; MFU marked ≈ against a measured peak (and
+    shown as ≥100% if it reaches the cap)."""
+    mfu = "≥100%" if row["mfu"] >= 1 else f"{100 * row['mfu']:.1f}%"
+    text = (f"loss {row['loss']:.3f}" + (f" val {val_loss:.3f}" if val_loss is not None else "") +
+            f" tok/s {row['tokens_per_s']:.0f} (last {row['tokens_per_s_steps']} steps) "
+            f"mfu{'≈' if peak_source == 'measured' else ' '}{mfu}")
+    return text + (f" imb {row['imbalance_window']:.2f}" if "imbalance_window" in row else "")
+
+
+def log_row(done: int, mean_sums: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
+            grad_accum: int, with_mtp: bool) -> dict[str, Any]:
+    """The metrics of a logged step: the one host read of its (LM, MTP, balance) loss sums and gradient norm."""
+    lm, mtp, aux = (mean_sums / grad_accum).tolist()
+    row: dict[str, Any] = {"step": done, "loss": lm, "lr": optimizer.param_groups[0]["lr"],
+                           "grad_norm": grad_norm.item()}
+    if with_mtp:
+        row["mtp_loss"] = mtp
+    if aux:
+        row["aux_loss"] = aux
+    return row

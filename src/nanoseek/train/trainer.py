@@ -19,16 +19,20 @@ from nanoseek.config import ModelConfig
 from nanoseek.data.corpus import corpus_files, read_documents
 from nanoseek.data.dataset import TokenDataset
 from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer, train_tokenizer
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import NanoseekError, RunInterrupted
 from nanoseek.flops import model_stats
+from nanoseek.memory import check_training_fits
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.collectives import clip_grad_norm, mean_over_ranks, save_final_model, sum_over_ranks
 from nanoseek.parallel.pipeline import PipelineRunner
 from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
 from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
-from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
+from nanoseek.train.checkpoint import (check_shapes, checkpoint_path, list_checkpoints, load_checkpoint, read_meta, save_checkpoint,
+                                      saved_configs)
 from nanoseek.train.config import TrainConfig, resume_train_config
-from nanoseek.train.metrics import MetricsLog, Stopwatch, measure_peak_flops, plot_losses, synchronize
+from nanoseek.train.interrupt import StopRequests, resume_hint
+from nanoseek.train.metrics import (MetricsLog, PeakFlops, Stopwatch, Throughput, log_row, plot_losses,
+                                   progress_text, synchronize)
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.precision import apply_precision, autocast
 
@@ -65,13 +69,13 @@ def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
         if not checkpoints:
             raise NanoseekError(f"nothing to resume: no checkpoint under {spec.out / 'checkpoints'}")
         meta = read_meta(checkpoints[-1])
+        saved_model, saved_train = saved_configs(meta, checkpoints[-1])
+        check_shapes(checkpoints[-1], saved_model)
         trained_on = meta["data"] and Path(meta["data"]).resolve()
         if spec.data is not None and Path(spec.data).resolve() != trained_on:
             raise NanoseekError(f"--resume: the run trained on {meta['data'] or 'the default corpus'}, not "
                                 f"{spec.data}; drop --data or start a new run")
-        saved_model = ModelConfig.from_hf_dict(meta["model"])
-        train_config = resume_train_config(saved_model, TrainConfig(**meta["train"]), spec.model, spec.train,
-                                           spec.explicit)
+        train_config = resume_train_config(saved_model, saved_train, spec.model, spec.train, spec.explicit)
         spec = dataclasses.replace(spec, model=saved_model, train=train_config, data=meta["data"])
         tokenizer = load_tokenizer(spec.out / "tokenizer.json")
     else:
@@ -171,6 +175,9 @@ def build_model(spec: RunSpec, par: Parallelism) -> tuple[Transformer, PipelineR
     cfg = spec.train
     with torch.device("meta"):
         model = Transformer(spec.model)
+    # fp32 weights and gradients, AdamW's two moments (fp32 or bf16)
+    check_training_fits(sum(p.numel() for p in model.parameters()), 12 if cfg.optimizer_moments == "bf16" else 16,
+                        par.world, par.device)
     _configure_balance(model, cfg)
     apply_precision(model, cfg)
     pipeline = None
@@ -186,6 +193,11 @@ def build_model(spec: RunSpec, par: Parallelism) -> tuple[Transformer, PipelineR
 
 
 def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, Any]:
+    with StopRequests(announce=par.is_main) as stop:
+        return _train_until_stopped(spec, par, show_progress, stop)
+
+
+def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, stop: StopRequests) -> dict[str, Any]:
     spec, tokenizer, dataset, resume_from = _prepare_everywhere(spec, par)
     cfg, out, device = spec.train, spec.out, par.device
     if cfg.batch_size % par.dp:
@@ -201,7 +213,7 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
     tracker = ImbalanceTracker(len(moe_layers))
     stats = model_stats(spec.model, seq_len=cfg.seq_len)
     flops_per_token = stats.flops_per_token + stats.mtp_flops_per_token
-    peak = measure_peak_flops(device, par.compute_dtype) * par.world
+    peak, throughput = PeakFlops(device, par.compute_dtype, par.world), Throughput(window=50)
     accumulate_sync = par.dp > 1 and pipeline is None  # FSDP: reduce gradients on the last micro-batch only
     val_loss = None
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
@@ -249,11 +261,15 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
             with paused:
                 val_loss = evaluate(model, dataset, cfg, par, pipeline)
         if done % cfg.log_every == 0 or evaluating:
-            row = _log_row(done, mean_over_ranks(sums, par), grad_norm, optimizer, cfg, spec)
+            row = log_row(done, mean_over_ranks(sums, par), grad_norm, optimizer, cfg.grad_accum,
+                          bool(spec.model.num_nextn_predict_layers))
             synchronize(device)
-            seconds = (time.perf_counter() - interval_start - paused.seconds) / interval_steps
-            row.update(tokens_per_s=cfg.tokens_per_step / seconds,
-                       mfu=cfg.tokens_per_step * flops_per_token / seconds / peak)
+            throughput.add(interval_steps, time.perf_counter() - interval_start - paused.seconds)
+            tokens_per_s = throughput.tokens_per_s(cfg.tokens_per_step)
+            with paused:  # a re-measured peak is not training time
+                mfu = peak.mfu(tokens_per_s * flops_per_token)
+            row.update(tokens_per_s=tokens_per_s, tokens_per_s_steps=throughput.steps, mfu=mfu,
+                       mfu_peak=peak.source)
             if par.ep > 1:
                 # all-to-all traffic of this rank since the last row: forward dispatch + combine, same in backward
                 row["a2a_bytes"] = 2 * sum(m.experts.sent_bytes for m in moe_layers) // interval_steps
@@ -265,13 +281,18 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
                 row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
             if metrics:
                 metrics.log(row)
-            bar.set_postfix_str(f"loss {row['loss']:.3f} val {val_loss if val_loss is not None else float('nan'):.3f}"
-                                f" tok/s {row['tokens_per_s']:.0f} mfu {100 * row['mfu']:.1f}% "
-                                f"imb {row.get('imbalance_window', float('nan')):.2f}")
+            bar.set_postfix_str(progress_text(row, val_loss, peak.source))
             interval_start, interval_steps, paused.seconds = time.perf_counter(), 0, 0.0
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        saved = done % cfg.save_every == 0 or done == cfg.max_steps
+        if saved:
             with paused:
                 save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints)
+        if stop.agreed() and done < cfg.max_steps:
+            bar.close()
+            if not saved:
+                save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints)
+            raise RunInterrupted(resume_hint(done, str(checkpoint_path(out / "checkpoints", done)),
+                                             f"nanoseek train --out {out} --resume") if par.is_main else "")
     bar.close()
     save_final_model(model, out, par)
     rows = metrics.rows() if metrics else []
@@ -280,16 +301,3 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
     return {"run_dir": str(out), "steps": cfg.max_steps, "val_loss": val_loss,
             "unigram_entropy": dataset.unigram_entropy(),
             "imbalance_last_100": tracker.window() if moe_layers else None, "final": rows[-1] if rows else None}
-
-
-def _log_row(done: int, mean_sums: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
-             cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
-    """The metrics of a logged step: the one host read of its losses and gradient norm."""
-    lm, mtp, aux = (mean_sums / cfg.grad_accum).tolist()
-    row: dict[str, Any] = {"step": done, "loss": lm, "lr": optimizer.param_groups[0]["lr"],
-                           "grad_norm": grad_norm.item()}
-    if spec.model.num_nextn_predict_layers:
-        row["mtp_loss"] = mtp
-    if aux:
-        row["aux_loss"] = aux
-    return row
