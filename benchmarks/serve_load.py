@@ -49,7 +49,7 @@ def free_port() -> int:
 
 
 def workload(run: Path, requests: int, seed: int) -> list[dict]:
-    from nanoseek.data.corpus import default_corpus_files
+    from nanoseek.data.sources import default_corpus_files
     from nanoseek.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(run / "tokenizer.json")

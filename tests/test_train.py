@@ -172,7 +172,7 @@ def test_kill_during_checkpoint_write_keeps_previous(workspace, monkeypatch):
                                                          max_position_embeddings=64)
     train_config = TrainConfig(seq_len=32, batch_size=2, max_steps=10, save_every=5, eval_batches=1,
                                tokenizer=str(workspace / "tokenizer.json"))
-    spec = RunSpec(workspace / "dying", config, train_config, str(workspace / "corpus.txt"))
+    spec = RunSpec(workspace / "dying", config, train_config, [str(workspace / "corpus.txt")])
     with pytest.raises(KeyboardInterrupt):
         train(spec, show_progress=False)
     assert [p.name for p in list_checkpoints(spec.out / "checkpoints")] == ["step_0000005"]

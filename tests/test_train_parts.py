@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from helpers import tiny_config
 from nanoseek.model.moe import MoE
 from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.trainer import lr_factor
+from nanoseek.train.optim import lr_factor
 
 
 def test_schedules():

@@ -133,7 +133,7 @@ def bench_decoding(ours: Transformer, reference: Any, batch: int, prompt_len: in
 def bench_speculation(model: Transformer, run: Path, prompt_len: int, new: int) -> dict[str, dict[str, float]]:
     """MTP speculation inside the batch against plain decoding, greedy, on prompts cut from the training corpus,
     at batch 1 and 8 (identical output checked)."""
-    from nanoseek.data.corpus import default_corpus_files
+    from nanoseek.data.sources import default_corpus_files
     from nanoseek.data.tokenizer import end_of_text_id, load_tokenizer
 
     tokenizer = load_tokenizer(run / "tokenizer.json")

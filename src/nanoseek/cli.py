@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import warnings
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import EXIT_ABORTED, EXIT_INTERRUPTED, ConfigError, NanoseekError, RunInterrupted
+from nanoseek.data import commands as data_commands
 from nanoseek.infer import commands as infer_commands
 from nanoseek.post import commands as post_commands
 from nanoseek.presets import PRESETS
@@ -89,10 +91,16 @@ def _dashed_overrides(extra: list[str]) -> list[str]:
     return out
 
 
+_SETTING = re.compile(r"^(model\.|train\.)?[A-Za-z_]\w*=")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from nanoseek.train.config import TrainConfig, apply_overrides, qualified_keys, read_config_file
     from nanoseek.train.trainer import RunSpec, train
 
+    # --data takes several values: KEY=VALUE settings that follow it are settings, not sources
+    data = [d for d in args.data or [] if not _SETTING.match(d)] or None
+    args.overrides += [d for d in args.data or [] if _SETTING.match(d)]
     overrides = read_config_file(args.config) if args.config else {}
     flags = {"train.max_steps": args.max_steps, "train.save_every": args.save_every,
              "train.eval_every": args.eval_every, "train.seed": args.seed, "train.balance": args.balance,
@@ -108,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.preset:  # on --resume, a preset names the model's shape: it must be the checkpoint's
         explicit |= {f"model.{name}" for name in PRESET_SHAPE_FIELDS}
     out = Path(args.out or f"runs/{preset}")
-    summary = train(RunSpec(out, model_config, train_config, args.data, args.resume, args.dp, args.ep, args.pp,
+    summary = train(RunSpec(out, model_config, train_config, data, args.resume, args.dp, args.ep, args.pp,
                             args.pp_schedule, explicit))
     if summary["final"] is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
@@ -159,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="config overrides, e.g. model.hidden_size=256 train.lr=1e-3")
     train.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default: tiny)")
     train.add_argument("--config", help="YAML or TOML file with 'model' and 'train' sections")
-    train.add_argument("--data", help="a .txt/.jsonl file or a directory of them (default: Shakespeare's plays)")
+    train.add_argument("--data", nargs="+", metavar="SOURCE[:WEIGHT]",
+                       help=".txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet files, directories, globs or prepared "
+                            "directories, each with an optional mixture weight; or a YAML list of {path, weight} "
+                            "(default: Shakespeare's plays)")
     train.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
     train.add_argument("--out", help="run directory (default: runs/PRESET)")
     train.add_argument("--max-steps", type=int)
@@ -196,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_bench)
 
     infer_commands.register(commands)
+    data_commands.register(commands)
     post_commands.register(commands)
     return parser
 

@@ -1,81 +1,138 @@
-"""Corpus → token ids in memmapped files (made once, then reused), a deterministic train/validation split, and
-fixed-length batches addressed by (step, micro-step) so that a resumed run sees exactly the same data."""
+"""Prepared token shards → training batches. A dataset is one or more prepared sources (a mixture, each drawn with
+its weight); a batch is addressed by (seed, step, micro-step), so the data position of a run is its step count and a
+resumed run sees exactly the same data. Windows may start anywhere or only at segment (document) starts, and a
+batch can carry each token's segment number for a document mask."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
-from nanoseek.data.corpus import CorpusError, read_documents
-from nanoseek.data.tokenizer import end_of_text_id
+from nanoseek.data.prepare import PrepareOptions, prepare, read_manifest, tokenizer_digest
+from nanoseek.data.sources import CorpusError, Source, source_files
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek"))
 
 
-def _cache_key(files: list[Path], tokenizer: Tokenizer, options: str) -> str:
-    digest = hashlib.sha256(tokenizer.to_str().encode())
-    digest.update(options.encode())
-    for f in files:
-        stat = f.stat()
-        digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
+class TokenShards:
+    """One split of a prepared directory as a single token stream over its memmapped shards."""
+
+    def __init__(self, directory: Path, split: str, manifest: dict):
+        entries = [e for e in manifest[split] if e["tokens"]]
+        self.shards = [np.memmap(directory / f"{e['name']}.bin", dtype=manifest["dtype"], mode="r") for e in entries]
+        lengths = [len(s) for s in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        starts = [np.load(directory / f"{e['name']}.starts.npy") + base for e, base in zip(entries, self.offsets)]
+        self.starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries."""
+        out, position = [], start
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while position < start + length:
+            local = position - self.offsets[shard]
+            piece = self.shards[shard][local: local + start + length - position]
+            out.append(piece)
+            position += len(piece)
+            shard += 1
+        return np.concatenate(out).astype(np.int64)
+
+    def segments(self, start: int, length: int) -> np.ndarray:
+        """The segment number of each of those tokens (equal numbers: the same document)."""
+        return np.searchsorted(self.starts, np.arange(start, start + length), side="right")
+
+    def offsets_for(self, rng: np.random.Generator, count: int, length: int, at_starts: bool) -> np.ndarray:
+        """Window starts: anywhere, or at segment starts that leave room for `length` tokens (if there are any)."""
+        if at_starts:
+            usable = self.starts[: np.searchsorted(self.starts, len(self) - length, side="right")]
+            if len(usable):
+                return usable[rng.integers(0, len(usable), size=count)]
+        return rng.integers(0, len(self) - length + 1, size=count)
+
+
+class Prepared:
+    """A prepared directory: its manifest and both splits."""
+
+    def __init__(self, directory: Path):
+        manifest = read_manifest(directory)
+        if manifest is None or not manifest.get("complete"):
+            raise CorpusError(f"{directory} is not a complete prepared corpus (run `nanoseek data prepare`)")
+        self.directory, self.manifest = directory, manifest
+        self.train, self.val = TokenShards(directory, "train", manifest), TokenShards(directory, "val", manifest)
+
+
+def is_prepared(spec: str) -> bool:
+    return (Path(spec) / "manifest.json").is_file()
+
+
+def open_source(source: Source, tokenizer: Tokenizer, options: PrepareOptions, progress: bool = True) -> Prepared:
+    """A prepared directory as it is, or the source prepared into the cache (once: keyed by the files, tokenizer
+    and options)."""
+    if is_prepared(source.spec):
+        prepared = Prepared(Path(source.spec))
+        if prepared.manifest["tokenizer"] != tokenizer_digest(tokenizer):
+            raise CorpusError(f"{source.spec} was prepared with another tokenizer than this run's (use its "
+                              "tokenizer.json, or prepare it again)")
+        return prepared
+    files = source_files(source.spec)
+    key = hashlib.sha256(repr((tokenizer_digest(tokenizer), asdict(options),
+                               [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])).encode())
+    directory = cache_root() / "tokens" / key.hexdigest()[:16]
+    prepare(files, tokenizer, directory, options, progress)
+    return Prepared(directory)
 
 
 class TokenDataset:
-    def __init__(self, directory: Path):
-        self.train = np.memmap(directory / "train.bin", dtype=np.uint32, mode="r")
-        self.val = np.memmap(directory / "val.bin", dtype=np.uint32, mode="r")
+    def __init__(self, sources: list[Prepared], weights: list[float]):
+        self.sources = sources
+        self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
 
     @classmethod
-    def build(cls, files: list[Path], tokenizer: Tokenizer, text_field: str = "text",
-              val_fraction: float = 0.05) -> TokenDataset:
-        """Tokenizes the corpus (with a progress bar) unless the same files and tokenizer were seen before. Each
-        document gives its last `val_fraction` of tokens to validation, so both splits cover every document."""
-        directory = cache_root() / "tokens" / _cache_key(files, tokenizer, f"{text_field}|{val_fraction}")
-        if not (directory / "val.bin").exists():
-            directory.mkdir(parents=True, exist_ok=True)
-            eot = end_of_text_id(tokenizer)
-            train, val = [], []
-            documents = read_documents(files, text_field)
-            for doc in tqdm(documents, total=len(files), desc="tokenizing", unit="file", leave=False):
-                ids = tokenizer.encode(doc).ids + ([eot] if eot is not None else [])
-                cut = len(ids) - max(1, int(len(ids) * val_fraction))
-                train.append(ids[:cut])
-                val.append(ids[cut:])
-            for name, parts in (("train", train), ("val", val)):
-                tmp = directory / f".{name}.bin.tmp"
-                np.concatenate([np.asarray(p, dtype=np.uint32) for p in parts]).tofile(tmp)
-                os.replace(tmp, directory / f"{name}.bin")
-        return cls(directory)
+    def build(cls, sources: list[Source], tokenizer: Tokenizer, options: PrepareOptions = PrepareOptions(),
+              progress: bool = True) -> TokenDataset:
+        return cls([open_source(s, tokenizer, options, progress) for s in sources], [s.weight for s in sources])
 
     def check(self, seq_len: int) -> None:
-        for name, data in (("training", self.train), ("validation", self.val)):
-            if len(data) <= seq_len + 1:
-                raise CorpusError(f"the {name} split has {len(data)} tokens, too few for sequences of {seq_len}; "
-                                  "use more text or a shorter train.seq_len=N")
+        for prepared in self.sources:
+            for name, split in (("training", prepared.train), ("validation", prepared.val)):
+                if len(split) <= seq_len + 1:
+                    raise CorpusError(f"the {name} split of {prepared.directory} has {len(split)} tokens, too few "
+                                      f"for sequences of {seq_len}; use more text or a shorter train.seq_len=N")
 
-    def batch(self, split: str, batch_size: int, seq_len: int, seed: int, step: int,
-              micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Windows at offsets drawn from a generator keyed by (seed, step, micro): the data position of a run is
-        its step count, so resuming needs no sampler state."""
-        data = self.train if split == "train" else self.val
+    def batch(self, split: str, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0,
+              at_document_starts: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, segment numbers of the inputs), each [batch_size, seq_len]. Each row's source is drawn
+        with its weight, then a window of it, from a generator keyed by (seed, step, micro, split)."""
         rng = np.random.default_rng([seed, step, micro, split == "val"])
-        offsets = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
-        windows = np.stack([data[o: o + seq_len + 1] for o in offsets]).astype(np.int64)
-        tokens = torch.from_numpy(windows)
-        return tokens[:, :-1], tokens[:, 1:]
+        picks = rng.choice(len(self.sources), size=batch_size, p=self.weights)
+        rows, segments = [], []
+        for index in picks:
+            shards = getattr(self.sources[index], split)
+            start = int(shards.offsets_for(rng, 1, seq_len + 1, at_document_starts)[0])
+            rows.append(shards.read(start, seq_len + 1))
+            segments.append(shards.segments(start, seq_len))
+        tokens = torch.from_numpy(np.stack(rows))
+        return tokens[:, :-1], tokens[:, 1:], torch.from_numpy(np.stack(segments))
 
     def unigram_entropy(self) -> float:
-        """Entropy (nats/token) of the training split's token frequencies: the loss of the best model that ignores
-        context, the bar a trained model must clear."""
-        counts = np.bincount(self.train).astype(np.float64)
+        """Entropy (nats/token) of the training tokens' frequencies (the first source's, read in chunks): the loss
+        of the best model that ignores context, the bar a trained model must clear."""
+        counts = np.zeros(1, np.int64)
+        for shard in self.sources[0].train.shards:
+            for begin in range(0, len(shard), 1 << 24):
+                chunk = np.bincount(shard[begin: begin + (1 << 24)])
+                counts = np.pad(counts, (0, max(0, len(chunk) - len(counts)))) if len(chunk) > len(counts) else counts
+                counts[: len(chunk)] += chunk
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())

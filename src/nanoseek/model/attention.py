@@ -73,8 +73,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         return torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, S, self.rope_dim)], dim=-1), v
 
-    def attend_latents(self, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor) -> torch.Tensor:
+    def attend_latents(self, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
         """From the compressed inputs: norms, up-projections to per-head q, k [B, H, T, qk] and v, then causal
         attention → [B, T, H·v]. `recompute` replays all of it in backward (V3 §3.3.4 recomputes the norms and
         up-projections; SDPA would keep its per-head q, k, v for backward, so the core is replayed with them), and
@@ -82,16 +82,18 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = kv_input.shape
         q_nope, q_rope = self.queries(q_input, cos, sin)
         k, v = self.keys_values(*self.latents(kv_input, cos, sin))
-        y = attend(torch.cat([q_nope, q_rope], dim=-1), k, v, self.softmax_scale)
+        y = attend(torch.cat([q_nope, q_rope], dim=-1), k, v, self.softmax_scale, mask)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over a whole sequence (training): up-project the latents, then SDPA."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention over a whole sequence (training): up-project the latents, then SDPA. `mask`
+        [B, 1, T, T] (True = visible) replaces the causal mask, e.g. to keep packed documents apart."""
         q_input, kv_input = self.compress(x)
         if self.recompute and torch.is_grad_enabled():
-            y = checkpoint(self.attend_latents, q_input, kv_input, cos, sin, use_reentrant=False)
+            y = checkpoint(self.attend_latents, q_input, kv_input, cos, sin, mask, use_reentrant=False)
         else:
-            y = self.attend_latents(q_input, kv_input, cos, sin)
+            y = self.attend_latents(q_input, kv_input, cos, sin, mask)
         return self.out_proj(y)
 
     def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store: torch.Tensor,
@@ -138,7 +140,8 @@ class MultiHeadLatentAttention(nn.Module):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal SDPA, or with `mask` [T, S] (True = visible) when the queries are the last T of S positions. MLA's
+    """Causal SDPA, or with `mask` [T, S] or [B, 1, T, S] (True = visible): queries that are the last T of S
+    positions, or documents packed in one sequence. MLA's
     values are narrower than its queries/keys (128 vs 192 at V3 shape), which sends SDPA to its slow math backend on
     some devices (CPU among them); zero-padding v to the key width keeps the fused flash kernel (1.6x faster here),
     and the padded output columns are exactly zero and dropped."""

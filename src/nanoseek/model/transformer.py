@@ -31,12 +31,13 @@ class Block(nn.Module):
                                else MLP(config.hidden_size, config.intermediate_size))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                paged: tuple[torch.Tensor, PagedBatch] | None = None) -> torch.Tensor:
-        """Whole causal sequences (training); with `paged` (this layer's latent store, the batch layout), the flat
-        new tokens of an inference forward."""
+                paged: tuple[torch.Tensor, PagedBatch] | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Whole causal sequences (training; `mask` keeps packed documents apart); with `paged` (this layer's latent
+        store, the batch layout), the flat new tokens of an inference forward."""
         normed = self.attn_norm(x)
         if paged is None:
-            x = x + self.attn(normed, cos, sin)
+            x = x + self.attn(normed, cos, sin, mask)
         else:
             x = x + self.attn.forward_paged(normed, cos, sin, *paged)
         return x + self.mlp(self.mlp_norm(x))
@@ -58,9 +59,10 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                paged: tuple[torch.Tensor, PagedBatch] | None = None) -> torch.Tensor:
+                paged: tuple[torch.Tensor, PagedBatch] | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
-        return self.block(x, cos, sin, paged)
+        return self.block(x, cos, sin, paged, mask)
 
 
 @dataclass
@@ -115,20 +117,22 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                with_mtp: bool = True) -> torch.Tensor | ModelOutput:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, with_mtp: bool = True,
+                documents: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
         """input_ids [B, T] → logits [B, T, vocab]; with targets [B, T] (input_ids shifted by one, -100 = ignore)
-        a ModelOutput with the LM loss and, if the model has MTP modules and with_mtp, their loss."""
+        a ModelOutput with the LM loss and, if the model has MTP modules and with_mtp, their loss. `documents`
+        [B, T] (a document number per token) keeps the documents packed in a row from attending to each other."""
         T = input_ids.shape[1]
         cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        mask = None if documents is None else document_mask(documents)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask=mask)
         head_input = self.norm(x)
         if targets is None:
             return self.head(head_input)
         lm_loss = linear_cross_entropy(head_input.flatten(0, 1), self.head.weight, targets.flatten())
-        mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin) if len(self.mtp) and with_mtp else None
+        mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin, mask) if len(self.mtp) and with_mtp else None
         return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
 
     def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: torch.Tensor) -> torch.Tensor:
@@ -156,7 +160,7 @@ class Transformer(nn.Module):
         return self.head(self.mtp[depth].norm(hidden))
 
     def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor) -> torch.Tensor:
+                  sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Depth k at position i sees h_{k-1}[i] and token t_{i+k} and predicts t_{i+k+1} = targets[i+k]; each depth
         is one position shorter, keeping the causal chain."""
         losses = []
@@ -164,7 +168,15 @@ class Transformer(nn.Module):
             n = input_ids.shape[1] - k
             if n <= 0:
                 break
-            hidden = module(hidden[:, :n], self.embed(input_ids[:, k:]), cos[:n], sin[:n])
+            hidden = module(hidden[:, :n], self.embed(input_ids[:, k:]), cos[:n], sin[:n],
+                            mask=None if mask is None else mask[..., :n, :n])
             losses.append(linear_cross_entropy(module.norm(hidden).flatten(0, 1), self.head.weight,
                                                targets[:, k:].flatten()))
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """[B, T] document numbers → [B, 1, T, T], True where a query may attend: causally, within its document."""
+    T = documents.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal).unsqueeze(1)

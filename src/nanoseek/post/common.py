@@ -22,8 +22,7 @@ from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_ch
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.interrupt import StopRequests, resume_hint
 from nanoseek.train.metrics import MetricsLog
-from nanoseek.train.optim import build_optimizer
-from nanoseek.train.trainer import lr_factor
+from nanoseek.train.optim import build_optimizer, lr_factor
 
 
 @dataclass(frozen=True)

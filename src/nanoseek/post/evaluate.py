@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from nanoseek.data.chat_format import encode_chat
-from nanoseek.data.corpus import corpus_files
 from nanoseek.data.dataset import TokenDataset
+from nanoseek.data.sources import DEFAULT, Source
 from nanoseek.data.tokenizer import end_token_ids
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
@@ -41,12 +41,12 @@ def evaluate_bpb(model_dir: Path, data: str | None, windows: int) -> dict[str, A
     the UTF-8 bytes those tokens decode to."""
     device = device_for_run()
     model, tokenizer = load_model_dir(model_dir, device)
-    val = TokenDataset.build(corpus_files(data), tokenizer).val
+    val = TokenDataset.build([Source(data or DEFAULT)], tokenizer).sources[0].val
     length = model.config.max_position_embeddings
     nats = byte_count = 0.0
     starts = range(0, len(val) - length - 1, length)
     for start in list(starts)[:windows]:
-        ids = torch.from_numpy(val[start: start + length + 1].astype("int64")).to(device)
+        ids = torch.from_numpy(val.read(start, length + 1)).to(device)
         out = model(ids[None, :-1], ids[None, 1:], with_mtp=False)
         nats += out.lm_loss.item() * length
         byte_count += len(tokenizer.decode(ids[1:].tolist()).encode("utf-8"))

@@ -7,6 +7,7 @@ from collections import deque
 import torch
 
 from nanoseek.model.moe import MoE
+from nanoseek.train.config import TrainConfig
 
 
 @torch.no_grad()
@@ -37,3 +38,10 @@ class ImbalanceTracker:
     def _ratio(loads: torch.Tensor) -> float:
         """loads [layers, experts]"""
         return (loads.amax(dim=1) / loads.mean(dim=1).clamp(min=1e-9)).mean().item()
+
+
+def configure_balance(moe_layers: list[MoE], cfg: TrainConfig) -> None:
+    """The sequence-wise balance loss's α for the run's balancing mode."""
+    alpha = {"aux-free": cfg.seq_aux_alpha, "aux-loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
+    for moe in moe_layers:
+        moe.seq_aux_alpha = alpha

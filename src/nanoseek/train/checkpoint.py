@@ -153,10 +153,11 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def saved_configs(meta: dict[str, Any], path: Path) -> tuple[ModelConfig, TrainConfig]:
     """The model and train configs a checkpoint's trainer.json records, or CheckpointError naming what is wrong."""
-    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("train"), dict) or \
-            not isinstance(meta.get("data"), (str, type(None))):
-        raise CheckpointError(f"checkpoint {path} is damaged: trainer.json needs 'model' and 'train' objects and a "
-                              "'data' path or null")
+    data = meta.get("data")
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("train"), dict) or not (
+            data is None or isinstance(data, str) or isinstance(data, list) and all(isinstance(d, str) for d in data)):
+        raise CheckpointError(f"checkpoint {path} is damaged: trainer.json needs 'model' and 'train' objects and "
+                              "'data' sources (a list of paths) or null")
     try:
         return ModelConfig.from_hf_dict(meta["model"]), TrainConfig(**meta["train"])
     except (ConfigError, TypeError) as e:

@@ -43,7 +43,11 @@ class TrainConfig:
     seed: int = 1337
     vocab_size: int = 4096  # of a tokenizer trained on the corpus
     tokenizer: str | None = None  # a tokenizer.json to use instead
-    text_field: str = "text"  # of .jsonl corpora
+    text_field: str = "text"  # of .jsonl and .parquet corpora
+    tokenizer_sample_mb: int = 64  # of text spread over the corpus files that a new tokenizer is trained on
+    strict_data: bool = False  # a malformed line or row stops the run (else it is skipped and counted)
+    window_starts: Literal["any", "documents"] = "any"  # where training windows may start
+    document_mask: bool = False  # documents packed into a window do not attend to each other
     log_every: int = 10
     # precision and memory (V3 §3.3): auto = bf16 autocast on accelerators, fp32 on CPUs; fp8 = FP8 GEMMs in the
     # attention projections, MLPs and experts, everything else as auto
@@ -57,7 +61,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_field_types(self, "train")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
-                     "save_every", "keep_checkpoints", "vocab_size", "log_every"):
+                     "save_every", "keep_checkpoints", "vocab_size", "log_every", "tokenizer_sample_mb"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"train field {name!r}: must be a positive integer, got {getattr(self, name)!r}")
         if self.warmup_steps < 0:

@@ -3,6 +3,8 @@ half the optimizer memory, no observable loss in the report)."""
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable
 
 import torch
@@ -72,3 +74,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 local = value.to_local() if hasattr(value, "to_local") else value
                 total += local.numel() * local.element_size()
     return total
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine (or warmup-stable-decay) down to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule == "wsd":
+        decay = max(0.0, (progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction)
+        return 1 - (1 - cfg.min_lr_ratio) * decay
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

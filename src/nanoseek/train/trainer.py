@@ -7,6 +7,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from nanoseek.config import ModelConfig
-from nanoseek.data.corpus import corpus_files, read_documents
 from nanoseek.data.dataset import TokenDataset
-from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer, train_tokenizer
+from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer
 from nanoseek.errors import NanoseekError, RunInterrupted
 from nanoseek.flops import model_stats
 from nanoseek.memory import check_training_fits
@@ -26,14 +26,15 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.collectives import clip_grad_norm, mean_over_ranks, save_final_model, sum_over_ranks
 from nanoseek.parallel.pipeline import PipelineRunner
 from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
-from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
+from nanoseek.train.balance import ImbalanceTracker, configure_balance, update_expert_bias
 from nanoseek.train.checkpoint import (check_shapes, checkpoint_path, list_checkpoints, load_checkpoint, read_meta, save_checkpoint,
                                       saved_configs)
 from nanoseek.train.config import TrainConfig, resume_train_config
+from nanoseek.train.data import run_dataset, run_sources, run_tokenizer, same_sources
 from nanoseek.train.interrupt import StopRequests, resume_hint
 from nanoseek.train.metrics import (MetricsLog, PeakFlops, Stopwatch, Throughput, log_row, plot_losses,
                                    progress_text, synchronize)
-from nanoseek.train.optim import build_optimizer
+from nanoseek.train.optim import build_optimizer, lr_factor
 from nanoseek.train.precision import apply_precision, autocast
 
 
@@ -42,7 +43,7 @@ class RunSpec:
     out: Path
     model: ModelConfig
     train: TrainConfig
-    data: str | None  # corpus path; None = the embedded default
+    data: list[str] | None  # --data: sources as PATH[:WEIGHT] or a YAML list; None = the embedded default
     resume: bool = False
     dp: int | None = None  # data-parallel ranks (default: every process torchrun started)
     ep: int = 1  # expert-parallel ranks within them
@@ -50,16 +51,9 @@ class RunSpec:
     pp_schedule: str = "1f1b"
     explicit: frozenset[str] = frozenset()  # settings the user gave (model.X / train.X): on resume, checked or applied
 
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine (or warmup-stable-decay) down to min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.schedule == "wsd":
-        decay = max(0.0, (progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction)
-        return 1 - (1 - cfg.min_lr_ratio) * decay
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, Path)):  # one source, as a path
+            object.__setattr__(self, "data", [str(self.data)])
 
 
 def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
@@ -71,24 +65,22 @@ def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
         meta = read_meta(checkpoints[-1])
         saved_model, saved_train = saved_configs(meta, checkpoints[-1])
         check_shapes(checkpoints[-1], saved_model)
-        trained_on = meta["data"] and Path(meta["data"]).resolve()
-        if spec.data is not None and Path(spec.data).resolve() != trained_on:
-            raise NanoseekError(f"--resume: the run trained on {meta['data'] or 'the default corpus'}, not "
-                                f"{spec.data}; drop --data or start a new run")
+        saved_data = [meta["data"]] if isinstance(meta["data"], str) else meta["data"]  # older runs: one path
+        if spec.data is not None and not same_sources(spec.data, saved_data):
+            raise NanoseekError(f"--resume: the run trained on {' '.join(saved_data or ['the default corpus'])}, "
+                                f"not {' '.join(spec.data)}; drop --data or start a new run")
         train_config = resume_train_config(saved_model, saved_train, spec.model, spec.train, spec.explicit)
-        spec = dataclasses.replace(spec, model=saved_model, train=train_config, data=meta["data"])
+        spec = dataclasses.replace(spec, model=saved_model, train=train_config, data=saved_data)
         tokenizer = load_tokenizer(spec.out / "tokenizer.json")
     else:
         if checkpoints or (spec.out / "model.safetensors").exists():
             raise NanoseekError(f"{spec.out} already holds a run; pass --resume to continue it or choose another "
                                 "--out")
-        files = corpus_files(spec.data)
-        if spec.train.tokenizer:
-            tokenizer = load_tokenizer(spec.train.tokenizer)
-            check_vocab(tokenizer, spec.model.vocab_size)
-        else:
-            tokenizer = train_tokenizer(read_documents(files, spec.train.text_field), spec.train.vocab_size)
+        tokenizer, trained = run_tokenizer(run_sources(spec.data), spec.train)
+        if trained:
             spec = dataclasses.replace(spec, model=spec.model.replace(vocab_size=spec.train.vocab_size))
+        else:
+            check_vocab(tokenizer, spec.model.vocab_size)
         eot = end_of_text_id(tokenizer)
         spec = dataclasses.replace(spec, model=spec.model.replace(bos_token_id=eot, eos_token_id=eot))
     if not spec.train.use_mtp:
@@ -96,15 +88,8 @@ def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
     if spec.train.seq_len > spec.model.max_position_embeddings:
         raise NanoseekError(f"seq_len {spec.train.seq_len} exceeds the model's max_position_embeddings "
                             f"{spec.model.max_position_embeddings}")
-    dataset = TokenDataset.build(corpus_files(spec.data), tokenizer, spec.train.text_field)
-    dataset.check(spec.train.seq_len)
+    dataset = run_dataset(run_sources(spec.data), tokenizer, spec.train, progress=True)
     return spec, tokenizer, dataset, checkpoints[-1] if spec.resume else None
-
-
-def _configure_balance(model: Transformer, cfg: TrainConfig) -> None:
-    alpha = {"aux-free": cfg.seq_aux_alpha, "aux-loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
-    for moe in model.moe_layers():
-        moe.seq_aux_alpha = alpha
 
 
 @torch.no_grad()
@@ -113,24 +98,34 @@ def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, par: P
     model.eval()
     total = torch.zeros((), device=par.device)
     for i in range(cfg.eval_batches):
-        x, y = _local_rows(dataset.batch("val", cfg.batch_size, cfg.seq_len, cfg.seed, step=i), par)
+        x, y, documents = _local_rows(_batch(dataset, "val", cfg, i), par)
         with autocast(par.device, cfg):
             total += (pipeline.eval_loss(x, y) if pipeline else
-                      model(x.to(par.device), y.to(par.device), with_mtp=False).lm_loss.float())
+                      model(x.to(par.device), y.to(par.device), with_mtp=False,
+                            documents=documents.to(par.device) if cfg.document_mask else None).lm_loss.float())
     model.train()
     return mean_over_ranks(total / cfg.eval_batches, par).item()
 
 
-def _local_rows(batch: tuple[torch.Tensor, torch.Tensor], par: Parallelism) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(dataset: TokenDataset, split: str, cfg: TrainConfig, step: int, micro: int = 0
+           ) -> tuple[torch.Tensor, ...]:
+    return dataset.batch(split, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro,
+                         at_document_starts=cfg.window_starts == "documents")
+
+
+def _local_rows(batch: tuple[torch.Tensor, ...], par: Parallelism) -> tuple[torch.Tensor, ...]:
     """This data-parallel rank's share of the global batch: every run sees the same global batches."""
     rows = batch[0].shape[0] // par.dp
     return tuple(t[par.dp_rank * rows: (par.dp_rank + 1) * rows] for t in batch)
 
 
 def _prepare_everywhere(spec: RunSpec, par: Parallelism) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
-    """Rank 0 resolves and checks everything (and writes the run's config and tokenizer); the others receive the
-    result, or its error, so that bad input stops every process at once."""
+    """Rank 0 resolves and checks everything, tokenizing the corpus if it is not prepared yet (and writes the run's
+    config and tokenizer); the others receive the result, or its error, so that bad input stops every process at
+    once, then open the shards rank 0 wrote. They wait over a gloo group of their own whose timeout allows a long
+    tokenization: the default group's is short, to notice a dead peer during training."""
     payload: list[Any] = [None]
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=24)) if par.distributed else None
     if par.is_main:
         try:
             spec, tokenizer, dataset, resume_from = _prepare(spec)
@@ -142,14 +137,14 @@ def _prepare_everywhere(spec: RunSpec, par: Parallelism) -> tuple[RunSpec, Any, 
         except NanoseekError as e:
             payload = [e]
     if par.distributed:
-        dist.broadcast_object_list(payload, src=0)
+        dist.broadcast_object_list(payload, src=0, group=group)
     if isinstance(payload[0], NanoseekError):
         raise payload[0]
     if par.is_main:
         return spec, tokenizer, dataset, resume_from
     spec, tokenizer_json, resume_from = payload[0]
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    return spec, tokenizer, TokenDataset.build(corpus_files(spec.data), tokenizer, spec.train.text_field), resume_from
+    return spec, tokenizer, run_dataset(run_sources(spec.data), tokenizer, spec.train, progress=False), resume_from
 
 
 def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
@@ -178,13 +173,15 @@ def build_model(spec: RunSpec, par: Parallelism) -> tuple[Transformer, PipelineR
     # fp32 weights and gradients, AdamW's two moments (fp32 or bf16)
     check_training_fits(sum(p.numel() for p in model.parameters()), 12 if cfg.optimizer_moments == "bf16" else 16,
                         par.world, par.device)
-    _configure_balance(model, cfg)
+    configure_balance(model.moe_layers(), cfg)
     apply_precision(model, cfg)
     pipeline = None
     if par.pp > 1:
         if cfg.grad_accum != 1:
             raise NanoseekError("with --pp the pipeline's micro-batches replace gradient accumulation: set "
                                 "train.grad_accum=1")
+        if cfg.document_mask:
+            raise NanoseekError("train.document_mask is not supported with --pp (its stages run causal attention)")
         pipeline = PipelineRunner(model, par, cfg.batch_size // par.dp, cfg.mtp_weight)
     parallelize(model, par)
     model.to_empty(device=par.device)
@@ -228,14 +225,14 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
             m.expert_load.zero_()
         sums = torch.zeros(3, device=device)  # LM, MTP and balance losses, summed over micro-batches
         if pipeline:
-            sums[:2] = pipeline.train_step(*_local_rows(dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed,
-                                                                      step), par))
+            sums[:2] = pipeline.train_step(*_local_rows(_batch(dataset, "train", cfg, step), par)[:2])
         for micro in range(cfg.grad_accum if pipeline is None else 0):
             if accumulate_sync:
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            x, y = _local_rows(dataset.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, step, micro), par)
+            x, y, documents = _local_rows(_batch(dataset, "train", cfg, step, micro), par)
             with autocast(device, cfg):
-                result = model(x.to(device), y.to(device))
+                result = model(x.to(device), y.to(device),
+                               documents=documents.to(device) if cfg.document_mask else None)
             loss = result.lm_loss
             sums[0] += result.lm_loss.detach()
             if result.mtp_loss is not None:
