@@ -69,7 +69,8 @@ def test_shards_hold_the_ids_of_direct_tokenization(tmp_path, tokenizer, monkeyp
 def test_an_interrupted_preparation_resumes_to_identical_shards(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(sources_module, "TEXT_PIECE_BYTES", 512)
     monkeypatch.setattr(prepare_module, "BATCH_CHARS", 2000)
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(60)))
+    lines = [json.dumps({"text": d}) for d in _documents(60)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:5] + ["{broken"] + lines[5:]) + "\n")  # counted once
     (tmp_path / "b.txt").write_text("\n".join(_documents(20, seed=1)))
     files, options = [tmp_path / "a.jsonl", tmp_path / "b.txt"], PrepareOptions(shard_tokens=800)
     prepare(files, tokenizer, tmp_path / "straight", options, progress=False)
@@ -92,6 +93,7 @@ def test_an_interrupted_preparation_resumes_to_identical_shards(tmp_path, tokeni
     straight = {p.name: p.read_bytes() for p in (tmp_path / "straight").iterdir()}
     resumed = {p.name: p.read_bytes() for p in (tmp_path / "resumed").iterdir()}
     assert straight == resumed
+    assert json.loads(straight["manifest.json"])["skipped"] == 1
 
 
 def test_every_format_reads_the_same_documents(tmp_path, tokenizer):
@@ -114,7 +116,8 @@ def test_every_format_reads_the_same_documents(tmp_path, tokenizer):
     assert all(stream == streams[0] for stream in streams[1:])
     assert len(streams[0][0]) > 500
     # a directory, a glob and a YAML mixture name the same files
-    (tmp_path / "mix.yaml").write_text(f"- path: {tmp_path / 'c.jsonl.gz'}\n  weight: 3\n- path: {tmp_path}/*.parquet\n")
+    (tmp_path / "mix.yaml").write_text(f"- path: {tmp_path / 'c.jsonl.gz'}\n  weight: 3\n"
+                                       f"- path: {tmp_path}/*.parquet\n")
     assert sources_module.parse_sources([str(tmp_path / "mix.yaml")]) == [
         Source(str(tmp_path / "c.jsonl.gz"), 3.0), Source(f"{tmp_path}/*.parquet", 1.0)]
     assert sources_module.source_files(f"{tmp_path}/*.parquet") == [tmp_path / "c.parquet"]
@@ -151,6 +154,12 @@ def test_malformed_rows_are_reported_with_their_position(tmp_path, tokenizer, ca
     pq.write_table(pa.table({"text": ["one", None, "three"]}), tmp_path / "rows.parquet")
     with pytest.raises(CorpusError, match="rows.parquet, row 2: 'text' is NoneType"):
         prepare([tmp_path / "rows.parquet"], tokenizer, tmp_path / "pq", PrepareOptions(strict=True), False)
+    import zstandard
+
+    packed = zstandard.ZstdCompressor().compress("".join(line + "\n" for line in good).encode())
+    (tmp_path / "cut.jsonl.zst").write_bytes(packed[: len(packed) // 2])  # a download cut short
+    with pytest.raises(CorpusError, match="cut.jsonl.zst:1: unreadable .the zstd stream is truncated"):
+        prepare([tmp_path / "cut.jsonl.zst"], tokenizer, tmp_path / "zst", PrepareOptions(strict=True), False)
     (tmp_path / "bad.txt").write_bytes("fine text\n".encode() * 10 + b"\xff\xfe broken")
     with pytest.raises(CorpusError, match=r"bad.txt, byte 100: not UTF-8 text"):
         prepare([tmp_path / "bad.txt"], tokenizer, tmp_path / "txt", PrepareOptions(strict=True), False)

@@ -43,12 +43,39 @@ corpus_bytes = st.one_of(
 )
 
 
-@settings(FUZZ, max_examples=50)
-@given(raw=corpus_bytes, suffix=st.sampled_from([".txt", ".jsonl"]))
-def test_corpora(tmp_path_factory, capsys, raw, suffix):
+def _packed(raw: bytes, suffix: str, data) -> bytes:
+    """The bytes as the container of `suffix` would hold them: compressed whole, compressed then cut short, or
+    raw bytes under a compressed or parquet name; a parquet file with a text column of any values."""
+    import gzip
+
+    import zstandard
+
+    if suffix == ".jsonl.gz" and data.draw(st.booleans()):
+        packed = gzip.compress(raw)
+    elif suffix == ".jsonl.zst" and data.draw(st.booleans()):
+        packed = zstandard.ZstdCompressor().compress(raw)
+    elif suffix == ".parquet" and data.draw(st.booleans()):
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        values = data.draw(st.lists(st.none() | st.text(max_size=200), min_size=1, max_size=20))
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({data.draw(st.sampled_from(["text", "body"])): values}), buffer)
+        packed = buffer.getvalue()
+    else:
+        return raw
+    return packed[: data.draw(st.integers(0, len(packed)))] if data.draw(st.booleans()) else packed
+
+
+@settings(FUZZ, max_examples=80)
+@given(raw=corpus_bytes, suffix=st.sampled_from([".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"]),
+       data=st.data())
+def test_corpora(tmp_path_factory, capsys, raw, suffix, data):
     directory = tmp_path_factory.mktemp("corpus")
     corpus = directory / f"corpus{suffix}"
-    corpus.write_bytes(raw)
+    corpus.write_bytes(_packed(raw, suffix, data))
     code = cli_exit(capsys, "train", "--data", str(corpus), "--out", str(directory / "run"), *MICRO)
     assert (directory / "run" / "model.safetensors").exists() == (code == 0)
 

@@ -51,7 +51,8 @@ def test_tokenizer_larger_than_vocab(tmp_path):
 def test_bad_override_and_config(tmp_path):
     _assert_one_line_error(_train(tmp_path, "model.n_group=3"), "n_group")
     _assert_one_line_error(_train(tmp_path, "train.nonsense=1"), "unknown setting")
-    _assert_one_line_error(_train(tmp_path, "train.precision=fp16"), "'precision': must be one of 'auto', 'fp32', 'bf16', 'fp8'")
+    _assert_one_line_error(_train(tmp_path, "train.precision=fp16"),
+                           "'precision': must be one of 'auto', 'fp32', 'bf16', 'fp8'")
     (tmp_path / "c.yaml").write_text("train: [1, 2\n")
     _assert_one_line_error(_train(tmp_path, "--config", str(tmp_path / "c.yaml")), "cannot parse")
 

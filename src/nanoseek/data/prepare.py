@@ -123,7 +123,7 @@ def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: Prepare
     for name, previous in manifest.get("previous", {}).items():  # a resumed preparation continues its segments
         splits[name].previous = tuple(previous) if previous else None
     problems = Problems(options.strict)
-    problems.count = manifest["skipped"]
+    problems.count, problems.examples = manifest["skipped"], manifest.get("problems", [])
     eot = end_of_text_id(tokenizer)
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast (tokenizers >= 0.21): no offsets
     bar = tqdm(total=sum(f["bytes"] for f in identity["files"]), unit="B", unit_scale=True, desc="tokenizing",
@@ -149,12 +149,12 @@ def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: Prepare
             encode_batch()
     if batch:
         encode_batch()
-    manifest["complete"] = True
-    _flush(splits, out, manifest, problems)
     bar.close()
-    if not sum(s["tokens"] for s in manifest["train"]):
+    if not sum(s["tokens"] for s in manifest["train"]) and not splits["train"].tokens:  # nothing is marked done
         raise CorpusError(f"the corpus ({', '.join(str(f) for f in files[:3])}) holds no text"
                           + (f"; {problems.summary()}" if problems.count else ""))
+    manifest["complete"] = True
+    _flush(splits, out, manifest, problems)
     return manifest
 
 

@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nanoseek.errors import NanoseekError
 
@@ -129,8 +130,11 @@ class Problems:
 
     def __init__(self, strict: bool):
         self.strict, self.count, self.examples = strict, 0, []
+        self.resumed_at = (0, 0)  # (file index, unit number): what lies before was counted by an earlier run
 
-    def report(self, where: str, why: str) -> None:
+    def report(self, position: tuple[int, int], where: str, why: str) -> None:
+        if position < self.resumed_at:
+            return
         if self.strict:
             raise CorpusError(f"{where}: {why} (drop --strict to skip such lines with a count)")
         self.count += 1
@@ -143,7 +147,9 @@ class Problems:
 
 def read_units(files: list[Path], text_field: str, problems: Problems, start: tuple[int, int] = (0, 0)
                ) -> Iterator[Unit]:
-    """Every unit of the files in order, from (file index, unit number) `start` on (a resumed preparation)."""
+    """Every unit of the files in order, from (file index, unit number) `start` on (a resumed preparation, whose
+    problems before `start` were reported already)."""
+    problems.resumed_at = start
     for index in range(start[0], len(files)):
         first_unit = start[1] if index == start[0] else 0
         path = files[index]
@@ -167,12 +173,13 @@ def _text_pieces(path: Path, index: int, problems: Problems) -> Iterator[Unit]:
             raw = f.read(TEXT_PIECE_BYTES)
             done = not raw
             if b"\x00" in raw:
-                problems.report(str(path), "looks binary (NUL bytes), not text; the rest of the file is skipped")
+                problems.report((index, number), str(path),
+                                "looks binary (NUL bytes), not text; the rest of the file is skipped")
                 return
             try:
                 text = carry + utf8.decode(raw, final=done)
             except UnicodeDecodeError as e:
-                problems.report(f"{path}, byte {f.tell() - len(raw) + max(0, e.start)}",
+                problems.report((index, number), f"{path}, byte {f.tell() - len(raw) + max(0, e.start)}",
                                 f"not UTF-8 text ({e.reason}); the rest of the file is skipped")
                 text, done = carry, True
             cut = len(text) if done else _safe_cut(text)
@@ -197,12 +204,14 @@ def _safe_cut(text: str) -> int:
 
 def _jsonl_rows(path: Path, index: int, text_field: str, problems: Problems) -> Iterator[Unit]:
     kind = suffix_of(path)
+    unreadable: tuple[type[Exception], ...] = (UnicodeDecodeError, OSError, EOFError)  # gzip's errors are OSErrors
     if kind == ".jsonl.zst":
         try:
             import zstandard
         except ModuleNotFoundError:
             raise CorpusError(f"{path}: reading .zst needs zstandard (pip install 'nanoseek[data]')") from None
-        stream = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+        stream = io.BufferedReader(_ZstdFrames(path, zstandard))
+        unreadable += (zstandard.ZstdError,)
     elif kind == ".jsonl.gz":
         stream = gzip.open(path, "rb")
     else:
@@ -217,14 +226,48 @@ def _jsonl_rows(path: Path, index: int, text_field: str, problems: Problems) -> 
                 try:
                     text = json.loads(line)[text_field]
                 except (ValueError, KeyError, TypeError, RecursionError):
-                    problems.report(f"{path}:{number}", f"not a JSON object with a {text_field!r} field")
+                    problems.report((index, number), f"{path}:{number}",
+                                    f"not a JSON object with a {text_field!r} field")
                     continue
                 if not isinstance(text, str):
-                    problems.report(f"{path}:{number}", f"{text_field!r} is not a string")
+                    problems.report((index, number), f"{path}:{number}", f"{text_field!r} is not a string")
                     continue
                 yield Unit(text, index, number, True)
-        except (UnicodeDecodeError, OSError, EOFError) as e:  # bad bytes, or a truncated/corrupt archive
-            problems.report(f"{path}:{number + 1}", f"unreadable ({e}); the rest of the file is skipped")
+        except unreadable as e:  # bad bytes, or a truncated or corrupt archive
+            problems.report((index, number + 1), f"{path}:{number + 1}",
+                            f"unreadable ({e}); the rest of the file is skipped")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's frames, decompressed in turn. zstandard's own stream reader ends quietly at a truncated frame;
+    this one raises EOFError there, so a cut-off download is reported rather than read as shorter."""
+
+    def __init__(self, path: Path, zstandard: Any):
+        self.file, self.zstandard, self.pending = open(path, "rb"), zstandard, b""
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            compressed = self.file.read(1 << 20)
+            if not compressed:
+                if not self.frame.eof:
+                    raise EOFError("the zstd stream is truncated")
+                return 0
+            while compressed:
+                if self.frame.eof:  # the next frame of a multi-frame file
+                    self.frame = self.zstandard.ZstdDecompressor().decompressobj()
+                self.pending += self.frame.decompress(compressed)
+                compressed = self.frame.unused_data if self.frame.eof else b""
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def _parquet_rows(path: Path, index: int, text_field: str, problems: Problems) -> Iterator[Unit]:
@@ -235,18 +278,29 @@ def _parquet_rows(path: Path, index: int, text_field: str, problems: Problems) -
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid and friends
-        problems.report(str(path), f"not a parquet file ({e}); file skipped")
+        problems.report((index, 0), str(path), f"not a parquet file ({e}); file skipped")
         return
     if text_field not in parquet.schema_arrow.names:
-        problems.report(str(path), f"has no {text_field!r} column (it has {', '.join(parquet.schema_arrow.names)}); "
+        problems.report((index, 0), str(path),
+                        f"has no {text_field!r} column (it has {', '.join(parquet.schema_arrow.names)}); "
                         "file skipped")
         return
     row = 0
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+    batches = parquet.iter_batches(columns=[text_field], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a truncated or corrupt row group: pyarrow's errors have no common base
+            problems.report((index, row + 1), f"{path}, row {row + 1}",
+                            f"unreadable ({e}); the rest of the file is skipped")
+            return
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             row += 1
             if not isinstance(text, str):
-                problems.report(f"{path}, row {row}", f"{text_field!r} is {type(text).__name__}, not a string")
+                problems.report((index, row), f"{path}, row {row}",
+                                f"{text_field!r} is {type(text).__name__}, not a string")
                 continue
             yield Unit(text, index, row, True)
 

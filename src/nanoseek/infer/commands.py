@@ -84,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def fit_conversation(messages: list[dict[str, str]], encode, room: int) -> tuple[list[int], int]:
     """The prompt of the newest messages that fit in `room` tokens, dropping whole turns from the oldest (never a
-    part of one) → (prompt ids, how many messages were dropped). NanoseekError if the last message alone is too long."""
+    part of one) → (prompt ids, how many messages were dropped). NanoseekError if the last message alone is too
+    long."""
     for dropped in range(len(messages)):
         prompt = encode(messages[dropped:])
         if len(prompt) <= room:

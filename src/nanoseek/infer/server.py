@@ -3,9 +3,9 @@ streaming) over the continuous-batching engine, plus /health and Prometheus /met
 
 One thread runs the engine's step loop; requests join the running batch at its next step, and a client that goes
 away (streaming or not) has its sequences aborted. Load is bounded: past `max_waiting` queued sequences a request
-gets 429 with Retry-After, and a body over `max_body_bytes` gets 413 before it is read whole. On SIGTERM the server stops admitting (new requests get 503,
-the listening socket closes), lets running requests finish for up to `shutdown_timeout` seconds, aborts the rest
-and exits 0.
+gets 429 with Retry-After, and a body over `max_body_bytes` gets 413 before it is read whole. On SIGTERM the server
+stops admitting (new requests get 503, the listening socket closes), lets running requests finish for up to
+`shutdown_timeout` seconds, aborts the rest and exits 0.
 """
 
 from __future__ import annotations

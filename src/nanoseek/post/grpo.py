@@ -175,7 +175,8 @@ def run_rl(source: Path, out: Path, task_name: str, cfg: PostConfig, grpo: GrpoC
                    "response_tokens": batch.lengths.mean().item(), "kl": stats["kl"],
                    "clip_fraction": stats["clip_fraction"], "lr": lr}
             metrics.log(row)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("reward", "accuracy", "kl", "clip_fraction")})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()
+                             if k in ("reward", "accuracy", "kl", "clip_fraction")})
             run.end_of_step(done, model, optimizer, stop)
     rows = metrics.rows()[-10:]
     summary = {"final_reward": sum(r["reward"] for r in rows) / max(1, len(rows)),

@@ -117,8 +117,8 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
     if not _agree(error is None):
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final}: {describe_write_failure(directory, error)}; the previous "
-                              "checkpoints are intact")
+        raise CheckpointError(f"cannot write checkpoint {final}: {describe_write_failure(directory, error)}; the "
+                              "previous checkpoints are intact")
     if _rank() == 0:
         for old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -27,8 +27,8 @@ from nanoseek.parallel.collectives import clip_grad_norm, mean_over_ranks, save_
 from nanoseek.parallel.pipeline import PipelineRunner
 from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
 from nanoseek.train.balance import ImbalanceTracker, configure_balance, update_expert_bias
-from nanoseek.train.checkpoint import (check_shapes, checkpoint_path, list_checkpoints, load_checkpoint, read_meta, save_checkpoint,
-                                      saved_configs)
+from nanoseek.train.checkpoint import (check_shapes, checkpoint_path, list_checkpoints, load_checkpoint, read_meta,
+                                      save_checkpoint, saved_configs)
 from nanoseek.train.config import TrainConfig, resume_train_config
 from nanoseek.train.data import run_dataset, run_sources, run_tokenizer, same_sources
 from nanoseek.train.interrupt import StopRequests, resume_hint
