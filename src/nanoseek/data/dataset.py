@@ -6,6 +6,7 @@ batch can carry each token's segment number for a document mask."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from nanoseek.data.prepare import PrepareOptions, prepare, read_manifest, tokenizer_digest
+from nanoseek.data.prepare import PrepareOptions, fingerprint, prepare, read_manifest, tokenizer_digest
 from nanoseek.data.sources import CorpusError, Source, source_files
 
 
@@ -52,13 +53,13 @@ class TokenShards:
         """The segment number of each of those tokens (equal numbers: the same document)."""
         return np.searchsorted(self.starts, np.arange(start, start + length), side="right")
 
-    def offsets_for(self, rng: np.random.Generator, count: int, length: int, at_starts: bool) -> np.ndarray:
-        """Window starts: anywhere, or at segment starts that leave room for `length` tokens (if there are any)."""
+    def window_start(self, rng: np.random.Generator, length: int, at_starts: bool) -> int:
+        """Where a window of `length` tokens starts: anywhere, or at a segment start that leaves room (if any does)."""
         if at_starts:
             usable = self.starts[: np.searchsorted(self.starts, len(self) - length, side="right")]
             if len(usable):
-                return usable[rng.integers(0, len(usable), size=count)]
-        return rng.integers(0, len(self) - length + 1, size=count)
+                return int(usable[rng.integers(0, len(usable))])
+        return int(rng.integers(0, len(self) - length + 1))
 
 
 class Prepared:
@@ -86,8 +87,7 @@ def open_source(source: Source, tokenizer: Tokenizer, options: PrepareOptions, p
                               "tokenizer.json, or prepare it again)")
         return prepared
     files = source_files(source.spec)
-    key = hashlib.sha256(repr((tokenizer_digest(tokenizer), asdict(options),
-                               [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])).encode())
+    key = hashlib.sha256(json.dumps([tokenizer_digest(tokenizer), asdict(options), fingerprint(files)]).encode())
     directory = cache_root() / "tokens" / key.hexdigest()[:16]
     prepare(files, tokenizer, directory, options, progress)
     return Prepared(directory)
@@ -119,7 +119,7 @@ class TokenDataset:
         rows, segments = [], []
         for index in picks:
             shards = getattr(self.sources[index], split)
-            start = int(shards.offsets_for(rng, 1, seq_len + 1, at_document_starts)[0])
+            start = shards.window_start(rng, seq_len + 1, at_document_starts)
             rows.append(shards.read(start, seq_len + 1))
             segments.append(shards.segments(start, seq_len))
         tokens = torch.from_numpy(np.stack(rows))
@@ -128,11 +128,11 @@ class TokenDataset:
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the training tokens' frequencies (the first source's, read in chunks): the loss
         of the best model that ignores context, the bar a trained model must clear."""
-        counts = np.zeros(1, np.int64)
+        counts = np.zeros(0, np.int64)
         for shard in self.sources[0].train.shards:
             for begin in range(0, len(shard), 1 << 24):
                 chunk = np.bincount(shard[begin: begin + (1 << 24)])
-                counts = np.pad(counts, (0, max(0, len(chunk) - len(counts)))) if len(chunk) > len(counts) else counts
+                counts = np.pad(counts, (0, max(0, len(chunk) - len(counts))))
                 counts[: len(chunk)] += chunk
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())

@@ -45,7 +45,7 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def _fingerprint(files: list[Path]) -> list[dict[str, Any]]:
+def fingerprint(files: list[Path]) -> list[dict[str, Any]]:
     return [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
 
 
@@ -104,7 +104,7 @@ class _Split:
 def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: PrepareOptions = PrepareOptions(),
             progress: bool = True) -> dict[str, Any]:
     """Tokenizes `files` into `out` (resuming a preparation that was interrupted) and returns its manifest."""
-    identity = {"format": FORMAT, "tokenizer": tokenizer_digest(tokenizer), "files": _fingerprint(files),
+    identity = {"format": FORMAT, "tokenizer": tokenizer_digest(tokenizer), "files": fingerprint(files),
                 "options": asdict(options)}
     manifest = read_manifest(out)
     if manifest is not None and {k: manifest.get(k) for k in identity} != identity:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import NanoseekError, first_line
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -36,8 +36,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # tokenizers' errors are Exceptions; a Rust panic arrives as a BaseException
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NanoseekError(f"cannot load tokenizer {path}: {message}") from None
+        raise NanoseekError(f"cannot load tokenizer {path}: {first_line(e)}") from None
 
 
 def end_of_text_id(tokenizer: Tokenizer) -> int | None:

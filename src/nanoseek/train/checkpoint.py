@@ -55,11 +55,10 @@ def checkpoint_path(directory: Path, step: int) -> Path:
 
 
 def _agree(ok: bool) -> bool:
-    """Whether every process succeeded (collective)."""
+    """Whether every process succeeded (collective; a CPU tensor, which the default group sends over gloo)."""
     if not dist.is_initialized():
         return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    failed = torch.tensor([0 if ok else 1], device=device)
+    failed = torch.tensor([0 if ok else 1])
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     return not failed.item()
 

@@ -3,8 +3,8 @@ period), and people press Ctrl-C: either one asks the run to finish its current 
 with EXIT_INTERRUPTED. A second Ctrl-C (or SIGTERM) aborts at once.
 
 Under torchrun the signal may reach only some ranks (or reach them during different steps), so the ranks agree
-after every step, over a small gloo group on the CPU that never waits on the accelerator: all of them stop after
-the same step and all of them take part in the checkpoint."""
+after every step, with a CPU tensor (gloo, also on a CUDA run's "cpu:gloo,cuda:nccl" group) that never waits on the
+accelerator: all of them stop after the same step and all of them take part in the checkpoint."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ class StopRequests:
     def __init__(self, announce: bool = True):
         self.requested = False
         self.announce = announce
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
@@ -48,10 +47,10 @@ class StopRequests:
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop (collective under torchrun: every rank calls it after every step)."""
-        if self.group is None:
+        if not dist.is_initialized():
             return self.requested
         flag = torch.tensor([int(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 

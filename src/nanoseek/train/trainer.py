@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nanoseek.config import ModelConfig
 from nanoseek.data.dataset import TokenDataset
 from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer
-from nanoseek.errors import NanoseekError, RunInterrupted
+from nanoseek.errors import NanoseekError, RunInterrupted, first_line
 from nanoseek.flops import model_stats
 from nanoseek.memory import check_training_fits
 from nanoseek.model.transformer import Transformer
@@ -155,7 +155,7 @@ def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
         if not par.distributed:
             raise
         # gloo/NCCL report a dead or stalled peer from inside whatever collective was running
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise NanoseekError(f"rank {par.rank}: a collective with the other processes failed (did one die?): "
                             f"{first}") from None
     finally:
