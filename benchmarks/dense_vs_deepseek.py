@@ -1,124 +1,160 @@
-"""The compute study: how many training FLOPs does a dense Llama-style model need to reach the loss of nanoseek's MLA +
-DeepSeekMoE model? (DeepSeek-V3 vs Llama 3.1 405B: 2.79M vs 30.84M GPU-hours.)
+"""The compute study: how many times the training FLOPs does a dense Llama-style model need to reach the loss of
+DeepSeek-style models of equal FLOPs per token, and does the gain rise with sparsity and granularity?
+(DeepSeek-V3 vs Llama 3.1 405B: 2.79M vs 30.84M GPU-hours.)
 
-    .venv/bin/python benchmarks/dense_vs_deepseek.py [--out runs/study] [--steps 600] [--docs docs/study]
+    .venv/bin/python benchmarks/dense_vs_deepseek.py            # the full study: 87 min on 2 cores
+    .venv/bin/python benchmarks/dense_vs_deepseek.py --quick    # every arm at 60 steps per 1x: ~13 min
 
-Both arms use the same corpus (the default Shakespeare), tokenizer, optimizer, schedule, batch and trainer; neither
-uses MTP. The DeepSeek arm is the `tiny` preset (MLA, 8 routed experts top-2 + 1 shared, aux-loss-free balancing);
-the dense arm is `tiny-dense` (GQA with 2 KV heads, SwiGLU in every layer), sized to the same training FLOPs per
-token (2.12M active parameters each). Each arm trains at several FLOP budgets, each run with its own full cosine
-schedule, so that every final loss is the best that budget buys. The iso-loss FLOP ratio is read off the dense arm's
-final-loss curve (log-linear interpolation) at the DeepSeek arm's loss at 1x budget.
+Arms, each at the same FLOPs per token (13.2–13.4M, ±1.2 %; MTP's extra FLOPs are counted), through one trainer,
+corpus (the default Shakespeare), tokenizer (trained once) and schedule family (cosine, warmup 30 steps or a quarter
+of a shorter run):
+- dense: `tiny-dense`, GQA with SwiGLU in every layer;
+- moe-E: the `tiny` shape (MLA, a dense first layer) with E routed experts of width w, top-k, and one shared expert of
+  width w, k·w + w = 384 = the dense MLP's width: (8, 2, 128), (16, 2, 128), (32, 5, 64), (64, 5, 64). 8 → 16 adds
+  experts; 16 → 32 splits them finer at the same total; 32 → 64 adds fine experts;
+- moe-64+mtp: moe-64 trained with one MTP module (λ = 0.3), V3's full recipe.
 
-Writes CSV (every evaluation of every run), a PNG and a JSON summary (configs included) under --docs, and prints the
-ratio. About 40 minutes on a 2-core CPU at the default size.
+Each arm trains at budgets of 0.25, 0.5, 1 and 2 times `--steps` steps, each a full schedule; every arm's 1x budget
+(and dense's 2x, where the ratios are read) runs again with a second seed. Each finished run is measured in bits per
+byte over its whole held-out split. loss(C) = a·C^(−b) + c is fitted to bits per byte against training FLOPs, a and
+b per arm and one floor c for all (the data's entropy); the iso-loss ratio against dense is read from the fits at
+the target loss every arm reaches (the highest of the arms' best fitted losses), with a jackknife over budgets for
+its uncertainty.
+
+Finished runs are reused (each holds a study.json with its configs: a run of other settings is not); an
+unfinished one is started again. Writes under --docs:
+sparsity_sweep.csv (one row per run), sparsity_sweep.json (every config, per-arm fits and iso-loss ratios, seed
+spread, wall clock, the GPU cost model), sparsity_sweep.png (bits per byte against FLOPs, with the fits) and
+iso_loss_ratio.png (ratio against total-to-active parameters).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
-import math
+import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from nanoseek.checkpoint.hf import load_pretrained
+from nanoseek.config import ModelConfig
+from nanoseek.data.sources import default_corpus_files, sample_texts
+from nanoseek.data.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
+from nanoseek.flops import model_stats
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.data import run_dataset, run_sources
+from nanoseek.train.heldout import held_out_loss
+from nanoseek.train.trainer import RunSpec, train
 
-from nanoseek.config import ModelConfig  # noqa: E402
-from nanoseek.flops import model_stats  # noqa: E402
-from nanoseek.train.config import TrainConfig  # noqa: E402
-from nanoseek.train.trainer import RunSpec, train  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from study_report import analyse, write_report  # noqa: E402
 
-ARMS = {"deepseek": ("tiny", (0.5, 1.0)), "dense": ("tiny-dense", (0.5, 1.0, 2.0, 3.0))}
-
-
-def run_arm(out: Path, arm: str, budget: float, steps: int) -> list[dict]:
-    preset, _ = ARMS[arm]
-    model = ModelConfig.preset(preset).replace(num_nextn_predict_layers=0)
-    cfg = TrainConfig(max_steps=round(steps * budget), use_mtp=False, eval_every=max(25, round(steps / 12)))
-    flops_per_token = model_stats(model, seq_len=cfg.seq_len).flops_per_token
-    run = out / f"{arm}-{budget:g}x"
-    if not (run / "model.safetensors").exists():  # a finished run is reused: the study can be resumed
-        start = time.perf_counter()
-        train(RunSpec(run, model, cfg, None), show_progress=False)
-        print(f"{run.name}: {cfg.max_steps} steps in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{"arm": arm, "preset": preset, "budget": budget, "step": r["step"],
-             "train_flops": r["step"] * cfg.tokens_per_step * flops_per_token, "val_loss": r["val_loss"]}
-            for r in rows if "val_loss" in r]
+BUDGETS = (0.25, 0.5, 1.0, 2.0)
+SEEDS = (1337, 2026)
+QUICK_STEPS, FULL_STEPS = 60, 500
 
 
-def iso_loss_flops(finals: list[tuple[float, float]], target: float) -> float | None:
-    """FLOPs at which the (FLOPs, loss) curve reaches `target`, interpolating loss linearly in log FLOPs; None if it
-    never does within the measured budgets."""
-    finals = sorted(finals)
-    for (f0, l0), (f1, l1) in zip(finals, finals[1:]):
-        if l0 >= target >= l1:
-            t = (l0 - target) / (l0 - l1) if l0 != l1 else 0.0
-            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
-    return finals[0][0] if finals and finals[0][1] <= target else None
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    model: ModelConfig
+    use_mtp: bool = False
+
+    @property
+    def repeated_budgets(self) -> tuple[float, ...]:
+        """Where a second seed runs: every arm's 1x, and dense's 2x (the dense curve is read at its far end)."""
+        return (1.0, 2.0) if self.name == "dense" else (1.0,)
 
 
-def plot(rows: list[dict], finals: dict[str, list[tuple[float, float]]], path: Path, ratio_text: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"deepseek": "tab:blue", "dense": "tab:orange"}
-    for (arm, budget) in sorted({(r["arm"], r["budget"]) for r in rows}):
-        run = [r for r in rows if r["arm"] == arm and r["budget"] == budget]
-        ax.plot([r["train_flops"] for r in run], [r["val_loss"] for r in run], color=colors[arm], alpha=0.35,
-                lw=1)
-    for arm, points in finals.items():
-        label = "MLA + DeepSeekMoE (tiny)" if arm == "deepseek" else "dense GQA + SwiGLU (tiny-dense)"
-        ax.plot(*zip(*sorted(points)), "o-", color=colors[arm], label=f"{label}, end of each run")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short log axis
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Same FLOPs per token, Shakespeare; {ratio_text}", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def arms() -> list[Arm]:
+    tiny = ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0)
+    moe = {experts: tiny.replace(n_routed_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=width)
+           for experts, top_k, width in ((8, 2, 128), (16, 2, 128), (32, 5, 64), (64, 5, 64))}
+    return [Arm("dense", ModelConfig.preset("tiny-dense")),
+            *(Arm(f"moe-{e}", m) for e, m in moe.items()),
+            Arm("moe-64+mtp", moe[64].replace(num_nextn_predict_layers=1), use_mtp=True)]
+
+
+def train_config(steps: int, seed: int, tokenizer: Path, use_mtp: bool) -> TrainConfig:
+    # warmup: the default 30 steps, or a quarter of a short run (with fewer steps the MoE arms' early loss spikes
+    # could stall a run on the unigram plateau)
+    return TrainConfig(max_steps=steps, warmup_steps=min(30, steps // 4), seed=seed, use_mtp=use_mtp,
+                       eval_every=steps, eval_batches=10, save_every=steps, keep_checkpoints=1,
+                       tokenizer=str(tokenizer))
+
+
+def study_tokenizer(out: Path) -> Path:
+    """One tokenizer for every run, trained once on the corpus: arms differ in the model alone."""
+    path = out / "tokenizer.json"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer = train_tokenizer(sample_texts(default_corpus_files(), 64 << 20, "text"), TrainConfig().vocab_size)
+        tokenizer.save(str(path) + ".tmp")
+        Path(str(path) + ".tmp").rename(path)
+    return path
+
+
+def run(out: Path, arm: Arm, budget: float, seed: int, steps: int, tokenizer: Path) -> dict:
+    """One run's result: reused if the run finished before, else trained from the start and measured."""
+    cfg = train_config(round(steps * budget), seed, tokenizer, arm.use_mtp)
+    run_dir = out / f"{arm.name}-{budget:g}x-seed{seed}"
+    result_path = run_dir / "study.json"
+    configs = json.loads(json.dumps({"model": arm.model.to_hf_dict(), "train": dataclasses.asdict(cfg)}))
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        if result.get("configs") == configs:  # reused only if it ran what this study would run
+            return result
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again: its wall clock stays honest
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    summary = train(RunSpec(run_dir, arm.model, cfg, None), show_progress=False)
+    wall = time.perf_counter() - start
+    model = load_pretrained(run_dir)
+    loaded = load_tokenizer(tokenizer)
+    held_out = held_out_loss(model, run_dataset(run_sources(None), loaded, cfg, progress=False).sources[0].val,
+                             token_byte_lengths(loaded), cfg.seq_len)
+    stats = model_stats(arm.model, seq_len=cfg.seq_len)
+    flops_per_token = stats.flops_per_token + (stats.mtp_flops_per_token if arm.use_mtp else 0.0)
+    result = {"arm": arm.name, "budget": budget, "seed": seed, "steps": cfg.max_steps,
+              "tokens": cfg.max_steps * cfg.tokens_per_step, "flops_per_token": flops_per_token,
+              "train_flops": cfg.max_steps * cfg.tokens_per_step * flops_per_token, "wall_s": wall,
+              "tokens_per_s": summary["final"]["tokens_per_s"], "sampled_val_loss": summary["val_loss"],
+              "held_out_nats_per_token": held_out.nats_per_token, "held_out_tokens": held_out.tokens,
+              "held_out_bytes": held_out.bytes, "bpb": held_out.bits_per_byte, "configs": configs}
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{run_dir.name}: {cfg.max_steps} steps in {wall / 60:.1f} min, {held_out.bits_per_byte:.4f} bits/byte",
+          flush=True)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/study", help="run directories (finished runs are reused)")
-    parser.add_argument("--docs", default="docs/study", help="where the CSV, PNG and JSON summary go")
-    parser.add_argument("--steps", type=int, default=600, help="steps of a 1x budget (2,048 tokens each)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps at 1x instead of {FULL_STEPS}")
+    parser.add_argument("--steps", type=int, help="steps of a 1x budget (2,048 tokens each)")
+    parser.add_argument("--out", help="run directories; finished runs are reused (default runs/study[-quick])")
+    parser.add_argument("--docs", help="where the report goes (default docs/study, or OUT/report with --quick)")
     args = parser.parse_args()
-    out, docs = Path(args.out), Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    rows = [row for arm, (_, budgets) in ARMS.items() for budget in budgets
-            for row in run_arm(out, arm, budget, args.steps)]
-    finals = {arm: [(max(r["train_flops"] for r in rows if r["arm"] == arm and r["budget"] == b),
-                     [r["val_loss"] for r in rows if r["arm"] == arm and r["budget"] == b][-1]) for b in budgets]
-              for arm, (_, budgets) in ARMS.items()}
-    deepseek_flops, deepseek_loss = dict(zip(ARMS["deepseek"][1], finals["deepseek"]))[1.0]
-    dense_flops = iso_loss_flops(finals["dense"], deepseek_loss)
-    ratio = dense_flops / deepseek_flops if dense_flops else None
-    most = max(f for f, _ in finals["dense"]) / deepseek_flops
-    ratio_text = f"iso-loss FLOP ratio {ratio:.2f}x" if ratio else f"iso-loss FLOP ratio > {most:.1f}x"
-    with (docs / "dense_vs_deepseek.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, finals, docs / "dense_vs_deepseek.png", ratio_text)
-    summary = {"iso_loss_flop_ratio": ratio, "deepseek_final_loss": deepseek_loss, "deepseek_flops": deepseek_flops,
-               "dense_flops_to_match": dense_flops, "final_losses": finals,
-               "train": dataclasses.asdict(TrainConfig(max_steps=args.steps, use_mtp=False)),
-               "models": {arm: ModelConfig.preset(p).replace(num_nextn_predict_layers=0).to_hf_dict()
-                          for arm, (p, _) in ARMS.items()}}
-    (docs / "dense_vs_deepseek.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for arm, points in finals.items():
-        print(arm, " ".join(f"{flops:.3g} FLOPs → {loss:.4f}" for flops, loss in points))
-    print(f"DeepSeek arm at 1x: loss {deepseek_loss:.4f} with {deepseek_flops:.3g} FLOPs; dense needs "
-          f"{dense_flops:.3g} FLOPs: {ratio_text}" if dense_flops else ratio_text)
+    steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
+    out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
+    docs = Path(args.docs or (out / "report" if args.quick else "docs/study"))
+    tokenizer = study_tokenizer(out)
+    study_start = time.perf_counter()
+    results = [run(out, arm, budget, seed, steps, tokenizer)
+               for arm in arms() for budget in BUDGETS
+               for seed in (SEEDS if budget in arm.repeated_budgets else SEEDS[:1])]
+    print(f"runs finished in {(time.perf_counter() - study_start) / 60:.1f} min (reused runs take none)")
+    configs = {arm.name: {"model": arm.model.to_hf_dict(),
+                          "train_1x": dataclasses.asdict(train_config(steps, SEEDS[0], tokenizer, arm.use_mtp))}
+               for arm in arms()}
+    summary = analyse(results, {arm.name: (arm.model, arm.use_mtp) for arm in arms()}, steps,
+                      TrainConfig().seq_len)
+    write_report(results, summary, configs, docs)
+    print(summary["text"])
 
 
 if __name__ == "__main__":

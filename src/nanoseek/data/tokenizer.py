@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nanoseek.errors import NanoseekError, first_line
@@ -59,3 +60,16 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
     if tokenizer.get_vocab_size() > vocab_size:
         raise NanoseekError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                             f"{vocab_size}; set vocab_size >= {tokenizer.get_vocab_size()}")
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """How many bytes of text each token id stands for (special tokens: none), so that a loss per token converts to
+    bits per byte, a measure no tokenizer change can move. A byte-level token's string holds one character per byte;
+    any other token is measured by decoding it alone."""
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    special = set(tokenizer.get_added_tokens_decoder())
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, token_id in tokenizer.get_vocab().items():
+        if token_id not in special:
+            lengths[token_id] = len(token) if byte_level else len(tokenizer.decode([token_id]).encode())
+    return lengths
