@@ -3,7 +3,7 @@ DeepSeek-style models of equal FLOPs per token, and does the gain rise with spar
 (DeepSeek-V3 vs Llama 3.1 405B: 2.79M vs 30.84M GPU-hours.)
 
     .venv/bin/python benchmarks/dense_vs_deepseek.py            # the full study: 87 min on 2 cores
-    .venv/bin/python benchmarks/dense_vs_deepseek.py --quick    # every arm at 60 steps per 1x: ~13 min
+    .venv/bin/python benchmarks/dense_vs_deepseek.py --quick    # every arm at 60 steps per 1x: ~14 min, a smoke test
 
 Arms, each at the same FLOPs per token (13.2–13.4M, ±1.2 %; MTP's extra FLOPs are counted), through one trainer,
 corpus (the default Shakespeare), tokenizer (trained once) and schedule family (cosine, warmup 30 steps or a quarter
