@@ -39,8 +39,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.data.sources import default_corpus_files, sample_texts
@@ -110,7 +108,6 @@ def run(out: Path, arm: Arm, budget: float, seed: int, steps: int, tokenizer: Pa
         if result.get("configs") == configs:  # reused only if it ran what this study would run
             return result
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again: its wall clock stays honest
-    torch.manual_seed(seed)
     start = time.perf_counter()
     summary = train(RunSpec(run_dir, arm.model, cfg, None), show_progress=False)
     wall = time.perf_counter() - start

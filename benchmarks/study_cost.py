@@ -65,22 +65,21 @@ def flops_by_kind(model: ModelConfig, seq_len: int, with_mtp: bool) -> dict[str,
     return {k: v * scale for k, v in kinds.items()}
 
 
-def seconds_per_token(model: ModelConfig, seq_len: int, with_mtp: bool, fp8: bool) -> float:
-    kinds = flops_by_kind(model, seq_len, with_mtp)
-    routed_rate = 0.0
-    if kinds["routed_gemm"]:
-        tokens_per_expert = TOKENS_PER_GPU * model.num_experts_per_tok / model.n_routed_experts
-        routed_rate = fp8_grouped_rate(tokens_per_expert) * (1.0 if fp8 else BF16_DENSE / FP8_DENSE)
+def seconds_per_token(kinds: dict[str, float], model: ModelConfig, fp8: bool) -> float:
+    """H800 seconds for a token whose FLOPs split as `kinds` (flops_by_kind), in bf16 or with FP8 GEMMs."""
     seconds = kinds["dense_gemm"] / ((FP8_DENSE if fp8 else BF16_DENSE) * 1e12)
     seconds += kinds["bf16_only"] / (BF16_DENSE * 1e12)
     if kinds["routed_gemm"]:
+        tokens_per_expert = TOKENS_PER_GPU * model.num_experts_per_tok / model.n_routed_experts
+        routed_rate = fp8_grouped_rate(tokens_per_expert) * (1.0 if fp8 else BF16_DENSE / FP8_DENSE)
         seconds += kinds["routed_gemm"] / (routed_rate * 1e12)
     return seconds
 
 
 def gpu_cost(model: ModelConfig, seq_len: int, with_mtp: bool) -> dict[str, float]:
     """H800 seconds per training token in bf16 and in FP8, and the effective TFLOPS each implies."""
-    flops = sum(flops_by_kind(model, seq_len, with_mtp).values())
-    bf16, fp8 = (seconds_per_token(model, seq_len, with_mtp, fp8) for fp8 in (False, True))
+    kinds = flops_by_kind(model, seq_len, with_mtp)
+    flops = sum(kinds.values())
+    bf16, fp8 = (seconds_per_token(kinds, model, fp8) for fp8 in (False, True))
     return {"seconds_per_token_bf16": bf16, "seconds_per_token_fp8": fp8,
             "effective_tflops_bf16": flops / bf16 / 1e12, "effective_tflops_fp8": flops / fp8 / 1e12}

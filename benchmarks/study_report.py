@@ -52,14 +52,14 @@ def analyse(results: list[dict], models: dict[str, tuple[ModelConfig, bool]], st
     by_seed = {seed: fit_power_laws({arm: _points(_one_seed(runs[arm], seed))[:2] for arm in models})
                for seed in seeds}
     folds = fits_without_each_budget({arm: _points(runs[arm]) for arm in models})
-    dense_cost = gpu_cost(models[REFERENCE][0], seq_len, models[REFERENCE][1])
+    costs = {arm: gpu_cost(model, seq_len, use_mtp) for arm, (model, use_mtp) in models.items()}
     per_arm = {}
     for arm, (model, use_mtp) in models.items():
         fit, ratio = fits[arm], _ratio(fits, arm, target)
         fold_ratios = [_ratio(fold, arm, target) for fold in folds.values()]
         flops = _points(runs[arm])[0]
         stats = model_stats(model, seq_len=seq_len)
-        cost = gpu_cost(model, seq_len, use_mtp)
+        cost = costs[arm]
         per_arm[arm] = {
             "routed_experts": model.n_routed_experts if model.first_k_dense_replace < model.num_hidden_layers else 0,
             "top_k": model.num_experts_per_tok, "expert_width": model.moe_intermediate_size, "mtp": use_mtp,
@@ -80,7 +80,7 @@ def analyse(results: list[dict], models: dict[str, tuple[ModelConfig, bool]], st
             "cpu_wall_iso_loss_ratio": ratio * _seconds_per_flop(dense_runs) / _seconds_per_flop(runs[arm]),
             "gpu": cost,
             # GPU seconds to the target: FLOPs to reach it times seconds per FLOP, dense's over this arm's
-            **{f"gpu_iso_loss_ratio_{name}": ratio * (dense_cost[f"seconds_per_token_{dense_format}"]
+            **{f"gpu_iso_loss_ratio_{name}": ratio * (costs[REFERENCE][f"seconds_per_token_{dense_format}"]
                                                       / dense_runs[0]["flops_per_token"])
                / (cost[f"seconds_per_token_{arm_format}"] / runs[arm][0]["flops_per_token"])
                for name, dense_format, arm_format in (("bf16", "bf16", "bf16"), ("fp8", "fp8", "fp8"),
