@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Callable
+
+import pytest
 import torch
 
 from nanoseek import ModelConfig, RopeScaling
@@ -76,3 +80,26 @@ def cli_exit(capsys, *argv: str) -> int:
         assert "Traceback" not in err, err
     event(f"exit {code}")
     return code
+
+
+def fuzz(default: int, long: int, **strategies) -> Callable:
+    """`@given(**strategies)` with fixed seeds and no deadline, run as two tests: `[default]` with `default` examples
+    in the default run, and `[long]` with `long` examples under `pytest -m slow`. One body, two example budgets:
+    hypothesis reads a test's settings where it was wrapped, so each budget wraps the body once."""
+    from hypothesis import HealthCheck, given, settings
+
+    def decorate(body: Callable) -> Callable:
+        runs = {name: settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+                               max_examples=examples)(given(**strategies)(body))
+                for name, examples in (("default", default), ("long", long))}
+
+        def test(budget: str, **fixtures):
+            runs[budget](**fixtures)
+
+        fixtures = list(inspect.signature(runs["default"]).parameters.values())  # what hypothesis leaves to pytest
+        test.__signature__ = inspect.Signature([inspect.Parameter("budget", inspect.Parameter.KEYWORD_ONLY),
+                                                *(f.replace(kind=inspect.Parameter.KEYWORD_ONLY) for f in fixtures)])
+        test.__name__, test.__qualname__, test.__doc__ = body.__name__, body.__qualname__, body.__doc__
+        test.__module__ = body.__module__
+        return pytest.mark.parametrize("budget", ["default", pytest.param("long", marks=pytest.mark.slow)])(test)
+    return decorate

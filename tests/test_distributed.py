@@ -80,6 +80,14 @@ LAYOUTS = {"dp2": (2, []), "ep2": (2, ["--ep", "2"]), "dp4-ep2": (4, ["--ep", "2
 TOLERANCES = {"fp32": {"loss": 1e-5, "mtp_loss": 1e-5, "grad_norm": 1e-5},
               "bf16": {"loss": 5e-4, "mtp_loss": 5e-4, "grad_norm": 5e-3}}
 PARITY_STEPS = ("train.max_steps=4", "train.save_every=100", "train.eval_every=4")
+# The default run takes each layout's code path once: every layout in fp32 but pp2 (the schedule tests run it, 1F1B
+# being the default schedule), and bf16 where the casts differ: FSDP of the dense part and of the experts over their
+# replicas with EP (dp4-ep2), and a pipeline stage under autocast (pp2). `pytest -m slow` runs the whole matrix.
+DEFAULT_MATRIX = {("dp2", "fp32"), ("ep2", "fp32"), ("dp4-ep2", "fp32"), ("dp2-pp2", "fp32"), ("pp2-ep2", "fp32"),
+                  ("dp4-ep2", "bf16"), ("pp2", "bf16")}
+MATRIX = [pytest.param(layout, precision, id=f"{layout}-{precision}",
+                       marks=() if (layout, precision) in DEFAULT_MATRIX else pytest.mark.slow)
+          for precision in TOLERANCES for layout in LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +97,7 @@ def one_process(space) -> dict[str, dict]:
     return {precision: _metrics(space, f"one-{precision}") for precision in TOLERANCES}
 
 
-@pytest.mark.parametrize("precision", list(TOLERANCES))
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout, precision", MATRIX)
 def test_every_layout_equals_one_process(space, one_process, layout, precision):
     """Losses, MTP losses, gradient norms (clipping is active at these norms, so a wrong norm changes the run) and
     the final validation loss of each layout against one process, in fp32 and in bf16 (FSDP's mixed precision;
@@ -117,6 +124,7 @@ def test_gradient_accumulation_under_fsdp_equals_one_process(space):
             assert got[step][key] == pytest.approx(want[step][key], rel=tolerance), (step, key)
 
 
+@pytest.mark.slow  # a minute of compilation on a fresh machine; test_bench compiles the blocks in the default run
 def test_compiled_blocks_train_like_eager(space, one_process):
     """train.compile=true (torch.compile per block; the experts' grouped GEMM stays eager) under FSDP + EP."""
     _run(space, "compiled", "--ep", "2", "train.compile=true", "train.precision=fp32", *PARITY_STEPS, processes=2)
@@ -131,15 +139,17 @@ def test_compiled_blocks_train_like_eager(space, one_process):
     (["--pp", "2", "--pp-schedule", "dualpipev"], "with --dp > 1 is not supported"),
     (["--ep", "3"], "must divide --dp"),
 ])
-def test_refused_layouts_say_why_in_one_line(space, flags, needle):
-    """What each torchrun process sees: the layout is checked before any process group is set up."""
+def test_refused_layouts_say_why_in_one_line(space, flags, needle, monkeypatch, capsys):
+    """What each torchrun process sees (its environment): the layout is checked before any process group is set up."""
+    from nanoseek.cli import main
+
     processes = 4 if "--pp" in flags else 2
-    env = {**_env(space), "WORLD_SIZE": str(processes), "RANK": "0", "LOCAL_RANK": "0"}
-    result = subprocess.run([sys.executable, *_args(space, "refused", *flags)], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 2
-    assert result.stderr.startswith("nanoseek: error:") and needle in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    for name, value in {"WORLD_SIZE": str(processes), "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(_args(space, "refused", *flags)[2:]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("nanoseek: error:") and needle in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (space / "refused").exists()
 
 
 def test_fp8_with_bf16_moments_under_expert_parallelism(space):
@@ -203,7 +213,9 @@ def single_four_layers(space) -> dict:
     return _losses(space, "single4")
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"])
+# GPipe takes 1F1B's path through nanoseek (one stage per rank) and ZBV DualPipeV's (two, V-shaped): both are slow.
+@pytest.mark.parametrize("schedule", [pytest.param("gpipe", marks=pytest.mark.slow), "1f1b", "interleaved1f1b",
+                                      pytest.param("zbv", marks=pytest.mark.slow), "dualpipev"])
 def test_pipeline_schedules_equal_one_process(space, single_four_layers, schedule):
     out = f"pp-{schedule}"
     _run(space, out, "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", schedule, processes=2)
@@ -223,6 +235,7 @@ def test_pipeline_checkpoint_resumes_on_one_process(space, single_four_layers):
     _assert_close(_losses(space, out), single_four_layers, range(4, 7))
 
 
+@pytest.mark.slow  # its paths run by default in the matrix's dp2-pp2 and the interleaved schedule's test
 def test_interleaved_pipeline_times_data_parallel(space):
     """DP2 x PP2 with two stages per rank (the matrix covers 1F1B)."""
     _run(space, "single-b8", "model.num_hidden_layers=4", "train.batch_size=8", "train.max_steps=4")

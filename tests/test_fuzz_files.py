@@ -10,16 +10,15 @@ import struct
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from helpers import cli_exit, micro_model_dir
+from helpers import cli_exit, fuzz, micro_model_dir
 from nanoseek.cli import main
 from nanoseek.data.chat_format import CHAT_TEMPLATE
 from nanoseek.infer.chat import ChatTemplate
 
-FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 MICRO = ["model.hidden_size=32", "model.num_hidden_layers=1", "model.max_position_embeddings=32", "train.seq_len=8",
          "train.batch_size=2", "train.eval_batches=1", "train.vocab_size=260", "--max-steps", "1"]
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
@@ -69,9 +68,8 @@ def _packed(raw: bytes, suffix: str, data) -> bytes:
     return packed[: data.draw(st.integers(0, len(packed)))] if data.draw(st.booleans()) else packed
 
 
-@settings(FUZZ, max_examples=80)
-@given(raw=corpus_bytes, suffix=st.sampled_from([".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"]),
-       data=st.data())
+@fuzz(16, 200, raw=corpus_bytes, suffix=st.sampled_from([".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"]),
+      data=st.data())
 def test_corpora(tmp_path_factory, capsys, raw, suffix, data):
     directory = tmp_path_factory.mktemp("corpus")
     corpus = directory / f"corpus{suffix}"
@@ -80,8 +78,7 @@ def test_corpora(tmp_path_factory, capsys, raw, suffix, data):
     assert (directory / "run" / "model.safetensors").exists() == (code == 0)
 
 
-@settings(FUZZ, max_examples=100)
-@given(data=st.data())
+@fuzz(30, 250, data=st.data())
 def test_tokenizer_json(tmp_path_factory, capsys, model_dir, data):
     """A tokenizer.json with random bytes, or its JSON with parts replaced by other values."""
     raw = json.loads((model_dir / "tokenizer.json").read_text())
@@ -101,13 +98,12 @@ def test_tokenizer_json(tmp_path_factory, capsys, model_dir, data):
     cli_exit(capsys, "generate", str(directory / "m"), "--prompt", "to be", "--max-new-tokens", "2")
 
 
-@settings(FUZZ, max_examples=150)
-@given(raw=st.binary(max_size=200) | st.dictionaries(
+@fuzz(60, 400, raw=st.binary(max_size=200) | st.dictionaries(
     st.sampled_from(["chat_template", "bos_token", "eos_token", "x"]),
     json_values | st.just(CHAT_TEMPLATE) | st.text(alphabet="{}%#|-ab ", max_size=40)).map(
         lambda d: json.dumps(d).encode()),
-    messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
-                                             "content": st.text(max_size=20)}), min_size=1, max_size=3))
+      messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                                               "content": st.text(max_size=20)}), min_size=1, max_size=3))
 def test_tokenizer_config_json(tmp_path_factory, raw, messages):
     """The chat template file the server and `chat` read: it loads and renders, or raises ValueError (which they
     report as one line or a 400)."""
@@ -149,8 +145,7 @@ def _mutate_safetensors(path, data) -> None:
         save_file(tensors, str(path))
 
 
-@settings(FUZZ, max_examples=150)
-@given(data=st.data(), target=st.sampled_from(["weights", "config", "index"]))
+@fuzz(40, 400, data=st.data(), target=st.sampled_from(["weights", "config", "index"]))
 def test_model_directories(tmp_path_factory, capsys, model_dir, data, target):
     directory = tmp_path_factory.mktemp("modeldir") / "m"
     shutil.copytree(model_dir, directory)
@@ -186,8 +181,7 @@ def training_run(tmp_path_factory):
     return directory / "run"
 
 
-@settings(FUZZ, max_examples=80)
-@given(data=st.data(), command=st.sampled_from(["resume", "export"]))
+@fuzz(20, 200, data=st.data(), command=st.sampled_from(["resume", "export"]))
 def test_training_checkpoints(tmp_path_factory, capsys, training_run, data, command):
     """Damaged metadata (trainer.json), missing or truncated files, a damaged RNG file."""
     run = tmp_path_factory.mktemp("damaged") / "run"

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import cli_exit
+from helpers import cli_exit, fuzz
 from nanoseek.cli import main
 from nanoseek.presets import PRESETS
 
-FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 json_scalars = st.none() | st.booleans() | st.integers(-(1 << 40), 1 << 40) | st.floats() | st.text(max_size=12)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
@@ -33,16 +31,14 @@ def mutated_configs(draw) -> dict:
     return config
 
 
-@settings(FUZZ, max_examples=200)
-@given(config=mutated_configs())
+@fuzz(60, 500, config=mutated_configs())
 def test_model_config_json(tmp_path_factory, capsys, config):
     path = tmp_path_factory.mktemp("cfg") / "config.json"
     path.write_text(json.dumps(config))
     cli_exit(capsys, "info", str(path))
 
 
-@settings(FUZZ, max_examples=100)
-@given(raw=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+@fuzz(30, 250, raw=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_model_config_bytes(tmp_path_factory, capsys, raw):
     path = tmp_path_factory.mktemp("cfg") / "config.json"
     path.write_bytes(raw)
@@ -78,8 +74,8 @@ def _to_toml(value) -> str:
     return json.dumps(value)
 
 
-@settings(FUZZ, max_examples=120)
-@given(config=training_configs(), kind=st.sampled_from(["yaml", "toml"]), raw=st.none() | st.binary(max_size=200))
+@fuzz(40, 300, config=training_configs(), kind=st.sampled_from(["yaml", "toml"]),
+      raw=st.none() | st.binary(max_size=200))
 def test_training_config_files(tmp_path_factory, capsys, config, kind, raw):
     """Every file either fails with one line or gets as far as the corpus, which here is missing (exit 2 as well:
     no training runs)."""

@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event
 from hypothesis import strategies as st
 
-from helpers import micro_model_dir
+from helpers import fuzz, micro_model_dir
 from nanoseek.infer.engine import EngineConfig
 from nanoseek.infer.server import ServerLimits, create_app
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 FIELDS = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop", "stream",
           "logprobs", "top_logprobs", "ignore_eos", "user", "presence_penalty")
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-                derandomize=True)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=False, allow_infinity=False)
@@ -79,19 +77,17 @@ def _check(response) -> None:
         assert response.json()["choices"]
 
 
-@FUZZ
-@given(data=st.data(), endpoint=st.sampled_from(ENDPOINTS))
+@fuzz(150, 1000, data=st.data(), endpoint=st.sampled_from(ENDPOINTS))
 def test_request_bodies_get_an_answer_or_a_4xx(client, data, endpoint):
     response = client.post(endpoint, json=data.draw(bodies(endpoint)))
     event(f"status {response.status_code}")
     _check(response)
 
 
-@settings(FUZZ, max_examples=60)
-@given(endpoint=st.sampled_from(ENDPOINTS + ("/v1/models", "/health", "/metrics", "/v1/nope", "/")),
-       raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode),
-       method=st.sampled_from(["POST", "GET", "PUT", "DELETE"]),
-       content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded"]))
+@fuzz(30, 200, endpoint=st.sampled_from(ENDPOINTS + ("/v1/models", "/health", "/metrics", "/v1/nope", "/")),
+      raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode),
+      method=st.sampled_from(["POST", "GET", "PUT", "DELETE"]),
+      content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded"]))
 def test_raw_bytes_on_every_path_and_method(client, endpoint, raw, method, content_type):
     response = client.request(method, endpoint, content=raw, headers={"content-type": content_type})
     assert response.status_code < 500, response.text

@@ -257,10 +257,11 @@ def _resident_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_soak_64_clients_with_disconnects_and_429s(model_dir):
-    """64 concurrent streaming clients, a tenth of them hanging up mid-stream, against a queue bounded at 16: every
-    request ends in a full stream or a 429 with Retry-After, and resident memory stays within 10 % of its level
-    after warm-up."""
+@pytest.mark.parametrize("seconds", [3, pytest.param(30, marks=pytest.mark.slow)])
+def test_soak_64_clients_with_disconnects_and_429s(model_dir, seconds):
+    """64 concurrent streaming clients, a tenth of them hanging up mid-stream, against a queue bounded at 16, for
+    `seconds` after a warm-up: every request ends in a full stream or a 429 with Retry-After, and resident memory
+    stays within 10 % of its level after warm-up. The 30 s soak runs under `pytest -m slow`."""
     process, base = _start(model_dir, "--max-seqs", "16", "--max-waiting", "16")
     outcomes: dict[str, int] = {"done": 0, "429": 0, "hung_up": 0}
     failures: list[str] = []
@@ -294,7 +295,7 @@ def test_soak_64_clients_with_disconnects_and_429s(model_dir):
         with ThreadPoolExecutor(max_workers=64) as pool:
             list(pool.map(lambda i: client_loop(i, 2), range(64)))  # warm-up: every allocation path taken once
         warm = _resident_bytes(process.pid)
-        deadline = time.time() + 30
+        deadline = time.time() + seconds
         with ThreadPoolExecutor(max_workers=64) as pool:
             while time.time() < deadline:
                 list(pool.map(lambda i: client_loop(i, 2), range(64)))
@@ -305,6 +306,6 @@ def test_soak_64_clients_with_disconnects_and_429s(model_dir):
         process.kill()
     print(f"soak: {outcomes}, resident {warm / 2**20:.1f} MiB after warm-up, {end / 2**20:.1f} MiB at the end")
     assert not failures, (len(failures), failures[:3])
-    assert outcomes["done"] > 200 and outcomes["429"] > 0 and outcomes["hung_up"] > 10, outcomes
+    assert outcomes["done"] > 50 + 5 * seconds and outcomes["429"] > 0 and outcomes["hung_up"] > 10, outcomes
     assert "nanoseek_requests_running 0" in metrics  # every hung-up stream was aborted
     assert end <= 1.10 * warm, f"resident memory grew from {warm / 2**20:.0f} to {end / 2**20:.0f} MiB"

@@ -1,28 +1,35 @@
-"""Bad training input: one clear error line, a non-zero exit, and no file of an existing run touched."""
+"""Bad training input: one clear error line, a non-zero exit, and no file of an existing run touched. The command
+runs in-process (`nanoseek.cli.main`): what is under test is its exit code and stderr, not a process boundary."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from nanoseek.cli import main
 from nanoseek.data.tokenizer import train_tokenizer
 
 
-def _train(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NANOSEEK_CACHE": str(tmp / "cache"), "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "nanoseek", "train", "--out", str(tmp / "run"), *args],
-                          env=env, capture_output=True, text=True)
+@pytest.fixture
+def train(tmp_path, capsys, monkeypatch):
+    """`nanoseek train --out tmp/run ARGS` → (exit code, stderr without the progress bar)."""
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+
+    def run(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["train", "--out", str(tmp_path / "run"), *args])
+        err = capsys.readouterr().err
+        return code, "\n".join(line for line in err.splitlines() if line.strip() and not line.startswith("training:"))
+    return run
 
 
-def _assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+def _assert_one_line_error(result: tuple[int, str], needle: str) -> None:
+    code, stderr = result
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert lines[0].startswith("nanoseek: error:") and needle in lines[0], lines[0]
 
 
@@ -32,38 +39,37 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> 
     (b"\x00\x01\x02binary\x00" * 100, "looks binary"),
     (b"\xff\xfe\xfa not utf-8", "not UTF-8"),
 ])
-def test_bad_corpus(tmp_path, corpus, needle):
+def test_bad_corpus(tmp_path, train, corpus, needle):
     path = tmp_path / "corpus.txt"
     if corpus is not None:
         path.write_bytes(corpus)
-    _assert_one_line_error(_train(tmp_path, "--data", str(path)), needle)
+    _assert_one_line_error(train("--data", str(path)), needle)
     assert not (tmp_path / "run").exists()
 
 
-def test_tokenizer_larger_than_vocab(tmp_path):
+def test_tokenizer_larger_than_vocab(tmp_path, train):
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     train_tokenizer([(tmp_path / "corpus.txt").read_text()], 500).save(str(tmp_path / "tok.json"))
-    result = _train(tmp_path, "--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / "tok.json"),
+    result = train("--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / "tok.json"),
                     "model.vocab_size=64")
     _assert_one_line_error(result, "vocab_size")
 
 
-def test_bad_override_and_config(tmp_path):
-    _assert_one_line_error(_train(tmp_path, "model.n_group=3"), "n_group")
-    _assert_one_line_error(_train(tmp_path, "train.nonsense=1"), "unknown setting")
-    _assert_one_line_error(_train(tmp_path, "train.precision=fp16"),
-                           "'precision': must be one of 'auto', 'fp32', 'bf16', 'fp8'")
+def test_bad_override_and_config(tmp_path, train):
+    _assert_one_line_error(train("model.n_group=3"), "n_group")
+    _assert_one_line_error(train("train.nonsense=1"), "unknown setting")
+    _assert_one_line_error(train("train.precision=fp16"), "'precision': must be one of 'auto', 'fp32', 'bf16', 'fp8'")
     (tmp_path / "c.yaml").write_text("train: [1, 2\n")
-    _assert_one_line_error(_train(tmp_path, "--config", str(tmp_path / "c.yaml")), "cannot parse")
+    _assert_one_line_error(train("--config", str(tmp_path / "c.yaml")), "cannot parse")
 
 
-def _tiny_run(tmp: Path, steps: int) -> list[str]:
+def _tiny_run(tmp: Path, train, steps: int) -> list[str]:
     """Trains a tiny run in tmp/run; → its command-line arguments."""
     (tmp / "corpus.txt").write_text("".join(f"LINE {i} of some play text.\n" for i in range(3000)))
     tiny = ["--data", str(tmp / "corpus.txt"), "--max-steps", str(steps), "--save-every", "2", "model.hidden_size=32",
             "model.num_hidden_layers=2", "train.vocab_size=300", "model.max_position_embeddings=64",
             "train.seq_len=32", "train.batch_size=2", "train.eval_batches=1"]
-    assert _train(tmp, *tiny).returncode == 0
+    assert train(*tiny)[0] == 0
     return tiny
 
 
@@ -71,31 +77,31 @@ def _files(run: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
 
-def test_existing_run_and_truncated_checkpoint_leave_files_alone(tmp_path):
-    tiny = _tiny_run(tmp_path, steps=4)
+def test_existing_run_and_truncated_checkpoint_leave_files_alone(tmp_path, train):
+    tiny = _tiny_run(tmp_path, train, steps=4)
     run = tmp_path / "run"
     before = _files(run)
-    _assert_one_line_error(_train(tmp_path, *tiny), "already holds a run")
+    _assert_one_line_error(train(*tiny), "already holds a run")
     weights = next((run / "checkpoints" / "step_0000004").glob("*.distcp"))
     weights.write_bytes(before[weights][:100])
     before[weights] = weights.read_bytes()
-    _assert_one_line_error(_train(tmp_path, *tiny, "--resume"), "damaged or truncated")
+    _assert_one_line_error(train(*tiny, "--resume"), "damaged or truncated")
     assert _files(run) == before
 
 
-def test_resume_may_change_the_schedule_but_not_the_shape(tmp_path):
-    tiny = _tiny_run(tmp_path, steps=2)
+def test_resume_may_change_the_schedule_but_not_the_shape(tmp_path, train):
+    tiny = _tiny_run(tmp_path, train, steps=2)
     (tmp_path / "other.txt").write_text("".join(f"Other {i} text.\n" for i in range(3000)))
     run = tmp_path / "run"
     before = _files(run)
-    _assert_one_line_error(_train(tmp_path, *tiny, "--resume", "model.hidden_size=64"), "model.hidden_size is 32")
-    _assert_one_line_error(_train(tmp_path, "--resume", "train.seq_len=16"), "train.seq_len")
-    _assert_one_line_error(_train(tmp_path, "--resume", "--preset", "small"), "model.hidden_size")
-    _assert_one_line_error(_train(tmp_path, "--resume", "--data", str(tmp_path / "other.txt")), "trained on")
+    _assert_one_line_error(train(*tiny, "--resume", "model.hidden_size=64"), "model.hidden_size is 32")
+    _assert_one_line_error(train("--resume", "train.seq_len=16"), "train.seq_len")
+    _assert_one_line_error(train("--resume", "--preset", "small"), "model.hidden_size")
+    _assert_one_line_error(train("--resume", "--data", str(tmp_path / "other.txt")), "trained on")
     assert _files(run) == before
     # the same command with --resume, a longer run and a new evaluation cadence: taken
-    result = _train(tmp_path, *tiny, "--resume", "--max-steps", "4", "--eval-every", "3")
-    assert result.returncode == 0, result.stderr
+    code, stderr = train(*tiny, "--resume", "--max-steps", "4", "--eval-every", "3")
+    assert code == 0, stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3, 4]  # logged: every 10 steps and at each evaluation
     assert all("val_loss" in r for r in rows)

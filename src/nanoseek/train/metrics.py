@@ -13,9 +13,10 @@ from typing import Any, Callable
 import torch
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25) -> float:
     """FLOP/s of a large square matmul in the training dtype: the practical peak MFU is measured against. The fastest
-    of many timed products counts, so a moment of contention on a shared machine does not lower the peak."""
+    of many timed products counts (a dozen on a 2-core CPU, hundreds on a GPU), so a moment of contention on a shared
+    machine does not lower the peak; a run that beats it measures again (PeakFlops), so a short look suffices."""
     n = 1024 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm up
