@@ -223,3 +223,32 @@ def test_speculative_sampling_keeps_the_model_distribution():
     expected = (p1[:, None] * p2).sum(0)
     observed = torch.bincount(torch.tensor([r.token_ids[1] for r in results]), minlength=12).float() / n
     assert (observed - expected).abs().max().item() < 0.03  # ~3.5 standard errors at worst
+
+
+def test_seeded_sampling_does_not_depend_on_chunking_or_load():
+    """A seeded request samples the same tokens whether its prompt is prefilled whole, or in 8-token chunks while
+    other requests share the steps: the sampler's counter advances on sampling steps only."""
+    model = _model()
+    prompt = list(range(3, 33))
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
+    alone = Engine(model).generate([prompt], params)[0]
+    loaded = Engine(model, config=EngineConfig(block_size=4, token_budget=8)).generate(
+        [list(range(40, 60)), prompt, [9, 8, 7]], [SamplingParams(max_new_tokens=10), params,
+                                                   SamplingParams(max_new_tokens=10, temperature=1.0)])
+    assert loaded[1].token_ids == alone.token_ids
+
+
+def test_admission_reserves_blocks_for_the_chunk_it_gets():
+    """With 16 tokens per step, a 14-token prompt leaves 2 for the next admission: its first chunk (2 tokens) holds
+    one 4-token block, not the four a whole step's budget would fill."""
+    from nanoseek.infer.blocks import BlockManager
+    from nanoseek.infer.detokenize import Detokenizer
+    from nanoseek.infer.request import Sequence
+    from nanoseek.infer.scheduler import Scheduler
+
+    scheduler = Scheduler(BlockManager(num_blocks=32, block_size=4), max_seqs=4, token_budget=16)
+    short, long = (Sequence(list(range(n)), SamplingParams(), Detokenizer(None)) for n in (14, 40))
+    scheduler.waiting.extend([short, long])
+    step = scheduler.schedule(1)
+    assert step.prefill == [(short, 14), (long, 2)]
+    assert len(short.blocks) == 4 and len(long.blocks) == 1

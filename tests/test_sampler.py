@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nanoseek.data.tokenizer import train_tokenizer
-from nanoseek.infer.blocks import BlockManager, chained_hashes
+from nanoseek.infer import blocks as blocks_module
+from nanoseek.infer.blocks import BlockManager
 from nanoseek.infer.detokenize import Detokenizer
 from nanoseek.infer.sampler import RowSettings, draw, probabilities, sample, uniform, verify
 
@@ -29,6 +30,15 @@ def test_filters_apply_per_row_in_one_pass():
     assert probs[1].tolist() == pytest.approx([0.625, 0.375, 0, 0])  # top-k 2, renormalized
     assert probs[2].tolist() == pytest.approx([0.625, 0.375, 0, 0])  # top-p 0.7 needs the second token
     assert (probs[3] > 0).all() and probs[3].sum().item() == pytest.approx(1.0)  # hot and nearly everything
+
+
+def test_top_p_applies_to_what_top_k_kept():
+    """top-k 2 keeps [0.625, 0.375] renormalized: the first token alone reaches top-p 0.6 of that (on the full
+    distribution it has only 0.5, and the second token would stay)."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    rows = RowSettings(torch.ones(1), torch.tensor([2]), torch.tensor([0.6]), torch.zeros(1, dtype=torch.long),
+                       torch.zeros(1, dtype=torch.long))
+    assert probabilities(logits, rows)[0].tolist() == pytest.approx([1.0, 0, 0, 0])
 
 
 def test_draws_follow_the_distribution_and_the_seed():
@@ -102,9 +112,9 @@ def test_prefix_blocks_are_shared_counted_and_evicted_lru():
     manager = BlockManager(num_blocks=4, block_size=2)
     tokens = [1, 2, 3, 4, 5]
     owned = manager.allocate(3)
-    for block, block_hash in zip(owned, chained_hashes(tokens, 2)):
-        manager.register(block, block_hash)
-    assert len(chained_hashes(tokens, 2)) == 2  # block 3 is not full; block 2 needs the token after it
+    for block, key in zip(owned, manager.keys(tokens)):
+        manager.register(block, key)
+    assert len(manager.keys(tokens)) == 2  # block 3 is not full; block 2 needs the token after it
     assert manager.match_prefix([1, 2, 3, 4, 5, 6]) == owned[:2]
     assert manager.match_prefix([1, 2, 3, 4, 9]) == owned[:1]  # the token after block 1 differs (MTP's latent)
     assert manager.refs[owned[0]] == 3 and manager.match_prefix([7, 2, 3, 4, 5]) == []
@@ -115,3 +125,50 @@ def test_prefix_blocks_are_shared_counted_and_evicted_lru():
     assert manager.allocate(3) is not None  # the two blocks without a hash, then the least recently released
     assert manager.match_prefix(tokens) == owned[:1]  # the tail was evicted first; the chain's head survives
     assert manager.allocate(1) is None and manager.free_blocks == 0
+
+
+def _letters(ids: list[int]) -> str:
+    return "".join(chr(97 + i) for i in ids)
+
+
+def test_the_earliest_stop_string_cuts_the_text():
+    """One token brings "say hello": of the stops ("lo", "he") both occur in it, and the text is cut where the
+    earliest begins ("he"), not at the first one listed."""
+    words = ["say hello", " world"]
+    detok = Detokenizer(lambda ids: "".join(words[i] for i in ids), ("lo", "he"))
+    assert detok.update([0], final=False) == ("say ", True) and detok.text == "say "
+
+
+def test_stop_string_hold_back_is_linear_in_the_stop_length():
+    """A 20,000-character stop string ("a" * 20,000 + "b") against 20,000 c's then the stop itself: each step costs
+    its new text, so the stream takes a second (testing every prefix of the stop at every step took minutes). What is
+    held back and where the text is cut are the naive rule's."""
+    import threading
+
+    stop = "a" * 20_000 + "b"
+    ids = [2] * 20_000 + [0] * 20_000 + [1]
+    detok = Detokenizer(_letters, (stop,))
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.extend(detok.update(ids[: i + 1], final=False)
+                                                            for i in range(len(ids))), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "the stop-string matching is superlinear"
+    assert "".join(delta for delta, _ in outcome[:20_000]) == "c" * 20_000  # nothing held back: no "a" yet
+    assert all(delta == "" for delta, _ in outcome[20_000:])  # every "a" may grow into the stop
+    assert outcome[-1][1] and not any(hit for _, hit in outcome[:-1]) and detok.text == "c" * 20_000
+
+
+def test_prefix_cache_compares_tokens_and_keys_its_hash(monkeypatch):
+    """Every block hashing alike (a forged collision) never hands one prompt's latents to another; the hash is keyed
+    by a secret per process, so nobody outside can compute a collision."""
+    tokens = [1, 2, 3, 4, 5]
+    assert BlockManager(4, 2).keys(tokens) != BlockManager(4, 2).keys(tokens)
+    monkeypatch.setattr(blocks_module, "block_digest", lambda secret, previous, block: b"collide")
+    manager = BlockManager(num_blocks=4, block_size=2)
+    owned = manager.allocate(2)
+    for block, key in zip(owned, manager.keys(tokens)):
+        manager.register(block, key)
+    assert manager.match_prefix([9, 9, 9, 9, 9]) == []
+    assert manager.match_prefix([1, 2, 9, 9, 9]) == []  # block 0 is followed by another token: not the same block
+    assert manager.match_prefix(tokens) == owned[:1]  # block 1's digest is taken by block 0: only the head is found

@@ -9,11 +9,20 @@ space is needed, and then the least recently released one is reused first (LRU).
 A block's hash also covers the first token after it: the MTP module's latent at a block's last position is computed
 from that token (MTP at position i reads t_{i+1}), so the block is only valid for sequences that continue the same
 way. For a model without MTP this costs at most the last block of a prompt.
+
+The hash is a keyed BLAKE2b (a secret drawn per process), and a match is only taken after comparing what the hash
+stands for (the previous block's hash and the tokens): a prompt crafted to collide with another user's cached
+prefix, as with Python's `hash()` of a tuple (the class of vLLM's CVE-2025-25183), can neither be computed from
+outside nor read another prompt's latents.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 
@@ -33,24 +42,26 @@ def latent_store(config: ModelConfig, memory_bytes: int, block_size: int, device
     return torch.zeros(layers, blocks * block_size, width, device=device, dtype=dtype)
 
 
-def chained_hashes(tokens: list[int], block_size: int, start: int = 0, previous: int | None = None) -> list[int]:
-    """Hashes of the blocks start, start+1, ... of `tokens` that are full and followed by a token."""
-    hashes = []
-    block = start
-    while (block + 1) * block_size < len(tokens):
-        previous = hash((previous, tuple(tokens[block * block_size: (block + 1) * block_size]),
-                         tokens[(block + 1) * block_size]))
-        hashes.append(previous)
-        block += 1
-    return hashes
+class BlockKey(NamedTuple):
+    digest: bytes  # keyed hash of `content`: what the prefix cache is looked up by
+    content: tuple[bytes | None, tuple[int, ...]]  # (the previous block's digest, its tokens + the next token)
+
+
+def block_digest(secret: bytes, previous: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """16-byte keyed BLAKE2b of a block: the previous block's digest (none for the first) and its tokens."""
+    digest = hashlib.blake2b(previous or b"", key=secret, digest_size=16)
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.secret = os.urandom(16)  # the hash key: never leaves the process
         self.refs = [0] * num_blocks
-        self.hash_of: dict[int, int] = {}
-        self.by_hash: dict[int, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+        self.content_of: dict[int, tuple[bytes | None, tuple[int, ...]]] = {}
+        self.by_hash: dict[bytes, int] = {}
         self.unhashed: list[int] = list(range(num_blocks - 1, -1, -1))  # free and holding nothing worth keeping
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free but holding a cached prefix, LRU first
 
@@ -62,12 +73,23 @@ class BlockManager:
     def used_blocks(self) -> int:
         return self.num_blocks - self.free_blocks
 
+    def keys(self, tokens: list[int], start: int = 0, previous: bytes | None = None) -> list[BlockKey]:
+        """Keys of the blocks start, start+1, ... of `tokens` that are full and followed by a token (`previous`:
+        the digest of block start-1)."""
+        keys = []
+        for block in range(start, (len(tokens) - 1) // self.block_size):
+            content = (previous, tuple(tokens[block * self.block_size: (block + 1) * self.block_size + 1]))
+            previous = block_digest(self.secret, *content)
+            keys.append(BlockKey(previous, content))
+        return keys
+
     def match_prefix(self, tokens: list[int]) -> list[int]:
-        """The cached blocks that begin `tokens` (each now held once more)."""
+        """The cached blocks that begin `tokens` (each now held once more): found by digest, taken only if they
+        hold exactly these tokens after exactly the blocks before."""
         blocks = []
-        for block_hash in chained_hashes(tokens, self.block_size):
-            block = self.by_hash.get(block_hash)
-            if block is None:
+        for key in self.keys(tokens):
+            block = self.by_hash.get(key.digest)
+            if block is None or self.content_of[block] != key.content:
                 break
             self._hold(block)
             blocks.append(block)
@@ -83,7 +105,7 @@ class BlockManager:
                 block = self.unhashed.pop()
             else:
                 block, _ = self.evictable.popitem(last=False)
-                del self.by_hash[self.hash_of.pop(block)]
+                del self.by_hash[self.hash_of.pop(block)], self.content_of[block]
             self.refs[block] = 1
             blocks.append(block)
         return blocks
@@ -98,10 +120,10 @@ class BlockManager:
                 else:
                     self.unhashed.append(block)
 
-    def register(self, block: int, block_hash: int) -> None:
-        """A block whose tokens are all computed: findable by later prompts (the first block with a hash keeps it)."""
-        if block_hash not in self.by_hash and block not in self.hash_of:
-            self.by_hash[block_hash], self.hash_of[block] = block, block_hash
+    def register(self, block: int, key: BlockKey) -> None:
+        """A block whose tokens are all computed: findable by later prompts (the first block with a key keeps it)."""
+        if key.digest not in self.by_hash and block not in self.hash_of:
+            self.by_hash[key.digest], self.hash_of[block], self.content_of[block] = block, key.digest, key.content
 
     def _hold(self, block: int) -> None:
         if self.refs[block] == 0:

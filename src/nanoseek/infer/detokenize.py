@@ -1,9 +1,11 @@
 """Incremental detokenization: each step decodes a short window of ids, never the whole sequence, and stop strings
-are searched for in the newly grown tail only.
+are matched on the newly grown text only.
 
 The window starts a few tokens back (vLLM's prefix/read offsets): byte-level BPE tokens can split one character,
 so new text is only emitted once the window no longer ends in half a character (U+FFFD). Text that may grow into a
-stop string is held back until it cannot.
+stop string is held back until it cannot. Each stop string is followed by a Knuth–Morris–Pratt automaton fed only
+the new characters, so a step costs the length of its new text whatever the stop strings' length (re-testing every
+prefix of a long stop string at every step would let one request slow down the whole batch).
 """
 
 from __future__ import annotations
@@ -11,37 +13,60 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
+class StopMatcher:
+    """Where one stop string occurs in a text fed piece by piece, and how much of it the text ends with."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.fallback = [0] * len(stop)  # fallback[i]: the longest proper border of stop[:i + 1]
+        border = 0
+        for i in range(1, len(stop)):
+            while border and stop[i] != stop[border]:
+                border = self.fallback[border - 1]
+            border += stop[i] == stop[border]
+            self.fallback[i] = border
+        self.partial = 0  # how many leading characters of the stop string the text fed so far ends with
+
+    def feed(self, piece: str) -> int:
+        """→ the index in `piece` just past the first full occurrence completed in it, or -1."""
+        stop, fallback, state = self.stop, self.fallback, self.partial
+        for i, char in enumerate(piece):
+            while state and char != stop[state]:
+                state = fallback[state - 1]
+            state += char == stop[state]
+            if state == len(stop):
+                self.partial = 0
+                return i + 1
+        self.partial = state
+        return -1
+
+
 class Detokenizer:
     def __init__(self, decode: Callable[[list[int]], str] | None, stops: tuple[str, ...] = ()):
-        self.decode, self.stops = decode, stops
+        self.decode = decode
+        self.matchers = [StopMatcher(stop) for stop in stops]
         self.prefix_offset = self.read_offset = 0
         self.text = ""  # everything decoded so far (cut at a stop string)
         self.emitted = 0  # how much of it was handed out
-        self.longest_stop = max((len(s) for s in stops), default=0)
 
     def update(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """ids: all output ids so far → (new text to hand out, whether a stop string was hit)."""
+        """ids: all output ids so far → (new text to hand out, whether a stop string was hit). When several stop
+        strings occur in the text, it is cut where the earliest of them begins."""
         if self.decode is None:
             return "", False
         before = self.decode(ids[self.prefix_offset: self.read_offset])
         window = self.decode(ids[self.prefix_offset:])
         if len(window) > len(before) and (final or not window.endswith("\ufffd")):
-            searched_from = max(0, len(self.text) - self.longest_stop + 1)
-            self.text += window[len(before):]
+            piece = window[len(before):]
+            grown_from = len(self.text)
+            self.text += piece
             self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-            for stop in self.stops:
-                at = self.text.find(stop, searched_from)
-                if at >= 0:
-                    self.text = self.text[:at]
-                    return self._emit(len(self.text)), True
-        safe = len(self.text)
-        if not final:
-            for stop in self.stops:  # hold back a suffix that may grow into a stop string
-                for n in range(min(len(stop) - 1, safe), 0, -1):
-                    if self.text.endswith(stop[:n]):
-                        safe = min(safe, len(self.text) - n)
-                        break
-        return self._emit(safe), False
+            starts = [grown_from + end - len(m.stop) for m in self.matchers if (end := m.feed(piece)) >= 0]
+            if starts:
+                self.text = self.text[:min(starts)]
+                return self._emit(len(self.text)), True
+        held = 0 if final else max((m.partial for m in self.matchers), default=0)
+        return self._emit(len(self.text) - held), False
 
     def _emit(self, upto: int) -> str:
         delta = self.text[self.emitted: max(upto, self.emitted)]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.blocks import BlockManager, chained_hashes, latent_store
+from nanoseek.infer.blocks import BlockManager, latent_store
 from nanoseek.infer.detokenize import Detokenizer
 from nanoseek.infer.request import Completion, SamplingParams, Sequence, TokenLogprob
 from nanoseek.infer.runner import ModelRunner, SeqResult
@@ -146,7 +146,7 @@ class Engine:
             self.drafted += 1
             self.accepted += len(result.tokens) - 1
         seq.computed += result.computed
-        seq.draws += 1
+        seq.draws += bool(result.tokens)  # counts sampling steps only: how a prompt was chunked changes nothing
         seq.draft, seq.draft_probs = result.draft, result.draft_probs
         self._register_blocks(seq)
         params, added = seq.params, 0
@@ -178,9 +178,9 @@ class Engine:
         """Full blocks whose latents are all computed (and whose next token is known) join the prefix cache."""
         known = seq.tokens[: seq.computed + 1]
         previous = seq.block_hashes[-1] if seq.block_hashes else None
-        for block_hash in chained_hashes(known, self.blocks.block_size, seq.hashed_blocks, previous):
-            self.blocks.register(seq.blocks[seq.hashed_blocks], block_hash)
-            seq.block_hashes.append(block_hash)
+        for key in self.blocks.keys(known, seq.hashed_blocks, previous):
+            self.blocks.register(seq.blocks[seq.hashed_blocks], key)
+            seq.block_hashes.append(key.digest)
             seq.hashed_blocks += 1
 
     def _finish(self, seq: Sequence, reason: str) -> None:

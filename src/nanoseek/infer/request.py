@@ -71,7 +71,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     computed: int = 0
     hashed_blocks: int = 0  # how many leading blocks are registered in the prefix cache
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # digests of the registered blocks
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     admitted: bool = False
     draft: int | None = None  # the MTP module's guess for the token after the pending one

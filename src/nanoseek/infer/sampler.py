@@ -68,7 +68,8 @@ class RowSettings:
 
 def probabilities(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
     """logits [rows, vocab] → the distribution each row samples from, fp32: one-hot for greedy rows, else the
-    softmax at the row's temperature restricted to its top-k and then its top-p (the smallest set reaching p)."""
+    softmax at the row's temperature restricted to its top-k and then to its top-p of what top-k kept (the smallest
+    set reaching p of the renormalized top-k, as vLLM and transformers apply them)."""
     logits = logits.float()
     one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
     if rows.all_greedy:
@@ -78,10 +79,10 @@ def probabilities(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
     if not rows.unfiltered:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         rank = torch.arange(logits.shape[-1], device=logits.device)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
-        drop = (rank >= torch.where(rows.top_k > 0, rows.top_k, logits.shape[-1])[:, None]) | \
-               (before >= rows.top_p[:, None]) & (rank > 0)
+        beyond_k = rank >= torch.where(rows.top_k > 0, rows.top_k, logits.shape[-1])[:, None]
+        sorted_probs = sorted_logits.masked_fill(beyond_k, float("-inf")).softmax(dim=-1)  # top-k, renormalized
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above, within the top-k
+        drop = beyond_k | (before >= rows.top_p[:, None]) & (rank > 0)
         scaled = scaled.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), float("-inf"))
     return torch.where(greedy[:, None], one_hot, scaled.softmax(dim=-1))
 

@@ -55,21 +55,21 @@ class Scheduler:
                 budget -= chunk
         while admitting and budget > 0 and len(self.running) < self.max_seqs:
             seq = next((s for s in self.waiting if s.after is None or s.after.output or s.after.finish_reason), None)
-            if seq is None or not self._admit(seq):
+            if seq is None or not self._admit(seq, budget):
                 break
             chunk = min(seq.length - seq.computed, budget)
             step.prefill.append((seq, chunk))
             budget -= chunk
         return step
 
-    def _admit(self, seq: Sequence) -> bool:
-        """Find its cached prefix and room for its first chunk, or leave it waiting (holding nothing)."""
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Find its cached prefix and room for its first chunk (what is left of the step's token budget), or leave
+        it waiting (holding nothing)."""
         cached = self.blocks.match_prefix(seq.tokens)
         seq.blocks, seq.computed = cached, len(cached) * self.blocks.block_size
         seq.hashed_blocks = len(cached)
         seq.block_hashes = [self.blocks.hash_of[b] for b in cached]
-        budget_left = self.token_budget if not self.static else seq.length
-        if not self._reserve(seq, seq.computed + min(seq.length - seq.computed, max(1, budget_left))):
+        if not self._reserve(seq, seq.computed + min(seq.length - seq.computed, budget)):
             self.blocks.release(seq.blocks)
             seq.blocks, seq.computed, seq.hashed_blocks, seq.block_hashes = [], 0, 0, []
             return False
