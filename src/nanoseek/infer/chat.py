@@ -31,9 +31,13 @@ class ChatTemplate:
         self._compiled = None
         if self.template:
             import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+            # a template comes with the model: sandboxed, as transformers renders it (no attribute walks to Python
+            # internals, no mutation of the messages)
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             try:
-                self._compiled = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.template)
+                self._compiled = environment.from_string(self.template)
             except jinja2.TemplateError as e:
                 raise ValueError(f"{config}: the chat template does not parse: {e}") from None
 

@@ -83,8 +83,10 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_tokens: 
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    # max_completion_tokens is the chat API's current name; max_tokens its deprecated one
+    limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return SamplingParams(
-        max_new_tokens=number(body, "max_tokens", default_max_tokens, int, 1, 1 << 20),
+        max_new_tokens=number(body, limit, default_max_tokens, int, 1, 1 << 20),
         temperature=number(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=number(body, "top_p", 1.0, float, 1e-9, 1.0), top_k=number(body, "top_k", 0, int, 0, 1 << 30) or None,
         seed=number(body, "seed", None, int, -(1 << 63), (1 << 64) - 1),

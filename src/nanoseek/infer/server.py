@@ -4,8 +4,8 @@ streaming) over the continuous-batching engine, plus /health and Prometheus /met
 One thread runs the engine's step loop; requests join the running batch at its next step, and a client that goes
 away (streaming or not) has its sequences aborted. Load is bounded: past `max_waiting` queued sequences a request
 gets 429 with Retry-After, and a body over `max_body_bytes` gets 413 before it is read whole. On SIGTERM the server
-stops admitting (new requests get 503, the listening socket closes), lets running requests finish for up to
-`shutdown_timeout` seconds, aborts the rest and exits 0.
+stops admitting (new requests and /health get 503 while the listening socket stays open), lets running requests
+finish for up to `shutdown_timeout` seconds, aborts the rest, closes the socket and exits 0.
 """
 
 from __future__ import annotations
@@ -51,27 +51,44 @@ class Job:
 
 
 class EngineLoop:
-    """The one thread that runs the model: steps while there is work, sleeps otherwise."""
+    """The one thread that runs the model: steps while there is work, sleeps otherwise. `lock` orders a request's
+    registration before any report of its sequences: a sequence that its first step finishes (max_tokens 1, an end
+    token first) is still delivered."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.jobs: dict[Sequence, tuple[Job, int]] = {}
         self.sent_logprobs: dict[Sequence, int] = {}
+        self.lock = threading.Lock()
         self.wake = threading.Event()
         self.draining = False
         threading.Thread(target=self._run, daemon=True, name="nanoseek-engine").start()
 
     def submit(self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop) -> Job:
-        first = self.engine.add(prompt, params)
-        # the other choices wait for the first one's prefill, then find its prompt blocks in the prefix cache; a
-        # seeded request's choice i samples with seed + i: reproducible, and not n copies of one sample
-        seeds = [None if params.seed is None else params.seed + i for i in range(1, n)]
-        seqs = [first] + [self.engine.add(prompt, replace(params, seed=seed), after=first) for seed in seeds]
-        job = Job(seqs, loop)
-        for index, seq in enumerate(seqs):
-            self.jobs[seq] = (job, index)
+        with self.lock:
+            first = self.engine.add(prompt, params)
+            # the other choices wait for the first one's prefill, then find its prompt blocks in the prefix cache; a
+            # seeded request's choice i samples with seed + i: reproducible, and not n copies of one sample
+            seeds = [None if params.seed is None else params.seed + i for i in range(1, n)]
+            seqs = [first] + [self.engine.add(prompt, replace(params, seed=seed), after=first) for seed in seeds]
+            job = Job(seqs, loop)
+            for index, seq in enumerate(seqs):
+                self.jobs[seq] = (job, index)
         self.wake.set()
         return job
+
+    def wait_idle(self, seconds: float) -> bool:
+        """Wait up to `seconds` for every job to finish (any thread) → whether they did."""
+        deadline = time.monotonic() + seconds
+        while self.jobs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.jobs
+
+    def abort_all(self) -> None:
+        with self.lock:
+            jobs = {job for job, _ in self.jobs.values()}
+        for job in jobs:
+            job.abort()
 
     def _run(self) -> None:
         while True:
@@ -81,13 +98,18 @@ class EngineLoop:
                 continue
             try:
                 changed = self.engine.step()
-            except Exception as e:  # a failed step must not kill the server: every client is told
-                for job in {job for job, _ in list(self.jobs.values())}:  # list(): one atomic copy
+            except Exception as e:  # a failed step must not kill the server: every client is told, and forgotten
+                with self.lock:
+                    failed = {job for job, _ in self.jobs.values()}
+                    self.jobs.clear()
+                    self.sent_logprobs.clear()
+                for job in failed:
                     job.push(("error", 0, f"generation failed: {e}"))
-                    job.abort()
+                    job.abort()  # the next step releases their sequences
                 continue
-            for seq in changed:
-                self._notify(seq)
+            with self.lock:
+                for seq in changed:
+                    self._notify(seq)
 
     def _notify(self, seq: Sequence) -> None:
         job, index = self.jobs.get(seq, (None, 0))
@@ -260,12 +282,14 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         top = protocol.chat_logprobs_field(body)
-        params = protocol.sampling_params(body, 128, stop_tokens, template.stop_strings, top)
         try:
-            prompt = template.render(messages)
+            prompt = encode(template.render(messages))
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
-        job = start(encode(prompt), params, protocol.choices(body))
+        # as OpenAI's chat API: without a limit, the reply may fill the rest of the context
+        params = protocol.sampling_params(body, max(1, engine.max_len - len(prompt)), stop_tokens,
+                                          template.stop_strings, top)
+        job = start(prompt, params, protocol.choices(body))
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         first = set()
 
@@ -294,15 +318,30 @@ def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
     rest."""
     import uvicorn
 
+    runner: EngineLoop = app.state.loop
+
     class Server(uvicorn.Server):
+        """The first SIGTERM/SIGINT drains while the socket stays open (/health and new requests answer 503, so a
+        load balancer sees the drain), then hands over to uvicorn's shutdown; a second signal skips the drain."""
+
         def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.loop.draining = True
-            super().handle_exit(sig, frame)
-            if sig == signal.SIGTERM:  # uvicorn re-raises caught signals after shutting down; SIGTERM ends in 0
-                self._captured_signals.remove(sig)
+            if runner.draining:
+                self._exit(sig)
+                return
+            runner.draining = True
+            threading.Thread(target=self._drain_then_exit, args=(sig,), daemon=True).start()
+
+        def _drain_then_exit(self, sig: int) -> None:
+            if not runner.wait_idle(shutdown_timeout):
+                runner.abort_all()  # their clients get what was generated, finish_reason "abort"
+            self._exit(sig)
+
+        def _exit(self, sig: int) -> None:
+            super().handle_exit(sig, None)
+            if sig == signal.SIGTERM and sig in self._captured_signals:  # uvicorn re-raises caught signals after
+                self._captured_signals.remove(sig)  # shutting down; SIGTERM ends in 0
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout)
     Server(config).run()
-    for job, _ in list(app.state.loop.jobs.values()):
-        job.abort()
+    runner.abort_all()

@@ -1,0 +1,114 @@
+"""The server's app in-process (Starlette's TestClient) over a micro model with a chat template: requests that
+finish at their first step, a step that fails, the chat API's defaults, and sandboxed chat templates."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import nanoseek
+from helpers import micro_model_dir
+from nanoseek.infer.chat import ChatTemplate
+from nanoseek.infer.engine import Engine, EngineConfig
+from nanoseek.infer.request import SamplingParams
+from nanoseek.infer.server import EngineLoop, create_app
+
+CHAT = {"messages": [{"role": "user", "content": "hello there"}], "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return micro_model_dir(tmp_path_factory.mktemp("app-model"), "User: hello there\nAssistant: good morrow\n" * 50,
+                           300, 320, chat=True)
+
+
+@pytest.fixture(scope="module")
+def app(model_dir):
+    return create_app(model_dir, config=EngineConfig(block_size=16, max_seqs=8))
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def test_a_sequence_finished_by_its_first_step_is_delivered(model_dir, monkeypatch):
+    """The step thread may finish a sequence (max_tokens 1) before `submit` returns: its result still arrives."""
+    engine = Engine(nanoseek.load_pretrained(model_dir))
+    loop_runner = EngineLoop(engine)
+    real_add = engine.add
+
+    def add_then_let_a_step_finish_it(prompt, params, after=None):  # the race, made certain
+        seq = real_add(prompt, params, after)
+        loop_runner.wake.set()
+        deadline = time.monotonic() + 2
+        while seq.finish_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return seq
+
+    monkeypatch.setattr(engine, "add", add_then_let_a_step_finish_it)
+
+    async def first_result() -> str:
+        job = loop_runner.submit([1, 2, 3], SamplingParams(max_new_tokens=1), 1, asyncio.get_running_loop())
+        while (event := await asyncio.wait_for(job.events.get(), timeout=10))[0] != "done":
+            pass
+        return event[2].finish_reason
+
+    assert asyncio.run(first_result()) == "length"
+
+
+def test_max_tokens_1_under_load(client):
+    def ask(i: int) -> int:
+        response = client.post("/v1/completions", json={"prompt": f"hello {i}", "max_tokens": 1, "ignore_eos": True})
+        return response.json()["usage"]["completion_tokens"]
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(ask, range(48))) == [1] * 48
+
+
+def test_a_failed_step_answers_500_and_forgets_its_requests(app, client, monkeypatch):
+    """A step that raises after one of its sequences finished (max_tokens 1): every client of the step is told, no
+    job is left behind, and the next request is served."""
+    engine, failures = app.state.engine, []
+    real_commit = engine._commit
+
+    def commit_then_fail(seq, result):
+        produced = real_commit(seq, result)
+        if seq.finish_reason is not None and not failures:
+            failures.append(seq)
+            raise RuntimeError("device lost")
+        return produced
+
+    monkeypatch.setattr(engine, "_commit", commit_then_fail)
+    failed = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 1, "ignore_eos": True})
+    assert failed.status_code == 500 and "generation failed: device lost" in failed.json()["error"]["message"]
+    served = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4, "ignore_eos": True})
+    assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4
+    assert failures and app.state.loop.jobs == {}
+    assert engine.stats()["running"] == 0 and engine.blocks.used_blocks == 0
+
+
+def test_chat_replies_may_fill_the_context_and_take_max_completion_tokens(app, client):
+    full = client.post("/v1/chat/completions", json=CHAT).json()
+    assert full["usage"]["total_tokens"] == app.state.engine.max_len  # OpenAI's default: the rest of the context
+    assert full["choices"][0]["finish_reason"] == "length"
+    short = client.post("/v1/chat/completions", json={**CHAT, "max_completion_tokens": 3, "max_tokens": 9}).json()
+    assert short["usage"]["completion_tokens"] == 3  # the current name wins over the deprecated one
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",  # a walk to Python's internals
+    "{% set _ = messages.append(messages[0]) %}{{ messages | length }}",  # mutating what it was given
+])
+def test_chat_templates_render_sandboxed(tmp_path, template):
+    import json
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    with pytest.raises(ValueError, match="cannot render"):
+        ChatTemplate(tmp_path).render([{"role": "user", "content": "hi"}])
