@@ -51,17 +51,14 @@ def micro_model_dir(directory, text: str, tokenizer_vocab: int, model_vocab: int
     """A model directory with random weights (tiny_config, one MTP module) and a tokenizer trained on `text`
     (`chat`: with the chat template's tokenizer_config.json)."""
     import nanoseek
-    from nanoseek.data.chat_format import write_tokenizer_files
-    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.data.chat_format import write_chat_tokenizer_files
+    from nanoseek.data.tokenizer import train_tokenizer, write_tokenizer_files
 
     tokenizer = train_tokenizer([text], tokenizer_vocab)
     torch.manual_seed(0)
     nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=model_vocab, num_nextn_predict_layers=1)),
                              directory)
-    if chat:
-        write_tokenizer_files(tokenizer, directory)
-    else:
-        tokenizer.save(str(directory / "tokenizer.json"))
+    (write_chat_tokenizer_files if chat else write_tokenizer_files)(tokenizer, directory)
     return directory
 
 

@@ -14,7 +14,7 @@ import torch
 import nanoseek
 from helpers import tiny_config
 from nanoseek.cli import main
-from nanoseek.data.chat_format import add_chat_tokens, encode_chat, write_tokenizer_files
+from nanoseek.data.chat_format import add_chat_tokens, encode_chat, write_chat_tokenizer_files
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer.chat import ChatTemplate
 from nanoseek.post import grpo
@@ -38,7 +38,7 @@ def tokenizer():
 def test_chat_template_renders_the_ids_transformers_renders(tmp_path, tokenizer, generation_prompt):
     import transformers
 
-    write_tokenizer_files(tokenizer, tmp_path)
+    write_chat_tokenizer_files(tokenizer, tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     theirs = hf.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=generation_prompt,
                                     return_dict=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 import nanoseek
 from nanoseek.data.tokenizer import train_tokenizer
@@ -192,8 +193,12 @@ def test_run_dir_is_a_model_dir(workspace, mtp):
                    capture_output=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ("mtp_loss" in rows[-1]) == mtp and rows[-1]["val_loss"] > 0
-    for name in ("config.json", "tokenizer.json", "model.safetensors", "loss.png"):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors", "loss.png"):
         assert (out / name).exists(), name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # as lm-evaluation-harness's hf backend loads it
+    assert tokenizer.bos_token == tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer("HAMLET. to be").input_ids == Tokenizer.from_file(str(out / "tokenizer.json")).encode(
+        "HAMLET. to be").ids
     ours = nanoseek.load_pretrained(out)
     assert len(ours.mtp) == int(mtp)
     reference = transformers.AutoModelForCausalLM.from_pretrained(out)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -133,12 +132,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     from nanoseek.train.checkpoint import export_checkpoint
 
     from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
+    from nanoseek.data.tokenizer import copy_tokenizer_files
 
     source, out = Path(args.checkpoint), Path(args.out)
     if (source / "config.json").exists():  # a model or run directory
         written = save_pretrained(load_pretrained(source, device="cpu"), out, fp8=args.fp8)
-        if (source / "tokenizer.json").exists():
-            shutil.copy(source / "tokenizer.json", out / "tokenizer.json")
+        copy_tokenizer_files(source, out)
     else:
         written = export_checkpoint(source, out, fp8=args.fp8)
     fp8_count = sum(key.endswith(".weight_scale_inv") for key in written)

@@ -8,10 +8,11 @@ SFT trains on the assistant's words and the end-of-sentence token after them, no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
+
+from nanoseek.data.tokenizer import write_tokenizer_files
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -62,10 +63,7 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]],
     return ids, trained
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
-    """tokenizer.json and a tokenizer_config.json with the chat template, as transformers' AutoTokenizer and
-    nanoseek's server read them."""
-    tokenizer.save(str(directory / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-              "chat_template": CHAT_TEMPLATE}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+def write_chat_tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
+    """tokenizer.json and a tokenizer_config.json with the chat markers and template, as transformers'
+    AutoTokenizer and nanoseek's server read them."""
+    write_tokenizer_files(tokenizer, directory, bos=BOS, eos=EOS, chat_template=CHAT_TEMPLATE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,6 +55,30 @@ def end_token_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     generation stops at any of them."""
     ids = (tokenizer.token_to_id(t) for t in (END_OF_TEXT, "<｜end▁of▁sentence｜>", "</s>"))
     return tuple(i for i in ids if i is not None)
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, directory: Path, bos: str | None = None, eos: str | None = None,
+                          chat_template: str | None = None) -> None:
+    """tokenizer.json and the tokenizer_config.json that transformers' AutoTokenizer (and so lm-evaluation-harness's
+    hf backend) reads: its class, bos/eos/pad tokens (a pretrained run's end of text for all three unless given) and
+    the chat template where there is one."""
+    end = next((t for t in (END_OF_TEXT, "<｜end▁of▁sentence｜>", "</s>") if tokenizer.token_to_id(t) is not None), None)
+    eos = eos or end
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos or eos, "eos_token": eos,
+              "pad_token": eos, "add_bos_token": False, "clean_up_tokenization_spaces": False}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> None:
+    """A model's tokenizer files into another directory (tokenizer_config.json written if the source has none)."""
+    if (source / "tokenizer_config.json").exists():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(source / name, out / name)
+    elif (source / "tokenizer.json").exists():
+        write_tokenizer_files(load_tokenizer(source / "tokenizer.json"), out)
 
 
 def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:

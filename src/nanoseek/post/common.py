@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer
 
 from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
-from nanoseek.data.chat_format import add_chat_tokens, write_tokenizer_files
+from nanoseek.data.chat_format import add_chat_tokens, write_chat_tokenizer_files
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.errors import NanoseekError, RunInterrupted
 from nanoseek.model.transformer import Transformer
@@ -124,5 +124,5 @@ class PostRun:
 
     def finish(self, model: Transformer, tokenizer: Tokenizer, summary: dict[str, Any]) -> None:
         save_pretrained(model, self.out)
-        write_tokenizer_files(tokenizer, self.out)
+        write_chat_tokenizer_files(tokenizer, self.out)
         (self.out / f"{self.kind}.json").write_text(json.dumps({**self.settings, **summary}, indent=2) + "\n")

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from nanoseek.config import ModelConfig
+from nanoseek.data.tokenizer import copy_tokenizer_files
 from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
 from nanoseek.train.config import TrainConfig
 
@@ -219,7 +220,5 @@ def export_checkpoint(path: Path, out: Path, fp8: bool = False) -> list[str]:
         raise CheckpointError(f"checkpoint {path} is damaged or truncated: {first_line(e)}") from None
     set_model_state_dict(model, state["model"])
     written = save_pretrained(model, out, fp8=fp8)
-    tokenizer = path.parent.parent / "tokenizer.json"
-    if tokenizer.exists():
-        shutil.copy(tokenizer, out / "tokenizer.json")
+    copy_tokenizer_files(path.parent.parent, out)
     return written

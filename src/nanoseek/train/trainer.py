@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from nanoseek.config import ModelConfig
 from nanoseek.data.dataset import TokenDataset
-from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer
+from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer, write_tokenizer_files
 from nanoseek.errors import NanoseekError, RunInterrupted, first_line
 from nanoseek.flops import model_stats
 from nanoseek.memory import check_training_fits
@@ -131,7 +131,7 @@ def _prepare_everywhere(spec: RunSpec, par: Parallelism) -> tuple[RunSpec, Any, 
             spec, tokenizer, dataset, resume_from = _prepare(spec)
             spec.out.mkdir(parents=True, exist_ok=True)
             if resume_from is None:
-                tokenizer.save(str(spec.out / "tokenizer.json"))
+                write_tokenizer_files(tokenizer, spec.out)
                 spec.model.save_json(spec.out / "config.json")
             payload = [(spec, tokenizer.to_str(), resume_from)]
         except NanoseekError as e:
