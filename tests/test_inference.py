@@ -252,3 +252,29 @@ def test_admission_reserves_blocks_for_the_chunk_it_gets():
     step = scheduler.schedule(1)
     assert step.prefill == [(short, 14), (long, 2)]
     assert len(short.blocks) == 4 and len(long.blocks) == 1
+
+
+@pytest.mark.parametrize("config", [EngineConfig(), EngineConfig(block_size=4, token_budget=8),
+                                    EngineConfig(block_size=4, cache_memory=9 * BLOCK_BYTES, max_seqs=3)],
+                         ids=["whole", "chunked", "preempting"])
+def test_prompt_logprobs_are_the_models(config):
+    """Every prompt token after the first, scored given those before it (the model's full forward), with its most
+    likely alternatives: whole, chunked, or recomputed after preemption; a cached prefix is not used for it, and
+    max_new_tokens 0 scores without generating."""
+    model = _model()
+    engine = Engine(model, config=config)
+    prompt = list(range(1, 23))
+    engine.generate([prompt], SamplingParams(max_new_tokens=4))  # its blocks are now in the prefix cache
+    prompts = [prompt, list(range(30, 50)), [5, 6, 7]]
+    params = [SamplingParams(max_new_tokens=n, prompt_logprobs=2, logprobs=1) for n in (0, 12, 12)]
+    results = engine.generate(prompts, params)
+    with torch.no_grad():
+        for tokens, result in zip(prompts, results):
+            reference = model(torch.tensor([tokens]))[0].log_softmax(-1)
+            assert [e.token for e in result.prompt_logprobs] == tokens[1:] and result.cached_tokens == 0
+            for i, entry in enumerate(result.prompt_logprobs):
+                assert entry.logprob == pytest.approx(reference[i, tokens[i + 1]].item(), abs=1e-5)
+                assert [t for t, _ in entry.top] == reference[i].topk(2).indices.tolist()
+    assert results[0].token_ids == [] and results[0].finish_reason == "length"
+    assert [len(r.token_ids) for r in results[1:]] == [12, 12]
+    assert (engine.scheduler.preemptions > 0) == (config.cache_memory is not None)

@@ -150,12 +150,14 @@ class Engine:
         seq.draft, seq.draft_probs = result.draft, result.draft_probs
         self._register_blocks(seq)
         params, added = seq.params, 0
+        first_scored = len(seq.prompt_logprobs) + 1
+        seq.prompt_logprobs += [_logprob_entry(seq.prompt[first_scored + j], row, params.prompt_logprobs or 0)
+                                for j, row in enumerate(result.prompt_logprobs)]
         for token, logprob in zip(result.tokens, result.logprobs):
-            entry = None
-            if params.logprobs is not None:
-                half, k = (len(logprob) - 1) // 2, params.logprobs
-                top = [(int(i), v) for i, v in zip(logprob[1: 1 + half][:k], logprob[1 + half:][:k])]
-                entry = TokenLogprob(token, logprob[0], top)
+            if len(seq.output) >= params.max_new_tokens:  # max_new_tokens 0: the prompt was only scored
+                seq.finish_reason = "length"
+                break
+            entry = None if params.logprobs is None else _logprob_entry(token, logprob, params.logprobs)
             if token in params.stop_token_ids:
                 seq.finish_reason, seq.stop_logprob = "stop", entry
                 break
@@ -220,3 +222,9 @@ class Engine:
                 if on_token is not None and seq in index:
                     on_token(index[seq], seq.new_text, seq.finish_reason is not None)
         return [seq.completion() for seq in seqs]
+
+
+def _logprob_entry(token: int, row: list[float], k: int) -> TokenLogprob:
+    """A runner row [chosen logprob, top ids..., top logprobs...] → the token's entry with its k most likely."""
+    half = (len(row) - 1) // 2
+    return TokenLogprob(token, row[0], [(int(i), v) for i, v in zip(row[1: 1 + half][:k], row[1 + half:][:k])])

@@ -24,16 +24,20 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k ≥ 0: the chosen token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (an evaluation's scores)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
+            raise ValueError(f"max_new_tokens must be at least 1 (0 only to score the prompt), got "
+                             f"{self.max_new_tokens}")
         if self.temperature < 0 or (self.top_p is not None and not 0 < self.top_p <= 1):
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {value}")
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Completion:
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     stop_logprob: TokenLogprob | None = None  # the stop token that ended it (not in token_ids), if logprobs asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1, 2, ... given those before, if asked
 
 
 _ids = itertools.count()
@@ -81,6 +86,7 @@ class Sequence:
     aborted: bool = False
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # entry j: prompt token j + 1
     new_text: str = ""  # text produced by the last step, for streaming
 
     def __post_init__(self) -> None:
@@ -102,4 +108,5 @@ class Sequence:
     def completion(self) -> Completion:
         return Completion(list(self.output), self.detokenizer.text, self.finish_reason, len(self.prompt),
                           self.cached_tokens, list(self.logprobs) if self.params.logprobs is not None else None,
-                          self.stop_logprob)
+                          self.stop_logprob,
+                          list(self.prompt_logprobs) if self.params.prompt_logprobs is not None else None)

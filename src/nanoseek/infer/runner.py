@@ -4,7 +4,7 @@ transfer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ class SeqResult:
     logprobs: list[list[float]]  # per token: [chosen, top ids..., top logprobs...] (empty rows when not asked)
     draft: int | None = None
     draft_probs: torch.Tensor | None = None
+    prompt_logprobs: list[list[float]] = field(default_factory=list)  # the same rows for the next prompt tokens
 
 
 class ModelRunner:
@@ -103,11 +104,33 @@ class ModelRunner:
                    if s.params.logprobs is not None), default=None)
         if top is not None:
             parts.append(token_logprobs(logits, sampled, top).flatten())
+        scored = self._scored_prompt_rows(step, batch)
+        prompt_top = max((seq.params.prompt_logprobs for seq, _ in scored), default=0)
+        if scored:
+            rows = torch.tensor([r for _, seq_rows in scored for r, _ in seq_rows], device=self.device)
+            targets = torch.tensor([t for _, seq_rows in scored for _, t in seq_rows], device=self.device)
+            parts.append(token_logprobs(self.model.logits(hidden[rows]), targets, prompt_top).flatten())
         drafted = self._draft(step, batch, ids, hidden, accepted, sampled, finals) if self.speculate else None
         if drafted is not None:
             parts.append(drafted[0].float())
         host = torch.cat(parts).tolist()  # the step's one device → host transfer
-        return self._unpack(step, host, finals, top, drafted)
+        return self._unpack(step, host, finals, top, drafted, scored, prompt_top)
+
+    @staticmethod
+    def _scored_prompt_rows(step: Step, batch: PagedBatch) -> list[tuple[Sequence, list[tuple[int, int]]]]:
+        """For each prefilled sequence whose prompt is to be scored: (row in the flat batch, next prompt token) of
+        every chunk position whose next token is a prompt token not scored yet (a preempted sequence recomputes
+        positions it already scored)."""
+        scored = []
+        for (seq, length), chunk in zip(step.prefill, batch.prefills):
+            if seq.params.prompt_logprobs is None:
+                continue
+            first = max(seq.computed, len(seq.prompt_logprobs))
+            last = min(seq.computed + length, len(seq.prompt) - 1)
+            rows = [(chunk.start + p - seq.computed, seq.prompt[p + 1]) for p in range(first, last)]
+            if rows:
+                scored.append((seq, rows))
+        return scored
 
     def _draft(self, step: Step, batch: PagedBatch, ids: torch.Tensor, hidden: torch.Tensor,
                accepted: torch.Tensor | None, sampled: torch.Tensor,
@@ -136,7 +159,8 @@ class ModelRunner:
         return sample(draft_logits, self._settings(seqs), stream=3)
 
     def _unpack(self, step: Step, host: list[float], finals: list[tuple[Sequence, PrefillChunk]], top: int | None,
-                drafted: tuple[torch.Tensor, torch.Tensor | None] | None) -> dict[Sequence, SeqResult]:
+                drafted: tuple[torch.Tensor, torch.Tensor | None] | None,
+                scored: list[tuple[Sequence, list[tuple[int, int]]]], prompt_top: int) -> dict[Sequence, SeqResult]:
         width = 2 if self.speculate else 1
         n_dec = len(step.decode)
         at = 0
@@ -147,6 +171,11 @@ class ModelRunner:
         stride = 1 + 2 * top if top is not None else 0
         logprobs = [host[at + i * stride: at + (i + 1) * stride] for i in range(len(tokens))]
         at += stride * len(tokens)
+        prompt_rows: dict[Sequence, list[list[float]]] = {}
+        for seq, rows in scored:
+            prompt_rows[seq] = [host[at + i * (1 + 2 * prompt_top): at + (i + 1) * (1 + 2 * prompt_top)]
+                                for i in range(len(rows))]
+            at += len(rows) * (1 + 2 * prompt_top)
         drafts = [int(t) for t in host[at:]]
         results: dict[Sequence, SeqResult] = {}
         for i, seq in enumerate(step.decode):
@@ -157,6 +186,7 @@ class ModelRunner:
             results[seq] = SeqResult([tokens[n_dec * width + j]], 0, [logprobs[n_dec * width + j]])
         for seq, length in step.prefill:
             results.setdefault(seq, SeqResult([], 0, [])).computed = length
+            results[seq].prompt_logprobs = prompt_rows.get(seq, [])
         if drafted is not None:
             for k, seq in enumerate(step.decode + [seq for seq, _ in finals]):
                 results[seq].draft = drafts[k]

@@ -65,7 +65,8 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> bool:
         """Find its cached prefix and room for its first chunk (what is left of the step's token budget), or leave
         it waiting (holding nothing)."""
-        cached = self.blocks.match_prefix(seq.tokens)
+        # a prompt to be scored is computed whole: a cached block has no logits to give
+        cached = self.blocks.match_prefix(seq.tokens) if seq.params.prompt_logprobs is None else []
         seq.blocks, seq.computed = cached, len(cached) * self.blocks.block_size
         seq.hashed_blocks = len(cached)
         seq.block_hashes = [self.blocks.hash_of[b] for b in cached]
