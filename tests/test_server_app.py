@@ -4,17 +4,20 @@ finish at their first step, a step that fails, the chat API's defaults, and sand
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 import nanoseek
 from helpers import micro_model_dir
 from nanoseek.infer.chat import ChatTemplate
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
-from nanoseek.infer.server import EngineLoop, create_app
+from nanoseek.infer.engine_loop import EngineLoop
+from nanoseek.infer.server import create_app
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "ignore_eos": True}
 
@@ -55,7 +58,7 @@ def test_a_sequence_finished_by_its_first_step_is_delivered(model_dir, monkeypat
     monkeypatch.setattr(engine, "add", add_then_let_a_step_finish_it)
 
     async def first_result() -> str:
-        job = loop_runner.submit([1, 2, 3], SamplingParams(max_new_tokens=1), 1, asyncio.get_running_loop())
+        job = loop_runner.submit([[1, 2, 3]], SamplingParams(max_new_tokens=1), 1, asyncio.get_running_loop())
         while (event := await asyncio.wait_for(job.events.get(), timeout=10))[0] != "done":
             pass
         return event[2].finish_reason
@@ -107,8 +110,68 @@ def test_chat_replies_may_fill_the_context_and_take_max_completion_tokens(app, c
     "{% set _ = messages.append(messages[0]) %}{{ messages | length }}",  # mutating what it was given
 ])
 def test_chat_templates_render_sandboxed(tmp_path, template):
-    import json
-
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     with pytest.raises(ValueError, match="cannot render"):
         ChatTemplate(tmp_path).render([{"role": "user", "content": "hi"}])
+
+
+def test_echo_scores_the_prompt_with_the_models_logprobs(app, client):
+    """lm-evaluation-harness's request: token-id prompts in a batch, echo, logprobs 1, max_tokens 0 or 1. Each
+    prompt token after the first gets the model's logprob given those before it; the first gets null."""
+    model = app.state.engine.model
+    prompts = [[5, 17, 42, 8, 99, 3], [7, 7, 7, 250]]
+    body = {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+    out = client.post("/v1/completions", json=body).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert out["usage"] == {"prompt_tokens": 10, "completion_tokens": 0, "total_tokens": 10,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
+    with torch.no_grad():
+        for tokens, choice in zip(prompts, out["choices"]):
+            reference = model(torch.tensor([tokens]))[0].log_softmax(-1)
+            logprobs = choice["logprobs"]
+            assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+            assert logprobs["token_logprobs"][1:] == pytest.approx(
+                [reference[i, t].item() for i, t in enumerate(tokens[1:])], abs=1e-5)
+            assert [max(top.values()) for top in logprobs["top_logprobs"][1:]] == pytest.approx(
+                reference[:-1].max(-1).values.tolist(), abs=1e-5)
+            assert choice["text"] == "".join(logprobs["tokens"]) and logprobs["text_offset"][0] == 0
+    one = client.post("/v1/completions", json={**body, "max_tokens": 1, "prompt": prompts[0]}).json()["choices"][0]
+    assert len(one["logprobs"]["token_logprobs"]) == len(prompts[0]) + 1  # the prompt, then the generated token
+
+
+def test_tokenizer_endpoints_round_trip(client):
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<｜end▁of▁sentence｜>" and info["model_max_length"] == 128
+    tokens = client.post("/tokenize", json={"prompt": "hello there", "add_special_tokens": False}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+    assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "hello there"}
+    assert client.post("/detokenize", json={"tokens": [10 ** 6]}).status_code == 400
+
+
+@pytest.mark.parametrize("field", ["tools", "response_format", "suffix", "functions"])
+def test_fields_that_do_not_work_are_refused(client, field):
+    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", CHAT)):
+        response = client.post(path, json={**body, field: {"type": "json_object"}})
+        assert response.status_code == 400 and response.json()["error"]["param"] == field
+
+
+def test_stream_options_include_usage_and_text_parts(client):
+    body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"},
+                                                              {"type": "text", "text": "there"}]}],
+            "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
+    plain = client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user",
+                                                                            "content": "hello\nthere"}],
+                                                      "max_tokens": 3}).json()
+    assert plain["usage"]["prompt_tokens"] == events[-1]["usage"]["prompt_tokens"]
+
+
+def test_best_of_returns_the_most_likely_candidates(client):
+    body = {"prompt": "hello", "max_tokens": 5, "temperature": 1.0, "seed": 3, "ignore_eos": True, "logprobs": 0}
+    candidates = client.post("/v1/completions", json={**body, "n": 4}).json()["choices"]
+    chosen = client.post("/v1/completions", json={**body, "n": 2, "best_of": 4}).json()["choices"]
+    ranked = sorted(candidates, key=lambda c: -sum(c["logprobs"]["token_logprobs"]))
+    assert [c["text"] for c in chosen] == [c["text"] for c in ranked[:2]]
+    assert [c["index"] for c in chosen] == [0, 1]

@@ -27,7 +27,8 @@ class ChatTemplate:
             self.template = named.get("default")
         if self.template is not None and not isinstance(self.template, str):
             raise ValueError(f"{config}: 'chat_template' must be a string")
-        self.special = {k: v for k, v in raw.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
+        self.special = {k: v for k, v in raw.items() if k in ("bos_token", "eos_token", "pad_token")
+                        and isinstance(v, str)}
         self._compiled = None
         if self.template:
             import jinja2
@@ -59,10 +60,22 @@ class ChatTemplate:
 
 
 def check_messages(messages: object) -> list[dict[str, str]]:
-    """→ the messages, or ValueError naming what is wrong."""
+    """→ the messages with string contents (a content given as a list of text parts is joined by newlines, as
+    vLLM does), or ValueError naming what is wrong."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
+    checked = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': string}}")
-    return messages
+        if not isinstance(m, dict) or m.get("role") not in ROLES or set(m) - {"role", "content", "name"}:
+            raise ValueError(f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': string or "
+                             "text parts}")
+        content = m.get("content")
+        if isinstance(content, list) and content and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) and len(p) == 2
+                for p in content):
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of {{'type': 'text', 'text': "
+                             "string}} parts (this server takes text only)")
+        checked.append({"role": m["role"], "content": content})
+    return checked

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,11 @@ from starlette.requests import Request
 from nanoseek.infer.request import MAX_TOP_LOGPROBS, Completion, SamplingParams, TokenLogprob
 
 MAX_CHOICES = 16
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (evaluation harnesses send batches)
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop",
+                   "seed", "logprobs", "ignore_eos", "user"}
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "best_of"}
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 
 
 class APIError(Exception):
@@ -63,6 +69,35 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     return body
 
 
+def check_fields(body: dict[str, Any], supported: set[str]) -> None:
+    """Every field either works or is refused: a 400 naming the first one this server does not implement (tools,
+    response_format, suffix, ...), never a 200 that silently ignores it."""
+    for name in body:
+        if name not in supported:
+            raise APIError(400, f"'{name}' is not supported by this server", name)
+
+
+def flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be a boolean", name)
+    return value
+
+
+def include_usage(body: dict[str, Any], stream: bool) -> bool:
+    """stream_options.include_usage: a last chunk with the usage (and no choices) before [DONE]."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise APIError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise APIError(400, "'stream_options' must be {\"include_usage\": boolean}", "stream_options")
+    return flag(options, "include_usage")
+
+
 def number(body: dict[str, Any], name: str, default: Any, kind: type, low: float, high: float) -> Any:
     value = body.get(name, default)
     if value is None:
@@ -75,10 +110,10 @@ def number(body: dict[str, Any], name: str, default: Any, kind: type, low: float
 
 
 def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_tokens: tuple[int, ...],
-                    extra_stops: tuple[str, ...], logprobs: int | None) -> SamplingParams:
-    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: a fixed output length, for benchmarks
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, "'ignore_eos' must be a boolean", "ignore_eos")
+                    extra_stops: tuple[str, ...], logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """prompt_logprobs: the prompt is to be scored (echo), and then max_tokens may be 0."""
+    ignore_eos = flag(body, "ignore_eos")  # vLLM's extension: a fixed output length, for benchmarks
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -86,16 +121,21 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_tokens: 
     # max_completion_tokens is the chat API's current name; max_tokens its deprecated one
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return SamplingParams(
-        max_new_tokens=number(body, limit, default_max_tokens, int, 1, 1 << 20),
+        max_new_tokens=number(body, limit, default_max_tokens, int, 0 if prompt_logprobs is not None else 1, 1 << 20),
         temperature=number(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=number(body, "top_p", 1.0, float, 1e-9, 1.0), top_k=number(body, "top_k", 0, int, 0, 1 << 30) or None,
         seed=number(body, "seed", None, int, -(1 << 63), (1 << 64) - 1),
         stop_token_ids=() if ignore_eos else stop_tokens,
-        stop_strings=tuple(stop) + extra_stops, logprobs=logprobs)
+        stop_strings=tuple(stop) + extra_stops, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-def choices(body: dict[str, Any]) -> int:
-    return number(body, "n", 1, int, 1, MAX_CHOICES)
+def choices(body: dict[str, Any]) -> tuple[int, int]:
+    """(n, best_of): best_of sequences are generated per prompt and the n most likely returned."""
+    n = number(body, "n", 1, int, 1, MAX_CHOICES)
+    best_of = number(body, "best_of", n, int, 1, MAX_CHOICES)
+    if best_of < n:
+        raise APIError(400, f"'best_of' ({best_of}) must be at least 'n' ({n})", "best_of")
+    return n, best_of
 
 
 def completion_logprobs_field(body: dict[str, Any]) -> int | None:
@@ -112,22 +152,42 @@ def chat_logprobs_field(body: dict[str, Any]) -> int | None:
     return top if wanted else None
 
 
-def prompt_ids(body: dict[str, Any], encode: Callable[[str], list[int]]) -> list[int]:
-    """/v1/completions' prompt: a string or a list of token ids (or a one-element list of either)."""
+def token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in value)
+
+
+def prompts(body: dict[str, Any], encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """/v1/completions' prompt: a string, a list of token ids, or a batch (a list of either) → token ids per
+    prompt."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str) and prompt:
-        return encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    raise APIError(400, "'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
+    if (isinstance(prompt, str) and prompt) or token_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not 1 <= len(prompt) <= MAX_PROMPTS or not all(
+            (isinstance(p, str) and p) or token_ids(p) for p in prompt):
+        raise APIError(400, "'prompt' must be a non-empty string, a non-empty list of token ids, or a list of up "
+                            f"to {MAX_PROMPTS} of either", "prompt")
+    return [encode(p) if isinstance(p, str) else p for p in prompt]
 
 
-def completion_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
-    return {"tokens": [token_text(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
-            "text_offset": []}
+def best(candidates: list[Completion], n: int) -> list[Completion]:
+    """The n candidates of one prompt with the highest total logprob (all of them, in order, when there are n)."""
+    if len(candidates) == n:
+        return candidates
+    return sorted(candidates, key=lambda c: -sum(e.logprob for e in c.logprobs or []))[:n]
+
+
+def completion_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str],
+                        echoed: tuple[int, list[TokenLogprob]] | None = None) -> dict[str, Any]:
+    """The legacy completions format; `echoed`: (the first prompt token, the scored others) go first, the first
+    with null logprobs. text_offset: where each token's text starts in the choice's text."""
+    rows = [] if echoed is None else [(echoed[0], None, None)] + [(e.token, e.logprob, e.top) for e in echoed[1]]
+    rows += [(e.token, e.logprob, e.top) for e in entries]
+    texts = [token_text(token) for token, _, _ in rows]
+    offsets = list(accumulate((len(t) for t in texts[:-1]), initial=0)) if texts else []
+    return {"tokens": texts, "token_logprobs": [logprob for _, logprob, _ in rows],
+            "top_logprobs": [None if top is None else {token_text(t): lp for t, lp in top} for _, _, top in rows],
+            "text_offset": offsets}
 
 
 def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
@@ -139,11 +199,12 @@ def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str])
                         for e in entries]}
 
 
-def usage(completions: list[Completion]) -> dict[str, Any]:
-    prompt = completions[0].prompt_tokens
+def usage(completions: list[Completion], n: int = 1) -> dict[str, Any]:
+    """completions: n per prompt, in order (each prompt's tokens are counted once)."""
+    prompt = sum(c.prompt_tokens for c in completions[::n])
     generated = sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-            "prompt_tokens_details": {"cached_tokens": completions[0].cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in completions[::n])}}
 
 
 _METRICS = [  # (name, type, help, stats key)

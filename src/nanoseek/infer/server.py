@@ -16,8 +16,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,100 +29,9 @@ from nanoseek.data.tokenizer import check_vocab, end_token_ids, load_tokenizer
 from nanoseek.infer import protocol
 from nanoseek.infer.chat import ChatTemplate, check_messages
 from nanoseek.infer.engine import Engine, EngineConfig
+from nanoseek.infer.engine_loop import EngineLoop, Job
 from nanoseek.infer.protocol import APIError, ServerLimits
-from nanoseek.infer.request import Completion, SamplingParams, Sequence
-
-
-@dataclass(eq=False)
-class Job:
-    """A request's sequences (n of them) and the queue their events reach the request handler by."""
-
-    seqs: list[Sequence]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-    def push(self, item: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-
-    def abort(self) -> None:
-        for seq in self.seqs:
-            Engine.abort(seq)
-
-
-class EngineLoop:
-    """The one thread that runs the model: steps while there is work, sleeps otherwise. `lock` orders a request's
-    registration before any report of its sequences: a sequence that its first step finishes (max_tokens 1, an end
-    token first) is still delivered."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.jobs: dict[Sequence, tuple[Job, int]] = {}
-        self.sent_logprobs: dict[Sequence, int] = {}
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.draining = False
-        threading.Thread(target=self._run, daemon=True, name="nanoseek-engine").start()
-
-    def submit(self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop) -> Job:
-        with self.lock:
-            first = self.engine.add(prompt, params)
-            # the other choices wait for the first one's prefill, then find its prompt blocks in the prefix cache; a
-            # seeded request's choice i samples with seed + i: reproducible, and not n copies of one sample
-            seeds = [None if params.seed is None else params.seed + i for i in range(1, n)]
-            seqs = [first] + [self.engine.add(prompt, replace(params, seed=seed), after=first) for seed in seeds]
-            job = Job(seqs, loop)
-            for index, seq in enumerate(seqs):
-                self.jobs[seq] = (job, index)
-        self.wake.set()
-        return job
-
-    def wait_idle(self, seconds: float) -> bool:
-        """Wait up to `seconds` for every job to finish (any thread) → whether they did."""
-        deadline = time.monotonic() + seconds
-        while self.jobs and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return not self.jobs
-
-    def abort_all(self) -> None:
-        with self.lock:
-            jobs = {job for job, _ in self.jobs.values()}
-        for job in jobs:
-            job.abort()
-
-    def _run(self) -> None:
-        while True:
-            if not self.engine.has_work():
-                self.wake.wait(timeout=0.5)
-                self.wake.clear()
-                continue
-            try:
-                changed = self.engine.step()
-            except Exception as e:  # a failed step must not kill the server: every client is told, and forgotten
-                with self.lock:
-                    failed = {job for job, _ in self.jobs.values()}
-                    self.jobs.clear()
-                    self.sent_logprobs.clear()
-                for job in failed:
-                    job.push(("error", 0, f"generation failed: {e}"))
-                    job.abort()  # the next step releases their sequences
-                continue
-            with self.lock:
-                for seq in changed:
-                    self._notify(seq)
-
-    def _notify(self, seq: Sequence) -> None:
-        job, index = self.jobs.get(seq, (None, 0))
-        if job is None:
-            return
-        sent = self.sent_logprobs.get(seq, 0)
-        new_logprobs, self.sent_logprobs[seq] = seq.logprobs[sent:], len(seq.logprobs)
-        if seq.new_text or new_logprobs:
-            job.push(("delta", index, (seq.new_text, new_logprobs)))
-            seq.new_text = ""
-        if seq.finish_reason is not None:
-            job.push(("done", index, seq.completion()))
-            del self.jobs[seq]
-            self.sent_logprobs.pop(seq, None)
+from nanoseek.infer.request import Completion, SamplingParams
 
 
 def create_app(model_dir: str | Path, api_key: str | None = None, config: EngineConfig | None = None,
@@ -178,12 +86,12 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
                            "model", "model_not_found")
         return body
 
-    def start(prompt: list[int], params: SamplingParams, n: int) -> Job:
-        if engine.waiting + n > limits.max_waiting:
+    def start(prompts: list[list[int]], params: SamplingParams, n: int) -> Job:
+        if engine.waiting + n * len(prompts) > limits.max_waiting:
             raise APIError(429, f"the server is at capacity ({engine.waiting} sequences waiting); retry later",
                            kind="rate_limit_error", headers={"Retry-After": "1"})
         try:
-            return runner.submit(prompt, params, n, asyncio.get_running_loop())
+            return runner.submit(prompts, params, n, asyncio.get_running_loop())
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
@@ -211,17 +119,24 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
             if watcher is not None:
                 watcher.cancel()
 
-    async def respond(job: Job, request: Request, stream: bool, chunk: Any) -> Any:
-        """SSE of chunk(index, delta text, logprobs, finish_reason) dicts, or the finished completions."""
+    async def respond(job: Job, request: Request, stream: bool, chunk: Any,
+                      usage_chunk: Callable[[list[Completion]], dict[str, Any]] | None = None) -> Any:
+        """SSE of chunk(index, delta text, logprobs, finish_reason) dicts (and usage_chunk(the completions) last,
+        if given), or the finished completions."""
         if stream:
             async def sse() -> AsyncIterator[str]:
+                finished: dict[int, Completion] = {}
                 try:
                     async for kind, index, value in events(job, request, True):
                         if kind == "delta":
                             data = chunk(index, value[0], value[1], None)
                         else:
+                            finished[index] = value
                             data = chunk(index, "", [], value.finish_reason)
                         yield f"data: {json.dumps(data)}\n\n"
+                    if usage_chunk is not None:
+                        usage_data = usage_chunk([finished[i] for i in sorted(finished)])
+                        yield f"data: {json.dumps(usage_data)}\n\n"
                     yield "data: [DONE]\n\n"
                 except APIError as e:
                     yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
@@ -250,33 +165,80 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "nanoseek"}]}
+                                            "owned_by": "nanoseek", "max_model_len": engine.max_len}]}
+
+    end = tokenizer.id_to_token(stop_tokens[0]) if stop_tokens else None  # for a directory without a config
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """vLLM's endpoint, which lm-evaluation-harness probes to tokenize through the server."""
+        return {"bos_token": end, "eos_token": end, "pad_token": end, **template.special,
+                "chat_template": template.template, "model_max_length": engine.max_len,
+                "tokenizer_class": "PreTrainedTokenizerFast"}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await read_body(request)
+        protocol.check_fields(body, {"model", "prompt", "add_special_tokens"})
+        protocol.flag(body, "add_special_tokens")  # the tokenizer adds none either way
+        if not isinstance(body.get("prompt"), str):
+            raise APIError(400, "'prompt' must be a string", "prompt")
+        tokens = encode(body["prompt"])
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await read_body(request)
+        protocol.check_fields(body, {"model", "tokens"})
+        tokens = body.get("tokens")
+        if not (tokens == [] or protocol.token_ids(tokens)) or not all(0 <= t < tokenizer.get_vocab_size()
+                                                                       for t in tokens):
+            raise APIError(400, "'tokens' must be a list of token ids of the vocabulary", "tokens")
+        return {"prompt": tokenizer.decode(tokens)}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = await read_body(request)
-        prompt = protocol.prompt_ids(body, encode)
+        protocol.check_fields(body, protocol.COMPLETION_FIELDS)
+        prompts = protocol.prompts(body, encode)
+        echo, stream = protocol.flag(body, "echo"), protocol.flag(body, "stream")
+        usage_last = protocol.include_usage(body, stream)
+        n, best_of = protocol.choices(body)
+        if stream and (echo or best_of > n):
+            raise APIError(400, "'echo' and 'best_of' > 'n' are not supported with 'stream'", "stream")
         top = protocol.completion_logprobs_field(body)
-        params = protocol.sampling_params(body, 16, stop_tokens, (), top)
-        job = start(prompt, params, protocol.choices(body))
+        # best_of ranks its candidates by their logprob, which is computed even when it is not returned
+        params = protocol.sampling_params(body, 16, stop_tokens, (), 0 if top is None and best_of > n else top,
+                                          prompt_logprobs=(top or 0) if echo else None)
+        job = start(prompts, params, best_of)
         cid = f"cmpl-{uuid.uuid4().hex}"
 
-        def choice(index: int, text: str, logprobs: list, finish: str | None) -> dict[str, Any]:
-            lp = protocol.completion_logprobs(logprobs, token_text) if top is not None else None
+        def choice(index: int, text: str, logprobs: list, finish: str | None,
+                   echoed: Completion | None = None) -> dict[str, Any]:
+            prompt = prompts[index // n] if echoed is not None else None
+            lp = None if top is None else protocol.completion_logprobs(
+                logprobs, token_text, None if prompt is None else (prompt[0], echoed.prompt_logprobs or []))
+            text = text if prompt is None else tokenizer.decode(prompt) + text
             return {"index": index, "text": text, "finish_reason": finish, "logprobs": lp}
 
         def chunk(index: int, text: str, logprobs: list, finish: str | None) -> dict[str, Any]:
             return {**envelope("text_completion", cid), "choices": [choice(index, text, logprobs, finish)]}
 
-        result = await respond(job, request, bool(body.get("stream")), chunk)
+        def usage_chunk(done: list[Completion]) -> dict[str, Any]:
+            return {**envelope("text_completion", cid), "choices": [], "usage": protocol.usage(done, n)}
+
+        result = await respond(job, request, stream, chunk, usage_chunk if usage_last else None)
         if isinstance(result, StreamingResponse):
             return result
-        return {**envelope("text_completion", cid), "usage": protocol.usage(result),
-                "choices": [choice(i, c.text, c.logprobs or [], c.finish_reason) for i, c in enumerate(result)]}
+        returned = [c for p in range(len(prompts)) for c in protocol.best(result[p * best_of: (p + 1) * best_of], n)]
+        return {**envelope("text_completion", cid), "usage": protocol.usage(returned, n),
+                "choices": [choice(i, c.text, c.logprobs or [], c.finish_reason, c if echo else None)
+                            for i, c in enumerate(returned)]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = await read_body(request)
+        protocol.check_fields(body, protocol.CHAT_FIELDS)
         try:
             messages = check_messages(body.get("messages"))
         except ValueError as e:
@@ -289,7 +251,9 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         # as OpenAI's chat API: without a limit, the reply may fill the rest of the context
         params = protocol.sampling_params(body, max(1, engine.max_len - len(prompt)), stop_tokens,
                                           template.stop_strings, top)
-        job = start(prompt, params, protocol.choices(body))
+        stream = protocol.flag(body, "stream")
+        usage_last = protocol.include_usage(body, stream)
+        job = start([prompt], params, protocol.choices(body)[0])
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         first = set()
 
@@ -302,10 +266,13 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
             return {**envelope("chat.completion.chunk", cid),
                     "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
-        result = await respond(job, request, bool(body.get("stream")), chunk)
+        def usage_chunk(done: list[Completion]) -> dict[str, Any]:
+            return {**envelope("chat.completion.chunk", cid), "choices": [], "usage": protocol.usage(done, len(done))}
+
+        result = await respond(job, request, stream, chunk, usage_chunk if usage_last else None)
         if isinstance(result, StreamingResponse):
             return result
-        return {**envelope("chat.completion", cid), "usage": protocol.usage(result),
+        return {**envelope("chat.completion", cid), "usage": protocol.usage(result, len(result)),
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text.strip()},
                              "logprobs": protocol.chat_logprobs(c.logprobs, token_text) if top is not None else None,
                              "finish_reason": c.finish_reason} for i, c in enumerate(result)]}

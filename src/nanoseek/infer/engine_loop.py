@@ -1,0 +1,110 @@
+"""The server's engine thread: the one thread that steps the engine, and the jobs (a request's sequences) whose
+events it hands to the request handlers' event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.request import SamplingParams, Sequence
+
+
+@dataclass(eq=False)
+class Job:
+    """A request's sequences (n of them) and the queue their events reach the request handler by."""
+
+    seqs: list[Sequence]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def push(self, item: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    def abort(self) -> None:
+        for seq in self.seqs:
+            Engine.abort(seq)
+
+
+class EngineLoop:
+    """The one thread that runs the model: steps while there is work, sleeps otherwise. `lock` orders a request's
+    registration before any report of its sequences: a sequence that its first step finishes (max_tokens 1, an end
+    token first) is still delivered."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.jobs: dict[Sequence, tuple[Job, int]] = {}
+        self.sent_logprobs: dict[Sequence, int] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.draining = False
+        threading.Thread(target=self._run, daemon=True, name="nanoseek-engine").start()
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int,
+               loop: asyncio.AbstractEventLoop) -> Job:
+        """n sequences per prompt; the job's sequence prompt_index · n + i is choice i of that prompt."""
+        for prompt in prompts:  # every prompt is checked before any is queued
+            self.engine.check(prompt, params)
+        # a prompt's other choices wait for the first one's prefill, then find its prompt blocks in the prefix cache;
+        # a seeded request's choice i samples with seed + i: reproducible, and not n copies of one sample
+        seeds = [None if params.seed is None else params.seed + i for i in range(1, n)]
+        seqs = []
+        with self.lock:
+            for prompt in prompts:
+                first = self.engine.add(prompt, params)
+                seqs += [first] + [self.engine.add(prompt, replace(params, seed=seed), after=first) for seed in seeds]
+            job = Job(seqs, loop)
+            for index, seq in enumerate(seqs):
+                self.jobs[seq] = (job, index)
+        self.wake.set()
+        return job
+
+    def wait_idle(self, seconds: float) -> bool:
+        """Wait up to `seconds` for every job to finish (any thread) → whether they did."""
+        deadline = time.monotonic() + seconds
+        while self.jobs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.jobs
+
+    def abort_all(self) -> None:
+        with self.lock:
+            jobs = {job for job, _ in self.jobs.values()}
+        for job in jobs:
+            job.abort()
+
+    def _run(self) -> None:
+        while True:
+            if not self.engine.has_work():
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()
+                continue
+            try:
+                changed = self.engine.step()
+            except Exception as e:  # a failed step must not kill the server: every client is told, and forgotten
+                with self.lock:
+                    failed = {job for job, _ in self.jobs.values()}
+                    self.jobs.clear()
+                    self.sent_logprobs.clear()
+                for job in failed:
+                    job.push(("error", 0, f"generation failed: {e}"))
+                    job.abort()  # the next step releases their sequences
+                continue
+            with self.lock:
+                for seq in changed:
+                    self._notify(seq)
+
+    def _notify(self, seq: Sequence) -> None:
+        job, index = self.jobs.get(seq, (None, 0))
+        if job is None:
+            return
+        sent = self.sent_logprobs.get(seq, 0)
+        new_logprobs, self.sent_logprobs[seq] = seq.logprobs[sent:], len(seq.logprobs)
+        if seq.new_text or new_logprobs:
+            job.push(("delta", index, (seq.new_text, new_logprobs)))
+            seq.new_text = ""
+        if seq.finish_reason is not None:
+            job.push(("done", index, seq.completion()))
+            del self.jobs[seq]
+            self.sent_logprobs.pop(seq, None)
