@@ -30,10 +30,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+def _start(model_dir, *flags: str, api_key: str | None = API_KEY) -> tuple[subprocess.Popen, str]:
     port = _free_port()
+    key = ["--api-key", api_key] if api_key else []
     process = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", str(port),
-                                "--api-key", API_KEY, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                *key, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
