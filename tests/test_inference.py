@@ -278,3 +278,47 @@ def test_prompt_logprobs_are_the_models(config):
     assert results[0].token_ids == [] and results[0].finish_reason == "length"
     assert [len(r.token_ids) for r in results[1:]] == [12, 12]
     assert (engine.scheduler.preemptions > 0) == (config.cache_memory is not None)
+
+
+def _shaped_greedy_by_recomputation(model, prompt: list[int], new: int, params: SamplingParams) -> list[int]:
+    """Greedy decoding by full recomputation with the penalties, bias and minimum length written out plainly."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(torch.tensor([ids]))[0, -1].clone()
+            output = ids[len(prompt):]
+            for token in set(output):
+                logits[token] -= params.frequency_penalty * output.count(token) + params.presence_penalty
+            for token in set(ids):
+                r = params.repetition_penalty
+                logits[token] = logits[token] / r if logits[token] > 0 else logits[token] * r
+            for token, bias in params.logit_bias:
+                logits[token] += bias
+            if len(output) < params.min_tokens:
+                logits[list(params.stop_token_ids)] = float("-inf")
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("speculation", [False, True])
+def test_penalties_bias_and_min_tokens_shape_the_logits(speculation):
+    """The engine (batched, chunked, with MTP drafts verified against the shaped logits) picks what plain greedy
+    decoding over the shaped logits picks; a large bias forces its token; min_tokens holds the stop token back."""
+    model = _model()
+    engine = Engine(model, config=EngineConfig(block_size=4, token_budget=8, speculation=speculation))
+    prompt = [5, 6, 7, 5, 6]
+    plain = engine.generate([prompt], SamplingParams(max_new_tokens=12))[0].token_ids
+    cases = [SamplingParams(max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5),
+             SamplingParams(max_new_tokens=12, repetition_penalty=1.8),
+             SamplingParams(max_new_tokens=12, logit_bias=((3, 2.0), (11, -5.0))),
+             SamplingParams(max_new_tokens=12, min_tokens=4, stop_token_ids=(plain[0], plain[1]))]
+    results = engine.generate([prompt] * len(cases), cases)
+    for params, result in zip(cases, results):
+        want = _shaped_greedy_by_recomputation(model, prompt, 12, params)
+        if params.stop_token_ids:
+            want = want[: next((i for i, t in enumerate(want) if t in params.stop_token_ids), len(want))]
+            assert len(want) >= 4
+        assert result.token_ids == want
+    assert results[0].token_ids != plain
+    forced = engine.generate([prompt], SamplingParams(max_new_tokens=6, logit_bias=((42, 100.0),)))[0]
+    assert forced.token_ids == [42] * 6

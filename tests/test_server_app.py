@@ -175,3 +175,17 @@ def test_best_of_returns_the_most_likely_candidates(client):
     ranked = sorted(candidates, key=lambda c: -sum(c["logprobs"]["token_logprobs"]))
     assert [c["text"] for c in chosen] == [c["text"] for c in ranked[:2]]
     assert [c["index"] for c in chosen] == [0, 1]
+
+
+def test_sampling_fields_reach_the_engine(client):
+    """logit_bias forces a token through HTTP; the penalties, min_tokens and repetition_penalty are taken; bad values
+    are a 400 naming the field."""
+    forced = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4, "logit_bias": {"42": 100},
+                                                  "presence_penalty": 0.5, "frequency_penalty": 0.5,
+                                                  "repetition_penalty": 1.2, "min_tokens": 2}).json()
+    assert client.post("/detokenize", json={"tokens": [42] * 4}).json()["prompt"] == forced["choices"][0]["text"]
+    for field, value in (("logit_bias", {"x": 1}), ("logit_bias", {"42": 101}), ("presence_penalty", 3),
+                         ("min_tokens", 9), ("repetition_penalty", 0), ("logit_bias", {"100000": 1})):
+        response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, field: value})
+        assert response.status_code == 400, (field, value)
+        assert field in response.json()["error"]["message"] or response.json()["error"]["param"] == field

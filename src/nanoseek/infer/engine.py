@@ -89,6 +89,8 @@ class Engine:
                              f"latent cache of {self.cache_tokens} tokens")
         if max(prompt) >= self.model.config.vocab_size or min(prompt) < 0:
             raise ValueError("prompt holds token ids outside the vocabulary")
+        if any(not 0 <= token < self.model.config.vocab_size for token, _ in params.logit_bias):
+            raise ValueError("logit_bias names token ids outside the vocabulary")
 
     def add(self, prompt: list[int], params: SamplingParams, after: Sequence | None = None) -> Sequence:
         """Queue a request (from any thread); ValueError if it can never run."""

@@ -18,7 +18,9 @@ from nanoseek.infer.request import MAX_TOP_LOGPROBS, Completion, SamplingParams,
 MAX_CHOICES = 16
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (evaluation harnesses send batches)
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop",
-                   "seed", "logprobs", "ignore_eos", "user"}
+                   "seed", "logprobs", "ignore_eos", "user", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "logit_bias", "min_tokens"}
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "best_of"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 
@@ -120,13 +122,30 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_tokens: 
         raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     # max_completion_tokens is the chat API's current name; max_tokens its deprecated one
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_new_tokens = number(body, limit, default_max_tokens, int, 0 if prompt_logprobs is not None else 1, 1 << 20)
     return SamplingParams(
-        max_new_tokens=number(body, limit, default_max_tokens, int, 0 if prompt_logprobs is not None else 1, 1 << 20),
+        max_new_tokens=max_new_tokens,
         temperature=number(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=number(body, "top_p", 1.0, float, 1e-9, 1.0), top_k=number(body, "top_k", 0, int, 0, 1 << 30) or None,
         seed=number(body, "seed", None, int, -(1 << 63), (1 << 64) - 1),
         stop_token_ids=() if ignore_eos else stop_tokens,
-        stop_strings=tuple(stop) + extra_stops, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        stop_strings=tuple(stop) + extra_stops, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        presence_penalty=number(body, "presence_penalty", 0.0, float, -2, 2),
+        frequency_penalty=number(body, "frequency_penalty", 0.0, float, -2, 2),
+        repetition_penalty=number(body, "repetition_penalty", 1.0, float, 1e-3, 1e3),
+        logit_bias=logit_bias(body), min_tokens=number(body, "min_tokens", 0, int, 0, max_new_tokens))
+
+
+def logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias in [-100, 100]} → ((id, bias), ...); ids outside the vocabulary are refused later."""
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
+            isinstance(k, str) and k.isdigit() and len(k) < 10 for k in bias):
+        raise APIError(400, f"'logit_bias' must map up to {MAX_LOGIT_BIAS} token ids to numbers", "logit_bias")
+    try:
+        return tuple((int(k), number(bias, k, 0.0, float, -100, 100)) for k in bias)
+    except APIError as e:
+        raise APIError(400, f"'logit_bias': {e.message}", "logit_bias") from None
 
 
 def choices(body: dict[str, Any]) -> tuple[int, int]:

@@ -25,6 +25,11 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k ≥ 0: the chosen token's logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (an evaluation's scores)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time the token was generated so far
+    repetition_penalty: float = 1.0  # CTRL's (transformers, vLLM): a seen token's logit divided (> 0) or multiplied
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # the stop tokens cannot be sampled before this many tokens
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
@@ -34,10 +39,21 @@ class SamplingParams:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be between -2 and 2")
+        if self.repetition_penalty <= 0 or not 0 <= self.min_tokens <= max(self.max_new_tokens, 0):
+            raise ValueError("repetition_penalty must be > 0 and min_tokens between 0 and max_new_tokens")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
                 raise ValueError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {value}")
+
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether sampling reads more than the model's logits (a penalty, a bias, a minimum length)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.infer.request import Sequence
-from nanoseek.infer.sampler import RowSettings, sample, token_logprobs, verify
+from nanoseek.infer.sampler import LogitShaping, RowSettings, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Step
 from nanoseek.model.paged import PagedBatch, PrefillChunk
 from nanoseek.model.transformer import Transformer
@@ -80,12 +80,16 @@ class ModelRunner:
         final_rows = [chunk.start + chunk.length - 1 for _, chunk in finals]
         rows = torch.cat([torch.arange(decode_tokens), torch.tensor(final_rows, dtype=torch.long)]).to(self.device)
         logits = self.model.logits(hidden[rows])
+        width = 2 if self.speculate else 1
+        histories = [(seq, seq.output + ([seq.draft] if j else [])) for seq in step.decode for j in range(width)]
+        shaping = self._shaping(histories + [(seq, seq.output) for seq, _ in finals], logits.shape[-1])
+        sampled_logits = logits if shaping is None else shaping.apply(logits)  # logprobs stay the model's
         parts: list[torch.Tensor] = []
         accepted = None
         sampled = torch.empty(0, dtype=torch.long, device=self.device)
         if step.decode:
             settings = self._settings(step.decode)
-            dec_logits = logits[:decode_tokens]
+            dec_logits = sampled_logits[:decode_tokens]
             if self.speculate:
                 drafts = torch.tensor([s.draft for s in step.decode], device=self.device)
                 draft_probs = None if settings.all_greedy else torch.stack([
@@ -98,7 +102,8 @@ class ModelRunner:
             else:
                 sampled = sample(dec_logits, settings)[0]
         if finals:
-            sampled = torch.cat([sampled, sample(logits[decode_tokens:], self._settings([s for s, _ in finals]))[0]])
+            sampled = torch.cat([sampled, sample(sampled_logits[decode_tokens:],
+                                                 self._settings([s for s, _ in finals]))[0]])
         parts.append(sampled.float())
         top = max((s.params.logprobs or 0 for s in step.decode + [seq for seq, _ in step.prefill]
                    if s.params.logprobs is not None), default=None)
@@ -115,6 +120,35 @@ class ModelRunner:
             parts.append(drafted[0].float())
         host = torch.cat(parts).tolist()  # the step's one device → host transfer
         return self._unpack(step, host, finals, top, drafted, scored, prompt_top)
+
+    def _shaping(self, rows: list[tuple[Sequence, list[int]]], vocab: int) -> LogitShaping | None:
+        """The logit edits of each sampled row (its sequence, the tokens generated before it), or None when no
+        row has any."""
+        if not any(seq.params.shapes_logits for seq, _ in rows):
+            return None
+
+        def mask(pairs: list[tuple[int, int]], values: list[float] | None = None) -> torch.Tensor:
+            out = torch.zeros(len(rows), vocab)
+            if pairs:
+                index = torch.tensor(pairs).T
+                out.index_put_((index[0], index[1]), torch.tensor(values or [1.0] * len(pairs)), accumulate=True)
+            return out.to(self.device)
+
+        params = [seq.params for seq, _ in rows]
+        generated = mask([(r, t) for r, (_, history) in enumerate(rows) for t in history])
+        prompt = mask([(r, t) for r, (seq, _) in enumerate(rows) if seq.params.repetition_penalty != 1.0
+                       for t in seq.prompt])
+        bias = [(r, token, value) for r, p in enumerate(params) for token, value in p.logit_bias]
+        banned = [(r, t) for r, ((seq, history), p) in enumerate(zip(rows, params)) if len(history) < p.min_tokens
+                  for t in p.stop_token_ids]
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+        return LogitShaping(generated, (generated > 0) | (prompt > 0), column([p.presence_penalty for p in params]),
+                            column([p.frequency_penalty for p in params]),
+                            column([p.repetition_penalty for p in params]),
+                            mask([(r, t) for r, t, _ in bias], [v for _, _, v in bias]), mask(banned) > 0)
 
     @staticmethod
     def _scored_prompt_rows(step: Step, batch: PagedBatch) -> list[tuple[Sequence, list[tuple[int, int]]]]:

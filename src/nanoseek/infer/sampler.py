@@ -134,3 +134,25 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torc
     best = logprobs.topk(top, dim=-1) if top else None
     parts = [chosen] + ([best.indices.float(), best.values] if best is not None else [])
     return torch.cat(parts, dim=1)
+
+
+@dataclass
+class LogitShaping:
+    """Per-row edits of the logits before sampling (rows = the tokens being sampled), as device tensors."""
+
+    generated: torch.Tensor  # [rows, vocab] how often each token was generated so far
+    seen: torch.Tensor  # [rows, vocab] bool: in the prompt or generated (repetition penalty)
+    presence: torch.Tensor  # [rows]
+    frequency: torch.Tensor  # [rows]
+    repetition: torch.Tensor  # [rows] 1 = none
+    bias: torch.Tensor  # [rows, vocab] added
+    banned: torch.Tensor  # [rows, vocab] bool: stop tokens before min_tokens
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """OpenAI's presence/frequency penalties (l − f·count − p·[count > 0]), CTRL's repetition penalty (a seen
+        token's logit divided by r if positive, multiplied if not), the bias, then the bans."""
+        logits = logits.float() - self.frequency[:, None] * self.generated
+        logits = logits - self.presence[:, None] * (self.generated > 0)
+        r = self.repetition[:, None]
+        logits = torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        return (logits + self.bias).masked_fill(self.banned, float("-inf"))
