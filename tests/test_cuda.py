@@ -83,3 +83,29 @@ def test_engine_serves_on_cuda_in_bf16():
     speculative = Engine(model, config=EngineConfig(block_size=16, token_budget=16)).generate(prompts, params)
     assert [r.token_ids for r in speculative] == [r.token_ids for r in plain]
     assert all(len(r.token_ids) == 24 for r in plain)
+
+
+def test_server_loads_onto_the_gpu_and_scores_prompts(tmp_path):
+    """`nanoseek serve --device auto`: weights load straight onto the GPU in bf16, the latent store lives there, and
+    echoed prompt scores (lm-evaluation-harness's request) match the CPU fp32 model to bf16 accuracy."""
+    from fastapi.testclient import TestClient
+
+    import nanoseek
+    from helpers import micro_model_dir
+    from nanoseek.device import resolve_device
+    from nanoseek.infer.server import create_app
+
+    model_dir = micro_model_dir(tmp_path, "User: hello there\nAssistant: good morrow\n" * 50, 300, 320)
+    device, dtype = resolve_device("auto", "auto")
+    app = create_app(model_dir, device=device, dtype=dtype)
+    prompt = [5, 17, 42, 8, 99, 3]
+    with TestClient(app) as client:
+        card = client.get("/v1/models").json()["data"][0]
+        out = client.post("/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1,
+                                                   "max_tokens": 4}).json()
+    assert card["device"].startswith("cuda") and card["dtype"] == "bfloat16"
+    assert app.state.engine.runner.store.device.type == "cuda"
+    with torch.no_grad():
+        reference = nanoseek.load_pretrained(model_dir)(torch.tensor([prompt]))[0].log_softmax(-1)
+    want = [reference[i, t].item() for i, t in enumerate(prompt[1:])]
+    assert out["choices"][0]["logprobs"]["token_logprobs"][1:len(prompt)] == pytest.approx(want, abs=0.1)

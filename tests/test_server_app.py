@@ -189,3 +189,34 @@ def test_sampling_fields_reach_the_engine(client):
         response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, field: value})
         assert response.status_code == 400, (field, value)
         assert field in response.json()["error"]["message"] or response.json()["error"]["param"] == field
+
+
+def test_serving_in_bf16_on_the_cpu(model_dir):
+    """--dtype bf16 on a CPU: weights and latent store in bf16, /v1/models says so, and the prompt's scores are
+    the fp32 model's to bf16 accuracy."""
+    from fastapi.testclient import TestClient
+
+    bf16 = create_app(model_dir, device=torch.device("cpu"), dtype=torch.bfloat16)
+    with TestClient(bf16) as bf16_client:
+        card = bf16_client.get("/v1/models").json()["data"][0]
+        out = bf16_client.post("/v1/completions", json={"prompt": [5, 17, 42, 8, 99, 3], "echo": True,
+                                                        "logprobs": 1, "max_tokens": 2}).json()
+    assert (card["dtype"], card["device"], card["max_model_len"]) == ("bfloat16", "cpu", 128)
+    engine = bf16.state.engine
+    assert engine.runner.store.dtype == next(engine.model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        reference = nanoseek.load_pretrained(model_dir)(torch.tensor([[5, 17, 42, 8, 99, 3]]))[0].log_softmax(-1)
+    want = [reference[i, t].item() for i, t in enumerate([17, 42, 8, 99, 3])]
+    assert out["choices"][0]["logprobs"]["token_logprobs"][1:6] == pytest.approx(want, abs=0.1)
+
+
+@pytest.mark.parametrize("device, needle", [("cuda:7", "no such CUDA device"), ("tpu", "not a device"),
+                                            ("meta", "runs on cpu or cuda")])
+def test_a_device_that_cannot_be_used_is_one_line(model_dir, capsys, device, needle):
+    from nanoseek.cli import main
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert main(["generate", str(model_dir), "--prompt", "hi", "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nanoseek: error: --device") and needle in err and len(err.splitlines()) == 1

@@ -33,7 +33,7 @@ from nanoseek.train.precision import compile_blocks
 
 def _median_seconds(steps: int, *runs: Callable[[], Any], warmup: int = 2) -> list[float]:
     """Median time of each callable, run in alternation: a machine whose speed drifts (turbo, neighbours) moves
-    every side alike instead of favouring whichever ran first."""
+    every side alike instead of favouring whichever ran first. Each timing ends once the GPU, if any, is done."""
     for _ in range(warmup):
         for run in runs:
             run()
@@ -42,6 +42,8 @@ def _median_seconds(steps: int, *runs: Callable[[], Any], warmup: int = 2) -> li
         for run, spent in zip(runs, times):
             start = time.perf_counter()
             run()
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
             spent.append(time.perf_counter() - start)
     return [statistics.median(spent) for spent in times]
 
@@ -64,7 +66,8 @@ def _models(spec: str) -> tuple[Transformer, Any, Path | None]:
     return ours, reference, None
 
 
-def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, steps: int) -> dict[str, float]:
+def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, steps: int,
+                   tolerance: float = 1e-4) -> dict[str, float]:
     """A whole training step (forward + backward of the next-token loss, no MTP on either side, and an AdamW step),
     after checking that all sides compute the same loss. Three sides, timed in alternation:
       - transformers, with the fused AdamW its Trainer uses by default;
@@ -72,14 +75,15 @@ def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, step
         per-tensor AdamW ("eager");
       - nanoseek as its trainer runs now with train.compile=true: compiled blocks, the chunked head + cross-entropy,
         fused AdamW ("compiled")."""
+    device = next(ours.parameters()).device
     ids = torch.randint(0, ours.config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    inputs, targets = ids[:, :-1], ids[:, 1:]
+    inputs, targets = ids[:, :-1].to(device), ids[:, 1:].to(device)
     compiled = copy.deepcopy(ours)
     compile_blocks(compiled)
     for model in (ours, compiled, reference):
         model.train()
     optimizers = {"eager": torch.optim.AdamW(ours.parameters(), lr=1e-9, foreach=False),
-                  "compiled": build_optimizer(compiled, TrainConfig(lr=1e-9), torch.device("cpu")),
+                  "compiled": build_optimizer(compiled, TrainConfig(lr=1e-9), device),
                   "transformers": torch.optim.AdamW(reference.parameters(), lr=1e-9, fused=True)}
 
     def step(name: str) -> Callable[[], torch.Tensor]:
@@ -98,7 +102,7 @@ def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, step
 
     runs = {name: step(name) for name in ("eager", "compiled", "transformers")}
     losses = {name: run().item() for name, run in runs.items()}  # also compiles: before any timing
-    if max(losses.values()) - min(losses.values()) > 1e-4:
+    if max(losses.values()) - min(losses.values()) > tolerance:
         raise NanoseekError(f"the sides' losses differ ({losses}): not the same model")
     seconds = dict(zip(runs, _median_seconds(steps, *runs.values())))
     return {"nanoseek_eager_tokens_per_s": batch * seq / seconds["eager"],
@@ -113,7 +117,7 @@ def bench_decoding(ours: Transformer, reference: Any, batch: int, prompt_len: in
     ours.eval(), reference.eval()
     engine = Engine(ours, config=EngineConfig(speculation=False, max_seqs=batch))
     prompts = torch.randint(0, ours.config.vocab_size, (batch, prompt_len),
-                            generator=torch.Generator().manual_seed(batch))
+                            generator=torch.Generator().manual_seed(batch)).to(engine.device)
     outputs: dict[str, Any] = {}
 
     def ours_decode() -> None:
@@ -176,21 +180,23 @@ def kv_cache_table(config: ModelConfig) -> dict[str, dict[str, int]]:
     return out
 
 
-def run_bench(spec: str, batch: int, seq: int, steps: int, new_tokens: int) -> dict[str, Any]:
+def run_bench(spec: str, batch: int, seq: int, steps: int, new_tokens: int,
+              device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     ours, reference, run = _models(spec)
+    ours, reference = ours.to(device=device, dtype=dtype), reference.to(device=device, dtype=dtype)
     long_prompt = min(768, ours.config.max_position_embeddings - new_tokens)
     if ours.config.attention_type != "mla":
         raise NanoseekError("nanoseek bench compares MLA models with transformers' DeepseekV3; this is the dense "
                             "GQA baseline")
-    device = torch.device("cpu")
-    peak = measure_peak_flops(device, torch.float32)
+    peak = measure_peak_flops(device, dtype)
     flops_per_token = model_stats(ours.config, seq_len=seq).flops_per_token
-    training = bench_training(ours, reference, batch, seq, steps)
+    # the sides' losses agree to fp32 rounding, or to bf16's (8 significant bits) in bf16
+    training = bench_training(ours, reference, batch, seq, steps, 1e-4 if dtype == torch.float32 else 5e-2)
     for side in ("nanoseek_eager", "nanoseek", "transformers"):
         training[f"{side}_mfu"] = training[f"{side}_tokens_per_s"] * flops_per_token / peak
     result: dict[str, Any] = {
-        "model": spec, "machine": {"device": "cpu", "threads": torch.get_num_threads(),
-                                   "measured_fp32_matmul_flops": peak},
+        "model": spec, "machine": {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                                   "threads": torch.get_num_threads(), "measured_matmul_flops": peak},
         "training": {"batch": batch, "seq": seq, "flops_per_token": flops_per_token, **training},
         "decoding": {**{f"batch_{b}": bench_decoding(ours, reference, b, 32, new_tokens) for b in (1, 16)},
                      # long context: MLA's cache advantage shows once the context dwarfs the new tokens
@@ -204,8 +210,8 @@ def run_bench(spec: str, batch: int, seq: int, steps: int, new_tokens: int) -> d
 
 def to_markdown(result: dict[str, Any]) -> str:
     t, machine = result["training"], result["machine"]
-    lines = [f"nanoseek bench: `{result['model']}` on {machine['device']}, {machine['threads']} threads, fp32; "
-             f"measured matmul peak {machine['measured_fp32_matmul_flops'] / 1e9:.0f} GFLOP/s", "",
+    lines = [f"nanoseek bench: `{result['model']}` on {machine['device']}, {machine['threads']} threads, "
+             f"{machine['dtype']}; measured matmul peak {machine['measured_matmul_flops'] / 1e9:.0f} GFLOP/s", "",
              "| | nanoseek | transformers | nanoseek / transformers |", "|---|---|---|---|",
              f"| training tok/s (batch {t['batch']} × seq {t['seq']}, step with AdamW) | "
              f"{t['nanoseek_tokens_per_s']:.0f} | {t['transformers_tokens_per_s']:.0f} | "
@@ -254,13 +260,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def bench(spec: str, out: Path, batch: int, seq: int, steps: int, new_tokens: int, as_json: bool) -> None:
+def bench(spec: str, out: Path, batch: int, seq: int, steps: int, new_tokens: int, as_json: bool,
+          device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> None:
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise NanoseekError("nanoseek bench compares against transformers: "
                             "pip install 'transformers>=5,<6'") from None
-    result = run_bench(spec, batch, seq, steps, new_tokens)
+    result = run_bench(spec, batch, seq, steps, new_tokens, device, dtype)
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(result)
     (out / "bench.md").write_text(markdown)

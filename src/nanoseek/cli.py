@@ -14,6 +14,7 @@ from pathlib import Path
 from nanoseek.config import ModelConfig
 from nanoseek.errors import EXIT_ABORTED, EXIT_INTERRUPTED, ConfigError, NanoseekError, RunInterrupted
 from nanoseek.data import commands as data_commands
+from nanoseek.device import add_device_options, resolve_device
 from nanoseek.infer import commands as infer_commands
 from nanoseek.post import commands as post_commands
 from nanoseek.presets import PRESETS
@@ -148,7 +149,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from nanoseek.bench import bench
 
-    bench(args.model, Path(args.out), args.batch, args.seq, args.steps, args.new_tokens, args.json)
+    bench(args.model, Path(args.out), args.batch, args.seq, args.steps, args.new_tokens, args.json,
+          *resolve_device(args.device, args.dtype))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per sequence")
     bench.add_argument("--out", default="bench", help="directory for bench.md, bench.json, bench.png")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    add_device_options(bench)
     bench.set_defaults(run=cmd_bench)
 
     infer_commands.register(commands)

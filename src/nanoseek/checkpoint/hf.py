@@ -203,6 +203,9 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(config)
+    # cast on meta: the weights are allocated on the device in their dtype, never first in fp32 (the routing biases
+    # and RoPE table stay fp32: KeepsFp32Buffers)
+    model.to(dtype or default_dtype(device))
     expected = model.state_dict()  # shapes only: nothing is allocated until the weights match them
     state = {}
     for entry in checkpoint_entries(config):
@@ -225,7 +228,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         raise CheckpointError(f"checkpoint tensor {unexpected[0]!r} has no place in this config "
                               f"({len(unexpected)} unexpected tensors)")
     model.rope.reset_parameters()
-    return model.to(dtype or default_dtype(device))  # the routing biases and RoPE table stay fp32 (KeepsFp32Buffers)
+    return model
 
 
 def _written_not_read(key: str, config: ModelConfig) -> bool:

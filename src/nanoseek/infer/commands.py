@@ -6,17 +6,19 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from nanoseek.device import add_device_options, resolve_device
 from nanoseek.errors import NanoseekError
 
 
-def _engine(model_dir: str):
+def _engine(args: argparse.Namespace):
     from nanoseek.checkpoint.hf import load_pretrained
     from nanoseek.data.tokenizer import check_vocab, load_tokenizer
     from nanoseek.infer.engine import Engine
 
-    run = Path(model_dir)
+    run = Path(args.model)
     tokenizer = load_tokenizer(run / "tokenizer.json")
-    engine = Engine(load_pretrained(run), decode=tokenizer.decode)
+    device, dtype = resolve_device(args.device, args.dtype)
+    engine = Engine(load_pretrained(run, device, dtype), decode=tokenizer.decode)
     check_vocab(tokenizer, engine.model.config.vocab_size)
     return engine, tokenizer
 
@@ -38,7 +40,7 @@ def _sampling(args: argparse.Namespace, engine, **fields):
 def cmd_generate(args: argparse.Namespace) -> None:
     from nanoseek.data.tokenizer import end_token_ids
 
-    engine, tokenizer = _engine(args.model)
+    engine, tokenizer = _engine(args)
     prompt = tokenizer.encode(args.prompt).ids
     params = _sampling(args, engine, top_p=args.top_p, seed=args.seed, stop_token_ids=end_token_ids(tokenizer))
     try:
@@ -51,8 +53,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import torch
-
     from nanoseek.infer.engine import EngineConfig
     from nanoseek.infer.server import ServerLimits, create_app, serve
     from nanoseek.memory import available_memory
@@ -61,23 +61,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise NanoseekError("give --cache-memory or --cache-fraction, not both")
     if args.cache_fraction is not None and not 0 < args.cache_fraction < 1:
         raise NanoseekError(f"--cache-fraction must be in (0, 1), got {args.cache_fraction}")
+    device, dtype = resolve_device(args.device, args.dtype)
     try:
         memory = None if args.cache_memory is None else args.cache_memory * 2**30
         config = EngineConfig(block_size=args.block_size, cache_memory=memory, max_seqs=args.max_seqs,
                               token_budget=args.token_budget, speculation=False if args.no_speculation else None,
                               static=args.batching == "static")
         if args.cache_fraction is not None:  # of the memory free now, on the device the model is loaded to
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            config = replace(config, cache_memory=args.cache_fraction * available_memory(torch.device(device)))
+            config = replace(config, cache_memory=args.cache_fraction * available_memory(device))
         limits = ServerLimits(max_waiting=args.max_waiting, max_body_bytes=args.max_request_bytes)
-        app = create_app(args.model, api_key=args.api_key, config=config, limits=limits)
+        app = create_app(args.model, api_key=args.api_key, config=config, limits=limits, device=device,
+                         dtype=dtype)
     except ValueError as e:
         raise NanoseekError(str(e)) from None
     engine = app.state.engine
     print(f"latent cache: {engine.cache_tokens:,} tokens in {engine.blocks.num_blocks} blocks of "
           f"{engine.config.block_size} ({engine.cache_bytes / 2**20:,.1f} MiB); "
           f"{'continuous' if not engine.config.static else 'static'} batching, speculation "
-          f"{'on (MTP)' if engine.speculate else 'off'}", flush=True)
+          f"{'on (MTP)' if engine.speculate else 'off'}; {str(engine.dtype).removeprefix('torch.')} on "
+          f"{engine.device}", flush=True)
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
     serve(app, args.host, args.port, args.shutdown_timeout)
 
@@ -102,7 +104,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         template = ChatTemplate(Path(args.model))
     except ValueError as e:
         raise NanoseekError(str(e)) from None
-    engine, tokenizer = _engine(args.model)
+    engine, tokenizer = _engine(args)
     params = _sampling(args, engine, stop_token_ids=end_token_ids(tokenizer), stop_strings=template.stop_strings)
     room = min(engine.max_len, engine.cache_tokens - 1) - args.max_new_tokens
     messages: list[dict[str, str]] = []
@@ -136,6 +138,7 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=50)
+    add_device_options(parser)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -168,6 +171,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="static: the previous server's policy (a new batch only when the last one ended)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM")
+    add_device_options(serve)
     serve.set_defaults(run=cmd_serve)
 
     chat = commands.add_parser("chat", help="a conversation in the terminal")

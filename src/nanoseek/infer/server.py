@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -35,12 +36,14 @@ from nanoseek.infer.request import Completion, SamplingParams
 
 
 def create_app(model_dir: str | Path, api_key: str | None = None, config: EngineConfig | None = None,
-               limits: ServerLimits = ServerLimits()) -> FastAPI:
+               limits: ServerLimits = ServerLimits(), device: torch.device | None = None,
+               dtype: torch.dtype | None = None) -> FastAPI:
+    """device/dtype: where the weights load and the latent cache lives (default: the CPU in fp32)."""
     model_dir = Path(model_dir)
     model_name = model_dir.resolve().name
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     template = ChatTemplate(model_dir)  # checked before the weights load: a broken template fails at once
-    engine = Engine(load_pretrained(model_dir), decode=tokenizer.decode, config=config)
+    engine = Engine(load_pretrained(model_dir, device, dtype), decode=tokenizer.decode, config=config)
     check_vocab(tokenizer, engine.model.config.vocab_size)
     stop_tokens = end_token_ids(tokenizer)
     runner = EngineLoop(engine)
@@ -165,7 +168,9 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "nanoseek", "max_model_len": engine.max_len}]}
+                                            "owned_by": "nanoseek", "max_model_len": engine.max_len,
+                                            "dtype": str(engine.dtype).removeprefix("torch."),
+                                            "device": str(engine.device)}]}
 
     end = tokenizer.id_to_token(stop_tokens[0]) if stop_tokens else None  # for a directory without a config
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from nanoseek.device import add_device_options, resolve_device
 from nanoseek.errors import NanoseekError
 
 
@@ -43,11 +44,12 @@ def cmd_rl(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from nanoseek.post.evaluate import evaluate_bpb, evaluate_task
 
+    device, dtype = resolve_device(args.device, args.dtype)
     try:
         if args.task == "bpb":
-            result = evaluate_bpb(Path(args.model), args.data, args.n)
+            result = evaluate_bpb(Path(args.model), args.data, args.n, device, dtype)
         else:
-            result = evaluate_task(Path(args.model), args.task, args.n, args.seed, args.max_tokens)
+            result = evaluate_task(Path(args.model), args.task, args.n, args.seed, args.max_tokens, device, dtype)
     except ValueError as e:
         raise NanoseekError(str(e)) from None
     if args.json:
@@ -103,4 +105,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-tokens", type=int, default=64, help="longest response")
     ev.add_argument("--json", action="store_true")
+    add_device_options(ev)
     ev.set_defaults(run=cmd_eval)

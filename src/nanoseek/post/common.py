@@ -66,11 +66,13 @@ def device_for_run() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model_dir(source: Path, device: torch.device) -> tuple[Transformer, Tokenizer]:
-    """The model (fp32) and its tokenizer with the chat tokens, the embedding grown if they are new."""
+def load_model_dir(source: Path, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+    """The model (fp32 to train: autocast runs the GEMMs in bf16) and its tokenizer with the chat tokens, the
+    embedding grown if they are new."""
     if not (source / "tokenizer.json").is_file():
         raise NanoseekError(f"{source} has no tokenizer.json: give a run or model directory")
-    model = load_pretrained(source, device=device, dtype=torch.float32)
+    model = load_pretrained(source, device=device, dtype=dtype)
     tokenizer = load_tokenizer(source / "tokenizer.json")
     add_chat_tokens(tokenizer)
     if tokenizer.get_vocab_size() > model.config.vocab_size:

@@ -15,13 +15,14 @@ from nanoseek.data.sources import DEFAULT, Source
 from nanoseek.data.tokenizer import end_token_ids
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
-from nanoseek.post.common import device_for_run, load_model_dir
+from nanoseek.post.common import load_model_dir
 from nanoseek.post.tasks import get_task
 
 
-def evaluate_task(model_dir: Path, task_name: str, n: int, seed: int = 0, max_tokens: int = 64) -> dict[str, Any]:
+def evaluate_task(model_dir: Path, task_name: str, n: int, seed: int = 0, max_tokens: int = 64,
+                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     task = get_task(task_name)
-    model, tokenizer = load_model_dir(model_dir, device_for_run())
+    model, tokenizer = load_model_dir(model_dir, device, dtype)
     problems = task.problems("heldout", n, seed)
     prompts = [encode_chat(tokenizer, [{"role": "user", "content": p.question}], True)[0] for p in problems]
     engine = Engine(model, decode=tokenizer.decode, config=EngineConfig(max_seqs=min(n, 256)))
@@ -36,11 +37,11 @@ def evaluate_task(model_dir: Path, task_name: str, n: int, seed: int = 0, max_to
 
 
 @torch.no_grad()
-def evaluate_bpb(model_dir: Path, data: str | None, windows: int) -> dict[str, Any]:
+def evaluate_bpb(model_dir: Path, data: str | None, windows: int, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Summed next-token loss over non-overlapping context-length windows of the validation split, in bits, over
     the UTF-8 bytes those tokens decode to."""
-    device = device_for_run()
-    model, tokenizer = load_model_dir(model_dir, device)
+    model, tokenizer = load_model_dir(model_dir, device, dtype)
     val = TokenDataset.build([Source(data or DEFAULT)], tokenizer).sources[0].val
     length = model.config.max_position_embeddings
     nats = byte_count = 0.0
