@@ -220,3 +220,20 @@ def test_a_device_that_cannot_be_used_is_one_line(model_dir, capsys, device, nee
     assert main(["generate", str(model_dir), "--prompt", "hi", "--device", device]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nanoseek: error: --device") and needle in err and len(err.splitlines()) == 1
+
+
+def test_metrics_have_latency_histograms(client):
+    def scrape() -> dict[str, float]:
+        text = client.get("/metrics").text
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+
+    before = scrape()
+    for _ in range(3):
+        client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 5, "ignore_eos": True})
+    after = scrape()
+    for name in ("queue_time_seconds", "time_to_first_token_seconds", "time_per_output_token_seconds"):
+        count = f"nanoseek_{name}_count"
+        assert after[count] - before.get(count, 0) == 3, name
+        buckets = [v for k, v in after.items() if k.startswith(f"nanoseek_{name}_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == after[count]  # cumulative, +Inf = count
+        assert after[f"nanoseek_{name}_sum"] > before.get(f"nanoseek_{name}_sum", 0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.blocks import BlockManager, latent_store
 from nanoseek.infer.detokenize import Detokenizer
+from nanoseek.infer.histogram import LATENCY_BUCKETS, PER_TOKEN_BUCKETS, Histogram
 from nanoseek.infer.request import Completion, SamplingParams, Sequence, TokenLogprob
 from nanoseek.infer.runner import ModelRunner, SeqResult
 from nanoseek.infer.scheduler import Scheduler
@@ -69,6 +70,12 @@ class Engine:
         self._lock = threading.Lock()
         self.generated_tokens = self.drafted = self.accepted = self.steps = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tokens/s
+        self.histograms = {
+            "queue": Histogram("nanoseek_queue_time_seconds", "Time from arrival to admission", LATENCY_BUCKETS),
+            "ttft": Histogram("nanoseek_time_to_first_token_seconds", "Time from arrival to the first token",
+                              LATENCY_BUCKETS),
+            "tpot": Histogram("nanoseek_time_per_output_token_seconds",
+                              "Time per output token after the first, per finished sequence", PER_TOKEN_BUCKETS)}
 
     @property
     def max_len(self) -> int:
@@ -95,7 +102,8 @@ class Engine:
     def add(self, prompt: list[int], params: SamplingParams, after: Sequence | None = None) -> Sequence:
         """Queue a request (from any thread); ValueError if it can never run."""
         self.check(prompt, params)
-        seq = Sequence(list(prompt), params, Detokenizer(self.decode, params.stop_strings), after)
+        seq = Sequence(list(prompt), params, Detokenizer(self.decode, params.stop_strings), after,
+                       arrived=time.monotonic())
         seq.seed &= (1 << 63) - 1
         with self._lock:
             self._inbox.append(seq)
@@ -127,6 +135,11 @@ class Engine:
         plan = self.scheduler.schedule(2 if self.speculate else 1)
         if not plan:
             return changed
+        now = time.monotonic()
+        for seq, _ in plan.prefill:
+            if seq.admitted_at is None:
+                seq.admitted_at = now
+                self.histograms["queue"].observe(now - seq.arrived)
         results = self.runner.run(plan)
         produced = 0
         for seq, result in results.items():
@@ -165,6 +178,9 @@ class Engine:
                 break
             seq.output.append(token)
             added += 1
+            if seq.first_token_at is None:
+                seq.first_token_at = time.monotonic()
+                self.histograms["ttft"].observe(seq.first_token_at - seq.arrived)
             if entry is not None:
                 seq.logprobs.append(entry)
             if len(seq.output) >= params.max_new_tokens:
@@ -189,6 +205,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
+        if reason != "abort" and len(seq.output) > 1:
+            self.histograms["tpot"].observe((time.monotonic() - seq.first_token_at) / (len(seq.output) - 1))
         self.scheduler.release(seq)
         if seq in self.scheduler.waiting:
             self.scheduler.waiting.remove(seq)

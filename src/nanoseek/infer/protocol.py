@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from nanoseek.infer.histogram import Histogram
 from nanoseek.infer.request import MAX_TOP_LOGPROBS, Completion, SamplingParams, TokenLogprob
 
 MAX_CHOICES = 16
@@ -249,9 +250,11 @@ _METRICS = [  # (name, type, help, stats key)
 ]
 
 
-def prometheus(stats: dict[str, float]) -> str:
+def prometheus(stats: dict[str, float], histograms: list[Histogram]) -> str:
     stats = {**stats, "cache_usage": stats["cache_blocks_used"] / max(1, stats["cache_blocks_total"])}
     lines = []
     for name, kind, text, key in _METRICS:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {float(stats[key]):g}"]
+    for histogram in histograms:
+        lines += histogram.prometheus()
     return "\n".join(lines) + "\n"

@@ -104,6 +104,9 @@ class Sequence:
     stop_logprob: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # entry j: prompt token j + 1
     new_text: str = ""  # text produced by the last step, for streaming
+    arrived: float = 0.0  # time.monotonic() when queued
+    admitted_at: float | None = None  # ... when first admitted to the running batch
+    first_token_at: float | None = None  # ... when its first token was sampled
 
     def __post_init__(self) -> None:
         self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(62)

@@ -163,7 +163,8 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(protocol.prometheus(engine.stats()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(protocol.prometheus(engine.stats(), list(engine.histograms.values())),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
