@@ -26,15 +26,18 @@ YARN = RopeScaling(factor=4.0, original_max_position_embeddings=32, beta_fast=32
                    mscale_all_dim=1.0)
 
 
+HF_CLASSES = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+              "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM"),
+              "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM")}
+
+
 def hf_model(config: ModelConfig, seed: int = 0):
-    """transformers' DeepseekV3/V2ForCausalLM for the config, with every weight random (norms and the routing
-    bias too, so that a wrong mapping cannot hide behind ones and zeros)."""
+    """transformers' DeepseekV3/V32/V2ForCausalLM for the config, with every weight random (norms, the indexer's
+    LayerNorm bias and the routing bias too, so that a wrong mapping cannot hide behind ones and zeros)."""
     import transformers
 
     hf_dict = config.to_hf_dict()
-    kind = transformers.DeepseekV3Config if hf_dict["model_type"] == "deepseek_v3" else transformers.DeepseekV2Config
-    model_cls = (transformers.DeepseekV3ForCausalLM if hf_dict["model_type"] == "deepseek_v3"
-                 else transformers.DeepseekV2ForCausalLM)
+    kind, model_cls = (getattr(transformers, name) for name in HF_CLASSES[hf_dict["model_type"]])
     hf_config = kind.from_dict({k: v for k, v in hf_dict.items() if k != "architectures"})
     torch.manual_seed(seed)
     model = model_cls(hf_config).eval()
@@ -42,7 +45,7 @@ def hf_model(config: ModelConfig, seed: int = 0):
         for name, tensor in model.state_dict().items():
             if name.endswith("norm.weight"):
                 tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
-            elif name.endswith("e_score_correction_bias"):
+            elif name.endswith("norm.bias") or name.endswith("e_score_correction_bias"):
                 tensor.copy_(0.05 * torch.randn_like(tensor))
     return model
 

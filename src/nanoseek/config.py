@@ -74,6 +74,11 @@ class ModelConfig:
     attention_type: Literal["mla", "gqa"] = "mla"
     num_key_value_heads: int | None = None  # gqa: key/value heads, each shared by a group of query heads
     head_dim: int | None = None  # gqa: per-head dimension
+    # DeepSeek-V3.2's sparse attention (DSA): a lightning indexer per layer scores every earlier token and attention
+    # runs over the top `index_topk` of them. index_n_heads 0: V3's dense attention (the V3.2 report: 64, 128, 2048).
+    index_n_heads: int = 0
+    index_head_dim: int = 128
+    index_topk: int = 2048
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # accepted for convenience in Python code
@@ -116,6 +121,15 @@ class ModelConfig:
         _require(self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}")
         if self.attention_type == "gqa":
             self._check_dense_baseline()
+        if self.sparse_attention:
+            self._check_sparse_attention()
+
+    def _check_sparse_attention(self) -> None:
+        _require(self.attention_type == "mla" and self.q_lora_rank is not None, "index_n_heads",
+                 "the lightning indexer reads MLA's compressed query: it needs attention_type mla and a q_lora_rank")
+        _require(self.index_head_dim >= self.qk_rope_head_dim and self.index_head_dim % 2 == 0, "index_head_dim",
+                 f"must be even and hold the {self.qk_rope_head_dim} RoPE dims, got {self.index_head_dim}")
+        _require(self.index_topk > 0, "index_topk", f"must be positive, got {self.index_topk}")
 
     def _check_dense_baseline(self) -> None:
         kv_heads, head_dim = self.num_key_value_heads, self.head_dim
@@ -131,6 +145,11 @@ class ModelConfig:
         _require(self.rope_scaling is None, "rope_scaling", "the gqa baseline takes no YaRN scaling")
 
     # ---- derived shapes -------------------------------------------------------------------------------------------
+    @property
+    def sparse_attention(self) -> bool:
+        """DeepSeek-V3.2: a lightning indexer picks the tokens each query attends to."""
+        return self.index_n_heads > 0
+
     @property
     def qk_head_dim(self) -> int:
         """Query/key width per head."""
@@ -172,15 +191,19 @@ class ModelConfig:
             from nanoseek.llama import llama_hf_dict
 
             return llama_hf_dict(self, style)
+        dsa = ("index_n_heads", "index_head_dim", "index_topk")
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("attention_type", "num_key_value_heads", "head_dim")}
+                  if f.name not in ("attention_type", "num_key_value_heads", "head_dim")
+                  and (self.sparse_attention or f.name not in dsa)}
         rope = fields.pop("rope_scaling")
         theta = fields.pop("rope_theta")
         # transformers' DeepseekV3 always routes with sigmoid scores; softmax routing is its DeepseekV2 model.
         v3 = self.scoring_func == "sigmoid"
+        kind = ("deepseek_v32", "DeepseekV32ForCausalLM") if self.sparse_attention else \
+            ("deepseek_v3", "DeepseekV3ForCausalLM") if v3 else ("deepseek_v2", "DeepseekV2ForCausalLM")
         out: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-            "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+            "architectures": [kind[1]],
+            "model_type": kind[0],
             **fields,
             "num_key_value_heads": self.num_attention_heads,
             "hidden_act": "silu",
@@ -191,7 +214,8 @@ class ModelConfig:
         if style == "transformers":
             rope_dict.pop("type", None)
             out["rope_parameters"] = {"rope_type": "yarn" if rope else "default", "rope_theta": theta, **rope_dict}
-            out["rope_interleave"] = True
+            if not self.sparse_attention:  # transformers' V3.2 always interleaves, and has no such field
+                out["rope_interleave"] = True
         else:
             out["rope_theta"] = theta
             out["rope_scaling"] = rope_dict or None
@@ -206,8 +230,12 @@ class ModelConfig:
         if d.get("attention_bias"):
             raise ConfigError("config field 'attention_bias': biased attention projections are not supported")
         model_type = d.get("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v3", "deepseek_v2", "llama"):
-            raise ConfigError(f"config field 'model_type': deepseek_v3, deepseek_v2 or llama, got {model_type!r}")
+        if model_type not in ("deepseek_v3", "deepseek_v32", "deepseek_v2", "llama"):
+            raise ConfigError(f"config field 'model_type': deepseek_v3, deepseek_v32, deepseek_v2 or llama, got "
+                              f"{model_type!r}")
+        if model_type != "deepseek_v32":
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                d.pop(name, None)  # a V3 config that mentions them anyway stays V3
         if model_type == "llama":
             from nanoseek.llama import llama_fields
 

@@ -30,6 +30,9 @@ from nanoseek.model.transformer import Transformer
 _ATTENTION = {"q_proj": "q_proj", "q_down": "q_a_proj", "q_norm": "q_a_layernorm", "q_up": "q_b_proj",
               "kv_down": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "kv_up": "kv_b_proj",
               "out_proj": "o_proj", "k_proj": "k_proj", "v_proj": "v_proj"}
+# V3.2's lightning indexer: ours → transformers' (and DeepSeek's release) names under self_attn.indexer
+_INDEXER = {"q_up.weight": "wq_b.weight", "k_proj.weight": "wk.weight", "k_norm.weight": "k_norm.weight",
+            "k_norm.bias": "k_norm.bias", "head_weights.weight": "weights_proj.weight"}
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -56,7 +59,11 @@ def _attention_entries(config: ModelConfig, ours: str, hf: str) -> list[Entry]:
                 for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
     names = ["kv_down", "kv_norm", "kv_up", "out_proj"]
     names += ["q_proj"] if config.q_lora_rank is None else ["q_down", "q_norm", "q_up"]
-    return [Entry(f"{ours}.attn.{n}.weight", ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),)) for n in names]
+    entries = [Entry(f"{ours}.attn.{n}.weight", ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),)) for n in names]
+    if config.sparse_attention:
+        entries += [Entry(f"{ours}.attn.indexer.{n}", ((f"{hf}.self_attn.indexer.{_INDEXER[n]}",),))
+                    for n in _INDEXER]
+    return entries
 
 
 def _block_entries(config: ModelConfig, ours: str, hf: str, layer_index: int) -> list[Entry]:

@@ -49,6 +49,9 @@ class Engine:
         if model.config.attention_type != "mla":
             raise NanoseekError("generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
                                 "layout for transformers to sample from")
+        if model.config.sparse_attention:
+            raise NanoseekError("serving V3.2's sparse attention (indexer keys in the paged store, a top-k gather "
+                                "at decode) is not implemented yet; nanoseek.Transformer runs whole sequences")
         self.config = config = config or EngineConfig()
         self.model, self.decode = model.eval(), decode
         parameter = next(model.parameters())

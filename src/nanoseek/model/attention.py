@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.indexer import LightningIndexer
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.paged import PagedBatch
 from nanoseek.model.rope import apply_rope
@@ -42,6 +43,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(self.latent_dim, config.rms_norm_eps)
         self.kv_up = nn.Linear(self.latent_dim, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.out_proj = nn.Linear(self.n_heads * self.v_dim, dim, bias=False)
+        if config.sparse_attention:  # V3.2: attention over the tokens the lightning indexer picks
+            self.indexer = LightningIndexer(config)
         self.recompute = False  # set by the trainer: replay attend_latents in backward
 
     def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +91,15 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal self-attention over a whole sequence (training): up-project the latents, then SDPA. `mask`
-        [B, 1, T, T] (True = visible) replaces the causal mask, e.g. to keep packed documents apart."""
+        [B, 1, T, T] (True = visible) replaces the causal mask, e.g. to keep packed documents apart. With V3.2's
+        indexer, each query sees only the top-k of what it may see (a mask over the full scores: the sparse gather
+        is the decode path's)."""
         q_input, kv_input = self.compress(x)
+        if hasattr(self, "indexer"):
+            B, T, _ = x.shape
+            visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, 1, T, T) \
+                if mask is None else mask
+            mask = self.indexer(x, self.q_norm(q_input), cos, sin, visible)
         if self.recompute and torch.is_grad_enabled():
             y = checkpoint(self.attend_latents, q_input, kv_input, cos, sin, mask, use_reentrant=False)
         else:

@@ -75,3 +75,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     even, odd = x[..., 0::2].float(), x[..., 1::2].float()
     rotated = torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
     return rotated.to(x.dtype)
+
+
+def apply_rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (x_i, x_{i+D/2}) of x [B, H, T, D]: the layout of V3.2's lightning indexer (transformers and
+    DeepSeek's fixed reference), where MLA's own RoPE dims are interleaved. Same frequencies as apply_rope."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    first, second = x.float().chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)

@@ -96,13 +96,13 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
         """V3 initialization: every weight matrix N(0, 0.006) (the only parameters of two or more dims), norms 1
-        (the only 1-D ones); balancing biases 0. Without a seed, drawn from torch's global generator in module
+        (the only 1-D ones but the V3.2 indexer's LayerNorm bias, 0); balancing biases 0. Without a seed, drawn from torch's global generator in module
         order; with one, each parameter from (seed, its name) alone, which also holds for a sharded model
         (nanoseek.model.init): build on meta, parallelize, materialize, then call this."""
         std = self.config.initializer_range
         for name, param in self.named_parameters():
             if param.dim() < 2:
-                param.fill_(1.0)
+                param.fill_(0.0 if name.endswith(".bias") else 1.0)
             elif seed is None:
                 nn.init.normal_(param, std=std)
             else:

@@ -73,6 +73,8 @@ def load_model_dir(source: Path, device: torch.device,
     if not (source / "tokenizer.json").is_file():
         raise NanoseekError(f"{source} has no tokenizer.json: give a run or model directory")
     model = load_pretrained(source, device=device, dtype=dtype)
+    if model.config.sparse_attention:
+        raise NanoseekError("post-training V3.2's sparse attention (the indexer's KL loss) is not implemented yet")
     tokenizer = load_tokenizer(source / "tokenizer.json")
     add_chat_tokens(tokenizer)
     if tokenizer.get_vocab_size() > model.config.vocab_size:

@@ -58,6 +58,9 @@ class RunSpec:
 
 def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
     """Resolves configs, tokenizer and data, all checked before anything in the run directory is written."""
+    if spec.model.sparse_attention:  # its indexer learns from a KL loss of its own, which this loop does not have
+        raise NanoseekError("training V3.2's sparse attention (the indexer's dense warm-up, then sparse training) is "
+                            "not implemented yet; set model.index_n_heads=0 to train V3's dense attention")
     checkpoints = list_checkpoints(spec.out / "checkpoints")
     if spec.resume:
         if not checkpoints:
