@@ -80,8 +80,8 @@ class ModelRunner:
         final_rows = [chunk.start + chunk.length - 1 for _, chunk in finals]
         rows = torch.cat([torch.arange(decode_tokens), torch.tensor(final_rows, dtype=torch.long)]).to(self.device)
         logits = self.model.logits(hidden[rows])
-        width = 2 if self.speculate else 1
-        histories = [(seq, seq.output + ([seq.draft] if j else [])) for seq in step.decode for j in range(width)]
+        histories = [(seq, seq.output + ([seq.draft] if j else [])) for seq in step.decode
+                     for j in range(batch.decode_width)]
         shaping = self._shaping(histories + [(seq, seq.output) for seq, _ in finals], logits.shape[-1])
         sampled_logits = logits if shaping is None else shaping.apply(logits)  # logprobs stay the model's
         parts: list[torch.Tensor] = []
