@@ -24,6 +24,9 @@ def tiny_config(**overrides) -> ModelConfig:
 
 YARN = RopeScaling(factor=4.0, original_max_position_embeddings=32, beta_fast=32, beta_slow=1, mscale=1.0,
                    mscale_all_dim=1.0)
+# DeepSeek-V3.2's indexer at tiny shape. 8 heads: with few, ReLU zeros every head's score for many keys, and ties
+# make top-k arbitrary; top 6, so sequences of a few dozen tokens drop most of what a query could see
+V32 = dict(index_n_heads=8, index_head_dim=8, index_topk=6)
 
 
 HF_CLASSES = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),

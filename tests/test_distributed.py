@@ -124,6 +124,26 @@ def test_gradient_accumulation_under_fsdp_equals_one_process(space):
             assert got[step][key] == pytest.approx(want[step][key], rel=tolerance), (step, key)
 
 
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_v32_training_stages_under_fsdp_and_ep_equal_one_process(space, stage):
+    """DSA's dense warm-up (everything frozen but the indexers: FSDP units with frozen parameters) and sparse
+    training (top-k attention, the indexers' KL beside the LM loss) over DP2×EP2: the one-process losses, indexer
+    KL and gradient norms."""
+    # initializer_range 0.3: peaked attention and index scores, so the KL is far from zero (at 0.02 it is ~1e-7,
+    # all fp32 cancellation)
+    v32 = ("model.index_n_heads=4", "model.index_head_dim=8", "model.index_topk=8", "model.initializer_range=0.3",
+           f"train.dsa={stage}",
+           "train.precision=fp32", *PARITY_STEPS)
+    _run(space, f"v32-{stage}-one", *v32)
+    _run(space, f"v32-{stage}-dp2-ep2", "--ep", "2", *v32, processes=2)
+    got, want = _metrics(space, f"v32-{stage}-dp2-ep2"), _metrics(space, f"v32-{stage}-one")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        for key in ("loss", "indexer_kl", "grad_norm"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+    assert all(row["indexer_kl"] > 0 for row in want.values())
+
+
 @pytest.mark.slow  # a minute of compilation on a fresh machine; test_bench compiles the blocks in the default run
 def test_compiled_blocks_train_like_eager(space, one_process):
     """train.compile=true (torch.compile per block; the experts' grouped GEMM stays eager) under FSDP + EP."""

@@ -226,6 +226,10 @@ def test_is_fp8_weight_rules():
     assert not is_fp8_weight("model.layers.61.eh_proj.weight", square)
     assert not is_fp8_weight("model.layers.3.mlp.gate.weight", square)
     assert not is_fp8_weight("model.layers.3.self_attn.o_proj.weight", torch.zeros(576, 128))
+    # V3.2: the indexer's query and key projections are FP8 in DeepSeek's release, its head weights are not
+    assert is_fp8_weight("model.layers.3.self_attn.indexer.wq_b.weight", square)
+    assert is_fp8_weight("model.layers.3.self_attn.indexer.wk.weight", square)
+    assert not is_fp8_weight("model.layers.3.self_attn.indexer.weights_proj.weight", square)
 
 
 def test_precision_and_compute_dtype():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nanoseek
-from helpers import YARN, tiny_config
+from helpers import V32, YARN, tiny_config
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
 from nanoseek.model.paged import PagedBatch, PrefillChunk
@@ -28,7 +28,7 @@ def _model(**overrides) -> nanoseek.Transformer:
 
 def _store(model: nanoseek.Transformer, slots: int = 128) -> torch.Tensor:
     c = model.config
-    return torch.zeros(c.num_hidden_layers + 1, slots, c.kv_lora_rank + c.qk_rope_head_dim)
+    return torch.zeros(c.num_hidden_layers + 1, slots, c.cache_width)
 
 
 def _prefill(model, store, tokens, slots, start, stop) -> torch.Tensor:
@@ -48,11 +48,13 @@ def _decode(model, store, rows: list[tuple[list[int], torch.Tensor, int]], width
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None, rope_scaling=YARN),
-                                       dict(scoring_func="softmax", norm_topk_prob=False)])
+                                       dict(scoring_func="softmax", norm_topk_prob=False), V32],
+                         ids=["v3", "yarn-no-q-lora", "softmax", "v32"])
 @pytest.mark.parametrize("chunks", [(18,), (5, 7, 6), (1, 1, 16)])
 def test_paged_forward_equals_full_forward(overrides, chunks):
     """Any chunking of the prompt, then decoding one and two tokens a step, for two sequences of different lengths
-    decoded together; slots scattered over the store as blocks would be."""
+    decoded together; slots scattered over the store as blocks would be. V3.2: the indexer keeps 6 of up to 26
+    tokens, so prefill chunks mask and decode gathers its top-k from the store."""
     model = _model(**overrides)
     store = _store(model)
     generator = torch.Generator().manual_seed(1)

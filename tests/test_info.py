@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import tiny_config
-from nanoseek import Transformer
+from nanoseek import ModelConfig, Transformer
 from nanoseek.flops import model_stats
 
 
@@ -49,3 +49,17 @@ def test_counts_equal_the_built_model():
     moe_layers = config.num_hidden_layers - config.first_k_dense_replace
     # tied: the embedding table is the head, which every token multiplies through
     assert stats.active_params == own - round(inactive * moe_layers)
+
+
+def test_v32_attends_to_topk_and_caches_the_indexer_key():
+    """V3.2's indexer adds ~0.5 % parameters (64 heads of 128 per layer), 128 cached values per token and layer,
+    and caps each query's keys at 2048: at seq ≤ 2048 it costs more FLOPs than V3, at 128K far fewer."""
+    v3, v32 = model_stats(ModelConfig.preset("v3"), 131072), model_stats(ModelConfig.preset("v32"), 131072)
+    assert v32.total_params / v3.total_params == pytest.approx(1.0, abs=0.01) and v32.total_params > v3.total_params
+    assert v32.kv_bytes_per_token == (512 + 64 + 128) * 61 * 2
+    short_v3, short_v32 = model_stats(ModelConfig.preset("v3"), 2048), model_stats(ModelConfig.preset("v32"), 2048)
+    indexer_core = 3 * 61 * 2 * 64 * 129 * (2048 + 1) / 2  # training: 3 × the forward's dots over visible keys
+    indexer_params = 3 * 2 * (v32.active_params - v3.active_params)
+    assert short_v32.flops_per_token == pytest.approx(short_v3.flops_per_token + indexer_core + indexer_params)
+    # at 128K, each query attends to 2048 keys instead of 64K on average
+    assert v32.flops_per_token < 0.4 * v3.flops_per_token

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import nanoseek
-from helpers import YARN, hf_model, tiny_config
+from helpers import V32, YARN, hf_model, tiny_config
+from nanoseek.model.indexer import top_k_mask
 
-# 8 indexer heads: with few heads, ReLU zeros every head's score for many keys, and ties make top-k arbitrary
-V32 = dict(index_n_heads=8, index_head_dim=8, index_topk=6)
 CASES = {"v32": dict(), "v32-yarn-dense-first-0": dict(rope_scaling=YARN, first_k_dense_replace=0),
          "v32-topk-beyond-length": dict(index_topk=64)}
 
@@ -43,18 +42,19 @@ def test_v32_equals_transformers_both_ways(case, tmp_path):
     theirs = _selections(reference, [f"model.layers.{i}.self_attn.indexer" for i in range(3)])
     with torch.no_grad():
         expected = reference(ids).logits
-        # ours: the mask each layer attends with; theirs: the top-k indices, turned into the same mask
-        visible = {}
+        # ours: each layer's index scores, turned into the mask it attends with; theirs: the top-k indices
+        scores = {}
         for i, layer in enumerate(ours.layers):
-            layer.attn.indexer.register_forward_hook(lambda m, a, out, i=i: visible.__setitem__(i, out))
+            layer.attn.indexer.register_forward_hook(lambda m, a, out, i=i: scores.__setitem__(i, out))
         got = ours(ids)
     causal = torch.ones(24, 24, dtype=torch.bool).tril()
+    visible = {i: top_k_mask(scores[i], causal.expand(2, 24, 24), config.index_topk) for i in range(3)}
     for i in range(3):
         picked = torch.zeros(2, 24, 24, dtype=torch.bool).scatter_(-1, theirs[f"model.layers.{i}.self_attn.indexer"],
                                                                    True) & causal
-        assert torch.equal(visible[i][:, 0], picked), i  # the same tokens, before any logit is compared
+        assert torch.equal(visible[i], picked), i  # the same tokens, before any logit is compared
     if config.index_topk < 24:  # top-k dropped tokens a query could see: the test exercises the sparsity
-        assert (visible[0][:, 0].sum(-1) < causal.sum(-1)).any()
+        assert (visible[0].sum(-1) < causal.sum(-1)).any()
     assert (got - expected).abs().max().item() <= 1e-5
     nanoseek.save_pretrained(ours, tmp_path / "ours")
     again = type(reference).from_pretrained(tmp_path / "ours").eval()
@@ -62,9 +62,46 @@ def test_v32_equals_transformers_both_ways(case, tmp_path):
         assert (again(ids).logits - expected).abs().max().item() <= 1e-5
 
 
-def test_what_v32_cannot_do_yet_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
-    """Serving (the paged store has no indexer keys yet), pretraining and post-training (no indexer loss yet) stop
-    with one line instead of running V3's dense paths or training with a frozen, random indexer."""
+def test_served_v32_greedy_equals_transformers_generate(tmp_path):
+    """The engine over the paged store (indexer keys beside the latents, top-k gathered at decode), batched, in
+    small blocks so the second prompt takes the first one's cached prefix: the tokens of transformers' generate."""
+    from nanoseek.infer.engine import Engine, EngineConfig
+    from nanoseek.infer.request import SamplingParams
+
+    config = tiny_config(**V32)
+    reference = hf_model(config)
+    reference.save_pretrained(tmp_path / "hf")
+    engine = Engine(nanoseek.load_pretrained(tmp_path / "hf"), config=EngineConfig(block_size=4, token_budget=16))
+    first = _ids(config, 21)[0].tolist()
+    prompts = [first, first[:12] + [5, 6, 7]]
+    served = [engine.generate([prompt], SamplingParams(max_new_tokens=14))[0] for prompt in prompts]
+    assert served[1].cached_tokens == 8  # two blocks of the shared 12 tokens (the third's next token differs)
+    for prompt, result in zip(prompts, served):
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False, min_new_tokens=14)
+        assert result.token_ids == expected[0, len(prompt):].tolist()
+
+
+def test_v32_speculation_equals_plain_greedy():
+    """The MTP module's drafts verified two tokens a step, each with its own top-k: the tokens of plain decoding."""
+    from nanoseek.infer.engine import Engine, EngineConfig
+    from nanoseek.infer.request import SamplingParams
+
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(tiny_config(num_nextn_predict_layers=1, **V32)).eval()
+    with torch.no_grad():  # peaky logits, so greedy drafts are often accepted
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.15)
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (7, 19)]
+    params = SamplingParams(max_new_tokens=30)
+    plain = Engine(model, config=EngineConfig(speculation=False)).generate(prompts, params)
+    speculating = Engine(model, config=EngineConfig(block_size=8, token_budget=16))
+    assert [r.token_ids for r in speculating.generate(prompts, params)] == [r.token_ids for r in plain]
+    assert speculating.accepted > 0
+
+
+def test_post_training_refuses_v32_in_one_line(tmp_path, capsys, monkeypatch):
+    """SFT and GRPO have no indexer loss yet: they stop with one line instead of training with a frozen indexer."""
     from helpers import micro_model_dir
     from nanoseek.cli import main
 
@@ -72,15 +109,8 @@ def test_what_v32_cannot_do_yet_is_refused_in_one_line(tmp_path, capsys, monkeyp
     config = nanoseek.ModelConfig.load_json(model_dir / "config.json").replace(**V32)
     torch.manual_seed(0)
     nanoseek.save_pretrained(nanoseek.Transformer(config), model_dir)
-    (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question\n" * 300)
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
-    commands = {"serving": ["generate", str(model_dir), "--prompt", "to be"],
-                "training": ["train", "--data", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "run"),
-                             "model.index_n_heads=8", "model.index_head_dim=16", "model.hidden_size=32",
-                             "model.num_hidden_layers=1", "train.seq_len=8", "train.vocab_size=260"],
-                "post-training": ["sft", str(model_dir), "--out", str(tmp_path / "sft"), "--max-steps", "1"]}
-    for what, argv in commands.items():
-        capsys.readouterr()
-        assert main(argv) == 2, what
-        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nanoseek")]
-        assert len(err) == 1 and f"{what} V3.2's sparse attention" in err[0], (what, err)
+    capsys.readouterr()
+    assert main(["sft", str(model_dir), "--out", str(tmp_path / "sft"), "--max-steps", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nanoseek")]
+    assert len(err) == 1 and "post-training V3.2's sparse attention" in err[0], err

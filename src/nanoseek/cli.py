@@ -9,10 +9,12 @@ import json
 import re
 import sys
 import warnings
+from typing import Any
 from pathlib import Path
 
-from nanoseek.config import ModelConfig
-from nanoseek.errors import EXIT_ABORTED, EXIT_INTERRUPTED, ConfigError, NanoseekError, RunInterrupted
+from nanoseek.config import ModelConfig, RopeScaling
+from nanoseek.errors import (EXIT_ABORTED, EXIT_INTERRUPTED, CheckpointError, ConfigError, NanoseekError,
+                             RunInterrupted)
 from nanoseek.data import commands as data_commands
 from nanoseek.device import add_device_options, resolve_device
 from nanoseek.infer import commands as infer_commands
@@ -94,6 +96,32 @@ def _dashed_overrides(extra: list[str]) -> list[str]:
 _SETTING = re.compile(r"^(model\.|train\.)?[A-Za-z_]\w*=")
 
 
+def extended_context(config: ModelConfig, tokens: int) -> ModelConfig:
+    """V3's context extension (§4.3): YaRN with factor = new context / the context RoPE was trained at (the
+    original one of a model extended before), β_fast 32, β_slow 1, mscale 1 on both sides of the softmax scale."""
+    original = config.rope_scaling.original_max_position_embeddings if config.rope_scaling else \
+        config.max_position_embeddings
+    if tokens <= original:
+        raise ConfigError(f"--context {tokens} does not extend the model's context of {original} tokens")
+    yarn = RopeScaling(factor=tokens / original, original_max_position_embeddings=original, beta_fast=32.0,
+                       beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+    return config.replace(max_position_embeddings=tokens, rope_scaling=yarn)
+
+
+def _starting_model(source: Path, preset: str | None, overrides: dict[str, Any]) -> ModelConfig:
+    """--from: the run takes the source's shape and tokenizer (its weights are loaded once the model is built); the
+    settings may only add what the source lacks, e.g. V3.2's indexer."""
+    if preset:
+        raise ConfigError("--from takes the model's shape from MODEL_DIR: drop --preset")
+    if not (source / "config.json").is_file() or not (source / "tokenizer.json").is_file():
+        raise CheckpointError(f"--from {source}: not a model directory (config.json, weights and tokenizer.json)")
+    overrides.setdefault("train.tokenizer", str(source / "tokenizer.json"))
+    try:
+        return ModelConfig.load_json(source / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(f"{source / 'config.json'}: {e}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from nanoseek.train.config import TrainConfig, apply_overrides, qualified_keys, read_config_file
     from nanoseek.train.trainer import RunSpec, train
@@ -104,20 +132,30 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = read_config_file(args.config) if args.config else {}
     flags = {"train.max_steps": args.max_steps, "train.save_every": args.save_every,
              "train.eval_every": args.eval_every, "train.seed": args.seed, "train.balance": args.balance,
-             "train.precision": args.precision,
+             "train.precision": args.precision, "train.dsa": args.dsa,
              "train.tokenizer": args.tokenizer}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if args.no_mtp:
         overrides["train.use_mtp"] = False
     overrides.update(_overrides(args.overrides))
     preset = args.preset or "tiny"
-    model_config, train_config = apply_overrides(ModelConfig.preset(preset), TrainConfig(), overrides)
+    base = ModelConfig.preset(preset)
+    init_from = Path(args.init_from) if args.init_from else None
+    if init_from is not None and not args.resume:
+        base = _starting_model(init_from, args.preset, overrides)
+    if args.context is not None and not args.resume:
+        base = extended_context(base, args.context)
+        overrides.setdefault("train.seq_len", args.context)
+    model_config, train_config = apply_overrides(base, TrainConfig(), overrides)
+    if args.dsa and not model_config.sparse_attention and not args.resume:
+        raise ConfigError("--dsa trains V3.2's indexer, and this model has none: add one with model.index_n_heads=N "
+                          "(and model.index_head_dim, model.index_topk), or use --preset tiny-v32")
     explicit = qualified_keys(model_config, train_config, overrides)
     if args.preset:  # on --resume, a preset names the model's shape: it must be the checkpoint's
         explicit |= {f"model.{name}" for name in PRESET_SHAPE_FIELDS}
     out = Path(args.out or f"runs/{preset}")
     summary = train(RunSpec(out, model_config, train_config, data, args.resume, args.dp, args.ep, args.pp,
-                            args.pp_schedule, explicit))
+                            args.pp_schedule, explicit, init_from))
     if summary["final"] is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
     final = summary["final"]
@@ -179,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=int)
     train.add_argument("--seed", type=int)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--from", dest="init_from", metavar="MODEL_DIR",
+                       help="start from a model directory's weights, tokenizer and shape (model.X may add V3.2's "
+                            "indexer: model.index_n_heads=...)")
+    train.add_argument("--context", type=int, metavar="TOKENS",
+                       help="extend the context with YaRN as V3 does (max_position_embeddings and seq_len become "
+                            "TOKENS, RoPE scaled from the model's original context)")
+    train.add_argument("--dsa", choices=["warmup", "sparse"],
+                       help="V3.2's training stage: indexers alone by KL to dense attention, or top-k attention")
     train.add_argument("--no-mtp", action="store_true", help="train without multi-token prediction")
     train.add_argument("--balance", choices=["aux-free", "aux-loss", "none"])
     train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"],

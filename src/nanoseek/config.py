@@ -151,6 +151,11 @@ class ModelConfig:
         return self.index_n_heads > 0
 
     @property
+    def cache_width(self) -> int:
+        """Values the paged cache holds per token and layer: MLA's [c_KV; k_rope], and V3.2's indexer key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.sparse_attention else 0)
+
+    @property
     def qk_head_dim(self) -> int:
         """Query/key width per head."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim

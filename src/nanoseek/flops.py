@@ -43,7 +43,8 @@ class ModelStats:
     seq_len: int
     flops_per_token: float  # training (forward + backward) FLOPs per token of the main model at seq_len
     mtp_flops_per_token: float  # the same for all MTP modules together
-    kv_bytes_per_token: int  # this model's cache: MLA (kv_lora_rank + qk_rope_head_dim) or GQA 2·G·d_h, · layers
+    kv_bytes_per_token: int  # this model's cache: MLA (kv_lora_rank + qk_rope_head_dim, + V3.2's index_head_dim) or
+    # GQA 2·G·d_h, · layers
     kv_bytes_per_token_mha: int  # an MHA with the same heads: 2 · heads · d_h · layers · bytes
     kv_bytes_per_token_gqa: int  # a GQA with the same heads in groups of 8 (Llama 3's 64/8): 2 · heads/8 · d_h · ...
     kv_cache_ratio: float  # this model / MHA
@@ -53,9 +54,18 @@ class ModelStats:
 
 
 def _attention_core_flops(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token per layer of QKᵀ and AV, averaged over a causal sequence of seq_len."""
-    keys_attended = (seq_len + 1) / 2
-    return 2 * config.num_attention_heads * (config.qk_head_dim + config.attention_v_dim) * keys_attended
+    """Forward FLOPs per token per layer of QKᵀ and AV, averaged over a causal sequence of seq_len. V3.2: a query
+    attends to at most index_topk keys, and its indexer scores every earlier key (a dot per indexer head, then the
+    weighted sum over heads)."""
+    keys_visible = (seq_len + 1) / 2
+    keys_attended = keys_visible
+    if config.sparse_attention and seq_len > config.index_topk:
+        k = config.index_topk
+        keys_attended = (k * (k + 1) / 2 + (seq_len - k) * k) / seq_len
+    core = 2 * config.num_attention_heads * (config.qk_head_dim + config.attention_v_dim) * keys_attended
+    if config.sparse_attention:
+        core += 2 * config.index_n_heads * (config.index_head_dim + 1) * keys_visible
+    return core
 
 
 def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per_element: int = 2) -> ModelStats:
@@ -96,7 +106,7 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     mha = 2 * config.num_attention_heads * head_dim * layers * nbytes
     gqa = 2 * max(1, config.num_attention_heads // 8) * head_dim * layers * nbytes
     if config.attention_type == "mla":
-        own = (config.kv_lora_rank + config.qk_rope_head_dim) * layers * nbytes
+        own = config.cache_width * layers * nbytes
     else:
         own = 2 * config.num_key_value_heads * head_dim * layers * nbytes
     return ModelStats(

@@ -16,6 +16,13 @@ PRESETS: dict[str, ModelConfig] = {
         v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=256,
         num_nextn_predict_layers=1),
+    # tiny with DeepSeek-V3.2's sparse attention: each layer's lightning indexer (8 heads of 32) keeps 64 tokens
+    "tiny-v32": ModelConfig(
+        vocab_size=4096, hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=256,
+        num_nextn_predict_layers=1, index_n_heads=8, index_head_dim=32, index_topk=64),
     # The compute study's dense baseline (Llama 3 style): the tiny shape with GQA and a SwiGLU MLP in every layer,
     # sized to tiny's training FLOPs per token without MTP (13.3M vs 13.2M at seq 128; 2.12M active parameters each).
     "tiny-dense": ModelConfig(
@@ -46,4 +53,7 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=100000, eos_token_id=100001),
     "v3": ModelConfig(max_position_embeddings=163840, rope_scaling=_V3_YARN, num_nextn_predict_layers=1,
                       bos_token_id=0, eos_token_id=1),
+    # V3 with DeepSeek Sparse Attention: 64 indexer heads of 128, top 2048 tokens per query
+    "v32": ModelConfig(max_position_embeddings=163840, rope_scaling=_V3_YARN, num_nextn_predict_layers=1,
+                       bos_token_id=0, eos_token_id=1, index_n_heads=64, index_head_dim=128, index_topk=2048),
 }

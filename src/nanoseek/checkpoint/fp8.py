@@ -12,8 +12,11 @@ FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_sch
 
 
 def is_fp8_weight(key: str, tensor: torch.Tensor) -> bool:
+    """The block projections, and V3.2's indexer query/key projections (its head weights stay in high precision,
+    as in DeepSeek's release)."""
     whole_blocks = tensor.dim() == 2 and tensor.shape[0] % 128 == 0 and tensor.shape[1] % 128 == 0
-    return whole_blocks and key.endswith("_proj.weight") and not key.endswith("eh_proj.weight")
+    projection = key.endswith(("_proj.weight", "indexer.wq_b.weight", "indexer.wk.weight"))
+    return whole_blocks and projection and not key.endswith(("eh_proj.weight", "indexer.weights_proj.weight"))
 
 
 def quantize_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

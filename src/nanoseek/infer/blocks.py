@@ -31,9 +31,10 @@ from nanoseek.config import ModelConfig
 
 def latent_store(config: ModelConfig, memory_bytes: int, block_size: int, device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
-    """→ zeros [layers + MTP modules, blocks · block_size, kv_lora_rank + rope], as many whole blocks as fit."""
+    """→ zeros [layers + MTP modules, blocks · block_size, kv_lora_rank + rope (+ V3.2's index_head_dim)], as many
+    whole blocks as fit."""
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
-    width = config.kv_lora_rank + config.qk_rope_head_dim
+    width = config.cache_width
     block_bytes = layers * block_size * width * torch.finfo(dtype).bits // 8
     blocks = memory_bytes // block_bytes
     if blocks < 1:

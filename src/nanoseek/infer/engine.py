@@ -49,9 +49,6 @@ class Engine:
         if model.config.attention_type != "mla":
             raise NanoseekError("generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
                                 "layout for transformers to sample from")
-        if model.config.sparse_attention:
-            raise NanoseekError("serving V3.2's sparse attention (indexer keys in the paged store, a top-k gather "
-                                "at decode) is not implemented yet; nanoseek.Transformer runs whole sequences")
         self.config = config = config or EngineConfig()
         self.model, self.decode = model.eval(), decode
         parameter = next(model.parameters())
@@ -61,7 +58,7 @@ class Engine:
         self.speculate = bool(len(model.mtp)) if config.speculation is None else config.speculation
         mc = model.config
         token_bytes = ((mc.num_hidden_layers + mc.num_nextn_predict_layers)
-                       * (mc.kv_lora_rank + mc.qk_rope_head_dim) * parameter.element_size())
+                       * mc.cache_width * parameter.element_size())
         memory = config.cache_memory or min(config.max_seqs * (mc.max_position_embeddings + 1) * token_bytes,
                                             available_memory(self.device) // 4)
         store = latent_store(mc, int(memory), config.block_size, self.device, self.dtype)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.indexer import LightningIndexer
+from nanoseek.model.indexer import LightningIndexer, indexer_kl, top_k_mask
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.paged import PagedBatch
 from nanoseek.model.rope import apply_rope
@@ -93,55 +93,117 @@ class MultiHeadLatentAttention(nn.Module):
         """Causal self-attention over a whole sequence (training): up-project the latents, then SDPA. `mask`
         [B, 1, T, T] (True = visible) replaces the causal mask, e.g. to keep packed documents apart. With V3.2's
         indexer, each query sees only the top-k of what it may see (a mask over the full scores: the sparse gather
-        is the decode path's)."""
+        is the decode path's), except in the dense warm-up, which trains the indexer alone."""
         q_input, kv_input = self.compress(x)
         if hasattr(self, "indexer"):
-            B, T, _ = x.shape
-            visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, 1, T, T) \
-                if mask is None else mask
-            mask = self.indexer(x, self.q_norm(q_input), cos, sin, visible)
+            mask = self._sparse_mask(x, q_input, kv_input, cos, sin, mask)
         if self.recompute and torch.is_grad_enabled():
             y = checkpoint(self.attend_latents, q_input, kv_input, cos, sin, mask, use_reentrant=False)
         else:
             y = self.attend_latents(q_input, kv_input, cos, sin, mask)
         return self.out_proj(y)
 
+    def _sparse_mask(self, x: torch.Tensor, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask attention runs with under the indexer; while it learns (a training stage is set), also its KL
+        loss against this attention's own distribution over the tokens attended to (`indexer.loss`)."""
+        B, T, _ = x.shape
+        visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, 1, T, T) \
+            if mask is None else mask
+        stage = self.indexer.stage if self.training else None
+        learning = stage is not None and torch.is_grad_enabled()
+        # the indexer learns from its own loss only: its inputs are cut from the main model's graph
+        with torch.set_grad_enabled(learning):
+            scores = self.indexer(x.detach(), self.q_norm(q_input).detach(), cos, sin)  # [B, T, T]
+        attended = visible if stage == "warmup" else \
+            top_k_mask(scores.detach(), visible[:, 0], self.indexer.topk)[:, None]
+        if learning:
+            with torch.no_grad():
+                target = self.attention_distribution(q_input, kv_input, cos, sin, attended)
+            self.indexer.loss = indexer_kl(target, scores, attended[:, 0])
+        return mask if stage == "warmup" else attended
+
+    @torch.no_grad()
+    def attention_distribution(self, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The indexer's target: attention probabilities summed over heads and L1-normalized → [B, T, T] fp32,
+        computed in chunks of queries so that only [B, H, chunk, T] scores exist at once."""
+        q = torch.cat(self.queries(q_input, cos, sin), dim=-1)  # [B, H, T, qk]
+        k, _ = self.keys_values(*self.latents(kv_input, cos, sin))
+        rows = []
+        for start in range(0, q.shape[2], 512):
+            chunk = slice(start, start + 512)
+            scores = torch.matmul(q[:, :, chunk], k.transpose(-1, -2)).float() * self.softmax_scale
+            probs = scores.masked_fill(~mask[:, :, chunk], float("-inf")).softmax(dim=-1).sum(dim=1)
+            rows.append(probs / probs.sum(dim=-1, keepdim=True))
+        return torch.cat(rows, dim=1)
+
     def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store: torch.Tensor,
                       batch: PagedBatch) -> torch.Tensor:
         """Inference over a paged latent store (model/paged.py): x [1, N, dim] holds the batch's new tokens. Their
-        [c_KV; k_rope] go to their slots first; then decode rows attend in the absorbed form and each prefill chunk
-        attends, up-projected, to its whole context (cached prefix plus itself)."""
+        [c_KV; k_rope] (and V3.2's indexer key) go to their slots first; then decode rows attend in the absorbed
+        form and each prefill chunk attends, up-projected, to its whole context (cached prefix plus itself). With
+        the indexer, a decode token gathers only its top-k entries from the store, and a prefill chunk masks."""
         q_input, kv_input = self.compress(x)
         q_nope, q_rope = self.queries(q_input, cos, sin)  # [1, H, N, *]
         latent, k_rope = self.latents(kv_input, cos, sin)
-        store.index_copy_(0, batch.slots, torch.cat([latent, k_rope], dim=-1)[0].to(store.dtype))
+        entries, index = [latent, k_rope], None
+        if hasattr(self, "indexer"):
+            q_latent = self.q_norm(q_input)
+            index = self.indexer.queries(q_latent, cos, sin)[0], self.indexer.weights(x)[0]  # [N, H', D], [N, H']
+            entries.append(self.indexer.keys(x, cos, sin))
+        store.index_copy_(0, batch.slots, torch.cat(entries, dim=-1)[0].to(store.dtype))
+        mla = self.latent_dim + self.rope_dim  # the store's columns attention reads; the indexer's keys follow
         parts = []
         if batch.decode_rows:
             decoded = slice(0, batch.decode_tokens)
-            parts.append(self._absorbed(q_nope[0, :, decoded], q_rope[0, :, decoded], store, batch))
+            if index is None or batch.decode_context.shape[1] <= self.indexer.topk:
+                context, visible = store[batch.decode_context, :mla], batch.decode_visible()
+            else:
+                slots, visible = self._selected(index[0][decoded], index[1][decoded], store, batch)
+                context = store[slots, :mla]  # [rows·width, k, C + R]: the gather that makes decode O(k)
+            parts.append(self._absorbed(q_nope[0, :, decoded], q_rope[0, :, decoded], context, visible))
         q = torch.cat([q_nope, q_rope], dim=-1)
         for chunk in batch.prefills:
-            context = store[chunk.context].to(q.dtype)[None]  # [1, ctx, C + R]
+            context = store[chunk.context, :mla].to(q.dtype)[None]  # [1, ctx, C + R]
             k, v = self.keys_values(*context.split([self.latent_dim, self.rope_dim], dim=-1))
             queries = q[:, :, chunk.start: chunk.start + chunk.length]
             mask = None if chunk.length == context.shape[1] else chunk.visible()
+            if index is not None and context.shape[1] > self.indexer.topk:
+                rows = slice(chunk.start, chunk.start + chunk.length)
+                scores = self.indexer.score(index[0][None, rows], index[1][None, rows], store[chunk.context, mla:][None])
+                mask = top_k_mask(scores[0], chunk.visible(), self.indexer.topk)
             y = attend(queries, k, v, self.softmax_scale, mask)  # [1, H, T, v]
             parts.append(y[0].transpose(0, 1).reshape(chunk.length, self.n_heads * self.v_dim))
         return self.out_proj(torch.cat(parts)[None])
 
-    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, store: torch.Tensor,
-                  batch: PagedBatch) -> torch.Tensor:
-        """Decode rows: q_nope [H, rows·width, nope], q_rope [H, rows·width, rope] → [rows·width, H·v]. The query
-        moves into latent space (W_UKᵀ q_nope), so scores against [c_KV; k_rope] are one product, and the heads
-        (and draft tokens) of a sequence fold into the rows of one GEMM per sequence, not one GEMV per head."""
-        rows, width, heads = batch.decode_rows, batch.decode_width, self.n_heads
-        context = store[batch.decode_context].to(q_nope.dtype)  # [rows, S, C + R]
+    def _selected(self, q: torch.Tensor, weights: torch.Tensor, store: torch.Tensor,
+                  batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indexer over each decode sequence's cached keys: q [rows·width, H', D], weights [rows·width, H'] →
+        the store slots of each token's top-k [rows·width, k] and which of them it may see [rows·width, 1, 1, k]
+        (a short sequence in a padded batch has fewer than k)."""
+        rows, width, k = batch.decode_rows, batch.decode_width, self.indexer.topk
+        keys = store[batch.decode_context, self.latent_dim + self.rope_dim:]  # [rows, S, D]
+        scores = self.indexer.score(q.view(rows, width, *q.shape[1:]), weights.view(rows, width, -1), keys)
+        best = scores.masked_fill(~batch.decode_visible()[:, :, 0], float("-inf")).topk(k, dim=-1)
+        slots = batch.decode_context.gather(1, best.indices.view(rows, width * k))
+        return slots.view(rows * width, k), (best.values > float("-inf")).view(rows * width, 1, 1, k)
+
+    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, context: torch.Tensor,
+                  visible: torch.Tensor) -> torch.Tensor:
+        """Decode tokens: q_nope [H, n, nope], q_rope [H, n, rope] over context [rows, S, C + R] with visible
+        [rows, width, 1, S], n = rows·width (each sequence's tokens share its context; a selected context has one
+        token per row) → [n, H·v]. The query moves into latent space (W_UKᵀ q_nope), so scores against
+        [c_KV; k_rope] are one product, and the heads (and draft tokens) of a sequence fold into the rows of one
+        GEMM per sequence, not one GEMV per head."""
+        rows, width, heads = visible.shape[0], visible.shape[1], self.n_heads
+        context = context.to(q_nope.dtype)
         w_uk, w_uv = self.kv_up.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim).split(
             [self.nope_dim, self.v_dim], dim=1)
-        q_latent = torch.einsum("hnd,hdc->nhc", q_nope, w_uk)  # [rows·width, H, C]
+        q_latent = torch.einsum("hnd,hdc->nhc", q_nope, w_uk)  # [n, H, C]
         q_all = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1).reshape(rows, width * heads, -1)
         scores = torch.bmm(q_all, context.transpose(1, 2)).float() * self.softmax_scale  # [rows, width·H, S]
-        scores = scores.view(rows, width, heads, -1).masked_fill(~batch.decode_visible(), float("-inf"))
+        scores = scores.view(rows, width, heads, -1).masked_fill(~visible, float("-inf"))
         weights = scores.softmax(dim=-1).to(context.dtype).view(rows, width * heads, -1)
         out_latent = torch.bmm(weights, context[..., : self.latent_dim])  # [rows, width·H, C]
         out = torch.einsum("nhc,hvc->nhv", out_latent.view(rows * width, heads, -1), w_uv)

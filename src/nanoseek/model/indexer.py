@@ -13,6 +13,7 @@ weight nothing: no gradient reaches the main model through them (the indexer is 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
@@ -28,26 +29,54 @@ class LightningIndexer(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.head_weights = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        # set by the trainer: "warmup" (dense attention, the indexer learns alone) or "sparse" (top-k attention, the
+        # indexer learns on what it selected); None: it only selects. The KL of the last training forward: `loss`
+        self.stage: str | None = None
+        self.loss: torch.Tensor | None = None
 
     def _rotated(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rope, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
         return torch.cat([apply_rope_half_split(rope, cos, sin), rest], dim=-1)
 
-    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, dim], q_latent [B, T, q_lora_rank] (normalized c_Q) → I [B, T, T] in fp32 (every pair: the
-        caller masks what a query may not see)."""
-        B, T, _ = x.shape
+    def queries(self, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """q_latent [B, T, q_lora_rank] (MLA's normalized c_Q) → rotated per-head queries [B, T, H, D]."""
+        B, T, _ = q_latent.shape
         q = self.q_up(q_latent).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        q = self._rotated(q, cos, sin).transpose(1, 2)  # [B, T, H, D]
-        k = self._rotated(self.k_norm(self.k_proj(x)).unsqueeze(1), cos, sin)  # [B, 1, T, D]
-        dots = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.head_dim ** -0.5  # [B, T, H, T]
-        weights = self.head_weights(x).float() * self.n_heads ** -0.5  # [B, T, H]
-        return torch.matmul(weights.unsqueeze(-2), dots.relu()).squeeze(-2)
+        return self._rotated(q, cos, sin).transpose(1, 2)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               visible: torch.Tensor) -> torch.Tensor:
-        """visible [B, 1, T, T] (True = may attend) → the same mask keeping only each query's top-k tokens."""
-        scores = self.scores(x, q_latent, cos, sin).masked_fill(~visible[:, 0], float("-inf"))
-        chosen = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
-        return visible & torch.zeros_like(visible[:, 0]).scatter_(-1, chosen, True)[:, None]
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, dim] → rotated keys [B, T, D]: what the paged store keeps per token beside MLA's latent."""
+        return self._rotated(self.k_norm(self.k_proj(x)).unsqueeze(1), cos, sin).squeeze(1)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, dim] → per-token head weights w_h / sqrt(H) [B, T, H], computed in fp32 under any autocast (as
+        transformers keeps weights_proj in fp32)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.head_weights.weight.float()) * self.n_heads ** -0.5
+
+    def score(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, D], weights [B, T, H], keys [B, S, D] → I [B, T, S] in fp32, every pair (the caller masks
+        what a query may not see)."""
+        dots = torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5
+        return torch.matmul(weights.unsqueeze(-2), dots.relu()).squeeze(-2)  # [B, T, 1, H] @ [B, T, H, S]
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, dim], q_latent [B, T, q_lora_rank] → I [B, T, T] of a whole sequence (`top_k_mask` turns it
+        into what each query attends to)."""
+        return self.score(self.queries(q_latent, cos, sin), self.weights(x), self.keys(x, cos, sin))
+
+
+def indexer_kl(target: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """DSA's indexer loss: KL(p ‖ softmax(I)) over the tokens each query attends to (all it may see in the dense
+    warm-up, its top-k in sparse training), averaged over queries. target p [B, T, S] (0 outside `allowed`),
+    scores I [B, T, S], allowed [B, T, S] bool."""
+    log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
+    terms = torch.where(allowed, torch.xlogy(target, target) - target * log_q, 0.0)
+    return terms.sum(dim=-1).mean()
+
+
+def top_k_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [..., T, S], visible [..., T, S] → visible restricted to each query's k highest-scoring tokens."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    chosen = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    return visible & torch.zeros_like(visible).scatter_(-1, chosen, True)

@@ -14,6 +14,7 @@ from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.gqa import GroupedQueryAttention
 from nanoseek.model.init import seeded_normal_
 from nanoseek.model.layers import MLP, RMSNorm
+from nanoseek.model.indexer import LightningIndexer
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MoE, Router
 from nanoseek.model.paged import PagedBatch
@@ -116,6 +117,10 @@ class Transformer(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def indexers(self) -> list[LightningIndexer]:
+        """V3.2's lightning indexers, one per attention layer (MTP modules included); none for V3."""
+        return [m for m in self.modules() if isinstance(m, LightningIndexer)]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, with_mtp: bool = True,
                 documents: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:

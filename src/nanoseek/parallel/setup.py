@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from nanoseek.errors import ConfigError
+from nanoseek.model.indexer import LightningIndexer
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.expert_parallel import apply_expert_parallel
 
@@ -122,8 +123,12 @@ def shard_experts(model: Transformer, par: Parallelism) -> None:
 
 
 def shard_blocks(blocks: list[torch.nn.Module], root: torch.nn.Module, par: Parallelism) -> None:
-    """FSDP2 over all data-parallel ranks: each block, then the root (the model, or a pipeline stage)."""
+    """FSDP2 over all data-parallel ranks: each block, then the root (the model, or a pipeline stage). A V3.2
+    indexer is a unit of its own: in the dense warm-up its KL is the only loss, a graph that never passes through
+    its block's output, where FSDP would have gathered the block's parameters again for backward."""
     for block in blocks:
+        for indexer in [m for m in block.modules() if isinstance(m, LightningIndexer)]:
+            fully_shard(indexer, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
         fully_shard(block, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
     fully_shard(root, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
 

@@ -57,6 +57,9 @@ class TrainConfig:
     optimizer_moments: Literal["fp32", "bf16"] = "fp32"  # AdamW's m and v; master weights stay fp32
     recompute: bool = False  # keep only MLA's compressed inputs; replay norms, up-projections and core in backward
     compile: bool = False  # torch.compile each block (what cannot compile, e.g. the experts' grouped GEMM, stays eager)
+    # V3.2 models (model.index_n_heads > 0): "warmup" trains only the indexers, by KL to dense attention; "sparse"
+    # trains everything with top-k attention, the indexers by KL over their selection (train/dsa.py)
+    dsa: Literal["warmup", "sparse"] = "sparse"
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")

@@ -160,13 +160,16 @@ def progress_text(row: dict[str, Any], val_loss: float | None, peak_source: str)
 
 
 def log_row(done: int, mean_sums: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
-            grad_accum: int, with_mtp: bool) -> dict[str, Any]:
-    """The metrics of a logged step: the one host read of its (LM, MTP, balance) loss sums and gradient norm."""
-    lm, mtp, aux = (mean_sums / grad_accum).tolist()
+            grad_accum: int, with_mtp: bool, with_indexer: bool = False) -> dict[str, Any]:
+    """The metrics of a logged step: the one host read of its (LM, MTP, balance, indexer KL) loss sums and gradient
+    norm."""
+    lm, mtp, aux, kl = (mean_sums / grad_accum).tolist()
     row: dict[str, Any] = {"step": done, "loss": lm, "lr": optimizer.param_groups[0]["lr"],
                            "grad_norm": grad_norm.item()}
     if with_mtp:
         row["mtp_loss"] = mtp
     if aux:
         row["aux_loss"] = aux
+    if with_indexer:
+        row["indexer_kl"] = kl
     return row

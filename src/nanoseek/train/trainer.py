@@ -30,6 +30,7 @@ from nanoseek.train.balance import ImbalanceTracker, configure_balance, update_e
 from nanoseek.train.checkpoint import (check_shapes, checkpoint_path, list_checkpoints, load_checkpoint, read_meta,
                                       save_checkpoint, saved_configs)
 from nanoseek.train.config import TrainConfig, resume_train_config
+from nanoseek.train.dsa import check_starting_shapes, configure_indexers, indexer_loss, load_initial_weights
 from nanoseek.train.data import run_dataset, run_sources, run_tokenizer, same_sources
 from nanoseek.train.interrupt import StopRequests, resume_hint
 from nanoseek.train.metrics import (MetricsLog, PeakFlops, Stopwatch, Throughput, log_row, plot_losses,
@@ -50,6 +51,7 @@ class RunSpec:
     pp: int = 1  # pipeline ranks
     pp_schedule: str = "1f1b"
     explicit: frozenset[str] = frozenset()  # settings the user gave (model.X / train.X): on resume, checked or applied
+    init_from: Path | None = None  # --from: a model directory whose weights start the run (e.g. V3 → V3.2)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):  # one source, as a path
@@ -58,9 +60,6 @@ class RunSpec:
 
 def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
     """Resolves configs, tokenizer and data, all checked before anything in the run directory is written."""
-    if spec.model.sparse_attention:  # its indexer learns from a KL loss of its own, which this loop does not have
-        raise NanoseekError("training V3.2's sparse attention (the indexer's dense warm-up, then sparse training) is "
-                            "not implemented yet; set model.index_n_heads=0 to train V3's dense attention")
     checkpoints = list_checkpoints(spec.out / "checkpoints")
     if spec.resume:
         if not checkpoints:
@@ -79,6 +78,8 @@ def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
         if checkpoints or (spec.out / "model.safetensors").exists():
             raise NanoseekError(f"{spec.out} already holds a run; pass --resume to continue it or choose another "
                                 "--out")
+        if spec.init_from is not None:
+            check_starting_shapes(spec.model, spec.init_from)
         tokenizer, trained = run_tokenizer(run_sources(spec.data), spec.train)
         if trained:
             spec = dataclasses.replace(spec, model=spec.model.replace(vocab_size=spec.train.vocab_size))
@@ -185,6 +186,8 @@ def build_model(spec: RunSpec, par: Parallelism) -> tuple[Transformer, PipelineR
                                 "train.grad_accum=1")
         if cfg.document_mask:
             raise NanoseekError("train.document_mask is not supported with --pp (its stages run causal attention)")
+        if spec.model.sparse_attention:
+            raise NanoseekError("V3.2's indexer loss is not carried through pipeline stages: train it without --pp")
         pipeline = PipelineRunner(model, par, cfg.batch_size // par.dp, cfg.mtp_weight)
     parallelize(model, par)
     model.to_empty(device=par.device)
@@ -205,6 +208,10 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
     par = dataclasses.replace(par, compute_dtype=cfg.compute_dtype(device))
     torch.manual_seed(cfg.seed)
     model, pipeline = build_model(spec, par)
+    if spec.init_from is not None and resume_from is None:
+        load_initial_weights(model, spec.init_from)
+    indexers = configure_indexers(model, cfg.dsa)
+    warmup = bool(indexers) and cfg.dsa == "warmup"
     optimizer = build_optimizer(model, cfg, device)
     start = load_checkpoint(resume_from, model, optimizer)["step"] if resume_from else 0
     metrics = MetricsLog(out / "metrics.jsonl", start if resume_from else None) if par.is_main else None
@@ -226,7 +233,7 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         for m in moe_layers:
             m.expert_load.zero_()
-        sums = torch.zeros(3, device=device)  # LM, MTP and balance losses, summed over micro-batches
+        sums = torch.zeros(4, device=device)  # LM, MTP, balance and indexer losses, summed over micro-batches
         if pipeline:
             sums[:2] = pipeline.train_step(*_local_rows(_batch(dataset, "train", cfg, step), par)[:2])
         for micro in range(cfg.grad_accum if pipeline is None else 0):
@@ -246,12 +253,16 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
                 aux_total = torch.stack(aux).sum()
                 loss = loss + aux_total
                 sums[2] += aux_total.detach()
+            kl = indexer_loss(indexers)
+            if kl is not None:
+                loss = kl if warmup else loss + kl  # the warm-up's only loss: the rest of the model is frozen
+                sums[3] += kl.detach()
             (loss / cfg.grad_accum).backward()
         loads = sum_over_ranks([m.expert_load.clone() for m in moe_layers], par)
         grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip, par)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cfg.balance == "aux-free":
+        if cfg.balance == "aux-free" and not warmup:
             update_expert_bias(moe_layers, loads, cfg.bias_update_speed)
         if loads:
             tracker.add(loads)
@@ -262,7 +273,7 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
                 val_loss = evaluate(model, dataset, cfg, par, pipeline)
         if done % cfg.log_every == 0 or evaluating:
             row = log_row(done, mean_over_ranks(sums, par), grad_norm, optimizer, cfg.grad_accum,
-                          bool(spec.model.num_nextn_predict_layers))
+                          bool(spec.model.num_nextn_predict_layers), bool(indexers))
             synchronize(device)
             throughput.add(interval_steps, time.perf_counter() - interval_start - paused.seconds)
             tokens_per_s = throughput.tokens_per_s(cfg.tokens_per_step)
