@@ -170,3 +170,21 @@ def test_bad_conversions_say_why_in_one_line(runs, argv, needle, capsys, monkeyp
                  *argv]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_sparse_training_step_under_bf16_autocast():
+    """What GPUs run: the same step under bf16 autocast gives the fp32 step's LM loss and indexer KL within bf16
+    rounding, the scores and head weights staying fp32."""
+    model = _model("sparse")
+    ids, targets = _batch()
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
+            output = model(ids, targets, with_mtp=False)
+            kl = indexer_loss(model.indexers())
+            (output.lm_loss + kl).backward()
+        losses[dtype] = output.lm_loss.item(), kl.item()
+        assert kl.dtype == torch.float32 and all(p.grad is not None for ix in model.indexers() for p in ix.parameters())
+        model.zero_grad(set_to_none=True)
+    for got, want in zip(losses[torch.bfloat16], losses[torch.float32]):
+        assert got == pytest.approx(want, rel=0.05)

@@ -11,7 +11,7 @@ import nanoseek
 from helpers import V32, YARN, tiny_config
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
-from nanoseek.model.paged import PagedBatch, PrefillChunk
+from nanoseek.model.paged import PagedBatch, PagedStore, PrefillChunk
 
 BLOCK_BYTES = 4 * 4 * 20 * 4  # (3 layers + MTP) × 4 tokens × (latent 16 + rope 4) × fp32
 
@@ -26,9 +26,11 @@ def _model(**overrides) -> nanoseek.Transformer:
     return model
 
 
-def _store(model: nanoseek.Transformer, slots: int = 128) -> torch.Tensor:
+def _store(model: nanoseek.Transformer, slots: int = 128) -> PagedStore:
     c = model.config
-    return torch.zeros(c.num_hidden_layers + 1, slots, c.cache_width)
+    layers = c.num_hidden_layers + 1
+    return PagedStore(torch.zeros(layers, slots, c.kv_lora_rank + c.qk_rope_head_dim),
+                      torch.zeros(layers, slots, c.index_head_dim) if c.sparse_attention else None)
 
 
 def _prefill(model, store, tokens, slots, start, stop) -> torch.Tensor:

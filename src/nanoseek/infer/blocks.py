@@ -27,20 +27,25 @@ from typing import NamedTuple
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.paged import PagedStore
 
 
 def latent_store(config: ModelConfig, memory_bytes: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """→ zeros [layers + MTP modules, blocks · block_size, kv_lora_rank + rope (+ V3.2's index_head_dim)], as many
-    whole blocks as fit."""
+                 dtype: torch.dtype) -> PagedStore:
+    """→ zeros [layers + MTP modules, blocks · block_size, kv_lora_rank + rope] (and V3.2's indexer keys
+    [..., index_head_dim]), as many whole blocks as fit."""
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
-    width = config.cache_width
-    block_bytes = layers * block_size * width * torch.finfo(dtype).bits // 8
+    block_bytes = layers * block_size * config.cache_width * torch.finfo(dtype).bits // 8
     blocks = memory_bytes // block_bytes
     if blocks < 1:
         raise ValueError(f"the cache memory ({memory_bytes} bytes) holds no block of {block_size} tokens "
                          f"({block_bytes} bytes)")
-    return torch.zeros(layers, blocks * block_size, width, device=device, dtype=dtype)
+
+    def zeros(width: int) -> torch.Tensor:
+        return torch.zeros(layers, blocks * block_size, width, device=device, dtype=dtype)
+
+    latent_width = config.kv_lora_rank + config.qk_rope_head_dim
+    return PagedStore(zeros(latent_width), zeros(config.index_head_dim) if config.sparse_attention else None)
 
 
 class BlockKey(NamedTuple):

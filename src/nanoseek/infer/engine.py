@@ -62,10 +62,10 @@ class Engine:
         memory = config.cache_memory or min(config.max_seqs * (mc.max_position_embeddings + 1) * token_bytes,
                                             available_memory(self.device) // 4)
         store = latent_store(mc, int(memory), config.block_size, self.device, self.dtype)
-        self.blocks = BlockManager(store.shape[1] // config.block_size, config.block_size)
+        self.blocks = BlockManager(store.latents.shape[1] // config.block_size, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_seqs, config.token_budget, config.static)
         self.runner = ModelRunner(model, store, config.block_size, self.speculate)
-        self.cache_bytes = store.numel() * store.element_size()
+        self.cache_bytes = store.nbytes
         self._inbox: deque[Sequence] = deque()
         self._lock = threading.Lock()
         self.generated_tokens = self.drafted = self.accepted = self.steps = 0

@@ -11,7 +11,7 @@ import torch
 from nanoseek.infer.request import Sequence
 from nanoseek.infer.sampler import LogitShaping, RowSettings, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Step
-from nanoseek.model.paged import PagedBatch, PrefillChunk
+from nanoseek.model.paged import PagedBatch, PagedStore, PrefillChunk
 from nanoseek.model.transformer import Transformer
 
 
@@ -26,7 +26,7 @@ class SeqResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, store: torch.Tensor, block_size: int, speculate: bool):
+    def __init__(self, model: Transformer, store: PagedStore, block_size: int, speculate: bool):
         self.model, self.store, self.block_size, self.speculate = model, store, block_size, speculate
         self.device = store.device
 

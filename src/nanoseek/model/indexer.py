@@ -57,8 +57,12 @@ class LightningIndexer(nn.Module):
     def score(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """q [B, T, H, D], weights [B, T, H], keys [B, S, D] → I [B, T, S] in fp32, every pair (the caller masks
         what a query may not see)."""
-        dots = torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5
-        return torch.matmul(weights.unsqueeze(-2), dots.relu()).squeeze(-2)  # [B, T, 1, H] @ [B, T, H, S]
+        B, T, H, D = q.shape
+        # one [T·H, D] @ [D, S] product per sequence (a [B, 1, D, S] key broadcast against [B, T, ...] would copy
+        # the keys T times)
+        dots = torch.bmm(q.float().reshape(B, T * H, D) * D ** -0.5, keys.float().transpose(-1, -2))
+        # [B, T, 1, H] @ [B, T, H, S]: each query's head-weighted sum
+        return torch.matmul(weights.unsqueeze(-2), dots.view(B, T, H, -1).relu()).squeeze(-2)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, dim], q_latent [B, T, q_lora_rank] → I [B, T, T] of a whole sequence (`top_k_mask` turns it

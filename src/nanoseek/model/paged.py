@@ -1,9 +1,10 @@
 """What an inference forward over a paged latent store needs to know. The serving engine builds it; the model only
 reads it, so the model never depends on how blocks are allocated, shared or evicted.
 
-A layer's store is one tensor [slots, kv_lora_rank + qk_rope_head_dim]: slot s holds [c_KV; k_rope] of one token
-of one sequence. A forward gets, per sequence, the slots of its context in position order (its block table
-unrolled), and the slot each new token is written to.
+A layer's store holds, per slot (one token of one sequence), MLA's [c_KV; k_rope] and, for V3.2, the lightning
+indexer's key in a tensor of its own: the indexer reads the keys of a whole context every decode step, and from a
+separate tensor those are contiguous rows, not a strided slice of wider ones. A forward gets, per sequence, the
+slots of its context in position order (its block table unrolled), and the slot each new token is written to.
 
 The N tokens of a forward lie flat: first the decode sequences, `decode_width` tokens each (1, or 1 + the draft
 when speculation verifies one), then the prefill chunks one after another. Decode rows attend in the absorbed
@@ -15,6 +16,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass
+class PagedStore:
+    latents: torch.Tensor  # [slots, kv_lora_rank + rope] (with a leading [layers + MTP modules] dim: every layer's)
+    index_keys: torch.Tensor | None = None  # [slots, index_head_dim] likewise (V3.2)
+
+    def layer(self, i: int) -> PagedStore:
+        return PagedStore(self.latents[i], None if self.index_keys is None else self.index_keys[i])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.latents.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.latents.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.latents, self.index_keys) if t is not None)
 
 
 @dataclass

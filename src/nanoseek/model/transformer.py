@@ -17,7 +17,7 @@ from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.indexer import LightningIndexer
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MoE, Router
-from nanoseek.model.paged import PagedBatch
+from nanoseek.model.paged import PagedBatch, PagedStore
 from nanoseek.model.rope import RotaryEmbedding
 
 
@@ -32,7 +32,7 @@ class Block(nn.Module):
                                else MLP(config.hidden_size, config.intermediate_size))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                paged: tuple[torch.Tensor, PagedBatch] | None = None, mask: torch.Tensor | None = None
+                paged: tuple[PagedStore, PagedBatch] | None = None, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """Whole causal sequences (training; `mask` keeps packed documents apart); with `paged` (this layer's latent
         store, the batch layout), the flat new tokens of an inference forward."""
@@ -60,7 +60,7 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                paged: tuple[torch.Tensor, PagedBatch] | None = None, mask: torch.Tensor | None = None
+                paged: tuple[PagedStore, PagedBatch] | None = None, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
         return self.block(x, cos, sin, paged, mask)
@@ -97,8 +97,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
         """V3 initialization: every weight matrix N(0, 0.006) (the only parameters of two or more dims), norms 1
-        (the only 1-D ones but the V3.2 indexer's LayerNorm bias, 0); balancing biases 0. Without a seed, drawn from torch's global generator in module
-        order; with one, each parameter from (seed, its name) alone, which also holds for a sharded model
+        (the only 1-D ones but the V3.2 indexer's LayerNorm bias, 0); balancing biases 0. Without a seed, drawn
+        from torch's global generator in module order; with one, each parameter from (seed, its name) alone, which also holds for a sharded model
         (nanoseek.model.init): build on meta, parallelize, materialize, then call this."""
         std = self.config.initializer_range
         for name, param in self.named_parameters():
@@ -140,25 +140,25 @@ class Transformer(nn.Module):
         mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin, mask) if len(self.mtp) and with_mtp else None
         return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
 
-    def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: torch.Tensor) -> torch.Tensor:
-        """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over the latent stores
-        [layers + MTP modules, slots, kv_lora_rank + rope] → final hidden states [N, dim] (before the norm: MTP's
-        input; `logits` turns the rows that are sampled into logits)."""
+    def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: PagedStore) -> torch.Tensor:
+        """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over every layer's
+        paged store → final hidden states [N, dim] (before the norm: MTP's input; `logits` turns the rows that are
+        sampled into logits)."""
         cos, sin = self.rope(batch.positions)
         x = self.embed(input_ids)[None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, (stores[i], batch))
+            x = layer(x, cos, sin, (stores.layer(i), batch))
         return x[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden))
 
     def mtp_forward_paged(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: PagedBatch,
-                          stores: torch.Tensor, depth: int = 0) -> torch.Tensor:
+                          stores: PagedStore, depth: int = 0) -> torch.Tensor:
         """MTP module `depth` at the batch's positions i, from h_i [N, dim] and token t_{i+1} [N] → its hidden
         states [N, dim] (`mtp_logits` of a row: the logits for t_{i+2}, the draft)."""
         cos, sin = self.rope(batch.positions)
-        paged = (stores[self.config.num_hidden_layers + depth], batch)
+        paged = (stores.layer(self.config.num_hidden_layers + depth), batch)
         return self.mtp[depth](hidden[None], self.embed(next_ids)[None], cos, sin, paged)[0]
 
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
