@@ -15,14 +15,19 @@ trained densely for the same extra steps. Every run is seeded; the held-out spli
     .venv/bin/python benchmarks/sparse_attention.py            # writes docs/bench/sparse_attention.json
     .venv/bin/python benchmarks/sparse_attention.py --quick    # a smoke test of every part (minutes)
 
-Run alone on the machine.
+Run alone on the machine. The script restarts itself with glibc's allocator told to keep freed memory
+(ALLOCATOR): a CPU has no caching allocator like CUDA's, so every large context gather would be a fresh mmap whose
+page faults dominate a decode step (measured: 1 min 41 s of system time in the speed part, against 2 s), and they
+hit V3's larger gathers hardest (its 16K decode measured anywhere from 52 to 116 tok/s across runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +47,7 @@ from nanoseek.train.data import run_dataset, run_sources
 from nanoseek.train.heldout import held_out_loss
 
 ROOT = Path(__file__).resolve().parent.parent
+ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 SPEED_SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=64,
                    num_hidden_layers=2, num_attention_heads=16, q_lora_rank=128, kv_lora_rank=256,
                    qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
@@ -51,48 +57,63 @@ INDEXER = dict(index_n_heads=8, index_head_dim=64, index_topk=2048)
 
 
 def _engine(config: ModelConfig, seed: int) -> Engine:
-    torch.manual_seed(seed)
     model = Transformer(config).eval()
     model.reset_parameters(seed=seed)
     return Engine(model, config=EngineConfig(max_seqs=8, token_budget=1024, speculation=False))
 
 
-def _timed_generation(engine: Engine, context: int, batch: int, new_tokens: int, seed: int) -> tuple[float, float]:
-    """→ (seconds to prefill one prompt of `context` tokens, decode tokens/s of `batch` sequences at that context).
-    The prompts are prefilled one after another (each timed), then decoded together."""
+def _prompts(context: int, batch: int, vocab: int, seed: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_new_tokens=new_tokens, min_tokens=new_tokens)
-    prefill_seconds, sequences = [], []
-    for _ in range(batch):
-        prompt = torch.randint(0, engine.model.config.vocab_size, (context,), generator=generator).tolist()
-        seq = engine.add(prompt, params)
+    return [torch.randint(0, vocab, (context,), generator=generator).tolist() for _ in range(batch)]
+
+
+def _prefill_seconds(engine: Engine, prompts: list[list[int]]) -> float:
+    """The fastest of the prompts' prefills, one prompt at a time (they are then in the prefix cache)."""
+    times = []
+    for prompt in prompts:
         start = time.perf_counter()
-        while not seq.output:
-            engine.step()
-        prefill_seconds.append(time.perf_counter() - start)
-        sequences.append(seq)
+        engine.generate([prompt], SamplingParams(max_new_tokens=1))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _decode_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
+    """The prompts (cached: only their last partial block is computed) decoded together; the time of the steps
+    after every sequence has its first token."""
+    params = SamplingParams(max_new_tokens=new_tokens, min_tokens=new_tokens)
+    sequences = [engine.add(prompt, params) for prompt in prompts]
+    while not all(s.output for s in sequences):
+        engine.step()
     produced = sum(len(s.output) for s in sequences)
     start = time.perf_counter()
     while any(s.finish_reason is None for s in sequences):
         engine.step()
-    decode_seconds = time.perf_counter() - start
-    decoded = sum(len(s.output) for s in sequences) - produced
-    return min(prefill_seconds), decoded / decode_seconds
+    return (sum(len(s.output) for s in sequences) - produced) / (time.perf_counter() - start)
 
 
-def speed(contexts: list[int], batch: int, new_tokens: int, seed: int) -> list[dict]:
+def speed(contexts: list[int], batch: int, new_tokens: int, rounds: int, seed: int) -> list[dict]:
+    """Per context: both engines prefill the same prompts, then decode them in `rounds` rounds taken in
+    alternation (a machine whose speed drifts moves both sides alike); the median round, with the range."""
     dense = ModelConfig(**SPEED_SHAPE, max_position_embeddings=max(contexts) + new_tokens + 64)
-    sparse = dense.replace(**INDEXER)
+    engines = {"v3": _engine(dense, seed), "v32": _engine(dense.replace(**INDEXER), seed)}
+    for engine in engines.values():  # warm-up: allocator, first-call costs
+        _decode_tokens_per_s(engine, _prompts(256, 1, dense.vocab_size, seed + 1), 4)
     rows = []
     for context in contexts:
-        row = {"context": context}
-        for name, config in (("v3", dense), ("v32", sparse)):
-            engine = _engine(config, seed)
-            _timed_generation(engine, 256, 1, 4, seed)  # warm-up: allocator, first-call costs
-            row[f"{name}_prefill_s"], row[f"{name}_decode_tok_s"] = _timed_generation(engine, context, batch,
-                                                                                     new_tokens, seed)
-            del engine
-        row["decode_speedup"] = row["v32_decode_tok_s"] / row["v3_decode_tok_s"]
+        prompts = _prompts(context, batch, dense.vocab_size, seed)
+        row: dict = {"context": context}
+        for name, engine in engines.items():
+            row[f"{name}_prefill_s"] = _prefill_seconds(engine, prompts)
+        measured: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                measured[name].append(_decode_tokens_per_s(engine, prompts, new_tokens))
+        for name, values in measured.items():
+            row[f"{name}_decode_tok_s"] = statistics.median(values)
+            row[f"{name}_decode_tok_s_range"] = [min(values), max(values)]
+        ratios = [b / a for a, b in zip(measured["v3"], measured["v32"])]
+        row["decode_speedup"] = statistics.median(ratios)
+        row["decode_speedup_range"] = [min(ratios), max(ratios)]
         row["prefill_ratio"] = row["v3_prefill_s"] / row["v32_prefill_s"]
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -149,13 +170,13 @@ def markdown(report: dict) -> str:
     if "speed" in report:
         active = report["active_params"]
         lines += [f"Speed (same engine; decode: {report['decode_batch']} sequences at the context, "
-                  f"{report['new_tokens']} new tokens each; active parameters V3 {active['v3']:,}, V3.2 "
-                  f"{active['v32']:,}):", "",
+                  f"{report['new_tokens']} new tokens each, the median of {report['rounds']} alternating rounds "
+                  f"[range]; active parameters V3 {active['v3']:,}, V3.2 {active['v32']:,}):", "",
                   "| context | V3 decode tok/s | V3.2 decode tok/s | decode speed-up | V3 prefill s | "
                   "V3.2 prefill s |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['context']:,} | {r['v3_decode_tok_s']:.0f} | {r['v32_decode_tok_s']:.0f} | "
-                  f"{r['decode_speedup']:.2f}x | {r['v3_prefill_s']:.2f} | {r['v32_prefill_s']:.2f} |"
-                  for r in report["speed"]]
+                  f"{r['decode_speedup']:.2f}x [{r['decode_speedup_range'][0]:.2f}-{r['decode_speedup_range'][1]:.2f}]"
+                  f" | {r['v3_prefill_s']:.2f} | {r['v32_prefill_s']:.2f} |" for r in report["speed"]]
     if "quality" in report:
         q = report["quality"]
         lines += ["", f"Held-out bits per byte at {q['context']:,} tokens (V3.2 keeps the top {q['index_topk']} "
@@ -170,6 +191,8 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
+    if any(os.environ.get(name) != value for name, value in ALLOCATOR.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR})
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small contexts and few steps: a smoke test")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sparse_attention")
@@ -183,13 +206,14 @@ def main() -> None:
     steps = dict(short=20, extend=10, warmup=10, sparse=10) if args.quick else \
         dict(short=600, extend=200, warmup=100, sparse=200)
     report = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "allocator": ALLOCATOR,
               "quick": args.quick, "speed_shape": SPEED_SHAPE, "indexer": INDEXER}
     if args.skip != "speed":
         dense = ModelConfig(**SPEED_SHAPE, max_position_embeddings=max(contexts) + 256)
         report["active_params"] = {"v3": model_stats(dense).active_params,
                                    "v32": model_stats(dense.replace(**INDEXER)).active_params}
-        report["decode_batch"], report["new_tokens"] = (2, 8) if args.quick else (4, 32)
-        report["speed"] = speed(contexts, report["decode_batch"], report["new_tokens"], args.seed)
+        report["decode_batch"], report["new_tokens"], report["rounds"] = (2, 8, 2) if args.quick else (4, 32, 5)
+        report["speed"] = speed(contexts, report["decode_batch"], report["new_tokens"], report["rounds"], args.seed)
     if args.skip != "quality":
         report["quality"] = quality(args.out / ("quick" if args.quick else "full"), context, steps, args.seed)
     table = markdown(report)
