@@ -100,17 +100,29 @@ def test_v32_speculation_equals_plain_greedy():
     assert speculating.accepted > 0
 
 
-def test_post_training_refuses_v32_in_one_line(tmp_path, capsys, monkeypatch):
-    """SFT and GRPO have no indexer loss yet: they stop with one line instead of training with a frozen indexer."""
-    from helpers import micro_model_dir
-    from nanoseek.cli import main
+def test_post_training_keeps_training_the_indexers(tmp_path):
+    """SFT and GRPO on a V3.2 model run DSA's sparse stage: top-k attention (rollouts served sparse), the indexers
+    learning from their KL beside the task's loss, which each logs."""
+    import json
 
-    model_dir = micro_model_dir(tmp_path / "model", "to be or not to be\n" * 40, 260, 264)
-    config = nanoseek.ModelConfig.load_json(model_dir / "config.json").replace(**V32)
+    from safetensors.torch import load_file
+
+    from nanoseek.cli import main
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    base = tmp_path / "base"
+    tokenizer = train_tokenizer(["What is 12 + 30? The answer is 42. Be brief, my lord; and again. "] * 50, 200)
     torch.manual_seed(0)
-    nanoseek.save_pretrained(nanoseek.Transformer(config), model_dir)
-    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
-    capsys.readouterr()
-    assert main(["sft", str(model_dir), "--out", str(tmp_path / "sft"), "--max-steps", "1"]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nanoseek")]
-    assert len(err) == 1 and "post-training V3.2's sparse attention" in err[0], err
+    config = tiny_config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=128, **V32)
+    nanoseek.save_pretrained(nanoseek.Transformer(config), base)
+    tokenizer.save(str(base / "tokenizer.json"))
+    assert main(["sft", str(base), "--task", "arithmetic", "--task-examples", "20", "--out", str(tmp_path / "sft"),
+                 "--max-steps", "2", "--batch-size", "2"]) == 0
+    assert main(["rl", str(tmp_path / "sft"), "--out", str(tmp_path / "rl"), "--batch-size", "2", "--group-size",
+                 "2", "--max-response-tokens", "4", "--max-steps", "1"]) == 0
+    for run in ("sft", "rl"):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert rows and all(row["indexer_kl"] > 0 for row in rows), run
+    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "sft" / "model.safetensors")
+    indexer = [k for k in before if ".indexer.wk." in k]
+    assert indexer and all(not torch.equal(before[k], after[k]) for k in indexer)

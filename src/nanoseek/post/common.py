@@ -20,6 +20,7 @@ from nanoseek.errors import NanoseekError, RunInterrupted
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.dsa import configure_indexers
 from nanoseek.train.interrupt import StopRequests, resume_hint
 from nanoseek.train.metrics import MetricsLog
 from nanoseek.train.optim import build_optimizer, lr_factor
@@ -69,16 +70,15 @@ def device_for_run() -> torch.device:
 def load_model_dir(source: Path, device: torch.device,
                    dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
     """The model (fp32 to train: autocast runs the GEMMs in bf16) and its tokenizer with the chat tokens, the
-    embedding grown if they are new."""
+    embedding grown if they are new. A V3.2 model trains as in DSA's sparse stage (its loss adds `indexer_loss`)."""
     if not (source / "tokenizer.json").is_file():
         raise NanoseekError(f"{source} has no tokenizer.json: give a run or model directory")
     model = load_pretrained(source, device=device, dtype=dtype)
-    if model.config.sparse_attention:
-        raise NanoseekError("post-training V3.2's sparse attention (the indexer's KL loss) is not implemented yet")
     tokenizer = load_tokenizer(source / "tokenizer.json")
     add_chat_tokens(tokenizer)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         model = resize_vocab(model, tokenizer.get_vocab_size())
+    configure_indexers(model, "sparse")  # V3.2: top-k attention, each indexer learning from its KL as in pretraining
     return model, tokenizer
 
 

@@ -27,6 +27,7 @@ from nanoseek.infer.request import SamplingParams
 from nanoseek.model.transformer import Transformer
 from nanoseek.post.common import PostConfig, PostRun, device_for_run, load_model_dir
 from nanoseek.post.tasks import Task, get_task
+from nanoseek.train.dsa import indexer_loss
 from nanoseek.train.interrupt import StopRequests
 from nanoseek.train.precision import autocast
 
@@ -141,6 +142,7 @@ def run_rl(source: Path, out: Path, task_name: str, cfg: PostConfig, grpo: GrpoC
     run = PostRun(out, source, "rl", cfg, resume, {"task": task_name, **grpo.__dict__})
     device = device_for_run()
     model, tokenizer = load_model_dir(source, device)
+    indexers = model.indexers()
     reference = copy.deepcopy(model).eval().requires_grad_(False) if grpo.kl_beta > 0 else None
     optimizer, start, metrics = run.start(model)
     schedule = cfg.schedule()
@@ -164,16 +166,22 @@ def run_rl(source: Path, out: Path, task_name: str, cfg: PostConfig, grpo: GrpoC
                             ref_logp = token_logprobs(reference, inputs, targets)
                 loss, part_stats = grpo_loss(logp, batch.old_logp[part].to(device), advantages[part].to(device),
                                              batch.mask[part].to(device), grpo, ref_logp)
+                kl = indexer_loss(indexers)
+                if kl is not None:  # V3.2: its indexers keep learning where the policy now attends
+                    loss = loss + kl
+                    part_stats["indexer_kl"] = kl.detach()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 for name, value in part_stats.items():
-                    stats[name] += value.item() / grpo.minibatches
+                    stats[name] = stats.get(name, 0.0) + value.item() / grpo.minibatches
             done = step + 1
             row = {"step": done, "reward": batch.rewards.mean().item(), "accuracy": batch.correct.mean().item(),
                    "response_tokens": batch.lengths.mean().item(), "kl": stats["kl"],
                    "clip_fraction": stats["clip_fraction"], "lr": lr}
+            if "indexer_kl" in stats:
+                row["indexer_kl"] = stats["indexer_kl"]
             metrics.log(row)
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()
                              if k in ("reward", "accuracy", "kl", "clip_fraction")})

@@ -18,6 +18,7 @@ from nanoseek.post.common import PostConfig, PostRun, device_for_run, load_model
 from nanoseek.post.sft_data import (Conversation, EncodedConversations, batch, chatterbot_conversations,
                                     encode_all, read_conversations, rows_for_step, split_heldout)
 from nanoseek.post.tasks import get_task
+from nanoseek.train.dsa import indexer_loss
 from nanoseek.train.interrupt import StopRequests
 from nanoseek.train.precision import autocast
 
@@ -54,6 +55,7 @@ def run_sft(base: Path, out: Path, cfg: PostConfig, data: Path | None, task: str
         conversations += task_conversations(task, task_examples, cfg.seed)
     device = device_for_run()
     model, tokenizer = load_model_dir(base, device)
+    indexers = model.indexers()
     train_set, held_set = split_heldout(conversations, 0.05, cfg.seed)
     context = model.config.max_position_embeddings
     train_data = encode_all(train_set, tokenizer, context, skip_long=data is None)
@@ -73,6 +75,9 @@ def run_sft(base: Path, out: Path, cfg: PostConfig, data: Path | None, task: str
             with autocast(device, schedule):
                 output = model(inputs, targets)
             loss = output.lm_loss + (schedule.mtp_weight * output.mtp_loss if output.mtp_loss is not None else 0.0)
+            kl = indexer_loss(indexers)
+            if kl is not None:  # V3.2
+                loss = loss + kl
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
             optimizer.step()
@@ -80,6 +85,8 @@ def run_sft(base: Path, out: Path, cfg: PostConfig, data: Path | None, task: str
             done = step + 1
             if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == cfg.max_steps:
                 row = {"step": done, "loss": output.lm_loss.item(), "lr": lr, "grad_norm": float(grad_norm)}
+                if kl is not None:
+                    row["indexer_kl"] = kl.item()
                 if done % cfg.eval_every == 0 or done == cfg.max_steps:
                     model.eval()
                     row["val_loss"] = heldout_loss(model, held_data, cfg.batch_size, pad_id, autocast(device, schedule))
