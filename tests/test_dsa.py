@@ -188,3 +188,21 @@ def test_sparse_training_step_under_bf16_autocast():
         model.zero_grad(set_to_none=True)
     for got, want in zip(losses[torch.bfloat16], losses[torch.float32]):
         assert got == pytest.approx(want, rel=0.05)
+
+
+def test_index_scores_in_query_chunks_equal_one_product(monkeypatch):
+    """Long contexts score queries in chunks (bounded memory); the scores, and their gradients, are the same."""
+    from nanoseek.model import indexer as indexer_module
+
+    model = _model("sparse")
+    ix = model.layers[0].attn.indexer
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 20, 8, 8, generator=generator, requires_grad=True)
+    weights, keys = torch.randn(2, 20, 8, generator=generator), torch.randn(2, 20, 8, generator=generator)
+    whole = ix.score(q, weights, keys)
+    (grad_whole,) = torch.autograd.grad(whole.square().sum(), q)
+    monkeypatch.setattr(indexer_module, "SCORE_CHUNK_ELEMENTS", 2 * 8 * 20 * 3)  # 3 queries a chunk: 7 chunks
+    chunked = ix.score(q, weights, keys)
+    (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), q)
+    assert torch.allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(grad_chunked, grad_whole, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,9 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.rope import apply_rope_half_split
 
 
+SCORE_CHUNK_ELEMENTS = 1 << 24  # per-head products held at once while scoring (64 MiB in fp32)
+
+
 class LightningIndexer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -56,13 +59,20 @@ class LightningIndexer(nn.Module):
 
     def score(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """q [B, T, H, D], weights [B, T, H], keys [B, S, D] → I [B, T, S] in fp32, every pair (the caller masks
-        what a query may not see)."""
+        what a query may not see). Queries go in chunks so that the per-head products [B, chunk, H, S] stay within
+        SCORE_CHUNK_ELEMENTS (a 1,024-token prefill chunk at 128K context would otherwise hold 4 GiB)."""
         B, T, H, D = q.shape
-        # one [T·H, D] @ [D, S] product per sequence (a [B, 1, D, S] key broadcast against [B, T, ...] would copy
-        # the keys T times)
-        dots = torch.bmm(q.float().reshape(B, T * H, D) * D ** -0.5, keys.float().transpose(-1, -2))
-        # [B, T, 1, H] @ [B, T, H, S]: each query's head-weighted sum
-        return torch.matmul(weights.unsqueeze(-2), dots.view(B, T, H, -1).relu()).squeeze(-2)
+        rows = max(1, SCORE_CHUNK_ELEMENTS // (B * H * keys.shape[1]))
+        keys_t = keys.float().transpose(-1, -2)
+        parts = []
+        for start in range(0, T, rows):
+            q_part, w_part = q[:, start: start + rows], weights[:, start: start + rows]
+            n = q_part.shape[1]
+            # one [n·H, D] @ [D, S] product per sequence (a [B, 1, D, S] key broadcast against [B, n, ...] would
+            # copy the keys n times)
+            dots = torch.bmm(q_part.float().reshape(B, n * H, D) * D ** -0.5, keys_t).view(B, n, H, -1)
+            parts.append(torch.matmul(w_part.unsqueeze(-2), dots.relu()).squeeze(-2))  # [B,n,1,H] @ [B,n,H,S]
+        return torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, dim], q_latent [B, T, q_lora_rank] → I [B, T, T] of a whole sequence (`top_k_mask` turns it
