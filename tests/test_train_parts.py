@@ -70,3 +70,39 @@ def test_stop_requests_first_signal_asks_second_aborts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_checkpoint_saved_again_is_replaced_never_lost(tmp_path, monkeypatch):
+    """A resumed run saving a step that already has a checkpoint: if the final rename fails, the old one is still
+    there and loads; once it succeeds, the new one is in place and nothing is left aside."""
+    import nanoseek
+    from nanoseek.errors import CheckpointError
+    from nanoseek.train import checkpoint as train_checkpoint
+
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(tiny_config()).eval()
+    optimizer = torch.optim.AdamW(model.parameters())
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    directory = tmp_path / "checkpoints"
+    path = train_checkpoint.save_checkpoint(directory, 5, model, optimizer, {}, keep=3)
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    real_replace = train_checkpoint.os.replace
+
+    def failing_replace(source, target):
+        if str(source).endswith(".tmp-step_0000005"):
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(train_checkpoint.os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        train_checkpoint.save_checkpoint(directory, 5, model, optimizer, {}, keep=3)
+    monkeypatch.setattr(train_checkpoint.os, "replace", real_replace)
+    assert train_checkpoint.list_checkpoints(directory) == [path]
+    restored = nanoseek.Transformer(tiny_config())
+    train_checkpoint.load_checkpoint(path, restored, torch.optim.AdamW(restored.parameters()))
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in first.items())
+    train_checkpoint.save_checkpoint(directory, 5, model, optimizer, {}, keep=3)
+    train_checkpoint.load_checkpoint(path, restored, torch.optim.AdamW(restored.parameters()))
+    assert torch.equal(restored.embed.weight, model.embed.weight)
+    assert sorted(p.name for p in directory.iterdir()) == ["step_0000005"]

@@ -104,14 +104,17 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
-            torch.save(_rng_states(), tmp / f"rng-{_rank()}.pt")
+            with open(tmp / f"rng-{_rank()}.pt", "wb") as f:  # synced like DCP's files, before the rename
+                torch.save(_rng_states(), f)
+                f.flush()
+                os.fsync(f.fileno())
         except (Exception, CheckpointException) as e:  # DCP's own error type derives from BaseException
             error = e
     if _agree(error is None) and _rank() == 0:
         try:
             _write_synced(tmp / "trainer.json", json.dumps({"step": step, **meta}, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            _fsync_directory(tmp)
+            _move_into_place(tmp, final)
         except OSError as e:
             error = e
     if not _agree(error is None):
@@ -124,6 +127,32 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Renames the finished checkpoint into place, durably. A checkpoint of the same step (a resumed run saving it
+    again) is moved aside first and removed only once the new one is in place, or put back if the rename fails: it
+    is never deleted before its replacement exists."""
+    aside = final.with_name(f".old-{final.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if aside.exists():
+            os.replace(aside, final)
+        raise
+    _fsync_directory(final.parent)  # the rename itself survives a power loss
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _write_synced(path: Path, text: str) -> None:
