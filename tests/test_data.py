@@ -170,12 +170,20 @@ def test_malformed_rows_are_reported_with_their_position(tmp_path, tokenizer, ca
 
 
 def test_windows_at_document_starts_and_the_document_mask(tmp_path, tokenizer):
-    """Windows that start at documents begin with EOT; attention under the document mask makes a packed
-    document's logits those of the document alone (RoPE scores depend on relative positions only)."""
+    """Windows aligned to documents start at one (with its EOT) or a whole number of windows into it, and every
+    such start is drawn, so a document longer than a window is trained on all through; attention under the
+    document mask makes a packed document's logits those of the document alone (RoPE scores depend on relative
+    positions only)."""
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(50)))
     dataset = TokenDataset.build([Source(str(tmp_path / "d.jsonl"))], tokenizer, progress=False)
-    x, _, documents = dataset.batch("train", 16, 24, seed=0, step=3, at_document_starts=True)
-    assert (x[:, 0] == _eot(tokenizer)).all()
+    shards = dataset.sources[0].train
+    aligned = {int(s) + k * 24 for s, e in zip(shards.starts, [*shards.starts[1:], len(shards)])
+               for k in range(len(shards)) if s + k * 24 < e and s + k * 24 <= len(shards) - 25}
+    rng = np.random.default_rng(0)
+    drawn = {shards.window_start(rng, 25, at_starts=True) for _ in range(40 * len(aligned))}
+    assert drawn == aligned and any(start not in set(shards.starts.tolist()) for start in drawn)
+    x, _, _ = dataset.batch("train", 64, 24, seed=0, step=3, at_document_starts=True)
+    assert (x[:, 0] == _eot(tokenizer)).any()  # some at a document's start
     x, _, documents = dataset.batch("train", 16, 200, seed=0, step=3)
     crossing = documents[:, 0] < documents[:, -1]  # windows over two documents: their tokens after the EOT
     assert crossing.any() and all((x[row, documents[row] > documents[row, 0]][0] == _eot(tokenizer)).item()

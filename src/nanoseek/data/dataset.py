@@ -33,6 +33,7 @@ class TokenShards:
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         starts = [np.load(directory / f"{e['name']}.starts.npy") + base for e, base in zip(entries, self.offsets)]
         self.starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        self._aligned: dict[int, np.ndarray] = {}  # window length → _aligned_windows
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -54,12 +55,26 @@ class TokenShards:
         return np.searchsorted(self.starts, np.arange(start, start + length), side="right")
 
     def window_start(self, rng: np.random.Generator, length: int, at_starts: bool) -> int:
-        """Where a window of `length` tokens starts: anywhere, or at a segment start that leaves room (if any does)."""
+        """Where a window of `length` tokens starts: anywhere, or aligned to a document: at its start or a multiple
+        of length − 1 after it, so that a document longer than a window is trained on all through, each of its
+        tokens the target of one aligned window (one drawn uniformly among all of them)."""
         if at_starts:
-            usable = self.starts[: np.searchsorted(self.starts, len(self) - length, side="right")]
-            if len(usable):
-                return int(usable[rng.integers(0, len(usable))])
+            aligned = self._aligned_windows(length)
+            if aligned[-1]:
+                i = int(rng.integers(0, aligned[-1]))
+                segment = int(np.searchsorted(aligned, i, side="right"))
+                before = int(aligned[segment - 1]) if segment else 0
+                return int(self.starts[segment]) + (i - before) * (length - 1)
         return int(rng.integers(0, len(self) - length + 1))
+
+    def _aligned_windows(self, length: int) -> np.ndarray:
+        """Cumulative count, per segment, of the aligned windows that start in it and fit in the stream."""
+        if length not in self._aligned:
+            ends = np.append(self.starts[1:], len(self))
+            last = np.minimum(ends - 1, len(self) - length)  # the latest start in the segment that leaves room
+            counts = np.where(last >= self.starts, (last - self.starts) // (length - 1) + 1, 0)
+            self._aligned[length] = np.cumsum(counts) if len(counts) else np.zeros(1, np.int64)
+        return self._aligned[length]
 
 
 class Prepared:

@@ -46,7 +46,7 @@ class TrainConfig:
     text_field: str = "text"  # of .jsonl and .parquet corpora
     tokenizer_sample_mb: int = 64  # of text spread over the corpus files that a new tokenizer is trained on
     strict_data: bool = False  # a malformed line or row stops the run (else it is skipped and counted)
-    window_starts: Literal["any", "documents"] = "any"  # where training windows may start
+    window_starts: Literal["any", "documents"] = "any"  # windows anywhere, or aligned to documents (data/dataset.py)
     document_mask: bool = False  # documents packed into a window do not attend to each other
     log_every: int = 10
     # precision and memory (V3 §3.3): auto = bf16 autocast on accelerators, fp32 on CPUs; fp8 = FP8 GEMMs in the
