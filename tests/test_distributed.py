@@ -73,8 +73,8 @@ LAYOUTS = {"dp2": (2, []), "ep2": (2, ["--ep", "2"]), "dp4-ep2": (4, ["--ep", "2
            "dp2-pp2": (4, ["--pp", "2"]), "pp2-ep2": (4, ["--pp", "2", "--ep", "2"])}
 # Relative tolerances against the one-process run of the same precision. fp32: the layouts only change the order
 # of fp32 additions (measured <= 2e-7). bf16 keeps 8 significant bits, so one rounding is worth u = 2^-8 = 3.9e-3
-# relative, and the layouts round different things: FSDP casts every parameter to bf16 (norm and router weights
-# included, which one process under autocast keeps fp32) and a split batch changes GEMM shapes and so the order
+# relative, and the layouts round different things: FSDP casts every parameter but the routers' to bf16 (norm
+# weights included, which one process under autocast keeps fp32) and a split batch changes GEMM shapes and so the order
 # of accumulation. A gradient norm can therefore move by about u (measured <= 1.7e-3: allowed 5e-3); a loss is a
 # mean over 128 tokens, whose independent rounding differences mostly cancel (measured <= 4e-5: allowed 5e-4).
 TOLERANCES = {"fp32": {"loss": 1e-5, "mtp_loss": 1e-5, "grad_norm": 1e-5},
@@ -302,3 +302,33 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(space):
     _run(space, out, "--resume", f"train.max_steps={step + 2}")
     rows = [json.loads(line) for line in (space / out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == step + 2
+
+
+def test_router_stays_fp32_under_fsdp_bf16_mixed_precision():
+    """FSDP2's bf16 policy casts a block's parameters for forward; the routers are units of their own with an fp32
+    policy, so routing sees fp32 weights as in one process under autocast (a gloo group of one rank)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import nanoseek
+    from helpers import tiny_config
+    from nanoseek.parallel.setup import Parallelism, shard_blocks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = nanoseek.Transformer(tiny_config())
+        par = Parallelism(dp_mesh=init_device_mesh("cpu", (1,)), compute_dtype=torch.bfloat16)
+        shard_blocks(list(model.layers), model, par)
+        seen = {}
+        moe = model.layers[1].mlp
+        moe.router.register_forward_pre_hook(lambda m, a: seen.__setitem__("router", m.weight.dtype))
+        moe.shared.register_forward_pre_hook(lambda m, a: seen.__setitem__("shared", m.gate_up.weight.dtype))
+        model(torch.randint(0, 96, (2, 8)), torch.randint(0, 96, (2, 8))).lm_loss.backward()
+        assert seen == {"router": torch.float32, "shared": torch.bfloat16}
+        assert moe.router.weight.grad is not None
+    finally:
+        dist.destroy_process_group()

@@ -14,6 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from nanoseek.errors import ConfigError
 from nanoseek.model.indexer import LightningIndexer
+from nanoseek.model.moe import Router
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.expert_parallel import apply_expert_parallel
 
@@ -123,10 +124,15 @@ def shard_experts(model: Transformer, par: Parallelism) -> None:
 
 
 def shard_blocks(blocks: list[torch.nn.Module], root: torch.nn.Module, par: Parallelism) -> None:
-    """FSDP2 over all data-parallel ranks: each block, then the root (the model, or a pipeline stage). A V3.2
-    indexer is a unit of its own: in the dense warm-up its KL is the only loss, a graph that never passes through
-    its block's output, where FSDP would have gathered the block's parameters again for backward."""
+    """FSDP2 over all data-parallel ranks: each block, then the root (the model, or a pipeline stage). Units of
+    their own inside a block: each MoE router, whose parameters FSDP must not cast (routing runs in fp32 by
+    design: bf16 scores tie, and ties pick experts arbitrarily), and each V3.2 indexer (in the dense warm-up its KL
+    is the only loss, a graph that never passes through its block's output, where FSDP would have gathered the
+    block's parameters again for backward)."""
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     for block in blocks:
+        for router in [m for m in block.modules() if isinstance(m, Router)]:
+            fully_shard(router, mesh=par.dp_mesh, mp_policy=fp32)
         for indexer in [m for m in block.modules() if isinstance(m, LightningIndexer)]:
             fully_shard(indexer, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
         fully_shard(block, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
