@@ -200,7 +200,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", choices=["speed", "quality"], help="measure only the other part")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     contexts = [512, 1024] if args.quick else [1024, 4096, 16384]
     context = 512 if args.quick else 2048
     steps = dict(short=20, extend=10, warmup=10, sparse=10) if args.quick else \

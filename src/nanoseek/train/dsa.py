@@ -59,9 +59,10 @@ def check_starting_shapes(config: ModelConfig, source: Path) -> None:
 
 @torch.no_grad()
 def load_initial_weights(model: Transformer, source: Path) -> None:
-    """A run started --from a model directory: its weights replace the seeded ones wherever the shapes are the
-    same model's; only parameters the source cannot have (the indexers it gains) keep their seeded values. Works on
-    a sharded model: every rank reads the whole source and keeps its own shards."""
+    """A run started --from a model directory: its weights replace the seeded ones; only parameters the source
+    cannot have (the indexers it gains) keep their seeded values. Shapes were checked before anything was prepared
+    (check_starting_shapes); here, which tensors the files hold. Works on a sharded model: every rank reads the
+    whole source and keeps its own shards."""
     full = load_pretrained(source, device="cpu", dtype=torch.float32).state_dict()
     own = model.state_dict()
     missing = [k for k in own if k not in full and ".indexer." not in k]
@@ -69,8 +70,4 @@ def load_initial_weights(model: Transformer, source: Path) -> None:
     if missing or unexpected:
         raise CheckpointError(f"--from {source}: its weights are not this model's (missing {missing[:1]}, "
                               f"unexpected {unexpected[:1]}); only an indexer may be added")
-    for key, tensor in full.items():
-        if tuple(own[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"--from {source}: {key} has shape {tuple(tensor.shape)}, this model "
-                                  f"{tuple(own[key].shape)}: model settings that change shapes cannot differ")
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
