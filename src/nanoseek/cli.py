@@ -42,30 +42,42 @@ def _human(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from nanoseek.flops import model_stats
+    from nanoseek.flops import long_context, model_stats
 
     config = resolve_config(args.model)
     stats = model_stats(config, seq_len=args.seq_len)
+    # DeepSeek's long-context comparison: this model beside V3 and V3.2 at their published shapes
+    compared = {"this": config, "v3": ModelConfig.preset("v3"), "v32": ModelConfig.preset("v32")}
+    contexts = {name: long_context(shape) for name, shape in compared.items()} if config.attention_type != "gqa" \
+        else {}
     if args.json:
-        print(json.dumps(stats.to_dict(), indent=2))
+        print(json.dumps({**stats.to_dict(), "long_context": contexts}, indent=2))
         return
-    print(f"{'component':<16}{'total':>10}{'active':>10}")
+    print(f"{'component':<18}{'total':>10}{'active':>10}")
     for name, count in stats.components.items():
-        print(f"{name:<16}{_human(count):>10}{_human(stats.active_components[name]):>10}")
-    print(f"{'model':<16}{_human(stats.total_params):>10}{_human(stats.active_params):>10}")
+        print(f"{name:<18}{_human(count):>10}{_human(stats.active_components[name]):>10}")
+    print(f"{'model':<18}{_human(stats.total_params):>10}{_human(stats.active_params):>10}")
     print(f"MTP modules: {_human(stats.mtp_params)} as stored ({_human(stats.mtp_unique_params)} of their own)")
     print(f"training FLOPs/token at seq {stats.seq_len}: {_human(stats.flops_per_token)} "
           f"(+{_human(stats.mtp_flops_per_token)} MTP)")
     kind = config.attention_type.upper()
     print(f"KV cache/token (bf16): {kind} {stats.kv_bytes_per_token:,} B vs MHA {stats.kv_bytes_per_token_mha:,} B "
           f"= {100 * stats.kv_cache_ratio:.2f}% (GQA, 8 query heads per KV head: {stats.kv_bytes_per_token_gqa:,} B)")
+    if contexts:
+        print("per token at context L (forward FLOPs of the token at L; cache bytes of an L-token sequence / L):")
+        print(f"{'L':>9}{'FLOPs':>10}{'V3':>10}{'V3.2':>10}{'cache B':>10}{'V3':>10}{'V3.2':>10}")
+        for row, v3, v32 in zip(*contexts.values()):
+            print(f"{row['context']:>9,}" + "".join(f"{_human(r['flops_per_token']):>10}" for r in (row, v3, v32))
+                  + "".join(f"{r['cache_bytes_per_token']:>10,.0f}" for r in (row, v3, v32)))
 
 
 # A preset's fields that a run keeps as they are (a run's vocabulary and special tokens come from its tokenizer)
 PRESET_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                        "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                        "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
-                       "topk_group", "first_k_dense_replace", "attention_type")
+                       "topk_group", "first_k_dense_replace", "attention_type", "head_dim", "layer_types",
+                       "mlp_layer_types", "sliding_window", "compress_rate_csa", "compress_rate_hca", "hc_mult",
+                       "o_groups", "o_lora_rank")
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:

@@ -56,7 +56,7 @@ class ModelConfig:
     n_group: int = 8
     topk_group: int = 4
     routed_scaling_factor: float = 2.5
-    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    scoring_func: Literal["sigmoid", "softmax", "sqrtsoftplus"] = "sigmoid"
     norm_topk_prob: bool = True
     first_k_dense_replace: int = 3
     moe_layer_freq: int = 1
@@ -71,7 +71,7 @@ class ModelConfig:
     eos_token_id: int | None = None
     # The dense baseline (Llama 3 style, HF layout LlamaForCausalLM): grouped-query attention with every head
     # dimension rotated and a SwiGLU MLP in every layer. The MLA and MoE fields above are then unused.
-    attention_type: Literal["mla", "gqa"] = "mla"
+    attention_type: Literal["mla", "gqa", "v4"] = "mla"
     num_key_value_heads: int | None = None  # gqa: key/value heads, each shared by a group of query heads
     head_dim: int | None = None  # gqa: per-head dimension
     # DeepSeek-V3.2's sparse attention (DSA): a lightning indexer per layer scores every earlier token and attention
@@ -79,10 +79,30 @@ class ModelConfig:
     index_n_heads: int = 0
     index_head_dim: int = 128
     index_topk: int = 2048
+    # DeepSeek-V4 (attention_type "v4", fields as transformers' DeepseekV4Config names them; checked in v4config.py):
+    # one shared key/value head of head_dim (its last qk_rope_head_dim rotated) over a sliding window of raw tokens,
+    # plus per layer_types the compressed entries of every compress_rate_* tokens (CSA: with a lightning indexer of
+    # the index_* fields above; HCA: all of them); hc_mult residual streams mixed by Sinkhorn-projected matrices;
+    # every layer MoE, the mlp_layer_types "hash_moe" ones routed by a fixed token → experts table.
+    layer_types: tuple[str, ...] = ()
+    mlp_layer_types: tuple[str, ...] = ()
+    sliding_window: int = 128
+    compress_rate_csa: int = 4
+    compress_rate_hca: int = 128
+    compress_rope_theta: float = 160000.0  # the compressed layers' RoPE base (with rope_scaling); rope_theta: sliding
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    swiglu_limit: float = 0.0  # > 0: experts clamp gate to <= limit and up to ±limit (V4: 10)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # accepted for convenience in Python code
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        for name in ("layer_types", "mlp_layer_types"):  # JSON lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         check_field_types(self, "config")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -121,6 +141,10 @@ class ModelConfig:
         _require(self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}")
         if self.attention_type == "gqa":
             self._check_dense_baseline()
+        if self.attention_type == "v4":
+            from nanoseek.v4config import check_v4
+
+            check_v4(self)
         if self.sparse_attention:
             self._check_sparse_attention()
 
@@ -147,8 +171,9 @@ class ModelConfig:
     # ---- derived shapes -------------------------------------------------------------------------------------------
     @property
     def sparse_attention(self) -> bool:
-        """DeepSeek-V3.2: a lightning indexer picks the tokens each query attends to."""
-        return self.index_n_heads > 0
+        """DeepSeek-V3.2: a lightning indexer picks the tokens each query attends to (V4's CSA indexes compressed
+        entries instead)."""
+        return self.attention_type == "mla" and self.index_n_heads > 0
 
     @property
     def cache_width(self) -> int:
@@ -166,8 +191,14 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """Dimensions of a head that RoPE rotates: MLA's decoupled key part, or all of a GQA head."""
-        return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
+        """Dimensions of a head that RoPE rotates: MLA's decoupled key part (V4's trailing part), or all of a GQA
+        head."""
+        return self.head_dim if self.attention_type == "gqa" else self.qk_rope_head_dim
+
+    @property
+    def hyper_connections(self) -> bool:
+        """DeepSeek-V4's mHC: hc_mult residual streams instead of one."""
+        return self.attention_type == "v4"
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """DeepSeek's rule; MTP blocks (index >= num_hidden_layers) follow it too, so V3's layer 61 is MoE."""
@@ -196,9 +227,15 @@ class ModelConfig:
             from nanoseek.llama import llama_hf_dict
 
             return llama_hf_dict(self, style)
+        if self.attention_type == "v4":
+            from nanoseek.v4config import v4_hf_dict
+
+            return v4_hf_dict(self, style)
+        from nanoseek.v4config import V4_FIELDS
+
         dsa = ("index_n_heads", "index_head_dim", "index_topk")
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("attention_type", "num_key_value_heads", "head_dim")
+                  if f.name not in ("attention_type", "num_key_value_heads", "head_dim", *V4_FIELDS)
                   and (self.sparse_attention or f.name not in dsa)}
         rope = fields.pop("rope_scaling")
         theta = fields.pop("rope_theta")
@@ -235,17 +272,23 @@ class ModelConfig:
         if d.get("attention_bias"):
             raise ConfigError("config field 'attention_bias': biased attention projections are not supported")
         model_type = d.get("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v3", "deepseek_v32", "deepseek_v2", "llama"):
-            raise ConfigError(f"config field 'model_type': deepseek_v3, deepseek_v32, deepseek_v2 or llama, got "
-                              f"{model_type!r}")
-        if model_type != "deepseek_v32":
-            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+        if model_type not in ("deepseek_v3", "deepseek_v32", "deepseek_v4", "deepseek_v2", "llama"):
+            raise ConfigError(f"config field 'model_type': deepseek_v3, deepseek_v32, deepseek_v4, deepseek_v2 or "
+                              f"llama, got {model_type!r}")
+        if model_type == "deepseek_v4":
+            from nanoseek.v4config import v4_fields
+
+            d = v4_fields(d)
+        if model_type not in ("deepseek_v32", "deepseek_v4"):
+            from nanoseek.v4config import V4_FIELDS
+
+            for name in ("index_n_heads", "index_head_dim", "index_topk", *V4_FIELDS):
                 d.pop(name, None)  # a V3 config that mentions them anyway stays V3
         if model_type == "llama":
             from nanoseek.llama import llama_fields
 
             d = llama_fields(d)
-        else:  # DeepSeek configs carry these HF fields too, but MLA has no use for them
+        elif model_type != "deepseek_v4":  # DeepSeek configs carry these HF fields too, but MLA has no use for them
             d.pop("num_key_value_heads", None)
             d.pop("head_dim", None)
         d.setdefault("scoring_func", "softmax" if model_type == "deepseek_v2" else "sigmoid")

@@ -12,8 +12,11 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import Transformer
+from nanoseek.v4config import CSA, HCA
 
-COMPONENTS = ("embedding", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "head")
+COMPONENTS = ("embedding", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "head",
+              "hyper_connections")
+LONG_CONTEXTS = (4096, 131072, 1048576)  # `nanoseek info`'s long-context table
 
 
 def _component(name: str) -> str:
@@ -21,6 +24,8 @@ def _component(name: str) -> str:
         return "embedding"
     if name.startswith("head."):
         return "head"
+    if name.startswith("hc_head.") or "_hc." in name:
+        return "hyper_connections"
     if "norm" in name.rsplit(".", 2)[-2]:
         return "norms"
     if ".attn." in name:
@@ -43,8 +48,7 @@ class ModelStats:
     seq_len: int
     flops_per_token: float  # training (forward + backward) FLOPs per token of the main model at seq_len
     mtp_flops_per_token: float  # the same for all MTP modules together
-    kv_bytes_per_token: int  # this model's cache: MLA (kv_lora_rank + qk_rope_head_dim, + V3.2's index_head_dim) or
-    # GQA 2·G·d_h, · layers
+    kv_bytes_per_token: int  # this model's cache per token of a seq_len sequence (cache_bytes)
     kv_bytes_per_token_mha: int  # an MHA with the same heads: 2 · heads · d_h · layers · bytes
     kv_bytes_per_token_gqa: int  # a GQA with the same heads in groups of 8 (Llama 3's 64/8): 2 · heads/8 · d_h · ...
     kv_cache_ratio: float  # this model / MHA
@@ -53,19 +57,64 @@ class ModelStats:
         return asdict(self)
 
 
-def _attention_core_flops(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token per layer of QKᵀ and AV, averaged over a causal sequence of seq_len. V3.2: a query
-    attends to at most index_topk keys, and its indexer scores every earlier key (a dot per indexer head, then the
-    weighted sum over heads)."""
-    keys_visible = (seq_len + 1) / 2
-    keys_attended = keys_visible
-    if config.sparse_attention and seq_len > config.index_topk:
-        k = config.index_topk
-        keys_attended = (k * (k + 1) / 2 + (seq_len - k) * k) / seq_len
-    core = 2 * config.num_attention_heads * (config.qk_head_dim + config.attention_v_dim) * keys_attended
-    if config.sparse_attention:
-        core += 2 * config.index_n_heads * (config.index_head_dim + 1) * keys_visible
-    return core
+def _layer_core_flops(config: ModelConfig, layer_type: str, visible: torch.Tensor) -> torch.Tensor:
+    """Forward FLOPs of QKᵀ and AV (and of choosing keys) of one layer, for queries that see `visible` tokens
+    (float64 tensor). V3.2: at most index_topk keys, and its indexer scores every visible token (a dot per indexer
+    head, then the weighted sum over heads). V4: the sliding window, plus the compressed entries of closed windows
+    (HCA all, CSA at most index_topk, its indexer scoring each); one shared key/value head of head_dim."""
+    heads = config.num_attention_heads
+    indexer = 2 * config.index_n_heads * (config.index_head_dim + 1)
+    if config.attention_type == "v4":
+        keys = visible.clamp(max=config.sliding_window)
+        core = torch.zeros_like(visible)
+        if layer_type in (CSA, HCA):
+            entries = torch.floor(visible / (config.compress_rate_csa if layer_type == CSA else config.compress_rate_hca))
+            keys = keys + (entries.clamp(max=config.index_topk) if layer_type == CSA else entries)
+            core = indexer * entries if layer_type == CSA else core
+        return core + 2 * heads * 2 * config.head_dim * keys
+    attended = visible.clamp(max=config.index_topk) if config.sparse_attention else visible
+    core = 2 * heads * (config.qk_head_dim + config.attention_v_dim) * attended
+    return core + indexer * visible if config.sparse_attention else core
+
+
+def attention_core_flops(config: ModelConfig, visible: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+    """_layer_core_flops summed over the model's layers (V4: each its own type), or over `layers` V3 layers."""
+    if config.attention_type == "v4" and layers is None:
+        return sum(_layer_core_flops(config, t, visible) for t in config.layer_types)
+    return (layers or config.num_hidden_layers) * _layer_core_flops(config, "", visible)
+
+
+def cache_bytes(config: ModelConfig, context: int, bytes_per_element: int = 2) -> int:
+    """What a sequence of `context` tokens holds in the KV cache, all layers. MLA: kv_lora_rank + qk_rope_head_dim
+    (+ V3.2's indexer key) per token; GQA: 2·G·d_h. V4: the sliding window's keys (at most sliding_window tokens),
+    the compressed entries of closed windows (CSA: with the indexer's compressed keys), and the compressors' open
+    window: each token's projected values and gates until its window closes (CSA: two series, and the previous
+    window's first series, for the overlap)."""
+    if config.attention_type == "mla":
+        return config.cache_width * config.num_hidden_layers * context * bytes_per_element
+    if config.attention_type == "gqa":
+        return 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * context * bytes_per_element
+    total, d, i = 0, config.head_dim, config.index_head_dim
+    for layer_type in config.layer_types:
+        total += min(context, config.sliding_window) * d
+        if layer_type == HCA:
+            rate = config.compress_rate_hca
+            total += context // rate * d + 2 * rate * d
+        elif layer_type == CSA:
+            rate = config.compress_rate_csa
+            total += context // rate * (d + i) + 2 * rate * (2 * d + 2 * i) + 2 * rate * (d + i)
+    return total * bytes_per_element
+
+
+def long_context(config: ModelConfig, contexts: tuple[int, ...] = LONG_CONTEXTS) -> list[dict[str, float]]:
+    """Per context length L: forward FLOPs of the token at position L (every activated matrix once, plus its
+    attention over what it sees) and the cache bytes per token of an L-token sequence. What DeepSeek compares at
+    1M tokens (V4-Flash: ~10 % of V3.2's FLOPs, ~7 % of its KV cache)."""
+    stats = model_stats(config)
+    matrices = 2 * (stats.active_params - stats.active_components["norms"])
+    return [{"context": L, "flops_per_token": matrices + float(attention_core_flops(config, torch.tensor(
+             [float(L)], dtype=torch.float64))[0]), "cache_bytes_per_token": cache_bytes(config, L) / L}
+            for L in contexts]
 
 
 def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per_element: int = 2) -> ModelStats:
@@ -90,25 +139,23 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     active_components = activated(components)
     total, active = sum(components.values()), sum(active_components.values())
     mtp_unique = sum(mtp_components.values())
-    attention_core = _attention_core_flops(config, seq_len)
+    visible = torch.arange(1, seq_len + 1, dtype=torch.float64)  # a causal sequence: token t sees t + 1
 
-    def training_flops(parts: dict[str, int], layers: int) -> float:
+    def training_flops(parts: dict[str, int], layers: int | None) -> float:
         """3 × forward; forward = 2 FLOPs per multiply-add through every activated matrix (all but the
-        elementwise norms) plus the attention core."""
+        elementwise norms) plus the attention core, averaged over the sequence's positions."""
         active_parts = activated(parts)
-        return 3 * (2 * (sum(active_parts.values()) - active_parts["norms"]) + layers * attention_core)
+        core = float(attention_core_flops(config, visible, layers).mean())
+        return 3 * (2 * (sum(active_parts.values()) - active_parts["norms"]) + core)
 
-    flops = training_flops(components, config.num_hidden_layers)
+    flops = training_flops(components, None)
     mtp_flops = training_flops(mtp_components, 1) * config.num_nextn_predict_layers if mtp_unique else 0.0
     layers, nbytes = config.num_hidden_layers, cache_bytes_per_element
     # The papers' MHA baseline for MLA: per-head dimension d_h = qk_nope_head_dim (128 at V2/V3 shape).
     head_dim = config.qk_nope_head_dim if config.attention_type == "mla" else config.head_dim
     mha = 2 * config.num_attention_heads * head_dim * layers * nbytes
     gqa = 2 * max(1, config.num_attention_heads // 8) * head_dim * layers * nbytes
-    if config.attention_type == "mla":
-        own = config.cache_width * layers * nbytes
-    else:
-        own = 2 * config.num_key_value_heads * head_dim * layers * nbytes
+    own = round(cache_bytes(config, seq_len, nbytes) / seq_len)  # V4's depends on the length (the window is bounded)
     return ModelStats(
         total_params=total, active_params=active,
         mtp_params=mtp_unique + 2 * head_params * config.num_nextn_predict_layers, mtp_unique_params=mtp_unique,

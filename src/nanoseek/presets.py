@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from nanoseek.config import ModelConfig, RopeScaling
+from nanoseek.v4config import CSA, HCA, SLIDING
 
 _V3_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
                        mscale=1.0, mscale_all_dim=1.0)
+
+# V4's compressed layers extend 64K to 1M tokens with YaRN (sliding-window layers keep plain RoPE)
+_V4_YARN = RopeScaling(factor=16.0, original_max_position_embeddings=65536, beta_fast=32, beta_slow=1)
+
+
+def _v4(layers: int, first: str, **shape) -> ModelConfig:
+    """A V4 shape: two `first` layers, then HCA and CSA alternating (transformers' V4-Pro layout), the first three
+    layers hash-routed, sqrt-softplus routing without groups, clamped SwiGLU, 1M context."""
+    return ModelConfig(
+        num_hidden_layers=layers, attention_type="v4", num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64,
+        layer_types=(first, first, *(CSA if i % 2 else HCA for i in range(layers - 2))),
+        mlp_layer_types=("hash_moe",) * 3 + ("moe",) * (layers - 3), scoring_func="sqrtsoftplus", n_group=1,
+        topk_group=1, first_k_dense_replace=0, routed_scaling_factor=1.5, swiglu_limit=10.0,
+        max_position_embeddings=1048576, rope_scaling=_V4_YARN, bos_token_id=0, eos_token_id=1, **shape)
+
 
 PRESETS: dict[str, ModelConfig] = {
     # CPU demo: trains to play-like text in minutes on 2 cores. A V3 in miniature: query compression, sigmoid
@@ -23,6 +39,16 @@ PRESETS: dict[str, ModelConfig] = {
         v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=256,
         num_nextn_predict_layers=1, index_n_heads=8, index_head_dim=32, index_topk=64),
+    # tiny as DeepSeek-V4: one shared KV head of 64 over a 32-token window, then CSA (entries of 4 tokens, the
+    # indexer keeps 16) and HCA (of 16 tokens) layers; 4 residual streams; the first layer hash-routed
+    "tiny-v4": ModelConfig(
+        vocab_size=4096, hidden_size=192, moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        q_lora_rank=96, qk_rope_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=1, topk_group=1, routed_scaling_factor=1.5, scoring_func="sqrtsoftplus", first_k_dense_replace=0,
+        max_position_embeddings=256, attention_type="v4", num_key_value_heads=1, head_dim=64,
+        layer_types=(SLIDING, CSA, HCA, CSA), mlp_layer_types=("hash_moe", "moe", "moe", "moe"), sliding_window=32,
+        compress_rate_csa=4, compress_rate_hca=16, hc_mult=4, o_groups=2, o_lora_rank=64, swiglu_limit=10.0,
+        index_n_heads=4, index_head_dim=32, index_topk=16),
     # The compute study's dense baseline (Llama 3 style): the tiny shape with GQA and a SwiGLU MLP in every layer,
     # sized to tiny's training FLOPs per token without MTP (13.3M vs 13.2M at seq 128; 2.12M active parameters each).
     "tiny-dense": ModelConfig(
@@ -56,4 +82,12 @@ PRESETS: dict[str, ModelConfig] = {
     # V3 with DeepSeek Sparse Attention: 64 indexer heads of 128, top 2048 tokens per query
     "v32": ModelConfig(max_position_embeddings=163840, rope_scaling=_V3_YARN, num_nextn_predict_layers=1,
                        bos_token_id=0, eos_token_id=1, index_n_heads=64, index_head_dim=128, index_topk=2048),
+    # DeepSeek-V4-Flash (284B total, 13B active) and V4-Pro (1.6T, 49B); the layer layouts are transformers' V4-Pro
+    # default (V4-Flash starting with two sliding-only layers), the rest the published configs
+    "v4-flash": _v4(43, SLIDING, vocab_size=129280, hidden_size=4096, moe_intermediate_size=2048,
+                    num_attention_heads=64, q_lora_rank=1024, n_routed_experts=256, num_experts_per_tok=6,
+                    o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=512),
+    "v4-pro": _v4(61, HCA, vocab_size=129280, hidden_size=7168, moe_intermediate_size=3072,
+                  num_attention_heads=128, q_lora_rank=1536, n_routed_experts=384, num_experts_per_tok=6,
+                  o_groups=16, o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=1024),
 }

@@ -13,14 +13,15 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nanoseek.checkpoint.entry import Entry
 from nanoseek.checkpoint.fp8 import FP8_QUANTIZATION_CONFIG, quantize_state_dict
+from nanoseek.checkpoint.hf_v4 import release_aliases, skipped, v4_entries
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
 from nanoseek.fp8.quant import dequantize_blocks
@@ -34,17 +35,6 @@ _ATTENTION = {"q_proj": "q_proj", "q_down": "q_a_proj", "q_norm": "q_a_layernorm
 _INDEXER = {"q_up.weight": "wq_b.weight", "k_proj.weight": "wk.weight", "k_norm.weight": "k_norm.weight",
             "k_norm.bias": "k_norm.bias", "head_weights.weight": "weights_proj.weight"}
 INDEX_FILE = "model.safetensors.index.json"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One nanoseek tensor and the HF tensors it is made of: `parts[e]` are the row blocks of slice e, concatenated
-    along dim 0; several slices are stacked along a new dim 0 (the experts)."""
-
-    ours: str
-    parts: tuple[tuple[str, ...], ...]
-    stacked: bool = False
-    rope_head_dim: int = 0  # > 0: GQA q/k rows, reordered for Llama's RoPE layout (nanoseek.llama)
 
 
 def _mlp_entries(ours: str, hf: str) -> list[Entry]:
@@ -86,6 +76,8 @@ def _block_entries(config: ModelConfig, ours: str, hf: str, layer_index: int) ->
 
 
 def checkpoint_entries(config: ModelConfig) -> list[Entry]:
+    if config.attention_type == "v4":
+        return v4_entries(config)
     entries = [Entry("embed.weight", (("model.embed_tokens.weight",),)),
                Entry("norm.weight", (("model.norm.weight",),)),
                Entry("head.weight", (("model.embed_tokens.weight" if config.tie_word_embeddings
@@ -136,6 +128,13 @@ class SafetensorsDir:
             self.handles[name] = handle
             self.location.update({key: name for key in handle.keys()})
         self.used: set[str] = set()
+        self.stored_as: dict[str, str] = {}  # a tensor's name in the files, where `rename` gave it another
+
+    def rename(self, aliases: dict[str, str]) -> None:
+        """Reads each tensor `old` of `aliases` under its new name (another exporter's names for the same tensor)."""
+        for old, new in aliases.items():
+            self.location[new] = self.location.pop(old)
+        self.stored_as = {new: old for old, new in aliases.items()}
 
     def __contains__(self, key: str) -> bool:
         return key in self.location
@@ -148,9 +147,13 @@ class SafetensorsDir:
             raise CheckpointError(f"checkpoint is missing tensor {key!r}")
         self.used.add(key)
         try:
-            tensor = self.handles[self.location[key]].get_tensor(key)
+            tensor = self.handles[self.location[key]].get_tensor(self.stored_as.get(key, key))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read tensor {key!r} (truncated file?): {e}") from None
+        if key.endswith(".tid2eid"):  # V4's hash-routing table: expert ids per token
+            if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+                raise CheckpointError(f"tensor {key!r} is {tensor.dtype}; a hash-routing table holds integers")
+            return tensor.long()
         if not tensor.dtype.is_floating_point:
             raise CheckpointError(f"tensor {key!r} is {tensor.dtype}; weights are floating point")
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -202,6 +205,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     except ConfigError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     source = SafetensorsDir(path)
+    if config.attention_type == "v4":
+        source.rename(release_aliases(source.location))
     mtp_layers = _mtp_layers_present(config, source)
     if mtp_layers < config.num_nextn_predict_layers:
         warnings.warn(f"{path}: config lists {config.num_nextn_predict_layers} MTP layers but the weights hold "
@@ -235,13 +240,15 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         raise CheckpointError(f"checkpoint tensor {unexpected[0]!r} has no place in this config "
                               f"({len(unexpected)} unexpected tensors)")
     model.rope.reset_parameters()
+    if model.compress_rope is not None:
+        model.compress_rope.reset_parameters()
     return model
 
 
 def _written_not_read(key: str, config: ModelConfig) -> bool:
     """Tensors a checkpoint may carry that we ignore: MTP copies of the shared embedding/head, MTP layers beyond
     the ones the config asks for, and RoPE tables some exporters store."""
-    if key.endswith("rotary_emb.inv_freq"):
+    if key.endswith("rotary_emb.inv_freq") or (config.attention_type == "v4" and skipped(key)):
         return True
     parts = key.split(".")
     if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= config.num_hidden_layers:

@@ -1,6 +1,7 @@
 """Which GEMMs run in FP8 (DeepSeek-V3 §3.3.1): the attention projections, the dense and shared-expert MLPs, the
 routed experts and the MTP projection. The embedding, the output head, the router, every norm and the attention
-core (softmax(q·kᵀ)·v) keep the training precision."""
+core (softmax(q·kᵀ)·v) keep the training precision; so do V4's compressors and indexers, its grouped output
+projection and hyper-connections (DeepSeek ships the first in BF16; the others are not plain linears)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 from nanoseek.fp8.linear import Fp8Linear, Fp8Recipe, grouped_gemm_for
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.gqa import GroupedQueryAttention
+from nanoseek.model.hybrid_attention import HybridAttention
 from nanoseek.model.layers import MLP
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import MTPModule, Transformer
@@ -22,7 +24,8 @@ def convert_to_fp8(model: Transformer, recipe: Fp8Recipe) -> list[str]:
         if isinstance(module, RoutedExperts):
             module.gemm = grouped_gemm_for(recipe)
             converted.append(name)
-        if not isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention, MLP, MTPModule)):
+        if not isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention, HybridAttention, MLP,
+                                   MTPModule)):
             continue
         for child_name, child in module.named_children():
             if type(child) is nn.Linear:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.indexer import LightningIndexer, indexer_kl, top_k_mask
+from nanoseek.model.indexer import LightningIndexer, index_scores, indexer_kl, top_k_mask
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.paged import PagedBatch, PagedStore
 from nanoseek.model.rope import apply_rope
@@ -172,7 +172,7 @@ class MultiHeadLatentAttention(nn.Module):
             if index is not None and context.shape[1] > self.indexer.topk:
                 rows = slice(chunk.start, chunk.start + chunk.length)
                 keys = gather(store.index_keys, chunk.context)[None]
-                scores = self.indexer.score(index[0][None, rows], index[1][None, rows], keys)[0]
+                scores = index_scores(index[0][None, rows], index[1][None, rows], keys)[0]
                 mask = top_k_mask(scores, chunk.visible(), self.indexer.topk)
             y = attend(queries, k, v, self.softmax_scale, mask)  # [1, H, T, v]
             parts.append(y[0].transpose(0, 1).reshape(chunk.length, self.n_heads * self.v_dim))
@@ -185,7 +185,7 @@ class MultiHeadLatentAttention(nn.Module):
         (a short sequence in a padded batch has fewer than k)."""
         rows, width, k = batch.decode_rows, batch.decode_width, self.indexer.topk
         keys = gather(index_keys, batch.decode_context)  # [rows, S, D]
-        scores = self.indexer.score(q.view(rows, width, *q.shape[1:]), weights.view(rows, width, -1), keys)
+        scores = index_scores(q.view(rows, width, *q.shape[1:]), weights.view(rows, width, -1), keys)
         best = scores.masked_fill(~batch.decode_visible()[:, :, 0], float("-inf")).topk(k, dim=-1)
         slots = batch.decode_context.gather(1, best.indices.view(rows, width * k))
         return slots.view(rows * width, k), (best.values > float("-inf")).view(rows * width, 1, 1, k)

@@ -52,32 +52,37 @@ class LightningIndexer(nn.Module):
         return self._rotated(self.k_norm(self.k_proj(x)).unsqueeze(1), cos, sin).squeeze(1)
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, dim] → per-token head weights w_h / sqrt(H) [B, T, H], computed in fp32 under any autocast (as
-        transformers keeps weights_proj in fp32)."""
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.head_weights.weight.float()) * self.n_heads ** -0.5
-
-    def score(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """q [B, T, H, D], weights [B, T, H], keys [B, S, D] → I [B, T, S] in fp32, every pair (the caller masks
-        what a query may not see). Queries go in chunks so that the per-head products [B, chunk, H, S] stay within
-        SCORE_CHUNK_ELEMENTS (a 1,024-token prefill chunk at 128K context would otherwise hold 4 GiB)."""
-        B, T, H, D = q.shape
-        rows = max(1, SCORE_CHUNK_ELEMENTS // (B * H * keys.shape[1]))
-        keys_t = keys.float().transpose(-1, -2)
-        parts = []
-        for start in range(0, T, rows):
-            q_part, w_part = q[:, start: start + rows], weights[:, start: start + rows]
-            n = q_part.shape[1]
-            # one [n·H, D] @ [D, S] product per sequence (a [B, 1, D, S] key broadcast against [B, n, ...] would
-            # copy the keys n times)
-            dots = torch.bmm(q_part.float().reshape(B, n * H, D) * D ** -0.5, keys_t).view(B, n, H, -1)
-            parts.append(torch.matmul(w_part.unsqueeze(-2), dots.relu()).squeeze(-2))  # [B,n,1,H] @ [B,n,H,S]
-        return torch.cat(parts, dim=1)
+        return head_weights(self.head_weights, x)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, dim], q_latent [B, T, q_lora_rank] → I [B, T, T] of a whole sequence (`top_k_mask` turns it
         into what each query attends to)."""
-        return self.score(self.queries(q_latent, cos, sin), self.weights(x), self.keys(x, cos, sin))
+        return index_scores(self.queries(q_latent, cos, sin), self.weights(x), self.keys(x, cos, sin))
+
+
+def head_weights(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, dim] → per-token head weights w_h / sqrt(H) [B, T, H], computed in fp32 under any autocast (as
+    transformers keeps weights_proj in fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), proj.weight.float()) * proj.out_features ** -0.5
+
+
+def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q [B, T, H, D], weights [B, T, H], keys [B, S, D] → I [B, T, S] in fp32, every pair (the caller masks what a
+    query may not see). Queries go in chunks so that the per-head products [B, chunk, H, S] stay within
+    SCORE_CHUNK_ELEMENTS (a 1,024-token prefill chunk at 128K context would otherwise hold 4 GiB)."""
+    B, T, H, D = q.shape
+    rows = max(1, SCORE_CHUNK_ELEMENTS // (B * H * max(1, keys.shape[1])))
+    keys_t = keys.float().transpose(-1, -2)
+    parts = []
+    for start in range(0, T, rows):
+        q_part, w_part = q[:, start: start + rows], weights[:, start: start + rows]
+        n = q_part.shape[1]
+        # one [n·H, D] @ [D, S] product per sequence (a [B, 1, D, S] key broadcast against [B, n, ...] would copy
+        # the keys n times)
+        dots = torch.bmm(q_part.float().reshape(B, n * H, D) * D ** -0.5, keys_t).view(B, n, H, -1)
+        parts.append(torch.matmul(w_part.unsqueeze(-2), dots.relu()).squeeze(-2))  # [B,n,1,H] @ [B,n,H,S]
+    return torch.cat(parts, dim=1)
 
 
 def indexer_kl(target: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -41,15 +41,22 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """silu(gate) · up; with a limit (DeepSeek-V4's swiglu_limit), gate clamped to <= limit and up to ±limit first."""
+    if limit > 0:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one GEMM."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, limit: float = 0.0):
         super().__init__()
-        self.hidden_dim = hidden_dim
+        self.hidden_dim, self.limit = hidden_dim, limit
         self.gate_up = nn.Linear(dim, 2 * hidden_dim, bias=False)  # rows: [gate; up]
         self.down = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu(gate, up, self.limit))

@@ -13,7 +13,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.layers import MLP, KeepsFp32Buffers, linear_compute_dtype
+from nanoseek.model.layers import MLP, KeepsFp32Buffers, linear_compute_dtype, swiglu
+
+
+def routing_scores(x: torch.Tensor, weight: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """x [N, dim] → expert scores [N, E] in fp32. Routing is precision-sensitive (bf16 scores tie, and ties pick
+    experts arbitrarily), so it runs in fp32 even inside autocast, which would otherwise turn this linear into bf16."""
+    with torch.autocast(x.device.type, enabled=False):
+        logits = F.linear(x.float(), weight.float())
+    if scoring_func == "sigmoid":
+        return logits.sigmoid()
+    if scoring_func == "sqrtsoftplus":  # DeepSeek-V4
+        return F.softplus(logits).sqrt()
+    return logits.softmax(dim=-1)
+
+
+def gate_weights(scores: torch.Tensor, expert_ids: torch.Tensor, normalize: bool, scale: float) -> torch.Tensor:
+    """The picked experts' scores [N, k], summing to 1 if `normalize`, times the routed scaling factor."""
+    weights = scores.gather(1, expert_ids)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale
 
 
 class Router(KeepsFp32Buffers, nn.Module):
@@ -34,14 +54,10 @@ class Router(KeepsFp32Buffers, nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, dim] → gate weights [N, k] (fp32), expert ids [N, k], scores [N, E] (fp32, unbiased).
-
-        Routing is precision-sensitive (bf16 scores tie, and ties pick experts arbitrarily), so it runs in fp32 even
-        inside autocast, which would otherwise turn this linear back into bf16."""
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, dim] → gate weights [N, k] (fp32), expert ids [N, k], scores [N, E] (fp32, unbiased)."""
+        scores = routing_scores(x, self.weight, self.scoring_func)
         choice = scores + self.expert_bias
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)
@@ -54,10 +70,35 @@ class Router(KeepsFp32Buffers, nn.Module):
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         expert_ids = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, expert_ids)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, expert_ids, scores
+        return gate_weights(scores, expert_ids, self.norm_topk_prob, self.routed_scaling_factor), expert_ids, scores
+
+
+class HashRouter(nn.Module):
+    """DeepSeek-V4's hash routing (its first MoE layers): each token id goes to fixed experts, `tid2eid[token]`;
+    the learned scores only weigh them. Nothing to balance, so no correction bias."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k, self.scoring_func = config.num_experts_per_tok, config.scoring_func
+        self.norm_topk_prob, self.routed_scaling_factor = config.norm_topk_prob, config.routed_scaling_factor
+        self.n_experts = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("tid2eid", torch.zeros(config.vocab_size, self.top_k, dtype=torch.int64))
+
+    @torch.no_grad()
+    def reset_table(self, seed: int) -> None:
+        """A fresh table for training from scratch: k distinct experts per token, drawn from `seed` alone (so every
+        rank draws the same). DeepSeek hashes token ids; any fixed spread of the vocabulary does the same job."""
+        draws = torch.rand(self.tid2eid.shape[0], self.n_experts, generator=torch.Generator().manual_seed(seed))
+        self.tid2eid.copy_(draws.argsort(dim=1)[:, : self.top_k].to(self.tid2eid.device))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if token_ids is None:
+            raise ValueError("a hash-routed MoE layer needs the token ids")
+        scores = routing_scores(x, self.weight, self.scoring_func)
+        expert_ids = self.tid2eid[token_ids.reshape(-1)]
+        return gate_weights(scores, expert_ids, self.norm_topk_prob, self.routed_scaling_factor), expert_ids, scores
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
@@ -85,25 +126,25 @@ GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.compiler.disable  # runs eager inside compiled blocks: no compiled fp32 grouped GEMM on CPUs
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, group_ends: torch.Tensor,
-               gemm: GroupedGemm = grouped_mm) -> torch.Tensor:
+               gemm: GroupedGemm = grouped_mm, limit: float = 0.0) -> torch.Tensor:
     """Every expert's SwiGLU over its rows: x [N, dim] sorted by expert, group_ends [E] int32 cumulative counts."""
     gate, up = gemm(x, gate_up, group_ends).chunk(2, dim=-1)
-    return gemm(F.silu(gate) * up, down, group_ends)
+    return gemm(swiglu(gate, up, limit), down, group_ends)
 
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts as stacked weights: gate_up [E, 2·I, dim] (rows [gate; up]), down [E, dim, I]."""
 
-    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, limit: float = 0.0):
         super().__init__()
-        self.n_experts, self.hidden_dim = n_experts, hidden_dim
+        self.n_experts, self.hidden_dim, self.limit = n_experts, hidden_dim, limit
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.gemm: GroupedGemm = grouped_mm  # nanoseek.fp8 swaps in its FP8 grouped GEMM
 
     def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         """x [N, dim], rows sorted by expert; group_ends [E] int32 cumulative row counts → [N, dim]."""
-        return expert_ffn(x, self.gate_up, self.down, group_ends, self.gemm)
+        return expert_ffn(x, self.gate_up, self.down, group_ends, self.gemm, self.limit)
 
 
 def sort_by_expert(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,12 +158,13 @@ def sort_by_expert(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tens
 class MoE(KeepsFp32Buffers, nn.Module):
     fp32_buffers = ("expert_load",)  # token counts: bf16 would stop counting at 256
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hashed: bool = False):
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.router = Router(config)
-        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.router: Router | HashRouter = HashRouter(config) if hashed else Router(config)
+        limit = config.swiglu_limit
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, limit)
+        self.shared = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, limit)
                        if config.n_shared_experts else None)
         # Tokens routed to each expert by the latest forward: the load signal for aux-loss-free balancing.
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
@@ -130,10 +172,11 @@ class MoE(KeepsFp32Buffers, nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.inject_aux_loss = False  # add its gradient in backward instead of leaving it to the caller's loss
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., dim] → [..., dim]; token_ids [...] are what a hash router routes by."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, expert_ids, scores = self.router(x)
+        weights, expert_ids, scores = self.router(x, token_ids)
         order, counts = sort_by_expert(expert_ids, self.experts.n_experts)
         self.expert_load += counts.detach()  # accumulates over micro-batches; the trainer zeroes it each step
         routed = self.experts(x[order // self.top_k], counts.cumsum(0).to(torch.int32))

@@ -11,16 +11,20 @@ from nanoseek.config import ModelConfig, yarn_mscale
 from nanoseek.model.layers import KeepsFp32Buffers
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+def rope_inverse_frequencies(config: ModelConfig, kind: str = "main") -> tuple[torch.Tensor, float]:
     """Per-pair rotation speeds [rope_dim/2] and the factor YaRN applies to cos/sin.
 
     YaRN keeps the high-frequency pairs (many rotations within the original context) as they are, interpolates the
     low-frequency ones by `factor`, and ramps linearly between the two correction dimensions.
+
+    DeepSeek-V4 has two: "main" (its sliding-window layers: rope_theta, never scaled) and "compress" (the compressed
+    layers: compress_rope_theta with rope_scaling, and no YaRN factor on cos/sin).
     """
-    dim, base = config.rope_dim, config.rope_theta
+    v4 = config.attention_type == "v4"
+    dim, base = config.rope_dim, config.compress_rope_theta if kind == "compress" else config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     yarn = config.rope_scaling
-    if yarn is None:
+    if yarn is None or (v4 and kind == "main"):
         return inv_freq, 1.0
 
     def correction_dim(rotations: float) -> float:
@@ -33,6 +37,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (unchanged), 0: interpolate
     inv_freq = inv_freq / yarn.factor * (1 - keep) + inv_freq * keep
+    if v4:
+        return inv_freq, 1.0
     # mscale/mscale_all_dim both given (as DeepSeek does): their ratio, 1 for V3; the attention temperature itself
     # goes into the softmax scale (ModelConfig.softmax_scale).
     if yarn.mscale and yarn.mscale_all_dim:
@@ -45,15 +51,15 @@ def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(KeepsFp32Buffers, nn.Module):
     fp32_buffers = ("inv_freq",)  # bf16 frequencies would misplace every position past a few hundred
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kind: str = "main"):
         super().__init__()
-        self.config = config
+        self.config, self.kind = config, kind
         self.register_buffer("inv_freq", torch.empty(config.rope_dim // 2), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Recomputes the (non-persistent) frequencies, e.g. after a model was built on the meta device."""
-        inv_freq, self.cos_sin_scale = rope_inverse_frequencies(self.config)
+        inv_freq, self.cos_sin_scale = rope_inverse_frequencies(self.config, self.kind)
         with torch.no_grad():
             self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
 
@@ -84,3 +90,16 @@ def apply_rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     first, second = x.float().chunk(2, dim=-1)
     return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)
+
+
+def apply_rope_trailing(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4's RoPE: rotates interleaved pairs of the last 2·cos.shape[-1] dims of x [B, H, T, D] and keeps
+    their order (V4's values carry the rotation too, and its output projection reads them in place). cos, sin:
+    [T, r/2] or [B, T, r/2]; rotating by -sin undoes it."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rope_dim = 2 * cos.shape[-1]
+    rest, rope = x.split([x.shape[-1] - rope_dim, rope_dim], dim=-1)
+    even, odd = rope[..., 0::2].float(), rope[..., 1::2].float()
+    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    return torch.cat([rest, rotated.to(x.dtype)], dim=-1)

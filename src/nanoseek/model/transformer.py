@@ -12,11 +12,12 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.gqa import GroupedQueryAttention
+from nanoseek.model.hyper import HyperBlock, HyperHead
 from nanoseek.model.init import seeded_normal_
 from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.indexer import LightningIndexer
 from nanoseek.model.loss import linear_cross_entropy
-from nanoseek.model.moe import MoE, Router
+from nanoseek.model.moe import HashRouter, MoE, Router
 from nanoseek.model.paged import PagedBatch, PagedStore
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -85,7 +86,11 @@ class Transformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rope = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        v4 = config.hyper_connections
+        self.layers = nn.ModuleList((HyperBlock if v4 else Block)(config, i) for i in range(config.num_hidden_layers))
+        # V4: the compressed layers' RoPE (its own base and YaRN), and the final collapse of the residual streams
+        self.compress_rope = RotaryEmbedding(config, "compress") if v4 else None
+        self.hc_head = HyperHead(config) if v4 else None
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -96,14 +101,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """V3 initialization: every weight matrix N(0, 0.006) (the only parameters of two or more dims), norms 1
-        (the only 1-D ones but the V3.2 indexer's LayerNorm bias, 0); balancing biases 0. Without a seed, drawn
-        from torch's global generator in module order; with one, each parameter from (seed, its name) alone, which also holds for a sharded model
-        (nanoseek.model.init): build on meta, parallelize, materialize, then call this."""
+        """V3 initialization: every weight matrix N(0, 0.006), norms 1; balancing biases 0. V4's additions as
+        transformers initializes them: attention sinks, compressor position biases and hyper-connection biases 0,
+        hyper-connection scales 1 (their projections are matrices), hash tables drawn per token. Without a seed,
+        drawn from torch's global generator in module order; with one, each parameter from (seed, its name) alone,
+        which also holds for a sharded model (nanoseek.model.init): build on meta, parallelize, materialize, then
+        call this."""
         std = self.config.initializer_range
         for name, param in self.named_parameters():
-            if param.dim() < 2:
-                param.fill_(0.0 if name.endswith(".bias") else 1.0)
+            if name.endswith((".bias", ".base", ".sinks", ".position_bias")):
+                param.fill_(0.0)
+            elif param.dim() < 2:
+                param.fill_(1.0)
             elif seed is None:
                 nn.init.normal_(param, std=std)
             else:
@@ -111,9 +120,13 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Router):
                 module.expert_bias.zero_()
+            elif isinstance(module, HashRouter):
+                module.reset_table(torch.initial_seed() if seed is None else seed)
             elif isinstance(module, MoE):
                 module.expert_load.zero_()
         self.rope.reset_parameters()
+        if self.compress_rope is not None:
+            self.compress_rope.reset_parameters()
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
@@ -128,17 +141,33 @@ class Transformer(nn.Module):
         a ModelOutput with the LM loss and, if the model has MTP modules and with_mtp, their loss. `documents`
         [B, T] (a document number per token) keeps the documents packed in a row from attending to each other."""
         T = input_ids.shape[1]
-        cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        positions = torch.arange(T, device=input_ids.device)
+        cos, sin = self.rope(positions)
         mask = None if documents is None else document_mask(documents)
         x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask=mask)
+        if self.hc_head is not None:
+            x = self._hyper_layers(x, positions, input_ids, documents)
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask=mask)
         head_input = self.norm(x)
         if targets is None:
             return self.head(head_input)
         lm_loss = linear_cross_entropy(head_input.flatten(0, 1), self.head.weight, targets.flatten())
         mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin, mask) if len(self.mtp) and with_mtp else None
         return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
+
+    def _hyper_layers(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
+                      documents: torch.Tensor | None) -> torch.Tensor:
+        """V4: the embedding copied into hc_mult streams, every block, then the streams collapsed → [B, T, dim]."""
+        if documents is not None:  # a compressed entry would pool tokens of two documents
+            raise ValueError("DeepSeek-V4 models take no document mask (set train.document_mask false)")
+        assert self.compress_rope is not None and self.hc_head is not None
+        ropes = {"main": self.rope(positions), "compress": self.compress_rope(positions)}
+        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
+        for layer in self.layers:
+            streams = layer(streams, ropes, positions, input_ids)
+        return self.hc_head(streams)
 
     def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: PagedStore) -> torch.Tensor:
         """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over every layer's

@@ -29,7 +29,7 @@ class ExpertParallelExperts(nn.Module):
         if experts.n_experts % self.ep:
             raise ValueError(f"{experts.n_experts} experts do not split over {self.ep} expert-parallel ranks")
         self.n_experts, self.local = experts.n_experts, experts.n_experts // self.ep
-        self.hidden_dim, self.gemm = experts.hidden_dim, experts.gemm
+        self.hidden_dim, self.gemm, self.limit = experts.hidden_dim, experts.gemm, experts.limit
         self.sent_bytes = 0  # activations this rank sent to other ranks by dispatch + combine (forward only)
         self.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.data, mesh, [Shard(0)]))
         self.down = nn.Parameter(distribute_tensor(experts.down.data, mesh, [Shard(0)]))
@@ -51,7 +51,7 @@ class ExpertParallelExperts(nn.Module):
         order = expert_of_row.argsort(stable=True)
         local_ends = received.sum(dim=0).cumsum(0).to(torch.int32)
         gate_up, down = self.gate_up.to_local(), self.down.to_local()
-        out = expert_ffn(arrived[order], gate_up, down, local_ends, self.gemm)
+        out = expert_ffn(arrived[order], gate_up, down, local_ends, self.gemm, self.limit)
         unordered = torch.empty_like(out)
         unordered[order] = out
         me = dist.get_rank(self.group)

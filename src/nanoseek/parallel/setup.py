@@ -14,7 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from nanoseek.errors import ConfigError
 from nanoseek.model.indexer import LightningIndexer
-from nanoseek.model.moe import Router
+from nanoseek.model.moe import HashRouter, Router
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.expert_parallel import apply_expert_parallel
 
@@ -131,7 +131,7 @@ def shard_blocks(blocks: list[torch.nn.Module], root: torch.nn.Module, par: Para
     block's parameters again for backward)."""
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     for block in blocks:
-        for router in [m for m in block.modules() if isinstance(m, Router)]:
+        for router in [m for m in block.modules() if isinstance(m, (Router, HashRouter))]:
             fully_shard(router, mesh=par.dp_mesh, mp_policy=fp32)
         for indexer in [m for m in block.modules() if isinstance(m, LightningIndexer)]:
             fully_shard(indexer, mesh=par.dp_mesh, mp_policy=mixed_precision(par))

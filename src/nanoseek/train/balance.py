@@ -6,16 +6,18 @@ from collections import deque
 
 import torch
 
-from nanoseek.model.moe import MoE
+from nanoseek.model.moe import MoE, Router
 from nanoseek.train.config import TrainConfig
 
 
 @torch.no_grad()
 def update_expert_bias(moe_layers: list[MoE], loads: list[torch.Tensor], speed: float) -> None:
     """After a step: each expert's bias moves by γ against the sign of its load error (overloaded experts become
-    less attractive, underloaded ones more). `loads` are the tokens each expert got over the whole step."""
+    less attractive, underloaded ones more). `loads` are the tokens each expert got over the whole step. A hash-routed
+    layer (V4) has no bias: its experts are fixed per token."""
     for moe, load in zip(moe_layers, loads):
-        moe.router.expert_bias += speed * torch.sign(load.mean() - load)
+        if isinstance(moe.router, Router):
+            moe.router.expert_bias += speed * torch.sign(load.mean() - load)
 
 
 class ImbalanceTracker:

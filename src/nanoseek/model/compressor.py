@@ -1,0 +1,101 @@
+"""DeepSeek-V4's KV compression: every `rate` tokens become one entry that attention reads beside its window.
+
+    C = W_kv x,  Z = W_z x + B           per token; B a learned bias per position in the window
+    entry_w = RMSNorm(Σ_j softmax_j(Z) ⊙ C_j)   softmax over the window's tokens, per channel, in fp32
+    RoPE at position w·rate (the window's first token), trailing dims
+
+HCA (heavily compressed, rate 128): windows [w·m, (w+1)·m). CSA (rate 4) pools two series over overlapping windows:
+each token projects to 2·d channels, [Ca; Cb]; entry w pools window w's Cb with window w-1's Ca (width 2m, stride
+m; window 0 has no predecessor, its Ca slots weigh 0). An entry exists once its window closed: query t sees entry w
+iff w < (t + 1) // rate.
+
+CSA's lightning indexer (`CompressedIndexer`) pools its own, narrower keys the same way and picks, per query, the
+index_topk entries its scores rank highest among those it may see.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.indexer import head_weights, index_scores
+from nanoseek.model.layers import RMSNorm
+from nanoseek.model.rope import apply_rope_trailing
+
+
+class Compressor(nn.Module):
+    def __init__(self, dim: int, head_dim: int, rate: int, overlap: bool, eps: float):
+        super().__init__()
+        self.head_dim, self.rate, self.overlap = head_dim, rate, overlap
+        width = 2 * head_dim if overlap else head_dim
+        self.kv_proj = nn.Linear(dim, width, bias=False)
+        self.gate_proj = nn.Linear(dim, width, bias=False)
+        self.position_bias = nn.Parameter(torch.empty(rate, width))
+        self.kv_norm = RMSNorm(head_dim, eps)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> torch.Tensor:
+        """kv, gate [B, N, rate, width] of N closed windows (gate with the position bias) → pooled [B, N, head_dim].
+        CSA: `previous` is the Ca half (kv, gate [B, rate, head_dim]) of the window before the first, if any."""
+        if self.overlap:
+            d = self.head_dim
+            if previous is None:  # no window before: zero values that the softmax weighs 0
+                previous = (kv.new_zeros(kv[:, :1, :, :d].shape), gate.new_full(gate[:, :1, :, :d].shape, -torch.inf))
+            else:
+                previous = (previous[0].unsqueeze(1).to(kv.dtype), previous[1].unsqueeze(1).to(gate.dtype))
+            kv = torch.cat([torch.cat([previous[0], kv[:, :-1, :, :d]], dim=1), kv[..., d:]], dim=2)
+            gate = torch.cat([torch.cat([previous[1], gate[:, :-1, :, :d]], dim=1), gate[..., d:]], dim=2)
+        weights = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
+        return (kv * weights).sum(dim=2)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] → kv, gate [B, T, width] (the gate without its position bias)."""
+        return self.kv_proj(x), self.gate_proj(x)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, dim] of whole sequences → entries [B, T // rate, head_dim]; cos, sin at positions w·rate."""
+        B, T, _ = x.shape
+        n = T // self.rate
+        kv, gate = self.project(x[:, : n * self.rate])
+        kv = kv.view(B, n, self.rate, -1)
+        gate = gate.view(B, n, self.rate, -1) + self.position_bias
+        entries = self.kv_norm(self.pool(kv, gate))
+        return apply_rope_trailing(entries.unsqueeze(1), cos, sin).squeeze(1)
+
+
+def entries_visible(positions: torch.Tensor, n_entries: int, rate: int) -> torch.Tensor:
+    """positions [..., T] → [..., T, n_entries] bool: which closed windows each query may read."""
+    return torch.arange(n_entries, device=positions.device) < ((positions + 1) // rate).unsqueeze(-1)
+
+
+class CompressedIndexer(nn.Module):
+    """CSA's lightning indexer: I(t, w) = Σ_h w_h(t) · ReLU(q_h(t) · k_w / sqrt(d)) over compressed keys k_w, in fp32
+    (the V3.2 indexer's score over entries instead of tokens). q_h from attention's compressed query."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = config.index_n_heads, config.index_head_dim, config.index_topk
+        self.compressor = Compressor(config.hidden_size, self.head_dim, config.compress_rate_csa, True,
+                                     config.rms_norm_eps)
+        self.q_up = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.head_weights = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+
+    def queries(self, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """q_latent [B, T, q_lora_rank] → rotated queries [B, T, H, D]."""
+        B, T, _ = q_latent.shape
+        q = self.q_up(q_latent).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        return apply_rope_trailing(q, cos, sin).transpose(1, 2)
+
+    def select(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """scores, visible [B, T, N] → the visible entries among each query's top index_topk, as a mask."""
+        scores = scores.masked_fill(~visible, -torch.inf)
+        chosen = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        return visible & torch.zeros_like(visible).scatter_(-1, chosen, True)
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                entry_rope: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
+        """Whole sequences: x [B, T, dim] → which entries each query attends to [B, T, N] bool."""
+        keys = self.compressor(x, *entry_rope)
+        scores = index_scores(self.queries(q_latent, *rope), head_weights(self.head_weights, x), keys)
+        return self.select(scores, visible)

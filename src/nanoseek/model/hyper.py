@@ -1,0 +1,105 @@
+"""DeepSeek-V4's manifold-constrained hyper-connections (mHC): the residual is hc_mult streams [B, T, n, dim].
+
+Around each sub-block (attention, then MoE), weights computed from the streams themselves:
+
+    m = W · RMSNorm(flatten(streams))                  one linear map to 2n + n² numbers per token
+    pre  = sigmoid(s_pre · m_pre + b_pre) + ε          [n]: collapses the streams into the sub-block's input
+    post = 2 · sigmoid(s_post · m_post + b_post)       [n]: spreads the sub-block's output over the streams
+    comb = Sinkhorn(softmax(s_comb · m_comb + b_comb) + ε)   [n, n], doubly stochastic: mixes the streams
+    streams' = post ⊗ output + combᵀ · streams
+
+A doubly-stochastic mix neither grows nor shrinks the residual however many layers compose it. Everything here
+runs in fp32 under any autocast, as DeepSeek and transformers keep it: the mix is the residual path itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.hybrid_attention import HybridAttention
+from nanoseek.model.layers import RMSNorm
+from nanoseek.model.moe import MoE
+
+
+def _normed_mixes(streams: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """streams [B, T, n, dim] → W · RMSNorm(flattened streams) [B, T, out] in fp32 (an unweighted RMSNorm)."""
+    flat = streams.flatten(-2).float()
+    return F.linear(F.rms_norm(flat, (flat.shape[-1],), eps=eps), weight.float())
+
+
+class HyperConnection(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        n = self.n = config.hc_mult
+        self.iterations, self.eps, self.norm_eps = config.hc_sinkhorn_iters, config.hc_eps, config.rms_norm_eps
+        self.fn = nn.Parameter(torch.empty((2 + n) * n, n * config.hidden_size))
+        self.base = nn.Parameter(torch.empty((2 + n) * n))
+        self.scale = nn.Parameter(torch.empty(3))
+
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams [B, T, n, dim] → the sub-block's input [B, T, dim], post [B, T, n], comb [B, T, n, n] (fp32)."""
+        n = self.n
+        with torch.autocast(streams.device.type, enabled=False):
+            mixes = _normed_mixes(streams, self.fn, self.norm_eps)
+            pre_m, post_m, comb_m = mixes.split([n, n, n * n], dim=-1)
+            pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
+            scale = self.scale.float()
+            pre = torch.sigmoid(pre_m * scale[0] + pre_b) + self.eps
+            post = 2 * torch.sigmoid(post_m * scale[1] + post_b)
+            comb = torch.softmax(comb_m.unflatten(-1, (n, n)) * scale[2] + comb_b.view(n, n), dim=-1) + self.eps
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+            for _ in range(self.iterations - 1):  # Sinkhorn-Knopp: rows, then columns, to sum 1
+                comb = comb / (comb.sum(dim=-1, keepdim=True) + self.eps)
+                comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+            collapsed = (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+        return collapsed, post, comb
+
+    @staticmethod
+    def merge(streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """post ⊗ output + combᵀ · streams → the new streams [B, T, n, dim], in the streams' dtype."""
+        dtype = streams.dtype
+        with torch.autocast(streams.device.type, enabled=False):
+            mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+            return post.to(dtype).unsqueeze(-1) * output.to(dtype).unsqueeze(-2) + mixed
+
+
+class HyperHead(nn.Module):
+    """The final collapse of the streams into one hidden state: pre-weights only (sigmoid + ε), no mixing."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        n = config.hc_mult
+        self.eps, self.norm_eps = config.hc_eps, config.rms_norm_eps
+        self.fn = nn.Parameter(torch.empty(n, n * config.hidden_size))
+        self.base = nn.Parameter(torch.empty(n))
+        self.scale = nn.Parameter(torch.empty(1))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        """streams [B, T, n, dim] → [B, T, dim]"""
+        with torch.autocast(streams.device.type, enabled=False):
+            mixes = _normed_mixes(streams, self.fn, self.norm_eps)
+            pre = torch.sigmoid(mixes * self.scale.float() + self.base.float()) + self.eps
+            return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+
+
+class HyperBlock(nn.Module):
+    """A V4 block: attention, then MoE, each collapsed from and spread back into the streams by its own mHC."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.attn_hc, self.mlp_hc = HyperConnection(config), HyperConnection(config)
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = HybridAttention(config, config.layer_types[layer_index])
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config, hashed=config.mlp_layer_types[layer_index] == "hash_moe")
+
+    def forward(self, streams: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """streams [B, T, n, dim] of whole sequences → [B, T, n, dim]; token_ids [B, T] route the hash layers."""
+        x, post, comb = self.attn_hc(streams)
+        streams = HyperConnection.merge(streams, self.attn(self.attn_norm(x), ropes, positions), post, comb)
+        x, post, comb = self.mlp_hc(streams)
+        return HyperConnection.merge(streams, self.mlp(self.mlp_norm(x), token_ids), post, comb)

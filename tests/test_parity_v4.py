@@ -1,0 +1,169 @@
+"""DeepSeek-V4 against transformers' DeepseekV4ForCausalLM on the same weights: every parameter transformers starts
+at zero randomized (sinks, compressor position biases, hyper-connection biases, correction biases, hash tables),
+sequences past the window and over many compressed entries, the CSA indexer dropping some; loaded both ways, from
+DeepSeek's release names too; config.json both ways."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from nanoseek.config import ModelConfig
+from nanoseek.errors import ConfigError
+from nanoseek.v4config import CSA, HCA, SLIDING
+
+LENGTH = 24  # > the window (6), 12 CSA entries of 2 tokens (top 3 kept), 6 HCA entries of 4
+
+
+def v4_config(**overrides) -> ModelConfig:
+    fields = dict(
+        vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+        q_lora_rank=8, qk_rope_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+        topk_group=1, routed_scaling_factor=1.5, scoring_func="sqrtsoftplus", first_k_dense_replace=0,
+        max_position_embeddings=64, attention_type="v4", num_key_value_heads=1, head_dim=16,
+        layer_types=(SLIDING, CSA, HCA, CSA), mlp_layer_types=("hash_moe", "moe", "moe", "moe"), sliding_window=6,
+        compress_rate_csa=2, compress_rate_hca=4, hc_mult=3, hc_sinkhorn_iters=5, o_groups=2, o_lora_rank=8,
+        swiglu_limit=1.5, index_n_heads=4, index_head_dim=8, index_topk=3, initializer_range=0.2)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def v4_hf_model(config: ModelConfig, seed: int = 0):
+    """transformers' model of `config`, with every parameter and buffer random (none left at its zero init)."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    torch.manual_seed(seed)
+    model = DeepseekV4ForCausalLM(DeepseekV4Config(**config.to_hf_dict())).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2 or name.endswith("position_bias"):  # norms around 1, the rest around 0
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("norm.weight") else 0.0))
+            else:
+                p.normal_(0, config.initializer_range)
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                b.copy_(torch.rand(b.shape[0], config.n_routed_experts).argsort(dim=1)[:, : b.shape[1]])
+            elif name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+    return model
+
+
+def _ids(config: ModelConfig, length: int = LENGTH) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (2, length), generator=torch.Generator().manual_seed(1))
+
+
+def _record(model, names: list[str]) -> dict[str, torch.Tensor]:
+    outputs = {}
+    for name in names:
+        model.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """transformers' V4 model (YaRN on the compressed layers) saved by save_pretrained, and its logits."""
+    config = v4_config(rope_scaling={"factor": 4.0, "original_max_position_embeddings": 16})
+    reference = v4_hf_model(config)
+    path = tmp_path_factory.mktemp("v4") / "hf"
+    reference.save_pretrained(path)
+    csa = [i for i, t in enumerate(config.layer_types) if t == CSA]
+    picks = _record(reference, [f"model.layers.{i}.self_attn.compressor.indexer" for i in csa])
+    with torch.no_grad():
+        logits = reference(_ids(config)).logits
+    return config, reference, path, logits, {i: picks[f"model.layers.{i}.self_attn.compressor.indexer"] for i in csa}
+
+
+def test_v4_equals_transformers_both_ways(saved, tmp_path):
+    config, reference, path, expected, their_picks = saved
+    ours = nanoseek.load_pretrained(path).eval()
+    assert ours.config == config
+    ours_picks = _record(ours, [f"layers.{i}.attn.indexer" for i in their_picks])
+    ids = _ids(config)
+    with torch.no_grad():
+        got = ours(ids)
+    for i, indices in their_picks.items():  # the same entries, before any logit is compared
+        picked = ours_picks[f"layers.{i}.attn.indexer"]
+        theirs = torch.zeros(*picked.shape[:2], picked.shape[2] + 1, dtype=torch.bool)
+        theirs = theirs.scatter_(-1, indices.where(indices >= 0, picked.shape[2]), True)[..., :-1]
+        assert torch.equal(picked, theirs), i
+        assert (picked.sum(-1) < torch.arange(LENGTH).add(1).div(2, rounding_mode="floor")).any()  # top-k dropped
+    assert (got - expected).abs().max().item() <= 1e-5
+    with torch.no_grad():  # the indexer's choice matters: attending every entry gives other logits
+        for i in their_picks:
+            ours.layers[i].attn.indexer.topk = 10**6
+        assert (ours(ids) - expected).abs().max().item() > 1e-3
+        for i in their_picks:
+            ours.layers[i].attn.indexer.topk = config.index_topk
+    nanoseek.save_pretrained(ours, tmp_path / "ours")
+    again = type(reference).from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (again(ids).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_v4_loads_deepseek_release_names(saved, tmp_path):
+    """DeepSeek's own layout: no `model.` prefix, embed/norm/hc_head_* at the top, an MTP layer nanoseek skips,
+    and the release config form (compress_ratios per layer with the MTP layer's, num_hash_layers, rope_scaling)."""
+    config, _, path, expected, _ = saved
+    tensors = load_file(path / "model.safetensors")
+    top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+           "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
+           "model.hc_head.hc_scale": "hc_head_scale"}
+    released = {top.get(k, k.removeprefix("model.")): v for k, v in tensors.items()}
+    assert "head.weight" in released and "layers.0.attn.wq_a.weight" in released
+    released["mtp.0.attn.wq_a.weight"] = torch.zeros(3)
+    (tmp_path / "release").mkdir()
+    save_file(released, tmp_path / "release" / "model.safetensors")
+    raw = config.to_hf_dict("deepseek")
+    raw["compress_ratios"] = raw["compress_ratios"] + [0]
+    raw["num_nextn_predict_layers"] = 1
+    assert "layer_types" not in raw and raw["num_hash_layers"] == 1
+    (tmp_path / "release" / "config.json").write_text(json.dumps(raw))
+    ours = nanoseek.load_pretrained(tmp_path / "release").eval()
+    assert ours.config == config
+    with torch.no_grad():
+        assert (ours(_ids(config)) - expected).abs().max().item() <= 1e-5
+
+
+def test_v4_config_json_both_ways():
+    from transformers import DeepseekV4Config
+
+    config = ModelConfig.preset("v4-flash")
+    for style in ("transformers", "deepseek"):
+        assert ModelConfig.from_hf_dict(config.to_hf_dict(style)) == config, style
+    theirs = DeepseekV4Config(**config.to_hf_dict())
+    assert list(theirs.layer_types) == list(config.layer_types)
+    assert theirs.qk_rope_head_dim == config.qk_rope_head_dim and theirs.mlp_layer_types[:4] == [
+        "hash_moe"] * 3 + ["moe"]
+    assert theirs.rope_parameters["compress"]["factor"] == 16.0
+    assert ModelConfig.from_hf_dict(json.loads(theirs.to_json_string())) == config  # transformers' own file
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(layer_types=(SLIDING, CSA)), "one entry per layer"),
+    (dict(mlp_layer_types=("moe", "moe", "moe", "dense")), "must be one of"),
+    (dict(index_n_heads=0), "lightning indexer"),
+    (dict(num_attention_heads=3), "o_groups"),
+    (dict(num_nextn_predict_layers=1), "no V4 MTP"),
+    (dict(first_k_dense_replace=1), "every V4 layer is MoE"),
+    (dict(head_dim=4), "RoPE dims"),
+])
+def test_v4_config_errors_name_the_field(change, message):
+    with pytest.raises(ConfigError, match=message):
+        v4_config(**change)
+
+
+def test_v4_presets_published_sizes():
+    """V4-Flash 284B total / 13B active, V4-Pro 1.6T / 49B; at 1M tokens V4-Flash needs a fraction of V3.2's
+    per-token FLOPs and cache (DeepSeek: ~10 % and ~7 %)."""
+    from nanoseek.flops import long_context, model_stats
+
+    flash, pro = model_stats(ModelConfig.preset("v4-flash")), model_stats(ModelConfig.preset("v4-pro"))
+    assert round(flash.total_params / 1e9) == 284 and round(flash.active_params / 1e9) == 13
+    assert round(pro.total_params / 1e11) == 16 and round(pro.active_params / 1e9) == 49
+    v4, v32 = long_context(ModelConfig.preset("v4-flash"))[-1], long_context(ModelConfig.preset("v32"))[-1]
+    assert v4["context"] == 2**20
+    assert 0.05 < v4["flops_per_token"] / v32["flops_per_token"] < 0.15
+    assert 0.05 < v4["cache_bytes_per_token"] / v32["cache_bytes_per_token"] < 0.10
