@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import nanoseek
 from nanoseek.config import ModelConfig
 from nanoseek.errors import ConfigError
+from nanoseek.model.compressor import entries_visible
 from nanoseek.v4config import CSA, HCA, SLIDING
 
 LENGTH = 24  # > the window (6), 12 CSA entries of 2 tokens (top 3 kept), 6 HCA entries of 4
@@ -85,7 +86,9 @@ def test_v4_equals_transformers_both_ways(saved, tmp_path):
     with torch.no_grad():
         got = ours(ids)
     for i, indices in their_picks.items():  # the same entries, before any logit is compared
-        picked = ours_picks[f"layers.{i}.attn.indexer"]
+        scores = ours_picks[f"layers.{i}.attn.indexer"]
+        readable = entries_visible(torch.arange(LENGTH), scores.shape[-1], config.compress_rate_csa)
+        picked = ours.layers[i].attn.indexer.select(scores, readable.expand_as(scores))
         theirs = torch.zeros(*picked.shape[:2], picked.shape[2] + 1, dtype=torch.bool)
         theirs = theirs.scatter_(-1, indices.where(indices >= 0, picked.shape[2]), True)[..., :-1]
         assert torch.equal(picked, theirs), i

@@ -227,3 +227,56 @@ def test_aux_free_balancing_evens_expert_load(workspace, monkeypatch):
         imbalance[balance] = summary["imbalance_last_100"]
     assert imbalance["aux-free"] < imbalance["none"]
     assert imbalance["aux-free"] <= 1.3
+
+
+def test_v4_trains_resumes_bit_identical_and_is_a_transformers_model(workspace, monkeypatch):
+    """DeepSeek-V4 from scratch with the same trainer: the loss falls, the CSA indexer learns by its KL, a resumed
+    run repeats the uninterrupted one bit for bit (hash tables included), the routed layers' biases move and the
+    hash-routed one has none, and the run directory loads in transformers with the same logits."""
+    import transformers
+
+    from nanoseek.train.config import TrainConfig
+    from nanoseek.train.trainer import RunSpec, train
+    from nanoseek.v4config import CSA, HCA, SLIDING
+
+    monkeypatch.setenv("NANOSEEK_CACHE", str(workspace / "cache"))
+    config = nanoseek.ModelConfig.preset("tiny-v4").replace(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, head_dim=16, qk_rope_head_dim=8, q_lora_rank=16,
+        moe_intermediate_size=16, vocab_size=320, max_position_embeddings=64, layer_types=(SLIDING, CSA, HCA),
+        mlp_layer_types=("hash_moe", "moe", "moe"), sliding_window=8, compress_rate_hca=8, o_lora_rank=8,
+        index_head_dim=8, index_topk=2, hc_mult=2)
+
+    def run(name: str, resume: bool = False) -> dict:
+        cfg = TrainConfig(seq_len=32, batch_size=2, max_steps=8, save_every=4, eval_every=1000, eval_batches=1,
+                          log_every=1, lr=1e-2, warmup_steps=2, tokenizer=str(workspace / "tokenizer.json"))
+        return train(RunSpec(workspace / name, config, cfg, str(workspace / "corpus.txt"), resume=resume),
+                     show_progress=False)
+
+    run("v4-straight")
+    real_save, saves = train_checkpoint.dcp.save, []
+
+    def save_then_die(state, checkpoint_id):  # the run dies writing its step-8 checkpoint: it resumes from step 4
+        saves.append(checkpoint_id)
+        real_save(state, checkpoint_id=checkpoint_id)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_checkpoint.dcp, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run("v4-resumed")
+    monkeypatch.setattr(train_checkpoint.dcp, "save", real_save)
+    assert [p.name for p in list_checkpoints(workspace / "v4-resumed" / "checkpoints")] == ["step_0000004"]
+    run("v4-resumed", resume=True)
+    straight, resumed = _losses(workspace / "v4-straight"), _losses(workspace / "v4-resumed")
+    assert sorted(straight) == list(range(1, 9)) and resumed == straight
+    assert straight[8] < straight[1]
+    last = json.loads((workspace / "v4-straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["indexer_kl"] > 0  # the CSA layer's indexer learns by DSA's KL, as V3.2's
+    ours = nanoseek.load_pretrained(workspace / "v4-straight")
+    hashed, *routed = [layer.mlp.router for layer in ours.layers]
+    assert not hasattr(hashed, "expert_bias") and hashed.tid2eid.unique().numel() == config.n_routed_experts
+    assert all(router.expert_bias.abs().sum() > 0 for router in routed)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(workspace / "v4-straight")
+    ids = torch.randint(0, 300, (1, 24))
+    with torch.no_grad():
+        assert (ours(ids) - reference(ids).logits).abs().max() < 1e-5

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.indexer import head_weights, index_scores
+from nanoseek.model.indexer import head_weights, index_scores, indexer_kl
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.rope import apply_rope_trailing
 
@@ -71,7 +71,9 @@ def entries_visible(positions: torch.Tensor, n_entries: int, rate: int) -> torch
 
 class CompressedIndexer(nn.Module):
     """CSA's lightning indexer: I(t, w) = Σ_h w_h(t) · ReLU(q_h(t) · k_w / sqrt(d)) over compressed keys k_w, in fp32
-    (the V3.2 indexer's score over entries instead of tokens). q_h from attention's compressed query."""
+    (the V3.2 indexer's score over entries instead of tokens). q_h from attention's compressed query. It learns as
+    V3.2's does (train/dsa.py): by KL to its layer's attention over the entries, from inputs cut off the model's
+    graph; `stage` and `loss` as LightningIndexer's."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -80,6 +82,8 @@ class CompressedIndexer(nn.Module):
                                      config.rms_norm_eps)
         self.q_up = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.head_weights = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.stage: str | None = None
+        self.loss: torch.Tensor | None = None
 
     def queries(self, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """q_latent [B, T, q_lora_rank] → rotated queries [B, T, H, D]."""
@@ -94,8 +98,14 @@ class CompressedIndexer(nn.Module):
         return visible & torch.zeros_like(visible).scatter_(-1, chosen, True)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                entry_rope: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
-        """Whole sequences: x [B, T, dim] → which entries each query attends to [B, T, N] bool."""
+                entry_rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Whole sequences: x [B, T, dim] → I [B, T, N] against every entry (`select` keeps what a query reads)."""
         keys = self.compressor(x, *entry_rope)
-        scores = index_scores(self.queries(q_latent, *rope), head_weights(self.head_weights, x), keys)
-        return self.select(scores, visible)
+        return index_scores(self.queries(q_latent, *rope), head_weights(self.head_weights, x), keys)
+
+    def learn(self, attention: torch.Tensor, scores: torch.Tensor, attended: torch.Tensor) -> None:
+        """Sets `loss`: DSA's KL from attention's probabilities over the entries [B, H, T, N] (summed over heads,
+        L1-normalized over the attended ones) to softmax(I), over the queries that attend to any entry."""
+        rows = attended.any(dim=-1)
+        target = attention.detach().float().sum(dim=1).masked_fill(~attended, 0)[rows]
+        self.loss = indexer_kl(target / target.sum(dim=-1, keepdim=True), scores[rows], attended[rows])

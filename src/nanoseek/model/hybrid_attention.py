@@ -74,14 +74,15 @@ class HybridAttention(nn.Module):
         """x [B, T, dim] → the rotated shared key/value [B, T, D]: what the window caches per token."""
         return apply_rope_trailing(self.kv_norm(self.kv_proj(x)).unsqueeze(1), *rope).squeeze(1)
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """q [B, H, T, D], keys [B, S, D] (also the values), visible [B, 1 or H, T, S] → [B, H, T, D]. The sink
-        logit joins each softmax (in fp32) and is dropped after it: the rows need not sum to 1."""
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, H, T, D], keys [B, S, D] (also the values), visible [B, 1 or H, T, S] → [B, H, T, D] and the
+        probabilities [B, H, T, S]. The sink logit joins each softmax (in fp32) and is dropped after it: the rows
+        need not sum to 1."""
         logits = torch.matmul(q, keys.unsqueeze(1).transpose(-1, -2)) * self.head_dim ** -0.5
         logits = logits.float().masked_fill(~visible, -torch.inf)
         sinks = self.sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
         probs = torch.cat([logits, sinks], dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.matmul(probs.to(keys.dtype), keys.unsqueeze(1))
+        return torch.matmul(probs.to(keys.dtype), keys.unsqueeze(1)), probs
 
     def output(self, attended: torch.Tensor, rope: Rope) -> torch.Tensor:
         """attended [B, H, T, D] → [B, T, dim]: rotated back by the query's position, then the grouped projection."""
@@ -99,12 +100,22 @@ class HybridAttention(nn.Module):
         q, q_latent = self.queries(x, rope)
         keys = self.key_values(x, rope)
         visible = window_visible(positions, self.window).expand(x.shape[0], 1, -1, -1)
+        scores, n = None, 0
         if self.compressor is not None:
             n = x.shape[1] // self.rate
             entry_cos, entry_sin = (t[: n * self.rate: self.rate] for t in ropes["compress"])
             keys = torch.cat([keys, self.compressor(x, entry_cos, entry_sin)], dim=1)
             readable = entries_visible(positions, n, self.rate).expand(x.shape[0], -1, -1)
             if self.indexer is not None:
-                readable = self.indexer(x, q_latent, rope, (entry_cos, entry_sin), readable)
+                stage = self.indexer.stage if self.training else None
+                learning = stage is not None and torch.is_grad_enabled()
+                with torch.set_grad_enabled(learning):  # the indexer learns from its own loss only
+                    scores = self.indexer(x.detach(), q_latent.detach(), rope, (entry_cos, entry_sin))
+                if stage != "warmup":  # the dense warm-up attends to every entry while the indexer learns
+                    readable = self.indexer.select(scores.detach(), readable)
+                scores = scores if learning else None
             visible = torch.cat([visible, readable.unsqueeze(1)], dim=-1)
-        return self.output(self.attend(q, keys, visible), rope)
+        attended, probs = self.attend(q, keys, visible)
+        if scores is not None and self.indexer is not None:
+            self.indexer.learn(probs[..., probs.shape[-1] - n:], scores, visible[:, 0, :, visible.shape[-1] - n:])
+        return self.output(attended, rope)

@@ -11,6 +11,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.compressor import CompressedIndexer
 from nanoseek.model.gqa import GroupedQueryAttention
 from nanoseek.model.hyper import HyperBlock, HyperHead
 from nanoseek.model.init import seeded_normal_
@@ -131,9 +132,10 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def indexers(self) -> list[LightningIndexer]:
-        """V3.2's lightning indexers, one per attention layer (MTP modules included); none for V3."""
-        return [m for m in self.modules() if isinstance(m, LightningIndexer)]
+    def indexers(self) -> list[LightningIndexer | CompressedIndexer]:
+        """The lightning indexers: V3.2's, one per attention layer (MTP modules included), or V4's, one per CSA
+        layer; none for V3."""
+        return [m for m in self.modules() if isinstance(m, (LightningIndexer, CompressedIndexer))]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, with_mtp: bool = True,
                 documents: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
