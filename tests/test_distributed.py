@@ -144,6 +144,38 @@ def test_v32_training_stages_under_fsdp_and_ep_equal_one_process(space, stage):
     assert all(row["indexer_kl"] > 0 for row in want.values())
 
 
+V4 = ("model.hidden_size=32", "model.num_hidden_layers=3", "model.num_attention_heads=2", "model.head_dim=16",
+      "model.qk_rope_head_dim=8", "model.q_lora_rank=16", "model.moe_intermediate_size=16", "model.o_lora_rank=8",
+      "model.layer_types=[sliding_attention,compressed_sparse_attention,heavily_compressed_attention]",
+      "model.mlp_layer_types=[hash_moe,moe,moe]", "model.sliding_window=8", "model.compress_rate_hca=8",
+      "model.index_head_dim=8", "model.index_topk=2", "model.hc_mult=2", "model.n_routed_experts=8",
+      "model.initializer_range=0.3")
+
+
+def _v4_args(space: Path, out: str, *extra: str) -> list[str]:
+    return ["-m", "nanoseek", "train", "--preset", "tiny-v4", "--data", str(space / "corpus.txt"), "--tokenizer",
+            str(space / "tokenizer.json"), "--out", str(space / out), "train.seq_len=32", "train.batch_size=4",
+            "train.eval_batches=2", "train.vocab_size=300", "train.log_every=1", "train.warmup_steps=5", *V4,
+            *extra]
+
+
+def test_v4_under_fsdp_and_ep_equals_one_process(space):
+    """DeepSeek-V4 over DP2×EP2: the one-process losses, CSA indexer KL and gradient norms (hyper-connection
+    streams, hash routing, compressors and the indexers' own FSDP units)."""
+    flags = ("train.precision=fp32", *PARITY_STEPS)
+    for out, processes, extra in (("v4-one", 1, ()), ("v4-dp2-ep2", 2, ("--ep", "2"))):
+        launcher = [*TORCHRUN, "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
+        result = subprocess.run(launcher + _v4_args(space, out, *extra, *flags), env=_env(space),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    got, want = _metrics(space, "v4-dp2-ep2"), _metrics(space, "v4-one")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        for key in ("loss", "indexer_kl", "grad_norm"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+    assert all(row["indexer_kl"] > 0 for row in want.values())
+
+
 @pytest.mark.slow  # a minute of compilation on a fresh machine; test_bench compiles the blocks in the default run
 def test_compiled_blocks_train_like_eager(space, one_process):
     """train.compile=true (torch.compile per block; the experts' grouped GEMM stays eager) under FSDP + EP."""
@@ -158,6 +190,9 @@ def test_compiled_blocks_train_like_eager(space, one_process):
     (["--pp", "2", "--pp-schedule", "zbv"], "with --dp > 1 is not supported"),
     (["--pp", "2", "--pp-schedule", "dualpipev"], "with --dp > 1 is not supported"),
     (["--ep", "3"], "must divide --dp"),
+    (["--pp", "2", "--preset", "tiny-v4", "model.n_group=1", "model.topk_group=1", "model.first_k_dense_replace=0",
+      "model.layer_types=[sliding_attention,sliding_attention]", "model.mlp_layer_types=[moe,moe]"],
+     "V4 is not pipelined"),
 ])
 def test_refused_layouts_say_why_in_one_line(space, flags, needle, monkeypatch, capsys):
     """What each torchrun process sees (its environment): the layout is checked before any process group is set up."""
@@ -306,7 +341,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(space):
 
 def test_router_stays_fp32_under_fsdp_bf16_mixed_precision():
     """FSDP2's bf16 policy casts a block's parameters for forward; the routers are units of their own with an fp32
-    policy, so routing sees fp32 weights as in one process under autocast (a gloo group of one rank)."""
+    policy, so routing sees fp32 weights as in one process under autocast (a gloo group of one rank); so are V4's
+    hyper-connections, compressors and final stream collapse."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -330,5 +366,20 @@ def test_router_stays_fp32_under_fsdp_bf16_mixed_precision():
         model(torch.randint(0, 96, (2, 8)), torch.randint(0, 96, (2, 8))).lm_loss.backward()
         assert seen == {"router": torch.float32, "shared": torch.bfloat16}
         assert moe.router.weight.grad is not None
+        from test_parity_v4 import v4_config
+
+        v4 = nanoseek.Transformer(v4_config())
+        shard_blocks(list(v4.layers), v4, par)
+        seen.clear()
+        block = v4.layers[1]
+        for name in ("attn_hc", "attn.compressor", "attn.indexer.compressor", "mlp.router"):
+            block.get_submodule(name).register_forward_pre_hook(
+                lambda m, a, name=name: seen.__setitem__(name, next(m.parameters()).dtype))
+        block.attn.q_up.register_forward_pre_hook(lambda m, a: seen.__setitem__("q_up", m.weight.dtype))
+        v4.hc_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("hc_head", m.fn.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer runs
+            loss = v4(torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))).lm_loss
+        loss.backward()
+        assert seen.pop("q_up") == torch.bfloat16 and set(seen.values()) == {torch.float32} and len(seen) == 5
     finally:
         dist.destroy_process_group()

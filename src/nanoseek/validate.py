@@ -20,6 +20,8 @@ def _matches(value: Any, kind: Any) -> bool:
         return any(_matches(value, option) for option in typing.get_args(kind))
     if kind is type(None):
         return value is None
+    if origin is tuple:  # tuple[X, ...]
+        return isinstance(value, tuple) and all(_matches(item, typing.get_args(kind)[0]) for item in value)
     if kind is bool:
         return isinstance(value, bool)
     if kind is int:
@@ -39,6 +41,8 @@ def _describe(kind: Any) -> str:
         return " or ".join(_describe(option) for option in typing.get_args(kind))
     if kind is type(None):
         return "null"
+    if origin is tuple:
+        return f"a list ({_describe(typing.get_args(kind)[0])} each)"
     return {float: "a finite number", int: "an integer", bool: "true or false", str: "a string"}.get(
         kind, getattr(kind, "__name__", str(kind)))
 

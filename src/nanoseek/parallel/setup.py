@@ -13,6 +13,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from nanoseek.errors import ConfigError
+from nanoseek.model.compressor import CompressedIndexer, Compressor
+from nanoseek.model.hyper import HyperConnection, HyperHead
 from nanoseek.model.indexer import LightningIndexer
 from nanoseek.model.moe import HashRouter, Router
 from nanoseek.model.transformer import Transformer
@@ -125,17 +127,21 @@ def shard_experts(model: Transformer, par: Parallelism) -> None:
 
 def shard_blocks(blocks: list[torch.nn.Module], root: torch.nn.Module, par: Parallelism) -> None:
     """FSDP2 over all data-parallel ranks: each block, then the root (the model, or a pipeline stage). Units of
-    their own inside a block: each MoE router, whose parameters FSDP must not cast (routing runs in fp32 by
-    design: bf16 scores tie, and ties pick experts arbitrarily), and each V3.2 indexer (in the dense warm-up its KL
-    is the only loss, a graph that never passes through its block's output, where FSDP would have gathered the
-    block's parameters again for backward)."""
+    their own inside a block: the modules whose parameters FSDP must not cast, with an fp32 policy (as one process
+    under autocast keeps them): each MoE router (routing runs in fp32 by design: bf16 scores tie, and ties pick
+    experts arbitrarily), and V4's hyper-connections (the residual mix itself) and compressors (their position
+    biases enter an fp32 softmax; transformers keeps them fp32); and each indexer (in V3.2's dense warm-up its KL is
+    the only loss, a graph that never passes through its block's output, where FSDP would have gathered the
+    block's parameters again for backward). V4's attention sinks are cast with their block."""
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     for block in blocks:
-        for router in [m for m in block.modules() if isinstance(m, (Router, HashRouter))]:
-            fully_shard(router, mesh=par.dp_mesh, mp_policy=fp32)
-        for indexer in [m for m in block.modules() if isinstance(m, LightningIndexer)]:
+        for module in [m for m in block.modules() if isinstance(m, (Router, HashRouter, HyperConnection, Compressor))]:
+            fully_shard(module, mesh=par.dp_mesh, mp_policy=fp32)
+        for indexer in [m for m in block.modules() if isinstance(m, (LightningIndexer, CompressedIndexer))]:
             fully_shard(indexer, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
         fully_shard(block, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
+    for head in [m for m in root.children() if isinstance(m, HyperHead)]:
+        fully_shard(head, mesh=par.dp_mesh, mp_policy=fp32)
     fully_shard(root, mesh=par.dp_mesh, mp_policy=mixed_precision(par))
 
 

@@ -126,6 +126,8 @@ def _coerce(value: str, current: Any) -> Any:
         return value.lower() in ("true", "1")
     if isinstance(current, str):  # e.g. balance=none is the string "none"
         return value
+    if isinstance(current, tuple):  # a list: [a,b,c] or a,b,c
+        return tuple(item.strip().strip("'\"") for item in value.strip().strip("[]").split(",") if item.strip())
     if value.lower() in ("none", "null"):
         return None
     for kind in (int, float):

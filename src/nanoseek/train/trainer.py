@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nanoseek.config import ModelConfig
 from nanoseek.data.dataset import TokenDataset
 from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer, write_tokenizer_files
-from nanoseek.errors import NanoseekError, RunInterrupted, first_line
+from nanoseek.errors import ConfigError, NanoseekError, RunInterrupted, first_line
 from nanoseek.flops import model_stats
 from nanoseek.memory import check_training_fits
 from nanoseek.model.transformer import Transformer
@@ -92,6 +92,9 @@ def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
     if spec.train.seq_len > spec.model.max_position_embeddings:
         raise NanoseekError(f"seq_len {spec.train.seq_len} exceeds the model's max_position_embeddings "
                             f"{spec.model.max_position_embeddings}")
+    if spec.model.hyper_connections and spec.train.document_mask:
+        raise NanoseekError("train.document_mask: DeepSeek-V4 takes no document mask (a compressed entry pools the "
+                            "tokens of its window, whichever documents they belong to)")
     dataset = run_dataset(run_sources(spec.data), tokenizer, spec.train, progress=True)
     return spec, tokenizer, dataset, checkpoints[-1] if spec.resume else None
 
@@ -151,7 +154,25 @@ def _prepare_everywhere(spec: RunSpec, par: Parallelism) -> tuple[RunSpec, Any, 
     return spec, tokenizer, run_dataset(run_sources(spec.data), tokenizer, spec.train, progress=False), resume_from
 
 
+def _check_pipeline(spec: RunSpec) -> None:
+    """What a pipeline cannot train, refused before any process group is set up (and once the run's model is
+    known)."""
+    if spec.pp == 1:
+        return
+    if spec.train.grad_accum != 1:
+        raise ConfigError("with --pp the pipeline's micro-batches replace gradient accumulation: set "
+                          "train.grad_accum=1")
+    if spec.train.document_mask:
+        raise ConfigError("train.document_mask is not supported with --pp (its stages run causal attention)")
+    if spec.model.sparse_attention:
+        raise ConfigError("V3.2's indexer loss is not carried through pipeline stages: train it without --pp")
+    if spec.model.hyper_connections:
+        raise ConfigError("V4 is not pipelined: its residual streams and the token ids its hash-routed layers need "
+                          "do not cross stages; train it without --pp")
+
+
 def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
+    _check_pipeline(spec)
     par = init_parallelism(spec.dp, spec.ep, spec.pp, spec.pp_schedule)
     try:
         return _train(spec, par, show_progress and par.is_main)
@@ -181,13 +202,7 @@ def build_model(spec: RunSpec, par: Parallelism) -> tuple[Transformer, PipelineR
     apply_precision(model, cfg)
     pipeline = None
     if par.pp > 1:
-        if cfg.grad_accum != 1:
-            raise NanoseekError("with --pp the pipeline's micro-batches replace gradient accumulation: set "
-                                "train.grad_accum=1")
-        if cfg.document_mask:
-            raise NanoseekError("train.document_mask is not supported with --pp (its stages run causal attention)")
-        if spec.model.sparse_attention:
-            raise NanoseekError("V3.2's indexer loss is not carried through pipeline stages: train it without --pp")
+        _check_pipeline(spec)  # again: on --resume, the model is the checkpoint's
         pipeline = PipelineRunner(model, par, cfg.batch_size // par.dp, cfg.mtp_weight)
     parallelize(model, par)
     model.to_empty(device=par.device)
