@@ -135,8 +135,24 @@ def test_fp8_grouped_gemm_matches_per_expert_fp8_linears():
     assert ((y - ref).norm() / ref.norm()).item() < 0.06
 
 
-def test_convert_covers_v3s_fp8_gemms_and_keeps_the_rest():
-    config = tiny_config(num_nextn_predict_layers=1)
+def _v4_config():
+    from test_parity_v4 import v4_config
+
+    return v4_config(initializer_range=0.02)
+
+
+CONVERTED = {"v3": (lambda: tiny_config(num_nextn_predict_layers=1), {
+    "layers.0.attn.q_down", "layers.0.attn.kv_up", "layers.0.attn.out_proj", "layers.0.mlp.gate_up",
+    "layers.1.mlp.experts", "layers.1.mlp.shared.down", "mtp.0.eh_proj"}),
+    # V4: its attention projections (DeepSeek ships the compressors and indexers in BF16), experts, shared experts
+    "v4": (_v4_config, {"layers.1.attn.q_down", "layers.1.attn.q_up", "layers.1.attn.kv_proj",
+                        "layers.1.attn.out_proj", "layers.1.mlp.experts", "layers.1.mlp.shared.down"})}
+
+
+@pytest.mark.parametrize("kind", CONVERTED)
+def test_convert_covers_v3s_fp8_gemms_and_keeps_the_rest(kind):
+    make_config, expected = CONVERTED[kind]
+    config = make_config()
     torch.manual_seed(0)
     model = Transformer(config)
     reference = Transformer(config)
@@ -144,8 +160,7 @@ def test_convert_covers_v3s_fp8_gemms_and_keeps_the_rest():
     keys = list(model.state_dict())
     converted = convert_to_fp8(model, Fp8Recipe())
     assert list(model.state_dict()) == keys  # checkpoints do not change
-    assert {"layers.0.attn.q_down", "layers.0.attn.kv_up", "layers.0.attn.out_proj", "layers.0.mlp.gate_up",
-            "layers.1.mlp.experts", "layers.1.mlp.shared.down", "mtp.0.eh_proj"} <= set(converted)
+    assert expected <= set(converted) and not any(".compressor." in n or ".indexer." in n for n in converted)
     assert type(model.head) is torch.nn.Linear and not isinstance(model.layers[1].mlp.router, Fp8Linear)
     ids = torch.randint(0, config.vocab_size, (2, 24))
     out, ref = model(ids, ids), reference(ids, ids)

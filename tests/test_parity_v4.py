@@ -170,3 +170,35 @@ def test_v4_presets_published_sizes():
     assert v4["context"] == 2**20
     assert 0.05 < v4["flops_per_token"] / v32["flops_per_token"] < 0.15
     assert 0.05 < v4["cache_bytes_per_token"] / v32["cache_bytes_per_token"] < 0.10
+
+
+def test_v4_cached_decode_equals_the_full_forward_and_transformers_generate(tmp_path):
+    """The state a V4 layer carries between chunks (window keys, compressors' open windows and overlap, entries):
+    token by token, and in uneven chunks, the logits of the full forward; greedy tokens those of transformers'
+    generate with its own cache. 16 indexer heads: with few, an entry often scores exactly 0 (every ReLU off),
+    and which of several tied entries top-k keeps depends on how many entries there are."""
+    from nanoseek.model.transformer import HybridCache
+
+    config = v4_config(index_n_heads=16, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 16})
+    reference = v4_hf_model(config, seed=3)
+    reference.save_pretrained(tmp_path)
+    ours = nanoseek.load_pretrained(tmp_path).eval()
+    ids = _ids(config, 30)
+    with torch.no_grad():
+        full = ours(ids)
+        for chunks in ([1] * 30, [5, 3, 1, 7, 2, 12]):
+            cache, outs, start = HybridCache(), [], 0
+            for size in chunks:
+                outs.append(ours.forward_cached(ids[:, start: start + size], cache))
+                start += size
+            assert (torch.cat(outs, dim=1) - full).abs().max().item() <= 1e-5, chunks
+        assert cache.layers[0].keys.shape[1] == config.sliding_window - 1  # the window stays bounded
+        prompt = ids[:, :11]
+        expected = reference.generate(prompt, max_new_tokens=14, do_sample=False, min_new_tokens=14)
+        cache, tokens = HybridCache(), prompt
+        logits = ours.forward_cached(prompt, cache)
+        for _ in range(14):
+            tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
+            logits = ours.forward_cached(tokens[:, -1:], cache)
+    assert torch.equal(tokens, expected)
+

@@ -103,10 +103,13 @@ def test_seeded_init_depends_on_seed_and_names_only():
     assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in (a.norm, a.layers[0].attn_norm))
 
 
-def test_bf16_autocast_forward_runs_and_agrees_with_fp32():
+@pytest.mark.parametrize("kind", ["v3", "v4"])
+def test_bf16_autocast_forward_runs_and_agrees_with_fp32(kind):
+    from test_parity_v4 import v4_config
+
     torch.manual_seed(0)
-    model = Transformer(tiny_config())
-    ids = torch.randint(0, 96, (2, 16))
+    model = Transformer(tiny_config() if kind == "v3" else v4_config(initializer_range=0.02))
+    ids = torch.randint(0, 64, (2, 16))
     full = model(ids, ids).lm_loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = model(ids, ids).lm_loss

@@ -46,9 +46,13 @@ class EngineConfig:
 class Engine:
     def __init__(self, model: Transformer, decode: Callable[[list[int]], str] | None = None,
                  config: EngineConfig | None = None):
-        if model.config.attention_type != "mla":
+        if model.config.attention_type == "gqa":
             raise NanoseekError("generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
                                 "layout for transformers to sample from")
+        if model.config.attention_type == "v4":
+            raise NanoseekError("the engine does not serve DeepSeek-V4 yet (its paged cache holds MLA latents, not "
+                                "V4's windows and compressor state); transformers' DeepseekV4ForCausalLM reads the "
+                                "model directory")
         self.config = config = config or EngineConfig()
         self.model, self.decode = model.eval(), decode
         parameter = next(model.parameters())

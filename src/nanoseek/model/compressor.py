@@ -15,6 +15,8 @@ index_topk entries its scores rank highest among those it may see.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -22,6 +24,17 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.indexer import head_weights, index_scores, indexer_kl
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.rope import apply_rope_trailing
+
+
+@dataclass
+class CompressorState:
+    """What a compressor carries from one chunk of a sequence to the next (batch rows at the same position): the
+    open window's projected values and gates, the last closed window's first series (CSA's overlap), and every
+    entry so far. transformers' DeepseekV4HCACache / DeepseekV4CSACache hold the same."""
+
+    pending: tuple[torch.Tensor, torch.Tensor]  # kv, gate [B, tokens since the last closed window, width]
+    previous: tuple[torch.Tensor, torch.Tensor] | None  # CSA: kv, gate (with bias) [B, rate, head_dim]
+    entries: torch.Tensor  # [B, N, head_dim]
 
 
 class Compressor(nn.Module):
@@ -53,15 +66,31 @@ class Compressor(nn.Module):
         """x [B, T, dim] → kv, gate [B, T, width] (the gate without its position bias)."""
         return self.kv_proj(x), self.gate_proj(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, dim] of whole sequences → entries [B, T // rate, head_dim]; cos, sin at positions w·rate."""
-        B, T, _ = x.shape
-        n = T // self.rate
-        kv, gate = self.project(x[:, : n * self.rate])
-        kv = kv.view(B, n, self.rate, -1)
-        gate = gate.view(B, n, self.rate, -1) + self.position_bias
-        entries = self.kv_norm(self.pool(kv, gate))
-        return apply_rope_trailing(entries.unsqueeze(1), cos, sin).squeeze(1)
+    def empty(self, x: torch.Tensor) -> CompressorState:
+        """The state before a sequence's first token, for x's batch rows."""
+        width = self.kv_proj.out_features
+        return CompressorState((x.new_zeros(x.shape[0], 0, width),) * 2, None, x.new_zeros(x.shape[0], 0, self.head_dim))
+
+    def forward(self, x: torch.Tensor, rope: nn.Module, state: CompressorState | None = None) -> torch.Tensor:
+        """x [B, T, dim], the tokens after `state` (None: a sequence's first) → every entry so far [B, N, head_dim],
+        the ones of windows that closed now appended (and `state` advanced). rope: the compress RoPE, applied at
+        each new entry's window start."""
+        state = state or self.empty(x)
+        kv, gate = (torch.cat([held, new], dim=1) for held, new in zip(state.pending, self.project(x)))
+        B, n = x.shape[0], kv.shape[1] // self.rate
+        closed = n * self.rate
+        state.pending = kv[:, closed:], gate[:, closed:]
+        if n == 0:
+            return state.entries
+        kv = kv[:, :closed].view(B, n, self.rate, -1)
+        gate = gate[:, :closed].view(B, n, self.rate, -1) + self.position_bias
+        pooled = self.kv_norm(self.pool(kv, gate, state.previous))
+        if self.overlap:
+            state.previous = kv[:, -1, :, : self.head_dim], gate[:, -1, :, : self.head_dim]
+        first = state.entries.shape[1]
+        cos, sin = rope(torch.arange(first, first + n, device=x.device) * self.rate)
+        state.entries = torch.cat([state.entries, apply_rope_trailing(pooled.unsqueeze(1), cos, sin).squeeze(1)], 1)
+        return state.entries
 
 
 def entries_visible(positions: torch.Tensor, n_entries: int, rate: int) -> torch.Tensor:
@@ -98,9 +127,10 @@ class CompressedIndexer(nn.Module):
         return visible & torch.zeros_like(visible).scatter_(-1, chosen, True)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                entry_rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Whole sequences: x [B, T, dim] → I [B, T, N] against every entry (`select` keeps what a query reads)."""
-        keys = self.compressor(x, *entry_rope)
+                compress_rope: nn.Module, state: CompressorState | None = None) -> torch.Tensor:
+        """x [B, T, dim] after `state` → I [B, T, N] against every entry so far (`select` keeps what a query
+        reads). rope: cos/sin at the tokens' positions."""
+        keys = self.compressor(x, compress_rope, state)
         return index_scores(self.queries(q_latent, *rope), head_weights(self.head_weights, x), keys)
 
     def learn(self, attention: torch.Tensor, scores: torch.Tensor, attended: torch.Tensor) -> None:

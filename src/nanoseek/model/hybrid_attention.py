@@ -13,12 +13,14 @@ The window keeps per-token cost flat; the entries carry everything older at 1/4 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.compressor import CompressedIndexer, Compressor, entries_visible
+from nanoseek.model.compressor import CompressedIndexer, Compressor, CompressorState, entries_visible
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.rope import apply_rope_trailing
 from nanoseek.v4config import CSA, SLIDING
@@ -26,10 +28,22 @@ from nanoseek.v4config import CSA, SLIDING
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
-def window_visible(positions: torch.Tensor, window: int) -> torch.Tensor:
-    """positions [T] → [T, T] bool: causal, and at most `window` tokens back counting the query itself."""
-    distance = positions.unsqueeze(-1) - positions
+def window_visible(positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """[T] query and [S] key positions → [T, S] bool: causal, and at most `window` tokens back counting the query
+    itself."""
+    distance = positions.unsqueeze(-1) - key_positions
     return (distance >= 0) & (distance < window)
+
+
+@dataclass
+class AttentionCache:
+    """A layer's state between chunks of a sequence (batch rows at the same position): the keys of the last
+    sliding_window - 1 tokens, and the compressors' (CSA: the indexer's too). Bounded but for the entries."""
+
+    keys: torch.Tensor  # [B, <= window - 1, head_dim]
+    key_positions: torch.Tensor  # [<= window - 1]
+    compressor: CompressorState | None = None
+    indexer: CompressorState | None = None
 
 
 class HybridAttention(nn.Module):
@@ -93,24 +107,37 @@ class HybridAttention(nn.Module):
         blocks = self.out_down.view(self.o_groups, -1, grouped.shape[-1])  # [G, o_lora_rank, H·D/G]
         return self.out_proj(torch.einsum("btgi,goi->btgo", grouped, blocks.to(grouped.dtype)).flatten(2))
 
-    def forward(self, x: torch.Tensor, ropes: dict[str, Rope], positions: torch.Tensor) -> torch.Tensor:
-        """Whole causal sequences x [B, T, dim] → [B, T, dim]. ropes: cos/sin [T, r/2] of each kind at positions
-        [T] = 0 .. T-1 (so an entry's, at its window start w·rate, is row w·rate of the compress one)."""
-        rope = ropes[self.rope_kind]
+    def empty_cache(self, x: torch.Tensor) -> AttentionCache:
+        """The cache before a sequence's first token, for x's batch rows."""
+        return AttentionCache(x.new_zeros(x.shape[0], 0, self.head_dim), torch.zeros(0, dtype=torch.long,
+                                                                                     device=x.device),
+                              self.compressor.empty(x) if self.compressor else None,
+                              self.indexer.compressor.empty(x) if self.indexer else None)
+
+    def forward(self, x: torch.Tensor, ropes: dict[str, nn.Module], positions: torch.Tensor,
+                cache: AttentionCache | None = None) -> torch.Tensor:
+        """x [B, T, dim] at positions [T] → [B, T, dim]. Without a cache, whole causal sequences (positions 0..T-1);
+        with one, the tokens after it, which it then holds too. ropes: the "main" and "compress" RotaryEmbedding."""
+        rope = ropes[self.rope_kind](positions)
         q, q_latent = self.queries(x, rope)
-        keys = self.key_values(x, rope)
-        visible = window_visible(positions, self.window).expand(x.shape[0], 1, -1, -1)
+        keys, key_positions = self.key_values(x, rope), positions
+        if cache is not None:
+            keys = torch.cat([cache.keys, keys], dim=1)
+            key_positions = torch.cat([cache.key_positions, positions])
+            cache.keys, cache.key_positions = keys[:, -(self.window - 1):], key_positions[-(self.window - 1):]
+        visible = window_visible(positions, key_positions, self.window).expand(x.shape[0], 1, -1, -1)
         scores, n = None, 0
         if self.compressor is not None:
-            n = x.shape[1] // self.rate
-            entry_cos, entry_sin = (t[: n * self.rate: self.rate] for t in ropes["compress"])
-            keys = torch.cat([keys, self.compressor(x, entry_cos, entry_sin)], dim=1)
+            entries = self.compressor(x, ropes["compress"], cache.compressor if cache else None)
+            n = entries.shape[1]
+            keys = torch.cat([keys, entries], dim=1)
             readable = entries_visible(positions, n, self.rate).expand(x.shape[0], -1, -1)
             if self.indexer is not None:
                 stage = self.indexer.stage if self.training else None
                 learning = stage is not None and torch.is_grad_enabled()
                 with torch.set_grad_enabled(learning):  # the indexer learns from its own loss only
-                    scores = self.indexer(x.detach(), q_latent.detach(), rope, (entry_cos, entry_sin))
+                    scores = self.indexer(x.detach(), q_latent.detach(), rope, ropes["compress"],
+                                          cache.indexer if cache else None)
                 if stage != "warmup":  # the dense warm-up attends to every entry while the indexer learns
                     readable = self.indexer.select(scores.detach(), readable)
                 scores = scores if learning else None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.hybrid_attention import HybridAttention
+from nanoseek.model.hybrid_attention import AttentionCache, HybridAttention
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import MoE
 
@@ -96,10 +96,11 @@ class HyperBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config, hashed=config.mlp_layer_types[layer_index] == "hash_moe")
 
-    def forward(self, streams: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """streams [B, T, n, dim] of whole sequences → [B, T, n, dim]; token_ids [B, T] route the hash layers."""
+    def forward(self, streams: torch.Tensor, ropes: dict[str, nn.Module], positions: torch.Tensor,
+                token_ids: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
+        """streams [B, T, n, dim] at positions [T] (after `cache`, if given) → [B, T, n, dim]; token_ids [B, T]
+        route the hash layers."""
         x, post, comb = self.attn_hc(streams)
-        streams = HyperConnection.merge(streams, self.attn(self.attn_norm(x), ropes, positions), post, comb)
+        streams = HyperConnection.merge(streams, self.attn(self.attn_norm(x), ropes, positions, cache), post, comb)
         x, post, comb = self.mlp_hc(streams)
         return HyperConnection.merge(streams, self.mlp(self.mlp_norm(x), token_ids), post, comb)

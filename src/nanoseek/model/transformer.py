@@ -3,7 +3,7 @@ multi-token-prediction modules that train on (and can draft) the tokens after ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -13,6 +13,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.compressor import CompressedIndexer
 from nanoseek.model.gqa import GroupedQueryAttention
+from nanoseek.model.hybrid_attention import AttentionCache
 from nanoseek.model.hyper import HyperBlock, HyperHead
 from nanoseek.model.init import seeded_normal_
 from nanoseek.model.layers import MLP, RMSNorm
@@ -66,6 +67,14 @@ class MTPModule(nn.Module):
                 ) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
         return self.block(x, cos, sin, paged, mask)
+
+
+@dataclass
+class HybridCache:
+    """Every layer's AttentionCache of a batch of sequences of equal length (DeepSeek-V4's forward_cached)."""
+
+    length: int = 0
+    layers: list[AttentionCache] = field(default_factory=list)
 
 
 @dataclass
@@ -160,16 +169,28 @@ class Transformer(nn.Module):
         return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
 
     def _hyper_layers(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
-                      documents: torch.Tensor | None) -> torch.Tensor:
+                      documents: torch.Tensor | None, caches: list[AttentionCache] | None = None) -> torch.Tensor:
         """V4: the embedding copied into hc_mult streams, every block, then the streams collapsed → [B, T, dim]."""
         if documents is not None:  # a compressed entry would pool tokens of two documents
             raise ValueError("DeepSeek-V4 models take no document mask (set train.document_mask false)")
         assert self.compress_rope is not None and self.hc_head is not None
-        ropes = {"main": self.rope(positions), "compress": self.compress_rope(positions)}
+        ropes = {"main": self.rope, "compress": self.compress_rope}
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
-        for layer in self.layers:
-            streams = layer(streams, ropes, positions, input_ids)
+        for i, layer in enumerate(self.layers):
+            streams = layer(streams, ropes, positions, input_ids, None if caches is None else caches[i])
         return self.hc_head(streams)
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """DeepSeek-V4 inference without the engine: input_ids [B, T], the tokens after `cache` (rows of equal
+        length) → logits [B, T, vocab]; the cache then holds them too."""
+        T = input_ids.shape[1]
+        positions = torch.arange(cache.length, cache.length + T, device=input_ids.device)
+        x = self.embed(input_ids)
+        if not cache.layers:
+            cache.layers = [layer.attn.empty_cache(x) for layer in self.layers]
+        hidden = self._hyper_layers(x, positions, input_ids, None, cache.layers)
+        cache.length += T
+        return self.head(self.norm(hidden))
 
     def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: PagedStore) -> torch.Tensor:
         """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over every layer's
