@@ -202,3 +202,29 @@ def test_v4_cached_decode_equals_the_full_forward_and_transformers_generate(tmp_
             logits = ours.forward_cached(tokens[:, -1:], cache)
     assert torch.equal(tokens, expected)
 
+
+
+def test_v4_served_greedy_equals_transformers_generate(tmp_path):
+    """The engine over V4's store (entries in the sequences' blocks, windows and open compressor windows in a
+    state slot per running sequence): prompts of several lengths, prefill in chunks of the step's token budget,
+    more prompts than running slots, then a cache so small that sequences are preempted and recomputed; every
+    sequence's greedy tokens are transformers' generate's."""
+    from nanoseek.infer.engine import Engine, EngineConfig
+    from nanoseek.infer.request import SamplingParams
+
+    config = v4_config(index_n_heads=16, max_position_embeddings=128)
+    reference = v4_hf_model(config, seed=3)
+    reference.save_pretrained(tmp_path)
+    ours = nanoseek.load_pretrained(tmp_path).eval()
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (11, 25, 3, 40)]
+    with torch.no_grad():
+        expected = [reference.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20,
+                                       do_sample=False)[0, len(p):].tolist() for p in prompts]
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    roomy = Engine(ours, config=EngineConfig(block_size=8, max_seqs=3, token_budget=16))
+    assert [c.token_ids for c in roomy.generate(prompts, params)] == expected
+    tight = Engine(ours, config=EngineConfig(block_size=8, max_seqs=3, token_budget=16,
+                                             cache_memory=int(roomy.cache_bytes * 0.36)))
+    assert [c.token_ids for c in tight.generate(prompts, params)] == expected
+    assert tight.stats()["preemptions"] > 0 and tight.stats()["prefix_hit_rate"] == 0

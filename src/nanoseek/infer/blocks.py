@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.hybrid_paged import HybridStore
 from nanoseek.model.paged import PagedStore
 
 
@@ -46,6 +47,22 @@ def latent_store(config: ModelConfig, memory_bytes: int, block_size: int, device
 
     latent_width = config.kv_lora_rank + config.qk_rope_head_dim
     return PagedStore(zeros(latent_width), zeros(config.index_head_dim) if config.sparse_attention else None)
+
+
+def hybrid_store(model: torch.nn.Module, memory_bytes: int, block_size: int, max_seqs: int, device: torch.device,
+                 dtype: torch.dtype) -> HybridStore:
+    """DeepSeek-V4's store: a state slot per running sequence (windows, open compressor windows), then as many
+    blocks of compressed entries as the rest of the memory holds."""
+    def sized(blocks: int) -> HybridStore:
+        return HybridStore(list(model.layers), blocks, block_size, max_seqs, device, dtype)
+
+    state_bytes = sized(0).nbytes
+    block_bytes = sized(1).nbytes - state_bytes
+    blocks = (memory_bytes - state_bytes) // max(1, block_bytes)
+    if blocks < 1:
+        raise ValueError(f"the cache memory ({memory_bytes} bytes) holds the state of {max_seqs} sequences "
+                         f"({state_bytes} bytes) and no block of {block_size} tokens ({block_bytes} bytes)")
+    return sized(blocks)
 
 
 class BlockKey(NamedTuple):

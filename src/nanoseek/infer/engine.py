@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.blocks import BlockManager, latent_store
+from nanoseek.flops import cache_bytes
+from nanoseek.infer.blocks import BlockManager, hybrid_store, latent_store
 from nanoseek.infer.detokenize import Detokenizer
 from nanoseek.infer.histogram import LATENCY_BUCKETS, PER_TOKEN_BUCKETS, Histogram
 from nanoseek.infer.request import Completion, SamplingParams, Sequence, TokenLogprob
@@ -49,10 +50,6 @@ class Engine:
         if model.config.attention_type == "gqa":
             raise NanoseekError("generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
                                 "layout for transformers to sample from")
-        if model.config.attention_type == "v4":
-            raise NanoseekError("the engine does not serve DeepSeek-V4 yet (its paged cache holds MLA latents, not "
-                                "V4's windows and compressor state); transformers' DeepseekV4ForCausalLM reads the "
-                                "model directory")
         self.config = config = config or EngineConfig()
         self.model, self.decode = model.eval(), decode
         parameter = next(model.parameters())
@@ -61,13 +58,20 @@ class Engine:
             raise NanoseekError("speculation needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         self.speculate = bool(len(model.mtp)) if config.speculation is None else config.speculation
         mc = model.config
-        token_bytes = ((mc.num_hidden_layers + mc.num_nextn_predict_layers)
-                       * mc.cache_width * parameter.element_size())
-        memory = config.cache_memory or min(config.max_seqs * (mc.max_position_embeddings + 1) * token_bytes,
-                                            available_memory(self.device) // 4)
-        store = latent_store(mc, int(memory), config.block_size, self.device, self.dtype)
-        self.blocks = BlockManager(store.latents.shape[1] // config.block_size, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_seqs, config.token_budget, config.static)
+        v4 = mc.attention_type == "v4"
+        # V4: the cache of a whole context (entries, and a window and open windows per sequence)
+        context_bytes = cache_bytes(mc, mc.max_position_embeddings + 1, parameter.element_size()) if v4 else \
+            (mc.max_position_embeddings + 1) * (mc.num_hidden_layers + mc.num_nextn_predict_layers) * \
+            mc.cache_width * parameter.element_size()
+        memory = config.cache_memory or min(config.max_seqs * context_bytes, available_memory(self.device) // 4)
+        store = hybrid_store(model, int(memory), config.block_size, config.max_seqs, self.device, self.dtype) if v4 \
+            else latent_store(mc, int(memory), config.block_size, self.device, self.dtype)
+        self.blocks = BlockManager(store.blocks if v4 else store.latents.shape[1] // config.block_size,
+                                   config.block_size)
+        # a V4 sequence's window and open compressor windows are not in its blocks: a block alone cannot resume it
+        self.prefix_caching = not v4
+        self.scheduler = Scheduler(self.blocks, config.max_seqs, config.token_budget, config.static,
+                                   self.prefix_caching)
         self.runner = ModelRunner(model, store, config.block_size, self.speculate)
         self.cache_bytes = store.nbytes
         self._inbox: deque[Sequence] = deque()
@@ -200,6 +204,8 @@ class Engine:
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Full blocks whose latents are all computed (and whose next token is known) join the prefix cache."""
+        if not self.prefix_caching:
+            return
         known = seq.tokens[: seq.computed + 1]
         previous = seq.block_hashes[-1] if seq.block_hashes else None
         for key in self.blocks.keys(known, seq.hashed_blocks, previous):

@@ -95,6 +95,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # digests of the registered blocks
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     admitted: bool = False
+    state_slot: int = -1  # while running: its slot for state that does not grow (DeepSeek-V4's windows)
     draft: int | None = None  # the MTP module's guess for the token after the pending one
     draft_probs: torch.Tensor | None = None  # [vocab] the distribution the draft was sampled from
     draws: int = 0  # the sampler's counter: each step's random numbers come from (seed, draws)

@@ -11,7 +11,8 @@ import torch
 from nanoseek.infer.request import Sequence
 from nanoseek.infer.sampler import LogitShaping, RowSettings, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Step
-from nanoseek.model.paged import PagedBatch, PagedStore, PrefillChunk
+from nanoseek.model.hybrid_paged import HybridStore
+from nanoseek.model.paged import PagedBatch, PagedStore, PrefillChunk, Segment
 from nanoseek.model.transformer import Transformer
 
 
@@ -26,7 +27,7 @@ class SeqResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, store: PagedStore, block_size: int, speculate: bool):
+    def __init__(self, model: Transformer, store: PagedStore | HybridStore, block_size: int, speculate: bool):
         self.model, self.store, self.block_size, self.speculate = model, store, block_size, speculate
         self.device = store.device
 
@@ -35,17 +36,25 @@ class ModelRunner:
         positions = torch.arange(start, stop)
         return torch.tensor(seq.blocks)[positions // self.block_size] * self.block_size + positions % self.block_size
 
+    def _table(self, seq: Sequence) -> torch.Tensor:
+        return torch.tensor(seq.blocks, device=self.device)
+
     @torch.inference_mode()
     def run(self, step: Step) -> dict[Sequence, SeqResult]:
         width = 2 if self.speculate else 1
-        ids, positions, slots, contexts, chunks = [], [], [], [], []
+        ids, positions, slots, contexts, chunks, segments = [], [], [], [], [], []
+        hybrid = isinstance(self.store, HybridStore)
         for seq in step.decode:
+            if hybrid:
+                segments.append(Segment(len(ids), width, seq.computed, seq.state_slot, self._table(seq)))
             ids += [seq.tokens[-1]] + ([seq.draft] if self.speculate else [])
             positions.append(torch.arange(seq.computed, seq.computed + width))
             slots.append(self.slots(seq, seq.computed, seq.computed + width))
             contexts.append(self.slots(seq, 0, seq.computed + width))
         start = len(ids)
         for seq, length in step.prefill:
+            if hybrid:
+                segments.append(Segment(len(ids), length, seq.computed, seq.state_slot, self._table(seq)))
             ids += seq.tokens[seq.computed: seq.computed + length]
             positions.append(torch.arange(seq.computed, seq.computed + length))
             slots.append(self.slots(seq, seq.computed, seq.computed + length))
@@ -55,7 +64,7 @@ class ModelRunner:
         if contexts:
             decode_context = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True).to(self.device)
         batch = PagedBatch(torch.cat(positions).to(self.device), torch.cat(slots).to(self.device),
-                           len(step.decode), width, decode_context, chunks)
+                           len(step.decode), width, decode_context, chunks, segments)
         ids_t = torch.tensor(ids, device=self.device)
         hidden = self.model.forward_paged(ids_t, batch, self.store)
         return self._sample(step, batch, ids_t, hidden)

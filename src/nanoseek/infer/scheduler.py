@@ -31,8 +31,11 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_seqs: int, token_budget: int, static: bool = False):
+    def __init__(self, blocks: BlockManager, max_seqs: int, token_budget: int, static: bool = False,
+                 prefix_caching: bool = True):
         self.blocks, self.max_seqs, self.token_budget, self.static = blocks, max_seqs, token_budget, static
+        self.prefix_caching = prefix_caching
+        self.free_states = list(range(max_seqs - 1, -1, -1))  # state slots (V4's windows) of running sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.preemptions = 0
@@ -66,7 +69,8 @@ class Scheduler:
         """Find its cached prefix and room for its first chunk (what is left of the step's token budget), or leave
         it waiting (holding nothing)."""
         # a prompt to be scored is computed whole: a cached block has no logits to give
-        cached = self.blocks.match_prefix(seq.tokens) if seq.params.prompt_logprobs is None else []
+        cached = self.blocks.match_prefix(seq.tokens) \
+            if seq.params.prompt_logprobs is None and self.prefix_caching else []
         seq.blocks, seq.computed = cached, len(cached) * self.blocks.block_size
         seq.hashed_blocks = len(cached)
         seq.block_hashes = [self.blocks.hash_of[b] for b in cached]
@@ -81,6 +85,7 @@ class Scheduler:
         seq.admitted = True
         self.waiting.remove(seq)
         self.running.append(seq)
+        seq.state_slot = self.free_states.pop()
         return True
 
     def _reserve(self, seq: Sequence, tokens: int) -> bool:
@@ -115,3 +120,4 @@ class Scheduler:
         seq.blocks = []
         if seq in self.running:
             self.running.remove(seq)
+            self.free_states.append(seq.state_slot)

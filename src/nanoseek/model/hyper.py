@@ -20,8 +20,10 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.hybrid_attention import AttentionCache, HybridAttention
+from nanoseek.model.hybrid_paged import LayerStore, forward_segments
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import MoE
+from nanoseek.model.paged import Segment
 
 
 def _normed_mixes(streams: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,10 +99,15 @@ class HyperBlock(nn.Module):
         self.mlp = MoE(config, hashed=config.mlp_layer_types[layer_index] == "hash_moe")
 
     def forward(self, streams: torch.Tensor, ropes: dict[str, nn.Module], positions: torch.Tensor,
-                token_ids: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
+                token_ids: torch.Tensor, cache: AttentionCache | None = None,
+                paged: tuple[LayerStore, list[Segment]] | None = None) -> torch.Tensor:
         """streams [B, T, n, dim] at positions [T] (after `cache`, if given) → [B, T, n, dim]; token_ids [B, T]
-        route the hash layers."""
+        route the hash layers. `paged`: the engine's flat batch [1, N, ...] of several sequences, each attending
+        with the cache held in the layer's store."""
         x, post, comb = self.attn_hc(streams)
-        streams = HyperConnection.merge(streams, self.attn(self.attn_norm(x), ropes, positions, cache), post, comb)
+        x = self.attn_norm(x)
+        attended = self.attn(x, ropes, positions, cache) if paged is None else forward_segments(self.attn, x, ropes,
+                                                                                               *paged)
+        streams = HyperConnection.merge(streams, attended, post, comb)
         x, post, comb = self.mlp_hc(streams)
         return HyperConnection.merge(streams, self.mlp(self.mlp_norm(x), token_ids), post, comb)

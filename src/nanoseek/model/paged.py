@@ -54,6 +54,18 @@ class PrefillChunk:
 
 
 @dataclass
+class Segment:
+    """DeepSeek-V4 (model/hybrid_paged.py): one sequence's tokens in a forward's flat batch, start..start+length-1
+    at positions position.., its state slot and its block table."""
+
+    start: int
+    length: int
+    position: int
+    state: int
+    table: torch.Tensor  # [blocks] block ids
+
+
+@dataclass
 class PagedBatch:
     positions: torch.Tensor  # [N]
     slots: torch.Tensor  # [N] the store slot each token's latent is written to
@@ -61,6 +73,7 @@ class PagedBatch:
     decode_width: int = 1
     decode_context: torch.Tensor | None = None  # [rows, S] slots of each decode sequence's context, padded
     prefills: list[PrefillChunk] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)  # V4: every sequence's tokens (decode rows, then chunks)
 
     @property
     def decode_tokens(self) -> int:

@@ -20,7 +20,8 @@ from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.indexer import LightningIndexer
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import HashRouter, MoE, Router
-from nanoseek.model.paged import PagedBatch, PagedStore
+from nanoseek.model.hybrid_paged import HybridStore
+from nanoseek.model.paged import PagedBatch, PagedStore, Segment
 from nanoseek.model.rope import RotaryEmbedding
 
 
@@ -169,7 +170,8 @@ class Transformer(nn.Module):
         return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
 
     def _hyper_layers(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
-                      documents: torch.Tensor | None, caches: list[AttentionCache] | None = None) -> torch.Tensor:
+                      documents: torch.Tensor | None, caches: list[AttentionCache] | None = None,
+                      paged: tuple[HybridStore, list[Segment]] | None = None) -> torch.Tensor:
         """V4: the embedding copied into hc_mult streams, every block, then the streams collapsed → [B, T, dim]."""
         if documents is not None:  # a compressed entry would pool tokens of two documents
             raise ValueError("DeepSeek-V4 models take no document mask (set train.document_mask false)")
@@ -177,7 +179,8 @@ class Transformer(nn.Module):
         ropes = {"main": self.rope, "compress": self.compress_rope}
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
         for i, layer in enumerate(self.layers):
-            streams = layer(streams, ropes, positions, input_ids, None if caches is None else caches[i])
+            streams = layer(streams, ropes, positions, input_ids, None if caches is None else caches[i],
+                            None if paged is None else (paged[0].layer(i), paged[1]))
         return self.hc_head(streams)
 
     def forward_cached(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
@@ -192,10 +195,15 @@ class Transformer(nn.Module):
         cache.length += T
         return self.head(self.norm(hidden))
 
-    def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: PagedStore) -> torch.Tensor:
+    def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: PagedStore | HybridStore
+                      ) -> torch.Tensor:
         """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over every layer's
         paged store → final hidden states [N, dim] (before the norm: MTP's input; `logits` turns the rows that are
-        sampled into logits)."""
+        sampled into logits). V4: its store and the batch's segments (model/hybrid_paged.py)."""
+        if self.hc_head is not None:
+            assert isinstance(stores, HybridStore)
+            return self._hyper_layers(self.embed(input_ids)[None], batch.positions, input_ids[None], None,
+                                      paged=(stores, batch.segments))[0]
         cos, sin = self.rope(batch.positions)
         x = self.embed(input_ids)[None]
         for i, layer in enumerate(self.layers):

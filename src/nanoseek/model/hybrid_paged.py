@@ -1,0 +1,134 @@
+"""DeepSeek-V4's serving cache: what grows in pages, what is bounded in one slot per running sequence.
+
+Per layer, the compressed entries (CSA: with the indexer's compressed keys) live in the blocks of the sequence's
+block table, the same tables the engine gives MLA's latents: block j of a sequence holds the entries of the windows
+that close inside its tokens (block_size / rate of them, or one when a window spans blocks). Per running sequence,
+a state slot holds what is bounded: the keys of the last sliding_window - 1 tokens (a ring indexed by position),
+the compressors' open window (projected values and gates, a ring indexed by position within the window) and, for
+CSA, the previous window's first series. A forward loads a sequence's AttentionCache from these, runs the layer's
+one code path (model/hybrid_attention.py), and writes back what changed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.model.compressor import Compressor, CompressorState
+from nanoseek.model.hybrid_attention import AttentionCache, HybridAttention
+from nanoseek.model.paged import Segment
+
+
+def entries_per_block(rate: int, block_size: int) -> int:
+    if block_size % rate and rate % block_size:
+        raise ValueError(f"the block size ({block_size}) and the compression rate ({rate}) must divide one another")
+    return max(1, block_size // rate)
+
+
+class CompressorStore:
+    """One compressor's paged entries and per-sequence open window."""
+
+    def __init__(self, compressor: Compressor, blocks: int, block_size: int, states: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.rate, self.overlap, self.block_size = compressor.rate, compressor.overlap, block_size
+        self.per_block = entries_per_block(self.rate, block_size)
+        width, d = compressor.kv_proj.out_features, compressor.head_dim
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, device=device, dtype=dtype)
+
+        self.entries = zeros(blocks * self.per_block, d)
+        self.pending = zeros(states, self.rate, width), zeros(states, self.rate, width)
+        self.previous = (zeros(states, self.rate, d), zeros(states, self.rate, d)) if self.overlap else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.entries, *self.pending, *(self.previous or ())]
+
+    def entry_slots(self, table: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        """Where entries first..stop-1 of a sequence with this block table live."""
+        w = torch.arange(first, stop, device=table.device)
+        block = ((w + 1) * self.rate - 1) // self.block_size
+        return table[block] * self.per_block + w % self.per_block
+
+    def load(self, seg: Segment) -> CompressorState:
+        p, state = seg.position, seg.state
+        ring = torch.arange(p - p % self.rate, p, device=self.entries.device) % self.rate
+        pending = (self.pending[0][state, ring][None], self.pending[1][state, ring][None])
+        closed = p // self.rate
+        previous = None
+        if self.previous is not None and closed:
+            previous = self.previous[0][state][None], self.previous[1][state][None]
+        return CompressorState(pending, previous, self.entries[self.entry_slots(seg.table, 0, closed)][None])
+
+    def save(self, seg: Segment, state: CompressorState) -> None:
+        end = seg.position + seg.length
+        held = state.pending[0].shape[1]
+        ring = torch.arange(end - held, end, device=self.entries.device) % self.rate
+        self.pending[0][seg.state, ring] = state.pending[0][0]
+        self.pending[1][seg.state, ring] = state.pending[1][0]
+        if self.previous is not None and state.previous is not None:
+            self.previous[0][seg.state] = state.previous[0][0]
+            self.previous[1][seg.state] = state.previous[1][0]
+        before = seg.position // self.rate
+        total = state.entries.shape[1]
+        if total > before:
+            self.entries[self.entry_slots(seg.table, before, total)] = state.entries[0, before:]
+
+
+class LayerStore:
+    """A V4 layer's store: the window ring and its compressors' stores."""
+
+    def __init__(self, attn: HybridAttention, blocks: int, block_size: int, states: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.window = attn.window
+        self.keys = torch.zeros(states, max(1, self.window - 1), attn.head_dim, device=device, dtype=dtype)
+        make = (lambda c: CompressorStore(c, blocks, block_size, states, device, dtype))  # noqa: E731
+        self.compressor = make(attn.compressor) if attn.compressor is not None else None
+        self.indexer = make(attn.indexer.compressor) if attn.indexer is not None else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.keys] + [t for c in (self.compressor, self.indexer) if c is not None for t in c.tensors()]
+
+    def load(self, seg: Segment) -> AttentionCache:
+        ring_size = self.keys.shape[1]
+        positions = torch.arange(max(0, seg.position - ring_size), seg.position, device=self.keys.device)
+        return AttentionCache(self.keys[seg.state, positions % ring_size][None], positions,
+                              self.compressor.load(seg) if self.compressor else None,
+                              self.indexer.load(seg) if self.indexer else None)
+
+    def save(self, seg: Segment, cache: AttentionCache) -> None:
+        ring_size = self.keys.shape[1]
+        self.keys[seg.state, cache.key_positions % ring_size] = cache.keys[0]
+        for store, state in ((self.compressor, cache.compressor), (self.indexer, cache.indexer)):
+            if store is not None and state is not None:
+                store.save(seg, state)
+
+
+class HybridStore:
+    """Every V4 layer's LayerStore: what the engine allocates instead of MLA's latent store."""
+
+    def __init__(self, layers: list[nn.Module], blocks: int, block_size: int, states: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.layers = [LayerStore(layer.attn, blocks, block_size, states, device, dtype) for layer in layers]
+        self.blocks, self.block_size = blocks, block_size
+        self.device, self.dtype = device, dtype
+
+    def layer(self, i: int) -> LayerStore:
+        return self.layers[i]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+
+def forward_segments(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore,
+                     segments: list[Segment]) -> torch.Tensor:
+    """x [1, N, dim], the flat tokens of every segment → [1, N, dim]: each sequence's tokens through the layer's
+    forward with the cache loaded from the store, which then takes back what changed."""
+    outputs = []
+    for seg in segments:
+        cache = store.load(seg)
+        positions = torch.arange(seg.position, seg.position + seg.length, device=x.device)
+        outputs.append(attn(x[:, seg.start: seg.start + seg.length], ropes, positions, cache))
+        store.save(seg, cache)
+    return torch.cat(outputs, dim=1)
