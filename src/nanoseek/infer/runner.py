@@ -50,7 +50,8 @@ class ModelRunner:
             ids += [seq.tokens[-1]] + ([seq.draft] if self.speculate else [])
             positions.append(torch.arange(seq.computed, seq.computed + width))
             slots.append(self.slots(seq, seq.computed, seq.computed + width))
-            contexts.append(self.slots(seq, 0, seq.computed + width))
+            if not hybrid:  # MLA's decode gathers its context's latents; V4 reads its window and entries itself
+                contexts.append(self.slots(seq, 0, seq.computed + width))
         start = len(ids)
         for seq, length in step.prefill:
             if hybrid:

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from nanoseek.model.compressor import Compressor, CompressorState
+from nanoseek.model.rope import apply_rope_trailing
 from nanoseek.model.hybrid_attention import AttentionCache, HybridAttention
+from nanoseek.model.indexer import head_weights, index_scores
 from nanoseek.model.paged import Segment
 
 
@@ -59,6 +61,37 @@ class CompressorStore:
         if self.previous is not None and closed:
             previous = self.previous[0][state][None], self.previous[1][state][None]
         return CompressorState(pending, previous, self.entries[self.entry_slots(seg.table, 0, closed)][None])
+
+    def decode(self, compressor: Compressor, x: torch.Tensor, rope: nn.Module, positions: torch.Tensor,
+               states: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode rows x [R, 1, dim] at positions [R] (one token each, their own sequences): each token's values
+        and gate into its open window; the rows whose window it closes pool it into a new entry (CSA: with the
+        window before). → every row's entries [R, N, head_dim] (padded to the longest) and which are real [R, N]."""
+        slot = positions % self.rate
+        kv, gate = compressor.project(x)
+        self.pending[0][states, slot], self.pending[1][states, slot] = kv[:, 0], gate[:, 0]
+        closing = ((positions + 1) % self.rate == 0).nonzero().flatten()
+        if closing.numel():
+            rows = states[closing]
+            kv, gate = self.pending[0][rows], self.pending[1][rows] + compressor.position_bias
+            previous = None
+            if self.previous is not None:  # a sequence's first window has none: weighed 0 by a -inf gate
+                first = (positions[closing] < self.rate).view(-1, 1, 1)
+                previous = (self.previous[0][rows], self.previous[1][rows].masked_fill(first, -torch.inf))
+                d = compressor.head_dim
+                self.previous[0][rows], self.previous[1][rows] = kv[..., :d], gate[..., :d]
+            pooled = compressor.kv_norm(compressor.pool(kv[:, None], gate[:, None], previous))  # [C, 1, d]
+            window = positions[closing] // self.rate
+            cos, sin = rope(window * self.rate)
+            entry = apply_rope_trailing(pooled[:, None], cos[:, None], sin[:, None])[:, 0, 0]
+            for row, table, w in zip(entry, tables[closing], window.tolist()):
+                self.entries[self.entry_slots(table, w, w + 1)] = row[None]
+        counts = (positions + 1) // self.rate
+        longest = int(counts.max())
+        index = torch.arange(longest, device=positions.device)
+        real = index < counts[:, None]
+        slots = torch.stack([self.entry_slots(table, 0, longest) if longest else index for table in tables])
+        return self.entries[slots.where(real, 0)], real
 
     def save(self, seg: Segment, state: CompressorState) -> None:
         end = seg.position + seg.length
@@ -121,14 +154,57 @@ class HybridStore:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
 
+def decode_rows(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore,
+                segments: list[Segment]) -> torch.Tensor:
+    """x [R, 1, dim]: one new token per sequence, all at once → [R, 1, dim]. The same attention as the layer's
+    forward over its cache, padded across sequences: the window's ring (a key at ring index j holds the latest
+    position ≡ j), every closed entry (CSA: the indexer's top-k of them), the token itself."""
+    device = x.device
+    positions = torch.tensor([s.position for s in segments], device=device)
+    states = torch.tensor([s.state for s in segments], device=device)
+    tables = torch.nn.utils.rnn.pad_sequence([s.table for s in segments], batch_first=True)
+    cos, sin = ropes[attn.rope_kind](positions)
+    rope = cos[:, None], sin[:, None]  # [R, 1, r/2]: per row
+    q, q_latent = attn.queries(x, rope)
+    kv = attn.key_values(x, rope)  # [R, 1, D]
+    ring = store.keys.shape[1]
+    held = (positions[:, None] - 1) - ((positions[:, None] - 1 - torch.arange(ring, device=device)) % ring)
+    keys = torch.cat([store.keys[states], kv], dim=1)
+    visible = torch.cat([held >= 0, torch.ones_like(held[:, :1], dtype=torch.bool)], dim=1)
+    store.keys[states, positions % ring] = kv[:, 0]
+    if attn.compressor is not None and store.compressor is not None:
+        entries, readable = store.compressor.decode(attn.compressor, x, ropes["compress"], positions, states, tables)
+        if attn.indexer is not None and store.indexer is not None:
+            index_keys, _ = store.indexer.decode(attn.indexer.compressor, x, ropes["compress"], positions, states,
+                                                 tables)
+            scores = index_scores(attn.indexer.queries(q_latent, *rope), head_weights(attn.indexer.head_weights, x),
+                                  index_keys)[:, 0]
+            # only the top-k entries are gathered: attention's cost stays index_topk however long the context
+            picked = scores.masked_fill(~readable, -torch.inf).topk(min(attn.indexer.topk, scores.shape[-1])).indices
+            entries, readable = entries.gather(1, picked[..., None].expand(-1, -1, entries.shape[-1])), \
+                readable.gather(1, picked)
+        keys = torch.cat([keys, entries], dim=1)
+        visible = torch.cat([visible, readable], dim=1)
+    attended, _ = attn.attend(q, keys, visible[:, None, None])
+    return attn.output(attended, rope)
+
+
 def forward_segments(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore,
                      segments: list[Segment]) -> torch.Tensor:
-    """x [1, N, dim], the flat tokens of every segment → [1, N, dim]: each sequence's tokens through the layer's
-    forward with the cache loaded from the store, which then takes back what changed."""
-    outputs = []
+    """x [1, N, dim], the flat tokens of every segment → [1, N, dim]: the one-token segments (decode rows) all at
+    once, then each longer prompt chunk through the layer's forward with its cache loaded from the store, which
+    then takes back what changed."""
+    out = torch.empty_like(x)
+    single = [seg for seg in segments if seg.length == 1]
+    if single:
+        rows = torch.tensor([seg.start for seg in single], device=x.device)
+        out[0, rows] = decode_rows(attn, x[0, rows, None], ropes, store, single)[:, 0]
     for seg in segments:
+        if seg.length == 1:
+            continue
         cache = store.load(seg)
         positions = torch.arange(seg.position, seg.position + seg.length, device=x.device)
-        outputs.append(attn(x[:, seg.start: seg.start + seg.length], ropes, positions, cache))
+        out[:, seg.start: seg.start + seg.length] = attn(x[:, seg.start: seg.start + seg.length], ropes, positions,
+                                                          cache)
         store.save(seg, cache)
-    return torch.cat(outputs, dim=1)
+    return out
