@@ -19,9 +19,7 @@ Run alone on the machine (it restarts itself with the allocator settings of benc
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -31,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sparse_attention import (ALLOCATOR, INDEXER, SPEED_SHAPE, _decode_tokens_per_s, _engine,  # noqa: E402
-                              _prefill_seconds, _prompts, _train, bits_per_byte)
+                              _prefill_seconds, _prompts, _train, arguments, decode_rounds,
+                              record_bits_per_byte, speed_heading, write_report)
 
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.flops import cache_bytes, model_stats  # noqa: E402
@@ -58,7 +57,7 @@ def speed(contexts: list[int], batch: int, new_tokens: int, rounds: int, seed: i
     taken in alternation; the median round, with the range. (V4 has no prefix cache: each of its rounds prefills
     again, untimed.) Past 16K tokens one sequence decodes: V3's and V3.2's prefills grow with the square of the
     context, and each prompt is prefilled once."""
-    configs = speed_configs(max(contexts) + new_tokens + 64)
+    configs = speed_configs(max(contexts) + 4 * new_tokens + 256)
     engines = {name: _engine(config, seed) for name, config in configs.items()}
     for engine in engines.values():  # warm-up: allocator, first-call costs
         _decode_tokens_per_s(engine, _prompts(256, 1, 4096, seed + 1), 4)
@@ -69,13 +68,7 @@ def speed(contexts: list[int], batch: int, new_tokens: int, rounds: int, seed: i
         for name, engine in engines.items():
             row[f"{name}_prefill_s"] = _prefill_seconds(engine, prompts[:1])
             row[f"{name}_cache_bytes_per_token"] = cache_bytes(configs[name], context) / context
-        measured: dict[str, list[float]] = {name: [] for name in engines}
-        for _ in range(rounds):
-            for name, engine in engines.items():
-                measured[name].append(_decode_tokens_per_s(engine, prompts, new_tokens))
-        for name, values in measured.items():
-            row[f"{name}_decode_tok_s"] = statistics.median(values)
-            row[f"{name}_decode_tok_s_range"] = [min(values), max(values)]
+        measured = decode_rounds(engines, prompts, new_tokens, rounds, row)
         for name in ("v32", "v4"):
             ratios = [b / a for a, b in zip(measured["v3"], measured[name])]
             row[f"{name}_decode_speedup"] = statistics.median(ratios)
@@ -109,8 +102,7 @@ def quality(out: Path, context: int, v3_steps: int, seed: int) -> dict:
               "active_params": {name: model_stats(ModelConfig.preset(name)).active_params for name in flops}}
     for name, count in steps.items():
         _train(out / name, "--preset", name, "--max-steps", str(count), *common)
-        result[f"{name}_bpb"] = bits_per_byte(out / name, context)
-        print(name, result[f"{name}_bpb"], flush=True)
+    record_bits_per_byte(result, out, list(steps), context)
     result["v4_vs_v3"] = result["tiny-v4_bpb"] / result["tiny_bpb"] - 1
     return result
 
@@ -118,11 +110,7 @@ def quality(out: Path, context: int, v3_steps: int, seed: int) -> dict:
 def markdown(report: dict) -> str:
     lines = []
     if "speed" in report:
-        active = report["active_params"]
-        lines += [f"Speed (same engine; decode: {report['decode_batch']} sequences at the context (1 past 16K), "
-                  f"{report['new_tokens']} new tokens each, the median of {report['rounds']} alternating rounds "
-                  f"[range]; active parameters V3 {active['v3']:,}, V3.2 {active['v32']:,}, V4 {active['v4']:,}):",
-                  "", "| context | decode tok/s V3 / V3.2 / V4 | V4 vs V3 | V3.2 vs V3 | prefill s V3 / V3.2 / V4 | "
+        lines += [speed_heading(report, {"v3": "V3", "v32": "V3.2", "v4": "V4"}, " (1 past 16K)"), "", "| context | decode tok/s V3 / V3.2 / V4 | V4 vs V3 | V3.2 vs V3 | prefill s V3 / V3.2 / V4 | "
                   "cache B/token V3 / V3.2 / V4 |", "|---|---|---|---|---|---|"]
         for r in report["speed"]:
             decode = " / ".join(f"{r[f'{n}_decode_tok_s']:.0f}" for n in ("v3", "v32", "v4"))
@@ -147,15 +135,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    if any(os.environ.get(name) != value for name, value in ALLOCATOR.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR})
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small contexts and few steps: a smoke test")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "long_context")
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "long_context.json")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", choices=["speed", "quality"], help="measure only the other part")
-    args = parser.parse_args()
+    args = arguments("long_context", __doc__)
     contexts = [512, 1024] if args.quick else [1024, 4096, 16384, 65536]
     report: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
                     "allocator": ALLOCATOR, "quick": args.quick,
@@ -169,13 +149,7 @@ def main() -> None:
     if args.skip != "quality":
         report["quality"] = quality(args.out / ("quick" if args.quick else "full"), 256 if args.quick else 1024,
                                     10 if args.quick else 400, args.seed)
-    table = markdown(report)
-    print(table)
-    if not args.quick:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        args.json.with_suffix(".md").write_text(table)
-        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+    write_report(report, markdown(report), args)
 
 
 if __name__ == "__main__":

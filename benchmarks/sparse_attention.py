@@ -78,23 +78,45 @@ def _prefill_seconds(engine: Engine, prompts: list[list[int]]) -> float:
 
 
 def _decode_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
-    """The prompts (cached: only their last partial block is computed) decoded together; the time of the steps
-    after every sequence has its first token."""
-    params = SamplingParams(max_new_tokens=new_tokens, min_tokens=new_tokens)
+    """The prompts decoded together: once every sequence has its first token (V3's prompts come from the prefix
+    cache, V4's are prefilled again, chunk by chunk, so some start decoding sooner), `new_tokens` steps in which
+    all of them decode are timed; then they are aborted."""
+    budget = engine.config.token_budget
+    room = new_tokens + sum(-(-len(p) // budget) for p in prompts) + 2  # enough for the slowest to start
+    params = SamplingParams(max_new_tokens=room, min_tokens=room)
     sequences = [engine.add(prompt, params) for prompt in prompts]
     while not all(s.output for s in sequences):
         engine.step()
-    produced = sum(len(s.output) for s in sequences)
     start = time.perf_counter()
-    while any(s.finish_reason is None for s in sequences):
+    for _ in range(new_tokens):
         engine.step()
-    return (sum(len(s.output) for s in sequences) - produced) / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    assert all(s.finish_reason is None for s in sequences), "a sequence finished inside the timed steps"
+    for seq in sequences:
+        engine.abort(seq)
+    while engine.has_work():
+        engine.step()
+    return new_tokens * len(sequences) / elapsed
+
+
+def decode_rounds(engines: dict[str, Engine], prompts: list[list[int]], new_tokens: int, rounds: int,
+                  row: dict) -> dict[str, list[float]]:
+    """Each engine decodes the prompts `rounds` times, the engines taken in alternation (a machine whose speed
+    drifts moves every side alike) → every round's tokens/s; `row` gains each engine's median and range."""
+    measured: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            measured[name].append(_decode_tokens_per_s(engine, prompts, new_tokens))
+    for name, values in measured.items():
+        row[f"{name}_decode_tok_s"] = statistics.median(values)
+        row[f"{name}_decode_tok_s_range"] = [min(values), max(values)]
+    return measured
 
 
 def speed(contexts: list[int], batch: int, new_tokens: int, rounds: int, seed: int) -> list[dict]:
     """Per context: both engines prefill the same prompts, then decode them in `rounds` rounds taken in
     alternation (a machine whose speed drifts moves both sides alike); the median round, with the range."""
-    dense = ModelConfig(**SPEED_SHAPE, max_position_embeddings=max(contexts) + new_tokens + 64)
+    dense = ModelConfig(**SPEED_SHAPE, max_position_embeddings=max(contexts) + 4 * new_tokens + 256)
     engines = {"v3": _engine(dense, seed), "v32": _engine(dense.replace(**INDEXER), seed)}
     for engine in engines.values():  # warm-up: allocator, first-call costs
         _decode_tokens_per_s(engine, _prompts(256, 1, dense.vocab_size, seed + 1), 4)
@@ -104,13 +126,7 @@ def speed(contexts: list[int], batch: int, new_tokens: int, rounds: int, seed: i
         row: dict = {"context": context}
         for name, engine in engines.items():
             row[f"{name}_prefill_s"] = _prefill_seconds(engine, prompts)
-        measured: dict[str, list[float]] = {name: [] for name in engines}
-        for _ in range(rounds):
-            for name, engine in engines.items():
-                measured[name].append(_decode_tokens_per_s(engine, prompts, new_tokens))
-        for name, values in measured.items():
-            row[f"{name}_decode_tok_s"] = statistics.median(values)
-            row[f"{name}_decode_tok_s_range"] = [min(values), max(values)]
+        measured = decode_rounds(engines, prompts, new_tokens, rounds, row)
         ratios = [b / a for a, b in zip(measured["v3"], measured["v32"])]
         row["decode_speedup"] = statistics.median(ratios)
         row["decode_speedup_range"] = [min(ratios), max(ratios)]
@@ -140,6 +156,13 @@ def bits_per_byte(run: Path, seq_len: int) -> float:
     return held_out_loss(model, split, token_byte_lengths(tokenizer), seq_len, batch_size=1).bits_per_byte
 
 
+def record_bits_per_byte(result: dict, out: Path, names: list[str], context: int) -> None:
+    """result[NAME_bpb]: held-out bits per byte of each run out/NAME at `context` tokens."""
+    for name in names:
+        result[f"{name}_bpb"] = bits_per_byte(out / name, context)
+        print(name, result[f"{name}_bpb"], flush=True)
+
+
 def quality(out: Path, context: int, steps: dict[str, int], seed: int) -> dict:
     """The V3 parent at `context`, its V3.2 child (warm-up, then sparse), and the parent trained on densely for
     the child's sparse steps; every stage seeded alike, held-out bits per byte at `context`."""
@@ -156,22 +179,25 @@ def quality(out: Path, context: int, steps: dict[str, int], seed: int) -> dict:
     _train(out / "v32-sparse", "--from", str(out / "v32-warmup"), "--dsa", "sparse", *sparse_settings)
     _train(out / "v3-long-continued", "--from", str(out / "v3-long"), *sparse_settings)
     result = {"context": context, "index_topk": topk, "steps": steps, "seed": seed}
-    for name in ("v3-long", "v32-warmup", "v32-sparse", "v3-long-continued"):
-        result[f"{name}_bpb"] = bits_per_byte(out / name, context)
-        print(name, result[f"{name}_bpb"], flush=True)
+    record_bits_per_byte(result, out, ["v3-long", "v32-warmup", "v32-sparse", "v3-long-continued"], context)
     result["v32_vs_parent"] = result["v32-sparse_bpb"] / result["v3-long_bpb"] - 1
     result["v32_vs_continued"] = result["v32-sparse_bpb"] / result["v3-long-continued_bpb"] - 1
     return result
+
+
+def speed_heading(report: dict, labels: dict[str, str], note: str = "") -> str:
+    """The line above a speed table: how decode was measured, and each model's active parameters."""
+    active = ", ".join(f"{label} {report['active_params'][name]:,}" for name, label in labels.items())
+    return (f"Speed (same engine; decode: {report['decode_batch']} sequences at the context{note}, "
+            f"{report['new_tokens']} new tokens each, the median of {report['rounds']} alternating rounds [range]; "
+            f"active parameters {active}):")
 
 
 def markdown(report: dict) -> str:
     """The README's tables, from the report."""
     lines = []
     if "speed" in report:
-        active = report["active_params"]
-        lines += [f"Speed (same engine; decode: {report['decode_batch']} sequences at the context, "
-                  f"{report['new_tokens']} new tokens each, the median of {report['rounds']} alternating rounds "
-                  f"[range]; active parameters V3 {active['v3']:,}, V3.2 {active['v32']:,}):", "",
+        lines += [speed_heading(report, {"v3": "V3", "v32": "V3.2"}), "",
                   "| context | V3 decode tok/s | V3.2 decode tok/s | decode speed-up | V3 prefill s | "
                   "V3.2 prefill s |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['context']:,} | {r['v3_decode_tok_s']:.0f} | {r['v32_decode_tok_s']:.0f} | "
@@ -190,16 +216,31 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    if any(os.environ.get(name) != value for name, value in ALLOCATOR.items()):
+def arguments(name: str, doc: str) -> argparse.Namespace:
+    """Restarts the script under ALLOCATOR (once), then the arguments of a long-context benchmark `name`."""
+    if any(os.environ.get(key) != value for key, value in ALLOCATOR.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR})
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small contexts and few steps: a smoke test")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sparse_attention")
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / "sparse_attention.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / name)
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "bench" / f"{name}.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", choices=["speed", "quality"], help="measure only the other part")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def write_report(report: dict, table: str, args: argparse.Namespace) -> None:
+    """The tables on stdout; a full run also writes the report (JSON) and its tables (.md) beside it."""
+    print(table)
+    if not args.quick:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.with_suffix(".md").write_text(table)
+        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+
+
+def main() -> None:
+    args = arguments("sparse_attention", __doc__)
     contexts = [512, 1024] if args.quick else [1024, 4096, 16384]
     context = 512 if args.quick else 2048
     steps = dict(short=20, extend=10, warmup=10, sparse=10) if args.quick else \
@@ -215,13 +256,7 @@ def main() -> None:
         report["speed"] = speed(contexts, report["decode_batch"], report["new_tokens"], report["rounds"], args.seed)
     if args.skip != "quality":
         report["quality"] = quality(args.out / ("quick" if args.quick else "full"), context, steps, args.seed)
-    table = markdown(report)
-    print(table)
-    if not args.quick:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        args.json.with_suffix(".md").write_text(table)
-        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+    write_report(report, markdown(report), args)
 
 
 if __name__ == "__main__":
