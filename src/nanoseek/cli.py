@@ -42,14 +42,13 @@ def _human(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from nanoseek.flops import long_context, model_stats
+    from nanoseek.flops import long_context, model_stats, preset_long_context
 
     config = resolve_config(args.model)
     stats = model_stats(config, seq_len=args.seq_len)
     # DeepSeek's long-context comparison: this model beside V3 and V3.2 at their published shapes
-    compared = {"this": config, "v3": ModelConfig.preset("v3"), "v32": ModelConfig.preset("v32")}
-    contexts = {name: long_context(shape) for name, shape in compared.items()} if config.attention_type != "gqa" \
-        else {}
+    contexts = {"this": long_context(config, stats=stats), "v3": preset_long_context("v3"),
+                "v32": preset_long_context("v32")} if config.attention_type != "gqa" else {}
     if args.json:
         print(json.dumps({**stats.to_dict(), "long_context": contexts}, indent=2))
         return

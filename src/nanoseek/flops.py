@@ -6,6 +6,7 @@ cannot drift from the code; FLOPs follow the usual 6·N (forward 2·N, backward 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -106,15 +107,22 @@ def cache_bytes(config: ModelConfig, context: int, bytes_per_element: int = 2) -
     return total * bytes_per_element
 
 
-def long_context(config: ModelConfig, contexts: tuple[int, ...] = LONG_CONTEXTS) -> list[dict[str, float]]:
+def long_context(config: ModelConfig, contexts: tuple[int, ...] = LONG_CONTEXTS,
+                 stats: ModelStats | None = None) -> list[dict[str, float]]:
     """Per context length L: forward FLOPs of the token at position L (every activated matrix once, plus its
     attention over what it sees) and the cache bytes per token of an L-token sequence. What DeepSeek compares at
-    1M tokens (V4-Flash: ~10 % of V3.2's FLOPs, ~7 % of its KV cache)."""
-    stats = model_stats(config)
+    1M tokens (V4-Flash: ~10 % of V3.2's FLOPs, ~7 % of its KV cache). `stats`: the model's, if already counted."""
+    stats = stats or model_stats(config)
     matrices = 2 * (stats.active_params - stats.active_components["norms"])
     return [{"context": L, "flops_per_token": matrices + float(attention_core_flops(config, torch.tensor(
              [float(L)], dtype=torch.float64))[0]), "cache_bytes_per_token": cache_bytes(config, L) / L}
             for L in contexts]
+
+
+@functools.lru_cache(maxsize=None)
+def preset_long_context(name: str) -> list[dict[str, float]]:
+    """long_context of a preset, counted once per process (building V3's module tree, even on meta, takes a while)."""
+    return long_context(ModelConfig.preset(name))
 
 
 def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per_element: int = 2) -> ModelStats:
