@@ -159,6 +159,7 @@ def _v4_args(space: Path, out: str, *extra: str) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow  # 17 s: the fp32 FSDP units are checked in the default run (a one-rank group, below)
 def test_v4_under_fsdp_and_ep_equals_one_process(space):
     """DeepSeek-V4 over DP2×EP2: the one-process losses, CSA indexer KL and gradient norms (hyper-connection
     streams, hash routing, compressors and the indexers' own FSDP units)."""
