@@ -14,6 +14,7 @@ from nanoseek.flops import model_stats
 from nanoseek.infer.engine import Engine
 
 
+@pytest.mark.slow  # 95 s on the 2-core machine, 75 of them torch.compile's first compilation of the blocks
 def test_bench_compares_with_transformers(tmp_path, capsys):
     assert main(["bench", "tiny", "--batch", "2", "--seq", "32", "--steps", "1", "--new-tokens", "4",
                  "--out", str(tmp_path), "--json"]) == 0

@@ -31,7 +31,7 @@ def mutated_configs(draw) -> dict:
     return config
 
 
-@fuzz(60, 500, config=mutated_configs())
+@fuzz(30, 500, config=mutated_configs())
 def test_model_config_json(tmp_path_factory, capsys, config):
     path = tmp_path_factory.mktemp("cfg") / "config.json"
     path.write_text(json.dumps(config))

@@ -107,21 +107,14 @@ def test_v4_equals_transformers_both_ways(saved, tmp_path):
 
 
 def test_v4_loads_deepseek_release_names(saved, tmp_path):
-    """DeepSeek's own layout: no `model.` prefix, embed/norm/hc_head_* at the top, an MTP layer nanoseek skips,
-    and the release config form (compress_ratios per layer with the MTP layer's, num_hash_layers, rope_scaling)."""
+    """DeepSeek's own layout: no `model.` prefix, embed/norm/hc_head_* at the top, and the release config form
+    (compress_ratios per layer, num_hash_layers, rope_scaling)."""
     config, _, path, expected, _ = saved
-    tensors = load_file(path / "model.safetensors")
-    top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
-           "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
-           "model.hc_head.hc_scale": "hc_head_scale"}
-    released = {top.get(k, k.removeprefix("model.")): v for k, v in tensors.items()}
+    released = _release_names(load_file(path / "model.safetensors"))
     assert "head.weight" in released and "layers.0.attn.wq_a.weight" in released
-    released["mtp.0.attn.wq_a.weight"] = torch.zeros(3)
     (tmp_path / "release").mkdir()
     save_file(released, tmp_path / "release" / "model.safetensors")
     raw = config.to_hf_dict("deepseek")
-    raw["compress_ratios"] = raw["compress_ratios"] + [0]
-    raw["num_nextn_predict_layers"] = 1
     assert "layer_types" not in raw and raw["num_hash_layers"] == 1
     (tmp_path / "release" / "config.json").write_text(json.dumps(raw))
     ours = nanoseek.load_pretrained(tmp_path / "release").eval()
@@ -149,13 +142,81 @@ def test_v4_config_json_both_ways():
     (dict(mlp_layer_types=("moe", "moe", "moe", "dense")), "must be one of"),
     (dict(index_n_heads=0), "lightning indexer"),
     (dict(num_attention_heads=3), "o_groups"),
-    (dict(num_nextn_predict_layers=1), "no V4 MTP"),
     (dict(first_k_dense_replace=1), "every V4 layer is MoE"),
     (dict(head_dim=4), "RoPE dims"),
 ])
 def test_v4_config_errors_name_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
         v4_config(**change)
+
+
+def test_v4_release_config_with_a_compressed_mtp_layer_is_refused():
+    raw = v4_config(num_nextn_predict_layers=1).to_hf_dict("deepseek")
+    assert raw["compress_ratios"][-1] == 0  # the MTP layer's entry, as DeepSeek's releases have it
+    raw["compress_ratios"][-1] = 2
+    with pytest.raises(ConfigError, match="MTP layers slide"):
+        ModelConfig.from_hf_dict(raw)
+
+
+def _randomized(config: ModelConfig, seed: int = 0):
+    """nanoseek's model of `config` with every parameter random (norms around 1), the zero-initialized ones too."""
+    torch.manual_seed(seed)
+    model = nanoseek.Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2 or name.endswith("position_bias"):
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+        for router in [layer.mlp.router for layer in [*model.layers, *(m.block for m in model.mtp)]]:
+            if hasattr(router, "expert_bias"):
+                router.expert_bias.normal_(0, 0.1)
+    return model
+
+
+def _release_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' save form → DeepSeek's release names (no `model.` prefix, top-level embed/norm/hc_head_*)."""
+    top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+           "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
+           "model.hc_head.hc_scale": "hc_head_scale"}
+    return {top.get(k, k.removeprefix("model.")): v for k, v in tensors.items()}
+
+
+def test_v4_mtp_is_deepseeks_and_loads_from_both_layouts(tmp_path):
+    """V4's MTP depth (DeepSeek's MTPBlock): e_proj(enorm(Emb(t_{i+1}))) added to h_proj(hnorm(streams_i)) of every
+    stream, a sliding block, its own stream collapse, norm, the shared head; its loss predicts t_{i+2}. Saved as
+    `model.mtp.0.…` (transformers loads the file and skips them, giving the same logits); DeepSeek's `mtp.0.…`
+    release names load to the same loss."""
+    import torch.nn.functional as F
+    from transformers import DeepseekV4ForCausalLM
+
+    config = v4_config(num_nextn_predict_layers=1)
+    ours = _randomized(config)
+    mtp = ours.mtp[0]
+    assert mtp.block.attn.compressor is None and not hasattr(mtp.block.mlp.router, "tid2eid")
+    ids = _ids(config)
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    with torch.no_grad():
+        out = ours(ids, targets)
+        positions = torch.arange(LENGTH)
+        streams = ours._hyper_layers(ours.embed(ids), positions, ids)
+        x = mtp.e_proj(mtp.enorm(ours.embed(ids[:, 1:]))).unsqueeze(2) + mtp.h_proj(mtp.hnorm(streams[:, :-1]))
+        x = mtp.block(x, ours._ropes(), positions[:-1], ids[:, 1:])
+        logits = ours.head(mtp.norm(mtp.hc_head(x)))
+        expected = F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100)
+        assert (out.mtp_loss - expected).abs().item() <= 1e-5 and out.mtp_loss > 0
+        assert torch.equal(ours.mtp_logits(x), logits)
+    nanoseek.save_pretrained(ours, tmp_path / "ours")
+    tensors = load_file(tmp_path / "ours" / "model.safetensors")
+    assert "model.mtp.0.e_proj.weight" in tensors and "model.mtp.0.hc_head_fn" in tensors
+    theirs = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    (tmp_path / "release").mkdir()
+    save_file(_release_names(tensors), tmp_path / "release" / "model.safetensors")
+    (tmp_path / "release" / "config.json").write_text(json.dumps(config.to_hf_dict("deepseek")))
+    with torch.no_grad():
+        assert (theirs(ids).logits - out.logits).abs().max().item() <= 1e-5
+        for path in ("ours", "release"):
+            again = nanoseek.load_pretrained(tmp_path / path).eval()
+            assert again.config == config
+            assert (again(ids, targets).mtp_loss - out.mtp_loss).abs().item() <= 1e-6, path
 
 
 def test_v4_presets_published_sizes():

@@ -230,9 +230,10 @@ def test_aux_free_balancing_evens_expert_load(workspace, monkeypatch):
 
 
 def test_v4_trains_resumes_bit_identical_and_is_a_transformers_model(workspace, monkeypatch):
-    """DeepSeek-V4 from scratch with the same trainer: the loss falls, the CSA indexer learns by its KL, a resumed
-    run repeats the uninterrupted one bit for bit (hash tables included), the routed layers' biases move and the
-    hash-routed one has none, and the run directory loads in transformers with the same logits."""
+    """DeepSeek-V4 from scratch with the same trainer: the loss falls, the CSA indexer learns by its KL, the MTP depth
+    by its loss, a resumed run repeats the uninterrupted one bit for bit (hash tables included), the routed layers'
+    biases move (the MTP block's too) and the hash-routed one has none, and the run directory loads in transformers
+    (which skips the MTP layer) with the same logits."""
     import transformers
 
     from nanoseek.train.config import TrainConfig
@@ -244,7 +245,7 @@ def test_v4_trains_resumes_bit_identical_and_is_a_transformers_model(workspace, 
         hidden_size=32, num_hidden_layers=3, num_attention_heads=2, head_dim=16, qk_rope_head_dim=8, q_lora_rank=16,
         moe_intermediate_size=16, vocab_size=320, max_position_embeddings=64, layer_types=(SLIDING, CSA, HCA),
         mlp_layer_types=("hash_moe", "moe", "moe"), sliding_window=8, compress_rate_hca=8, o_lora_rank=8,
-        index_head_dim=8, index_topk=2, hc_mult=2)
+        index_head_dim=8, index_topk=2, hc_mult=2, num_nextn_predict_layers=1)
 
     def run(name: str, resume: bool = False) -> dict:
         cfg = TrainConfig(seq_len=32, batch_size=2, max_steps=8, save_every=4, eval_every=1000, eval_batches=1,
@@ -272,8 +273,11 @@ def test_v4_trains_resumes_bit_identical_and_is_a_transformers_model(workspace, 
     assert straight[8] < straight[1]
     last = json.loads((workspace / "v4-straight" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["indexer_kl"] > 0  # the CSA layer's indexer learns by DSA's KL, as V3.2's
+    assert 0 < last["mtp_loss"] < json.loads((workspace / "v4-straight" / "metrics.jsonl").read_text()
+                                             .splitlines()[0])["mtp_loss"]
     ours = nanoseek.load_pretrained(workspace / "v4-straight")
-    hashed, *routed = [layer.mlp.router for layer in ours.layers]
+    assert len(ours.mtp) == 1
+    hashed, *routed = [layer.mlp.router for layer in [*ours.layers, ours.mtp[0].block]]
     assert not hasattr(hashed, "expert_bias") and hashed.tid2eid.unique().numel() == config.n_routed_experts
     assert all(router.expert_bias.abs().sum() > 0 for router in routed)
     reference = transformers.AutoModelForCausalLM.from_pretrained(workspace / "v4-straight")

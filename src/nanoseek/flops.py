@@ -159,6 +159,7 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     flops = training_flops(components, None)
     mtp_flops = training_flops(mtp_components, 1) * config.num_nextn_predict_layers if mtp_unique else 0.0
     layers, nbytes = config.num_hidden_layers, cache_bytes_per_element
+    v3_mtp_layers = 0 if config.attention_type == "v4" else config.num_nextn_predict_layers  # V4's share embed/head
     # The papers' MHA baseline for MLA: per-head dimension d_h = qk_nope_head_dim (128 at V2/V3 shape).
     head_dim = config.qk_nope_head_dim if config.attention_type == "mla" else config.head_dim
     mha = 2 * config.num_attention_heads * head_dim * layers * nbytes
@@ -166,7 +167,7 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     own = round(cache_bytes(config, seq_len, nbytes) / seq_len)  # V4's depends on the length (the window is bounded)
     return ModelStats(
         total_params=total, active_params=active,
-        mtp_params=mtp_unique + 2 * head_params * config.num_nextn_predict_layers, mtp_unique_params=mtp_unique,
+        mtp_params=mtp_unique + 2 * head_params * v3_mtp_layers, mtp_unique_params=mtp_unique,
         components=components, active_components=active_components, seq_len=seq_len,
         flops_per_token=flops, mtp_flops_per_token=mtp_flops,
         kv_bytes_per_token=own, kv_bytes_per_token_mha=mha, kv_bytes_per_token_gqa=gqa, kv_cache_ratio=own / mha)

@@ -13,11 +13,12 @@ _V4_YARN = RopeScaling(factor=16.0, original_max_position_embeddings=65536, beta
 
 
 def _v4(layers: int, first: str, **shape) -> ModelConfig:
-    """A V4 shape: two `first` layers, then HCA and CSA alternating (transformers' V4-Pro layout), the first three
-    layers hash-routed, sqrt-softplus routing without groups, clamped SwiGLU, 1M context."""
+    """A V4 shape as DeepSeek's released compress_ratios lay it out: two `first` layers, then CSA and HCA alternating
+    (CSA on even layers), one sliding MTP layer; the first three layers hash-routed, sqrt-softplus routing without
+    groups, clamped SwiGLU, 1M context."""
     return ModelConfig(
         num_hidden_layers=layers, attention_type="v4", num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64,
-        layer_types=(first, first, *(CSA if i % 2 else HCA for i in range(layers - 2))),
+        layer_types=(first, first, *(HCA if i % 2 else CSA for i in range(layers - 2))), num_nextn_predict_layers=1,
         mlp_layer_types=("hash_moe",) * 3 + ("moe",) * (layers - 3), scoring_func="sqrtsoftplus", n_group=1,
         topk_group=1, first_k_dense_replace=0, routed_scaling_factor=1.5, swiglu_limit=10.0,
         max_position_embeddings=1048576, rope_scaling=_V4_YARN, bos_token_id=0, eos_token_id=1, **shape)

@@ -56,8 +56,6 @@ def check_v4(config: ModelConfig) -> None:
     _require(config.first_k_dense_replace == 0 and config.moe_layer_freq == 1, "first_k_dense_replace",
              "every V4 layer is MoE: set first_k_dense_replace 0 and moe_layer_freq 1")
     _require(config.n_group == 1, "n_group", "V4 routes without expert groups: set n_group and topk_group to 1")
-    _require(config.num_nextn_predict_layers == 0, "num_nextn_predict_layers",
-             "nanoseek builds no V4 MTP module yet (transformers neither): set it to 0")
 
 
 def v4_hf_dict(config: ModelConfig, style: Literal["transformers", "deepseek"] = "transformers") -> dict[str, Any]:
@@ -78,7 +76,8 @@ def v4_hf_dict(config: ModelConfig, style: Literal["transformers", "deepseek"] =
         out["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": config.rope_theta}, "compress": compress}
         return out
     rates = {SLIDING: 0, CSA: config.compress_rate_csa, HCA: config.compress_rate_hca}
-    out["compress_ratios"] = [rates[t] for t in out.pop("layer_types")]
+    mtp_layers = [0] * config.num_nextn_predict_layers  # MTP layers slide (model/hyper.py: HyperMTP)
+    out["compress_ratios"] = [rates[t] for t in out.pop("layer_types")] + mtp_layers
     hashed = out.pop("mlp_layer_types")
     out["num_hash_layers"] = hashed.count("hash_moe")
     _require(hashed == ["hash_moe"] * out["num_hash_layers"] + ["moe"] * (len(hashed) - out["num_hash_layers"]),
@@ -129,13 +128,14 @@ def v4_fields(raw: dict[str, Any]) -> dict[str, Any]:
         by_rate = {0: SLIDING, d["compress_rate_csa"]: CSA, d["compress_rate_hca"]: HCA}
         if not isinstance(ratios, list) or any(r not in by_rate for r in ratios):
             raise ConfigError(f"config field 'compress_ratios': one of {sorted(by_rate)} per layer, got {ratios!r}")
-        d["layer_types"] = [by_rate[r] for r in ratios[:n]]  # DeepSeek's list also covers the MTP layer
+        d["layer_types"] = [by_rate[r] for r in ratios[:n]]
+        if any(ratios[n:]):  # DeepSeek's list also covers the MTP layers: sliding in every release
+            raise ConfigError(f"config field 'compress_ratios': nanoseek's MTP layers slide (ratio 0), got "
+                              f"{ratios[n:]} past the {n} main layers")
     if d.get("layer_types") is None:  # transformers' default: two HCA layers, then CSA and HCA alternating
         d["layer_types"] = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
     hashed = d.pop("num_hash_layers", 3)
     if d.get("mlp_layer_types") is None:
         d["mlp_layer_types"] = ["hash_moe"] * min(n, hashed) + ["moe"] * max(0, n - hashed)
     _nested_rope(d)
-    if "num_nextn_predict_layers" in d:  # DeepSeek ships MTP weights nanoseek does not build for V4 (they are skipped)
-        d["num_nextn_predict_layers"] = 0
     return d

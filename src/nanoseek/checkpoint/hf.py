@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from nanoseek.checkpoint.entry import Entry
 from nanoseek.checkpoint.fp8 import FP8_QUANTIZATION_CONFIG, quantize_state_dict
-from nanoseek.checkpoint.hf_v4 import release_aliases, skipped, v4_entries
+from nanoseek.checkpoint.hf_v4 import mtp_key, release_aliases, v4_entries
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
 from nanoseek.fp8.quant import dequantize_blocks
@@ -183,7 +183,9 @@ def _assemble(entry: Entry, source: SafetensorsDir, shape: torch.Size) -> torch.
 def _mtp_layers_present(config: ModelConfig, source: SafetensorsDir) -> int:
     found = 0
     while found < config.num_nextn_predict_layers:
-        if f"model.layers.{config.num_hidden_layers + found}.eh_proj.weight" not in source:
+        key = mtp_key(found) if config.attention_type == "v4" else \
+            f"model.layers.{config.num_hidden_layers + found}.eh_proj.weight"
+        if key not in source:
             break
         found += 1
     return found
@@ -248,8 +250,11 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
 def _written_not_read(key: str, config: ModelConfig) -> bool:
     """Tensors a checkpoint may carry that we ignore: MTP copies of the shared embedding/head, MTP layers beyond
     the ones the config asks for, and RoPE tables some exporters store."""
-    if key.endswith("rotary_emb.inv_freq") or (config.attention_type == "v4" and skipped(key)):
+    if key.endswith("rotary_emb.inv_freq"):
         return True
+    if config.attention_type == "v4":  # MTP layers beyond the ones the config asks for
+        parts = key.split(".")
+        return key.startswith("model.mtp.") and int(parts[2]) >= config.num_nextn_predict_layers
     parts = key.split(".")
     if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= config.num_hidden_layers:
         return ".embed_tokens." in key or ".shared_head.head." in key or \
@@ -273,7 +278,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         for piece, keys in zip(tensor.unbind(0) if entry.stacked else [tensor], entry.parts):
             for key, chunk in zip(keys, piece.chunk(len(keys))):
                 out[key] = chunk.contiguous().clone()
-    for k in range(config.num_nextn_predict_layers):  # DeepSeek's layout repeats the shared tensors per MTP layer
+    v3_mtp_layers = 0 if config.attention_type == "v4" else config.num_nextn_predict_layers
+    for k in range(v3_mtp_layers):  # DeepSeek-V3's layout repeats the shared tensors per MTP layer (V4's does not)
         hf = f"model.layers.{config.num_hidden_layers + k}"
         out[f"{hf}.embed_tokens.weight"] = ours["embed.weight"].detach().clone()
         out[f"{hf}.shared_head.head.weight"] = ours["head.weight"].detach().clone()

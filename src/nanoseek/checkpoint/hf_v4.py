@@ -1,8 +1,9 @@
 """DeepSeek-V4 checkpoint names. transformers' `save_pretrained` writes V4 under DeepSeek's own names (it reverses
 its conversion mapping) behind a `model.` prefix: `model.layers.N.attn.wq_a.weight`, experts one per key
 (`ffn.experts.E.w1/w2/w3`), `head.weight`, `model.hc_head.hc_fn`. DeepSeek's release uses the same names without
-the prefix (`layers.N.…`, `embed.weight`, `norm.weight`, `hc_head_fn`) and carries MTP layers (`mtp.…`) that
-transformers and nanoseek skip. We write the former; `release_aliases` lets the latter load too."""
+the prefix (`layers.N.…`, `embed.weight`, `norm.weight`, `hc_head_fn`). Its MTP layers (`mtp.K.…`: a block's names
+plus `e_proj`, `h_proj`, `enorm`, `hnorm`, `norm`, `hc_head_*`) we write as `model.mtp.K.…`, which transformers skips
+on load. We write the former; `release_aliases` lets the latter load too."""
 
 from __future__ import annotations
 
@@ -32,10 +33,8 @@ def _hyper(ours: str, theirs: str) -> list[Entry]:
     return [Entry(f"{ours}.{n}", ((f"{theirs}_{n}",),)) for n in ("fn", "base", "scale")]
 
 
-def _block(config: ModelConfig, i: int) -> list[Entry]:
-    ours, theirs = f"layers.{i}", f"model.layers.{i}"
+def _block(config: ModelConfig, ours: str, theirs: str, layer_type: str, hashed: bool) -> list[Entry]:
     entries = _plain(_ATTENTION, f"{ours}.attn", f"{theirs}.attn")
-    layer_type = config.layer_types[i]
     if layer_type != SLIDING:
         entries += _plain(_COMPRESSOR, f"{ours}.attn.compressor", f"{theirs}.attn.compressor")
     if layer_type == CSA:
@@ -45,7 +44,6 @@ def _block(config: ModelConfig, i: int) -> list[Entry]:
     entries += [Entry(f"{ours}.attn_norm.weight", ((f"{theirs}.attn_norm.weight",),)),
                 Entry(f"{ours}.mlp_norm.weight", ((f"{theirs}.ffn_norm.weight",),)),
                 Entry(f"{ours}.mlp.router.weight", ((f"{theirs}.ffn.gate.weight",),))]
-    hashed = config.mlp_layer_types[i] == "hash_moe"
     entries.append(Entry(f"{ours}.mlp.router.{'tid2eid' if hashed else 'expert_bias'}",
                          ((f"{theirs}.ffn.gate.{'tid2eid' if hashed else 'bias'}",),)))
     experts = [f"{theirs}.ffn.experts.{e}" for e in range(config.n_routed_experts)]
@@ -66,7 +64,14 @@ def v4_entries(config: ModelConfig) -> list[Entry]:
                                       else "head.weight",),))]
     entries += [Entry(f"hc_head.{n}", ((f"model.hc_head.hc_{n}",),)) for n in ("fn", "base", "scale")]
     for i in range(config.num_hidden_layers):
-        entries += _block(config, i)
+        entries += _block(config, f"layers.{i}", f"model.layers.{i}", config.layer_types[i],
+                          config.mlp_layer_types[i] == "hash_moe")
+    for k in range(config.num_nextn_predict_layers):
+        ours, theirs = f"mtp.{k}", f"model.mtp.{k}"
+        entries += [Entry(f"{ours}.{n}.weight", ((f"{theirs}.{n}.weight",),))
+                    for n in ("e_proj", "h_proj", "enorm", "hnorm", "norm")]
+        entries += [Entry(f"{ours}.hc_head.{n}", ((f"{theirs}.hc_head_{n}",),)) for n in ("fn", "base", "scale")]
+        entries += _block(config, f"{ours}.block", theirs, SLIDING, False)
     return entries
 
 
@@ -74,9 +79,9 @@ def release_aliases(keys: Iterable[str]) -> dict[str, str]:
     """DeepSeek's release names present in `keys` → the names v4_entries reads (empty for transformers' form)."""
     released = {theirs: ours for ours, theirs in _TOP_LEVEL.items()}
     return {key: released.get(key, f"model.{key}") for key in keys
-            if key in released or key.startswith("layers.")}
+            if key in released or key.startswith(("layers.", "mtp."))}
 
 
-def skipped(key: str) -> bool:
-    """Tensors of a V4 checkpoint nanoseek does not build: the MTP layers."""
-    return key.startswith(("mtp.", "model.mtp."))
+def mtp_key(depth: int) -> str:
+    """A tensor every V4 MTP layer `depth` has, in the names v4_entries reads."""
+    return f"model.mtp.{depth}.e_proj.weight"

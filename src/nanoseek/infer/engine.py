@@ -54,11 +54,13 @@ class Engine:
         self.model, self.decode = model.eval(), decode
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        if config.speculation and not len(model.mtp):
-            raise NanoseekError("speculation needs a model with an MTP module (num_nextn_predict_layers >= 1)")
-        self.speculate = bool(len(model.mtp)) if config.speculation is None else config.speculation
         mc = model.config
         v4 = mc.attention_type == "v4"
+        if config.speculation and not len(model.mtp):
+            raise NanoseekError("speculation needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        if config.speculation and v4:  # a rejected draft would stay in the window and the open compressor windows
+            raise NanoseekError("speculation is not built for DeepSeek-V4 models (serve them with --no-speculation)")
+        self.speculate = bool(len(model.mtp)) and not v4 if config.speculation is None else config.speculation
         # V4: the cache of a whole context (entries, and a window and open windows per sequence)
         context_bytes = cache_bytes(mc, mc.max_position_embeddings + 1, parameter.element_size()) if v4 else \
             (mc.max_position_embeddings + 1) * (mc.num_hidden_layers + mc.num_nextn_predict_layers) * \

@@ -24,6 +24,7 @@ from nanoseek.model.hybrid_paged import LayerStore, forward_segments
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import MoE
 from nanoseek.model.paged import Segment
+from nanoseek.v4config import SLIDING
 
 
 def _normed_mixes(streams: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,11 +81,11 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.empty(1))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        """streams [B, T, n, dim] → [B, T, dim]"""
+        """streams [..., n, dim] → [..., dim]"""
         with torch.autocast(streams.device.type, enabled=False):
             mixes = _normed_mixes(streams, self.fn, self.norm_eps)
             pre = torch.sigmoid(mixes * self.scale.float() + self.base.float()) + self.eps
-            return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+            return (pre.unsqueeze(-1) * streams).sum(dim=-2).to(streams.dtype)
 
 
 class HyperBlock(nn.Module):
@@ -92,11 +93,14 @@ class HyperBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
+        # an MTP depth (index past the main layers) slides and routes by learned scores: DeepSeek's released
+        # compress_ratios give the MTP layer 0
+        main = layer_index < config.num_hidden_layers
         self.attn_hc, self.mlp_hc = HyperConnection(config), HyperConnection(config)
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = HybridAttention(config, config.layer_types[layer_index])
+        self.attn = HybridAttention(config, config.layer_types[layer_index] if main else SLIDING)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config, hashed=config.mlp_layer_types[layer_index] == "hash_moe")
+        self.mlp = MoE(config, hashed=main and config.mlp_layer_types[layer_index] == "hash_moe")
 
     def forward(self, streams: torch.Tensor, ropes: dict[str, nn.Module], positions: torch.Tensor,
                 token_ids: torch.Tensor, cache: AttentionCache | None = None,
@@ -111,3 +115,32 @@ class HyperBlock(nn.Module):
         streams = HyperConnection.merge(streams, attended, post, comb)
         x, post, comb = self.mlp_hc(streams)
         return HyperConnection.merge(streams, self.mlp(self.mlp_norm(x), token_ids), post, comb)
+
+
+class HyperMTP(nn.Module):
+    """V4's MTP depth k (DeepSeek's MTPBlock), on the previous depth's streams h [B, T, n, dim]:
+
+        streams = HyperBlock(e_proj(enorm(Emb(t_{i+k}))) + h_proj(hnorm(h)))   the embedding added to every stream
+        logits  = head(norm(hc_head(streams)))                                   its own collapse; the shared head
+
+    Embedding and output head are the main model's (shared, not copied)."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        dim = config.hidden_size
+        self.enorm, self.hnorm = RMSNorm(dim, config.rms_norm_eps), RMSNorm(dim, config.rms_norm_eps)
+        self.e_proj, self.h_proj = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.block = HyperBlock(config, layer_index)
+        self.hc_head = HyperHead(config)
+        self.norm = RMSNorm(dim, config.rms_norm_eps)
+
+    def forward(self, streams: torch.Tensor, next_embeddings: torch.Tensor, ropes: dict[str, nn.Module],
+                positions: torch.Tensor, next_ids: torch.Tensor, cache: AttentionCache | None = None,
+                paged: tuple[LayerStore, list[Segment]] | None = None) -> torch.Tensor:
+        """streams [B, T, n, dim] and the next tokens' embeddings [B, T, dim] (ids [B, T]) → [B, T, n, dim]."""
+        x = self.e_proj(self.enorm(next_embeddings)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
+        return self.block(x, ropes, positions, next_ids, cache, paged)
+
+    def head_input(self, streams: torch.Tensor) -> torch.Tensor:
+        """[..., n, dim] → what the shared head reads [..., dim]."""
+        return self.norm(self.hc_head(streams))

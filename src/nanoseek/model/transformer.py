@@ -14,7 +14,7 @@ from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.compressor import CompressedIndexer
 from nanoseek.model.gqa import GroupedQueryAttention
 from nanoseek.model.hybrid_attention import AttentionCache
-from nanoseek.model.hyper import HyperBlock, HyperHead
+from nanoseek.model.hyper import HyperBlock, HyperHead, HyperMTP
 from nanoseek.model.init import seeded_normal_
 from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.indexer import LightningIndexer
@@ -69,6 +69,9 @@ class MTPModule(nn.Module):
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
         return self.block(x, cos, sin, paged, mask)
 
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
 
 @dataclass
 class HybridCache:
@@ -106,7 +109,7 @@ class Transformer(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
-        self.mtp = nn.ModuleList(MTPModule(config, config.num_hidden_layers + k)
+        self.mtp = nn.ModuleList((HyperMTP if v4 else MTPModule)(config, config.num_hidden_layers + k)
                                  for k in range(config.num_nextn_predict_layers))
         self.reset_parameters()
 
@@ -154,34 +157,40 @@ class Transformer(nn.Module):
         [B, T] (a document number per token) keeps the documents packed in a row from attending to each other."""
         T = input_ids.shape[1]
         positions = torch.arange(T, device=input_ids.device)
-        cos, sin = self.rope(positions)
-        mask = None if documents is None else document_mask(documents)
         x = self.embed(input_ids)
         if self.hc_head is not None:
-            x = self._hyper_layers(x, positions, input_ids, documents)
+            if documents is not None:  # a compressed entry would pool tokens of two documents
+                raise ValueError("DeepSeek-V4 models take no document mask (set train.document_mask false)")
+            hidden = self._hyper_layers(x, positions, input_ids)  # MTP reads the streams, not their collapse
+            x, position_args = self.hc_head(hidden), (self._ropes(), positions)
         else:
+            cos, sin = self.rope(positions)
+            mask = None if documents is None else document_mask(documents)
             for layer in self.layers:
                 x = layer(x, cos, sin, mask=mask)
+            hidden, position_args = x, (cos, sin, mask)
         head_input = self.norm(x)
         if targets is None:
             return self.head(head_input)
         lm_loss = linear_cross_entropy(head_input.flatten(0, 1), self.head.weight, targets.flatten())
-        mtp_loss = self._mtp_loss(x, input_ids, targets, cos, sin, mask) if len(self.mtp) and with_mtp else None
+        mtp_loss = self._mtp_loss(hidden, input_ids, targets, position_args) if len(self.mtp) and with_mtp else None
         return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
 
+    def _ropes(self) -> dict[str, nn.Module]:
+        """V4's two RoPEs: "main" (sliding layers) and "compress" (compressed layers)."""
+        assert self.compress_rope is not None
+        return {"main": self.rope, "compress": self.compress_rope}
+
     def _hyper_layers(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
-                      documents: torch.Tensor | None, caches: list[AttentionCache] | None = None,
+                      caches: list[AttentionCache] | None = None,
                       paged: tuple[HybridStore, list[Segment]] | None = None) -> torch.Tensor:
-        """V4: the embedding copied into hc_mult streams, every block, then the streams collapsed → [B, T, dim]."""
-        if documents is not None:  # a compressed entry would pool tokens of two documents
-            raise ValueError("DeepSeek-V4 models take no document mask (set train.document_mask false)")
-        assert self.compress_rope is not None and self.hc_head is not None
-        ropes = {"main": self.rope, "compress": self.compress_rope}
+        """V4: the embedding [B, T, dim] copied into hc_mult streams, through every block → [B, T, n, dim]."""
+        ropes = self._ropes()
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
         for i, layer in enumerate(self.layers):
             streams = layer(streams, ropes, positions, input_ids, None if caches is None else caches[i],
                             None if paged is None else (paged[0].layer(i), paged[1]))
-        return self.hc_head(streams)
+        return streams
 
     def forward_cached(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         """DeepSeek-V4 inference without the engine: input_ids [B, T], the tokens after `cache` (rows of equal
@@ -191,18 +200,19 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         if not cache.layers:
             cache.layers = [layer.attn.empty_cache(x) for layer in self.layers]
-        hidden = self._hyper_layers(x, positions, input_ids, None, cache.layers)
+        streams = self._hyper_layers(x, positions, input_ids, cache.layers)
         cache.length += T
-        return self.head(self.norm(hidden))
+        return self.logits(streams)
 
     def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: PagedStore | HybridStore
                       ) -> torch.Tensor:
         """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over every layer's
         paged store → final hidden states [N, dim] (before the norm: MTP's input; `logits` turns the rows that are
-        sampled into logits). V4: its store and the batch's segments (model/hybrid_paged.py)."""
+        sampled into logits). V4: its store and the batch's segments (model/hybrid_paged.py); the hidden states are
+        the residual streams [N, n, dim]."""
         if self.hc_head is not None:
             assert isinstance(stores, HybridStore)
-            return self._hyper_layers(self.embed(input_ids)[None], batch.positions, input_ids[None], None,
+            return self._hyper_layers(self.embed(input_ids)[None], batch.positions, input_ids[None],
                                       paged=(stores, batch.segments))[0]
         cos, sin = self.rope(batch.positions)
         x = self.embed(input_ids)[None]
@@ -211,7 +221,8 @@ class Transformer(nn.Module):
         return x[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden))
+        """final hidden states (V4: streams [..., n, dim]) → logits"""
+        return self.head(self.norm(hidden if self.hc_head is None else self.hc_head(hidden)))
 
     def mtp_forward_paged(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: PagedBatch,
                           stores: PagedStore, depth: int = 0) -> torch.Tensor:
@@ -222,20 +233,27 @@ class Transformer(nn.Module):
         return self.mtp[depth](hidden[None], self.embed(next_ids)[None], cos, sin, paged)[0]
 
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
-        return self.head(self.mtp[depth].norm(hidden))
+        return self.head(self.mtp[depth].head_input(hidden))
 
-    def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
+                  position_args: tuple) -> torch.Tensor:
         """Depth k at position i sees h_{k-1}[i] and token t_{i+k} and predicts t_{i+k+1} = targets[i+k]; each depth
-        is one position shorter, keeping the causal chain."""
+        is one position shorter, keeping the causal chain. position_args: (cos, sin, mask) for V3, (ropes,
+        positions) for V4."""
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             n = input_ids.shape[1] - k
             if n <= 0:
                 break
-            hidden = module(hidden[:, :n], self.embed(input_ids[:, k:]), cos[:n], sin[:n],
-                            mask=None if mask is None else mask[..., :n, :n])
-            losses.append(linear_cross_entropy(module.norm(hidden).flatten(0, 1), self.head.weight,
+            next_ids = input_ids[:, k:]
+            if isinstance(module, HyperMTP):
+                ropes, positions = position_args
+                hidden = module(hidden[:, :n], self.embed(next_ids), ropes, positions[:n], next_ids)
+            else:
+                cos, sin, mask = position_args
+                hidden = module(hidden[:, :n], self.embed(next_ids), cos[:n], sin[:n],
+                                mask=None if mask is None else mask[..., :n, :n])
+            losses.append(linear_cross_entropy(module.head_input(hidden).flatten(0, 1), self.head.weight,
                                                targets[:, k:].flatten()))
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
