@@ -117,6 +117,11 @@ class Sequence:
         return self.prompt + self.output
 
     @property
+    def last_token(self) -> int:
+        """tokens[-1] without copying the whole sequence (a decode step reads it for every running sequence)."""
+        return self.output[-1] if self.output else self.prompt[-1]
+
+    @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
 

@@ -44,27 +44,32 @@ class ModelRunner:
         width = 2 if self.speculate else 1
         ids, positions, slots, contexts, chunks, segments = [], [], [], [], [], []
         hybrid = isinstance(self.store, HybridStore)
+        # V4 (hybrid) reads its window and entries through its segments: no per-token slots, no contexts to gather
         for seq in step.decode:
             if hybrid:
                 segments.append(Segment(len(ids), width, seq.computed, seq.state_slot, self._table(seq)))
-            ids += [seq.tokens[-1]] + ([seq.draft] if self.speculate else [])
-            positions.append(torch.arange(seq.computed, seq.computed + width))
-            slots.append(self.slots(seq, seq.computed, seq.computed + width))
-            if not hybrid:  # MLA's decode gathers its context's latents; V4 reads its window and entries itself
+            else:
+                slots.append(self.slots(seq, seq.computed, seq.computed + width))
                 contexts.append(self.slots(seq, 0, seq.computed + width))
+            ids += [seq.last_token] + ([seq.draft] if self.speculate else [])
+            positions.append(torch.arange(seq.computed, seq.computed + width))
         start = len(ids)
         for seq, length in step.prefill:
             if hybrid:
                 segments.append(Segment(len(ids), length, seq.computed, seq.state_slot, self._table(seq)))
+                context = torch.empty(0, dtype=torch.long)
+            else:
+                slots.append(self.slots(seq, seq.computed, seq.computed + length))
+                context = self.slots(seq, 0, seq.computed + length)
             ids += seq.tokens[seq.computed: seq.computed + length]
             positions.append(torch.arange(seq.computed, seq.computed + length))
-            slots.append(self.slots(seq, seq.computed, seq.computed + length))
-            chunks.append(PrefillChunk(start, length, self.slots(seq, 0, seq.computed + length).to(self.device)))
+            chunks.append(PrefillChunk(start, length, context.to(self.device)))
             start += length
         decode_context = None
         if contexts:
             decode_context = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True).to(self.device)
-        batch = PagedBatch(torch.cat(positions).to(self.device), torch.cat(slots).to(self.device),
+        flat_slots = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
+        batch = PagedBatch(torch.cat(positions).to(self.device), flat_slots.to(self.device),
                            len(step.decode), width, decode_context, chunks, segments)
         ids_t = torch.tensor(ids, device=self.device)
         hidden = self.model.forward_paged(ids_t, batch, self.store)

@@ -92,11 +92,13 @@ class HybridAttention(nn.Module):
         """q [B, H, T, D], keys [B, S, D] (also the values), visible [B, 1 or H, T, S] → [B, H, T, D] and the
         probabilities [B, H, T, S]. The sink logit joins each softmax (in fp32) and is dropped after it: the rows
         need not sum to 1."""
-        logits = torch.matmul(q, keys.unsqueeze(1).transpose(-1, -2)) * self.head_dim ** -0.5
+        B, H, T, D = q.shape
+        # the heads share the keys: one [B, H·T, D] × [B, D, S] product, never H copies of the keys
+        logits = torch.bmm(q.reshape(B, H * T, D), keys.transpose(-1, -2)).view(B, H, T, -1) * self.head_dim ** -0.5
         logits = logits.float().masked_fill(~visible, -torch.inf)
         sinks = self.sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
         probs = torch.cat([logits, sinks], dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.matmul(probs.to(keys.dtype), keys.unsqueeze(1)), probs
+        return torch.bmm(probs.to(keys.dtype).flatten(1, 2), keys).view(B, H, T, D), probs
 
     def output(self, attended: torch.Tensor, rope: Rope) -> torch.Tensor:
         """attended [B, H, T, D] → [B, T, dim]: rotated back by the query's position, then the grouped projection."""

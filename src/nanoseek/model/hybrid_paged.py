@@ -18,7 +18,7 @@ from nanoseek.model.compressor import Compressor, CompressorState
 from nanoseek.model.rope import apply_rope_trailing
 from nanoseek.model.hybrid_attention import AttentionCache, HybridAttention
 from nanoseek.model.indexer import head_weights, index_scores
-from nanoseek.model.paged import Segment
+from nanoseek.model.paged import PagedBatch, Segment, SingleRows
 
 
 def entries_per_block(rate: int, block_size: int) -> int:
@@ -46,11 +46,14 @@ class CompressorStore:
     def tensors(self) -> list[torch.Tensor]:
         return [self.entries, *self.pending, *(self.previous or ())]
 
+    def slots_of(self, tables: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """Where entries `windows` [R, K] of the sequences with block tables [R, blocks] live → [R, K]."""
+        block = ((windows + 1) * self.rate - 1) // self.block_size
+        return tables.gather(1, block) * self.per_block + windows % self.per_block
+
     def entry_slots(self, table: torch.Tensor, first: int, stop: int) -> torch.Tensor:
         """Where entries first..stop-1 of a sequence with this block table live."""
-        w = torch.arange(first, stop, device=table.device)
-        block = ((w + 1) * self.rate - 1) // self.block_size
-        return table[block] * self.per_block + w % self.per_block
+        return self.slots_of(table[None], torch.arange(first, stop, device=table.device)[None])[0]
 
     def load(self, seg: Segment) -> CompressorState:
         p, state = seg.position, seg.state
@@ -62,36 +65,35 @@ class CompressorStore:
             previous = self.previous[0][state][None], self.previous[1][state][None]
         return CompressorState(pending, previous, self.entries[self.entry_slots(seg.table, 0, closed)][None])
 
-    def decode(self, compressor: Compressor, x: torch.Tensor, rope: nn.Module, positions: torch.Tensor,
-               states: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode rows x [R, 1, dim] at positions [R] (one token each, their own sequences): each token's values
-        and gate into its open window; the rows whose window it closes pool it into a new entry (CSA: with the
-        window before). → every row's entries [R, N, head_dim] (padded to the longest) and which are real [R, N]."""
+    def advance(self, compressor: Compressor, x: torch.Tensor, rope: nn.Module, rows: SingleRows) -> None:
+        """Decode rows x [R, 1, dim] (one token each, their own sequences): each token's values and gate into its
+        open window; the rows whose window it closes pool it into a new entry (CSA: with the window before)."""
+        positions, states = rows.positions, rows.states
         slot = positions % self.rate
         kv, gate = compressor.project(x)
         self.pending[0][states, slot], self.pending[1][states, slot] = kv[:, 0], gate[:, 0]
         closing = ((positions + 1) % self.rate == 0).nonzero().flatten()
         if closing.numel():
-            rows = states[closing]
-            kv, gate = self.pending[0][rows], self.pending[1][rows] + compressor.position_bias
+            held = states[closing]
+            kv, gate = self.pending[0][held], self.pending[1][held] + compressor.position_bias
             previous = None
             if self.previous is not None:  # a sequence's first window has none: weighed 0 by a -inf gate
                 first = (positions[closing] < self.rate).view(-1, 1, 1)
-                previous = (self.previous[0][rows], self.previous[1][rows].masked_fill(first, -torch.inf))
+                previous = (self.previous[0][held], self.previous[1][held].masked_fill(first, -torch.inf))
                 d = compressor.head_dim
-                self.previous[0][rows], self.previous[1][rows] = kv[..., :d], gate[..., :d]
+                self.previous[0][held], self.previous[1][held] = kv[..., :d], gate[..., :d]
             pooled = compressor.kv_norm(compressor.pool(kv[:, None], gate[:, None], previous))  # [C, 1, d]
             window = positions[closing] // self.rate
             cos, sin = rope(window * self.rate)
             entry = apply_rope_trailing(pooled[:, None], cos[:, None], sin[:, None])[:, 0, 0]
-            for row, table, w in zip(entry, tables[closing], window.tolist()):
-                self.entries[self.entry_slots(table, w, w + 1)] = row[None]
-        counts = (positions + 1) // self.rate
-        longest = int(counts.max())
-        index = torch.arange(longest, device=positions.device)
-        real = index < counts[:, None]
-        slots = torch.stack([self.entry_slots(table, 0, longest) if longest else index for table in tables])
-        return self.entries[slots.where(real, 0)], real
+            self.entries[self.slots_of(rows.tables[closing], window[:, None])[:, 0]] = entry
+
+    def closed(self, rows: SingleRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every decode row's closed entries (after `advance`): their slots [R, N] (padded to the longest row) and
+        which are real [R, N]. The CSA compressor and its indexer's share them (same rate, same blocks)."""
+        windows = torch.arange((rows.last_position + 1) // self.rate, device=rows.positions.device)
+        real = windows < ((rows.positions + 1) // self.rate)[:, None]
+        return self.slots_of(rows.tables, windows.expand(len(rows.positions), -1)), real
 
     def save(self, seg: Segment, state: CompressorState) -> None:
         end = seg.position + seg.length
@@ -155,14 +157,11 @@ class HybridStore:
 
 
 def decode_rows(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore,
-                segments: list[Segment]) -> torch.Tensor:
+                rows: SingleRows) -> torch.Tensor:
     """x [R, 1, dim]: one new token per sequence, all at once → [R, 1, dim]. The same attention as the layer's
     forward over its cache, padded across sequences: the window's ring (a key at ring index j holds the latest
-    position ≡ j), every closed entry (CSA: the indexer's top-k of them), the token itself."""
-    device = x.device
-    positions = torch.tensor([s.position for s in segments], device=device)
-    states = torch.tensor([s.state for s in segments], device=device)
-    tables = torch.nn.utils.rnn.pad_sequence([s.table for s in segments], batch_first=True)
+    position ≡ j), every closed entry (CSA: only the indexer's top-k of them are gathered), the token itself."""
+    device, positions, states = x.device, rows.positions, rows.states
     cos, sin = ropes[attn.rope_kind](positions)
     rope = cos[:, None], sin[:, None]  # [R, 1, r/2]: per row
     q, q_latent = attn.queries(x, rope)
@@ -173,33 +172,31 @@ def decode_rows(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Modu
     visible = torch.cat([held >= 0, torch.ones_like(held[:, :1], dtype=torch.bool)], dim=1)
     store.keys[states, positions % ring] = kv[:, 0]
     if attn.compressor is not None and store.compressor is not None:
-        entries, readable = store.compressor.decode(attn.compressor, x, ropes["compress"], positions, states, tables)
+        store.compressor.advance(attn.compressor, x, ropes["compress"], rows)
+        slots, readable = store.compressor.closed(rows)
         if attn.indexer is not None and store.indexer is not None:
-            index_keys, _ = store.indexer.decode(attn.indexer.compressor, x, ropes["compress"], positions, states,
-                                                 tables)
+            store.indexer.advance(attn.indexer.compressor, x, ropes["compress"], rows)
             scores = index_scores(attn.indexer.queries(q_latent, *rope), head_weights(attn.indexer.head_weights, x),
-                                  index_keys)[:, 0]
+                                  store.indexer.entries[slots])[:, 0]
             # only the top-k entries are gathered: attention's cost stays index_topk however long the context
             picked = scores.masked_fill(~readable, -torch.inf).topk(min(attn.indexer.topk, scores.shape[-1])).indices
-            entries, readable = entries.gather(1, picked[..., None].expand(-1, -1, entries.shape[-1])), \
-                readable.gather(1, picked)
-        keys = torch.cat([keys, entries], dim=1)
+            slots, readable = slots.gather(1, picked), readable.gather(1, picked)
+        keys = torch.cat([keys, store.compressor.entries[slots]], dim=1)
         visible = torch.cat([visible, readable], dim=1)
     attended, _ = attn.attend(q, keys, visible[:, None, None])
     return attn.output(attended, rope)
 
 
 def forward_segments(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore,
-                     segments: list[Segment]) -> torch.Tensor:
+                     batch: PagedBatch) -> torch.Tensor:
     """x [1, N, dim], the flat tokens of every segment → [1, N, dim]: the one-token segments (decode rows) all at
     once, then each longer prompt chunk through the layer's forward with its cache loaded from the store, which
     then takes back what changed."""
     out = torch.empty_like(x)
-    single = [seg for seg in segments if seg.length == 1]
-    if single:
-        rows = torch.tensor([seg.start for seg in single], device=x.device)
-        out[0, rows] = decode_rows(attn, x[0, rows, None], ropes, store, single)[:, 0]
-    for seg in segments:
+    single = batch.single_rows
+    if single is not None:
+        out[0, single.rows] = decode_rows(attn, x[0, single.rows, None], ropes, store, single)[:, 0]
+    for seg in batch.segments:
         if seg.length == 1:
             continue
         cache = store.load(seg)

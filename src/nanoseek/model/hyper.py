@@ -23,7 +23,7 @@ from nanoseek.model.hybrid_attention import AttentionCache, HybridAttention
 from nanoseek.model.hybrid_paged import LayerStore, forward_segments
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import MoE
-from nanoseek.model.paged import Segment
+from nanoseek.model.paged import PagedBatch
 from nanoseek.v4config import SLIDING
 
 
@@ -52,11 +52,12 @@ class HyperConnection(nn.Module):
             scale = self.scale.float()
             pre = torch.sigmoid(pre_m * scale[0] + pre_b) + self.eps
             post = 2 * torch.sigmoid(post_m * scale[1] + post_b)
-            comb = torch.softmax(comb_m.unflatten(-1, (n, n)) * scale[2] + comb_b.view(n, n), dim=-1) + self.eps
-            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+            eps = pre.new_tensor(self.eps)  # 0-dim: the loop's adds skip wrapping a Python float every time
+            comb = torch.softmax(comb_m.unflatten(-1, (n, n)) * scale[2] + comb_b.view(n, n), dim=-1) + eps
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
             for _ in range(self.iterations - 1):  # Sinkhorn-Knopp: rows, then columns, to sum 1
-                comb = comb / (comb.sum(dim=-1, keepdim=True) + self.eps)
-                comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+                comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+                comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
             collapsed = (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
         return collapsed, post, comb
 
@@ -104,7 +105,7 @@ class HyperBlock(nn.Module):
 
     def forward(self, streams: torch.Tensor, ropes: dict[str, nn.Module], positions: torch.Tensor,
                 token_ids: torch.Tensor, cache: AttentionCache | None = None,
-                paged: tuple[LayerStore, list[Segment]] | None = None) -> torch.Tensor:
+                paged: tuple[LayerStore, PagedBatch] | None = None) -> torch.Tensor:
         """streams [B, T, n, dim] at positions [T] (after `cache`, if given) → [B, T, n, dim]; token_ids [B, T]
         route the hash layers. `paged`: the engine's flat batch [1, N, ...] of several sequences, each attending
         with the cache held in the layer's store."""
@@ -136,7 +137,7 @@ class HyperMTP(nn.Module):
 
     def forward(self, streams: torch.Tensor, next_embeddings: torch.Tensor, ropes: dict[str, nn.Module],
                 positions: torch.Tensor, next_ids: torch.Tensor, cache: AttentionCache | None = None,
-                paged: tuple[LayerStore, list[Segment]] | None = None) -> torch.Tensor:
+                paged: tuple[LayerStore, PagedBatch] | None = None) -> torch.Tensor:
         """streams [B, T, n, dim] and the next tokens' embeddings [B, T, dim] (ids [B, T]) → [B, T, n, dim]."""
         x = self.e_proj(self.enorm(next_embeddings)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
         return self.block(x, ropes, positions, next_ids, cache, paged)

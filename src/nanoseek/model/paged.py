@@ -14,6 +14,7 @@ form over the latents; prefill chunks up-project their context to per-head keys 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -43,7 +44,7 @@ class PagedStore:
 class PrefillChunk:
     start: int  # index of the chunk's first token among the forward's N tokens
     length: int
-    context: torch.Tensor  # [ctx] slots of positions 0..ctx-1: cached prefix, earlier chunks, then this chunk
+    context: torch.Tensor  # [ctx] slots of positions 0..ctx-1: cached prefix, earlier chunks, this chunk (V4: none)
 
     def visible(self) -> torch.Tensor:
         """[length, ctx] bool: the chunk's token i (at position ctx - length + i) sees positions up to its own."""
@@ -66,9 +67,20 @@ class Segment:
 
 
 @dataclass
+class SingleRows:
+    """The one-token segments of a V4 forward (its decode rows) as tensors, built once for every layer."""
+
+    rows: torch.Tensor  # [R] where their tokens sit among the forward's N
+    positions: torch.Tensor  # [R]
+    states: torch.Tensor  # [R] state slots
+    tables: torch.Tensor  # [R, blocks] block tables, padded with block 0
+    last_position: int  # the largest of positions, known on the host (no device sync to size the entries)
+
+
+@dataclass
 class PagedBatch:
     positions: torch.Tensor  # [N]
-    slots: torch.Tensor  # [N] the store slot each token's latent is written to
+    slots: torch.Tensor  # [N] the store slot each token's latent is written to (V4: none, its segments say)
     decode_rows: int = 0
     decode_width: int = 1
     decode_context: torch.Tensor | None = None  # [rows, S] slots of each decode sequence's context, padded
@@ -78,6 +90,21 @@ class PagedBatch:
     @property
     def decode_tokens(self) -> int:
         return self.decode_rows * self.decode_width
+
+    @cached_property
+    def single_rows(self) -> SingleRows | None:
+        single = [seg for seg in self.segments if seg.length == 1]
+        if not single:
+            return None
+        device = self.positions.device
+
+        def column(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, device=device)
+
+        return SingleRows(column([s.start for s in single]), column([s.position for s in single]),
+                          column([s.state for s in single]),
+                          torch.nn.utils.rnn.pad_sequence([s.table for s in single], batch_first=True),
+                          max(s.position for s in single))
 
     def decode_visible(self) -> torch.Tensor:
         """[rows, width, 1, S] bool: context index = position, so a query sees indices up to its own position (the

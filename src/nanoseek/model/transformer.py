@@ -21,7 +21,7 @@ from nanoseek.model.indexer import LightningIndexer
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import HashRouter, MoE, Router
 from nanoseek.model.hybrid_paged import HybridStore
-from nanoseek.model.paged import PagedBatch, PagedStore, Segment
+from nanoseek.model.paged import PagedBatch, PagedStore
 from nanoseek.model.rope import RotaryEmbedding
 
 
@@ -183,7 +183,7 @@ class Transformer(nn.Module):
 
     def _hyper_layers(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
                       caches: list[AttentionCache] | None = None,
-                      paged: tuple[HybridStore, list[Segment]] | None = None) -> torch.Tensor:
+                      paged: tuple[HybridStore, PagedBatch] | None = None) -> torch.Tensor:
         """V4: the embedding [B, T, dim] copied into hc_mult streams, through every block → [B, T, n, dim]."""
         ropes = self._ropes()
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
@@ -208,12 +208,12 @@ class Transformer(nn.Module):
                       ) -> torch.Tensor:
         """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over every layer's
         paged store → final hidden states [N, dim] (before the norm: MTP's input; `logits` turns the rows that are
-        sampled into logits). V4: its store and the batch's segments (model/hybrid_paged.py); the hidden states are
+        sampled into logits). V4: its store and the batch (its segments: model/hybrid_paged.py); the hidden states are
         the residual streams [N, n, dim]."""
         if self.hc_head is not None:
             assert isinstance(stores, HybridStore)
             return self._hyper_layers(self.embed(input_ids)[None], batch.positions, input_ids[None],
-                                      paged=(stores, batch.segments))[0]
+                                      paged=(stores, batch))[0]
         cos, sin = self.rope(batch.positions)
         x = self.embed(input_ids)[None]
         for i, layer in enumerate(self.layers):
