@@ -54,8 +54,8 @@ def speed_configs(max_len: int) -> dict[str, ModelConfig]:
 
 def speed(contexts: list[int], batch: int, new_tokens: int, rounds: int, seed: int) -> list[dict]:
     """Per context: every engine prefills the same prompt (timed), then decodes `batch` prompts in `rounds` rounds
-    taken in alternation; the median round, with the range. (V4 has no prefix cache: each of its rounds prefills
-    again, untimed.) Past 16K tokens one sequence decodes: V3's and V3.2's prefills grow with the square of the
+    taken in alternation; the median round, with the range (a round's prefills, from the prefix cache or not, are
+    untimed). Past 16K tokens one sequence decodes: V3's and V3.2's prefills grow with the square of the
     context, and each prompt is prefilled once."""
     configs = speed_configs(max(contexts) + 4 * new_tokens + 256)
     engines = {name: _engine(config, seed) for name, config in configs.items()}

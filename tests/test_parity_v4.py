@@ -5,6 +5,7 @@ DeepSeek's release names too; config.json both ways."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -268,8 +269,10 @@ def test_v4_cached_decode_equals_the_full_forward_and_transformers_generate(tmp_
 def test_v4_served_greedy_equals_transformers_generate(tmp_path):
     """The engine over V4's store (entries in the sequences' blocks, windows and open compressor windows in a
     state slot per running sequence): prompts of several lengths, prefill in chunks of the step's token budget,
-    more prompts than running slots, then a cache so small that sequences are preempted and recomputed; every
-    sequence's greedy tokens are transformers' generate's."""
+    more prompts than running slots; the same prompts again, and each prompt followed by its 20 tokens (a next
+    turn), resumed from the prefix cache: its blocks, and the state snapshot after the prompt's last full block
+    (taken in prefill) or the output's (taken in decode); then a cache so small that sequences are preempted and
+    recomputed. Every sequence's greedy tokens are transformers' generate's."""
     from nanoseek.infer.engine import Engine, EngineConfig
     from nanoseek.infer.request import SamplingParams
 
@@ -280,12 +283,21 @@ def test_v4_served_greedy_equals_transformers_generate(tmp_path):
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (11, 25, 3, 40)]
     with torch.no_grad():
-        expected = [reference.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20,
+        expected = [reference.generate(torch.tensor([p]), max_new_tokens=30, min_new_tokens=30,
                                        do_sample=False)[0, len(p):].tolist() for p in prompts]
     params = SamplingParams(max_new_tokens=20, temperature=0.0)
-    roomy = Engine(ours, config=EngineConfig(block_size=8, max_seqs=3, token_budget=16))
-    assert [c.token_ids for c in roomy.generate(prompts, params)] == expected
-    tight = Engine(ours, config=EngineConfig(block_size=8, max_seqs=3, token_budget=16,
-                                             cache_memory=int(roomy.cache_bytes * 0.36)))
-    assert [c.token_ids for c in tight.generate(prompts, params)] == expected
-    assert tight.stats()["preemptions"] > 0 and tight.stats()["prefix_hit_rate"] == 0
+    roomy = Engine(ours, config=EngineConfig(block_size=8, max_seqs=3, token_budget=16, state_snapshots=16))
+    first = roomy.generate(prompts, params)
+    assert [c.token_ids for c in first] == [e[:20] for e in expected] and not any(c.cached_tokens for c in first)
+    again = roomy.generate(prompts, params)
+    assert [c.token_ids for c in again] == [e[:20] for e in expected]
+    assert [c.cached_tokens for c in again] == [(len(p) - 1) // 8 * 8 for p in prompts]
+    turns = [p + e[:20] for p, e in zip(prompts, expected)]
+    extended = roomy.generate(turns, SamplingParams(max_new_tokens=10, temperature=0.0))
+    assert [c.token_ids for c in extended] == [e[20:] for e in expected]
+    assert [c.cached_tokens for c in extended] == [(len(t) - 1) // 8 * 8 for t in turns]
+    plain = EngineConfig(block_size=8, max_seqs=3, token_budget=16)  # 9 state slots (3 running, 6 snapshots)
+    tight = Engine(ours, config=dataclasses.replace(  # the 9 states and 10 blocks: a sequence needs up to 8
+        plain, cache_memory=int(Engine(ours, config=plain).cache_bytes * 0.54)))
+    assert [c.token_ids for c in tight.generate(prompts, params)] == [e[:20] for e in expected]
+    assert tight.stats()["preemptions"] > 0

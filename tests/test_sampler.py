@@ -127,6 +127,30 @@ def test_prefix_blocks_are_shared_counted_and_evicted_lru():
     assert manager.allocate(1) is None and manager.free_blocks == 0
 
 
+def test_v4_prefix_hits_end_at_a_snapshot_and_snapshots_are_lru():
+    """DeepSeek-V4's blocks resume a sequence only with a snapshot of its state: a hit stops at the last matched
+    block that has one; snapshots are a fixed number of slots, the least recently used given up first, and freed
+    with their block when it is evicted."""
+    manager = BlockManager(num_blocks=4, block_size=2, snapshot_slots=[7, 8])
+    tokens = [1, 2, 3, 4, 5, 6, 7]
+    owned = manager.allocate(3)
+    for block, key in zip(owned, manager.keys(tokens)):
+        manager.register(block, key)
+    assert manager.match_prefix(tokens) == []  # three cached blocks, no snapshot: nothing to resume from
+    assert manager.snapshot_slot(owned[0]) == 8 and manager.snapshot_slot(owned[0]) is None  # one per block
+    assert manager.snapshot_slot(owned[1]) == 7
+    assert manager.match_prefix(tokens) == owned[:2]  # block 2 is cached but has no snapshot
+    manager.release(owned[:2])
+    assert manager.match_prefix([1, 2, 3, 9, 9]) == owned[:1]  # block 1 differs: the hit ends at block 0's snapshot
+    manager.release(owned[:1])
+    assert manager.snapshot_slot(owned[2]) == 7  # block 0's was used last: block 1's gives up its slot
+    assert manager.snapshot_of == {owned[0]: 8, owned[2]: 7}
+    manager.drop_snapshot(owned[2])
+    manager.release(owned)
+    assert manager.allocate(4) is not None and manager.snapshot_of == {}  # evicted blocks free their snapshots
+    assert sorted(manager.free_snapshots) == [7, 8]
+
+
 def _letters(ids: list[int]) -> str:
     return "".join(chr(97 + i) for i in ids)
 

@@ -10,6 +10,10 @@ A block's hash also covers the first token after it: the MTP module's latent at 
 from that token (MTP at position i reads t_{i+1}), so the block is only valid for sequences that continue the same
 way. For a model without MTP this costs at most the last block of a prompt.
 
+DeepSeek-V4 keeps part of a sequence outside its blocks (its window and open compressor windows, in a state slot):
+blocks alone cannot resume it. Its cached blocks may carry a snapshot of that state as it stood after their last
+token (a state slot of its own, LRU among a fixed number); a prefix hit ends at the last matched block with one.
+
 The hash is a keyed BLAKE2b (a secret drawn per process), and a match is only taken after comparing what the hash
 stands for (the previous block's hash and the tokens): a prompt crafted to collide with another user's cached
 prefix, as with Python's `hash()` of a tuple (the class of vLLM's CVE-2025-25183), can neither be computed from
@@ -49,18 +53,18 @@ def latent_store(config: ModelConfig, memory_bytes: int, block_size: int, device
     return PagedStore(zeros(latent_width), zeros(config.index_head_dim) if config.sparse_attention else None)
 
 
-def hybrid_store(model: torch.nn.Module, memory_bytes: int, block_size: int, max_seqs: int, device: torch.device,
+def hybrid_store(model: torch.nn.Module, memory_bytes: int, block_size: int, states: int, device: torch.device,
                  dtype: torch.dtype) -> HybridStore:
-    """DeepSeek-V4's store: a state slot per running sequence (windows, open compressor windows), then as many
-    blocks of compressed entries as the rest of the memory holds."""
+    """DeepSeek-V4's store: `states` state slots (windows, open compressor windows: one per running sequence, and
+    the prefix cache's snapshots), then as many blocks of compressed entries as the rest of the memory holds."""
     def sized(blocks: int) -> HybridStore:
-        return HybridStore(list(model.layers), blocks, block_size, max_seqs, device, dtype)
+        return HybridStore(list(model.layers), blocks, block_size, states, device, dtype)
 
     state_bytes = sized(0).nbytes
     block_bytes = sized(1).nbytes - state_bytes
     blocks = (memory_bytes - state_bytes) // max(1, block_bytes)
     if blocks < 1:
-        raise ValueError(f"the cache memory ({memory_bytes} bytes) holds the state of {max_seqs} sequences "
+        raise ValueError(f"the cache memory ({memory_bytes} bytes) holds {states} sequence states "
                          f"({state_bytes} bytes) and no block of {block_size} tokens ({block_bytes} bytes)")
     return sized(blocks)
 
@@ -78,8 +82,12 @@ def block_digest(secret: bytes, previous: bytes | None, tokens: tuple[int, ...])
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, snapshot_slots: list[int] | None = None):
+        """snapshot_slots: V4's state slots for snapshots (None: a model whose blocks hold all it needs)."""
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.needs_snapshots = snapshot_slots is not None
+        self.free_snapshots = list(snapshot_slots or [])
+        self.snapshot_of: OrderedDict[int, int] = OrderedDict()  # block → its snapshot's slot, least recent first
         self.secret = os.urandom(16)  # the hash key: never leaves the process
         self.refs = [0] * num_blocks
         self.hash_of: dict[int, bytes] = {}
@@ -114,9 +122,28 @@ class BlockManager:
             block = self.by_hash.get(key.digest)
             if block is None or self.content_of[block] != key.content:
                 break
-            self._hold(block)
             blocks.append(block)
+        if self.needs_snapshots:  # resumable only where the state was kept
+            while blocks and blocks[-1] not in self.snapshot_of:
+                blocks.pop()
+            if blocks:
+                self.snapshot_of.move_to_end(blocks[-1])
+        for block in blocks:
+            self._hold(block)
         return blocks
+
+    def snapshot_slot(self, block: int) -> int | None:
+        """A state slot for the snapshot after `block` (a registered block without one), the least recently used
+        snapshot given up if none is free; None if the block has one already."""
+        if block in self.snapshot_of or not (self.free_snapshots or self.snapshot_of):
+            return None
+        slot = self.free_snapshots.pop() if self.free_snapshots else self.snapshot_of.popitem(last=False)[1]
+        self.snapshot_of[block] = slot
+        return slot
+
+    def drop_snapshot(self, block: int) -> None:
+        if block in self.snapshot_of:
+            self.free_snapshots.append(self.snapshot_of.pop(block))
 
     def allocate(self, count: int) -> list[int] | None:
         """`count` blocks for one holder, or None (and nothing taken) if that many are not free."""
@@ -129,6 +156,8 @@ class BlockManager:
             else:
                 block, _ = self.evictable.popitem(last=False)
                 del self.by_hash[self.hash_of.pop(block)], self.content_of[block]
+                if block in self.snapshot_of:
+                    self.free_snapshots.append(self.snapshot_of.pop(block))
             self.refs[block] = 1
             blocks.append(block)
         return blocks

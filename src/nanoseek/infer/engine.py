@@ -36,10 +36,13 @@ class EngineConfig:
     token_budget: int = 512  # tokens per step: decodes first, then prefill chunks
     speculation: bool | None = None  # MTP drafts verified in the batch; None: on when the model has an MTP module
     static: bool = False  # the previous server's static batching, for comparison
+    state_snapshots: int | None = None  # V4: state slots for the prefix cache's snapshots; None: 2 per max_seqs
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_seqs < 1 or self.token_budget < 2:
             raise ValueError("block_size and max_seqs must be >= 1, token_budget >= 2")
+        if self.state_snapshots is not None and self.state_snapshots < 0:
+            raise ValueError(f"state_snapshots must be >= 0, got {self.state_snapshots}")
         if self.cache_memory is not None and self.cache_memory <= 0:
             raise ValueError(f"the cache memory must be positive, got {self.cache_memory}")
 
@@ -65,15 +68,20 @@ class Engine:
         context_bytes = cache_bytes(mc, mc.max_position_embeddings + 1, parameter.element_size()) if v4 else \
             (mc.max_position_embeddings + 1) * (mc.num_hidden_layers + mc.num_nextn_predict_layers) * \
             mc.cache_width * parameter.element_size()
-        memory = config.cache_memory or min(config.max_seqs * context_bytes, available_memory(self.device) // 4)
-        store = hybrid_store(model, int(memory), config.block_size, config.max_seqs, self.device, self.dtype) if v4 \
-            else latent_store(mc, int(memory), config.block_size, self.device, self.dtype)
+        # V4: more state slots for the prefix cache's snapshots (a block alone cannot resume a sequence), each about
+        # the cache of a window-long sequence
+        states = config.max_seqs + (2 * config.max_seqs if config.state_snapshots is None else config.state_snapshots)
+        snapshots = list(range(config.max_seqs, states)) if v4 else None
+        snapshot_bytes = (states - config.max_seqs) * cache_bytes(mc, mc.sliding_window, parameter.element_size()) \
+            if v4 else 0
+        memory = config.cache_memory or min(config.max_seqs * context_bytes + snapshot_bytes,
+                                            available_memory(self.device) // 4)
+        store = hybrid_store(model, int(memory), config.block_size, states, self.device, self.dtype) \
+            if v4 else latent_store(mc, int(memory), config.block_size, self.device, self.dtype)
+        self.store = store
         self.blocks = BlockManager(store.blocks if v4 else store.latents.shape[1] // config.block_size,
-                                   config.block_size)
-        # a V4 sequence's window and open compressor windows are not in its blocks: a block alone cannot resume it
-        self.prefix_caching = not v4
-        self.scheduler = Scheduler(self.blocks, config.max_seqs, config.token_budget, config.static,
-                                   self.prefix_caching)
+                                   config.block_size, snapshots)
+        self.scheduler = Scheduler(self.blocks, config.max_seqs, config.token_budget, config.static)
         self.runner = ModelRunner(model, store, config.block_size, self.speculate)
         self.cache_bytes = store.nbytes
         self._inbox: deque[Sequence] = deque()
@@ -150,6 +158,9 @@ class Engine:
             if seq.admitted_at is None:
                 seq.admitted_at = now
                 self.histograms["queue"].observe(now - seq.arrived)
+            if seq.restore_from is not None:  # V4 admitted on a cached prefix: its state as it was there
+                self.store.copy_state(seq.restore_from, seq.state_slot)
+                seq.restore_from = None
         results = self.runner.run(plan)
         produced = 0
         for seq, result in results.items():
@@ -173,7 +184,6 @@ class Engine:
         seq.computed += result.computed
         seq.draws += bool(result.tokens)  # counts sampling steps only: how a prompt was chunked changes nothing
         seq.draft, seq.draft_probs = result.draft, result.draft_probs
-        self._register_blocks(seq)
         params, added = seq.params, 0
         first_scored = len(seq.prompt_logprobs) + 1
         seq.prompt_logprobs += [_logprob_entry(seq.prompt[first_scored + j], row, params.prompt_logprobs or 0)
@@ -200,20 +210,37 @@ class Engine:
             seq.new_text, hit_stop = seq.detokenizer.update(seq.output, final=seq.finish_reason is not None)
             if hit_stop:
                 seq.finish_reason = "stop"
+        self._register_blocks(seq)  # after the new tokens: a block is keyed by the token that follows it
         if seq.finish_reason:
             self._finish(seq, seq.finish_reason)
         return added
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Full blocks whose latents are all computed (and whose next token is known) join the prefix cache."""
-        if not self.prefix_caching:
-            return
         known = seq.tokens[: seq.computed + 1]
         previous = seq.block_hashes[-1] if seq.block_hashes else None
         for key in self.blocks.keys(known, seq.hashed_blocks, previous):
             self.blocks.register(seq.blocks[seq.hashed_blocks], key)
             seq.block_hashes.append(key.digest)
             seq.hashed_blocks += 1
+        if self.blocks.needs_snapshots:
+            self._snapshot(seq)
+
+    def _snapshot(self, seq: Sequence) -> None:
+        """V4: the state after the last full block before the sequence's last token (its prompt's, then its
+        output's as it grows) into a snapshot, so that the prompt again, or a next turn that extends it, resumes
+        there. A sequence keeps two: its first (the prompt's) and its latest."""
+        size = self.blocks.block_size
+        if not seq.computed or seq.computed != (seq.length - 1) // size * size:
+            return
+        block = seq.blocks[seq.computed // size - 1]
+        slot = self.blocks.snapshot_slot(block) if block in self.blocks.hash_of else None
+        if slot is None:
+            return
+        self.store.copy_state(seq.state_slot, slot)
+        if len(seq.snapshots) >= 2:
+            self.blocks.drop_snapshot(seq.snapshots.pop())
+        seq.snapshots.append(block)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

@@ -96,6 +96,8 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     admitted: bool = False
     state_slot: int = -1  # while running: its slot for state that does not grow (DeepSeek-V4's windows)
+    restore_from: int | None = None  # V4, admitted on a cached prefix: the snapshot its state slot starts from
+    snapshots: list[int] = field(default_factory=list)  # V4: the blocks whose snapshots it took (its first, latest)
     draft: int | None = None  # the MTP module's guess for the token after the pending one
     draft_probs: torch.Tensor | None = None  # [vocab] the distribution the draft was sampled from
     draws: int = 0  # the sampler's counter: each step's random numbers come from (seed, draws)

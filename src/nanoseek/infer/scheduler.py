@@ -6,7 +6,9 @@ Every step, in this order:
    and it goes back to the front of the queue, to be recomputed later;
 2. sequences part-way through their prompt continue with their next chunk;
 3. waiting sequences join, their cached prefix found first, while the step's token budget lasts.
-Prefill is chunked by the token budget, so a long prompt never stalls the decoding of the others.
+Prefill is chunked by the token budget, so a long prompt never stalls the decoding of the others. For DeepSeek-V4
+(whose cached blocks resume a sequence only with a snapshot of its state), chunks end at block boundaries, and the
+last one before the prompt's end is cut where the prompt's last full block ends: there the state is snapshot.
 
 `static=True` is the previous server's policy, kept for comparison: a batch is admitted only when nothing runs,
 and whole prompts are prefilled at once.
@@ -31,10 +33,8 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_seqs: int, token_budget: int, static: bool = False,
-                 prefix_caching: bool = True):
+    def __init__(self, blocks: BlockManager, max_seqs: int, token_budget: int, static: bool = False):
         self.blocks, self.max_seqs, self.token_budget, self.static = blocks, max_seqs, token_budget, static
-        self.prefix_caching = prefix_caching
         self.free_states = list(range(max_seqs - 1, -1, -1))  # state slots (V4's windows) of running sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
@@ -51,7 +51,7 @@ class Scheduler:
                 budget -= decode_width
         for seq in self.running:
             if not seq.decoding and budget > 0:
-                chunk = min(seq.length - seq.computed, budget)
+                chunk = self._chunk(seq, budget)
                 if not self._reserve(seq, seq.computed + chunk):
                     break
                 step.prefill.append((seq, chunk))
@@ -60,23 +60,34 @@ class Scheduler:
             seq = next((s for s in self.waiting if s.after is None or s.after.output or s.after.finish_reason), None)
             if seq is None or not self._admit(seq, budget):
                 break
-            chunk = min(seq.length - seq.computed, budget)
+            chunk = self._chunk(seq, budget)
             step.prefill.append((seq, chunk))
             budget -= chunk
         return step
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """How many of its prompt tokens the sequence computes this step (its budget, at most)."""
+        end = min(seq.length, seq.computed + budget)
+        if self.blocks.needs_snapshots and not self.static:
+            size = self.blocks.block_size
+            boundary = (end if end < seq.length else seq.length - 1) // size * size
+            end = boundary if boundary > seq.computed else end
+        return end - seq.computed
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
         """Find its cached prefix and room for its first chunk (what is left of the step's token budget), or leave
         it waiting (holding nothing)."""
         # a prompt to be scored is computed whole: a cached block has no logits to give
         cached = self.blocks.match_prefix(seq.tokens) \
-            if seq.params.prompt_logprobs is None and self.prefix_caching else []
+            if seq.params.prompt_logprobs is None else []
         seq.blocks, seq.computed = cached, len(cached) * self.blocks.block_size
+        seq.restore_from = self.blocks.snapshot_of[cached[-1]] if cached and self.blocks.needs_snapshots else None
         seq.hashed_blocks = len(cached)
         seq.block_hashes = [self.blocks.hash_of[b] for b in cached]
-        if not self._reserve(seq, seq.computed + min(seq.length - seq.computed, budget)):
+        if not self._reserve(seq, seq.computed + self._chunk(seq, budget)):
             self.blocks.release(seq.blocks)
             seq.blocks, seq.computed, seq.hashed_blocks, seq.block_hashes = [], 0, 0, []
+            seq.restore_from = None
             return False
         if not seq.admitted:  # the first admission is what the client is told about
             seq.cached_tokens = seq.computed
@@ -110,7 +121,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Give the sequence's blocks back and queue it first, to recompute prompt + output so far."""
         self.release(seq)
-        seq.computed, seq.hashed_blocks, seq.block_hashes = 0, 0, []
+        seq.computed, seq.hashed_blocks, seq.block_hashes, seq.snapshots = 0, 0, [], []
         seq.draft = seq.draft_probs = None
         self.waiting.appendleft(seq)
         self.preemptions += 1

@@ -6,7 +6,8 @@ that close inside its tokens (block_size / rate of them, or one when a window sp
 a state slot holds what is bounded: the keys of the last sliding_window - 1 tokens (a ring indexed by position),
 the compressors' open window (projected values and gates, a ring indexed by position within the window) and, for
 CSA, the previous window's first series. A forward loads a sequence's AttentionCache from these, runs the layer's
-one code path (model/hybrid_attention.py), and writes back what changed.
+one code path (model/hybrid_attention.py), and writes back what changed. Further state slots hold snapshots of a
+sequence's state at a block boundary: with the blocks before it, a prefix cache hit resumes from one.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ class CompressorStore:
         self.previous = (zeros(states, self.rate, d), zeros(states, self.rate, d)) if self.overlap else None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.entries, *self.pending, *(self.previous or ())]
+        return [self.entries, *self.state_tensors()]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What a sequence's state slot holds (first dim: the slot): its open window, CSA's previous window."""
+        return [*self.pending, *(self.previous or ())]
 
     def slots_of(self, tables: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """Where entries `windows` [R, K] of the sequences with block tables [R, blocks] live → [R, K]."""
@@ -124,6 +129,11 @@ class LayerStore:
     def tensors(self) -> list[torch.Tensor]:
         return [self.keys] + [t for c in (self.compressor, self.indexer) if c is not None for t in c.tensors()]
 
+    def copy_state(self, source: int, target: int) -> None:
+        """State slot `source`'s window ring and open windows into slot `target` (rings stay indexed by position)."""
+        for t in [self.keys] + [t for c in (self.compressor, self.indexer) if c is not None for t in c.state_tensors()]:
+            t[target] = t[source]
+
     def load(self, seg: Segment) -> AttentionCache:
         ring_size = self.keys.shape[1]
         positions = torch.arange(max(0, seg.position - ring_size), seg.position, device=self.keys.device)
@@ -150,6 +160,11 @@ class HybridStore:
 
     def layer(self, i: int) -> LayerStore:
         return self.layers[i]
+
+    def copy_state(self, source: int, target: int) -> None:
+        """A sequence's bounded state, every layer: into a snapshot for the prefix cache, or back out of one."""
+        for layer in self.layers:
+            layer.copy_state(source, target)
 
     @property
     def nbytes(self) -> int:
