@@ -183,7 +183,8 @@ def test_kill_during_checkpoint_write_keeps_previous(workspace, monkeypatch):
     assert [p.name for p in list_checkpoints(spec.out / "checkpoints")] == ["step_0000005", "step_0000010"]
 
 
-@pytest.mark.parametrize("mtp", [True, False])
+# without MTP: slow-marked (suite time); the dense baseline's run (no MTP) loads as a model directory by default
+@pytest.mark.parametrize("mtp", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_run_dir_is_a_model_dir(workspace, mtp):
     import transformers
 
