@@ -138,15 +138,17 @@ def test_fp8_grouped_gemm_matches_per_expert_fp8_linears():
 def _v4_config():
     from test_parity_v4 import v4_config
 
-    return v4_config(initializer_range=0.02)
+    return v4_config(initializer_range=0.02, num_nextn_predict_layers=1)
 
 
 CONVERTED = {"v3": (lambda: tiny_config(num_nextn_predict_layers=1), {
     "layers.0.attn.q_down", "layers.0.attn.kv_up", "layers.0.attn.out_proj", "layers.0.mlp.gate_up",
     "layers.1.mlp.experts", "layers.1.mlp.shared.down", "mtp.0.eh_proj"}),
-    # V4: its attention projections (DeepSeek ships the compressors and indexers in BF16), experts, shared experts
+    # V4: its attention projections (DeepSeek ships the compressors and indexers in BF16), experts, shared experts,
+    # the MTP projections
     "v4": (_v4_config, {"layers.1.attn.q_down", "layers.1.attn.q_up", "layers.1.attn.kv_proj",
-                        "layers.1.attn.out_proj", "layers.1.mlp.experts", "layers.1.mlp.shared.down"})}
+                        "layers.1.attn.out_proj", "layers.1.mlp.experts", "layers.1.mlp.shared.down",
+                        "mtp.0.e_proj", "mtp.0.h_proj"})}
 
 
 @pytest.mark.parametrize("kind", CONVERTED)

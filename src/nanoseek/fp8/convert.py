@@ -1,5 +1,6 @@
 """Which GEMMs run in FP8 (DeepSeek-V3 §3.3.1): the attention projections, the dense and shared-expert MLPs, the
-routed experts and the MTP projection. The embedding, the output head, the router, every norm and the attention
+routed experts and the MTP projections (V3's eh_proj, V4's e_proj and h_proj, FP8 in DeepSeek's V4 release too).
+The embedding, the output head, the router, every norm and the attention
 core (softmax(q·kᵀ)·v) keep the training precision; so do V4's compressors and indexers, its grouped output
 projection and hyper-connections (DeepSeek ships the first in BF16; the others are not plain linears)."""
 
@@ -13,6 +14,7 @@ from nanoseek.model.gqa import GroupedQueryAttention
 from nanoseek.model.hybrid_attention import HybridAttention
 from nanoseek.model.layers import MLP
 from nanoseek.model.moe import RoutedExperts
+from nanoseek.model.hyper import HyperMTP
 from nanoseek.model.transformer import MTPModule, Transformer
 
 
@@ -25,7 +27,7 @@ def convert_to_fp8(model: Transformer, recipe: Fp8Recipe) -> list[str]:
             module.gemm = grouped_gemm_for(recipe)
             converted.append(name)
         if not isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention, HybridAttention, MLP,
-                                   MTPModule)):
+                                   MTPModule, HyperMTP)):
             continue
         for child_name, child in module.named_children():
             if type(child) is nn.Linear:
