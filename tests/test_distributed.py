@@ -83,8 +83,9 @@ PARITY_STEPS = ("train.max_steps=4", "train.save_every=100", "train.eval_every=4
 # The default run takes each layout's code path once: every layout in fp32 but pp2 (the schedule tests run it, 1F1B
 # being the default schedule), and bf16 where the casts differ: FSDP of the dense part and of the experts over their
 # replicas with EP (dp4-ep2), and a pipeline stage under autocast (pp2). `pytest -m slow` runs the whole matrix.
-# dp2 and ep2 alone are slow-marked: dp4-ep2 runs FSDP and EP together (suite time, issue 28)
-DEFAULT_MATRIX = {("dp4-ep2", "fp32"), ("dp2-pp2", "fp32"), ("pp2-ep2", "fp32"), ("dp4-ep2", "bf16"), ("pp2", "bf16")}
+# suite time (issue 28): dp4-ep2 runs FSDP and EP together, dp2-pp2 FSDP with PP; bf16 runs by default in pp2 and,
+# under FSDP, in the FP8 test below (the rest is `pytest -m slow`)
+DEFAULT_MATRIX = {("dp4-ep2", "fp32"), ("dp2-pp2", "fp32"), ("pp2", "bf16")}
 MATRIX = [pytest.param(layout, precision, id=f"{layout}-{precision}",
                        marks=() if (layout, precision) in DEFAULT_MATRIX else pytest.mark.slow)
           for precision in TOLERANCES for layout in LAYOUTS]
@@ -124,7 +125,7 @@ def test_gradient_accumulation_under_fsdp_equals_one_process(space):
             assert got[step][key] == pytest.approx(want[step][key], rel=tolerance), (step, key)
 
 
-@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+@pytest.mark.parametrize("stage", [pytest.param("warmup", marks=pytest.mark.slow), "sparse"])
 def test_v32_training_stages_under_fsdp_and_ep_equal_one_process(space, stage):
     """DSA's dense warm-up (everything frozen but the indexers: FSDP units with frozen parameters) and sparse
     training (top-k attention, the indexers' KL beside the LM loss) over DP2×EP2: the one-process losses, indexer
@@ -270,10 +271,9 @@ def single_four_layers(space) -> dict:
 
 
 # GPipe takes 1F1B's path through nanoseek (one stage per rank) and ZBV DualPipeV's (two, V-shaped): both are slow.
-# 1F1B is the default schedule: the matrix's pipeline layouts run it by default
-@pytest.mark.parametrize("schedule", [pytest.param("gpipe", marks=pytest.mark.slow),
-                                      pytest.param("1f1b", marks=pytest.mark.slow), "interleaved1f1b",
-                                      pytest.param("zbv", marks=pytest.mark.slow), "dualpipev"])
+# 1F1B is the default schedule: the matrix's pipeline layouts run it by default; DualPipeV runs two stages per rank
+@pytest.mark.parametrize("schedule", [pytest.param(s, marks=pytest.mark.slow)
+                                      for s in ("gpipe", "1f1b", "interleaved1f1b", "zbv")] + ["dualpipev"])
 def test_pipeline_schedules_equal_one_process(space, single_four_layers, schedule):
     out = f"pp-{schedule}"
     _run(space, out, "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", schedule, processes=2)
@@ -293,7 +293,7 @@ def test_pipeline_checkpoint_resumes_on_one_process(space, single_four_layers):
     _assert_close(_losses(space, out), single_four_layers, range(4, 7))
 
 
-@pytest.mark.slow  # its paths run by default in the matrix's dp2-pp2 and the interleaved schedule's test
+@pytest.mark.slow  # its paths run by default in the matrix's dp2-pp2 and DualPipeV's two stages per rank
 def test_interleaved_pipeline_times_data_parallel(space):
     """DP2 x PP2 with two stages per rank (the matrix covers 1F1B)."""
     _run(space, "single-b8", "model.num_hidden_layers=4", "train.batch_size=8", "train.max_steps=4")
