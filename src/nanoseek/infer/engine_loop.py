@@ -104,7 +104,7 @@ class EngineLoop:
         if seq.new_text or new_logprobs:
             job.push(("delta", index, (seq.new_text, new_logprobs)))
             seq.new_text = ""
-        if seq.finish_reason is not None:
-            job.push(("done", index, seq.completion()))
+        if seq.finish_reason is not None:  # forgotten before "done" is pushed: a client told it is done finds no job
             del self.jobs[seq]
             self.sent_logprobs.pop(seq, None)
+            job.push(("done", index, seq.completion()))
