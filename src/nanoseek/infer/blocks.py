@@ -156,8 +156,7 @@ class BlockManager:
             else:
                 block, _ = self.evictable.popitem(last=False)
                 del self.by_hash[self.hash_of.pop(block)], self.content_of[block]
-                if block in self.snapshot_of:
-                    self.free_snapshots.append(self.snapshot_of.pop(block))
+                self.drop_snapshot(block)
             self.refs[block] = 1
             blocks.append(block)
         return blocks

@@ -127,11 +127,15 @@ class LayerStore:
         self.indexer = make(attn.indexer.compressor) if attn.indexer is not None else None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.keys] + [t for c in (self.compressor, self.indexer) if c is not None for t in c.tensors()]
+        return [c.entries for c in (self.compressor, self.indexer) if c is not None] + self.state_tensors()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What a state slot holds (first dim: the slot): the window ring and the compressors' open windows."""
+        return [self.keys] + [t for c in (self.compressor, self.indexer) if c is not None for t in c.state_tensors()]
 
     def copy_state(self, source: int, target: int) -> None:
-        """State slot `source`'s window ring and open windows into slot `target` (rings stay indexed by position)."""
-        for t in [self.keys] + [t for c in (self.compressor, self.indexer) if c is not None for t in c.state_tensors()]:
+        """State slot `source` into slot `target` (the rings stay indexed by position)."""
+        for t in self.state_tensors():
             t[target] = t[source]
 
     def load(self, seg: Segment) -> AttentionCache:
