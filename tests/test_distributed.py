@@ -150,7 +150,7 @@ V4 = ("model.hidden_size=32", "model.num_hidden_layers=3", "model.num_attention_
       "model.layer_types=[sliding_attention,compressed_sparse_attention,heavily_compressed_attention]",
       "model.mlp_layer_types=[hash_moe,moe,moe]", "model.sliding_window=8", "model.compress_rate_hca=8",
       "model.index_head_dim=8", "model.index_topk=2", "model.hc_mult=2", "model.n_routed_experts=8",
-      "model.initializer_range=0.3")
+      "model.initializer_range=0.3", "model.num_nextn_predict_layers=1")
 
 
 def _v4_args(space: Path, out: str, *extra: str) -> list[str]:
