@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 
 import pytest
@@ -20,11 +21,42 @@ from nanoseek.infer.chat import ChatTemplate
 from nanoseek.post import grpo
 from nanoseek.post.grpo import GrpoConfig, group_advantages, grpo_loss
 from nanoseek.post.sft_data import EncodedConversations, batch
-from nanoseek.post.tasks import Arithmetic, Problem
+from nanoseek.post.reward import Problem
+from nanoseek.post.tasks import SPLITS, Arithmetic, Multiplication, TaskError, get_task, problems, split_of
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"},
             {"role": "assistant", "content": "<think>12 + 30</think> <answer>42</answer>"},
             {"role": "user", "content": "And 1 + 1?"}]
+
+
+PLUGIN = '''
+from nanoseek.post.reward import Problem, exact_answer_reward
+
+
+class Parity:  # a user's task: a sampler over its whole space, a reward, a demonstration
+    name = "parity"
+
+    def sample(self, rng):
+        n = rng.randint(0, 10**6)
+        return Problem(f"Is {n} even?", "yes" if n % 2 == 0 else "no")
+
+    def reward(self, problem, response):
+        return exact_answer_reward(problem, response)
+
+    def demonstration(self, problem):
+        return f"<think>last digit</think> <answer>{problem.answer}</answer>"
+
+
+class Tiny(Parity):
+    name = "tiny"
+
+    def sample(self, rng):  # 16 problems in all: about 2 in each eighth of the splits' hash
+        return Problem(f"Is {rng.randint(0, 15)} even?", "yes")
+
+
+class Incomplete:
+    name = "incomplete"
+'''
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +118,7 @@ def test_sft_loss_falls_on_assistant_tokens_only(tokenizer):
     ('{"messages": [{"role": "user", "content": "' + "hello " * 300 + '"}, {"role": "assistant", "content": "x"}]}',
      "line 2: the conversation is"),
     ('["a list"]', "line 2: expected"),
+    ("[" * 100_000 + "]" * 100_000, "line 2: JSON nested too deeply"),
 ])
 def test_bad_sft_data_gets_one_line_naming_the_line(tmp_path, capsys, tokenizer, line, needle):
     model_dir = tmp_path / "base"
@@ -100,7 +133,56 @@ def test_bad_sft_data_gets_one_line_naming_the_line(tmp_path, capsys, tokenizer,
     assert not (tmp_path / "sft" / "model.safetensors").exists()
 
 
-def test_arithmetic_rewards_and_disjoint_splits():
+def _chi_square(first: list, second: list) -> float:
+    """Pearson's statistic for 'both samples come from one distribution' over the values they take."""
+    values = sorted(set(first) | set(second))
+    counts = [[sample.count(v) for v in values] for sample in (first, second)]
+    total = len(first) + len(second)
+    statistic = 0.0
+    for sample, row in zip((first, second), counts):
+        for c, observed in enumerate(row):
+            expected = len(sample) * (counts[0][c] + counts[1][c]) / total
+            statistic += (observed - expected) ** 2 / expected
+    return statistic
+
+
+def _features(problem: Problem) -> dict[str, object]:
+    """What a biased split would skew: the operation, the answer's residues, whether the operands are equal mod 8."""
+    a, op, b = problem.question.removeprefix("What is ").removesuffix("?").split()
+    return {"op": op, "answer mod 8": int(problem.answer) % 8, "last digit": int(problem.answer) % 10,
+            "a = b mod 8": (int(a) - int(b)) % 8 == 0}
+
+
+@pytest.mark.parametrize("task", [Arithmetic(), Multiplication()], ids=lambda t: t.name)
+def test_splits_are_disjoint_unbiased_samples(task):
+    """Every split is drawn from the task's one distribution: the answers' residues and the operations of the
+    problems SFT trains on and of the test problems agree (χ² below its 0.01 % quantile), where the old split —
+    held out iff (7919·a + 104729·b + [−]) mod 8 = 0 — fails by far: its held-out subtractions all have answers ≡ 1
+    (mod 8) and its held-out sums are doublings."""
+    drawn = {split: problems(task, split, 1200 if split == "sft" else 600, 0) for split in SPLITS}
+    questions = {split: {p.question for p in found} for split, found in drawn.items()}
+    assert all(len(q) == len(drawn[split]) for split, q in questions.items())  # distinct within a split
+    assert all(not questions[x] & questions[y] for x in SPLITS for y in SPLITS if x < y)  # disjoint
+    assert all(split_of(p) == split for split, found in drawn.items() for p in found)
+    assert problems(task, "test", 600, 0) == drawn["test"] and problems(task, "test", 600, 1) != drawn["test"]
+    assert all(task.reward(p, task.demonstration(p)).correct for p in drawn["test"])
+    critical = {"op": 15.1, "answer mod 8": 29.9, "last digit": 33.7, "a = b mod 8": 15.1}  # df 1, 7, 9, 1
+    for name, limit in critical.items():
+        train_values = [_features(p)[name] for p in drawn["sft"]]
+        test_values = [_features(p)[name] for p in drawn["test"]]
+        assert _chi_square(train_values, test_values) < limit, name
+    if task.name == "arithmetic":  # the check has teeth: the old rule's split fails it
+        rng, old = random.Random(0), {True: [], False: []}
+        while len(old[True]) < 600 or len(old[False]) < 1200:
+            p = task.sample(rng)
+            a, op, b = p.question.removeprefix("What is ").removesuffix("?").split()
+            old[(int(a) * 7919 + int(b) * 104729 + (op == "-")) % 8 == 0].append(p)
+        for name in ("answer mod 8", "a = b mod 8"):
+            assert _chi_square([_features(p)[name] for p in old[False][:1200]],
+                               [_features(p)[name] for p in old[True][:600]]) > 10 * critical[name]
+
+
+def test_rewards_and_task_plugins(tmp_path, monkeypatch):
     task = Arithmetic()
     problem = Problem("What is 40 + 2?", "42")
     assert task.reward(problem, "<think>40 + 2</think> <answer>42</answer>").value == 1.1
@@ -109,11 +191,19 @@ def test_arithmetic_rewards_and_disjoint_splits():
     for malformed in ("42", "<answer>42</answer>", "<think>x</think> <answer>42</answer> and more", ""):
         reward = task.reward(problem, malformed)
         assert reward.value == 0.0 and not reward.correct and not reward.formatted
-    train = {p.question for p in task.problems("train", 3000, 0)}
-    heldout = task.problems("heldout", 500, 0)
-    assert not train & {p.question for p in heldout} and len({p.question for p in heldout}) > 400
-    assert heldout == task.problems("heldout", 500, 0) and all(task.reward(p, task.demonstration(p)).correct
-                                                               for p in heldout)
+    assert Multiplication().demonstration(Problem("What is 47 * 23?", "1081")) == (
+        "<think>47*3: 7*3=21 4*3+2=14 → 141; 47*2: 7*2=14 4*2+1=9 → 940; 141+940: 1+0=1 4+4=8 1+9=10 0+0+1=1</think>"
+        " <answer>1081</answer>")
+    (tmp_path / "my_tasks.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin = get_task("my_tasks:Parity")
+    assert plugin.name == "parity" and len(problems(plugin, "test", 5, 0)) == 5
+    for name, needle in [("nosuchtask", "unknown task 'nosuchtask'"), ("no_such_module:X", "cannot import"),
+                         ("my_tasks:Missing", "has no 'Missing'"), ("my_tasks:Incomplete", "lacks sample, reward")]:
+        with pytest.raises(TaskError, match=needle):
+            get_task(name)
+    with pytest.raises(TaskError, match="distinct test problems"):
+        problems(get_task("my_tasks:Tiny"), "test", 3, 0)
 
 
 def test_grpo_loss_on_a_hand_computed_group():

@@ -36,18 +36,25 @@ class PostConfig:
     eval_every: int = 50
     save_every: int = 100
     log_every: int = 5
+    grad_accum: int = 1  # micro-batches per optimizer step (SFT): the batch's conversations split among them
+    precision: str = "auto"  # the training forward's autocast: auto = bf16 on accelerators, fp32 on CPUs
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "eval_every", "save_every", "log_every"):
+        for name in ("max_steps", "batch_size", "eval_every", "save_every", "log_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise NanoseekError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0 or self.warmup_steps < 0:
             raise NanoseekError("--lr must be positive and --warmup-steps >= 0")
+        if self.grad_accum > self.batch_size:
+            raise NanoseekError(f"--grad-accum {self.grad_accum} is more than the --batch-size {self.batch_size}: "
+                                "each micro-batch needs a conversation")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise NanoseekError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     def schedule(self) -> TrainConfig:
         """The pretraining trainer's AdamW settings and warmup + cosine schedule, without weight decay."""
         return TrainConfig(lr=self.lr, max_steps=self.max_steps, warmup_steps=min(self.warmup_steps, self.max_steps),
-                           weight_decay=0.0, min_lr_ratio=0.1, seed=self.seed)
+                           weight_decay=0.0, min_lr_ratio=0.1, seed=self.seed, precision=self.precision)
 
 
 def resize_vocab(model: Transformer, vocab_size: int) -> Transformer:
@@ -126,7 +133,12 @@ class PostRun:
         if stop.requested:
             raise RunInterrupted(resume_hint(done, str(path), f"nanoseek {self.kind} … --out {self.out} --resume"))
 
+    @staticmethod
+    def save_model(model: Transformer, tokenizer: Tokenizer, path: Path) -> None:
+        """A model directory that serve / eval / a next stage read."""
+        save_pretrained(model, path)
+        write_chat_tokenizer_files(tokenizer, path)
+
     def finish(self, model: Transformer, tokenizer: Tokenizer, summary: dict[str, Any]) -> None:
-        save_pretrained(model, self.out)
-        write_chat_tokenizer_files(tokenizer, self.out)
+        self.save_model(model, tokenizer, self.out)
         (self.out / f"{self.kind}.json").write_text(json.dumps({**self.settings, **summary}, indent=2) + "\n")

@@ -1,5 +1,5 @@
-"""`nanoseek eval`: pass@1 (greedy) on a task's held-out problems, with its standard error; or bits per byte on the
-validation split of a corpus, which compares models whatever their tokenizers."""
+"""`nanoseek eval`: pass@1 (greedy) on a task's test (or validation) problems, with its standard error; or bits per
+byte on the validation split of a corpus, which compares models whatever their tokenizers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from nanoseek.data.chat_format import encode_chat
 from nanoseek.data.dataset import TokenDataset
@@ -15,25 +16,34 @@ from nanoseek.data.sources import DEFAULT, Source
 from nanoseek.data.tokenizer import end_token_ids
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
+from nanoseek.model.transformer import Transformer
 from nanoseek.post.common import load_model_dir
-from nanoseek.post.tasks import get_task
+from nanoseek.post.tasks import Task, get_task, problems
 
 
-def evaluate_task(model_dir: Path, task_name: str, n: int, seed: int = 0, max_tokens: int = 64,
-                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    task = get_task(task_name)
-    model, tokenizer = load_model_dir(model_dir, device, dtype)
-    problems = task.problems("heldout", n, seed)
-    prompts = [encode_chat(tokenizer, [{"role": "user", "content": p.question}], True)[0] for p in problems]
+def accuracy_on(model: Transformer, tokenizer: Tokenizer, task: Task, split: str, n: int, seed: int = 0,
+                max_tokens: int = 64) -> dict[str, Any]:
+    """pass@1, greedy, on `n` problems of the task's `split`, with its standard error and how often the layout was
+    followed."""
+    chosen = problems(task, split, n, seed)
+    prompts = [encode_chat(tokenizer, [{"role": "user", "content": p.question}], True)[0] for p in chosen]
     engine = Engine(model, decode=tokenizer.decode, config=EngineConfig(max_seqs=min(n, 256)))
     results = engine.generate(prompts, SamplingParams(max_new_tokens=max_tokens,
                                                       stop_token_ids=end_token_ids(tokenizer)))
-    rewards = [task.reward(p, r.text) for p, r in zip(problems, results)]
+    rewards = [task.reward(p, r.text) for p, r in zip(chosen, results)]
     accuracy = sum(r.correct for r in rewards) / n
-    return {"task": task_name, "n": n, "accuracy": accuracy, "stderr": math.sqrt(accuracy * (1 - accuracy) / n),
-            "format_rate": sum(r.formatted for r in rewards) / n,
+    return {"task": task.name, "split": split, "n": n, "accuracy": accuracy,
+            "stderr": math.sqrt(accuracy * (1 - accuracy) / n), "format_rate": sum(r.formatted for r in rewards) / n,
             "examples": [{"question": p.question, "answer": p.answer, "response": r.text}
-                         for p, r in list(zip(problems, results))[:3]]}
+                         for p, r in list(zip(chosen, results))[:3]]}
+
+
+def evaluate_task(model_dir: Path, task_name: str, n: int, seed: int = 0, max_tokens: int = 64,
+                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                  split: str = "test") -> dict[str, Any]:
+    task = get_task(task_name)
+    model, tokenizer = load_model_dir(model_dir, device, dtype)
+    return accuracy_on(model.eval(), tokenizer, task, split, n, seed, max_tokens)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """SFT data: OpenAI-style conversations ({"messages": [{"role", "content"}, ...]} per line), checked line by line,
-encoded in the chat format, split into training and held-out conversations, and batched with padding (each row one
-conversation, so nothing attends across conversations). The loss falls on assistant tokens only."""
+encoded in the chat format, deduplicated (a held-out conversation must not be a copy of a trained one), split into
+training and held-out conversations, and batched: each row one conversation, right-padded, or several packed into a
+row with their document numbers, for a mask that keeps them apart. The loss falls on assistant tokens only."""
 
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def read_conversations(path: Path) -> list[Conversation]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise SftDataError(f"{path} line {number}: not JSON ({e.msg})") from None
+        except RecursionError:
+            raise SftDataError(f"{path} line {number}: JSON nested too deeply") from None
         where = f"{path} line {number}"
         conversations.append((where, check_conversation(record, where)))
     if len(conversations) < 2:
@@ -107,6 +110,17 @@ def encode_all(conversations: list[Conversation], tokenizer: Tokenizer, max_len:
     return EncodedConversations(ids, trained)
 
 
+def distinct(conversations: list[Conversation]) -> list[Conversation]:
+    """The first of each set of conversations with the same messages."""
+    seen, kept = set(), []
+    for where, messages in conversations:
+        key = json.dumps(messages, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append((where, messages))
+    return kept
+
+
 def split_heldout(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
@@ -126,6 +140,44 @@ def batch(data: EncodedConversations, rows: list[int], pad_id: int) -> tuple[tor
         inputs[i, :n] = ids[:-1]
         targets[i, :n] = torch.where(trained[1:], ids[1:], IGNORE)
     return inputs, targets
+
+
+def pack(lengths: list[int], width: int) -> list[list[int]]:
+    """Conversations of `lengths` tokens into rows of at most `width` tokens, first fit in decreasing length →
+    each row's conversation indices."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if fit is None:
+            rows.append([i])
+            room.append(width - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
+
+
+def packed_batch(data: EncodedConversations, rows: list[int], pad_id: int,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The conversations `rows` packed into rows of ≤ width tokens → inputs, targets, documents [B, T]: each
+    conversation's tokens are numbered as its own document (padding too, as one more), and no target crosses from
+    one conversation into the next."""
+    packing = pack([len(data.ids[r]) for r in rows], width)
+    length = max(sum(len(data.ids[rows[i]]) for i in row) for row in packing) - 1
+    inputs = torch.full((len(packing), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(packing), length), IGNORE, dtype=torch.long)
+    documents = torch.full((len(packing), length), len(rows), dtype=torch.long)
+    for b, row in enumerate(packing):
+        at = 0
+        for i in row:
+            ids, trained = torch.tensor(data.ids[rows[i]]), torch.tensor(data.trained[rows[i]])
+            n = min(len(ids), length - at)  # the row's last conversation loses its final input (no target)
+            inputs[b, at: at + n] = ids[:n]
+            targets[b, at: at + len(ids) - 1] = torch.where(trained[1:], ids[1:], IGNORE)[: length - at]
+            documents[b, at: at + n] = i
+            at += len(ids)
+    return inputs, targets, documents
 
 
 def rows_for_step(count: int, batch_size: int, seed: int, step: int) -> list[int]:
