@@ -106,3 +106,25 @@ def fuzz(default: int, long: int, **strategies) -> Callable:
         test.__module__ = body.__module__
         return pytest.mark.parametrize("budget", ["default", pytest.param("long", marks=pytest.mark.slow)])(test)
     return decorate
+
+
+class EvenLength:
+    """A task (nanoseek.post.tasks.Task) whose reward a tiny random model meets about half the time — a response of
+    an even number of characters — so that GRPO's groups differ and eval's accuracy is neither 0 nor 1."""
+
+    name = "even-length"
+
+    def sample(self, rng):
+        from nanoseek.post.reward import Problem
+
+        n = rng.randint(0, 10**6)
+        return Problem(f"Is {n} even?", "yes" if n % 2 == 0 else "no")
+
+    def reward(self, problem, response):
+        from nanoseek.post.reward import Reward
+
+        even = len(response) % 2 == 0
+        return Reward(float(even), even, False)
+
+    def demonstration(self, problem):
+        return f"<think>last digit</think> <answer>{problem.answer}</answer>"

@@ -1,6 +1,7 @@
 """lm-evaluation-harness against `nanoseek serve` (its `local-completions` backend: echo, prompt logprobs, the
-server's tokenizer endpoints) gets the same per-choice log-likelihoods and accuracy as its own `hf` backend on the
-same model directory. Offline: a local multiple-choice task in YAML + JSONL."""
+server's tokenizer endpoints) and on nanoseek's engine in process (the `nanoseek` model class, through
+`nanoseek lm-eval` and `nanoseek eval --lm-eval`) gets the same per-choice log-likelihoods and accuracy as its own
+`hf` backend on the same model directory. Offline: a local multiple-choice task in YAML + JSONL."""
 
 from __future__ import annotations
 
@@ -30,10 +31,15 @@ metric_list:
 """
 
 
-def _lm_eval(workspace: Path, out: str, *model: str) -> tuple[dict, list[list[float]]]:
-    """`lm_eval run` on the local task → (its results, each document's per-choice log-likelihoods)."""
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(workspace / "hf")}
-    result = subprocess.run([sys.executable, "-m", "lm_eval", "run", *model, "--include_path", str(workspace),
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _lm_eval(workspace: Path, out: str, *model: str, harness: tuple[str, ...] = ("lm_eval",)
+             ) -> tuple[dict, list[list[float]]]:
+    """`lm_eval run` (or `nanoseek lm-eval run`) on the local task → (its results, each document's per-choice
+    log-likelihoods)."""
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(workspace / "hf")}
+    result = subprocess.run([sys.executable, "-m", *harness, "run", *model, "--include_path", str(workspace),
                              "--tasks", "nanoseek_choices", "--log_samples", "--output_path", str(workspace / out)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,3 +75,64 @@ def test_lm_eval_through_the_server_equals_its_hf_backend(workspace):
     for served, hf in zip(served_scores, hf_scores):
         assert served == pytest.approx(hf, abs=1e-5) and max(hf) < 0  # real scores, not zeros
     assert served_results["acc,none"] == hf_results["acc,none"]
+
+
+def _own_loglikelihoods(model_dir: Path, rows: list[dict]) -> list[list[float]]:
+    """Each choice's log-likelihood after its question by the model's plain forward (no engine, no harness)."""
+    import torch
+
+    import nanoseek
+    from nanoseek.data.tokenizer import load_tokenizer
+
+    model, tokenizer = nanoseek.load_pretrained(model_dir).eval(), load_tokenizer(model_dir / "tokenizer.json")
+    scores = []
+    for row in rows:
+        context = tokenizer.encode(row["question"], add_special_tokens=False).ids
+        per_choice = []
+        for choice in row["choices"]:
+            whole = tokenizer.encode(row["question"] + " " + choice, add_special_tokens=False).ids
+            with torch.no_grad():
+                logp = model(torch.tensor([whole]))[0].float().log_softmax(-1)
+            per_choice.append(sum(logp[i - 1, whole[i]].item() for i in range(len(context), len(whole))))
+        scores.append(per_choice)
+    return scores
+
+
+def test_lm_eval_on_the_engine_equals_the_models_own_loglikelihoods(workspace):
+    """The `nanoseek` lm-eval model (registered under that name) scores each choice as the model's own forward
+    does, within 1e-5; `nanoseek eval --lm-eval` runs the local task in process and reports the accuracy those
+    scores give."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    from nanoseek.post.harness import NanoseekLM
+
+    assert get_model("nanoseek") is NanoseekLM and get_model("hf").__name__ == "HFLM"
+    rows = [json.loads(line) for line in (workspace / "data.jsonl").read_text().splitlines()]
+    expected = _own_loglikelihoods(workspace / "model", rows)
+    lm = NanoseekLM(str(workspace / "model"), max_seqs=4)
+    requests = [Instance("loglikelihood", row, (row["question"], " " + choice), i)
+                for row in rows for i, choice in enumerate(row["choices"])]
+    scored = [logprob for logprob, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+    assert scored == pytest.approx([s for per_choice in expected for s in per_choice], abs=1e-5)
+    accuracy = sum(max(range(4), key=per_choice.__getitem__) == row["answer"]
+                   for per_choice, row in zip(expected, rows)) / len(rows)
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(workspace / "hf")}
+    result = subprocess.run([sys.executable, "-m", "nanoseek", "eval", str(workspace / "model"), "--lm-eval",
+                             "nanoseek_choices", "--include-path", str(workspace), "--json"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["nanoseek_choices"]["acc,none"] == pytest.approx(accuracy)
+
+
+@pytest.mark.slow
+def test_lm_evals_own_command_line_runs_the_nanoseek_model(workspace):
+    """`nanoseek lm-eval run --model nanoseek ...` is lm_eval's CLI with the model registered: the same per-choice
+    log-likelihoods and accuracy as its `hf` backend."""
+    hf_results, hf_scores = _lm_eval(workspace, "hf-cli", "--model", "hf", "--model_args",
+                                     f"pretrained={workspace / 'model'},dtype=float32", "--device", "cpu")
+    results, scores = _lm_eval(workspace, "engine", "--model", "nanoseek", "--model_args",
+                               f"pretrained={workspace / 'model'},max_seqs=4", harness=("nanoseek", "lm-eval"))
+    assert len(scores) == len(hf_scores) == 12
+    assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(scores, hf_scores))
+    assert results["acc,none"] == hf_results["acc,none"]

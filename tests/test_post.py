@@ -3,26 +3,33 @@ loss on a hand-computed group, and the sft → rl → eval commands end to end o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import nanoseek
 from helpers import tiny_config
 from nanoseek.cli import main
 from nanoseek.data.chat_format import add_chat_tokens, encode_chat, write_chat_tokenizer_files
-from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.data.tokenizer import end_token_ids, train_tokenizer
 from nanoseek.infer.chat import ChatTemplate
+from nanoseek.infer.sampler import RowSettings, probabilities
 from nanoseek.post import grpo
+from nanoseek.post.common import PostConfig, load_model_dir
 from nanoseek.post.grpo import GrpoConfig, group_advantages, grpo_loss
-from nanoseek.post.sft_data import EncodedConversations, batch
 from nanoseek.post.reward import Problem
+from nanoseek.post.sft_data import EncodedConversations, batch, encode_all
 from nanoseek.post.tasks import SPLITS, Arithmetic, Multiplication, TaskError, get_task, problems, split_of
+from nanoseek.train.precision import autocast
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"},
             {"role": "assistant", "content": "<think>12 + 30</think> <answer>42</answer>"},
@@ -234,6 +241,23 @@ def test_grpo_loss_on_a_hand_computed_group():
     assert kl_loss.item() == pytest.approx(((-1.2 + 0.1 * kls[0] - 1.1 + 0.1 * kls[1]) / 2 + 1.6 + 0.1 * kls[2]) / 2)
 
 
+def _greedy_accuracy(model_dir, task, n: int, max_tokens: int) -> float:
+    """What `nanoseek eval` should report, computed without the engine: greedy decoding by full forwards."""
+    model, tokenizer = load_model_dir(model_dir, torch.device("cpu"))
+    stops, correct = end_token_ids(tokenizer), 0
+    for problem in problems(task, "test", n, 0):
+        ids = encode_chat(tokenizer, [{"role": "user", "content": problem.question}], True)[0]
+        generated: list[int] = []
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                token = int(model.eval()(torch.tensor([ids + generated]))[0, -1].argmax())
+                if token in stops:
+                    break
+                generated.append(token)
+        correct += task.reward(problem, tokenizer.decode(generated)).correct
+    return correct / n
+
+
 def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     """The commands on a tiny model: each writes a model directory (chat tokenizer included), RL logs its
     statistics and resumes, and eval reports accuracy and bits per byte as JSON."""
@@ -250,12 +274,17 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     sft_config = json.loads((tmp_path / "sft" / "config.json").read_text())
     assert sft_config["vocab_size"] == vocab + 4  # the four chat markers were added, the embedding grown
     assert "chat_template" in json.loads((tmp_path / "sft" / "tokenizer_config.json").read_text())
-    rl_args = ["rl", str(tmp_path / "sft"), "--out", str(tmp_path / "rl"), "--batch-size", "2", "--group-size", "3",
-               "--max-response-tokens", "6", "--save-every", "2", "--kl-beta", "0.05"]
+    # a reward the random model meets in some samples only, so that GRPO's groups differ and the policy trains
+    rl_args = ["rl", str(tmp_path / "sft"), "--out", str(tmp_path / "rl"), "--task", "helpers:EvenLength",
+               "--batch-size", "2", "--group-size", "3",
+               "--max-response-tokens", "6", "--save-every", "2", "--kl-beta", "0.05", "--validation", "4",
+               "--eval-every", "2"]
     assert main(rl_args + ["--max-steps", "2"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert {"reward", "accuracy", "response_tokens", "kl", "clip_fraction"} <= set(rows[0])
+    assert {"reward", "accuracy", "response_tokens", "kl", "clip_fraction", "trained_fraction"} <= set(rows[0])
+    assert any(r["trained_fraction"] > 0 and r["entropy"] > 0 for r in rows)
+    assert "val_accuracy" in rows[1] and (tmp_path / "rl" / "steps" / "000002" / "model.safetensors").exists()
     assert main(rl_args + ["--max-steps", "2"]) == 2  # the run exists: refused without --resume
     straight = rl_args[:3] + [str(tmp_path / "rl3")] + rl_args[4:]
     assert main(straight + ["--max-steps", "3"]) == 0
@@ -278,11 +307,121 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     uninterrupted = [json.loads(line) for line in (tmp_path / "rl3" / "metrics.jsonl").read_text().splitlines()]
     assert resumed == uninterrupted  # rewards, KL and clipping of every step, bit for bit
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "rl2"), "--n", "8", "--json"]) == 0
+    assert main(["eval", str(tmp_path / "rl2"), "--task", "helpers:EvenLength", "--n", "8", "--max-tokens", "12",
+                 "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 8 and 0 <= result["accuracy"] <= 1 and result["stderr"] >= 0
+    expected = _greedy_accuracy(tmp_path / "rl2", get_task("helpers:EvenLength"), 8, 12)
+    assert (result["split"], result["n"], result["accuracy"]) == ("test", 8, expected)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("What is 12 + 30? The answer is 42. Be brief, my lord; and again.\n" * 200)
     assert main(["eval", str(tmp_path / "rl2"), "--task", "bpb", "--data", str(corpus), "--json"]) == 0
     bpb = json.loads(capsys.readouterr().out)
     assert 0 < bpb["bpb"] < 16 and bpb["bytes"] > 0
+
+
+def _policy() -> nanoseek.Transformer:
+    torch.manual_seed(0)
+    return nanoseek.Transformer(tiny_config(vocab_size=64)).train()
+
+
+def test_grpo_log_probabilities_are_the_training_forwards_at_the_sampling_temperature():
+    """In bf16, as GPUs train, the old log-probabilities recomputed by the training forward equal the trained ones
+    bit for bit (the ratio is exactly 1 on the first minibatch), where fp32 rollout-time ones would differ by the
+    precision gap; and every log-probability is of the tempered distribution the sampler draws from."""
+    model, generator = _policy(), torch.Generator().manual_seed(1)
+    inputs, targets = (torch.randint(0, 64, (4, 12), generator=generator) for _ in range(2))
+    bf16 = PostConfig(max_steps=1, lr=1e-3, batch_size=4, precision="bf16").schedule()
+    with autocast(torch.device("cpu"), bf16):
+        with torch.no_grad():
+            old, _ = grpo.token_logprobs(model, inputs, targets, 0.7)
+        new, _ = grpo.token_logprobs(model, inputs, targets, 0.7)
+    assert torch.equal(old, new) and new.requires_grad
+    fp32, entropy = grpo.token_logprobs(model, inputs, targets, 0.7)
+    assert (fp32 - new).abs().max() > 1e-3  # what a ratio against fp32 rollout log-probabilities would start at
+    rows = RowSettings(torch.full((48,), 0.7), torch.zeros(48, dtype=torch.long), torch.ones(48),
+                       torch.zeros(48, dtype=torch.long), torch.zeros(48, dtype=torch.long), unfiltered=True)
+    with torch.no_grad():
+        sampled = probabilities(model(inputs).flatten(0, 1), rows)
+    assert torch.allclose(fp32.detach().flatten(), sampled.gather(1, targets.flatten()[:, None]).log()[:, 0],
+                          atol=1e-5)
+    assert torch.allclose(entropy.flatten(), -(sampled * sampled.log()).sum(dim=-1), atol=1e-4)
+
+
+def test_grpo_update_skips_uninformative_groups_and_starts_on_policy():
+    model = _policy()
+    cfg = PostConfig(max_steps=1, lr=1e-3, batch_size=2, precision="bf16")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(2)
+    inputs = torch.randint(0, 64, (6, 10), generator=generator)
+    mask = torch.zeros(6, 10, dtype=torch.bool)
+    mask[:, 4:] = True
+    batch = grpo.Rollouts(inputs, torch.roll(inputs, -1, 1), mask, torch.tensor([1.0, 0.0, 1.0, 0.1, 0.1, 0.1]),
+                          torch.tensor([1.0, 0, 1, 0, 0, 0]), torch.full((6,), 6.0))
+    assert grpo.informative_rows(batch.rewards, 3).tolist() == [0, 1, 2]  # the second group earned one reward
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = grpo.policy_update(model, None, optimizer, batch, GrpoConfig(group_size=3, minibatches=1), cfg, 0)
+    assert stats["clip_fraction"] == 0.0 and stats["trained_fraction"] == 0.5 and stats["entropy"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    flat = grpo.Rollouts(*(t[3:] for t in (batch.inputs, batch.targets, batch.mask, batch.rewards, batch.correct,
+                                            batch.lengths)))
+    after = [p.detach().clone() for p in model.parameters()]
+    assert grpo.policy_update(model, None, optimizer, flat, GrpoConfig(group_size=3), cfg, 1) == {}
+    assert all(torch.equal(a, b) for a, b in zip(after, model.parameters()))
+
+
+def test_packed_and_accumulated_sft_steps_give_the_plain_steps_gradient(tokenizer):
+    """Packing conversations into rows (with their document mask) and splitting a step into micro-batches change
+    how a step is computed, not what: the same loss and gradient as one padded batch."""
+    from nanoseek.post.sft import micro_batches, train_step
+
+    conversations = [(str(i), [{"role": "user", "content": "What is 12 + 30?" * (1 + i % 3)},
+                               {"role": "assistant", "content": "The answer is 42." * (1 + i % 2)}])
+                     for i in range(6)]
+    data = encode_all(conversations, tokenizer, 128)
+    model = nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size()))
+    rows, pad = list(range(6)), end_token_ids(tokenizer)[-1]
+
+    def step(grad_accum: int, width: int | None) -> tuple[float, list[torch.Tensor], int]:
+        cfg = PostConfig(max_steps=1, lr=1e-3, batch_size=6, grad_accum=grad_accum)
+        parts = micro_batches(data, rows, pad, cfg, width)
+        model.zero_grad()
+        loss, _ = train_step(model, parts, torch.device("cpu"), contextlib.nullcontext(), 0.0)
+        return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None], sum(len(p[0]) for p in parts)
+
+    plain_loss, plain_grads, plain_rows = step(1, None)
+    for grad_accum, width in ((1, 128), (3, None), (2, 128)):
+        loss, grads, used_rows = step(grad_accum, width)
+        assert loss == pytest.approx(plain_loss, rel=1e-5), (grad_accum, width)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain_grads)), (grad_accum, width)
+    assert step(1, 128)[2] < plain_rows  # packed: fewer rows
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer):
+    """Two data-parallel processes (FSDP2), each with its share of every step's conversations in two micro-batches,
+    train the model one process trains."""
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size())), base)
+    tokenizer.save(str(base / "tokenizer.json"))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "What is 12 + 30?" * (1 + i % 3) + f" ({i})"},
+        {"role": "assistant", "content": "The answer is 42, my lord." * (1 + i % 2)}]}) + "\n" for i in range(24)))
+    args = ["-m", "nanoseek", "sft", str(base), "--data", str(chat), "--max-steps", "3", "--batch-size", "8",
+            "--grad-accum", "2", "--eval-every", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    for out, launcher in (("one", [sys.executable]),
+                          ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc_per_node", "2"])):
+        result = subprocess.run(launcher + args + ["--out", str(tmp_path / out)], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (load_file(tmp_path / out / "model.safetensors") for out in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
+    start = load_file(base / "model.safetensors")
+    assert any(k in start and one[k].shape == start[k].shape and not torch.equal(one[k], start[k]) for k in one)
+    rows = [[json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+            for out in ("one", "two")]
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
+    assert rows[0][-1]["val_loss"] == pytest.approx(rows[1][-1]["val_loss"], rel=1e-5)

@@ -46,6 +46,13 @@ def cmd_rl(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from nanoseek.post.evaluate import evaluate_bpb, evaluate_task
 
+    if args.lm_eval:
+        results = _harness().evaluate_harness(Path(args.model), args.lm_eval.split(","), args.include_path, args.limit,
+                                   args.device, args.dtype)
+        print(json.dumps(results, indent=2, default=str) if args.json else
+              "\n".join(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                if isinstance(v, float)) for task, metrics in results.items()))
+        return
     device, dtype = resolve_device(args.device, args.dtype)
     try:
         if args.task == "bpb":
@@ -62,6 +69,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         print(f"{args.model}: {args.task} pass@1 {result['accuracy']:.4f} ± {result['stderr']:.4f} "
               f"(greedy, {result['n']} {args.split} problems; layout followed in {100 * result['format_rate']:.1f} %)")
+
+
+def _harness():
+    """nanoseek.post.harness, or one line saying lm-evaluation-harness is missing."""
+    try:
+        from nanoseek.post import harness
+    except ImportError:
+        raise NanoseekError("lm-evaluation-harness is not installed: pip install 'nanoseek[eval]'") from None
+    return harness
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    _harness().lm_eval_cli(args.harness_args)
 
 
 def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
@@ -117,6 +137,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", help="bpb: the corpus whose validation split is measured (default: the embedded one)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-tokens", type=int, default=64, help="longest response")
+    ev.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks (comma-separated) instead, run "
+                                                      "in process on nanoseek's engine")
+    ev.add_argument("--include-path", type=Path, help="--lm-eval: a folder of your own task YAMLs")
+    ev.add_argument("--limit", type=int, help="--lm-eval: at most this many documents per task")
     ev.add_argument("--json", action="store_true")
     add_device_options(ev)
     ev.set_defaults(run=cmd_eval)
+
+    harness = commands.add_parser("lm-eval", add_help=False,
+                                  help="lm-evaluation-harness's own command line, with `--model nanoseek` registered "
+                                       "(e.g. lm-eval run --model nanoseek --model_args pretrained=RUN --tasks T)")
+    harness.add_argument("harness_args", nargs=argparse.REMAINDER)
+    harness.set_defaults(run=cmd_lm_eval)

@@ -18,6 +18,8 @@ from nanoseek.data.chat_format import add_chat_tokens, write_chat_tokenizer_file
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.errors import NanoseekError, RunInterrupted
 from nanoseek.model.transformer import Transformer
+from nanoseek.parallel.collectives import save_final_model
+from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.dsa import configure_indexers
@@ -91,10 +93,13 @@ def load_model_dir(source: Path, device: torch.device,
 
 class PostRun:
     """The output directory of an SFT or RL run: refuses to overwrite a run unless resuming, keeps checkpoints,
-    metrics.jsonl and the final model directory."""
+    metrics.jsonl and the final model directory. Under torchrun every rank takes part in checkpoints and the final
+    save (collectives); rank 0 alone writes the metrics and the files beside the model."""
 
-    def __init__(self, out: Path, source: Path, kind: str, cfg: PostConfig, resume: bool, settings: dict[str, Any]):
+    def __init__(self, out: Path, source: Path, kind: str, cfg: PostConfig, resume: bool, settings: dict[str, Any],
+                 par: Parallelism | None = None):
         self.out, self.source, self.kind, self.cfg = out, source, kind, cfg
+        self.par = par or Parallelism(device=device_for_run())
         self.settings = {"kind": kind, "source": str(source.resolve()), **dataclasses.asdict(cfg), **settings}
         checkpoints = list_checkpoints(out / "checkpoints")
         if resume and not checkpoints:
@@ -103,8 +108,9 @@ class PostRun:
             raise NanoseekError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         self.resume_from = checkpoints[-1] if resume else None
 
-    def start(self, model: Transformer) -> tuple[torch.optim.Optimizer, int, MetricsLog]:
-        """→ optimizer, first step, metrics log (restored from the last checkpoint when resuming)."""
+    def start(self, model: Transformer) -> tuple[torch.optim.Optimizer, int, MetricsLog | None]:
+        """→ optimizer, first step, metrics log (rank 0's; None on the others), restored from the last checkpoint
+        when resuming."""
         optimizer = build_optimizer(model, self.cfg.schedule(), next(model.parameters()).device)
         step = 0
         if self.resume_from is not None:
@@ -114,6 +120,8 @@ class PostRun:
                                     f"it has {json.dumps(meta.get('settings'))}")
             step = meta["step"]
         self.out.mkdir(parents=True, exist_ok=True)
+        if not self.par.is_main:
+            return optimizer, step, None
         return optimizer, step, MetricsLog(self.out / "metrics.jsonl", step if self.resume_from else None)
 
     def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
@@ -127,11 +135,13 @@ class PostRun:
         """A checkpoint every save_every steps; when asked to stop (SIGTERM, Ctrl-C), a checkpoint now and
         RunInterrupted saying how to resume."""
         periodic = done % self.cfg.save_every == 0
-        if done >= self.cfg.max_steps or not (periodic or stop.requested):
+        stopping = stop.agreed()  # collective under torchrun: a signal to one rank stops them all after this step
+        if done >= self.cfg.max_steps or not (periodic or stopping):
             return
         path = save_checkpoint(self.out / "checkpoints", done, model, optimizer, {"settings": self.settings}, keep=2)
-        if stop.requested:
-            raise RunInterrupted(resume_hint(done, str(path), f"nanoseek {self.kind} … --out {self.out} --resume"))
+        if stopping:
+            hint = resume_hint(done, str(path), f"nanoseek {self.kind} … --out {self.out} --resume")
+            raise RunInterrupted(hint if self.par.is_main else "")
 
     @staticmethod
     def save_model(model: Transformer, tokenizer: Tokenizer, path: Path) -> None:
@@ -140,5 +150,11 @@ class PostRun:
         write_chat_tokenizer_files(tokenizer, path)
 
     def finish(self, model: Transformer, tokenizer: Tokenizer, summary: dict[str, Any]) -> None:
-        self.save_model(model, tokenizer, self.out)
-        (self.out / f"{self.kind}.json").write_text(json.dumps({**self.settings, **summary}, indent=2) + "\n")
+        if not self.par.distributed:
+            self.save_model(model, tokenizer, self.out)
+        else:
+            save_final_model(model, self.out, self.par)  # gathered from the shards
+            if self.par.is_main:
+                write_chat_tokenizer_files(tokenizer, self.out)
+        if self.par.is_main:
+            (self.out / f"{self.kind}.json").write_text(json.dumps({**self.settings, **summary}, indent=2) + "\n")

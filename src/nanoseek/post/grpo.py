@@ -17,6 +17,7 @@ against a bf16 training forward would start off-policy, and the clip would fire 
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from nanoseek.data.chat_format import encode_chat
 from nanoseek.data.tokenizer import end_token_ids
+from nanoseek.errors import NanoseekError
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
 from nanoseek.model.transformer import Transformer
@@ -192,6 +194,9 @@ def run_rl(source: Path, out: Path, task_name: str, cfg: PostConfig, grpo: GrpoC
            show_progress: bool = True, validation: int = 0) -> dict[str, Any]:
     """`validation` > 0: every eval_every steps, pass@1 (greedy) on that many problems of the task's validation
     split is logged and the model saved under OUT/steps/STEP (a run's step count is then chosen on validation)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NanoseekError("nanoseek rl runs in one process (its rollouts and updates are not data-parallel yet): "
+                            "run it without torchrun")
     task = get_task(task_name)
     run = PostRun(out, source, "rl", cfg, resume, {"task": task_name, **grpo.__dict__, "validation": validation})
     device = device_for_run()
