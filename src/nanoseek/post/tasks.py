@@ -96,7 +96,7 @@ class Arithmetic:
 class Multiplication:
     """Products of two numbers of up to `digits` digits, e.g. 'What is 47 * 23?': several chained steps (a
     partial product per digit of the second number, each digit by digit with carries, then their column sum), so
-    one slip anywhere is a wrong answer. Harder than `arithmetic` for the same model."""
+    one slip anywhere is a wrong answer: meant to be harder than `arithmetic` (not yet measured on a model)."""
 
     name = "multiplication"
 
