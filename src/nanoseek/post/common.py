@@ -150,11 +150,7 @@ class PostRun:
         write_chat_tokenizer_files(tokenizer, path)
 
     def finish(self, model: Transformer, tokenizer: Tokenizer, summary: dict[str, Any]) -> None:
-        if not self.par.distributed:
-            self.save_model(model, tokenizer, self.out)
-        else:
-            save_final_model(model, self.out, self.par)  # gathered from the shards
-            if self.par.is_main:
-                write_chat_tokenizer_files(tokenizer, self.out)
+        save_final_model(model, self.out, self.par)  # under torchrun: gathered from the shards, written by rank 0
         if self.par.is_main:
+            write_chat_tokenizer_files(tokenizer, self.out)
             (self.out / f"{self.kind}.json").write_text(json.dumps({**self.settings, **summary}, indent=2) + "\n")

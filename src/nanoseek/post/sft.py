@@ -80,11 +80,12 @@ def train_step(model: Transformer, parts: list[tuple[torch.Tensor, torch.Tensor,
     total = counts.sum().to(device)
     if par.distributed:
         dist.all_reduce(total)
+    total = max(float(total), 1.0)  # one read for the whole step
     lm_loss, kl_value = torch.zeros((), dtype=torch.float64, device=device), None
     for micro, ((inputs, targets, documents), count) in enumerate(zip(parts, counts)):
         if par.dp > 1:  # FSDP: reduce the gradients once, on the last micro-batch
             model.set_requires_gradient_sync(micro == len(parts) - 1)
-        share = float(count / total.clamp(min=1).cpu())
+        share = float(count) / total
         with cfg_autocast:
             output = model(inputs.to(device), targets.to(device),
                            documents=None if documents is None else documents.to(device))
