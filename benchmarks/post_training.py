@@ -159,6 +159,8 @@ def write_report(report_dir: Path, args: argparse.Namespace, base_test: dict, te
         lines.append(f"| {step}{mark} | " + " | ".join(f"{curves[s][step]:.3f}" for s in seeds) + f" | {mean:.3f} |")
     lines += ["", "| model | bits per byte |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in bpb.items()]
     lines += ["", "| stage | minutes |", "|---|---|"] + [f"| {k} | {v / 60:.1f} |" for k, v in seconds.items()]
+    lines += ["", "A stage missing from this table was not run by this invocation: its model was already in "
+              f"{args.out} (pretraining and SFT are reused when only RL's settings change)."]
     lines += [""] + [f"`nanoseek serve` the {name} model of seed {seeds[0]}, asked {question!r} through the openai "
                      f"client: {reply!r}" for name, reply in answers.items()]
     report = "\n".join(lines) + "\n"
