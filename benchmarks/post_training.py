@@ -109,11 +109,12 @@ def main() -> None:
             seconds[f"sft seed {seed}"] = nanoseek(
                 "sft", str(base), "--task", args.task, "--task-examples", str(args.task_examples), "--out", str(sft),
                 "--max-steps", str(args.sft_steps), "--batch-size", "32", "--lr", "2e-3", "--seed", str(seed))
-        if not (rl / "model.safetensors").exists():
+        if not (rl / "model.safetensors").exists():  # an interrupted run (a checkpoint, no model) goes on
+            resume = ["--resume"] if any((rl / "checkpoints").glob("step_*")) else []
             seconds[f"rl seed {seed}"] = nanoseek(
                 "rl", str(sft), "--task", args.task, "--out", str(rl), "--max-steps", str(args.rl_steps),
                 "--batch-size", "32", "--lr", "1e-4", "--token-mean", "--seed", str(seed),
-                "--validation", str(args.validation), "--eval-every", str(args.rl_eval_every))
+                "--validation", str(args.validation), "--eval-every", str(args.rl_eval_every), *resume)
     start = time.perf_counter()
     curves = {seed: validation_curve(sft, rl, args.task, args.validation) for seed, (sft, rl) in runs.items()}
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
@@ -160,7 +161,8 @@ def write_report(report_dir: Path, args: argparse.Namespace, base_test: dict, te
     lines += ["", "| model | bits per byte |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in bpb.items()]
     lines += ["", "| stage | minutes |", "|---|---|"] + [f"| {k} | {v / 60:.1f} |" for k, v in seconds.items()]
     lines += ["", "A stage missing from this table was not run by this invocation: its model was already in "
-              f"{args.out} (pretraining and SFT are reused when only RL's settings change)."]
+              f"{args.out} (pretraining and SFT are reused when only RL's settings change); a resumed stage "
+              "counts only this invocation's part."]
     lines += [""] + [f"`nanoseek serve` the {name} model of seed {seeds[0]}, asked {question!r} through the openai "
                      f"client: {reply!r}" for name, reply in answers.items()]
     report = "\n".join(lines) + "\n"

@@ -12,7 +12,6 @@ import torch
 from helpers import tiny_config
 from nanoseek.fp8.linear import Fp8Recipe, fp8_linear
 from nanoseek.model.transformer import Transformer
-from nanoseek.parallel.collectives import clip_grad_norm
 from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer
@@ -26,25 +25,35 @@ def _model() -> Transformer:
     return Transformer(tiny_config(num_nextn_predict_layers=1)).to(CUDA)
 
 
-def test_training_step_never_syncs_with_the_host():
-    """Forward (router, experts' grouped GEMM, MTP), backward, clipping and the fused AdamW step, with CUDA's sync
-    debug mode turning any device-to-host wait into an error."""
-    model = _model()
-    optimizer = build_optimizer(model, TrainConfig(), CUDA)
-    ids = torch.randint(0, 96, (4, 32), device=CUDA)
-    for step in range(3):  # the first step allocates optimizer state: check the steady state too
+def test_training_step_never_syncs_with_the_host(tmp_path):
+    """The trainer's own step (train/step.py): the loader's pinned, read-ahead batches, two micro-batches, router,
+    experts' grouped GEMM, MTP, the balance loss, the expert loads, clipping, the fused AdamW step and the
+    aux-loss-free bias update, with CUDA's sync debug mode turning any device-to-host wait into an error. (The
+    training loop reads the step's values once per logged step, by design.)"""
+    from nanoseek.data.dataset import TokenDataset
+    from nanoseek.data.sources import Source, default_corpus_files
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.train.balance import configure_balance
+    from nanoseek.train.loader import BatchLoader
+    from nanoseek.train.step import TrainStep
+
+    play = default_corpus_files()[0]
+    dataset = TokenDataset.build([Source(str(play))], train_tokenizer([play.read_text()], 300), progress=False)
+    cfg = TrainConfig(seq_len=32, batch_size=4, grad_accum=2, max_steps=4, precision="bf16", seq_aux_alpha=1e-3)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(num_nextn_predict_layers=1, vocab_size=300)).to(CUDA)
+    configure_balance(model.moe_layers(), cfg)
+    par = Parallelism(device=CUDA, compute_dtype=torch.bfloat16)
+    step = TrainStep(model, build_optimizer(model, cfg, CUDA), cfg, par, BatchLoader(dataset, cfg, par, 0, 2))
+    step(0)  # the first step allocates optimizer state: the steady state is what must not sync
+    for number in range(1, 4):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(ids, ids)
-            (out.lm_loss + 0.3 * out.mtp_loss).backward()
-            norm = clip_grad_norm(list(model.parameters()), 1.0, Parallelism(device=CUDA))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            result = step(number)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(norm).item()
+    assert torch.isfinite(result.grad_norm).item() and result.sums[2].item() > 0
 
 
 def test_bf16_training_step_matches_fp32_to_bf16_accuracy():
@@ -109,3 +118,20 @@ def test_server_loads_onto_the_gpu_and_scores_prompts(tmp_path):
         reference = nanoseek.load_pretrained(model_dir)(torch.tensor([prompt]))[0].log_softmax(-1)
     want = [reference[i, t].item() for i, t in enumerate(prompt[1:])]
     assert out["choices"][0]["logprobs"]["token_logprobs"][1:len(prompt)] == pytest.approx(want, abs=0.1)
+
+
+def test_tf32_is_used_only_when_asked():
+    """train.tf32: fp32 matmuls round their inputs to TensorFloat-32 only when the option is on."""
+    from nanoseek.train.precision import use_tf32
+
+    torch.manual_seed(0)
+    a, b = torch.randn(512, 512, device=CUDA), torch.randn(512, 512, device=CUDA)
+    reference = a.double() @ b.double()
+    try:
+        use_tf32(False)
+        exact = (a @ b - reference).abs().max().item()
+        use_tf32(True)
+        rounded = (a @ b - reference).abs().max().item()
+    finally:
+        use_tf32(False)
+    assert exact < 1e-3 < rounded

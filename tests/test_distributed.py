@@ -342,47 +342,98 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(space):
     assert rows[-1]["step"] == step + 2
 
 
-def test_router_stays_fp32_under_fsdp_bf16_mixed_precision():
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of this process alone: FSDP and expert parallelism in-process."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_router_stays_fp32_under_fsdp_bf16_mixed_precision(one_rank_group):
     """FSDP2's bf16 policy casts a block's parameters for forward; the routers are units of their own with an fp32
     policy, so routing sees fp32 weights as in one process under autocast (a gloo group of one rank); so are V4's
     hyper-connections, compressors and final stream collapse."""
     import torch
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     import nanoseek
     from helpers import tiny_config
     from nanoseek.parallel.setup import Parallelism, shard_blocks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        model = nanoseek.Transformer(tiny_config())
-        par = Parallelism(dp_mesh=init_device_mesh("cpu", (1,)), compute_dtype=torch.bfloat16)
-        shard_blocks(list(model.layers), model, par)
-        seen = {}
-        moe = model.layers[1].mlp
-        moe.router.register_forward_pre_hook(lambda m, a: seen.__setitem__("router", m.weight.dtype))
-        moe.shared.register_forward_pre_hook(lambda m, a: seen.__setitem__("shared", m.gate_up.weight.dtype))
-        model(torch.randint(0, 96, (2, 8)), torch.randint(0, 96, (2, 8))).lm_loss.backward()
-        assert seen == {"router": torch.float32, "shared": torch.bfloat16}
-        assert moe.router.weight.grad is not None
-        from test_parity_v4 import v4_config
+    model = nanoseek.Transformer(tiny_config())
+    par = Parallelism(dp_mesh=init_device_mesh("cpu", (1,)), compute_dtype=torch.bfloat16)
+    shard_blocks(list(model.layers), model, par)
+    seen = {}
+    moe = model.layers[1].mlp
+    moe.router.register_forward_pre_hook(lambda m, a: seen.__setitem__("router", m.weight.dtype))
+    moe.shared.register_forward_pre_hook(lambda m, a: seen.__setitem__("shared", m.gate_up.weight.dtype))
+    model(torch.randint(0, 96, (2, 8)), torch.randint(0, 96, (2, 8))).lm_loss.backward()
+    assert seen == {"router": torch.float32, "shared": torch.bfloat16}
+    assert moe.router.weight.grad is not None
+    from test_parity_v4 import v4_config
 
-        v4 = nanoseek.Transformer(v4_config())
-        shard_blocks(list(v4.layers), v4, par)
-        seen.clear()
-        block = v4.layers[1]
-        for name in ("attn_hc", "attn.compressor", "attn.indexer.compressor", "mlp.router"):
-            block.get_submodule(name).register_forward_pre_hook(
-                lambda m, a, name=name: seen.__setitem__(name, next(m.parameters()).dtype))
-        block.attn.q_up.register_forward_pre_hook(lambda m, a: seen.__setitem__("q_up", m.weight.dtype))
-        v4.hc_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("hc_head", m.fn.dtype))
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer runs
-            loss = v4(torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))).lm_loss
-        loss.backward()
-        assert seen.pop("q_up") == torch.bfloat16 and set(seen.values()) == {torch.float32} and len(seen) == 5
-    finally:
-        dist.destroy_process_group()
+    v4 = nanoseek.Transformer(v4_config())
+    shard_blocks(list(v4.layers), v4, par)
+    seen.clear()
+    block = v4.layers[1]
+    for name in ("attn_hc", "attn.compressor", "attn.indexer.compressor", "mlp.router"):
+        block.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, name=name: seen.__setitem__(name, next(m.parameters()).dtype))
+    block.attn.q_up.register_forward_pre_hook(lambda m, a: seen.__setitem__("q_up", m.weight.dtype))
+    v4.hc_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("hc_head", m.fn.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer runs
+        loss = v4(torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))).lm_loss
+    loss.backward()
+    assert seen.pop("q_up") == torch.bfloat16 and set(seen.values()) == {torch.float32} and len(seen) == 5
+
+
+def test_an_expert_parallel_layer_reads_the_device_once(one_rank_group, monkeypatch):
+    """The CPU stand-in for CUDA's sync check of expert parallelism: per layer, one host transfer (the all-to-all's
+    split sizes, both directions in one tensor) and the row expansion told its output size, so nothing else waits
+    for the device; the result equals the experts run in one process."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nanoseek.model.moe import RoutedExperts, sort_by_expert
+    from nanoseek.parallel.expert_parallel import ExpertParallelExperts
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(8, 16, 12)
+    torch.nn.init.normal_(experts.gate_up, std=0.1)
+    torch.nn.init.normal_(experts.down, std=0.1)
+    x = torch.randn(40, 16)
+    order, counts = sort_by_expert(torch.randint(0, 8, (40,)), 8)
+    group_ends = counts.cumsum(0).to(torch.int32)
+    parallel = ExpertParallelExperts(experts, init_device_mesh("cpu", (1,)))
+    host_reads, sized = [], []
+    real_tolist, real_repeat = torch.Tensor.tolist, torch.repeat_interleave
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: host_reads.append(t.shape) or real_tolist(t))
+    monkeypatch.setattr(torch, "repeat_interleave",
+                        lambda *a, **k: sized.append("output_size" in k) or real_repeat(*a, **k))
+    out = parallel(x[order], group_ends)
+    monkeypatch.undo()
+    assert len(host_reads) == 1 and sized == [True]
+    assert torch.allclose(out, experts(x[order], group_ends), atol=1e-6)
+
+
+def test_pipeline_stages_are_sharded_before_they_are_allocated(one_rank_group):
+    """PP × DP: a stage's FSDP (and expert-parallel) sharding runs while its weights are still on meta, so no rank
+    ever holds a whole stage; only then are this rank's shards allocated."""
+    import torch
+
+    from helpers import tiny_config
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.parallel.pipeline import build_pipeline
+
+    with torch.device("meta"):
+        model = Transformer(tiny_config())
+    on_meta = []
+    build_pipeline(model, 0, 1, "gpipe", 2, lambda *a: None, torch.device("cpu"),
+                   shard=lambda modules: on_meta.append(all(p.is_meta for m in modules for p in m.parameters())))
+    assert on_meta == [True] and not any(p.is_meta for p in model.parameters())

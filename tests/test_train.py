@@ -155,20 +155,26 @@ def test_a_full_disk_keeps_the_previous_checkpoint(workspace):
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_0000005", "step_0000010"]
 
 
+def _save_that_dies(real_save, on_call: int):
+    """dcp.save that writes, then raises KeyboardInterrupt on its on_call-th call: the checkpoint dies after its
+    tensors are written, before it is complete."""
+    calls = []
+
+    def save(state, checkpoint_id, **options):
+        calls.append(checkpoint_id)
+        real_save(state, checkpoint_id=checkpoint_id, **options)
+        if len(calls) == on_call:
+            raise KeyboardInterrupt
+    return save
+
+
 def test_kill_during_checkpoint_write_keeps_previous(workspace, monkeypatch):
     from nanoseek.train.config import TrainConfig
     from nanoseek.train.trainer import RunSpec, train
 
     monkeypatch.setenv("NANOSEEK_CACHE", str(workspace / "cache"))
-    real_save, calls = train_checkpoint.dcp.save, []
-
-    def dying_save(state, checkpoint_id):
-        calls.append(checkpoint_id)
-        real_save(state, checkpoint_id=checkpoint_id)
-        if len(calls) == 2:  # the second checkpoint dies after its tensors are written, before it is complete
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_checkpoint.dcp, "save", dying_save)
+    real_save = train_checkpoint.dcp.save
+    monkeypatch.setattr(train_checkpoint.dcp, "save", _save_that_dies(real_save, on_call=2))
     config = nanoseek.ModelConfig.preset("tiny").replace(hidden_size=32, num_hidden_layers=2, vocab_size=320,
                                                          max_position_embeddings=64)
     train_config = TrainConfig(seq_len=32, batch_size=2, max_steps=10, save_every=5, eval_batches=1,
@@ -255,15 +261,8 @@ def test_v4_trains_resumes_bit_identical_and_is_a_transformers_model(workspace, 
                      show_progress=False)
 
     run("v4-straight")
-    real_save, saves = train_checkpoint.dcp.save, []
-
-    def save_then_die(state, checkpoint_id):  # the run dies writing its step-8 checkpoint: it resumes from step 4
-        saves.append(checkpoint_id)
-        real_save(state, checkpoint_id=checkpoint_id)
-        if len(saves) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_checkpoint.dcp, "save", save_then_die)
+    real_save = train_checkpoint.dcp.save  # the run dies writing its step-8 checkpoint: it resumes from step 4
+    monkeypatch.setattr(train_checkpoint.dcp, "save", _save_that_dies(real_save, on_call=2))
     with pytest.raises(KeyboardInterrupt):
         run("v4-resumed")
     monkeypatch.setattr(train_checkpoint.dcp, "save", real_save)

@@ -122,3 +122,31 @@ def test_resume_ignores_what_the_run_derived_itself():
     with pytest.raises(ConfigError, match="model.hidden_size is 192"):
         resume_train_config(saved, TrainConfig(), asked.replace(hidden_size=256), TrainConfig(),
                             explicit | {"model.hidden_size"})
+
+
+def test_failures_name_their_cause():
+    """Out of memory is said as such (before, under torchrun, any RuntimeError read "a collective failed"); a dead
+    peer names the collective's error and the timeout to raise; anything else keeps its traceback."""
+    import torch
+    import torch.distributed as dist
+
+    from nanoseek.parallel.setup import Parallelism, explain_failure
+
+    two = Parallelism(dp=2, rank=1)
+    oom = str(explain_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), two, 120))
+    assert oom.startswith("rank 1: out of memory") and "Tried to allocate 2.00 GiB" in oom
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: 8 bytes")
+    assert "out of memory on cpu" in str(explain_failure(cpu, Parallelism(), 120))
+    peer = str(explain_failure(dist.DistBackendError("NCCL communicator was aborted"), two, 300))
+    assert "collective_timeout_s=300" in peer and "DistBackendError: NCCL communicator was aborted" in peer
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    assert "Connection closed by peer" in str(explain_failure(gloo, two, 120))
+    assert explain_failure(gloo, Parallelism(), 120) is None  # one process has no peer to blame
+    assert explain_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x4)"), two, 120) is None
+
+
+def test_timeouts_are_settings_a_resume_may_change(train):
+    from nanoseek.train.config import RESUMABLE
+
+    _assert_one_line_error(train("train.collective_timeout_s=0"), "collective_timeout_s")
+    assert {"collective_timeout_s", "checkpoint_timeout_s"} <= RESUMABLE

@@ -1,9 +1,22 @@
-"""nanoseek: an open, efficient DeepSeek-V3-style LLM stack in PyTorch."""
+"""nanoseek: an open, efficient DeepSeek-V3-style LLM stack in PyTorch.
 
-from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
-from nanoseek.config import ModelConfig, RopeScaling
-from nanoseek.errors import CheckpointError, ConfigError, NanoseekError
-from nanoseek.model.transformer import ModelOutput, Transformer
+The names below load on first use, so that a part that needs no model (the data tools, and the processes that
+encode a corpus in parallel) starts without importing torch."""
 
-__all__ = ["ModelConfig", "RopeScaling", "Transformer", "ModelOutput", "load_pretrained", "save_pretrained",
-           "NanoseekError", "ConfigError", "CheckpointError"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {"ModelConfig": "nanoseek.config", "RopeScaling": "nanoseek.config",
+          "Transformer": "nanoseek.model.transformer", "ModelOutput": "nanoseek.model.transformer",
+          "load_pretrained": "nanoseek.checkpoint.hf",
+          "save_pretrained": "nanoseek.checkpoint.hf", "NanoseekError": "nanoseek.errors",
+          "ConfigError": "nanoseek.errors", "CheckpointError": "nanoseek.errors"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from nanoseek.data.prepare import PrepareOptions, fingerprint, prepare, read_manifest, tokenizer_digest
+from nanoseek.data.prepare import FORMAT, PrepareOptions, fingerprint, prepare, read_manifest, tokenizer_digest
 from nanoseek.data.sources import CorpusError, Source, source_files
 
 
@@ -92,9 +93,10 @@ def is_prepared(spec: str) -> bool:
     return (Path(spec) / "manifest.json").is_file()
 
 
-def open_source(source: Source, tokenizer: Tokenizer, options: PrepareOptions, progress: bool = True) -> Prepared:
+def open_source(source: Source, tokenizer: Tokenizer, options: PrepareOptions, progress: bool = True,
+                stop: Callable[[], bool] = lambda: False) -> Prepared:
     """A prepared directory as it is, or the source prepared into the cache (once: keyed by the files, tokenizer
-    and options)."""
+    and options; `stop` as prepare's)."""
     if is_prepared(source.spec):
         prepared = Prepared(Path(source.spec))
         if prepared.manifest["tokenizer"] != tokenizer_digest(tokenizer):
@@ -102,9 +104,10 @@ def open_source(source: Source, tokenizer: Tokenizer, options: PrepareOptions, p
                               "tokenizer.json, or prepare it again)")
         return prepared
     files = source_files(source.spec)
-    key = hashlib.sha256(json.dumps([tokenizer_digest(tokenizer), asdict(options), fingerprint(files)]).encode())
+    key = hashlib.sha256(json.dumps([FORMAT, tokenizer_digest(tokenizer), asdict(options), fingerprint(files)]
+                                    ).encode())
     directory = cache_root() / "tokens" / key.hexdigest()[:16]
-    prepare(files, tokenizer, directory, options, progress)
+    prepare(files, tokenizer, directory, options, progress, stop=stop)
     return Prepared(directory)
 
 
@@ -115,8 +118,8 @@ class TokenDataset:
 
     @classmethod
     def build(cls, sources: list[Source], tokenizer: Tokenizer, options: PrepareOptions = PrepareOptions(),
-              progress: bool = True) -> TokenDataset:
-        return cls([open_source(s, tokenizer, options, progress) for s in sources], [s.weight for s in sources])
+              progress: bool = True, stop: Callable[[], bool] = lambda: False) -> TokenDataset:
+        return cls([open_source(s, tokenizer, options, progress, stop) for s in sources], [s.weight for s in sources])
 
     def check(self, seq_len: int) -> None:
         for prepared in self.sources:
@@ -126,19 +129,24 @@ class TokenDataset:
                                       f"for sequences of {seq_len}; use more text or a shorter train.seq_len=N")
 
     def batch(self, split: str, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0,
-              at_document_starts: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inputs, targets, segment numbers of the inputs), each [batch_size, seq_len]. Each row's source is drawn
-        with its weight, then a window of it, from a generator keyed by (seed, step, micro, split)."""
+              at_document_starts: bool = False, rows: range | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, segment numbers of the inputs), each [batch_size, seq_len], or [len(rows), seq_len]:
+        only those rows of the batch are read (a data-parallel rank's share; every row is still drawn, so the
+        batch is the same whoever reads which rows). Each row's source is drawn with its weight, then a window of
+        it, from a generator keyed by (seed, step, micro, split)."""
         rng = np.random.default_rng([seed, step, micro, split == "val"])
         picks = rng.choice(len(self.sources), size=batch_size, p=self.weights)
-        rows, segments = [], []
-        for index in picks:
+        wanted = range(batch_size) if rows is None else rows
+        tokens, segments = [], []
+        for row, index in enumerate(picks):
             shards = getattr(self.sources[index], split)
             start = shards.window_start(rng, seq_len + 1, at_document_starts)
-            rows.append(shards.read(start, seq_len + 1))
-            segments.append(shards.segments(start, seq_len))
-        tokens = torch.from_numpy(np.stack(rows))
-        return tokens[:, :-1], tokens[:, 1:], torch.from_numpy(np.stack(segments))
+            if row in wanted:
+                tokens.append(shards.read(start, seq_len + 1))
+                segments.append(shards.segments(start, seq_len))
+        stacked = torch.from_numpy(np.stack(tokens))
+        return stacked[:, :-1], stacked[:, 1:], torch.from_numpy(np.stack(segments))
 
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the training tokens' frequencies (the first source's, read in chunks): the loss

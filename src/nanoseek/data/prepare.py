@@ -1,13 +1,17 @@
-"""Corpus → sharded token files, streamed: units are encoded in batches (the tokenizers library's parallel
-encode_batch) and written straight to `train_NNNNN.bin` / `val_NNNNN.bin` (uint16 when the vocabulary fits, else
-uint32), each with `.starts.npy`: where its segments (documents, or the parts of one a split holds) begin. Memory is
-one batch of units and one shard, whatever the corpus size.
+"""Corpus → sharded token files, streamed: units are encoded in batches (tiktoken where it gives the tokenizer's
+exact ids, else the tokenizers library; see encoder.py) while the next batch is read, and written straight to
+`train_NNNNN.bin` / `val_NNNNN.bin` (uint16 when the vocabulary fits, else uint32), each with `.starts.npy`: where
+its segments (documents, or the parts of one a split holds) begin. Memory is two batches of units and one shard,
+whatever the corpus size.
 
 `manifest.json` is the source of truth: a shard counts once the manifest lists it, and the manifest also records
-where the corpus was read up to, so an interrupted preparation resumes there and ends with the same shards as an
-uninterrupted one. Validation: for corpora of at least HELD_OUT_BYTES a seeded share of whole units (documents, or
-64 KiB pieces of a .txt) is held out; smaller corpora give the last val_fraction of each unit's tokens instead, so
-that both splits exist however few documents there are.
+where the corpus was read up to, so an interrupted preparation (a kill, or a stop asked by `train`'s SIGTERM
+handler) resumes there and ends with the same shards as an uninterrupted one.
+
+Validation, for corpora of at least HELD_OUT_BYTES: whole documents, chosen before reading (the manifest's plan): a
+seeded val_fraction of the JSONL lines and parquet rows, and of the .txt files (a document each) when there are
+enough of them for that share; with fewer, each .txt file's last val_fraction of pieces. Smaller corpora give the
+last val_fraction of each unit's tokens instead, so that both splits exist however few documents there are.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +28,13 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from nanoseek.data.sources import CorpusError, Problems, Unit, read_units
+from nanoseek.data.encoder import Encoder, corpus_encoder, encode_stream
+from nanoseek.data.sources import CorpusError, Problems, Unit, read_units, suffix_of
 from nanoseek.data.tokenizer import end_of_text_id
+from nanoseek.errors import RunInterrupted
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: validation holds whole .txt documents (1: 64 KiB pieces of them)
 HELD_OUT_BYTES = 16 << 20
 BATCH_CHARS = 1 << 22  # units encoded together (in parallel) at most
 
@@ -56,14 +63,34 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError) as e:
         raise CorpusError(f"{directory / MANIFEST} is damaged: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (1, FORMAT):  # 1's shards read the same
         raise CorpusError(f"{directory / MANIFEST} is not a nanoseek token manifest (format {FORMAT})")
     return manifest
 
 
-def _held_out(seed: int, file_index: int, number: int, fraction: float) -> bool:
-    digest = hashlib.blake2b(f"{seed}/{file_index}/{number}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < fraction * 2**64
+def _hash(*key: int) -> int:
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest(), "little")
+
+
+def held_out_plan(files: list[Path], sizes: list[int], options: PrepareOptions) -> dict[str, Any] | None:
+    """Which documents validation holds, fixed before reading (None: each unit's tail, for a small corpus)."""
+    if sum(sizes) < HELD_OUT_BYTES:
+        return None
+    texts = [i for i, f in enumerate(files) if suffix_of(f) == ".txt"]
+    whole = round(options.val_fraction * len(texts))
+    if whole:
+        ranked = sorted(texts, key=lambda i: _hash(options.seed, i))
+        return {"txt": texts, "txt_whole": sorted(ranked[:whole]), "txt_tail_from": {}}
+    return {"txt": texts, "txt_whole": [],  # the pieces from this byte on
+            "txt_tail_from": {str(i): sizes[i] - int(options.val_fraction * sizes[i]) for i in texts}}
+
+
+def _held_out(plan: dict[str, Any], unit: Unit, options: PrepareOptions) -> bool:
+    if unit.file_index not in plan["txt"]:  # a JSONL line or parquet row: a document of its own
+        return _hash(options.seed, unit.file_index, unit.number) < options.val_fraction * 2**64
+    if plan["txt_whole"]:
+        return unit.file_index in plan["txt_whole"]
+    return unit.offset >= plan["txt_tail_from"][str(unit.file_index)]
 
 
 class _Split:
@@ -76,13 +103,13 @@ class _Split:
         self.tokens = 0
         self.previous: tuple[int, int] | None = None  # (file, unit) whose part ended this split at its unit's end
 
-    def add(self, ids: list[int], unit: Unit, begins_unit: bool, ends_unit: bool) -> None:
-        if not ids:
+    def add(self, ids: np.ndarray, unit: Unit, begins_unit: bool, ends_unit: bool) -> None:
+        if not len(ids):
             return
         continues = begins_unit and self.previous == (unit.file_index, unit.number - 1) and not unit.first
         if not continues:
             self.starts.append(self.tokens)
-        self.parts.append(np.asarray(ids, dtype=self.dtype))
+        self.parts.append(ids.astype(self.dtype))
         self.tokens += len(ids)
         self.previous = (unit.file_index, unit.number) if ends_unit else None
 
@@ -102,8 +129,10 @@ class _Split:
 
 
 def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: PrepareOptions = PrepareOptions(),
-            progress: bool = True) -> dict[str, Any]:
-    """Tokenizes `files` into `out` (resuming a preparation that was interrupted) and returns its manifest."""
+            progress: bool = True, encoder: Encoder | None = None,
+            stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Tokenizes `files` into `out` (resuming a preparation that was interrupted) and returns its manifest. `stop`
+    is asked after each batch: when it says so, RunInterrupted is raised (the shards written so far are kept)."""
     identity = {"format": FORMAT, "tokenizer": tokenizer_digest(tokenizer), "files": fingerprint(files),
                 "options": asdict(options)}
     manifest = read_manifest(out)
@@ -114,9 +143,9 @@ def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: Prepare
     out.mkdir(parents=True, exist_ok=True)
     if manifest is None:
         tokenizer.save(str(out / "tokenizer.json"))
-        total = sum(f["bytes"] for f in identity["files"])
+        sizes = [f["bytes"] for f in identity["files"]]
         manifest = {**identity, "dtype": "uint16" if tokenizer.get_vocab_size() <= 1 << 16 else "uint32",
-                    "held_out_documents": total >= HELD_OUT_BYTES, "next": [0, 0], "train": [], "val": [],
+                    "held_out": held_out_plan(files, sizes, options), "next": [0, 0], "train": [], "val": [],
                     "skipped": 0, "complete": False}
     dtype = np.dtype(manifest["dtype"])
     splits = {name: _Split(name, dtype) for name in ("train", "val")}
@@ -124,32 +153,26 @@ def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: Prepare
         splits[name].previous = tuple(previous) if previous else None
     problems = Problems(options.strict)
     problems.count, problems.examples = manifest["skipped"], manifest.get("problems", [])
-    eot = end_of_text_id(tokenizer)
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast (tokenizers >= 0.21): no offsets
+    eot = [] if end_of_text_id(tokenizer) is None else [end_of_text_id(tokenizer)]
     bar = tqdm(total=sum(f["bytes"] for f in identity["files"]), unit="B", unit_scale=True, desc="tokenizing",
                disable=None if progress else True, leave=False)  # None: shown on a terminal only
-    batch: list[Unit] = []
-    chars = 0
-
-    def encode_batch() -> None:
-        nonlocal batch, chars
-        for unit, encoding in zip(batch, encode([u.text for u in batch], add_special_tokens=False)):
-            ids = ([eot] if unit.first and eot is not None else []) + encoding.ids
-            _route(ids, unit, splits, manifest["held_out_documents"], options)
-        bar.update(chars)
-        manifest["next"] = [batch[-1].file_index, batch[-1].number + 1]
-        batch, chars = [], 0
-        if splits["train"].tokens >= options.shard_tokens:
-            _flush(splits, out, manifest, problems)
-
-    for unit in read_units(files, options.text_field, problems, tuple(manifest["next"])):
-        batch.append(unit)
-        chars += len(unit.text)
-        if chars >= BATCH_CHARS:
-            encode_batch()
-    if batch:
-        encode_batch()
-    bar.close()
+    units = read_units(files, options.text_field, problems, tuple(manifest["next"]))
+    encoder = encoder or corpus_encoder(tokenizer)
+    try:
+        for batch, encoded in encode_stream(units, encoder, BATCH_CHARS):
+            for unit, ids in zip(batch, encoded):
+                _route(np.concatenate((eot, ids)) if unit.first and eot else ids, unit, splits,
+                       manifest["held_out"], options)
+            bar.update(sum(len(u.text) for u in batch))
+            manifest["next"] = [batch[-1].file_index, batch[-1].number + 1]
+            if splits["train"].tokens >= options.shard_tokens:
+                _flush(splits, out, manifest, problems)
+            if stop():
+                raise RunInterrupted(f"stopped while tokenizing the corpus into {out}; its shards so far are kept: "
+                                     "run the same command again to go on from them")
+    finally:
+        bar.close()
+        encoder.close()
     if not sum(s["tokens"] for s in manifest["train"]) and not splits["train"].tokens:  # nothing is marked done
         raise CorpusError(f"the corpus ({', '.join(str(f) for f in files[:3])}) holds no text"
                           + (f"; {problems.summary()}" if problems.count else ""))
@@ -158,12 +181,12 @@ def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: Prepare
     return manifest
 
 
-def _route(ids: list[int], unit: Unit, splits: dict[str, _Split], held_out_documents: bool,
+def _route(ids: np.ndarray, unit: Unit, splits: dict[str, _Split], plan: dict[str, Any] | None,
            options: PrepareOptions) -> None:
-    """A unit's tokens to validation (whole, if held out) or split: most to training, the tail to validation."""
-    if held_out_documents:
-        held = _held_out(options.seed, unit.file_index, unit.number, options.val_fraction)
-        splits["val" if held else "train"].add(ids, unit, True, True)
+    """A unit's tokens to validation (whole, if its document is held out) or split: most to training, the tail to
+    validation."""
+    if plan is not None:
+        splits["val" if _held_out(plan, unit, options) else "train"].add(ids, unit, True, True)
         return
     cut = len(ids) - max(1, int(len(ids) * options.val_fraction))
     splits["train"].add(ids[:cut], unit, True, cut == len(ids))

@@ -2,7 +2,7 @@
 directories and glob patterns of them, and mixtures of such sources with weights.
 
 A corpus is read as *units*: one per JSONL line or parquet row (a document each), and pieces of about
-TEXT_PIECE_BYTES of a .txt file (one document per file, cut after a newline that a non-space character follows:
+TEXT_PIECE_BYTES of a .txt file (one document per file, cut after a newline between two non-space characters:
 byte-level BPE never merges across that point, so the pieces tokenize to the ids of the whole file; a line longer
 than MAX_LINE_CHARS is the exception, cut where it is). Memory is one unit at a time, whatever the corpus size.
 """
@@ -39,6 +39,7 @@ class Unit:
     file_index: int
     number: int  # the unit's index within its file (a line, row or piece)
     first: bool
+    offset: int = 0  # a .txt piece's first byte in its file
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def read_units(files: list[Path], text_field: str, problems: Problems, start: tu
 
 
 def _text_pieces(path: Path, index: int, problems: Problems) -> Iterator[Unit]:
-    number, carry, done = 0, "", False
+    number, offset, carry, done = 0, 0, "", False
     utf8 = codecs.getincrementaldecoder("utf-8")()
     with open(path, "rb") as f:
         while not done:
@@ -186,19 +187,22 @@ def _text_pieces(path: Path, index: int, problems: Problems) -> Iterator[Unit]:
             if not cut and len(text) > MAX_LINE_CHARS:  # a line this long is cut where it is: a token may change
                 cut = len(text)
             if cut:
-                yield Unit(text[:cut], index, number, number == 0)
+                yield Unit(text[:cut], index, number, number == 0, offset)
                 number += 1
+                offset += len(text[:cut].encode())
             carry = text[cut:]
 
 
 def _safe_cut(text: str) -> int:
-    """The last point after a newline that a non-space character follows (0: none; the text is carried over)."""
+    """The last point after a newline with a non-space character on either side (0: none; the text is carried
+    over). GPT-2's pattern takes such a newline alone, as a text's last character would be; after other whitespace
+    it would not (" \n" then a letter splits as " ", "\n"; at the end of a text, " \n" is one piece)."""
     position = len(text) - 1
     while True:
         position = text.rfind("\n", 0, position)
-        if position < 0:
+        if position <= 0:
             return 0
-        if position + 1 < len(text) and not text[position + 1].isspace():
+        if position + 1 < len(text) and not text[position + 1].isspace() and not text[position - 1].isspace():
             return position + 1
 
 

@@ -41,13 +41,14 @@ class ExpertParallelExperts(nn.Module):
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)  # [source rank, local expert] counts
         received = received.view(self.ep, self.local)
-        send_splits = counts.view(self.ep, self.local).sum(dim=1).tolist()
-        recv_splits = received.sum(dim=1).tolist()
+        # the one host transfer of the layer: the all-to-all's split sizes (both directions at once)
+        send_splits, recv_splits = torch.stack([counts.view(self.ep, self.local).sum(dim=1),
+                                                received.sum(dim=1)]).tolist()
         arrived = dist_fn.all_to_all_single(x.new_empty(sum(recv_splits), x.shape[1]), x.contiguous(),
                                             recv_splits, send_splits, group=self.group)
         # arrived is ordered (source, local expert); the grouped GEMM wants (local expert, source)
         expert_of_row = torch.repeat_interleave(torch.arange(self.local, device=x.device).repeat(self.ep),
-                                                received.flatten())
+                                                received.flatten(), output_size=sum(recv_splits))
         order = expert_of_row.argsort(stable=True)
         local_ends = received.sum(dim=0).cumsum(0).to(torch.int32)
         gate_up, down = self.gate_up.to_local(), self.down.to_local()

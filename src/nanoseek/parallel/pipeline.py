@@ -115,10 +115,10 @@ def build_pipeline(model: Transformer, rank: int, pp: int, schedule: str, n_micr
         model.norm, model.head, model.mtp = None, None, nn.ModuleList()
     for moe in model.moe_layers():
         moe.inject_aux_loss = True  # the schedule owns the loss: balance losses ride on the activations' grads
-    model.to_empty(device=device)  # built on meta: the caller initializes or loads the weights afterwards
     modules = [StageModule(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == n_stages - 1) for s in mine]
-    if shard is not None:  # expert parallelism and FSDP over the data-parallel ranks of the stage
+    if shard is not None:  # expert parallelism and FSDP over the data-parallel ranks of the stage, still on meta
         shard(modules)
+    model.to_empty(device=device)  # only this rank's shards: the caller initializes or loads the weights afterwards
     stages = [PipelineStage(module, s, n_stages, device, group=group) for module, s in zip(modules, mine)]
     for stage in stages:
         _keep_loads_through_shape_inference(stage, model)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from nanoseek.errors import ConfigError
+from nanoseek.errors import ConfigError, NanoseekError, first_line
 from nanoseek.model.compressor import CompressedIndexer, Compressor
 from nanoseek.model.hyper import HyperConnection, HyperHead
 from nanoseek.model.indexer import LightningIndexer
@@ -34,6 +34,7 @@ class Parallelism:
     expert_dp_mesh: DeviceMesh | None = None  # ranks holding the same experts (dp / ep of them): FSDP's for experts
     pp_rank: int = 0
     pp_group: dist.ProcessGroup | None = None
+    checkpoint_group: dist.ProcessGroup | None = None  # gloo, with a timeout for checkpoints (DCP and their waits)
     compute_dtype: torch.dtype = torch.float32  # parameters' dtype in forward/backward (FSDP2 casts them)
 
     @property
@@ -60,10 +61,11 @@ class Parallelism:
 
 
 def init_parallelism(dp: int | None, ep: int, pp: int = 1, pp_schedule: str = "1f1b",
-                     timeout_s: float = 120) -> Parallelism:
+                     timeout_s: float = 120, checkpoint_timeout_s: float = 1800) -> Parallelism:
     """Reads torchrun's WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU; on CUDA, NCCL for CUDA tensors plus gloo for any
-    CPU tensor a library collective brings (DCP's metadata, object broadcasts). A lost peer surfaces as an error on
-    the others within timeout_s instead of a hang."""
+    CPU tensor a library collective brings (object broadcasts). A lost peer surfaces as an error on the others
+    within timeout_s (NCCL's and gloo's collectives alike) instead of a hang; checkpoints run over a gloo group of
+    their own whose timeout, checkpoint_timeout_s, allows a slow filesystem."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if pp < 1 or world % pp:
         raise ConfigError(f"--pp {pp} must divide the number of processes ({world})")
@@ -87,6 +89,7 @@ def init_parallelism(dp: int | None, ep: int, pp: int = 1, pp_schedule: str = "1
     else:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    checkpoint_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=checkpoint_timeout_s))
     # One root mesh (pp, dp_replicate, ep): pipeline stages along "pp"; within a stage, FSDP over all dp ranks
     # (dp_replicate x ep, flattened) and the experts sharded over "ep", then FSDP-sharded over "dp_replicate" (the
     # ranks holding the same experts). Sub-meshes of one root let FSDP shard those DTensors further (its 2-D path).
@@ -95,7 +98,25 @@ def init_parallelism(dp: int | None, ep: int, pp: int = 1, pp_schedule: str = "1
                        dp_mesh=mesh["dp_replicate", "ep"]._flatten("dp"),
                        ep_mesh=mesh["ep"] if ep > 1 else None,
                        expert_dp_mesh=mesh["dp_replicate"] if ep > 1 else None,
-                       pp_rank=mesh.get_local_rank("pp"), pp_group=mesh["pp"].get_group() if pp > 1 else None)
+                       pp_rank=mesh.get_local_rank("pp"), pp_group=mesh["pp"].get_group() if pp > 1 else None,
+                       checkpoint_group=checkpoint_group)
+
+
+def explain_failure(error: BaseException, par: Parallelism, timeout_s: float) -> NanoseekError | None:
+    """One line naming what stopped a run, for the failures a user can act on: memory, and a collective whose
+    peer died or stalled (gloo and NCCL report those from inside whatever collective was running). None for
+    anything else, which keeps its traceback."""
+    text = str(error)
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text:
+        return NanoseekError(f"rank {par.rank}: out of memory on {par.device}: {first_line(error)} (try a smaller "
+                             "train.batch_size with a larger train.grad_accum, train.recompute=true, or more "
+                             "processes)")
+    peer_trouble = ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+    if par.distributed and (isinstance(error, dist.DistError) or any(w in text.lower() for w in peer_trouble)):
+        return NanoseekError(f"rank {par.rank}: a collective with the other processes failed (did one die, or wait "
+                             f"past train.collective_timeout_s={timeout_s:g}?): {type(error).__name__}: "
+                             f"{first_line(error)}")
+    return None
 
 
 def parallelize(model: Transformer, par: Parallelism) -> None:

@@ -114,7 +114,7 @@ class PostRun:
         optimizer = build_optimizer(model, self.cfg.schedule(), next(model.parameters()).device)
         step = 0
         if self.resume_from is not None:
-            meta = load_checkpoint(self.resume_from, model, optimizer)
+            meta = load_checkpoint(self.resume_from, model, optimizer, self.par.checkpoint_group)
             if meta.get("settings") != self.settings:
                 raise NanoseekError(f"--resume: {self.out} was started with other settings; "
                                     f"it has {json.dumps(meta.get('settings'))}")
@@ -138,7 +138,8 @@ class PostRun:
         stopping = stop.agreed()  # collective under torchrun: a signal to one rank stops them all after this step
         if done >= self.cfg.max_steps or not (periodic or stopping):
             return
-        path = save_checkpoint(self.out / "checkpoints", done, model, optimizer, {"settings": self.settings}, keep=2)
+        path = save_checkpoint(self.out / "checkpoints", done, model, optimizer, {"settings": self.settings}, keep=2,
+                               group=self.par.checkpoint_group)
         if stopping:
             hint = resume_hint(done, str(path), f"nanoseek {self.kind} … --out {self.out} --resume")
             raise RunInterrupted(hint if self.par.is_main else "")

@@ -42,9 +42,9 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
 
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -55,12 +55,12 @@ def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"{PREFIX}{step:07d}"
 
 
-def _agree(ok: bool) -> bool:
+def _agree(ok: bool, group: dist.ProcessGroup | None) -> bool:
     """Whether every process succeeded (collective; a CPU tensor, which the default group sends over gloo)."""
     if not dist.is_initialized():
         return ok
     failed = torch.tensor([0 if ok else 1])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
     return not failed.item()
 
 
@@ -87,8 +87,9 @@ def _restore_rng_states(path: Path) -> None:
 
 
 def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], keep: int) -> Path:
-    """Collective: every process calls it. A write that fails on any process (a full disk, a file-size limit)
+                    meta: dict[str, Any], keep: int, group: dist.ProcessGroup | None = None) -> Path:
+    """Collective: every process calls it (`group`: the one its waits run over, whose timeout allows a slow
+    filesystem; default: the default group). A write that fails on any process (a full disk, a file-size limit)
     removes the partial checkpoint and raises CheckpointError on every process; earlier checkpoints are untouched."""
     final = checkpoint_path(directory, step)
     tmp = directory / f".tmp-{final.name}"
@@ -99,25 +100,25 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
             tmp.mkdir(parents=True)
     except OSError as e:
         error = e
-    if _agree(error is None):
+    if _agree(error is None, group):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+                dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), process_group=group)
             with open(tmp / f"rng-{_rank()}.pt", "wb") as f:  # synced like DCP's files, before the rename
                 torch.save(_rng_states(), f)
                 f.flush()
                 os.fsync(f.fileno())
         except (Exception, CheckpointException) as e:  # DCP's own error type derives from BaseException
             error = e
-    if _agree(error is None) and _rank() == 0:
+    if _agree(error is None, group) and _rank() == 0:
         try:
             _write_synced(tmp / "trainer.json", json.dumps({"step": step, **meta}, indent=2))
             _fsync_directory(tmp)
             _move_into_place(tmp, final)
         except OSError as e:
             error = e
-    if not _agree(error is None):
+    if not _agree(error is None, group):
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {describe_write_failure(directory, error)}; the "
@@ -125,7 +126,7 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
     if _rank() == 0:
         for old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _barrier(group)
     return final
 
 
@@ -212,14 +213,15 @@ def check_shapes(path: Path, config: ModelConfig) -> None:
                                   f"{tuple(tensor.shape)}")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    group: dist.ProcessGroup | None = None) -> dict[str, Any]:
     """Restores model, optimizer and (this rank's, if saved) RNGs in place; returns trainer.json."""
     meta = read_meta(path)
     state = _state(model, optimizer)
     try:
         with warnings.catch_warnings():  # DCP warns that a lone process is loading alone: that is the intent
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), process_group=group)
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     except (Exception, CheckpointException) as e:  # DCP's own error type derives from BaseException

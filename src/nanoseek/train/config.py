@@ -56,10 +56,15 @@ class TrainConfig:
     fp8_backend: Literal["auto", "emulate", "scaled_mm"] = "auto"
     optimizer_moments: Literal["fp32", "bf16"] = "fp32"  # AdamW's m and v; master weights stay fp32
     recompute: bool = False  # keep only MLA's compressed inputs; replay norms, up-projections and core in backward
+    tf32: bool = False  # fp32 matmuls on CUDA in TensorFloat-32 (train/precision.py)
     compile: bool = False  # torch.compile each block (what cannot compile, e.g. the experts' grouped GEMM, stays eager)
     # V3.2 models (model.index_n_heads > 0): "warmup" trains only the indexers, by KL to dense attention; "sparse"
     # trains everything with top-k attention, the indexers by KL over their selection (train/dsa.py)
     dsa: Literal["warmup", "sparse"] = "sparse"
+    # under torchrun: how long a collective may wait for the other processes (gloo and NCCL alike) before the run
+    # stops with an error naming the cause; and a checkpoint's save or load (DCP over a gloo group of its own)
+    collective_timeout_s: float = 120.0
+    checkpoint_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")
@@ -72,6 +77,10 @@ class TrainConfig:
         for name in ("lr", "beta1", "beta2", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"train field {name!r}: must be positive, got {getattr(self, name)}")
+        for name in ("collective_timeout_s", "checkpoint_timeout_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"train field {name!r}: must be a positive number of seconds, got "
+                                  f"{getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise ConfigError("train fields 'min_lr_ratio' and 'decay_fraction' must lie in [0, 1]")
 
@@ -88,10 +97,11 @@ class TrainConfig:
 
 
 # What may change when a run resumes: its length, learning-rate schedule and cadences, and how it computes without
-# changing what (compilation, recomputation). Everything else shapes the model, the data position or the optimizer
+# changing what (compilation, recomputation, TF32, timeouts). Everything else shapes the model, the data position or the optimizer
 # state that the checkpoint holds.
 RESUMABLE = frozenset({"max_steps", "lr", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio", "eval_every",
-                       "eval_batches", "save_every", "keep_checkpoints", "log_every", "compile", "recompute"})
+                       "eval_batches", "save_every", "keep_checkpoints", "log_every", "compile", "recompute",
+                       "tf32", "collective_timeout_s", "checkpoint_timeout_s"})
 
 # Model fields a run sets itself (from its tokenizer and train.use_mtp), whatever the command line said: the same
 # command with --resume must not be refused over them.

@@ -4,6 +4,8 @@ dataset, prepared once into the cache and reused."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -47,7 +49,8 @@ def prepare_options(cfg: TrainConfig) -> PrepareOptions:
     return PrepareOptions(text_field=cfg.text_field, strict=cfg.strict_data)
 
 
-def run_dataset(sources: list[Source], tokenizer: Tokenizer, cfg: TrainConfig, progress: bool) -> TokenDataset:
-    dataset = TokenDataset.build(sources, tokenizer, prepare_options(cfg), progress)
+def run_dataset(sources: list[Source], tokenizer: Tokenizer, cfg: TrainConfig, progress: bool,
+                stop: Callable[[], bool] = lambda: False) -> TokenDataset:
+    dataset = TokenDataset.build(sources, tokenizer, prepare_options(cfg), progress, stop)
     dataset.check(cfg.seq_len)
     return dataset

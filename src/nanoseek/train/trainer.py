@@ -19,24 +19,26 @@ from tqdm import tqdm
 from nanoseek.config import ModelConfig
 from nanoseek.data.dataset import TokenDataset
 from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer, write_tokenizer_files
-from nanoseek.errors import ConfigError, NanoseekError, RunInterrupted, first_line
+from nanoseek.errors import ConfigError, NanoseekError, RunInterrupted
 from nanoseek.flops import model_stats
 from nanoseek.memory import check_training_fits
 from nanoseek.model.transformer import Transformer
-from nanoseek.parallel.collectives import clip_grad_norm, mean_over_ranks, save_final_model, sum_over_ranks
+from nanoseek.parallel.collectives import mean_over_ranks, save_final_model
 from nanoseek.parallel.pipeline import PipelineRunner
-from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
-from nanoseek.train.balance import ImbalanceTracker, configure_balance, update_expert_bias
+from nanoseek.parallel.setup import Parallelism, explain_failure, init_parallelism, parallelize
+from nanoseek.train.balance import ImbalanceTracker, configure_balance
 from nanoseek.train.checkpoint import (check_shapes, checkpoint_path, list_checkpoints, load_checkpoint, read_meta,
                                       save_checkpoint, saved_configs)
 from nanoseek.train.config import TrainConfig, resume_train_config
-from nanoseek.train.dsa import check_starting_shapes, configure_indexers, indexer_loss, load_initial_weights
+from nanoseek.train.dsa import check_starting_shapes, configure_indexers, load_initial_weights
 from nanoseek.train.data import run_dataset, run_sources, run_tokenizer, same_sources
 from nanoseek.train.interrupt import StopRequests, resume_hint
+from nanoseek.train.loader import BatchLoader, local_batch
 from nanoseek.train.metrics import (MetricsLog, PeakFlops, Stopwatch, Throughput, log_row, plot_losses,
                                    progress_text, synchronize)
-from nanoseek.train.optim import build_optimizer, lr_factor
-from nanoseek.train.precision import apply_precision, autocast
+from nanoseek.train.optim import build_optimizer
+from nanoseek.train.precision import apply_precision, autocast, use_tf32
+from nanoseek.train.step import TrainStep
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,9 @@ class RunSpec:
             object.__setattr__(self, "data", [str(self.data)])
 
 
-def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
-    """Resolves configs, tokenizer and data, all checked before anything in the run directory is written."""
+def _prepare(spec: RunSpec, stop: StopRequests) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
+    """Resolves configs, tokenizer and data, all checked before anything in the run directory is written; a stop
+    asked while the corpus is tokenized ends the tokenization (RunInterrupted)."""
     checkpoints = list_checkpoints(spec.out / "checkpoints")
     if spec.resume:
         if not checkpoints:
@@ -95,7 +98,7 @@ def _prepare(spec: RunSpec) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
     if spec.model.hyper_connections and spec.train.document_mask:
         raise NanoseekError("train.document_mask: DeepSeek-V4 takes no document mask (a compressed entry pools the "
                             "tokens of its window, whichever documents they belong to)")
-    dataset = run_dataset(run_sources(spec.data), tokenizer, spec.train, progress=True)
+    dataset = run_dataset(run_sources(spec.data), tokenizer, spec.train, progress=True, stop=lambda: stop.requested)
     return spec, tokenizer, dataset, checkpoints[-1] if spec.resume else None
 
 
@@ -105,7 +108,7 @@ def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, par: P
     model.eval()
     total = torch.zeros((), device=par.device)
     for i in range(cfg.eval_batches):
-        x, y, documents = _local_rows(_batch(dataset, "val", cfg, i), par)
+        x, y, documents = local_batch(dataset, "val", cfg, par, i)
         with autocast(par.device, cfg):
             total += (pipeline.eval_loss(x, y) if pipeline else
                       model(x.to(par.device), y.to(par.device), with_mtp=False,
@@ -114,19 +117,8 @@ def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, par: P
     return mean_over_ranks(total / cfg.eval_batches, par).item()
 
 
-def _batch(dataset: TokenDataset, split: str, cfg: TrainConfig, step: int, micro: int = 0
-           ) -> tuple[torch.Tensor, ...]:
-    return dataset.batch(split, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro,
-                         at_document_starts=cfg.window_starts == "documents")
-
-
-def _local_rows(batch: tuple[torch.Tensor, ...], par: Parallelism) -> tuple[torch.Tensor, ...]:
-    """This data-parallel rank's share of the global batch: every run sees the same global batches."""
-    rows = batch[0].shape[0] // par.dp
-    return tuple(t[par.dp_rank * rows: (par.dp_rank + 1) * rows] for t in batch)
-
-
-def _prepare_everywhere(spec: RunSpec, par: Parallelism) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
+def _prepare_everywhere(spec: RunSpec, par: Parallelism, stop: StopRequests
+                        ) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
     """Rank 0 resolves and checks everything, tokenizing the corpus if it is not prepared yet (and writes the run's
     config and tokenizer); the others receive the result, or its error, so that bad input stops every process at
     once, then open the shards rank 0 wrote. They wait over a gloo group of their own whose timeout allows a long
@@ -135,18 +127,18 @@ def _prepare_everywhere(spec: RunSpec, par: Parallelism) -> tuple[RunSpec, Any, 
     group = dist.new_group(backend="gloo", timeout=timedelta(hours=24)) if par.distributed else None
     if par.is_main:
         try:
-            spec, tokenizer, dataset, resume_from = _prepare(spec)
+            spec, tokenizer, dataset, resume_from = _prepare(spec, stop)
             spec.out.mkdir(parents=True, exist_ok=True)
             if resume_from is None:
                 write_tokenizer_files(tokenizer, spec.out)
                 spec.model.save_json(spec.out / "config.json")
             payload = [(spec, tokenizer.to_str(), resume_from)]
-        except NanoseekError as e:
+        except (NanoseekError, RunInterrupted) as e:
             payload = [e]
     if par.distributed:
         dist.broadcast_object_list(payload, src=0, group=group)
-    if isinstance(payload[0], NanoseekError):
-        raise payload[0]
+    if isinstance(payload[0], (NanoseekError, RunInterrupted)):
+        raise payload[0] if par.is_main or isinstance(payload[0], NanoseekError) else RunInterrupted("")
     if par.is_main:
         return spec, tokenizer, dataset, resume_from
     spec, tokenizer_json, resume_from = payload[0]
@@ -173,16 +165,15 @@ def _check_pipeline(spec: RunSpec) -> None:
 
 def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
     _check_pipeline(spec)
-    par = init_parallelism(spec.dp, spec.ep, spec.pp, spec.pp_schedule)
+    par = init_parallelism(spec.dp, spec.ep, spec.pp, spec.pp_schedule, spec.train.collective_timeout_s,
+                           spec.train.checkpoint_timeout_s)
     try:
         return _train(spec, par, show_progress and par.is_main)
-    except (RuntimeError, dist.DistError) as e:
-        if not par.distributed:
+    except (RuntimeError, MemoryError, dist.DistError) as e:
+        explained = explain_failure(e, par, spec.train.collective_timeout_s)
+        if explained is None:
             raise
-        # gloo/NCCL report a dead or stalled peer from inside whatever collective was running
-        first = first_line(e)
-        raise NanoseekError(f"rank {par.rank}: a collective with the other processes failed (did one die?): "
-                            f"{first}") from None
+        raise explained from None
     finally:
         if par.distributed:
             dist.destroy_process_group()
@@ -216,19 +207,20 @@ def _train(spec: RunSpec, par: Parallelism, show_progress: bool) -> dict[str, An
 
 
 def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, stop: StopRequests) -> dict[str, Any]:
-    spec, tokenizer, dataset, resume_from = _prepare_everywhere(spec, par)
+    spec, tokenizer, dataset, resume_from = _prepare_everywhere(spec, par, stop)
     cfg, out, device = spec.train, spec.out, par.device
     if cfg.batch_size % par.dp:
         raise NanoseekError(f"batch_size {cfg.batch_size} does not split over {par.dp} data-parallel ranks")
     par = dataclasses.replace(par, compute_dtype=cfg.compute_dtype(device))
     torch.manual_seed(cfg.seed)
+    use_tf32(cfg.tf32)
     model, pipeline = build_model(spec, par)
     if spec.init_from is not None and resume_from is None:
         load_initial_weights(model, spec.init_from)
     indexers = configure_indexers(model, cfg.dsa)
     warmup = bool(indexers) and cfg.dsa == "warmup"
     optimizer = build_optimizer(model, cfg, device)
-    start = load_checkpoint(resume_from, model, optimizer)["step"] if resume_from else 0
+    start = load_checkpoint(resume_from, model, optimizer, par.checkpoint_group)["step"] if resume_from else 0
     metrics = MetricsLog(out / "metrics.jsonl", start if resume_from else None) if par.is_main else None
     meta = {"model": spec.model.to_hf_dict(), "train": dataclasses.asdict(cfg), "data": spec.data}
     moe_layers = model.moe_layers()
@@ -236,49 +228,17 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
     stats = model_stats(spec.model, seq_len=cfg.seq_len)
     flops_per_token = stats.flops_per_token + stats.mtp_flops_per_token
     peak, throughput = PeakFlops(device, par.compute_dtype, par.world), Throughput(window=50)
-    accumulate_sync = par.dp > 1 and pipeline is None  # FSDP: reduce gradients on the last micro-batch only
     val_loss = None
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
                disable=not show_progress, dynamic_ncols=True)
-    # Nothing in a step reads a device value back to the host: losses, norms and expert loads stay on the device
-    # and are read once per logged step (the tokens/s of a log row covers the steps since the previous one).
+    # Nothing in a step reads a device value back to the host (train/step.py): its losses, norm and expert loads
+    # are read once per logged step (the tokens/s of a log row covers the steps since the previous one).
     interval_start, interval_steps, paused = time.perf_counter(), 0, Stopwatch(device)
+    loader = BatchLoader(dataset, cfg, par, start, cfg.grad_accum if pipeline is None else 1)
+    train_step = TrainStep(model, optimizer, cfg, par, loader, pipeline, indexers, warmup)
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
-        for m in moe_layers:
-            m.expert_load.zero_()
-        sums = torch.zeros(4, device=device)  # LM, MTP, balance and indexer losses, summed over micro-batches
-        if pipeline:
-            sums[:2] = pipeline.train_step(*_local_rows(_batch(dataset, "train", cfg, step), par)[:2])
-        for micro in range(cfg.grad_accum if pipeline is None else 0):
-            if accumulate_sync:
-                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            x, y, documents = _local_rows(_batch(dataset, "train", cfg, step, micro), par)
-            with autocast(device, cfg):
-                result = model(x.to(device), y.to(device),
-                               documents=documents.to(device) if cfg.document_mask else None)
-            loss = result.lm_loss
-            sums[0] += result.lm_loss.detach()
-            if result.mtp_loss is not None:
-                loss = loss + cfg.mtp_weight * result.mtp_loss
-                sums[1] += result.mtp_loss.detach()
-            aux = [m.aux_loss for m in moe_layers if m.seq_aux_alpha > 0 and m.aux_loss is not None]
-            if aux:
-                aux_total = torch.stack(aux).sum()
-                loss = loss + aux_total
-                sums[2] += aux_total.detach()
-            kl = indexer_loss(indexers)
-            if kl is not None:
-                loss = kl if warmup else loss + kl  # the warm-up's only loss: the rest of the model is frozen
-                sums[3] += kl.detach()
-            (loss / cfg.grad_accum).backward()
-        loads = sum_over_ranks([m.expert_load.clone() for m in moe_layers], par)
-        grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip, par)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.balance == "aux-free" and not warmup:
-            update_expert_bias(moe_layers, loads, cfg.bias_update_speed)
+        result = train_step(step)
+        sums, grad_norm, loads = result.sums, result.grad_norm, result.loads
         if loads:
             tracker.add(loads)
         done, interval_steps = step + 1, interval_steps + 1
@@ -312,14 +272,18 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
         saved = done % cfg.save_every == 0 or done == cfg.max_steps
         if saved:
             with paused:
-                save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints)
+                save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints,
+                                par.checkpoint_group)
         if stop.agreed() and done < cfg.max_steps:
             bar.close()
+            loader.close()
             if not saved:
-                save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints)
+                save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints,
+                                par.checkpoint_group)
             raise RunInterrupted(resume_hint(done, str(checkpoint_path(out / "checkpoints", done)),
                                              f"nanoseek train --out {out} --resume") if par.is_main else "")
     bar.close()
+    loader.close()
     save_final_model(model, out, par)
     rows = metrics.rows() if metrics else []
     if metrics:
