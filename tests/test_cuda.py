@@ -1,6 +1,7 @@
-"""The CUDA paths, run by benchmarks/gpu_check.sh on a machine with a GPU (skipped elsewhere): a training step
-without host syncs, bf16 training against fp32, FP8 GEMMs through torch._scaled_mm against their exact emulation,
-the serving engine in bf16."""
+"""The CUDA paths, run by benchmarks/gpu_check.sh on a machine with a GPU (skipped elsewhere): the trainer's step
+without host syncs, bf16 training against fp32, FP8 GEMMs (per-tile and blockwise torch._scaled_mm, the experts'
+torch._scaled_grouped_mm) against their emulation at PyTorch's own tolerances, TF32 only when asked, the serving
+engine in bf16."""
 
 from __future__ import annotations
 
@@ -67,16 +68,71 @@ def test_bf16_training_step_matches_fp32_to_bf16_accuracy():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_fp8_scaled_mm_equals_its_emulation():
-    """The scaled_mm backend warns and falls back to emulation where the device refuses it: here that is an error,
-    since the point is to run the FP8 kernel."""
+# PyTorch's own tolerances for its FP8 GEMMs against their emulation (test_scaled_matmul_cuda.py): fp32 out 2e-3,
+# bf16 out 7e-2 (atol and rtol alike)
+FP32_OUT, BF16_OUT = {"atol": 2e-3, "rtol": 2e-3}, {"atol": 7e-2, "rtol": 7e-2}
+
+
+def _cublas_has_fp32_rowwise() -> bool:
+    """cuBLAS writes fp32 from row-wise scaled FP8 from CUDA 12.9 on, on sm90 and later (as PyTorch's tests say)."""
+    version = tuple(int(p) for p in (torch.version.cuda or "0.0").split(".")[:2])
+    return version >= (12, 9) and torch.cuda.get_device_capability() >= (9, 0)
+
+
+def test_fp8_per_tile_scaled_mm_equals_its_emulation():
+    """One torch._scaled_mm per 128 of K, fp32 out, summed in fp32: equal to the exact emulation."""
+    from nanoseek.fp8.gemm import _tiled_scaled_mm, row_scales
+    from nanoseek.fp8.quant import dequantize_tiles, quantize_blocks, quantize_tiles
+
+    if not _cublas_has_fp32_rowwise():
+        pytest.skip("row-wise FP8 with fp32 output needs CUDA 12.9+ and sm90+")
     torch.manual_seed(0)
-    x, w = torch.randn(64, 512, device=CUDA), torch.randn(256, 512, device=CUDA)
-    emulated = fp8_linear(x, w, Fp8Recipe(backend="emulate"))
+    qx, sx = quantize_tiles(torch.randn(64, 512, device=CUDA))
+    qw, sw = quantize_blocks(torch.randn(256, 512, device=CUDA))
+    rows = row_scales(sw, 256)
+    torch.testing.assert_close(_tiled_scaled_mm(qx, sx, qw, rows),
+                               dequantize_tiles(qx, sx) @ dequantize_tiles(qw, rows).t(), **FP32_OUT)
+
+
+def test_fp8_linear_on_the_gpu_equals_its_emulation():
+    """fp8_linear's forward and both gradients on the scaled_mm backend (one blockwise GEMM where this cuBLAS takes
+    1×128 / 128×128 scales) against the exact emulation, at bf16-output tolerance."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 512, device=CUDA, requires_grad=True)
+    w = torch.randn(256, 512, device=CUDA, requires_grad=True)
+    results = []
+    for backend in ("scaled_mm", "emulate"):
+        y = fp8_linear(x, w, Fp8Recipe(backend=backend))
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), x.grad.clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    for ours, exact in zip(*results):
+        torch.testing.assert_close(ours, exact, **BF16_OUT)
+
+
+def test_fp8_experts_run_the_scaled_grouped_kernel():
+    """The experts' FP8 grouped GEMM takes torch._scaled_grouped_mm (row-wise scales, fp8/grouped.py) and equals
+    its emulation from the same E4M3 values and scales; the weight gradient equals the tiled emulation's."""
+    from nanoseek.fp8.grouped import quantize_rows
+    from nanoseek.fp8.linear import fp8_grouped_mm
+
+    torch.manual_seed(0)
+    x = torch.randn(96, 256, device=CUDA, requires_grad=True)
+    w = torch.randn(4, 128, 256, device=CUDA, requires_grad=True)
+    group_ends = torch.tensor([16, 48, 48, 96], device=CUDA, dtype=torch.int32)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        scaled = fp8_linear(x, w, Fp8Recipe(backend="scaled_mm"))
-    assert torch.allclose(scaled, emulated, rtol=1e-5, atol=1e-4)
+        warnings.simplefilter("error")  # a refused kernel would warn and emulate: here that is a failure
+        y = fp8_grouped_mm(x, w, group_ends, Fp8Recipe(backend="scaled_mm"))
+    (qx, sx), (qw, sw) = quantize_rows(x.detach(), False), quantize_rows(w.detach(), False)
+    a, b = qx.float() * sx[:, None], qw.float() * sw[..., None]
+    starts = [0, 16, 48, 48]
+    expected = torch.cat([a[s:e] @ b[g].t() for g, (s, e) in enumerate(zip(starts, [16, 48, 48, 96]))])
+    torch.testing.assert_close(y.float(), expected, **BF16_OUT)
+    y.backward(torch.ones_like(y))
+    dw = w.grad.clone()
+    w.grad = None
+    fp8_grouped_mm(x, w, group_ends, Fp8Recipe(backend="emulate")).backward(torch.ones_like(y))
+    torch.testing.assert_close(dw, w.grad, **BF16_OUT)
 
 
 def test_engine_serves_on_cuda_in_bf16():

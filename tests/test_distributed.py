@@ -37,7 +37,10 @@ def _args(space: Path, out: str, *extra: str) -> list[str]:
 
 
 def _env(space: Path) -> dict[str, str]:
-    return {**os.environ, "NANOSEEK_CACHE": str(space / "cache"), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    """The processes run on CPUs over gloo whatever the machine has: these tests compare layouts, and a one-GPU
+    machine cannot give every rank a device of its own."""
+    return {**os.environ, "NANOSEEK_CACHE": str(space / "cache"), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _run(space: Path, out: str, *extra: str, processes: int = 1) -> None:

@@ -151,6 +151,21 @@ CONVERTED = {"v3": (lambda: tiny_config(num_nextn_predict_layers=1), {
                         "mtp.0.e_proj", "mtp.0.h_proj"})}
 
 
+def test_a_refused_grouped_kernel_is_said_once_and_emulated(monkeypatch):
+    """torch._scaled_grouped_mm where it cannot run (here: a CPU tensor, which it has no kernel for) → one warning,
+    then None every time, which sends the experts' GEMM to the emulation; on a CPU the layer never asks it."""
+    from nanoseek.fp8 import grouped
+
+    monkeypatch.setattr(grouped, "_refused", [])
+    x, w, ends = torch.randn(8, 32), torch.randn(2, 16, 32), torch.tensor([3, 8], dtype=torch.int32)
+    with pytest.warns(UserWarning, match="refused the experts' FP8 GEMM"):
+        assert grouped.scaled_grouped_mm(x, w, ends, False) is None
+    assert grouped.scaled_grouped_mm(x, w, ends, False) is None and len(grouped._refused) == 1
+    monkeypatch.setattr(grouped, "_refused", [])
+    y = fp8_grouped_mm(x, w, ends, Fp8Recipe(backend="scaled_mm"))  # CPU: the emulation, never the kernel
+    assert not grouped._refused and torch.allclose(y, fp8_grouped_mm(x, w, ends, Fp8Recipe(backend="emulate")))
+
+
 @pytest.mark.parametrize("kind", CONVERTED)
 def test_convert_covers_v3s_fp8_gemms_and_keeps_the_rest(kind):
     make_config, expected = CONVERTED[kind]

@@ -410,7 +410,7 @@ def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer):
         {"role": "assistant", "content": "The answer is 42, my lord." * (1 + i % 2)}]}) + "\n" for i in range(24)))
     args = ["-m", "nanoseek", "sft", str(base), "--data", str(chat), "--max-steps", "3", "--batch-size", "8",
             "--grad-accum", "2", "--eval-every", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs
     for out, launcher in (("one", [sys.executable]),
                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    "--nproc_per_node", "2"])):

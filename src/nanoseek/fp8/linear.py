@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.fp8.gemm import fp8_mm, resolve_backend, row_scales
+from nanoseek.fp8.gemm import fp8_mm, resolve_backend
+from nanoseek.fp8.grouped import scaled_grouped_mm
 from nanoseek.model.moe import grouped_mm
 from nanoseek.fp8.quant import (
     dequantize_blocks,
@@ -49,7 +50,7 @@ class _Fp8Matmul(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # the GEMM's precision is ours to choose, not autocast's
             qx, sx = quantize_tiles(x, pow2)
             qw, sw = quantize_blocks(weight, pow2)
-            y = fp8_mm(qx, sx, qw, row_scales(sw, weight.shape[0]), backend)
+            y = fp8_mm(qx, sx, qw, sw, backend, b_blocks=True)
         ctx.save_for_backward(qx, sx, qw, sw)
         ctx.backend, ctx.pow2, ctx.x_dtype, ctx.w_dtype = backend, pow2, x.dtype, weight.dtype
         return y.to(x.dtype)
@@ -61,7 +62,7 @@ class _Fp8Matmul(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 qg, sg = quantize_tiles(dy, ctx.pow2)
-                dx = fp8_mm(qg, sg, qw.t().contiguous(), row_scales(sw.t(), qw.shape[1]), ctx.backend)
+                dx = fp8_mm(qg, sg, qw.t().contiguous(), sw.t().contiguous(), ctx.backend, b_blocks=True)
                 dx = dx.to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 qgt, sgt = quantize_tiles(dy.t(), ctx.pow2)
@@ -94,46 +95,63 @@ class Fp8Linear(nn.Linear):
 
 
 def _aligned_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """F.grouped_mm(a [M, K], b [K, N]) with K groups (the weight gradient of every expert at once), fp32. The
-    kernels want 16-byte aligned rows: M, N and K are zero-padded (the last group absorbs K's zero columns, adding
-    nothing) and the padding is cut off again."""
+    """F.grouped_mm(a [M, K], b [K, N]) with K groups (the weight gradient of every expert at once), in their dtype.
+    The kernels want 16-byte aligned rows: M, N and K are zero-padded (the last group absorbs K's zero columns,
+    adding nothing) and the padding is cut off again."""
     (m, k), n = a.shape, b.shape[1]
     if k == 0:  # no tokens reached these experts (possible on an expert-parallel rank): zero gradients
         return a.new_zeros(len(offs), m, n)
-    a = F.pad(a, (0, -k % 4, 0, -m % 4))
-    b = F.pad(b, (0, -n % 4, 0, -k % 4))
+    align = 16 // a.element_size()
+    a = F.pad(a, (0, -k % align, 0, -m % align))
+    b = F.pad(b, (0, -n % align, 0, -k % align))
     offs = torch.cat([offs[:-1], offs.new_full((1,), a.shape[1])])
     return F.grouped_mm(a, b, offs=offs)[:, :m, :n]
 
 
 class _Fp8GroupedMatmul(torch.autograd.Function):
-    """x [N, in] (rows sorted by expert) @ weight[g]ᵀ for each expert g, weight [G, out, in] → [N, out]."""
+    """x [N, in] (rows sorted by expert) @ weight[g]ᵀ for each expert g, weight [G, out, in] → [N, out]. On CUDA
+    (backend scaled_mm) Fprop and Dgrad run torch._scaled_grouped_mm with row-wise scales (fp8/grouped.py);
+    elsewhere, or where that kernel refuses, the exact emulation of the tiled recipe."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor,
                 recipe: Fp8Recipe) -> torch.Tensor:
         pow2 = recipe.pow2_scales
+        kernel = resolve_backend(recipe.backend, x.device) == "scaled_mm" and x.is_cuda
         with torch.autocast(x.device.type, enabled=False):
-            qx, sx = quantize_tiles(x, pow2)
-            qw, sw = quantize_blocks(weight, pow2)
-            y = grouped_mm(dequantize_tiles(qx, sx), dequantize_blocks(qw, sw), group_ends)
-        ctx.save_for_backward(qx, sx, qw, sw, group_ends)
+            qx, sx = quantize_tiles(x, pow2)  # Wgrad's operand, whichever path runs
+            y = scaled_grouped_mm(x, weight, group_ends, pow2) if kernel else None
+            ctx.kernel = y is not None
+            if y is None:
+                qw, sw = quantize_blocks(weight, pow2)
+                y = grouped_mm(dequantize_tiles(qx, sx), dequantize_blocks(qw, sw), group_ends)
+                ctx.save_for_backward(qx, sx, group_ends, qw, sw)
+            else:  # Dgrad quantizes the weight's transpose itself: keep the parameter, not a copy
+                ctx.save_for_backward(qx, sx, group_ends, weight)
         ctx.pow2, ctx.x_dtype, ctx.w_dtype = pow2, x.dtype, weight.dtype
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        qx, sx, qw, sw, group_ends = ctx.saved_tensors
+        qx, sx, group_ends, *weights = ctx.saved_tensors
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                qg, sg = quantize_tiles(dy, ctx.pow2)
-                w = dequantize_blocks(qw, sw).transpose(1, 2)
-                dx = grouped_mm(dequantize_tiles(qg, sg), w, group_ends).to(ctx.x_dtype)
+                if ctx.kernel:
+                    dx = scaled_grouped_mm(dy, weights[0].transpose(1, 2).contiguous(), group_ends, ctx.pow2)
+                if dx is None:
+                    qw, sw = weights if not ctx.kernel else quantize_blocks(weights[0], ctx.pow2)
+                    qg, sg = quantize_tiles(dy, ctx.pow2)
+                    dx = grouped_mm(dequantize_tiles(qg, sg), dequantize_blocks(qw, sw).transpose(1, 2), group_ends)
+                dx = dx.to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
+                # on CUDA the dequantized operands go through the bf16 grouped GEMM (an fp32 one reads its group
+                # offsets on the host); elsewhere fp32, exact
+                dtype = torch.bfloat16 if dy.is_cuda else torch.float32
                 qgt, sgt = quantize_grouped_tiles(dy.t(), group_ends, ctx.pow2)
                 qxt, sxt = quantize_grouped_tiles(dequantize_tiles(qx, sx).t(), group_ends, ctx.pow2)
-                dw = _aligned_grouped_mm(dequantize_tiles(qgt, sgt), dequantize_tiles(qxt, sxt).t(), group_ends)
+                dw = _aligned_grouped_mm(dequantize_tiles(qgt, sgt).to(dtype), dequantize_tiles(qxt, sxt).t().to(dtype),
+                                         group_ends)
                 dw = dw.to(ctx.w_dtype)
         return dx, dw, None, None
 
