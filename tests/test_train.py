@@ -84,6 +84,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow  # suite time: bit-identical resume runs by default after SIGTERM, a kill mid-save in process
 def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
     env = _env(workspace)
     _straight_run(workspace)

@@ -1,7 +1,8 @@
 """A training run's batches, on the device ahead of need. Each data-parallel rank reads only its rows of the global
-batch (every row is still drawn, so each layout trains on the one-process batches); the next micro-batch is read
-on a background thread while the current one trains; on CUDA it travels from pinned memory by a non-blocking copy
-on a stream of its own, which the training stream waits for on the device, never the host."""
+batch (every row is still drawn, so each layout trains on the one-process batches). On CUDA the next micro-batch is
+read on a background thread while the current one trains, and travels from pinned memory by a non-blocking copy on
+a stream of its own, which the training stream waits for on the device, never the host. On a CPU the batch is read
+when asked for: a reader thread there would take cycles from the step's own threads (measured: -11 % tokens/s)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,19 @@ class BatchLoader:
         self.keys = iter([(step, micro) for step in range(start, cfg.max_steps) for micro in range(micro_steps)])
         self.cuda = par.device.type == "cuda"
         self.stream = torch.cuda.Stream(par.device) if self.cuda else None
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="batches")
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="batches") if self.cuda else None
         self.pending: Future[Batch] | None = None
         self._read_ahead()
 
     def _read_ahead(self) -> None:
         key = next(self.keys, None)
-        self.pending = None if key is None else self.reader.submit(self._load, *key)
+        if key is None:
+            self.pending = None
+        elif self.reader is None:  # read now, in this thread
+            self.pending = Future()
+            self.pending.set_result(self._load(*key))
+        else:
+            self.pending = self.reader.submit(self._load, *key)
 
     def _load(self, step: int, micro: int) -> Batch:
         batch = local_batch(self.dataset, "train", self.cfg, self.par, step, micro)
@@ -61,4 +68,5 @@ class BatchLoader:
         return batch
 
     def close(self) -> None:
-        self.reader.shutdown(cancel_futures=True)
+        if self.reader is not None:
+            self.reader.shutdown(cancel_futures=True)
