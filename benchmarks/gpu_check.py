@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def run(command: list[str], log: Path) -> bool:
 def train(out: Path, name: str, args: argparse.Namespace, precision: str, processes: int) -> dict[str, Any]:
     """`nanoseek train` for --warmup + TIMED_STEPS steps; its last metrics row covers the last TIMED_STEPS."""
     target = out / name
-    subprocess.run(["rm", "-rf", str(target)], check=True)
+    shutil.rmtree(target, ignore_errors=True)
     launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                         "--standalone", "--nproc_per_node", str(processes)]
     parallel = [] if processes == 1 else ["--ep", str(processes)]
