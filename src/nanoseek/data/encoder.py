@@ -149,18 +149,15 @@ def _agrees(encoder: TiktokenEncoder, reference: TokenizersEncoder, texts: list[
     return all(np.array_equal(a, b) for a, b in zip(_encode_run(encoder.encoding, texts), reference.encode(texts)))
 
 
-def vocabulary_texts(tokenizer: Tokenizer) -> list[str]:
+def vocabulary_texts(ranks: dict[bytes, int]) -> list[str]:
     """Each vocabulary entry's text (those that are whole UTF-8): tiktoken takes a piece that is a token as that
     token, while tokenizers' merges may end elsewhere, so each must encode to the same ids in both."""
-    byte_of = _byte_decoder()
-    special = set(tokenizer.get_added_tokens_decoder())
     texts = []
-    for token, index in tokenizer.get_vocab().items():
-        if index not in special:
-            try:
-                texts.append(bytes(byte_of[c] for c in token).decode("utf-8"))
-            except UnicodeDecodeError:
-                continue
+    for token in ranks:
+        try:
+            texts.append(token.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
     return texts
 
 
@@ -179,7 +176,7 @@ def corpus_encoder(tokenizer: Tokenizer, choice: str = "auto", workers: int | No
         except ModuleNotFoundError:
             refusal = "tiktoken is not installed"
         else:
-            if _agrees(encoder, reference, [PROBE_TEXT, *vocabulary_texts(tokenizer)]):
+            if _agrees(encoder, reference, [PROBE_TEXT, *vocabulary_texts(encoder.tables[0])]):
                 return encoder
             refusal = "it encodes a vocabulary entry otherwise than tokenizers does"
     if choice == "tiktoken":

@@ -153,7 +153,7 @@ def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: Prepare
         splits[name].previous = tuple(previous) if previous else None
     problems = Problems(options.strict)
     problems.count, problems.examples = manifest["skipped"], manifest.get("problems", [])
-    eot = [] if end_of_text_id(tokenizer) is None else [end_of_text_id(tokenizer)]
+    eot = [i for i in (end_of_text_id(tokenizer),) if i is not None]  # [] or [its id]
     bar = tqdm(total=sum(f["bytes"] for f in identity["files"]), unit="B", unit_scale=True, desc="tokenizing",
                disable=None if progress else True, leave=False)  # None: shown on a terminal only
     units = read_units(files, options.text_field, problems, tuple(manifest["next"]))

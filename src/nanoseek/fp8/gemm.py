@@ -45,11 +45,12 @@ def fp8_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tenso
            b_blocks: bool = False) -> torch.Tensor:
     """qa [M, K], qb [N, K] in E4M3; sa [M, K/128] fp32; sb [N, K/128] (1×128 tiles) or, with b_blocks,
     [N/128, K/128] (128×128 blocks) → a·bᵀ [M, N] in fp32."""
-    rows_b = row_scales(sb, qb.shape[0]) if b_blocks else sb
     if backend == "scaled_mm" and not _scaled_mm_refused:
-        out = _blockwise_scaled_mm(qa, sa, qb, sb, b_blocks, rows_b)
+        out = _blockwise_scaled_mm(qa, sa, qb, sb, b_blocks)
         if out is not None:
             return out
+    rows_b = row_scales(sb, qb.shape[0]) if b_blocks else sb  # one scale per row of b and K tile
+    if backend == "scaled_mm" and not _scaled_mm_refused:
         try:
             return _tiled_scaled_mm(qa, sa, qb, rows_b)
         except RuntimeError as e:  # e.g. a cuBLAS too old for fp32 output with row-wise scales
@@ -62,8 +63,8 @@ def fp8_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tenso
 _blockwise_trusted: dict[bool, bool] = {}  # b_blocks → whether blockwise _scaled_mm matched the per-tile path
 
 
-def _blockwise_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, b_blocks: bool,
-                         rows_b: torch.Tensor) -> torch.Tensor | None:
+def _blockwise_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
+                         b_blocks: bool) -> torch.Tensor | None:
     """The whole GEMM as one `torch._scaled_mm` with (1×128, 128×128) or (1×128, 1×128) scales, bf16 out; None
     where this machine cannot (or its first result disagreed with the per-tile path, so that a scale layout read
     otherwise than meant can never pass silently)."""
@@ -79,7 +80,7 @@ def _blockwise_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, s
         _blockwise_trusted[b_blocks] = False
         return None
     if b_blocks not in _blockwise_trusted:
-        reference = _tiled_scaled_mm(qa, sa, qb, rows_b)
+        reference = _tiled_scaled_mm(qa, sa, qb, row_scales(sb, n) if b_blocks else sb)
         scale = reference.abs().amax().clamp(min=1e-12)
         _blockwise_trusted[b_blocks] = bool(((out - reference).abs() <= 1e-2 * scale + 1e-2 * reference.abs()).all())
         if not _blockwise_trusted[b_blocks]:
