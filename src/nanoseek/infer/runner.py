@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.infer.request import Sequence
-from nanoseek.infer.sampler import LogitShaping, RowSettings, sample, token_logprobs, verify
+from nanoseek.infer.sampler import LogitShaping, Penalties, RowSettings, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Step
 from nanoseek.model.hybrid_paged import HybridStore
 from nanoseek.model.paged import PagedBatch, PagedStore, PrefillChunk, Segment
@@ -150,20 +150,26 @@ class ModelRunner:
             return out.to(self.device)
 
         params = [seq.params for seq, _ in rows]
-        generated = mask([(r, t) for r, (_, history) in enumerate(rows) for t in history])
-        prompt = mask([(r, t) for r, (seq, _) in enumerate(rows) if seq.params.repetition_penalty != 1.0
-                       for t in seq.prompt])
-        bias = [(r, token, value) for r, p in enumerate(params) for token, value in p.logit_bias]
-        banned = [(r, t) for r, ((seq, history), p) in enumerate(zip(rows, params)) if len(history) < p.min_tokens
-                  for t in p.stop_token_ids]
 
         def column(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=self.device)
 
-        return LogitShaping(generated, (generated > 0) | (prompt > 0), column([p.presence_penalty for p in params]),
-                            column([p.frequency_penalty for p in params]),
-                            column([p.repetition_penalty for p in params]),
-                            mask([(r, t) for r, t, _ in bias], [v for _, _, v in bias]), mask(banned) > 0)
+        penalties = None
+        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+            generated = mask([(r, t) for r, (_, history) in enumerate(rows) for t in history])
+            prompt = mask([(r, t) for r, (seq, _) in enumerate(rows) if seq.params.repetition_penalty != 1.0
+                           for t in seq.prompt])
+            penalties = Penalties(generated, (generated > 0) | (prompt > 0),
+                                  column([p.presence_penalty for p in params]),
+                                  column([p.frequency_penalty for p in params]),
+                                  column([p.repetition_penalty for p in params]))
+        bias = [(r, token, value) for r, p in enumerate(params) for token, value in p.logit_bias]
+        banned = [(r, t) for r, ((seq, history), p) in enumerate(zip(rows, params)) if len(history) < p.min_tokens
+                  for t in p.stop_token_ids]
+        if penalties is None and not bias and not banned:
+            return None
+        return LogitShaping(penalties, mask([(r, t) for r, t, _ in bias], [v for _, _, v in bias]) if bias else None,
+                            mask(banned) > 0 if banned else None)
 
     @staticmethod
     def _scored_prompt_rows(step: Step, batch: PagedBatch) -> list[tuple[Sequence, list[tuple[int, int]]]]:

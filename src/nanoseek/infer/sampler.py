@@ -137,22 +137,37 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torc
 
 
 @dataclass
-class LogitShaping:
-    """Per-row edits of the logits before sampling (rows = the tokens being sampled), as device tensors."""
+class Penalties:
+    """OpenAI's presence/frequency penalties and CTRL's repetition penalty, per row (rows = the tokens sampled)."""
 
     generated: torch.Tensor  # [rows, vocab] how often each token was generated so far
     seen: torch.Tensor  # [rows, vocab] bool: in the prompt or generated (repetition penalty)
     presence: torch.Tensor  # [rows]
     frequency: torch.Tensor  # [rows]
     repetition: torch.Tensor  # [rows] 1 = none
-    bias: torch.Tensor  # [rows, vocab] added
-    banned: torch.Tensor  # [rows, vocab] bool: stop tokens before min_tokens
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """OpenAI's presence/frequency penalties (l − f·count − p·[count > 0]), CTRL's repetition penalty (a seen
-        token's logit divided by r if positive, multiplied if not), the bias, then the bans."""
-        logits = logits.float() - self.frequency[:, None] * self.generated
+        """l − f·count − p·[count > 0]; then a seen token's logit divided by r if positive, multiplied if not."""
+        logits = logits - self.frequency[:, None] * self.generated
         logits = logits - self.presence[:, None] * (self.generated > 0)
         r = self.repetition[:, None]
-        logits = torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
-        return (logits + self.bias).masked_fill(self.banned, float("-inf"))
+        return torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
+
+
+@dataclass
+class LogitShaping:
+    """The logit edits before sampling, as device tensors; an edit no row uses is None and costs nothing (a
+    [rows, vocab] mask per edit would be most of a small model's decode step)."""
+
+    penalties: Penalties | None
+    bias: torch.Tensor | None  # [rows, vocab] added
+    banned: torch.Tensor | None  # [rows, vocab] bool: stop tokens before min_tokens
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The penalties, then the bias, then the bans, on fp32 logits."""
+        logits = logits.float()
+        if self.penalties is not None:
+            logits = self.penalties.apply(logits)
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits if self.banned is None else logits.masked_fill(self.banned, float("-inf"))

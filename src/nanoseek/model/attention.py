@@ -186,7 +186,7 @@ class MultiHeadLatentAttention(nn.Module):
         rows, width, k = batch.decode_rows, batch.decode_width, self.indexer.topk
         keys = gather(index_keys, batch.decode_context)  # [rows, S, D]
         scores = index_scores(q.view(rows, width, *q.shape[1:]), weights.view(rows, width, -1), keys)
-        best = scores.masked_fill(~batch.decode_visible()[:, :, 0], float("-inf")).topk(k, dim=-1)
+        best = scores.masked_fill(~batch.decode_visible()[:, :, 0], float("-inf")).topk(k, dim=-1, sorted=False)
         slots = batch.decode_context.gather(1, best.indices.view(rows, width * k))
         return slots.view(rows * width, k), (best.values > float("-inf")).view(rows * width, 1, 1, k)
 

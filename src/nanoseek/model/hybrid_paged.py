@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanoseek.model.attention import gather
 from nanoseek.model.compressor import Compressor, CompressorState
 from nanoseek.model.rope import apply_rope_trailing
 from nanoseek.model.hybrid_attention import AttentionCache, HybridAttention
@@ -68,7 +69,7 @@ class CompressorStore:
         previous = None
         if self.previous is not None and closed:
             previous = self.previous[0][state][None], self.previous[1][state][None]
-        return CompressorState(pending, previous, self.entries[self.entry_slots(seg.table, 0, closed)][None])
+        return CompressorState(pending, previous, gather(self.entries, self.entry_slots(seg.table, 0, closed))[None])
 
     def advance(self, compressor: Compressor, x: torch.Tensor, rope: nn.Module, rows: SingleRows) -> None:
         """Decode rows x [R, 1, dim] (one token each, their own sequences): each token's values and gate into its
@@ -187,7 +188,7 @@ def decode_rows(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Modu
     kv = attn.key_values(x, rope)  # [R, 1, D]
     ring = store.keys.shape[1]
     held = (positions[:, None] - 1) - ((positions[:, None] - 1 - torch.arange(ring, device=device)) % ring)
-    keys = torch.cat([store.keys[states], kv], dim=1)
+    keys = torch.cat([store.keys.index_select(0, states), kv], dim=1)
     visible = torch.cat([held >= 0, torch.ones_like(held[:, :1], dtype=torch.bool)], dim=1)
     store.keys[states, positions % ring] = kv[:, 0]
     if attn.compressor is not None and store.compressor is not None:
@@ -196,11 +197,12 @@ def decode_rows(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Modu
         if attn.indexer is not None and store.indexer is not None:
             store.indexer.advance(attn.indexer.compressor, x, ropes["compress"], rows)
             scores = index_scores(attn.indexer.queries(q_latent, *rope), head_weights(attn.indexer.head_weights, x),
-                                  store.indexer.entries[slots])[:, 0]
+                                  gather(store.indexer.entries, slots))[:, 0]
             # only the top-k entries are gathered: attention's cost stays index_topk however long the context
-            picked = scores.masked_fill(~readable, -torch.inf).topk(min(attn.indexer.topk, scores.shape[-1])).indices
+            picked = scores.masked_fill(~readable, -torch.inf).topk(min(attn.indexer.topk, scores.shape[-1]),
+                                                                   sorted=False).indices  # order: immaterial
             slots, readable = slots.gather(1, picked), readable.gather(1, picked)
-        keys = torch.cat([keys, store.compressor.entries[slots]], dim=1)
+        keys = torch.cat([keys, gather(store.compressor.entries, slots)], dim=1)
         visible = torch.cat([visible, readable], dim=1)
     attended, _ = attn.attend(q, keys, visible[:, None, None])
     return attn.output(attended, rope)
