@@ -86,23 +86,25 @@ def train_config(steps: int, seed: int, tokenizer: Path, use_mtp: bool) -> Train
                        tokenizer=str(tokenizer))
 
 
-def study_tokenizer(out: Path) -> Path:
+def study_tokenizer(out: Path, vocab_size: int = TrainConfig().vocab_size) -> Path:
     """One tokenizer for every run, trained once on the corpus: arms differ in the model alone."""
     path = out / "tokenizer.json"
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer = train_tokenizer(sample_texts(default_corpus_files(), 64 << 20, "text"), TrainConfig().vocab_size)
+        tokenizer = train_tokenizer(sample_texts(default_corpus_files(), 64 << 20, "text"), vocab_size)
         tokenizer.save(str(path) + ".tmp")
         Path(str(path) + ".tmp").rename(path)
     return path
 
 
-def run(out: Path, arm: Arm, budget: float, seed: int, steps: int, tokenizer: Path) -> dict:
-    """One run's result: reused if the run finished before, else trained from the start and measured."""
-    cfg = train_config(round(steps * budget), seed, tokenizer, arm.use_mtp)
+def run(out: Path, arm: Arm, budget: float, cfg: TrainConfig, held_out_windows: int | None = None) -> dict:
+    """One run of `cfg` (its steps, seed and tokenizer): reused if it finished before, else trained from the start
+    and measured (over the whole held-out split, or its first `held_out_windows` windows)."""
+    seed, tokenizer = cfg.seed, Path(cfg.tokenizer)
     run_dir = out / f"{arm.name}-{budget:g}x-seed{seed}"
     result_path = run_dir / "study.json"
-    configs = json.loads(json.dumps({"model": arm.model.to_hf_dict(), "train": dataclasses.asdict(cfg)}))
+    configs = json.loads(json.dumps({"model": arm.model.to_hf_dict(), "train": dataclasses.asdict(cfg),
+                                     **({"held_out_windows": held_out_windows} if held_out_windows else {})}))
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         if result.get("configs") == configs:  # reused only if it ran what this study would run
@@ -114,7 +116,7 @@ def run(out: Path, arm: Arm, budget: float, seed: int, steps: int, tokenizer: Pa
     model = load_pretrained(run_dir)
     loaded = load_tokenizer(tokenizer)
     held_out = held_out_loss(model, run_dataset(run_sources(None), loaded, cfg, progress=False).sources[0].val,
-                             token_byte_lengths(loaded), cfg.seq_len)
+                             token_byte_lengths(loaded), cfg.seq_len, max_windows=held_out_windows)
     stats = model_stats(arm.model, seq_len=cfg.seq_len)
     flops_per_token = stats.flops_per_token + (stats.mtp_flops_per_token if arm.use_mtp else 0.0)
     result = {"arm": arm.name, "budget": budget, "seed": seed, "steps": cfg.max_steps,
@@ -141,7 +143,7 @@ def main() -> None:
     docs = Path(args.docs or (out / "report" if args.quick else "docs/study"))
     tokenizer = study_tokenizer(out)
     study_start = time.perf_counter()
-    results = [run(out, arm, budget, seed, steps, tokenizer)
+    results = [run(out, arm, budget, train_config(round(steps * budget), seed, tokenizer, arm.use_mtp))
                for arm in arms() for budget in BUDGETS
                for seed in (SEEDS if budget in arm.repeated_budgets else SEEDS[:1])]
     print(f"runs finished in {(time.perf_counter() - study_start) / 60:.1f} min (reused runs take none)")

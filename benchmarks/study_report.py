@@ -8,6 +8,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -40,18 +41,31 @@ def _one_seed(runs: list[dict], seed: int) -> list[dict]:
     return [r for r in runs if r["budget"] not in repeated or r["seed"] == seed]
 
 
-def analyse(results: list[dict], models: dict[str, tuple[ModelConfig, bool]], steps: int, seq_len: int) -> dict:
-    """Everything the report shows, from the runs' results. `models`: per arm, its shape and whether MTP trains."""
-    runs = {arm: [r for r in results if r["arm"] == arm] for arm in models}
-    fits = fit_power_laws({arm: _points(runs[arm])[:2] for arm in models})
+class StudyFits(NamedTuple):
+    runs: dict[str, list[dict]]  # per arm, its runs' results
+    fits: dict[str, PowerLaw]  # the joint fit of every run
+    by_seed: dict[int, dict[str, PowerLaw]]  # per seed, the joint fit of that seed's runs where budgets repeat
+    folds: dict[float, dict[str, PowerLaw] | None]  # the jackknife's refits, one per budget left out
+
+
+def fit_study(results: list[dict], arms: list[str]) -> StudyFits:
+    runs = {arm: [r for r in results if r["arm"] == arm] for arm in arms}
+    seeds = sorted({r["seed"] for r in results})
+    return StudyFits(runs, fit_power_laws({arm: _points(runs[arm])[:2] for arm in arms}),
+                     {seed: fit_power_laws({arm: _points(_one_seed(runs[arm], seed))[:2] for arm in arms})
+                      for seed in seeds},
+                     fits_without_each_budget({arm: _points(runs[arm]) for arm in arms}))
+
+
+def analyse(results: list[dict], models: dict[str, tuple[ModelConfig, bool]], steps: int, seq_len: int,
+            fitted: StudyFits | None = None) -> dict:
+    """Everything the report shows, from the runs' results. `models`: per arm, its shape and whether MTP trains;
+    `fitted`: fit_study's result when the caller has it already."""
+    runs, fits, by_seed, folds = fitted or fit_study(results, list(models))
     # the loss every arm's fit reaches within its own measured budgets: the highest of their best losses
     target = max(float(fits[arm].loss(max(_points(runs[arm])[0]))) for arm in models)
     dense_runs = runs[REFERENCE]
     dense_at = {f"{r['budget']:g}x": float(fits[REFERENCE].loss(r["train_flops"])) for r in dense_runs}
-    seeds = sorted({r["seed"] for r in results})
-    by_seed = {seed: fit_power_laws({arm: _points(_one_seed(runs[arm], seed))[:2] for arm in models})
-               for seed in seeds}
-    folds = fits_without_each_budget({arm: _points(runs[arm]) for arm in models})
     costs = {arm: gpu_cost(model, seq_len, use_mtp) for arm, (model, use_mtp) in models.items()}
     per_arm = {}
     for arm, (model, use_mtp) in models.items():

@@ -118,6 +118,8 @@ def test_held_out_loss_predicts_every_token_once():
             expected += out.lm_loss.item() * (window.shape[1] - 1)
     assert result.nats == pytest.approx(expected, rel=1e-5)
     assert result.bits_per_byte == pytest.approx(expected / math.log(2) / result.bytes, rel=1e-5)
+    first = held_out_loss(model, _Split(tokens), byte_lengths, seq_len=16, batch_size=2, max_windows=2)
+    assert first.tokens == 32 and first.bytes == byte_lengths[tokens[1:33]].sum()
 
 
 def test_the_study_reads_planted_gains_and_writes_its_report(tmp_path):
@@ -157,3 +159,51 @@ def test_the_study_reads_planted_gains_and_writes_its_report(tmp_path):
     report = json.loads((tmp_path / "sparsity_sweep.json").read_text())
     assert set(report["arms"]) == set(gains) and report["configs"]["dense"] == {"note": "configs go here"}
     assert (tmp_path / "sparsity_sweep.png").stat().st_size > 0 and (tmp_path / "iso_loss_ratio.png").stat().st_size > 0
+
+
+def test_round_two_reads_planted_multipliers_their_trend_and_the_sparsity_law(tmp_path):
+    """Runs planted on one curve, each arm at a multiplier m(C) = g·(E/k)^0.2·(C/C₀)^r: the analysis gives m at
+    every budget, a trend that rises beyond its error only where r > 0, and the law's exponent of E/k."""
+    from study2 import SCALES, arms, schedule
+    from study2_report import analyse_round2, write_round2
+
+    from nanoseek.flops import model_stats
+
+    planted = PowerLaw(a=2.0, b=0.3, c=1.5, scale=1e13)
+    rising = {"moe-16": 0.0, "moe-64": 0.0, "moe-256": 0.0, "moe-128-w0.5": 0.15}
+    picked = {arm.name: arm for arm in arms(SCALES["cpu"]) if arm.name in ("dense", *rising)}
+
+    def multiplier(name: str, flops: float) -> float:
+        if name == "dense":
+            return 1.0
+        model = picked[name].model
+        return 1.1 * (model.n_routed_experts / model.num_experts_per_tok) ** 0.2 * (flops / 1e13) ** rising[name]
+
+    noise = np.random.default_rng(0)
+    results = []
+    for name, arm in picked.items():
+        per_token = model_stats(arm.model, seq_len=128).flops_per_token
+        for budget, seed in schedule(arm):
+            steps = round(100 * budget)
+            flops = steps * 2048 * per_token
+            results.append(dict(arm=name, budget=budget, seed=seed, steps=steps, tokens=steps * 2048,
+                                flops_per_token=per_token, train_flops=flops, wall_s=steps * 0.3,
+                                tokens_per_s=6800.0, sampled_val_loss=2.0, held_out_nats_per_token=2.0,
+                                held_out_tokens=1000, held_out_bytes=3000,
+                                bpb=float(planted.loss(flops * multiplier(name, flops))) + noise.normal(0, 1e-5)))
+    groups = {"sparsity": ["moe-16", "moe-64", "moe-256"], "granularity": ["moe-64", "moe-128-w0.5"]}
+    summary = analyse_round2(results, {name: arm.model for name, arm in picked.items()}, 100, 128, groups,
+                             train_tokens=10**6)
+    for name in rising:
+        a = summary["arms"][name]
+        for point in a["multiplier_by_budget"].values():
+            assert point["multiplier"] == pytest.approx(multiplier(name, point["flops"]), rel=0.03)
+        assert a["multiplier_trend"]["slope"] == pytest.approx(rising[name], abs=0.02)
+        assert a["multiplier_trend"]["rises_beyond_error"] == (rising[name] > 0)
+        assert 0.3 < a["routed_flop_share"] < 1
+    assert summary["arms"]["dense"]["routed_flop_share"] == 0
+    assert summary["sparsity_law"]["beta"] == pytest.approx(0.2, abs=0.05)
+    write_round2(results, summary, {"dense": {}}, tmp_path)
+    assert (tmp_path / "multiplier_vs_compute.png").stat().st_size > 0
+    assert "moe-256" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "sparsity_sweep.json").read_text())["arms"]["moe-64"]["iso_loss_ratio"] > 1

@@ -32,11 +32,12 @@ class HeldOutLoss:
 
 @torch.no_grad()
 def held_out_loss(model: Transformer, split: TokenShards, byte_lengths: np.ndarray, seq_len: int,
-                  batch_size: int = 32) -> HeldOutLoss:
+                  batch_size: int = 32, max_windows: int | None = None) -> HeldOutLoss:
     """Each window predicts tokens [s+1, s+seq_len] from [s, s+seq_len−1]; windows start every seq_len tokens, so
-    each token of the split (but the first) is a target exactly once, with the context a training window has."""
+    each token of the split (but the first) is a target exactly once, with the context a training window has.
+    `max_windows`: only the split's first windows (a smoke test's quick measure)."""
     device = next(model.parameters()).device
-    starts = list(range(0, len(split) - 1, seq_len))
+    starts = list(range(0, len(split) - 1, seq_len))[:max_windows]
     was_training = model.training
     model.eval()
     nats, tokens, size = 0.0, 0, 0

@@ -1,0 +1,156 @@
+"""The compute study, round 2: DeepSeekMoE arms whose FLOPs are mostly in their routed experts (as in V3), a dense
+model of equal FLOPs per token, budgets over 16x compute, and the multiplier (the FLOPs dense needs for an arm's
+loss, over the arm's: Ling's "efficiency leverage", arXiv 2507.17702) as a function of compute, sparsity and
+granularity.
+
+    .venv/bin/python benchmarks/study2.py              # the full study on a CPU (hours; finished runs are reused)
+    .venv/bin/python benchmarks/study2.py --quick      # a smoke test of every part
+    bash benchmarks/study2_gpu.sh                      # the plan for one H200: the same study at ~100x the compute
+
+CPU scale (every arm): 4 layers, hidden 256, MLA with 4 heads (q rank 128, kv rank 64: attention about half of the
+experts' active FLOPs, as in V3), a 1,024-token vocabulary trained once on the corpus (a small head), no MTP, no
+group limit; experts of width w = 64:
+- dense: a SwiGLU of width 9w in every layer;
+- sparsity sweep: E experts of width w, top-8, one shared expert of width w (active width 9w, as dense's):
+  E = 16, 32, 64, 128, 256, i.e. E/k = 2 ... 32 (V3 has 256 experts, top-8);
+- granularity sweep at E/k = 8 and active width 9w: experts of width 3w (top-2 of 16, one shared), w (the E = 64
+  arm) and w/2 (top-16 of 128, two shared): DeepSeekMoE's fine-grained segmentation of the same experts.
+The GPU scale doubles the width and the depth (hidden 512, 8 layers, 8 heads, w = 128) and runs 32 x 512 tokens a
+step in bf16. Budgets: 0.25, 0.5, 1, 2 and 4 x --steps steps (cosine), each a full schedule; three seeds at 1x and
+4x (the top, where the headline ratio is read), one elsewhere; dense also at 8x, so that a multiplier up to 2 at the
+top is read inside dense's measured curve. The corpus is the default Shakespeare; the report gives the epochs the top
+budget takes. Each run is measured in held-out bits per byte.
+
+The analysis (benchmarks/study2_report.py) fits loss(C) = a·C^(−b) + c per arm with one floor c, and reads the
+multiplier at each of an arm's budgets from the fits, with its spread over the three seed-wise fits and a jackknife
+over budgets; the trend (slope of log multiplier against log compute); a law log m = α + β·log(E/k) + γ·log C over
+the sparsity sweep, evaluated at V3's sparsity; and round 1's target-loss iso-loss ratios and GPU cost model. Writes
+under --docs: sparsity_sweep.csv / .json / .png, iso_loss_ratio.png and multiplier_vs_compute.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanoseek.config import ModelConfig
+from nanoseek.data.tokenizer import load_tokenizer
+from nanoseek.flops import model_stats
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.data import run_dataset, run_sources
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dense_vs_deepseek import Arm, run, study_tokenizer, train_config  # noqa: E402
+from study2_report import analyse_round2, write_round2  # noqa: E402
+
+BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0)
+DENSE_EXTRA_BUDGET = 8.0
+SEEDS = (1337, 2026, 7)
+REPEATED = (1.0, 4.0)  # where every seed runs
+VOCAB = 1024
+QUICK_STEPS = 4
+QUICK_SEEDS = SEEDS[:2]  # two seeds where budgets repeat: the seed-wise errors still run
+QUICK_HELD_OUT_WINDOWS = 64  # --quick measures 8K held-out tokens per run, not the whole split
+SPARSITY = (16, 32, 64, 128, 256)  # experts of width w, top-8, one shared
+GROUPS = {"sparsity": [f"moe-{e}" for e in SPARSITY], "granularity": ["moe-16-w3", "moe-64", "moe-128-w0.5"]}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One size of the study: the arms' common shape, their expert width w, the batch, a 1x budget's steps."""
+
+    shape: dict
+    width: int
+    batch_size: int
+    seq_len: int
+    steps: int
+    precision: str
+
+
+COMMON = dict(vocab_size=VOCAB, n_group=1, topk_group=1, routed_scaling_factor=2.5, num_nextn_predict_layers=0)
+SCALES = {
+    "cpu": Scale(dict(COMMON, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128,
+                      kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                      max_position_embeddings=256), width=64, batch_size=16, seq_len=128, steps=125,
+                 precision="auto"),
+    "gpu": Scale(dict(COMMON, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, q_lora_rank=256,
+                      kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                      max_position_embeddings=512), width=128, batch_size=32, seq_len=512, steps=175,
+                 precision="bf16"),
+}
+
+
+def arms(scale: Scale) -> list[Arm]:
+    w, layers = scale.width, scale.shape["num_hidden_layers"]
+
+    def moe(experts: int, top_k: int, width: int, shared: int) -> ModelConfig:
+        assert (top_k + shared) * width == 9 * w  # every arm's active expert width is dense's
+        return ModelConfig(**scale.shape, n_routed_experts=experts, num_experts_per_tok=top_k,
+                           moe_intermediate_size=width, n_shared_experts=shared, first_k_dense_replace=0)
+
+    return [Arm("dense", ModelConfig(**scale.shape, intermediate_size=9 * w, first_k_dense_replace=layers)),
+            *(Arm(f"moe-{e}", moe(e, 8, w, 1)) for e in SPARSITY),
+            Arm("moe-16-w3", moe(16, 2, 3 * w, 1)), Arm("moe-128-w0.5", moe(128, 16, w // 2, 2))]
+
+
+def schedule(arm: Arm, seeds: tuple[int, ...] = SEEDS) -> list[tuple[float, int]]:
+    """(budget, seed) of every run of an arm."""
+    budgets = BUDGETS + ((DENSE_EXTRA_BUDGET,) if arm.name == "dense" else ())
+    return [(b, seed) for b in budgets for seed in (seeds if b in REPEATED else seeds[:1])]
+
+
+def config(scale: Scale, steps: int, seed: int, tokenizer: Path) -> TrainConfig:
+    return dataclasses.replace(train_config(steps, seed, tokenizer, use_mtp=False), batch_size=scale.batch_size,
+                               seq_len=scale.seq_len, precision=scale.precision)
+
+
+def study_flops(scale: Scale, steps: int, seeds: tuple[int, ...] = SEEDS) -> float:
+    """Training FLOPs of the whole study at this scale."""
+    total = 0.0
+    for arm in arms(scale):
+        per_token = model_stats(arm.model, seq_len=scale.seq_len).flops_per_token
+        total += sum(round(steps * b) for b, _ in schedule(arm, seeds)) * scale.batch_size * scale.seq_len * per_token
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps at 1x, two seeds, "
+                        f"{QUICK_HELD_OUT_WINDOWS} held-out windows per run: a smoke test")
+    parser.add_argument("--steps", type=int, help="steps of a 1x budget (default: the scale's)")
+    parser.add_argument("--out", help="run directories; finished runs are reused (default runs/study2-SCALE[-quick])")
+    parser.add_argument("--docs", help="where the report goes (default docs/study2 for the CPU scale, else "
+                        "OUT/report)")
+    args = parser.parse_args()
+    scale = SCALES[args.scale]
+    steps = args.steps or (QUICK_STEPS if args.quick else scale.steps)
+    out = Path(args.out or f"runs/study2-{args.scale}{'-quick' if args.quick else ''}")
+    docs = Path(args.docs or ("docs/study2" if args.scale == "cpu" and not args.quick else out / "report"))
+    seeds = QUICK_SEEDS if args.quick else SEEDS
+    flops = study_flops(scale, steps, seeds)
+    print(f"{args.scale} scale: {flops:.3g} training FLOPs in all "
+          f"({flops / study_flops(SCALES['cpu'], SCALES['cpu'].steps):.3g}x the full CPU study's)", flush=True)
+    tokenizer = study_tokenizer(out, VOCAB)
+    windows = QUICK_HELD_OUT_WINDOWS if args.quick else None
+    start = time.perf_counter()
+    results = [run(out, arm, budget, config(scale, round(steps * budget), seed, tokenizer), windows)
+               for arm in arms(scale) for budget, seed in schedule(arm, seeds)]
+    print(f"runs finished in {(time.perf_counter() - start) / 60:.1f} min (reused runs take none)")
+    one_x = config(scale, steps, SEEDS[0], tokenizer)
+    dataset = run_dataset(run_sources(None), load_tokenizer(tokenizer), one_x, progress=False)
+    train_tokens = len(dataset.sources[0].train)
+    configs = {arm.name: {"model": arm.model.to_hf_dict(), "train_1x": dataclasses.asdict(one_x)}
+               for arm in arms(scale)}
+    summary = analyse_round2(results, {arm.name: arm.model for arm in arms(scale)}, steps, scale.seq_len, GROUPS,
+                             train_tokens)
+    write_round2(results, summary, configs, docs)
+    print(summary["text"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The compute study's second round at its GPU scale, on one H200 (or any CUDA GPU with ~40 GB):
+#
+#   bash benchmarks/study2_gpu.sh                 # PYTHON=/path/to/python for an interpreter with a CUDA torch
+#   bash benchmarks/study2_gpu.sh --quick         # options go to benchmarks/study2.py (see its --help)
+#
+# The same arms, budgets and seeds as the CPU study (benchmarks/study2.py), twice the width and depth, 32 x 512
+# tokens a step in bf16: it prints its training FLOPs against the CPU study's first. Finished runs are reused, so an
+# interrupted study goes on from where it stopped. The report lands in runs/study2-gpu/report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-.venv/bin/python}
+"$py" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' || { echo "study2_gpu: no CUDA GPU" >&2; exit 1; }
+exec "$py" benchmarks/study2.py --scale gpu "$@"
