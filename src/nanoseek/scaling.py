@@ -46,8 +46,9 @@ def fit_power_laws(curves: dict[str, Curve], grid: int = 2000) -> dict[str, Powe
     puts its floor at 0 and the next at 1.2 from the same kind of points, and their ratios then compare the floors.
 
     Least squares in loss: for each c on a grid below the smallest loss, log(loss − c) is linear in log C, which
-    gives each curve's a and b in closed form; the c whose curves miss their points least wins. A grid over the one
-    nonlinear parameter cannot diverge or land in a local minimum, as a Newton fit on four points per curve can."""
+    gives each curve's a and b in closed form (for the whole grid at once); the c whose curves miss their points
+    least wins. A grid over the one nonlinear parameter cannot diverge or land in a local minimum, as a Newton fit
+    on four points per curve can."""
     arrays = {}
     for name, (flops, losses) in curves.items():
         flops, losses = np.asarray(flops, dtype=np.float64), np.asarray(losses, dtype=np.float64)
@@ -59,21 +60,22 @@ def fit_power_laws(curves: dict[str, Curve], grid: int = 2000) -> dict[str, Powe
         arrays[name] = (flops, losses)
     scale = float(np.exp(np.mean([np.log(f).mean() for f, _ in arrays.values()])))
     lowest = min(float(losses.min()) for _, losses in arrays.values())
-    best: tuple[float, dict[str, PowerLaw]] | None = None
-    for c in lowest * (1 - np.geomspace(1.0, 1e-4, grid)):  # from 0 up to just below the lowest loss
-        laws, error = {}, 0.0
-        for name, (flops, losses) in arrays.items():
-            slope, intercept = np.polyfit(np.log(flops / scale), np.log(losses - c), 1)
-            if slope >= 0:  # loss not falling with compute: no power law here
-                break
-            laws[name] = PowerLaw(a=float(np.exp(intercept)), b=float(-slope), c=float(c), scale=scale)
-            error += float(((laws[name].loss(flops) - losses) ** 2).sum())
-        else:
-            if best is None or error < best[0]:
-                best = (error, laws)
-    if best is None:
+    floors = lowest * (1 - np.geomspace(1.0, 1e-4, grid))  # from 0 up to just below the lowest loss
+    error, valid, lines = np.zeros(grid), np.ones(grid, dtype=bool), {}
+    for name, (flops, losses) in arrays.items():  # every floor at once: the least-squares line in closed form
+        x = np.log(flops / scale)
+        y = np.log(losses[None, :] - floors[:, None])  # [grid, points]
+        dx = x - x.mean()
+        slope = (y * dx).sum(axis=1) / (dx ** 2).sum()
+        intercept = y.mean(axis=1) - slope * x.mean()
+        error += ((np.exp(intercept[:, None] + slope[:, None] * x) + floors[:, None] - losses) ** 2).sum(axis=1)
+        valid &= slope < 0  # loss not falling with compute: no power law at this floor
+        lines[name] = (slope, intercept)
+    if not valid.any():
         raise ValueError("the loss does not fall as compute rises: no power law fits these points")
-    return best[1]
+    best = int(np.flatnonzero(valid)[np.argmin(error[valid])])  # the first of equal minima
+    return {name: PowerLaw(a=float(np.exp(intercept[best])), b=float(-slope[best]), c=float(floors[best]),
+                           scale=scale) for name, (slope, intercept) in lines.items()}
 
 
 def fit_power_law(flops: list[float] | np.ndarray, losses: list[float] | np.ndarray) -> PowerLaw:
