@@ -252,18 +252,21 @@ def test_dead_peer_stops_the_other_with_a_clear_error(space):
 
 
 def test_export_of_an_expert_parallel_checkpoint(space):
+    """The last checkpoint of a DP x EP run (the layout matrix's, when it ran first: suite time) exports to the
+    very weights the run saved as its model."""
     import nanoseek
     import torch
 
-    if not (space / "ep2").exists():
-        _run(space, "ep2", "--ep", "2", processes=2)
+    run = space / "dp4-ep2-fp32"
+    if not (run / "model.safetensors").exists():
+        _run(space, run.name, "--ep", "2", "train.precision=fp32", *PARITY_STEPS, processes=4)
     out = space / "exported"
-    subprocess.run([sys.executable, "-m", "nanoseek", "export", str(space / "ep2" / "checkpoints" / "step_0000006"),
-                    str(out)], env=_env(space), check=True, capture_output=True)
-    exported, final = nanoseek.load_pretrained(out), nanoseek.load_pretrained(space / "ep2")
+    subprocess.run([sys.executable, "-m", "nanoseek", "export", str(run / "checkpoints" / "step_0000004"), str(out)],
+                   env=_env(space), check=True, capture_output=True)
+    exported, final = nanoseek.load_pretrained(out), nanoseek.load_pretrained(run)
     for (name, a), b in zip(exported.state_dict().items(), final.state_dict().values()):
         assert torch.equal(a, b), name
-    rows = [json.loads(line) for line in (space / "ep2" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["a2a_bytes"] > 0 for r in rows)
 
 
@@ -289,8 +292,14 @@ def test_pipeline_schedules_equal_one_process(space, single_four_layers, schedul
 
 
 def test_pipeline_checkpoint_resumes_on_one_process(space, single_four_layers):
+    """DualPipeV's checkpoint (two stages per rank; the schedule test's run, when it ran first: suite time) resumes
+    on one process."""
+    pipelined = space / "pp-dualpipev"
+    if not (pipelined / "model.safetensors").exists():
+        _run(space, pipelined.name, "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", "dualpipev",
+             processes=2)
     out = "pp-resume"
-    _run(space, out, "model.num_hidden_layers=4", "--pp", "2", processes=2)
+    shutil.copytree(pipelined, space / out)
     shutil.rmtree(space / out / "checkpoints" / "step_0000006")
     _run(space, out, "model.num_hidden_layers=4", "--resume")
     _assert_close(_losses(space, out), single_four_layers, range(4, 7))
