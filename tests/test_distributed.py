@@ -86,8 +86,8 @@ PARITY_STEPS = ("train.max_steps=4", "train.save_every=100", "train.eval_every=4
 # The default run takes each layout's code path once: every layout in fp32 but pp2 (the schedule tests run it, 1F1B
 # being the default schedule), and bf16 where the casts differ: FSDP of the dense part and of the experts over their
 # replicas with EP (dp4-ep2), and a pipeline stage under autocast (pp2). `pytest -m slow` runs the whole matrix.
-# suite time (issue 28): dp4-ep2 runs FSDP and EP together, dp2-pp2 FSDP with PP; bf16 runs by default in pp2 and,
-# under FSDP, in the FP8 test below (the rest is `pytest -m slow`)
+# suite time (issue 28): dp4-ep2 runs FSDP and EP together, dp2-pp2 FSDP with PP; bf16 runs by default in pp2, and
+# FSDP's bf16 policy in the one-rank router test below (the rest, the FP8 test among it, is `pytest -m slow`)
 DEFAULT_MATRIX = {("dp4-ep2", "fp32"), ("dp2-pp2", "fp32"), ("pp2", "bf16")}
 MATRIX = [pytest.param(layout, precision, id=f"{layout}-{precision}",
                        marks=() if (layout, precision) in DEFAULT_MATRIX else pytest.mark.slow)
@@ -212,6 +212,7 @@ def test_refused_layouts_say_why_in_one_line(space, flags, needle, monkeypatch, 
     assert len(stderr.strip().splitlines()) == 1 and not (space / "refused").exists()
 
 
+@pytest.mark.slow  # 26 s; FP8 training runs by default in one process (test_fp8), EP in the matrix
 def test_fp8_with_bf16_moments_under_expert_parallelism(space):
     """FP8 GEMMs, BF16 moments and recomputation compose with EP + FSDP. Not bit-equal to one process: the weight
     gradient's 128-token tiles hold different tokens when the batch is split."""
