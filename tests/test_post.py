@@ -265,7 +265,9 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     plain = train_tokenizer(["What is 12 + 30? The answer is 42. Be brief, my lord; and again. "] * 50, 200)
     vocab = plain.get_vocab_size()
-    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=vocab, max_position_embeddings=128)), base)
+    # with an MTP module: SFT trains it, RL leaves it (and its optimizer state) alone, and RL still resumes
+    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=vocab, max_position_embeddings=128,
+                                                              num_nextn_predict_layers=1)), base)
     plain.save(str(base / "tokenizer.json"))
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": MESSAGES[1:3]}) + "\n" for _ in range(6)))

@@ -201,6 +201,9 @@ def run_rl(source: Path, out: Path, task_name: str, cfg: PostConfig, grpo: GrpoC
     run = PostRun(out, source, "rl", cfg, resume, {"task": task_name, **grpo.__dict__, "validation": validation})
     device = device_for_run()
     model, tokenizer = load_model_dir(source, device)
+    # RL never trains the MTP modules: frozen, they have no optimizer state either when a checkpoint is saved or
+    # when one is loaded (loading builds state for every parameter that requires grad, and DCP then asks for it)
+    model.mtp.requires_grad_(False)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if grpo.kl_beta > 0 else None
     optimizer, start, metrics = run.start(model)
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="rl",
