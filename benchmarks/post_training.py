@@ -94,7 +94,10 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--rl-steps", type=int, default=200)
     parser.add_argument("--rl-eval-every", type=int, default=25)
+    parser.add_argument("--earlier", type=Path, help="the report.json of an earlier invocation whose test figures "
+                        "were seen before this one's settings were chosen: the report says so, with its figures")
     args = parser.parse_args()
+    earlier = json.loads(args.earlier.read_text()) if args.earlier else None
     args.out.mkdir(parents=True, exist_ok=True)
     report_dir = args.report or args.out
     seconds: dict[str, float] = {}
@@ -136,12 +139,24 @@ def main() -> None:
     summary = {stage: mean_and_error([test[s][stage]["accuracy"] for s in args.seeds]) for stage in ("sft", "rl")}
     gain = mean_and_error([test[s]["rl"]["accuracy"] - test[s]["sft"]["accuracy"] for s in args.seeds])
     write_report(report_dir, args, base_test, test, summary, gain, curves, mean_curve, chosen, bpb, seconds,
-                 question, answers)
+                 question, answers, earlier)
+
+
+def earlier_lines(earlier: dict, args: argparse.Namespace) -> list[str]:
+    """What an earlier invocation measured on the same test split before this one's settings were chosen."""
+    then = earlier["settings"]
+    changed = {k: (then.get(k), v) for k, v in vars(args).items()
+               if k not in ("earlier", "report", "out", "base") and str(then.get(k)) != str(v)}
+    gain, error = earlier["rl_minus_sft"]
+    return ["", f"Not a first look at this test split: an earlier invocation ({args.earlier}) measured RL − SFT "
+            f"{100 * gain:+.1f} ± {100 * error:.1f} points on it (RL's step count {earlier['chosen_rl_steps']}); "
+            "this invocation's settings were chosen after seeing that figure. Changed since: " +
+            (", ".join(f"{k} {a} → {b}" for k, (a, b) in changed.items()) or "nothing") + "."]
 
 
 def write_report(report_dir: Path, args: argparse.Namespace, base_test: dict, test: dict, summary: dict,
                  gain: tuple[float, float], curves: dict, mean_curve: dict, chosen: int, bpb: dict, seconds: dict,
-                 question: str, answers: dict) -> None:
+                 question: str, answers: dict, earlier: dict | None) -> None:
     seeds = args.seeds
     lines = [f"{args.task}, pass@1 (greedy) on {args.n} test problems, {len(seeds)} seeds ({', '.join(map(str, seeds))});"
              f" RL's step count ({chosen}) chosen on {args.validation} validation problems (mean over seeds):", "",
@@ -152,8 +167,9 @@ def write_report(report_dir: Path, args: argparse.Namespace, base_test: dict, te
         mean, error = summary[stage]
         lines.append(f"| {stage} | " + " | ".join(f"{test[s][stage]['accuracy']:.4f}" for s in seeds) +
                      f" | {mean:.4f} ± {error:.4f} |")
-    lines += ["", f"RL − SFT: {100 * gain[0]:+.1f} ± {100 * gain[1]:.1f} points (mean ± s.e. over seeds, paired)", "",
-              "Validation pass@1 by RL step (step 0: the SFT model):", "",
+    lines += ["", f"RL − SFT: {100 * gain[0]:+.1f} ± {100 * gain[1]:.1f} points (mean ± s.e. over seeds, paired)"]
+    lines += earlier_lines(earlier, args) if earlier else []
+    lines += ["", "Validation pass@1 by RL step (step 0: the SFT model):", "",
               "| step | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|" + "---|" * (len(seeds) + 1)]
     for step, mean in mean_curve.items():
         mark = " (chosen)" if step == chosen else ""
@@ -172,7 +188,9 @@ def write_report(report_dir: Path, args: argparse.Namespace, base_test: dict, te
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "base_test": base_test, "test": {str(s): v for s, v in test.items()},
         "mean_and_stderr": summary, "rl_minus_sft": gain, "validation_curves": {str(s): c for s, c in curves.items()},
-        "chosen_rl_steps": chosen, "bpb": bpb, "seconds": seconds, "served_answers": answers}, indent=2) + "\n")
+        "chosen_rl_steps": chosen, "earlier": earlier and {k: earlier[k] for k in ("settings", "rl_minus_sft",
+                                                                                   "chosen_rl_steps")},
+        "bpb": bpb, "seconds": seconds, "served_answers": answers}, indent=2) + "\n")
     print(report)
 
 

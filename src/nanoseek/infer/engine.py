@@ -217,12 +217,14 @@ class Engine:
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Full blocks whose latents are all computed (and whose next token is known) join the prefix cache."""
-        known = seq.tokens[: seq.computed + 1]
-        previous = seq.block_hashes[-1] if seq.block_hashes else None
-        for key in self.blocks.keys(known, seq.hashed_blocks, previous):
-            self.blocks.register(seq.blocks[seq.hashed_blocks], key)
-            seq.block_hashes.append(key.digest)
-            seq.hashed_blocks += 1
+        known = min(seq.computed + 1, seq.length)
+        # most steps complete no block: only then is the sequence's token list (O(context)) built
+        if (known - 1) // self.blocks.block_size > seq.hashed_blocks:
+            previous = seq.block_hashes[-1] if seq.block_hashes else None
+            for key in self.blocks.keys(seq.tokens[:known], seq.hashed_blocks, previous):
+                self.blocks.register(seq.blocks[seq.hashed_blocks], key)
+                seq.block_hashes.append(key.digest)
+                seq.hashed_blocks += 1
         if self.blocks.needs_snapshots:
             self._snapshot(seq)
 
