@@ -92,8 +92,8 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=300, help="validation problems per RL evaluation")
     parser.add_argument("--task-examples", type=int, default=6000, help="SFT's worked examples (distinct)")
     parser.add_argument("--sft-steps", type=int, default=600)
-    parser.add_argument("--rl-steps", type=int, default=200)
-    parser.add_argument("--rl-eval-every", type=int, default=25)
+    parser.add_argument("--rl-steps", type=int, default=400)
+    parser.add_argument("--rl-eval-every", type=int, default=50)
     parser.add_argument("--earlier", type=Path, help="the report.json of an earlier invocation whose test figures "
                         "were seen before this one's settings were chosen: the report says so, with its figures")
     args = parser.parse_args()
