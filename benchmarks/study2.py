@@ -25,13 +25,15 @@ The analysis (benchmarks/study2_report.py) fits loss(C) = a·C^(−b) + c per ar
 multiplier at each of an arm's budgets from the fits, with its spread over the three seed-wise fits and a jackknife
 over budgets; the trend (slope of log multiplier against log compute); a law log m = α + β·log(E/k) + γ·log C over
 the sparsity sweep, evaluated at V3's sparsity; and round 1's target-loss iso-loss ratios and GPU cost model. Writes
-under --docs: sparsity_sweep.csv / .json / .png, iso_loss_ratio.png and multiplier_vs_compute.png.
+under --docs: sparsity_sweep.csv / .json / .png, iso_loss_ratio.png, multiplier_vs_compute.png and report.md, the
+markdown section that also replaces README's study-2 section (benchmarks/study2_readme.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from nanoseek.train.data import run_dataset, run_sources
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dense_vs_deepseek import Arm, run, study_tokenizer, train_config  # noqa: E402
+from study2_readme import readme_parts, section, splice  # noqa: E402
 from study2_report import analyse_round2, write_round2  # noqa: E402
 
 BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -126,12 +129,18 @@ def main() -> None:
     parser.add_argument("--out", help="run directories; finished runs are reused (default runs/study2-SCALE[-quick])")
     parser.add_argument("--docs", help="where the report goes (default docs/study2 for the CPU scale, else "
                         "OUT/report)")
+    parser.add_argument("--readme", help="a markdown file whose study-2 section (between its markers) becomes the "
+                        "report, images linked relative to it (default README.md for the full CPU study, else none)")
     args = parser.parse_args()
     scale = SCALES[args.scale]
     steps = args.steps or (QUICK_STEPS if args.quick else scale.steps)
     out = Path(args.out or f"runs/study2-{args.scale}{'-quick' if args.quick else ''}")
     docs = Path(args.docs or ("docs/study2" if args.scale == "cpu" and not args.quick else out / "report"))
     seeds = QUICK_SEEDS if args.quick else SEEDS
+    readme = Path(args.readme) if args.readme else (Path("README.md") if args.scale == "cpu" and not args.quick
+                                                    else None)
+    if readme is not None:
+        readme_parts(readme)
     flops = study_flops(scale, steps, seeds)
     print(f"{args.scale} scale: {flops:.3g} training FLOPs in all "
           f"({flops / study_flops(SCALES['cpu'], SCALES['cpu'].steps):.3g}x the full CPU study's)", flush=True)
@@ -149,6 +158,8 @@ def main() -> None:
     summary = analyse_round2(results, {arm.name: arm.model for arm in arms(scale)}, steps, scale.seq_len, GROUPS,
                              train_tokens)
     write_round2(results, summary, configs, docs)
+    if readme is not None:
+        splice(readme, section(summary, results, os.path.relpath(docs.resolve(), readme.resolve().parent)))
     print(summary["text"])
 
 

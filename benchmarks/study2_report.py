@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from study2_readme import section  # noqa: E402
 from study_report import REFERENCE, _points, analyse, fit_study, write_report  # noqa: E402
 
 from nanoseek.config import ModelConfig  # noqa: E402
@@ -26,6 +27,7 @@ from nanoseek.flops import model_stats  # noqa: E402
 from nanoseek.scaling import PowerLaw, jackknife_error  # noqa: E402
 
 V3_TOKENS = 14.8e12  # DeepSeek-V3's pretraining tokens (technical report)
+REPORT_TITLE = "The compute study, round 2 (benchmarks/study2.py)"
 
 
 def routed_flop_share(model: ModelConfig, seq_len: int) -> float:
@@ -79,10 +81,15 @@ def analyse_round2(results: list[dict], models: dict[str, ModelConfig], steps: i
             f"{b:g}x": {"flops": c, "multiplier": float(central[i]),
                         **_combined([float(m[i]) for m in per_seed.values()], [float(m[i]) for m in per_fold]),
                         "by_seed": {str(s): float(m[i]) for s, m in per_seed.items()},
+                        "by_fold": [float(m[i]) for m in per_fold],
                         # where dense's fit is read beyond dense's largest measured budget
                         "dense_extrapolated": fits[REFERENCE].flops_at(float(fits[arm].loss(c))) >
                         max(_points(runs[REFERENCE])[0]) * (1 + 1e-9)}
             for i, (b, c) in enumerate(zip(budgets, flops))}
+        # each run read against dense's fit alone: the points the arm's own fit smooths over
+        a["multiplier_by_run"] = [{"budget": r["budget"], "seed": r["seed"], "flops": r["train_flops"],
+                                   "multiplier": fits[REFERENCE].flops_at(r["bpb"]) / r["train_flops"]}
+                                  for r in runs[arm]]
         a["multiplier_trend"] = {"slope": _slope(flops, central),
                                  **_combined([_slope(flops, m) for m in per_seed.values()],
                                              [_slope(flops, m) for m in per_fold])}
@@ -98,24 +105,28 @@ def analyse_round2(results: list[dict], models: dict[str, ModelConfig], steps: i
 
 def sparsity_law(summary: dict, arms: list[str], by_seed: dict, models: dict[str, ModelConfig],
                  seq_len: int) -> dict:
-    """log m = α + β·log(E/k) + γ·log(C / C_top), least squares over the sparsity sweep's (arm, budget) points; the
-    same law fitted on each seed's multipliers gives the errors. Evaluated at V3's E/k (256/8) at this study's top
-    compute, and at V3's own pretraining compute (an extrapolation over many orders of magnitude: a trend's
-    direction, not a forecast)."""
+    """log m = α + β·log(E/k) + γ·log(C / C_top), least squares over the sparsity sweep's (arm, budget) points.
+    Its errors, as the multipliers': the law fitted on each seed's multipliers and on each jackknife fold's, in
+    quadrature. Evaluated at V3's E/k (256/8) at this study's top compute, and at V3's own pretraining compute (an
+    extrapolation over many orders of magnitude: a trend's direction, not a forecast)."""
     def fit(multiplier_of) -> np.ndarray:
         rows, targets = [], []
         for arm in arms:
             for point in summary["arms"][arm]["multiplier_by_budget"].values():
-                m = multiplier_of(arm, point)
+                m = multiplier_of(point)
                 if math.isfinite(m) and m > 0:
                     rows.append([1.0, math.log(summary["arms"][arm]["experts_to_top_k"]),
                                  math.log(point["flops"] / top_flops)])
                     targets.append(math.log(m))
+        if len(rows) < 3:
+            return np.full(3, math.nan)
         return np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)[0]
 
-    top_flops = max(p["flops"] for arm in arms for p in summary["arms"][arm]["multiplier_by_budget"].values())
-    central = fit(lambda arm, point: point["multiplier"])
-    seeds = [fit(lambda arm, point, s=str(seed): point["by_seed"][s]) for seed in by_seed]
+    points = [p for arm in arms for p in summary["arms"][arm]["multiplier_by_budget"].values()]
+    top_flops = max(p["flops"] for p in points)
+    central = fit(lambda point: point["multiplier"])
+    seeds = [fit(lambda point, s=str(seed): point["by_seed"][s]) for seed in by_seed]
+    folds = [fit(lambda point, j=j: point["by_fold"][j]) for j in range(len(points[0]["by_fold"]))]
     v3 = ModelConfig.preset("v3")
     v3_flops = model_stats(v3, seq_len=4096).flops_per_token * V3_TOKENS
     v3_sparsity = v3.n_routed_experts / v3.num_experts_per_tok
@@ -123,16 +134,14 @@ def sparsity_law(summary: dict, arms: list[str], by_seed: dict, models: dict[str
     def predict(coefficients: np.ndarray, flops: float) -> float:
         return float(np.exp(coefficients @ [1.0, math.log(v3_sparsity), math.log(flops / top_flops)]))
 
-    at_top = [predict(c, top_flops) for c in seeds]
-    at_v3 = [predict(c, v3_flops) for c in seeds]
-    return {"alpha": float(central[0]), "beta": float(central[1]), "gamma": float(central[2]),
-            "beta_seed_se": _standard_error([float(c[1]) for c in seeds]),
-            "gamma_seed_se": _standard_error([float(c[2]) for c in seeds]),
-            "top_flops": top_flops, "v3_experts_to_top_k": v3_sparsity, "v3_train_flops": v3_flops,
-            "v3_routed_flop_share": routed_flop_share(v3, 4096),
-            "at_v3_sparsity_top_flops": predict(central, top_flops), "at_v3_sparsity_top_flops_seed_se":
-            _standard_error(at_top), "at_v3_sparsity_v3_flops": predict(central, v3_flops),
-            "at_v3_sparsity_v3_flops_seed_se": _standard_error(at_v3)}
+    def estimate(value_of) -> dict[str, float]:
+        return {"value": value_of(central), **_combined([value_of(c) for c in seeds], [value_of(c) for c in folds])}
+
+    return {"alpha": estimate(lambda c: float(c[0])), "beta": estimate(lambda c: float(c[1])),
+            "gamma": estimate(lambda c: float(c[2])), "top_flops": top_flops, "v3_experts_to_top_k": v3_sparsity,
+            "v3_train_flops": v3_flops, "v3_routed_flop_share": routed_flop_share(v3, 4096),
+            "at_v3_sparsity_top_flops": estimate(lambda c: predict(c, top_flops)),
+            "at_v3_sparsity_v3_flops": estimate(lambda c: predict(c, v3_flops))}
 
 
 def round2_text(summary: dict) -> str:
@@ -151,23 +160,25 @@ def round2_text(summary: dict) -> str:
                      f"{'yes' if trend['rises_beyond_error'] else 'no'}")
     law = summary["sparsity_law"]
     dense = summary["arms"][REFERENCE]
-    lines += ["", f"law over the sparsity sweep: log m = {law['alpha']:.3f} {law['beta']:+.3f}"
-              f"(±{law['beta_seed_se']:.3f})·log(E/k) {law['gamma']:+.3f}(±{law['gamma_seed_se']:.3f})"
+    lines += ["", f"law over the sparsity sweep: log m = {law['alpha']['value']:.3f} {law['beta']['value']:+.3f}"
+              f"(±{law['beta']['se']:.3f})·log(E/k) {law['gamma']['value']:+.3f}(±{law['gamma']['se']:.3f})"
               f"·log(C/{law['top_flops']:.3g})",
-              f"at V3's E/k = {law['v3_experts_to_top_k']:.0f}: {law['at_v3_sparsity_top_flops']:.2f}x "
-              f"(±{law['at_v3_sparsity_top_flops_seed_se']:.2f}) at this study's top compute; "
-              f"{law['at_v3_sparsity_v3_flops']:.3g}x (±{law['at_v3_sparsity_v3_flops_seed_se']:.2g}) extrapolated to "
-              f"V3's {law['v3_train_flops']:.2g} FLOPs (routed share there {100 * law['v3_routed_flop_share']:.0f}%)",
+              f"at V3's E/k = {law['v3_experts_to_top_k']:.0f}: {law['at_v3_sparsity_top_flops']['value']:.2f}x "
+              f"(±{law['at_v3_sparsity_top_flops']['se']:.2f}) at this study's top compute; "
+              f"{law['at_v3_sparsity_v3_flops']['value']:.3g}x (±{law['at_v3_sparsity_v3_flops']['se']:.2g}) "
+              f"extrapolated to V3's {law['v3_train_flops']:.2g} FLOPs (routed share there "
+              f"{100 * law['v3_routed_flop_share']:.0f}%)",
               f"dense: routed share 0%, {dense['epochs_at_top']:.2f} epochs of {summary['train_tokens']:,} training "
               f"tokens at its largest budget", "", summary["text"]]
     return "\n".join(lines)
 
 
 def write_round2(results: list[dict], summary: dict, configs: dict, docs: Path) -> None:
-    """Round 1's files (CSV, JSON, curves, ratios) from the extended summary, the multiplier plot, report.md."""
+    """Round 1's files (CSV, JSON, curves, ratios) from the extended summary, the multiplier plot, and report.md:
+    the markdown section README shows (its images relative to `docs`)."""
     write_report(results, summary, configs, docs)
     plot_multipliers(summary, docs / "multiplier_vs_compute.png")
-    (docs / "report.md").write_text("```\n" + summary["text"] + "\n```\n")
+    (docs / "report.md").write_text(f"# {REPORT_TITLE}\n\n" + section(summary, results, "."))
 
 
 def plot_multipliers(summary: dict, path: Path) -> None:
@@ -181,6 +192,8 @@ def plot_multipliers(summary: dict, path: Path) -> None:
             ax.errorbar([p["flops"] for p in points], [p["multiplier"] for p in points],
                         yerr=[p["se"] for p in points], fmt="o-", color=color, capsize=3, ms=4,
                         label=f"{arm} ({label}, routed {100 * a['routed_flop_share']:.0f}% of FLOPs)")
+            ax.plot([r["flops"] for r in a["multiplier_by_run"]], [r["multiplier"] for r in a["multiplier_by_run"]],
+                    "x", color=color, ms=4, alpha=0.5)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.axhline(2.0, color="gray", lw=0.8, ls=":")
         ax.set_xscale("log")
@@ -188,7 +201,8 @@ def plot_multipliers(summary: dict, path: Path) -> None:
         ax.set_title(f"{group} sweep", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("multiplier: dense FLOPs for the same loss ÷ the arm's (±1 s.e.)")
+    axes[0].set_ylabel("dense's FLOPs ÷ the arm's at equal loss")
+    fig.suptitle("multiplier from the fits (±1 s.e.); x: each run against dense's fit alone", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

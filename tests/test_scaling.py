@@ -165,6 +165,7 @@ def test_round_two_reads_planted_multipliers_their_trend_and_the_sparsity_law(tm
     """Runs planted on one curve, each arm at a multiplier m(C) = g·(E/k)^0.2·(C/C₀)^r: the analysis gives m at
     every budget, a trend that rises beyond its error only where r > 0, and the law's exponent of E/k."""
     from study2 import SCALES, arms, schedule
+    from study2_readme import BEGIN, END, section, splice
     from study2_report import analyse_round2, write_round2
 
     from nanoseek.flops import model_stats
@@ -202,8 +203,21 @@ def test_round_two_reads_planted_multipliers_their_trend_and_the_sparsity_law(tm
         assert a["multiplier_trend"]["rises_beyond_error"] == (rising[name] > 0)
         assert 0.3 < a["routed_flop_share"] < 1
     assert summary["arms"]["dense"]["routed_flop_share"] == 0
-    assert summary["sparsity_law"]["beta"] == pytest.approx(0.2, abs=0.05)
+    assert summary["sparsity_law"]["beta"]["value"] == pytest.approx(0.2, abs=0.05)
+    assert summary["sparsity_law"]["beta"]["se"] < 0.05
     write_round2(results, summary, {"dense": {}}, tmp_path)
     assert (tmp_path / "multiplier_vs_compute.png").stat().st_size > 0
-    assert "moe-256" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "best arm there is moe-256" in report and "for the best arm: met" in report
+    assert "rises with compute beyond its error: met by moe-128-w0.5." in report
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n{BEGIN}\nold figures\n{END}\n## after\n")
+    linked = section(summary, results, "docs/study2")
+    splice(readme, linked)
+    assert readme.read_text() == f"# intro\n{BEGIN}\n{linked}{END}\n## after\n"
+    assert "(docs/study2/multiplier_vs_compute.png)" in linked and report.endswith(linked.replace("docs/study2", "."))
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="needs one"):
+        splice(readme, report)
+    assert readme.read_text() == "# no markers\n"
     assert json.loads((tmp_path / "sparsity_sweep.json").read_text())["arms"]["moe-64"]["iso_loss_ratio"] > 1
