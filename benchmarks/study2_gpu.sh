@@ -4,9 +4,10 @@
 #   bash benchmarks/study2_gpu.sh                 # PYTHON=/path/to/python for an interpreter with a CUDA torch
 #   bash benchmarks/study2_gpu.sh --quick         # options go to benchmarks/study2.py (see its --help)
 #
-# The same arms, budgets and seeds as the CPU study (benchmarks/study2.py), twice the width and depth, 32 x 512
-# tokens a step in bf16: it prints its training FLOPs against the CPU study's first. Finished runs are reused, so an
-# interrupted study goes on from where it stopped. The report lands in runs/study2-gpu/report.
+# The same arms and seeds as the CPU study (benchmarks/study2.py), twice the width and depth, 32 x 512 tokens a step
+# in bf16, budgets 0.25 ... 4x (each ~115x the CPU budget's compute); it prints its training FLOPs against the whole
+# CPU study's first. Finished runs are reused, so an interrupted study goes on from where it stopped. The report
+# lands in runs/study2-gpu/report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}

@@ -99,11 +99,13 @@ def section(summary: dict, results: list[dict], images: str) -> str:
     dense_budgets = [r["budget"] for r in results if r["arm"] == REFERENCE]
     batch = results[0]["tokens"] // results[0]["steps"] // summary["seq_len"]
     at_top, at_v3 = law["at_v3_sparsity_top_flops"], law["at_v3_sparsity_v3_flops"]
+    moe = [a for arm, a in summary["arms"].items() if arm != REFERENCE]
+    per_param = [a["tokens_per_active_param_at_top"] for a in moe]
     lines = [f"{summary['train_tokens']:,} training tokens (the default corpus, Shakespeare); a 1x budget "
              f"is {summary['steps_1x']} steps of {batch} × {summary['seq_len']} tokens, so the MoE arms' top budget "
-             f"({summary['top_budget']}) takes "
-             f"{next(a for arm, a in summary['arms'].items() if arm != REFERENCE)['epochs_at_top']:.2f} epochs and "
-             f"dense's largest {dense['epochs_at_top']:.2f}. Every arm has dense's FLOPs per token within "
+             f"({summary['top_budget']}) takes {moe[0]['epochs_at_top']:.2f} epochs, "
+             f"{min(per_param):.2f}–{max(per_param):.2f} tokens per active parameter, and dense's largest "
+             f"{dense['epochs_at_top']:.2f} epochs. Every arm has dense's FLOPs per token within "
              f"{100 * _flop_spread(summary):.1f} %.", "", *arms_table(summary), "",
              *verdict(summary), "",
              f"![multiplier against compute, per arm]({images}/multiplier_vs_compute.png)", "",

@@ -70,6 +70,7 @@ def analyse_round2(results: list[dict], models: dict[str, ModelConfig], steps: i
         a["experts_to_top_k"] = model.n_routed_experts / model.num_experts_per_tok if a["routed_experts"] else 0.0
         a["granularity"] = 2 * model.hidden_size / model.moe_intermediate_size if a["routed_experts"] else 0.0
         a["epochs_at_top"] = max(r["tokens"] for r in runs[arm]) / train_tokens
+        a["tokens_per_active_param_at_top"] = max(r["tokens"] for r in runs[arm]) / a["active_params"]
         if arm == REFERENCE:
             continue
         budgets = sorted({r["budget"] for r in runs[arm]})

@@ -184,7 +184,7 @@ def test_round_two_reads_planted_multipliers_their_trend_and_the_sparsity_law(tm
     results = []
     for name, arm in picked.items():
         per_token = model_stats(arm.model, seq_len=128).flops_per_token
-        for budget, seed in schedule(arm):
+        for budget, seed in schedule(arm, SCALES["cpu"]):
             steps = round(100 * budget)
             flops = steps * 2048 * per_token
             results.append(dict(arm=name, budget=budget, seed=seed, steps=steps, tokens=steps * 2048,
