@@ -179,11 +179,14 @@ class MoE(KeepsFp32Buffers, nn.Module):
         weights, expert_ids, scores = self.router(x, token_ids)
         order, counts = sort_by_expert(expert_ids, self.experts.n_experts)
         self.expert_load += counts.detach()  # accumulates over micro-batches; the trainer zeroes it each step
-        routed = self.experts(x[order // self.top_k], counts.cumsum(0).to(torch.int32))
-        # Back to (token, slot) order, then a weighted sum over the k slots: deterministic, unlike index_add_.
-        unsorted = torch.empty_like(routed)
-        unsorted[order] = routed
-        y = (unsorted.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
+        slots = torch.arange(order.numel(), device=order.device)
+        unorder = torch.empty_like(order).scatter_(0, order, slots)  # the inverse permutation
+        routed = self.experts(_GatherRows.apply(x, order, unorder, self.top_k), counts.cumsum(0).to(torch.int32))
+        # Back to (token, slot) order, then a weighted sum over the k slots: deterministic, unlike index_add_. One
+        # batched [1, k] @ [k, dim] per token, which reads the slots once (a product then a sum writes them again).
+        unsorted = _GatherRows.apply(routed, unorder, order, 1)
+        dtype = torch.promote_types(unsorted.dtype, x.dtype)
+        y = torch.bmm(weights.unsqueeze(1).to(dtype), unsorted.view(-1, self.top_k, shape[-1]).to(dtype)).squeeze(1)
         if self.shared is not None:
             y = y + self.shared(x)
         if self.seq_aux_alpha > 0 and torch.is_grad_enabled():
@@ -203,6 +206,25 @@ class MoE(KeepsFp32Buffers, nn.Module):
         picks = torch.zeros_like(affinity).scatter_add_(1, expert_ids, ones)
         fraction = picks * n_experts / (self.top_k * tokens)
         return self.seq_aux_alpha * (fraction * affinity).sum(dim=-1).mean()
+
+
+class _GatherRows(torch.autograd.Function):
+    """x [N, dim] → x[slots // k] [N·k, dim], where `slots` is a permutation of the N·k (token, slot) pairs and
+    `unslots` its inverse. The backward gathers too: grad[unslots], then each token's k rows summed in slot order.
+    The autograd of plain indexing would scatter instead (an accumulating index_put, a third of an MoE step on CPUs,
+    and order-dependent where it uses atomics)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slots: torch.Tensor, unslots: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(unslots)
+        ctx.k = k
+        return x.index_select(0, slots // k if k > 1 else slots)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (unslots,) = ctx.saved_tensors
+        grad = grad.index_select(0, unslots)
+        return (grad.view(-1, ctx.k, grad.shape[-1]).sum(dim=1) if ctx.k > 1 else grad), None, None, None
 
 
 class _WithLossGradient(torch.autograd.Function):
