@@ -179,8 +179,8 @@ def main() -> None:
     order = run_order(scale, seeds)
     for arm, budget, seed in order:
         if args.stop_after is not None and time.perf_counter() - start > 60 * args.stop_after:
-            print(f"study2: stopped after {args.stop_after:g} min with {len(results)} of {len(order)} runs finished; "
-                  "rerun to go on (the report needs every run)")
+            print(f"study2: stopped after {args.stop_after:g} min, before run {len(results) + 1} of {len(order)} in its "
+                  "order; rerun to go on (finished runs are reused; the report needs every run)")
             return
         results.append(run(out, arm, budget, config(scale, round(steps * budget), seed, tokenizer), windows))
     print(f"runs finished in {(time.perf_counter() - start) / 60:.1f} min (reused runs take none)")
