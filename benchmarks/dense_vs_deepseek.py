@@ -42,6 +42,7 @@ from pathlib import Path
 from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.data.sources import default_corpus_files, sample_texts
+from nanoseek.data.prepare import tokenizer_digest
 from nanoseek.data.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
 from nanoseek.flops import model_stats
 from nanoseek.train.config import TrainConfig
@@ -97,24 +98,51 @@ def study_tokenizer(out: Path, vocab_size: int = TrainConfig().vocab_size) -> Pa
     return path
 
 
-def run(out: Path, arm: Arm, budget: float, cfg: TrainConfig, held_out_windows: int | None = None) -> dict:
-    """One run of `cfg` (its steps, seed and tokenizer): reused if it finished before, else trained from the start
-    and measured (over the whole held-out split, or its first `held_out_windows` windows)."""
-    seed, tokenizer = cfg.seed, Path(cfg.tokenizer)
+def finished_runs(ledger: Path | None) -> list[dict]:
+    """The results a ledger holds: one JSON object a line, appended as each run finishes."""
+    if ledger is None or not ledger.is_file():
+        return []
+    results = []
+    for number, line in enumerate(ledger.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"study: {ledger}:{number} is not a run's JSON ({error}); mend or delete that line")
+    return results
+
+
+def run_configs(arm: Arm, cfg: TrainConfig, held_out_windows: int | None = None) -> dict:
+    """What a run is, as its JSON records it: two runs with equal configs are the same run."""
+    # the tokenizer's digest as well as its path: a run is reused only where the same text made the same tokens
+    return json.loads(json.dumps({"model": arm.model.to_hf_dict(), "train": dataclasses.asdict(cfg),
+                                  "tokenizer_digest": tokenizer_digest(load_tokenizer(Path(cfg.tokenizer))),
+                                  **({"held_out_windows": held_out_windows} if held_out_windows else {})}))
+
+
+def run(out: Path, arm: Arm, budget: float, cfg: TrainConfig, held_out_windows: int | None = None,
+        ledger: Path | None = None) -> dict:
+    """One run of `cfg` (its steps, seed and tokenizer): reused if it finished before (its study.json under `out`, or
+    a line of `ledger`, a file that can be committed and so outlives the machine), else trained from the start and
+    measured (over the whole held-out split, or its first `held_out_windows` windows), and appended to `ledger`."""
+    seed, loaded = cfg.seed, load_tokenizer(Path(cfg.tokenizer))
     run_dir = out / f"{arm.name}-{budget:g}x-seed{seed}"
     result_path = run_dir / "study.json"
-    configs = json.loads(json.dumps({"model": arm.model.to_hf_dict(), "train": dataclasses.asdict(cfg),
-                                     **({"held_out_windows": held_out_windows} if held_out_windows else {})}))
-    if result_path.is_file():
-        result = json.loads(result_path.read_text())
-        if result.get("configs") == configs:  # reused only if it ran what this study would run
-            return result
+    configs = run_configs(arm, cfg, held_out_windows)
+    # reused only if it ran what this study would run
+    recorded = [r for r in finished_runs(ledger) if r.get("configs") == configs]
+    if recorded:
+        return recorded[-1]
+    if result_path.is_file() and (result := json.loads(result_path.read_text())).get("configs") == configs:
+        if ledger is not None:
+            _append(ledger, result)
+        return result
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again: its wall clock stays honest
     start = time.perf_counter()
     summary = train(RunSpec(run_dir, arm.model, cfg, None), show_progress=False)
     wall = time.perf_counter() - start
     model = load_pretrained(run_dir)
-    loaded = load_tokenizer(tokenizer)
     held_out = held_out_loss(model, run_dataset(run_sources(None), loaded, cfg, progress=False).sources[0].val,
                              token_byte_lengths(loaded), cfg.seq_len, max_windows=held_out_windows)
     stats = model_stats(arm.model, seq_len=cfg.seq_len)
@@ -126,9 +154,17 @@ def run(out: Path, arm: Arm, budget: float, cfg: TrainConfig, held_out_windows: 
               "held_out_nats_per_token": held_out.nats_per_token, "held_out_tokens": held_out.tokens,
               "held_out_bytes": held_out.bytes, "bpb": held_out.bits_per_byte, "configs": configs}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
+    if ledger is not None:
+        _append(ledger, result)
     print(f"{run_dir.name}: {cfg.max_steps} steps in {wall / 60:.1f} min, {held_out.bits_per_byte:.4f} bits/byte",
           flush=True)
     return result
+
+
+def _append(ledger: Path, result: dict) -> None:
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with ledger.open("a") as f:
+        f.write(json.dumps(result) + "\n")
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ Budgets: 0.25 ... 16 x --steps steps (cosine), each a full schedule; three seeds
 the headline ratio is read: 2 epochs of the default Shakespeare corpus), one elsewhere; dense also at 32x, so that a
 multiplier up to 2 at the top is read inside dense's measured curve. Each run is measured in held-out bits per byte.
 Runs go seed by seed, each seed's budgets from the smallest, so an interrupted study (--stop-after, or a closed
-laptop) has whole curves first; finished runs are reused.
+laptop) has whole curves first; finished runs are reused. Each finished run is also a line of DOCS/runs.jsonl (its
+result and configs): committed, it carries a study of many hours from one machine to the next.
 The GPU scale doubles the width and the depth (hidden 512, 8 layers, 8 heads, w = 160, so that every arm's routed
 experts keep over half of its FLOPs at 512 tokens of context) and runs 32 x 512 tokens a step in bf16: each budget is
 ~115x the CPU scale's compute. Its budgets are 0.25 ... 4x (4x is 11.5M tokens, 5.6 epochs), dense also at 8x.
@@ -179,10 +180,12 @@ def main() -> None:
     order = run_order(scale, seeds)
     for arm, budget, seed in order:
         if args.stop_after is not None and time.perf_counter() - start > 60 * args.stop_after:
-            print(f"study2: stopped after {args.stop_after:g} min, before run {len(results) + 1} of {len(order)} in its "
-                  "order; rerun to go on (finished runs are reused; the report needs every run)")
+            print(f"study2: stopped after {args.stop_after:g} min, before run {len(results) + 1} of {len(order)} in "
+                  f"its order; rerun to go on (finished runs are reused: commit {docs / 'runs.jsonl'}, their record; "
+                  "the report needs every run)")
             return
-        results.append(run(out, arm, budget, config(scale, round(steps * budget), seed, tokenizer), windows))
+        results.append(run(out, arm, budget, config(scale, round(steps * budget), seed, tokenizer), windows,
+                           docs / "runs.jsonl"))
     print(f"runs finished in {(time.perf_counter() - start) / 60:.1f} min (reused runs take none)")
     one_x = config(scale, steps, SEEDS[0], tokenizer)
     dataset = run_dataset(run_sources(None), load_tokenizer(tokenizer), one_x, progress=False)

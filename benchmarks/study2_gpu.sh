@@ -6,8 +6,8 @@
 #
 # The same arms and seeds as the CPU study (benchmarks/study2.py), twice the width and depth, 32 x 512 tokens a step
 # in bf16, budgets 0.25 ... 4x (each ~115x the CPU budget's compute); it prints its training FLOPs against the whole
-# CPU study's first. Finished runs are reused, so an interrupted study goes on from where it stopped. The report
-# lands in runs/study2-gpu/report.
+# CPU study's first. Finished runs are reused, so an interrupted study goes on from where it stopped; each is also a
+# line of runs/study2-gpu/report/runs.jsonl, the file to bring back from a lent machine. The report lands beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}

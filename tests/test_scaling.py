@@ -221,3 +221,35 @@ def test_round_two_reads_planted_multipliers_their_trend_and_the_sparsity_law(tm
         splice(readme, report)
     assert readme.read_text() == "# no markers\n"
     assert json.loads((tmp_path / "sparsity_sweep.json").read_text())["arms"]["moe-64"]["iso_loss_ratio"] > 1
+
+
+def test_a_study_reuses_the_runs_its_ledger_records_and_names_a_bad_line(tmp_path, monkeypatch):
+    """A finished run is a ledger line (a committed file outlives the machine): reused where its configs are the
+    run's, carried into the ledger from a run directory's study.json, trained again where the seed differs, and a
+    broken line is one clear error."""
+    import dense_vs_deepseek as study
+    from dense_vs_deepseek import Arm, run, run_configs, train_config
+
+    trained = []
+    monkeypatch.setattr(study, "train", lambda spec, **_: trained.append(spec.train.seed) or 1 / 0)
+    tokenizer = tmp_path / "tokenizer.json"
+    train_tokenizer(["To be, or not to be, that is the question. " * 20], 300).save(str(tokenizer))
+    arm, ledger = Arm("dense", tiny_config()), tmp_path / "docs" / "runs.jsonl"
+    cfg = train_config(8, 1337, tokenizer, use_mtp=False)
+    recorded = {"arm": "dense", "budget": 1.0, "seed": 1337, "bpb": 2.5, "configs": run_configs(arm, cfg)}
+    ledger.parent.mkdir()
+    ledger.write_text(json.dumps(recorded) + "\n\n")
+    assert run(tmp_path / "runs", arm, 1.0, cfg, ledger=ledger) == recorded and trained == []
+    with pytest.raises(ZeroDivisionError):
+        run(tmp_path / "runs", arm, 1.0, train_config(8, 7, tokenizer, use_mtp=False), ledger=ledger)
+    assert trained == [7]
+    measured = {**recorded, "seed": 7, "configs": run_configs(arm, train_config(8, 7, tokenizer, use_mtp=False))}
+    (tmp_path / "runs" / "dense-1x-seed7").mkdir(parents=True)
+    (tmp_path / "runs" / "dense-1x-seed7" / "study.json").write_text(json.dumps(measured))
+    assert run(tmp_path / "runs", arm, 1.0, train_config(8, 7, tokenizer, use_mtp=False), ledger=ledger) == measured
+    assert [json.loads(line) for line in ledger.read_text().splitlines() if line] == [recorded, measured]
+    assert trained == [7]
+    with ledger.open("a") as f:
+        f.write('{"arm": "dense", "bu\n')
+    with pytest.raises(SystemExit, match=r"runs.jsonl:4 is not a run's JSON .*; mend or delete that line"):
+        run(tmp_path / "runs", arm, 1.0, cfg, ledger=ledger)
