@@ -126,8 +126,7 @@ def run(out: Path, arm: Arm, budget: float, cfg: TrainConfig, held_out_windows: 
     """One run of `cfg` (its steps, seed and tokenizer): reused if it finished before (its study.json under `out`, or
     a line of `ledger`, a file that can be committed and so outlives the machine), else trained from the start and
     measured (over the whole held-out split, or its first `held_out_windows` windows), and appended to `ledger`."""
-    seed, loaded = cfg.seed, load_tokenizer(Path(cfg.tokenizer))
-    run_dir = out / f"{arm.name}-{budget:g}x-seed{seed}"
+    run_dir = out / f"{arm.name}-{budget:g}x-seed{cfg.seed}"
     result_path = run_dir / "study.json"
     configs = run_configs(arm, cfg, held_out_windows)
     # reused only if it ran what this study would run
@@ -142,12 +141,12 @@ def run(out: Path, arm: Arm, budget: float, cfg: TrainConfig, held_out_windows: 
     start = time.perf_counter()
     summary = train(RunSpec(run_dir, arm.model, cfg, None), show_progress=False)
     wall = time.perf_counter() - start
-    model = load_pretrained(run_dir)
+    model, loaded = load_pretrained(run_dir), load_tokenizer(Path(cfg.tokenizer))
     held_out = held_out_loss(model, run_dataset(run_sources(None), loaded, cfg, progress=False).sources[0].val,
                              token_byte_lengths(loaded), cfg.seq_len, max_windows=held_out_windows)
     stats = model_stats(arm.model, seq_len=cfg.seq_len)
     flops_per_token = stats.flops_per_token + (stats.mtp_flops_per_token if arm.use_mtp else 0.0)
-    result = {"arm": arm.name, "budget": budget, "seed": seed, "steps": cfg.max_steps,
+    result = {"arm": arm.name, "budget": budget, "seed": cfg.seed, "steps": cfg.max_steps,
               "tokens": cfg.max_steps * cfg.tokens_per_step, "flops_per_token": flops_per_token,
               "train_flops": cfg.max_steps * cfg.tokens_per_step * flops_per_token, "wall_s": wall,
               "tokens_per_s": summary["final"]["tokens_per_s"], "sampled_val_loss": summary["val_loss"],

@@ -177,15 +177,14 @@ def main() -> None:
     windows = QUICK_HELD_OUT_WINDOWS if args.quick else None
     start = time.perf_counter()
     results = []
-    order = run_order(scale, seeds)
+    order, ledger = run_order(scale, seeds), docs / "runs.jsonl"
     for arm, budget, seed in order:
         if args.stop_after is not None and time.perf_counter() - start > 60 * args.stop_after:
             print(f"study2: stopped after {args.stop_after:g} min, before run {len(results) + 1} of {len(order)} in "
-                  f"its order; rerun to go on (finished runs are reused: commit {docs / 'runs.jsonl'}, their record; "
+                  f"its order; rerun to go on (finished runs are reused: commit {ledger}, their record; "
                   "the report needs every run)")
             return
-        results.append(run(out, arm, budget, config(scale, round(steps * budget), seed, tokenizer), windows,
-                           docs / "runs.jsonl"))
+        results.append(run(out, arm, budget, config(scale, round(steps * budget), seed, tokenizer), windows, ledger))
     print(f"runs finished in {(time.perf_counter() - start) / 60:.1f} min (reused runs take none)")
     one_x = config(scale, steps, SEEDS[0], tokenizer)
     dataset = run_dataset(run_sources(None), load_tokenizer(tokenizer), one_x, progress=False)
