@@ -15,11 +15,13 @@ from nanoseek.infer.engine import EngineConfig
 from nanoseek.infer.server import ServerLimits, create_app
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+JSON = {"content-type": "application/json"}
 FIELDS = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop", "stream",
-          "logprobs", "top_logprobs", "ignore_eos", "user", "presence_penalty")
+          "logprobs", "top_logprobs", "ignore_eos", "user", "presence_penalty", "logit_bias", "cache_salt", "echo",
+          "best_of", "repetition_penalty")
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats()  # NaN and ±Infinity too
     | st.text(max_size=40),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
     max_leaves=12)
@@ -33,6 +35,8 @@ field_values = {
     "temperature": st.floats(-1, 3), "top_p": st.floats(-0.5, 1.5), "seed": st.integers(-(1 << 65), 1 << 65),
     "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=6), "stream": st.booleans(),
     "logprobs": st.booleans() | st.integers(-1, 25), "top_logprobs": st.integers(-1, 25), "model": st.text(max_size=8),
+    "logit_bias": st.dictionaries(st.integers(-2, 400).map(str) | st.text(max_size=4),
+                                  st.floats() | st.integers(-200, 200), max_size=4),
 }
 VALID = {"/v1/completions": {"prompt": "hello there", "max_tokens": 4},
          "/v1/chat/completions": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}}
@@ -79,7 +83,8 @@ def _check(response) -> None:
 
 @fuzz(150, 1000, data=st.data(), endpoint=st.sampled_from(ENDPOINTS))
 def test_request_bodies_get_an_answer_or_a_4xx(client, data, endpoint):
-    response = client.post(endpoint, json=data.draw(bodies(endpoint)))
+    body = json.dumps(data.draw(bodies(endpoint)))  # as Python writes it: NaN and Infinity as bare words
+    response = client.post(endpoint, content=body.encode(), headers=JSON)
     event(f"status {response.status_code}")
     _check(response)
 
@@ -95,17 +100,31 @@ def test_raw_bytes_on_every_path_and_method(client, endpoint, raw, method, conte
         assert response.json()["error"]["message"]
 
 
+JSON = {"content-type": "application/json"}
+
+
+@fuzz(20, 100, endpoint=st.sampled_from(ENDPOINTS), name=st.sampled_from(FIELDS),
+      number=st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e999"]) | st.integers(1, 6000).map(
+          lambda digits: "9" * digits))
+def test_numbers_json_has_no_room_for(client, endpoint, name, number):
+    """NaN, infinities, doubles past their range and integers past Python's 4,300 digits, in any field."""
+    body = json.dumps({k: v for k, v in VALID[endpoint].items() if k != name})[:-1] + f', "{name}": {number}}}'
+    response = client.post(endpoint, content=body.encode(), headers=JSON)
+    event(f"status {response.status_code}")
+    _check(response)
+
+
 def test_deep_nesting_and_oversized_bodies(client):
     deep = "[" * 100_000 + "]" * 100_000
-    assert client.post("/v1/completions", content=deep[:4000]).status_code == 400
-    too_large = client.post("/v1/completions", content=b"{" + b" " * 5000 + b"}")
+    assert client.post("/v1/completions", content=deep[:4000], headers=JSON).status_code == 400
+    too_large = client.post("/v1/completions", content=b"{" + b" " * 5000 + b"}", headers=JSON)
     assert too_large.status_code == 413 and "4096 bytes" in too_large.json()["error"]["message"]
 
     def chunked():  # no Content-Length: the limit holds while the body streams in
         for _ in range(10):
             yield b" " * 1000
 
-    assert client.post("/v1/completions", content=chunked()).status_code == 413
+    assert client.post("/v1/completions", content=chunked(), headers=JSON).status_code == 413
     unknown = client.get("/v2/anything")
     assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "GET /v2/anything: Not Found"
     assert client.get("/v1/completions").status_code == 405

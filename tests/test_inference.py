@@ -10,6 +10,7 @@ import torch
 import nanoseek
 from helpers import V32, YARN, tiny_config
 from nanoseek.infer.engine import Engine, EngineConfig
+from nanoseek.infer.sampler import LogitEdits
 from nanoseek.infer.request import SamplingParams
 from nanoseek.model.paged import PagedBatch, PagedStore, PrefillChunk
 
@@ -305,7 +306,7 @@ def _shaped_greedy_by_recomputation(model, prompt: list[int], new: int, params: 
 
 
 @pytest.mark.parametrize("speculation", [False, True])
-def test_penalties_bias_and_min_tokens_shape_the_logits(speculation):
+def test_penalties_bias_and_min_tokens_shape_the_logits(speculation, monkeypatch):
     """The engine (batched, chunked, with MTP drafts verified against the shaped logits) picks what plain greedy
     decoding over the shaped logits picks; a large bias forces its token; min_tokens holds the stop token back."""
     model = _model()
@@ -316,7 +317,11 @@ def test_penalties_bias_and_min_tokens_shape_the_logits(speculation):
              SamplingParams(max_new_tokens=12, repetition_penalty=1.8),
              SamplingParams(max_new_tokens=12, logit_bias=((3, 2.0), (11, -5.0))),
              SamplingParams(max_new_tokens=12, min_tokens=4, stop_token_ids=(plain[0], plain[1]))]
+    built = []
+    real_build = LogitEdits.build
+    monkeypatch.setattr(LogitEdits, "build", lambda *a: built.append(a) or real_build(*a))
     results = engine.generate([prompt] * len(cases), cases)
+    assert len(built) == len(cases)  # each sequence's edits made once, then grown: not rebuilt at every step
     for params, result in zip(cases, results):
         want = _shaped_greedy_by_recomputation(model, prompt, 12, params)
         if params.stop_token_ids:

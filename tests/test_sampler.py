@@ -196,3 +196,23 @@ def test_prefix_cache_compares_tokens_and_keys_its_hash(monkeypatch):
     assert manager.match_prefix([9, 9, 9, 9, 9]) == []
     assert manager.match_prefix([1, 2, 9, 9, 9]) == []  # block 0 is followed by another token: not the same block
     assert manager.match_prefix(tokens) == owned[:1]  # block 1's digest is taken by block 0: only the head is found
+
+
+def test_a_window_that_never_forms_a_character_does_not_grow():
+    """A run of lone continuation bytes (a logit_bias can force one) ends every window in U+FFFD: it used to be
+    decoded whole at every step. Each step now decodes a bounded window, and real characters split over tokens
+    still come out whole."""
+    decoded = []
+
+    def decode(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    detokenizer, ids = Detokenizer(decode), []
+    for step in range(400):
+        ids.append(0x80)
+        detokenizer.update(ids, final=False)
+    assert max(decoded) <= 12 and sum(decoded) < 400 * 30
+    ids += list("é and 日本".encode())
+    text = "".join(detokenizer.update(ids[:k], final=False)[0] for k in range(401, len(ids) + 1))
+    assert text.endswith("é and 日本") and detokenizer.update(ids, True)[0] == ""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from nanoseek.data.tokenizer import write_tokenizer_files
+from nanoseek.data.tokenizer import TextEncoder, write_tokenizer_files
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -41,8 +41,10 @@ def has_chat_tokens(tokenizer: Tokenizer) -> bool:
 def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]],
                 add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """→ the ids the template renders to, and for each id whether SFT trains on it (assistant words + EOS).
-    Encoding piece by piece gives the ids of encoding the whole rendering: special tokens split the text there."""
+    Encoding piece by piece gives the ids of encoding the whole rendering: special tokens split the text there. A
+    message that spells a marker gets its characters, not the marker (a conversation cannot forge a turn)."""
     special = {t: tokenizer.token_to_id(t) for t in CHAT_TOKENS}
+    as_text = TextEncoder(tokenizer)
     ids, trained = [special[BOS]], [False]
 
     def extend(piece: list[int], train: bool) -> None:
@@ -50,7 +52,7 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]],
         trained.extend([train] * len(piece))
 
     for message in messages:
-        words = tokenizer.encode(message["content"], add_special_tokens=False).ids
+        words = as_text(message["content"])
         if message["role"] == "system":
             extend(words, False)
         elif message["role"] == "user":

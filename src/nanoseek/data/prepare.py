@@ -65,7 +65,22 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         raise CorpusError(f"{directory / MANIFEST} is damaged: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") not in (1, FORMAT):  # 1's shards read the same
         raise CorpusError(f"{directory / MANIFEST} is not a nanoseek token manifest (format {FORMAT})")
+    for split in ("train", "val"):
+        entries = manifest.get(split)
+        if not isinstance(entries, list) or not all(_is_shard_entry(e, split) for e in entries):
+            raise CorpusError(f"{directory / MANIFEST} is damaged: '{split}' must list shards named {split}_NNNNN "
+                              "with their token counts")
     return manifest
+
+
+def _is_shard_entry(entry: Any, split: str) -> bool:
+    """A shard's name is used as a path: only the names prepare() writes (no separators, no '..')."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        return False
+    number = entry["name"].removeprefix(f"{split}_")
+    return (number != entry["name"] and len(number) == 5 and number.isascii() and number.isdigit()
+            and isinstance(entry.get("tokens"), int) and not isinstance(entry["tokens"], bool)
+            and entry["tokens"] >= 0)
 
 
 def _hash(*key: int) -> int:
@@ -203,5 +218,13 @@ def _flush(splits: dict[str, _Split], out: Path, manifest: dict[str, Any], probl
     manifest["skipped"] = problems.count
     manifest["problems"] = problems.examples
     tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
+    with open(tmp, "w") as f:  # on the disk before it replaces the old one: a power loss keeps one whole manifest
+        f.write(json.dumps(manifest, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, out / MANIFEST)
+    descriptor = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # and so does the rename
+    finally:
+        os.close(descriptor)

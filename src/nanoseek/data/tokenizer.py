@@ -42,6 +42,36 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise NanoseekError(f"cannot load tokenizer {path}: {first_line(e)}") from None
 
 
+def encode_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """One text's ids, through the batch call: it releases the GIL while it works (the single-text `encode` holds it
+    for seconds on a long text, freezing every other thread) and skips the offsets nobody reads."""
+    return tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+
+
+class TextEncoder:
+    """Text → ids with the text taken as text: a control token's spelling inside it (a user typing the assistant or
+    end-of-sentence marker) is encoded as ordinary characters, never as the token, as transformers'
+    `split_special_tokens` does. Only a text that spells one pays for it (a copy of the tokenizer without its added
+    tokens, built on first need)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        added = tokenizer.get_added_tokens_decoder()
+        self.control_ids = frozenset(added)
+        self.controls = sorted((t.content for t in added.values()), key=len, reverse=True)  # longest match first
+        self._plain: Tokenizer | None = None
+
+    def __call__(self, text: str) -> list[int]:
+        ids = encode_ids(self.tokenizer, text)
+        if self.control_ids.isdisjoint(ids):
+            return ids
+        if self._plain is None:
+            spec = json.loads(self.tokenizer.to_str())
+            spec["added_tokens"] = []
+            self._plain = Tokenizer.from_str(json.dumps(spec))
+        return encode_ids(self._plain, text)
+
+
 def end_of_text_id(tokenizer: Tokenizer) -> int | None:
     for token in (END_OF_TEXT, "<｜end▁of▁sentence｜>", "</s>"):
         token_id = tokenizer.token_to_id(token)

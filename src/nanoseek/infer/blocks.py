@@ -114,11 +114,16 @@ class BlockManager:
             keys.append(BlockKey(previous, content))
         return keys
 
-    def match_prefix(self, tokens: list[int]) -> list[int]:
+    def root(self, salt: str | None) -> bytes | None:
+        """What a sequence's first block is chained to: nothing, or its cache salt's digest, so that requests of
+        different salts (tenants) never share a block and cannot time or count each other's cached prompts."""
+        return None if salt is None else block_digest(self.secret, salt.encode(), ())
+
+    def match_prefix(self, tokens: list[int], root: bytes | None = None) -> list[int]:
         """The cached blocks that begin `tokens` (each now held once more): found by digest, taken only if they
-        hold exactly these tokens after exactly the blocks before."""
+        hold exactly these tokens after exactly the blocks before (and the same root)."""
         blocks = []
-        for key in self.keys(tokens):
+        for key in self.keys(tokens, 0, root):
             block = self.by_hash.get(key.digest)
             if block is None or self.content_of[block] != key.content:
                 break

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from pathlib import Path
 
 from nanoseek.device import add_device_options, resolve_device
 from nanoseek.errors import NanoseekError
+from nanoseek.infer.protocol import ServerLimits
 
 
 def _engine(args: argparse.Namespace):
@@ -54,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from nanoseek.infer.engine import EngineConfig
-    from nanoseek.infer.server import ServerLimits, create_app, serve
+    from nanoseek.infer.server import create_app, serve
     from nanoseek.memory import available_memory
 
     if args.cache_memory is not None and args.cache_fraction is not None:
@@ -69,9 +71,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               static=args.batching == "static")
         if args.cache_fraction is not None:  # of the memory free now, on the device the model is loaded to
             config = replace(config, cache_memory=args.cache_fraction * available_memory(device))
-        limits = ServerLimits(max_waiting=args.max_waiting, max_body_bytes=args.max_request_bytes)
-        app = create_app(args.model, api_key=args.api_key, config=config, limits=limits, device=device,
-                         dtype=dtype)
+        limits = ServerLimits(max_waiting=args.max_waiting, max_body_bytes=args.max_request_bytes,
+                              max_request_tokens=args.max_request_tokens, max_stop_length=args.max_stop_length,
+                              max_logprob_entries=args.max_logprob_entries, workers=args.api_workers)
+        app = create_app(args.model, api_key=_api_key(args), config=config, limits=limits, device=device,
+                         dtype=dtype, allowed_hosts=_allowed_hosts(args))
     except ValueError as e:
         raise NanoseekError(str(e)) from None
     engine = app.state.engine
@@ -82,6 +86,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
           f"{engine.device}", flush=True)
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
     serve(app, args.host, args.port, args.shutdown_timeout)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else NANOSEEK_API_KEY (which keeps the key out of the process list); an empty one is refused,
+    never taken as 'no authentication'."""
+    key, source = args.api_key, "--api-key"
+    if key is None:
+        key, source = os.environ.get("NANOSEEK_API_KEY"), "NANOSEEK_API_KEY"
+    if key is not None and not key.strip():
+        raise NanoseekError(f"{source} is empty: give a key, or neither it nor the other to serve without one")
+    return key
+
+
+def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--allowed-hosts; by default a server bound to loopback answers loopback names only (a DNS-rebound page's
+    Host names the attacker's domain), and one bound elsewhere answers any ('*')."""
+    if args.allowed_hosts is not None:
+        return tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) or None
+    return LOOPBACK if args.host in LOOPBACK else None
 
 
 def fit_conversation(messages: list[dict[str, str]], encode, room: int) -> tuple[list[int], int]:
@@ -97,7 +123,7 @@ def fit_conversation(messages: list[dict[str, str]], encode, room: int) -> tuple
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from nanoseek.data.tokenizer import end_token_ids
+    from nanoseek.data.tokenizer import TextEncoder, encode_ids, end_token_ids
     from nanoseek.infer.chat import ChatTemplate
 
     try:
@@ -106,6 +132,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise NanoseekError(str(e)) from None
     engine, tokenizer = _engine(args)
     params = _sampling(args, engine, stop_token_ids=end_token_ids(tokenizer), stop_strings=template.stop_strings)
+    as_text = TextEncoder(tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return encode_ids(tokenizer, text)
+
     room = min(engine.max_len, engine.cache_tokens - 1) - args.max_new_tokens
     messages: list[dict[str, str]] = []
     print("nanoseek chat — an empty line, Ctrl-D or Ctrl-C ends the conversation")
@@ -119,7 +150,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         messages.append({"role": "user", "content": line})
         try:
-            prompt, dropped = fit_conversation(messages, lambda m: tokenizer.encode(template.render(m)).ids, room)
+            prompt, dropped = fit_conversation(messages, lambda m: template.render_ids(m, encode, as_text), room)
         except (NanoseekError, ValueError) as e:
             messages.pop()
             print(f"(not sent: {e})")
@@ -153,13 +184,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("model", help="run or model directory (with tokenizer.json)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $NANOSEEK_API_KEY, which "
+                                         "other users cannot read in the process list)")
+    serve.add_argument("--allowed-hosts", metavar="NAMES",
+                       help="comma-separated Host header names to answer ('*': any); default: loopback names when "
+                            "bound to loopback, else any")
     serve.add_argument("--max-seqs", type=int, default=64, help="sequences in the running batch at most")
     serve.add_argument("--token-budget", type=int, default=512,
                        help="tokens per engine step (decodes, then chunks of prompts)")
     serve.add_argument("--max-waiting", type=int, default=256,
                        help="sequences queued for admission at most; past it requests get 429 with Retry-After")
     serve.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    serve.add_argument("--max-request-tokens", type=int, default=ServerLimits.max_request_tokens,
+                       help="(prompt + max_tokens) x n or best_of, summed over a request's prompts, at most")
+    serve.add_argument("--max-stop-length", type=int, default=ServerLimits.max_stop_length,
+                       help="characters in one stop string at most")
+    serve.add_argument("--max-logprob-entries", type=int, default=ServerLimits.max_logprob_entries,
+                       help="(scored prompt tokens + tokens generated with logprobs) x (1 + top logprobs) at most")
+    serve.add_argument("--api-workers", type=int, default=ServerLimits.workers,
+                       help="threads that parse, tokenize and format requests off the event loop")
     serve.add_argument("--cache-memory", type=float, metavar="GB", help="latent-cache size in GiB")
     serve.add_argument("--cache-fraction", type=float, metavar="F",
                        help="latent-cache size as a fraction of the free memory (default: room for --max-seqs "

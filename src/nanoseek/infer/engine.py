@@ -20,7 +20,7 @@ from nanoseek.infer.detokenize import Detokenizer
 from nanoseek.infer.histogram import LATENCY_BUCKETS, PER_TOKEN_BUCKETS, Histogram
 from nanoseek.infer.request import Completion, SamplingParams, Sequence, TokenLogprob
 from nanoseek.infer.runner import ModelRunner, SeqResult
-from nanoseek.infer.scheduler import Scheduler
+from nanoseek.infer.scheduler import Scheduler, Step
 from nanoseek.memory import available_memory
 from nanoseek.model.transformer import Transformer
 
@@ -87,6 +87,7 @@ class Engine:
         self._inbox: deque[Sequence] = deque()
         self._lock = threading.Lock()
         self.generated_tokens = self.drafted = self.accepted = self.steps = 0
+        self.failing: str | None = None  # why the last step ran nothing (None: it ran), for the server's /health
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tokens/s
         self.histograms = {
             "queue": Histogram("nanoseek_queue_time_seconds", "Time from arrival to admission", LATENCY_BUCKETS),
@@ -161,7 +162,13 @@ class Engine:
             if seq.restore_from is not None:  # V4 admitted on a cached prefix: its state as it was there
                 self.store.copy_state(seq.restore_from, seq.state_slot)
                 seq.restore_from = None
-        results = self.runner.run(plan)
+        try:
+            results = self.runner.run(plan)
+            self.failing = None
+        except Exception as e:
+            results, failed = self._isolate(plan, e)
+            changed += failed
+            self.failing = None if results else f"generation failed: {e}"  # not one sequence could run
         produced = 0
         for seq, result in results.items():
             produced += self._commit(seq, result)
@@ -175,6 +182,26 @@ class Engine:
             while self._recent and self._recent[0][0] < now - 10:
                 self._recent.popleft()
         return changed
+
+    def _isolate(self, plan: Step, error: Exception) -> tuple[dict[Sequence, SeqResult], list[Sequence]]:
+        """A step that raised is run again one sequence at a time, so that a request that breaks the forward fails
+        alone instead of taking the batch with it → (the others' results, the sequences failed). A latent cache
+        is written by position, so running a part again is exact; V4's windows were advanced in place by the
+        failed forward, so there every sequence of the step fails."""
+        parts = [Step(decode=[seq]) for seq in plan.decode] + [Step(prefill=[part]) for part in plan.prefill]
+        results: dict[Sequence, SeqResult] = {}
+        failed = []
+        for part in parts:
+            seq = part.decode[0] if part.decode else part.prefill[0][0]
+            try:
+                if self.blocks.needs_snapshots:
+                    raise error
+                results.update(self.runner.run(part))
+            except Exception as e:
+                seq.error = f"generation failed: {e}"
+                self._finish(seq, "abort")
+                failed.append(seq)
+        return results, failed
 
     def _commit(self, seq: Sequence, result: SeqResult) -> int:
         """Apply a step's result to the sequence: cache progress, new tokens (stop rules), prefix registration."""
@@ -220,7 +247,7 @@ class Engine:
         known = min(seq.computed + 1, seq.length)
         # most steps complete no block: only then is the sequence's token list (O(context)) built
         if (known - 1) // self.blocks.block_size > seq.hashed_blocks:
-            previous = seq.block_hashes[-1] if seq.block_hashes else None
+            previous = seq.block_hashes[-1] if seq.block_hashes else self.blocks.root(seq.params.cache_salt)
             for key in self.blocks.keys(seq.tokens[:known], seq.hashed_blocks, previous):
                 self.blocks.register(seq.blocks[seq.hashed_blocks], key)
                 seq.block_hashes.append(key.digest)

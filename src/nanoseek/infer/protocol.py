@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
+import uuid
 from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ MAX_CHOICES = 16
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (evaluation harnesses send batches)
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop",
                    "seed", "logprobs", "ignore_eos", "user", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "logit_bias", "min_tokens"}
+                   "repetition_penalty", "logit_bias", "min_tokens", "cache_salt"}
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "best_of"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
@@ -38,12 +40,32 @@ class APIError(Exception):
 
 @dataclass(frozen=True)
 class ServerLimits:
+    """What one request may ask of the server; past each, a 400 naming the field and the flag (429 for the
+    queue, 413 for the body)."""
+
     max_waiting: int = 256  # sequences queued for admission; past it, 429
     max_body_bytes: int = 4 << 20  # a request body larger than this is refused (413) unread
+    max_request_tokens: int = 1 << 18  # Σ over prompts of (prompt + max_tokens) × best_of: its prefill and output
+    max_stop_length: int = 256  # characters in one stop string
+    max_logprob_entries: int = 1 << 17  # (scored prompt tokens + tokens generated with logprobs) × (1 + top)
+    workers: int = 4  # threads that parse, tokenize, render and format off the event loop
 
     def __post_init__(self) -> None:
-        if self.max_waiting < 1 or self.max_body_bytes < 1:
-            raise ValueError("max_waiting and max_body_bytes must be >= 1")
+        for name, value in vars(self).items():
+            if value < 1:
+                raise ValueError(f"the server limit {name} must be >= 1, got {value}")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def host_name(header: str) -> str:
+    """The Host header's name without its port: 'localhost:8000' → 'localhost', '[::1]:8000' → '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1: header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def key_matches(header: str | None, api_key: str) -> bool:
@@ -51,21 +73,43 @@ def key_matches(header: str | None, api_key: str) -> bool:
     return hmac.compare_digest((header or "").encode(), f"Bearer {api_key}".encode())
 
 
-async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The request's body as a JSON object: 413 past `max_bytes` (before it is read whole, also when chunked),
-    400 if it is not a JSON object."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body: 413 past `max_bytes` (before it is read whole, also when chunked); 415 unless it is
+    declared JSON, so that a web page cannot drive a local server with a browser's preflight-free text/plain or
+    form POST."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"the request body must be sent as 'Content-Type: application/json', not "
+                            f"{media_type or 'none'!r}")
     too_large = APIError(413, f"the request body is larger than {max_bytes} bytes")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     raw = bytearray()
     async for piece in request.stream():  # a chunked body has no length to check up front
         raw += piece
         if len(raw) > max_bytes:
             raise too_large
+    return bytes(raw)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or 400: not JSON (NaN and Infinity are not, nor numbers past a double's range),
+    nested too deeply, an integer of more digits than Python converts, or not an object."""
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        body = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -105,15 +149,16 @@ def number(body: dict[str, Any], name: str, default: Any, kind: type, low: float
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)) or (kind is int and value != int(value)):
         raise APIError(400, f"'{name}' must be a {kind.__name__}", name)
     if not low <= value <= high:
         raise APIError(400, f"'{name}' must be between {low} and {high}, got {value}", name)
     return kind(value)
 
 
-def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_tokens: tuple[int, ...],
-                    extra_stops: tuple[str, ...], logprobs: int | None,
+def sampling_params(body: dict[str, Any], limits: ServerLimits, default_max_tokens: int,
+                    stop_tokens: tuple[int, ...], extra_stops: tuple[str, ...], logprobs: int | None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
     """prompt_logprobs: the prompt is to be scored (echo), and then max_tokens may be 0."""
     ignore_eos = flag(body, "ignore_eos")  # vLLM's extension: a fixed output length, for benchmarks
@@ -121,6 +166,12 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_tokens: 
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    if any(len(s) > limits.max_stop_length for s in stop):
+        raise APIError(400, f"'stop' strings may be at most {limits.max_stop_length} characters "
+                            "(--max-stop-length)", "stop")
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 256):
+        raise APIError(400, "'cache_salt' must be a non-empty string of at most 256 characters", "cache_salt")
     # max_completion_tokens is the chat API's current name; max_tokens its deprecated one
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_new_tokens = number(body, limit, default_max_tokens, int, 0 if prompt_logprobs is not None else 1, 1 << 20)
@@ -134,14 +185,36 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int, stop_tokens: 
         presence_penalty=number(body, "presence_penalty", 0.0, float, -2, 2),
         frequency_penalty=number(body, "frequency_penalty", 0.0, float, -2, 2),
         repetition_penalty=number(body, "repetition_penalty", 1.0, float, 1e-3, 1e3),
-        logit_bias=logit_bias(body), min_tokens=number(body, "min_tokens", 0, int, 0, max_new_tokens))
+        logit_bias=logit_bias(body), min_tokens=number(body, "min_tokens", 0, int, 0, max_new_tokens),
+        cache_salt=salt)
+
+
+def check_request_size(prompts: list[list[int]], params: SamplingParams, copies: int,
+                       limits: ServerLimits) -> None:
+    """The work and memory one request may claim: its tokens (prompt + output, per copy) and its logprob entries
+    (a prompt is scored once however many copies it has), each a 400 naming the field and the flag."""
+    prompt_tokens = sum(len(p) for p in prompts)
+    tokens = (prompt_tokens + len(prompts) * params.max_new_tokens) * copies
+    if tokens > limits.max_request_tokens:
+        field = "prompt" if prompt_tokens * copies > limits.max_request_tokens else "max_tokens"
+        raise APIError(400, f"the request asks for {tokens} tokens ((prompt + max_tokens) × n or best_of, over "
+                            f"its prompts); this server's limit is {limits.max_request_tokens} "
+                            "(--max-request-tokens)", field)
+    entries = 0
+    if params.prompt_logprobs is not None:
+        entries += (prompt_tokens - len(prompts)) * (1 + params.prompt_logprobs)
+    if params.logprobs is not None:
+        entries += len(prompts) * copies * params.max_new_tokens * (1 + params.logprobs)
+    if entries > limits.max_logprob_entries:
+        raise APIError(400, f"the request asks for {entries} logprobs (scored tokens × (1 + top logprobs)); this "
+                            f"server's limit is {limits.max_logprob_entries} (--max-logprob-entries)", "logprobs")
 
 
 def logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
     """{"token id": bias in [-100, 100]} → ((id, bias), ...); ids outside the vocabulary are refused later."""
     bias = body.get("logit_bias") or {}
     if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
-            isinstance(k, str) and k.isdigit() and len(k) < 10 for k in bias):
+            isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 10 for k in bias):
         raise APIError(400, f"'logit_bias' must map up to {MAX_LOGIT_BIAS} token ids to numbers", "logit_bias")
     try:
         return tuple((int(k), number(bias, k, 0.0, float, -100, 100)) for k in bias)

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from nanoseek.infer.detokenize import Detokenizer
+from nanoseek.infer.sampler import LogitEdits
 
 MAX_TOP_LOGPROBS = 20
 
@@ -30,6 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL's (transformers, vLLM): a seen token's logit divided (> 0) or multiplied
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # the stop tokens cannot be sampled before this many tokens
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only among requests with the same salt
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
@@ -48,12 +50,14 @@ class SamplingParams:
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
                 raise ValueError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {value}")
 
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def shapes_logits(self) -> bool:
         """Whether sampling reads more than the model's logits (a penalty, a bias, a minimum length)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+        return self.penalizes or bool(self.logit_bias or self.min_tokens)
 
 
 @dataclass
@@ -103,6 +107,8 @@ class Sequence:
     draws: int = 0  # the sampler's counter: each step's random numbers come from (seed, draws)
     finish_reason: Literal["stop", "length", "abort"] | None = None
     aborted: bool = False
+    error: str | None = None  # why the engine failed it (it then finishes with "abort")
+    logit_edits: LogitEdits | None = None  # its penalties' and bias's device tensors, made at its first sample
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_logprob: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # entry j: prompt token j + 1

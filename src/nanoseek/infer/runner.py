@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.infer.request import Sequence
-from nanoseek.infer.sampler import LogitShaping, Penalties, RowSettings, sample, token_logprobs, verify
+from nanoseek.infer.sampler import (LogitEdits, LogitShaping, Penalties, RowSettings, sample, token_logprobs,
+                                    verify)
 from nanoseek.infer.scheduler import Step
 from nanoseek.model.hybrid_paged import HybridStore
 from nanoseek.model.paged import PagedBatch, PagedStore, PrefillChunk, Segment
@@ -95,9 +96,8 @@ class ModelRunner:
         final_rows = [chunk.start + chunk.length - 1 for _, chunk in finals]
         rows = torch.cat([torch.arange(decode_tokens), torch.tensor(final_rows, dtype=torch.long)]).to(self.device)
         logits = self.model.logits(hidden[rows])
-        histories = [(seq, seq.output + ([seq.draft] if j else [])) for seq in step.decode
-                     for j in range(batch.decode_width)]
-        shaping = self._shaping(histories + [(seq, seq.output) for seq, _ in finals], logits.shape[-1])
+        decode_rows = [(seq, seq.draft if j else None) for seq in step.decode for j in range(batch.decode_width)]
+        shaping = self._shaping(decode_rows + [(seq, None) for seq, _ in finals], logits.shape[-1])
         sampled_logits = logits if shaping is None else shaping.apply(logits)  # logprobs stay the model's
         parts: list[torch.Tensor] = []
         accepted = None
@@ -136,40 +136,54 @@ class ModelRunner:
         host = torch.cat(parts).tolist()  # the step's one device → host transfer
         return self._unpack(step, host, finals, top, drafted, scored, prompt_top)
 
-    def _shaping(self, rows: list[tuple[Sequence, list[int]]], vocab: int) -> LogitShaping | None:
-        """The logit edits of each sampled row (its sequence, the tokens generated before it), or None when no
-        row has any."""
+    def _shaping(self, rows: list[tuple[Sequence, int | None]], vocab: int) -> LogitShaping | None:
+        """The logit edits of each sampled row (its sequence, and the draft it follows when it verifies one), or
+        None when no row has any. Each sequence's tensors are made at its first sample and grown since; a step only
+        stacks them."""
         if not any(seq.params.shapes_logits for seq, _ in rows):
             return None
-
-        def mask(pairs: list[tuple[int, int]], values: list[float] | None = None) -> torch.Tensor:
-            out = torch.zeros(len(rows), vocab)
-            if pairs:
-                index = torch.tensor(pairs).T
-                out.index_put_((index[0], index[1]), torch.tensor(values or [1.0] * len(pairs)), accumulate=True)
-            return out.to(self.device)
-
         params = [seq.params for seq, _ in rows]
+        edits = []
+        for seq, _ in rows:
+            if seq.logit_edits is None:
+                p = seq.params
+                seq.logit_edits = LogitEdits.build(seq.prompt, p.penalizes, p.repetition_penalty != 1.0, p.logit_bias,
+                                                   vocab, self.device)
+            seq.logit_edits.catch_up(seq.output)
+            edits.append(seq.logit_edits)
 
         def column(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=self.device)
 
+        def stacked(tensors: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
+            zeros = torch.zeros(vocab, dtype=dtype, device=self.device)
+            return torch.stack([zeros if t is None else t for t in tensors])
+
+        drafted = [(r, draft) for r, (_, draft) in enumerate(rows) if draft is not None]
         penalties = None
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
-            generated = mask([(r, t) for r, (_, history) in enumerate(rows) for t in history])
-            prompt = mask([(r, t) for r, (seq, _) in enumerate(rows) if seq.params.repetition_penalty != 1.0
-                           for t in seq.prompt])
-            penalties = Penalties(generated, (generated > 0) | (prompt > 0),
-                                  column([p.presence_penalty for p in params]),
+        if any(p.penalizes for p in params):
+            generated = stacked([e.counts for e in edits], torch.float32)
+            if drafted:  # a row verifying a draft samples after it: the draft counts as generated
+                index = torch.tensor(drafted, device=self.device).T
+                generated.index_put_((index[0], index[1]), torch.ones(len(drafted), device=self.device),
+                                     accumulate=True)
+            seen = generated > 0
+            if any(e.prompt_seen is not None for e in edits):
+                seen |= stacked([e.prompt_seen for e in edits], torch.bool)
+            penalties = Penalties(generated, seen, column([p.presence_penalty for p in params]),
                                   column([p.frequency_penalty for p in params]),
                                   column([p.repetition_penalty for p in params]))
-        bias = [(r, token, value) for r, p in enumerate(params) for token, value in p.logit_bias]
-        banned = [(r, t) for r, ((seq, history), p) in enumerate(zip(rows, params)) if len(history) < p.min_tokens
-                  for t in p.stop_token_ids]
-        if penalties is None and not bias and not banned:
+        bias = stacked([e.bias for e in edits], torch.float32) if any(e.bias is not None for e in edits) else None
+        banned_pairs = [(r, t) for r, ((seq, draft), p) in enumerate(zip(rows, params))
+                        if len(seq.output) + (draft is not None) < p.min_tokens for t in p.stop_token_ids]
+        banned = None
+        if banned_pairs:
+            index = torch.tensor(banned_pairs, device=self.device).T
+            banned = torch.zeros(len(rows), vocab, dtype=torch.bool, device=self.device)
+            banned[index[0], index[1]] = True
+        if penalties is None and bias is None and banned is None:
             return None
-        return LogitShaping(penalties, mask([(r, t) for r, t, _ in bias], [v for _, _, v in bias]) if bias else None,
-                            mask(banned) > 0 if banned else None)
+        return LogitShaping(penalties, bias, banned)
 
     @staticmethod
     def _scored_prompt_rows(step: Step, batch: PagedBatch) -> list[tuple[Sequence, list[tuple[int, int]]]]:

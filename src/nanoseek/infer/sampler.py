@@ -171,3 +171,38 @@ class LogitShaping:
         if self.bias is not None:
             logits = logits + self.bias
         return logits if self.banned is None else logits.masked_fill(self.banned, float("-inf"))
+
+
+@dataclass
+class LogitEdits:
+    """One sequence's logit edits as device tensors, made once per request (not rebuilt from its prompt and output
+    at every step, which cost a Python loop over the whole context per step and slowed the batch's every decode):
+    its generated-token counts, grown by the tokens since the last step; the prompt's tokens, for the repetition
+    penalty; its bias."""
+
+    counts: torch.Tensor | None  # [vocab] float: how often each token was generated (None: no penalty)
+    prompt_seen: torch.Tensor | None  # [vocab] bool: in the prompt (None: no repetition penalty)
+    bias: torch.Tensor | None  # [vocab] added to the logits (None: no logit_bias)
+    counted: int = 0  # how many of the sequence's output tokens `counts` holds
+
+    @staticmethod
+    def build(prompt: list[int], penalizes: bool, repetition: bool, bias: tuple[tuple[int, float], ...],
+              vocab: int, device: torch.device) -> LogitEdits:
+        counts = torch.zeros(vocab, device=device) if penalizes else None
+        seen = None
+        if repetition:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            seen[torch.tensor(prompt, device=device)] = True
+        added = None
+        if bias:
+            added = torch.zeros(vocab, device=device)
+            added.index_put_((torch.tensor([t for t, _ in bias], device=device),),
+                             torch.tensor([v for _, v in bias], device=device), accumulate=True)
+        return LogitEdits(counts, seen, added)
+
+    def catch_up(self, output: list[int]) -> None:
+        """Counts the output tokens sampled since the last call."""
+        if self.counts is not None and len(output) > self.counted:
+            new = torch.tensor(output[self.counted:], device=self.counts.device)
+            self.counts.index_add_(0, new, torch.ones(len(new), device=self.counts.device))
+        self.counted = len(output)

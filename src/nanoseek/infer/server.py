@@ -11,34 +11,38 @@ finish for up to `shutdown_timeout` seconds, aborts the rest, closes the socket 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from nanoseek.checkpoint.hf import load_pretrained
-from nanoseek.data.tokenizer import check_vocab, end_token_ids, load_tokenizer
-from nanoseek.infer import protocol
-from nanoseek.infer.chat import ChatTemplate, check_messages
+from nanoseek.data.tokenizer import TextEncoder, check_vocab, encode_ids, end_token_ids, load_tokenizer
+from nanoseek.infer import endpoints, protocol, responses
+from nanoseek.infer.chat import ChatTemplate
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.engine_loop import EngineLoop, Job
 from nanoseek.infer.protocol import APIError, ServerLimits
-from nanoseek.infer.request import Completion, SamplingParams
+from nanoseek.infer.request import SamplingParams
 
 
 def create_app(model_dir: str | Path, api_key: str | None = None, config: EngineConfig | None = None,
                limits: ServerLimits = ServerLimits(), device: torch.device | None = None,
-               dtype: torch.dtype | None = None) -> FastAPI:
-    """device/dtype: where the weights load and the latent cache lives (default: the CPU in fp32)."""
+               dtype: torch.dtype | None = None, allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+    """device/dtype: where the weights load and the latent cache lives (default: the CPU in fp32). allowed_hosts:
+    the Host header names served (None: any), the guard against DNS rebinding."""
+    if api_key is not None and not api_key:
+        raise ValueError("the API key is empty: give a key, or none to serve without one")
     model_dir = Path(model_dir)
     model_name = model_dir.resolve().name
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
@@ -47,10 +51,15 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     check_vocab(tokenizer, engine.model.config.vocab_size)
     stop_tokens = end_token_ids(tokenizer)
     runner = EngineLoop(engine)
+    as_text = TextEncoder(tokenizer)
+    pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="nanoseek-api")
+    hosts = None if allowed_hosts is None or "*" in allowed_hosts else {h.lower() for h in allowed_hosts}
 
     async def authenticate(request: Request) -> None:
         """Every route but /health and /metrics (a dependency, not an HTTP middleware: Starlette's middleware hides
         the client's disconnect from the route)."""
+        if hosts is not None and protocol.host_name(request.headers.get("host", "")) not in hosts:
+            raise APIError(400, "the Host header names no host this server answers to (--allowed-hosts)")
         if request.url.path in ("/health", "/metrics"):
             return
         if api_key and not protocol.key_matches(request.headers.get("authorization"), api_key):
@@ -58,17 +67,25 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         if runner.draining and request.method == "POST":
             raise APIError(503, "the server is shutting down", kind="server_error")
 
-    app = FastAPI(title="nanoseek", version="0.2", dependencies=[Depends(authenticate)])
+    # the generated docs as routes of their own, so that the key guards them like every other route
+    app = FastAPI(title="nanoseek", version="0.2", dependencies=[Depends(authenticate)], docs_url=None,
+                  redoc_url=None, openapi_url=None)
     app.state.engine, app.state.loop = engine, runner
 
-    def encode(text: str) -> list[int]:
+    async def offload(work: Callable[..., Any], *args: Any) -> Any:
+        """CPU work of a request (parsing, tokenizing, rendering, formatting) on the pool: the event loop only
+        moves bytes, so /health and every stream keep answering while a 4 MiB body is tokenized."""
+        return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
+
+    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
         try:
-            return tokenizer.encode(text).ids
+            return encode_ids(tokenizer, text, add_special_tokens)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # the tokenizer's Rust code can panic (a BaseException) on input it mishandles
             raise APIError(400, f"the tokenizer cannot encode this text: {type(e).__name__}") from None
 
+    @lru_cache(maxsize=1 << 17)  # at most the vocabulary: logprobs name each token's text up to 21 times a step
     def token_text(token: int) -> str:
         return tokenizer.decode([token])
 
@@ -82,75 +99,26 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         message = f"{request.method} {request.url.path}: {e.detail}"
         return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
 
-    async def read_body(request: Request) -> dict[str, Any]:
-        body = await protocol.read_json_object(request, limits.max_body_bytes)
+    async def read_body(request: Request, fields: set[str]) -> dict[str, Any]:
+        body = await offload(protocol.parse_json_object, await protocol.read_body(request, limits.max_body_bytes))
         if body.get("model", model_name) != model_name:
             raise APIError(404, f"the model {body['model']!r} does not exist; this server has {model_name!r}",
                            "model", "model_not_found")
+        protocol.check_fields(body, fields)
         return body
 
-    def start(prompts: list[list[int]], params: SamplingParams, n: int) -> Job:
+    def start(prompts: list[list[int]], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop) -> Job:
+        protocol.check_request_size(prompts, params, n, limits)
+        if n * len(prompts) > limits.max_waiting:  # could never be queued: no retry would help
+            raise APIError(400, f"the request needs {n * len(prompts)} sequences (n or best_of × prompts); this "
+                                f"server queues at most {limits.max_waiting} (--max-waiting)", "n")
         if engine.waiting + n * len(prompts) > limits.max_waiting:
             raise APIError(429, f"the server is at capacity ({engine.waiting} sequences waiting); retry later",
                            kind="rate_limit_error", headers={"Retry-After": "1"})
         try:
-            return runner.submit(prompts, params, n, asyncio.get_running_loop())
+            return runner.submit(prompts, params, n, loop)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-
-    async def until_disconnect(request: Request, job: Job) -> None:
-        """A non-streaming client that goes away aborts its job (a streaming response notices on its own)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        job.push(("gone", 0, None))
-
-    async def events(job: Job, request: Request, stream: bool) -> AsyncIterator[tuple]:
-        """The job's events until every choice is done; aborts the job if the client goes away first."""
-        remaining = len(job.seqs)
-        watcher = None if stream else asyncio.ensure_future(until_disconnect(request, job))
-        try:
-            while remaining:
-                event = await job.events.get()
-                if event[0] == "gone":
-                    return
-                if event[0] == "error":
-                    raise APIError(500, event[2], kind="server_error")
-                remaining -= event[0] == "done"
-                yield event
-        finally:
-            job.abort()  # a no-op for finished sequences
-            if watcher is not None:
-                watcher.cancel()
-
-    async def respond(job: Job, request: Request, stream: bool, chunk: Any,
-                      usage_chunk: Callable[[list[Completion]], dict[str, Any]] | None = None) -> Any:
-        """SSE of chunk(index, delta text, logprobs, finish_reason) dicts (and usage_chunk(the completions) last,
-        if given), or the finished completions."""
-        if stream:
-            async def sse() -> AsyncIterator[str]:
-                finished: dict[int, Completion] = {}
-                try:
-                    async for kind, index, value in events(job, request, True):
-                        if kind == "delta":
-                            data = chunk(index, value[0], value[1], None)
-                        else:
-                            finished[index] = value
-                            data = chunk(index, "", [], value.finish_reason)
-                        yield f"data: {json.dumps(data)}\n\n"
-                    if usage_chunk is not None:
-                        usage_data = usage_chunk([finished[i] for i in sorted(finished)])
-                        yield f"data: {json.dumps(usage_data)}\n\n"
-                    yield "data: [DONE]\n\n"
-                except APIError as e:
-                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        done: dict[int, Completion] = {}
-        async for kind, index, value in events(job, request, False):
-            if kind == "done":
-                done[index] = value
-        if len(done) < len(job.seqs):
-            raise APIError(499, "the client closed the request")
-        return [done[i] for i in range(len(job.seqs))]
 
     def envelope(kind: str, completion_id: str) -> dict[str, Any]:
         return {"id": completion_id, "object": kind, "created": int(time.time()), "model": model_name}
@@ -159,12 +127,22 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     async def health() -> JSONResponse:
         if runner.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if runner.failing:
+            return JSONResponse({"status": "failing", "error": runner.failing}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(protocol.prometheus(engine.stats(), list(engine.histograms.values())),
                                  media_type="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="nanoseek")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -184,104 +162,41 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
-        body = await read_body(request)
-        protocol.check_fields(body, {"model", "prompt", "add_special_tokens"})
-        protocol.flag(body, "add_special_tokens")  # the tokenizer adds none either way
+        body = await read_body(request, {"model", "prompt", "add_special_tokens"})
+        special = body.get("add_special_tokens", True)  # vLLM's default: the tokenizer's post-processor runs
+        if not isinstance(special, bool):
+            raise APIError(400, "'add_special_tokens' must be a boolean", "add_special_tokens")
         if not isinstance(body.get("prompt"), str):
             raise APIError(400, "'prompt' must be a string", "prompt")
-        tokens = encode(body["prompt"])
+        tokens = await offload(encode, body["prompt"], special)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_len}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
-        body = await read_body(request)
-        protocol.check_fields(body, {"model", "tokens"})
+        body = await read_body(request, {"model", "tokens"})
         tokens = body.get("tokens")
         if not (tokens == [] or protocol.token_ids(tokens)) or not all(0 <= t < tokenizer.get_vocab_size()
                                                                        for t in tokens):
             raise APIError(400, "'tokens' must be a list of token ids of the vocabulary", "tokens")
-        return {"prompt": tokenizer.decode(tokens)}
+        return {"prompt": await offload(tokenizer.decode, tokens)}
+
+    context = endpoints.Context(tokenizer, template, as_text, encode, token_text, start, envelope, stop_tokens,
+                                limits, min(engine.max_len, engine.cache_tokens - 1))
+
+    async def answer(request: Request, fields: set[str], prepare: Callable[..., endpoints.Prepared]) -> Any:
+        body = await read_body(request, fields)
+        prepared = await offload(prepare, context, body, asyncio.get_running_loop())
+        if prepared.stream:
+            return responses.stream(prepared.job, request, prepared.chunk, prepared.usage_chunk)
+        return await offload(prepared.response, await responses.collect(prepared.job, request))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await read_body(request)
-        protocol.check_fields(body, protocol.COMPLETION_FIELDS)
-        prompts = protocol.prompts(body, encode)
-        echo, stream = protocol.flag(body, "echo"), protocol.flag(body, "stream")
-        usage_last = protocol.include_usage(body, stream)
-        n, best_of = protocol.choices(body)
-        if stream and (echo or best_of > n):
-            raise APIError(400, "'echo' and 'best_of' > 'n' are not supported with 'stream'", "stream")
-        top = protocol.completion_logprobs_field(body)
-        # best_of ranks its candidates by their logprob, which is computed even when it is not returned
-        params = protocol.sampling_params(body, 16, stop_tokens, (), 0 if top is None and best_of > n else top,
-                                          prompt_logprobs=(top or 0) if echo else None)
-        job = start(prompts, params, best_of)
-        cid = f"cmpl-{uuid.uuid4().hex}"
-
-        def choice(index: int, text: str, logprobs: list, finish: str | None,
-                   echoed: Completion | None = None) -> dict[str, Any]:
-            prompt = prompts[index // n] if echoed is not None else None
-            lp = None if top is None else protocol.completion_logprobs(
-                logprobs, token_text, None if prompt is None else (prompt[0], echoed.prompt_logprobs or []))
-            text = text if prompt is None else tokenizer.decode(prompt) + text
-            return {"index": index, "text": text, "finish_reason": finish, "logprobs": lp}
-
-        def chunk(index: int, text: str, logprobs: list, finish: str | None) -> dict[str, Any]:
-            return {**envelope("text_completion", cid), "choices": [choice(index, text, logprobs, finish)]}
-
-        def usage_chunk(done: list[Completion]) -> dict[str, Any]:
-            return {**envelope("text_completion", cid), "choices": [], "usage": protocol.usage(done, n)}
-
-        result = await respond(job, request, stream, chunk, usage_chunk if usage_last else None)
-        if isinstance(result, StreamingResponse):
-            return result
-        returned = [c for p in range(len(prompts)) for c in protocol.best(result[p * best_of: (p + 1) * best_of], n)]
-        return {**envelope("text_completion", cid), "usage": protocol.usage(returned, n),
-                "choices": [choice(i, c.text, c.logprobs or [], c.finish_reason, c if echo else None)
-                            for i, c in enumerate(returned)]}
+        return await answer(request, protocol.COMPLETION_FIELDS, endpoints.completion)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = await read_body(request)
-        protocol.check_fields(body, protocol.CHAT_FIELDS)
-        try:
-            messages = check_messages(body.get("messages"))
-        except ValueError as e:
-            raise APIError(400, str(e), "messages") from None
-        top = protocol.chat_logprobs_field(body)
-        try:
-            prompt = encode(template.render(messages))
-        except ValueError as e:
-            raise APIError(400, str(e), "messages") from None
-        # as OpenAI's chat API: without a limit, the reply may fill the rest of the context
-        params = protocol.sampling_params(body, max(1, engine.max_len - len(prompt)), stop_tokens,
-                                          template.stop_strings, top)
-        stream = protocol.flag(body, "stream")
-        usage_last = protocol.include_usage(body, stream)
-        job = start([prompt], params, protocol.choices(body)[0])
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
-        first = set()
-
-        def chunk(index: int, text: str, logprobs: list, finish: str | None) -> dict[str, Any]:
-            delta = {"content": text} if text else {}
-            if index not in first:
-                first.add(index)
-                delta = {"role": "assistant", "content": text}
-            lp = protocol.chat_logprobs(logprobs, token_text) if top is not None else None
-            return {**envelope("chat.completion.chunk", cid),
-                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
-
-        def usage_chunk(done: list[Completion]) -> dict[str, Any]:
-            return {**envelope("chat.completion.chunk", cid), "choices": [], "usage": protocol.usage(done, len(done))}
-
-        result = await respond(job, request, stream, chunk, usage_chunk if usage_last else None)
-        if isinstance(result, StreamingResponse):
-            return result
-        return {**envelope("chat.completion", cid), "usage": protocol.usage(result, len(result)),
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text.strip()},
-                             "logprobs": protocol.chat_logprobs(c.logprobs, token_text) if top is not None else None,
-                             "finish_reason": c.finish_reason} for i, c in enumerate(result)]}
+        return await answer(request, protocol.CHAT_FIELDS, endpoints.chat)
 
     return app
 

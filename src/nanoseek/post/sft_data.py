@@ -53,8 +53,8 @@ def read_conversations(path: Path) -> list[Conversation]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SftDataError(f"{path} line {number}: not JSON ({e.msg})") from None
+        except ValueError as e:  # JSONDecodeError, or an integer literal past Python's 4,300 digits
+            raise SftDataError(f"{path} line {number}: not JSON ({getattr(e, 'msg', e)})") from None
         except RecursionError:
             raise SftDataError(f"{path} line {number}: JSON nested too deeply") from None
         where = f"{path} line {number}"

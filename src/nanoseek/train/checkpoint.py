@@ -165,10 +165,25 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories of interrupted writes are not listed)."""
+    """Complete checkpoints, oldest first by step (temporary directories of interrupted writes are not listed). A
+    replacement cut off between its two renames left only the old checkpoint, moved aside: it is put back first."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    for aside in directory.glob(f".old-{PREFIX}*"):
+        final = aside.with_name(aside.name.removeprefix(".old-"))
+        if not final.exists():
+            try:
+                os.replace(aside, final)
+            except FileNotFoundError:  # another process of the run put it back first
+                pass
+    steps = [(_step_of(p.name), p) for p in directory.iterdir() if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in steps if s is not None)]
+
+
+def _step_of(name: str) -> int | None:
+    """step_0001234 → 1234; names past seven digits still sort by number, not as strings."""
+    digits = name.removeprefix(PREFIX)
+    return int(digits) if name.startswith(PREFIX) and digits.isascii() and digits.isdigit() else None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
