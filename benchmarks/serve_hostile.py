@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -145,12 +146,23 @@ async def slow_readers(base: str, until: float, statuses: list) -> None:
                 await stream.__aexit__(None, None, None)
 
 
+async def health_poller(client: httpx.AsyncClient, base: str, until: float, latencies: list) -> None:
+    """/health every 50 ms: how long the event loop makes it wait (the client's own loop adds its delays)."""
+    while time.monotonic() < until:
+        started = time.monotonic()
+        await client.get(f"{base}/health")
+        latencies.append(time.monotonic() - started)
+        await asyncio.sleep(0.05)
+
+
 async def phase(base: str, seconds: float, hostile: list | None) -> dict:
     until = time.monotonic() + seconds
     out = {"tokens": 0, "ttft": [], "errors": []}
     statuses: list = []
     async with httpx.AsyncClient(timeout=300) as client:
+        health: list[float] = []
         tasks = [normal_client(client, base, seed, until, out) for seed in range(8)]
+        tasks.append(health_poller(client, base, until, health))
         if hostile is not None:
             tasks += [hostile_client(client, base, hostile, until, statuses), slow_readers(base, until, statuses)]
         started = time.monotonic()
@@ -159,6 +171,7 @@ async def phase(base: str, seconds: float, hostile: list | None) -> dict:
     ttft = sorted(out["ttft"])
     return {"tokens_per_s": out["tokens"] / elapsed, "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
             "ttft_p50_s": statistics.median(ttft), "requests": len(ttft), "normal_errors": out["errors"],
+            "health_p99_s": sorted(health)[int(0.99 * (len(health) - 1))], "health_max_s": max(health),
             "hostile": statuses}
 
 
@@ -187,12 +200,14 @@ def report(quiet: dict, attacked: dict, seconds: float) -> str:
     server_errors = sum(s >= 500 for s in statuses) + sum(e >= 500 for e in attacked["normal_errors"])
     lines = ["# A shared server under attack", "",
              f"Written by `benchmarks/serve_hostile.py --seconds {seconds:g}`: the tiny preset (random weights), "
-             "8 normal streaming clients (32 tokens each, greedy), each phase on a fresh server process.", "",
-             "| phase | normal tokens/s | TTFT p50 (s) | TTFT p99 (s) | normal requests | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|"]
+             "8 normal streaming clients (32 tokens each, greedy), each phase on a fresh server process, on "
+             f"{os.cpu_count()} CPU cores shared by the server's engine, its API pool and this script's clients.", "",
+             "| phase | normal tokens/s | TTFT p50 (s) | TTFT p99 (s) | normal requests | /health p99 / max (s) "
+             "| peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
     for name, r in (("normal clients alone", quiet), ("with hostile requests", attacked)):
         lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
-                     f"{r['requests']} | {r['peak_rss_mib']:.0f} |")
+                     f"{r['requests']} | {r['health_p99_s']:.3f} / {r['health_max_s']:.3f} | "
+                     f"{r['peak_rss_mib']:.0f} |")
     lines += ["", f"- Throughput kept: **{throughput:.0%}** (goal >= 80 %); peak RSS growth: **{rss:+.1%}** (goal "
               f"< 20 %); 5xx answers: **{server_errors}** (goal 0).", "",
               "| hostile request | statuses (count) | slowest answer (s) | largest body (bytes) |", "|---|---|---|---|"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from nanoseek.data import text_pieces
 from nanoseek.errors import NanoseekError, first_line
 
 END_OF_TEXT = "<|endoftext|>"
@@ -42,10 +43,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise NanoseekError(f"cannot load tokenizer {path}: {first_line(e)}") from None
 
 
-def encode_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+def encode_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False,
+               piece_chars: int = text_pieces.PIECE_CHARS) -> list[int]:
     """One text's ids, through the batch call: it releases the GIL while it works (the single-text `encode` holds it
-    for seconds on a long text, freezing every other thread) and skips the offsets nobody reads."""
-    return tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+    for seconds on a long text, freezing every other thread) and skips the offsets nobody reads. A long text goes
+    through in exact pieces (text_pieces.py), so its peak memory is a piece's, not ~110 bytes per input byte."""
+    wrap = None
+    if len(text) > 2 * piece_chars and text_pieces.splits_locally(tokenizer):
+        wrap = text_pieces.special_wrap(tokenizer) if add_special_tokens else ([], [])
+    if wrap is None:
+        return tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+    return wrap[0] + text_pieces.encode_in_pieces(tokenizer, text, piece_chars) + wrap[1]
 
 
 class TextEncoder:

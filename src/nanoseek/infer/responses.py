@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -16,6 +16,8 @@ from starlette.types import Receive, Scope, Send
 from nanoseek.infer.engine_loop import Job
 from nanoseek.infer.protocol import APIError
 from nanoseek.infer.request import Completion
+
+OFFLOADED_LOGPROBS = 64  # a delta with more logprob entries than this is formatted on the worker pool
 
 
 class JobStream(StreamingResponse):
@@ -59,25 +61,37 @@ async def events(job: Job, request: Request, stream: bool) -> AsyncIterator[tupl
             watcher.cancel()
 
 
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _delta_event(chunk: Callable[[int, str, list, str | None], dict[str, Any]], index: int,
+                 value: tuple[str, list]) -> str:
+    return _event(chunk(index, value[0], value[1], None))
+
+
 def stream(job: Job, request: Request, chunk: Callable[[int, str, list, str | None], dict[str, Any]],
-           usage_chunk: Callable[[list[Completion]], dict[str, Any]] | None) -> JobStream:
+           usage_chunk: Callable[[list[Completion]], dict[str, Any]] | None,
+           offload: Callable[..., Awaitable[Any]]) -> JobStream:
     """SSE of chunk(index, delta text, logprobs, finish_reason) dicts (and usage_chunk(the completions) last, if
-    given), then [DONE]; a failure mid-stream is an error event."""
+    given), then [DONE]; a failure mid-stream is an error event. A delta with many logprobs (echo's prompt scores)
+    is formatted through offload, off the event loop; the usual few-token delta is not worth the thread hop."""
     async def sse() -> AsyncIterator[str]:
         finished: dict[int, Completion] = {}
         try:
             async for kind, index, value in events(job, request, True):
-                if kind == "delta":
-                    data = chunk(index, value[0], value[1], None)
+                if kind == "delta" and len(value[1]) > OFFLOADED_LOGPROBS:
+                    yield await offload(_delta_event, chunk, index, value)
+                elif kind == "delta":
+                    yield _delta_event(chunk, index, value)
                 else:
                     finished[index] = value
-                    data = chunk(index, "", [], value.finish_reason)
-                yield f"data: {json.dumps(data)}\n\n"
+                    yield _event(chunk(index, "", [], value.finish_reason))
             if usage_chunk is not None:
-                yield f"data: {json.dumps(usage_chunk([finished[i] for i in sorted(finished)]))}\n\n"
+                yield _event(usage_chunk([finished[i] for i in sorted(finished)]))
             yield "data: [DONE]\n\n"
         except APIError as e:
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
+            yield _event({"error": {"message": e.message, "type": e.kind}})
     return JobStream(sse(), job)
 
 

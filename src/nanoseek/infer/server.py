@@ -77,6 +77,11 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         moves bytes, so /health and every stream keep answering while a 4 MiB body is tokenized."""
         return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
 
+    def rendered(content: Callable[..., dict[str, Any]], *args: Any) -> JSONResponse:
+        """An answer built and serialized together, on the pool: returned as a dict, FastAPI would validate and
+        serialize it on the event loop (a million token ids from /tokenize, or echo's prompt logprobs)."""
+        return JSONResponse(content(*args))
+
     def encode(text: str, add_special_tokens: bool = True) -> list[int]:
         try:
             return encode_ids(tokenizer, text, add_special_tokens)
@@ -161,24 +166,30 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
                 "tokenizer_class": "PreTrainedTokenizerFast"}
 
     @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
+    async def tokenize(request: Request) -> JSONResponse:
         body = await read_body(request, {"model", "prompt", "add_special_tokens"})
         special = body.get("add_special_tokens", True)  # vLLM's default: the tokenizer's post-processor runs
         if not isinstance(special, bool):
             raise APIError(400, "'add_special_tokens' must be a boolean", "add_special_tokens")
         if not isinstance(body.get("prompt"), str):
             raise APIError(400, "'prompt' must be a string", "prompt")
-        tokens = await offload(encode, body["prompt"], special)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_len}
+
+        def tokens() -> dict[str, Any]:
+            ids = encode(body["prompt"], special)
+            return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_len}
+        return await offload(rendered, tokens)
 
     @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
+    async def detokenize(request: Request) -> JSONResponse:
         body = await read_body(request, {"model", "tokens"})
-        tokens = body.get("tokens")
-        if not (tokens == [] or protocol.token_ids(tokens)) or not all(0 <= t < tokenizer.get_vocab_size()
-                                                                       for t in tokens):
-            raise APIError(400, "'tokens' must be a list of token ids of the vocabulary", "tokens")
-        return {"prompt": await offload(tokenizer.decode, tokens)}
+
+        def text() -> dict[str, Any]:
+            tokens = body.get("tokens")
+            if not (tokens == [] or protocol.token_ids(tokens)) or not all(0 <= t < tokenizer.get_vocab_size()
+                                                                           for t in tokens):
+                raise APIError(400, "'tokens' must be a list of token ids of the vocabulary", "tokens")
+            return {"prompt": tokenizer.decode(tokens)}
+        return await offload(rendered, text)
 
     context = endpoints.Context(tokenizer, template, as_text, encode, token_text, start, envelope, stop_tokens,
                                 limits, min(engine.max_len, engine.cache_tokens - 1))
@@ -187,8 +198,8 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         body = await read_body(request, fields)
         prepared = await offload(prepare, context, body, asyncio.get_running_loop())
         if prepared.stream:
-            return responses.stream(prepared.job, request, prepared.chunk, prepared.usage_chunk)
-        return await offload(prepared.response, await responses.collect(prepared.job, request))
+            return responses.stream(prepared.job, request, prepared.chunk, prepared.usage_chunk, offload)
+        return await offload(rendered, prepared.response, await responses.collect(prepared.job, request))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
