@@ -17,10 +17,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -45,24 +42,6 @@ def build_model(directory: Path) -> None:
     nanoseek.save_pretrained(nanoseek.Transformer(nanoseek.ModelConfig.preset("tiny").replace(vocab_size=320)),
                              directory)
     write_chat_tokenizer_files(tokenizer, directory)
-
-
-def start_server(model: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"the server did not start: {process.stderr.read().decode()[-2000:]}")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -183,7 +162,9 @@ def continuation_token(model: Path) -> int:
 
 
 def run_phase(model: Path, seconds: float, hostile: list | None) -> dict:
-    process, base = start_server(model)
+    from nanoseek.infer.launch import start_serve
+
+    process, base = start_serve(model)
     try:
         result = asyncio.run(phase(base, seconds, hostile))
         result["peak_rss_mib"] = peak_rss_mib(process.pid)

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,12 +39,6 @@ SIDES = {
     "nanoseek-static": "{python} -m nanoseek serve {run} --port {port} --batching static --no-speculation",
     "transformers": "{transformers} serve {run} --device cpu --port {port}",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def workload(run: Path, requests: int, seed: int) -> list[dict]:
@@ -111,6 +104,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure(name: str, command: str, run: Path, mix: list[dict], concurrency: int) -> dict:
     from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.infer.launch import free_port, wait_until_up
 
     port = free_port()
     python = shlex.quote(sys.executable)
@@ -122,16 +116,7 @@ def measure(name: str, command: str, run: Path, mix: list[dict], concurrency: in
     base = f"http://127.0.0.1:{port}"
     model = str(run) if name == "transformers" else run.resolve().name
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or process.poll() is not None:
-                raise RuntimeError(f"{name} did not start: {process.stderr.read().decode()[-1500:]}")
-            time.sleep(0.5)
+        wait_until_up(process, f"{base}/v1/models", 180)
         asyncio.run(drive(f"{base}/v1/completions", model, mix[:2], 2))  # warm-up (and transformers' lazy load)
         results, seconds = asyncio.run(drive(f"{base}/v1/completions", model, mix, concurrency))
     finally:

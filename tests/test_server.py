@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,32 +17,14 @@ import torch
 
 import nanoseek
 from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.infer.launch import start_serve
 
 API_KEY = "sk-test"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(model_dir, *flags: str, api_key: str | None = API_KEY) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    key = ["--api-key", api_key] if api_key else []
-    process = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", str(port),
-                                *key, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"server did not start: {process.stderr.read().decode()[-2000:]}")
+    return start_serve(model_dir, *(["--api-key", api_key] if api_key else []), *flags, timeout=60)
 
 
 @pytest.fixture(scope="module")
