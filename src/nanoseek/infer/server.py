@@ -199,7 +199,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         prepared = await offload(prepare, context, body, asyncio.get_running_loop())
         if prepared.stream:
             return responses.stream(prepared.job, request, prepared.chunk, prepared.usage_chunk, offload)
-        return await offload(rendered, prepared.response, await responses.collect(prepared.job, request))
+        return await offload(prepared.response, await responses.collect(prepared.job, request))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
