@@ -34,8 +34,8 @@ def splits_locally(tokenizer: Tokenizer) -> bool:
         normalizer = json.loads(tokenizer.normalizer.__getstate__())
         if normalizer != {"type": "Sequence", "normalizers": []}:
             return False
-    model = json.loads(tokenizer.model.__getstate__())
-    if not (model["type"] == "WordLevel" or (model["type"] == "BPE" and model.get("dropout") is None)):
+    model = type(tokenizer.model).__name__  # not its state: that would serialize the whole vocabulary each call
+    if not (model == "WordLevel" or (model == "BPE" and tokenizer.model.dropout is None)):
         return False
     spec = json.loads(tokenizer.pre_tokenizer.__getstate__())
     stages = spec["pretokenizers"] if spec["type"] == "Sequence" else [spec]
