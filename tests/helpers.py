@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import json
+import re
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -27,6 +30,50 @@ YARN = RopeScaling(factor=4.0, original_max_position_embeddings=32, beta_fast=32
 # DeepSeek-V3.2's indexer at tiny shape. 8 heads: with few, ReLU zeros every head's score for many keys, and ties
 # make top-k arbitrary; top 6, so sequences of a few dozen tokens drop most of what a query could see
 V32 = dict(index_n_heads=8, index_head_dim=8, index_topk=6)
+
+
+# DeepSeek's released checkpoints: config.json and every tensor's name, dtype and shape, written from DeepSeek's
+# files (tests/fixtures/releases/*.json say how)
+RELEASE_FIXTURES = Path(__file__).parent / "fixtures" / "releases"
+
+
+def _blocks(config: dict) -> dict[str, list[str]]:
+    """The layer prefixes each of the fixtures' sets stands for, read from the raw config.json."""
+    layers, mtp = config["num_hidden_layers"], config.get("num_nextn_predict_layers", 0)
+    if config["model_type"] != "deepseek_v4":
+        blocks = [f"model.layers.{i}" for i in range(layers + mtp)]  # V3 stores MTP module k as layer `layers + k`
+        dense = config["first_k_dense_replace"]
+        return {"blocks": blocks, "dense": blocks[:dense], "moe": blocks[dense:], "mtp": blocks[layers:]}
+    main, extra = [f"layers.{i}" for i in range(layers)], [f"mtp.{k}" for k in range(mtp)]
+    hashed, ratios = main[: config["num_hash_layers"]], config["compress_ratios"]
+    return {"blocks": main + extra, "hash": hashed, "scored": [b for b in main + extra if b not in hashed],
+            "csa": [b for b, r in zip(main, ratios) if r == 4], "hca": [b for b, r in zip(main, ratios) if r == 128],
+            "mtp": extra}
+
+
+def _spec(name: str) -> tuple[dict, list]:
+    spec = json.loads((RELEASE_FIXTURES / f"{name}.json").read_text())
+    parent = _spec(spec["extends"].removesuffix(".json"))[1] if "extends" in spec else []
+    return spec["config"], parent + spec["tensors"]
+
+
+def released(name: str) -> tuple[dict, dict[str, tuple[str, tuple[int, ...]]]]:
+    """A release's config.json and {tensor name: (safetensors dtype, shape)}."""
+    config, templates = _spec(name)
+    blocks, experts = _blocks(config), range(config["n_routed_experts"])
+    tensors = {}
+    for template, dtype, shape, *over in templates:
+        for block in blocks[over[0]] if over else [""]:
+            for expert in experts if "{e}" in template else [0]:
+                tensors[template.format(b=block, e=expert)] = (dtype, tuple(shape))
+    return config, tensors
+
+
+def release_name_pattern(name: str) -> re.Pattern:
+    """Matches the tensor names of release `name` at any layer count, expert count and block kind."""
+    templates = [re.escape(t[0]).replace(r"\{b\}", r"(model\.)?(layers|mtp)\.\d+").replace(r"\{e\}", r"\d+")
+                 for t in _spec(name)[1]]
+    return re.compile("|".join(f"(?:{t})" for t in templates))
 
 
 HF_CLASSES = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),

@@ -17,6 +17,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import ConfigError
 from nanoseek.model.compressor import entries_visible
 from nanoseek.v4config import CSA, HCA, SLIDING
+from helpers import release_name_pattern
 
 LENGTH = 24  # > the window (6), 12 CSA entries of 2 tokens (top 3 kept), 6 HCA entries of 4
 
@@ -176,11 +177,16 @@ def _randomized(config: ModelConfig, seed: int = 0):
 
 
 def _release_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' save form → DeepSeek's release names (no `model.` prefix, top-level embed/norm/hc_head_*)."""
+    """transformers' save form → DeepSeek's release names (no `model.` prefix, top-level embed/norm/hc_head_*, the
+    attention's norm `kv_norm`), each one a name of V4-Flash's release list (tests/fixtures/releases)."""
     top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
            "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
            "model.hc_head.hc_scale": "hc_head_scale"}
-    return {top.get(k, k.removeprefix("model.")): v for k, v in tensors.items()}
+    renamed = {top.get(k, k.removeprefix("model.").replace(".attn.norm.", ".attn.kv_norm.")): v
+               for k, v in tensors.items()}
+    release = release_name_pattern("deepseek-v4-flash")
+    assert all(release.fullmatch(k) for k in renamed), [k for k in renamed if not release.fullmatch(k)][:3]
+    return renamed
 
 
 def test_v4_mtp_is_deepseeks_and_loads_from_both_layouts(tmp_path):

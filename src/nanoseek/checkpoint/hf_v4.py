@@ -75,10 +75,17 @@ def v4_entries(config: ModelConfig) -> list[Entry]:
     return entries
 
 
+def _from_release(key: str) -> str:
+    # the attention's norm is `attn.kv_norm` in DeepSeek's files, `attn.norm` in transformers' save (which reverses
+    # its own rename of `.norm.` to `.kv_norm.`, meant for the compressors' `norm`)
+    prefix, dot, leaf = key.rpartition(".attn.kv_norm.")
+    return f"model.{prefix}.attn.norm.{leaf}" if dot else f"model.{key}"
+
+
 def release_aliases(keys: Iterable[str]) -> dict[str, str]:
     """DeepSeek's release names present in `keys` → the names v4_entries reads (empty for transformers' form)."""
     released = {theirs: ours for ours, theirs in _TOP_LEVEL.items()}
-    return {key: released.get(key, f"model.{key}") for key in keys
+    return {key: released.get(key) or _from_release(key) for key in keys
             if key in released or key.startswith(("layers.", "mtp."))}
 
 
