@@ -81,23 +81,48 @@ HF_CLASSES = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
               "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM")}
 
 
+# weights of every parameter a parity test draws: at 0.2 (not the 0.02 of initialization) attention is far from a
+# causal average and the logits spread over several units, so a wrong softmax scale, YaRN mscale or RoPE moves them
+# by far more than the tolerance
+PARITY_STD = 0.2
+
+
+def randomize_(model: torch.nn.Module, std: float = PARITY_STD) -> torch.nn.Module:
+    """Every parameter and routing bias of `model` (nanoseek's or transformers') random: norms around 1, biases
+    around 0, matrices at `std`, so that a wrong mapping or formula cannot hide behind ones, zeros or tiny weights."""
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("norm.weight"):
+                tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
+            elif name.endswith(("norm.bias", "e_score_correction_bias", "expert_bias")):
+                tensor.copy_(0.05 * torch.randn_like(tensor))
+            elif tensor.is_floating_point() and tensor.dim() >= 2 and isinstance(tensor, torch.nn.Parameter):
+                tensor.normal_(0, std)
+    return model
+
+
+def assert_logits_match(got: torch.Tensor, expected: torch.Tensor, relative: float = 4e-6) -> None:
+    """The same logits: max|Δ| within `relative` of the largest logit (fp32: 4e-6; bf16: a few 2⁻⁸) and the same
+    top-1 token everywhere it is not a near tie."""
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    got, expected = got.float(), expected.float()
+    bound = relative * max(1.0, expected.abs().max().item())
+    delta = (got - expected).abs().max().item()
+    assert delta <= bound, f"max |Δlogit| {delta:.3g} > {bound:.3g}"
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * bound
+    assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear]), "top-1 tokens differ"
+
+
 def hf_model(config: ModelConfig, seed: int = 0):
-    """transformers' DeepseekV3/V32/V2ForCausalLM for the config, with every weight random (norms, the indexer's
-    LayerNorm bias and the routing bias too, so that a wrong mapping cannot hide behind ones and zeros)."""
+    """transformers' DeepseekV3/V32/V2ForCausalLM for the config, every weight random (`randomize_`)."""
     import transformers
 
     hf_dict = config.to_hf_dict()
     kind, model_cls = (getattr(transformers, name) for name in HF_CLASSES[hf_dict["model_type"]])
     hf_config = kind.from_dict({k: v for k, v in hf_dict.items() if k != "architectures"})
     torch.manual_seed(seed)
-    model = model_cls(hf_config).eval()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("norm.weight"):
-                tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
-            elif name.endswith("norm.bias") or name.endswith("e_score_correction_bias"):
-                tensor.copy_(0.05 * torch.randn_like(tensor))
-    return model
+    return randomize_(model_cls(hf_config).eval())
 
 
 def micro_model_dir(directory, text: str, tokenizer_vocab: int, model_vocab: int, chat: bool = False):
@@ -135,12 +160,14 @@ def cli_exit(capsys, *argv: str) -> int:
 def fuzz(default: int, long: int, **strategies) -> Callable:
     """`@given(**strategies)` with fixed seeds and no deadline, run as two tests: `[default]` with `default` examples
     in the default run, and `[long]` with `long` examples under `pytest -m slow`. One body, two example budgets:
-    hypothesis reads a test's settings where it was wrapped, so each budget wraps the body once."""
+    hypothesis reads a test's settings where it was wrapped, so each budget wraps the body once. Health checks stay
+    on (a strategy that filters too much, draws too much or is too slow to generate fails the test), all but the
+    one for function-scoped fixtures: the bodies that take one (capsys) read and reset it per example."""
     from hypothesis import HealthCheck, given, settings
 
     def decorate(body: Callable) -> Callable:
-        runs = {name: settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
-                               max_examples=examples)(given(**strategies)(body))
+        runs = {name: settings(deadline=None, derandomize=True, max_examples=examples,
+                               suppress_health_check=[HealthCheck.function_scoped_fixture])(given(**strategies)(body))
                 for name, examples in (("default", default), ("long", long))}
 
         def test(budget: str, **fixtures):

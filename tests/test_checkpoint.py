@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nanoseek
-from helpers import V32, tiny_config
+from helpers import V32, assert_logits_match, released, tiny_config
 from nanoseek.fp8.quant import E4M3_MAX, dequantize_blocks, quantize_blocks
 
 
@@ -59,6 +59,63 @@ def test_fp8_checkpoint_loads_within_quantization_error(tmp_path, overrides):
     with torch.no_grad():
         a, b = model(ids), loaded(ids)
     assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def _hand_built_fp8(rows: int, cols: int, seed: int, unit: float = 1 / 37
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E4M3 codes drawn at random (NaN codes left out), a distinct scale per 128×128 block (multiples of `unit`),
+    and the dequantized weight written out block by block, ragged edge blocks included: (codes, scale_inv, weight)."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=generator)
+    codes[(codes & 0x7F) == 0x7F] = 0x3C  # 0x7F/0xFF are NaN in E4M3
+    q = codes.view(torch.float8_e4m3fn)
+    grid = (-(-rows // 128), -(-cols // 128))
+    scale = (torch.arange(grid[0] * grid[1], dtype=torch.float32).reshape(grid) + 1) * unit
+    weight = torch.empty(rows, cols)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            block = (slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1)))
+            weight[block] = q[block].float() * scale[i, j]
+    return q, scale, weight
+
+
+def test_fp8_blocks_dequantize_element_by_element_at_v3s_ragged_shape(tmp_path):
+    """V3's kv_a_proj_with_mqa as released (tests/fixtures/releases: [576, 7168], a 5×56 scale grid whose last row
+    of blocks holds 64 rows): every element is its code times its own block's scale."""
+    from nanoseek.checkpoint.hf import SafetensorsDir
+
+    _, tensors = released("deepseek-v3")
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa"
+    shape, grid = tensors[f"{name}.weight"][1], tensors[f"{name}.weight_scale_inv"][1]
+    q, scale, weight = _hand_built_fp8(*shape, seed=0)
+    assert tuple(scale.shape) == grid == (5, 56)
+    save_file({f"{name}.weight": q, f"{name}.weight_scale_inv": scale}, tmp_path / "model.safetensors")
+    assert torch.equal(SafetensorsDir(tmp_path).get(f"{name}.weight"), weight)
+
+
+def test_fp8_checkpoint_equals_the_model_holding_its_dequantized_weights(tmp_path):
+    """Every projection hand-quantized (ragged blocks on both axes: 20-row kv_a_proj_with_mqa, 160 columns, 136-row
+    q_a_proj): loaded from FP8 it is, tensor by tensor and in its logits, the model loaded from the dequantized
+    weights written in full precision."""
+    model = _model(hidden_size=160, q_lora_rank=136, intermediate_size=272)
+    nanoseek.save_pretrained(model, tmp_path / "fp8")
+    tensors = load_file(tmp_path / "fp8" / "model.safetensors")
+    dequantized = dict(tensors)
+    projections = [k for k, t in tensors.items() if t.dim() == 2 and "_proj" in k and "eh_proj" not in k]
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in projections
+    for n, key in enumerate(projections):  # scales of ~1e-3: codes reach ±448, weights stay below ~0.5
+        tensors[key], tensors[key.removesuffix(".weight") + ".weight_scale_inv"], dequantized[key] = _hand_built_fp8(
+            *tensors[key].shape, seed=n, unit=2e-4)
+    save_file(tensors, tmp_path / "fp8" / "model.safetensors")
+    (tmp_path / "plain").mkdir()
+    save_file(dequantized, tmp_path / "plain" / "model.safetensors")
+    (tmp_path / "plain" / "config.json").write_bytes((tmp_path / "fp8" / "config.json").read_bytes())
+    fp8, plain = nanoseek.load_pretrained(tmp_path / "fp8"), nanoseek.load_pretrained(tmp_path / "plain")
+    for (name, a), b in zip(fp8.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_logits_match(fp8(ids), plain(ids), relative=1e-5)
 
 
 def test_sharded_save_roundtrip(tmp_path):

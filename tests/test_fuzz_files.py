@@ -118,45 +118,64 @@ def test_tokenizer_config_json(tmp_path_factory, raw, messages):
         assert isinstance(text, str)
 
 
-def _mutate_safetensors(path, data) -> None:
-    """One of: truncate, flip header bytes, drop / reshape / retype a tensor, lie about the header length."""
+def _read_anyway(key: str) -> bool:
+    """Tensors the loader may skip: V3's per-MTP-layer copies of the shared embedding and head."""
+    return ".embed_tokens." in key and key.startswith("model.layers.") or ".shared_head.head." in key
+
+
+def _mutate_safetensors(path, data) -> bool:
+    """One of: truncate, flip header bytes, drop / reshape / retype a tensor, lie about the header length. True
+    when the weights no longer fit their config, which a loader must refuse."""
     kind = data.draw(st.sampled_from(["truncate", "header", "drop", "reshape", "retype", "length"]))
     event(f"safetensors: {kind}")
     raw = bytearray(path.read_bytes())
     header_len = struct.unpack("<Q", raw[:8])[0]
     if kind == "truncate":
         path.write_bytes(raw[:data.draw(st.integers(0, len(raw) - 1))])
-    elif kind == "header":
+        return False  # a cut in the padding after the last tensor may leave every tensor whole
+    if kind == "header":
         for _ in range(data.draw(st.integers(1, 4))):
             raw[data.draw(st.integers(8, 8 + header_len - 1))] = data.draw(st.integers(0, 255))
         path.write_bytes(raw)
-    elif kind == "length":
+        return False  # a flipped byte may land in a name's padding, or make one float's dtype another
+    if kind == "length":
         path.write_bytes(struct.pack("<Q", data.draw(st.integers(0, 1 << 64 - 1))) + raw[8:])
+        return False
+    tensors = load_file(str(path))
+    key = data.draw(st.sampled_from(sorted(tensors)))
+    before = tensors[key]
+    if kind == "drop":
+        del tensors[key]
+    elif kind == "reshape":
+        tensors[key] = torch.zeros(data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
     else:
-        tensors = load_file(str(path))
-        key = data.draw(st.sampled_from(sorted(tensors)))
-        if kind == "drop":
-            del tensors[key]
-        elif kind == "reshape":
-            tensors[key] = torch.zeros(data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
-        else:
-            tensors[key] = tensors[key].to(data.draw(st.sampled_from([torch.int32, torch.bool, torch.float16,
-                                                                       torch.int8, torch.float64])))
-        save_file(tensors, str(path))
+        tensors[key] = tensors[key].to(data.draw(st.sampled_from([torch.int32, torch.bool, torch.float16,
+                                                                   torch.int8, torch.float64])))
+    save_file(tensors, str(path))
+    changed = kind == "drop" or (tensors[key].shape != before.shape if kind == "reshape" else
+                                 not tensors[key].dtype.is_floating_point)
+    return changed and not _read_anyway(key)
+
+
+# config fields whose change the weights' shapes contradict
+SHAPE_FIELDS = ["hidden_size", "num_hidden_layers", "n_routed_experts", "kv_lora_rank", "vocab_size", "q_lora_rank",
+                "qk_rope_head_dim", "moe_intermediate_size"]
 
 
 @fuzz(40, 400, data=st.data(), target=st.sampled_from(["weights", "config", "index"]))
 def test_model_directories(tmp_path_factory, capsys, model_dir, data, target):
     directory = tmp_path_factory.mktemp("modeldir") / "m"
     shutil.copytree(model_dir, directory)
+    must_refuse = False
     if target == "weights":
-        _mutate_safetensors(directory / "model.safetensors", data)
+        must_refuse = _mutate_safetensors(directory / "model.safetensors", data)
     elif target == "config":  # a config that disagrees with its weights
         config = json.loads((directory / "config.json").read_text())
-        name = data.draw(st.sampled_from(["hidden_size", "num_hidden_layers", "n_routed_experts", "kv_lora_rank",
-                                          "vocab_size", "num_nextn_predict_layers", "q_lora_rank", "model_type",
-                                          "qk_rope_head_dim", "tie_word_embeddings", "moe_intermediate_size"]))
-        config[name] = data.draw(st.integers(0, 300) | st.none() | st.booleans() | st.text(max_size=12))
+        name = data.draw(st.sampled_from(SHAPE_FIELDS + ["num_nextn_predict_layers", "model_type",
+                                                         "tie_word_embeddings"]))
+        value = data.draw(st.integers(0, 300) | st.none() | st.booleans() | st.text(max_size=12))
+        must_refuse = name in SHAPE_FIELDS and value != config.get(name)
+        config[name] = value
         (directory / "config.json").write_text(json.dumps(config))
     else:  # an index whose shards are missing, or that points outside the directory
         names = list(load_file(str(directory / "model.safetensors")))
@@ -167,7 +186,9 @@ def test_model_directories(tmp_path_factory, capsys, model_dir, data, target):
         (directory / "model.safetensors.index.json").write_text(json.dumps(body))
         if shard != "model.safetensors":
             (directory / "model.safetensors").rename(directory / "other.bin")
-    cli_exit(capsys, "generate", str(directory), "--prompt", "to be", "--max-new-tokens", "2")
+    code = cli_exit(capsys, "generate", str(directory), "--prompt", "to be", "--max-new-tokens", "2")
+    event(f"must refuse: {must_refuse}")
+    assert code == 2 or not must_refuse, "weights that do not fit their config were loaded"
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +211,7 @@ def test_training_checkpoints(tmp_path_factory, capsys, training_run, data, comm
     files = sorted(p.name for p in checkpoint.iterdir())
     name = data.draw(st.sampled_from(files))
     kind = data.draw(st.sampled_from(["delete", "truncate", "bytes", "json"]))
+    must_refuse = False
     event(f"{name}: {kind}")
     path = checkpoint / name
     if kind == "delete":
@@ -204,6 +226,7 @@ def test_training_checkpoints(tmp_path_factory, capsys, training_run, data, comm
         section, _, field = key.partition(".")
         value = data.draw(json_values | st.integers(-3, 100))
         if field and isinstance(meta.get(section), dict):
+            must_refuse = key == "model.hidden_size" and value != meta[section].get(field)  # the weights' shape
             meta[section][field] = value
         else:
             meta[key] = value
@@ -212,5 +235,6 @@ def test_training_checkpoints(tmp_path_factory, capsys, training_run, data, comm
         code = cli_exit(capsys, "train", "--out", str(run), "--resume", "--max-steps", "3")
     else:
         code = cli_exit(capsys, "export", str(checkpoint), str(run.parent / "exported"))
+    assert code == 2 or not must_refuse, "a checkpoint whose trainer.json contradicts its weights was used"
     if code == 0 and command == "resume":
         assert (run / "model.safetensors").exists()

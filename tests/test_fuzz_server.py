@@ -12,13 +12,15 @@ from hypothesis import strategies as st
 
 from helpers import fuzz, micro_model_dir
 from nanoseek.infer.engine import EngineConfig
+from nanoseek.infer.protocol import CHAT_FIELDS, COMPLETION_FIELDS
 from nanoseek.infer.server import ServerLimits, create_app
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 JSON = {"content-type": "application/json"}
-FIELDS = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop", "stream",
-          "logprobs", "top_logprobs", "ignore_eos", "user", "presence_penalty", "logit_bias", "cache_salt", "echo",
-          "best_of", "repetition_penalty")
+# every field either endpoint accepts, and two it refuses
+FIELDS = (*sorted(COMPLETION_FIELDS | CHAT_FIELDS), "tools", "suffix")
+CONTEXT = 128  # the micro model's max_position_embeddings (tiny_config)
+VOCAB = 320  # the micro model's vocabulary; its tokenizer's is 300
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats()  # NaN and ±Infinity too
@@ -26,18 +28,28 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
     max_leaves=12)
 small_ints = st.integers(-3, 300)
+# ids below 0, inside, at and past the end of the model's vocabulary (and the tokenizer's, which is smaller)
+token_ids = st.integers(-3, VOCAB + 20) | st.sampled_from([299, 300, VOCAB - 1, VOCAB, VOCAB + 1])
 messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 3]),
                                            "content": st.text(max_size=30) | json_values}), max_size=4)
+penalties = st.floats(-3, 3) | st.integers(-3, 3)
 # plausible values per field, and anything at all: what clients send is mostly almost right
 field_values = {
-    "prompt": st.text(max_size=60) | st.lists(small_ints, max_size=20) | st.lists(st.text(max_size=10), max_size=2),
-    "messages": messages, "max_tokens": small_ints, "n": st.integers(-1, 20), "top_k": small_ints,
+    "prompt": st.text(max_size=60) | st.text(min_size=CONTEXT, max_size=4 * CONTEXT)  # past the context too
+    | st.lists(token_ids, max_size=20) | st.lists(token_ids, min_size=CONTEXT - 8, max_size=CONTEXT + 40)
+    | st.lists(st.text(max_size=10), max_size=2) | st.lists(st.lists(token_ids, max_size=8), max_size=3),
+    "messages": messages, "max_tokens": small_ints, "max_completion_tokens": small_ints, "n": st.integers(-1, 20),
+    "best_of": st.integers(-1, 8), "top_k": small_ints, "min_tokens": st.integers(-2, 20),
     "temperature": st.floats(-1, 3), "top_p": st.floats(-0.5, 1.5), "seed": st.integers(-(1 << 65), 1 << 65),
+    "presence_penalty": penalties, "frequency_penalty": penalties, "repetition_penalty": st.floats(-1, 2e3),
     "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=6), "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | json_values}) | json_values,
+    "echo": st.booleans(), "ignore_eos": st.booleans(), "cache_salt": st.text(max_size=300),
     "logprobs": st.booleans() | st.integers(-1, 25), "top_logprobs": st.integers(-1, 25), "model": st.text(max_size=8),
-    "logit_bias": st.dictionaries(st.integers(-2, 400).map(str) | st.text(max_size=4),
-                                  st.floats() | st.integers(-200, 200), max_size=4),
+    "logit_bias": st.dictionaries(token_ids.map(str) | st.text(max_size=4), st.floats() | st.integers(-200, 200),
+                                  max_size=4),
 }
+assert set(FIELDS) - set(field_values) <= {"user", "tools", "suffix"}  # every accepted field has its strategies
 VALID = {"/v1/completions": {"prompt": "hello there", "max_tokens": 4},
          "/v1/chat/completions": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}}
 
@@ -49,8 +61,10 @@ def bodies(draw, endpoint: str) -> dict:
     fields = draw(st.lists(st.sampled_from(FIELDS), max_size=4, unique=True))
     body.update({name: draw(field_values.get(name, json_values) | json_values if draw(st.booleans()) else
                             field_values.get(name, json_values)) for name in fields})
-    if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool) and body["max_tokens"] > 0:
-        body["max_tokens"] = 1 + body["max_tokens"] % 12  # keeps each example quick; the bounds are fuzzed below 1
+    for limit in ("max_tokens", "max_completion_tokens"):  # quick examples, except now and then up to the context
+        value = body.get(limit)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 12 and not draw(st.integers(0, 9)) == 0:
+            body[limit] = 1 + value % 12
     return body
 
 
@@ -98,9 +112,6 @@ def test_raw_bytes_on_every_path_and_method(client, endpoint, raw, method, conte
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert response.json()["error"]["message"]
-
-
-JSON = {"content-type": "application/json"}
 
 
 @fuzz(20, 100, endpoint=st.sampled_from(ENDPOINTS), name=st.sampled_from(FIELDS),
