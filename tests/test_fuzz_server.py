@@ -101,6 +101,15 @@ def test_request_bodies_get_an_answer_or_a_4xx(client, data, endpoint):
     response = client.post(endpoint, content=body.encode(), headers=JSON)
     event(f"status {response.status_code}")
     _check(response)
+    sent = json.loads(body)
+    prompt, limit = sent.get("prompt"), sent.get("max_tokens")
+    if response.status_code < 300 and isinstance(prompt, list) and prompt and all(_integer(i) for i in prompt):
+        assert all(0 <= i < VOCAB for i in prompt), "a prompt with ids outside the vocabulary was accepted"
+        assert not _integer(limit) or len(prompt) + limit <= CONTEXT, "a prompt past the context was accepted"
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @fuzz(30, 200, endpoint=st.sampled_from(ENDPOINTS + ("/v1/models", "/health", "/metrics", "/v1/nope", "/")),
