@@ -427,3 +427,34 @@ def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer):
             for out in ("one", "two")]
     assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
     assert rows[0][-1]["val_loss"] == pytest.approx(rows[1][-1]["val_loss"], rel=1e-5)
+
+
+def test_sft_pack_and_resume_through_the_cli(tmp_path, tokenizer):
+    """`sft --pack` with checkpoints, cut back to its step-2 checkpoint (as a run preempted after it) and continued
+    with `--resume`: steps 3 and 4 repeat the uninterrupted run's losses bit for bit, and the models are equal."""
+    import shutil
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size())), base)
+    tokenizer.save(str(base / "tokenizer.json"))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "What is 12 + 30?" * (1 + i % 3) + f" ({i})"},
+        {"role": "assistant", "content": "The answer is 42, my lord." * (1 + i % 2)}]}) + "\n" for i in range(16)))
+    args = ["sft", str(base), "--data", str(chat), "--pack", "--max-steps", "4", "--batch-size", "4",
+            "--save-every", "2"]
+    assert main(args + ["--out", str(tmp_path / "straight")]) == 0
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in straight][-1] == 4
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "straight", cut)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_0000002"]  # the last step: the model
+    (cut / "model.safetensors").unlink()
+    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in (tmp_path / "straight" / "metrics.jsonl")
+                                               .read_text().splitlines() if json.loads(line)["step"] <= 2))
+    assert main(args + ["--out", str(cut), "--resume"]) == 0
+    resumed = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in straight]
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -69,6 +69,51 @@ def test_models_and_completions(server, client):
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
 
 
+def test_greedy_over_http_equals_the_engine_and_the_full_forward(server, client, model_dir):
+    """The same tokens three ways: argmax of the full forward re-run on the growing sequence (no cache), the engine
+    (paged cache, MTP speculation), and the server's text, which is their detokenization exactly (not stripped);
+    a chat reply streamed or not."""
+    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.request import SamplingParams
+
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    prompt = tokenizer.encode("User: hello there").ids
+    model = nanoseek.load_pretrained(model_dir).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+    expected = ids[len(prompt):]
+    engine = Engine(model).generate([prompt], SamplingParams(max_new_tokens=10, temperature=0.0))[0]
+    assert engine.token_ids == expected
+    served = client.completions.create(model=server[1], prompt=prompt, max_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert served.choices[0].text == tokenizer.decode(expected) and served.usage.completion_tokens == 10
+
+
+def test_stop_strings_and_sampling_fields_over_http(server, client, model_dir):
+    """What each field does, seen from a client: a stop string cuts the greedy text before it (finish_reason
+    "stop"); top_k=1 at temperature 1 is greedy; a seed repeats a sample and another seed gives another; a large
+    logit_bias makes every token the biased one."""
+    from nanoseek.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    def complete(max_tokens=12, extra=None, **fields):
+        return client.completions.create(model=server[1], prompt="User: hello", max_tokens=max_tokens,
+                                         extra_body={"ignore_eos": True, **(extra or {})}, **fields).choices[0]
+
+    greedy = complete(temperature=0).text
+    stop = greedy[len(greedy) // 2:][:3]
+    cut = complete(temperature=0, stop=[stop])
+    assert stop and cut.finish_reason == "stop" and cut.text == greedy[:greedy.index(stop)]
+    assert complete(temperature=1.0, extra={"top_k": 1}).text == greedy
+    samples = [complete(temperature=1.5, seed=seed).text for seed in (1, 1, 2)]
+    assert samples[0] == samples[1] != samples[2]
+    token = tokenizer.encode(" lord").ids[-1]
+    assert complete(temperature=1.0, logit_bias={str(token): 100}).text == tokenizer.decode([token] * 12)
+
+
 def test_token_prompts_logprobs_and_n(server, client, model_dir):
     from nanoseek.data.tokenizer import load_tokenizer
 
@@ -99,7 +144,7 @@ def test_chat(server, client):
     chunks = list(client.chat.completions.create(model=server[1], messages=messages, max_tokens=10,
                                                  temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason is not None
-    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == out.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
 
 
 def test_repeated_chat_reuses_the_cached_prefix(server, client):

@@ -1,4 +1,5 @@
-"""Bad training input: one clear error line, a non-zero exit, and no file of an existing run touched. The command
+"""Training through the CLI: bad input gets one clear error line, a non-zero exit, and no file of an existing run
+touched; and the balancing and rotation settings do what they say. The command
 runs in-process (`nanoseek.cli.main`): what is under test is its exit code and stderr, not a process boundary."""
 
 from __future__ import annotations
@@ -150,3 +151,32 @@ def test_timeouts_are_settings_a_resume_may_change(train):
 
     _assert_one_line_error(train("train.collective_timeout_s=0"), "collective_timeout_s")
     assert {"collective_timeout_s", "checkpoint_timeout_s"} <= RESUMABLE
+
+
+def test_aux_loss_balancing_trains_by_its_loss_and_old_checkpoints_rotate_out(tmp_path, train):
+    """`--balance aux-loss`: a sequence-balance loss is logged and its gradient changes the run (against
+    `--balance none`, same first step, other second), while the routing biases stay at zero (only aux-free moves
+    them); with keep_checkpoints=2 and a save every step only the last two checkpoints remain."""
+    from safetensors.torch import load_file
+
+    from nanoseek.train.checkpoint import list_checkpoints
+
+    (tmp_path / "corpus.txt").write_text("".join(f"LINE {i} of some play text.\n" for i in range(3000)))
+    tiny = ["--data", str(tmp_path / "corpus.txt"), "--max-steps", "4", "--save-every", "1", "model.hidden_size=32",
+            "model.num_hidden_layers=2", "train.vocab_size=300", "model.max_position_embeddings=64",
+            "train.seq_len=32", "train.batch_size=2", "train.eval_batches=1", "train.log_every=1",
+            "train.keep_checkpoints=2"]
+    runs = {}
+    for balance in ("aux-loss", "none"):
+        assert train(*tiny, "--balance", balance)[0] == 0
+        runs[balance] = tmp_path / balance
+        (tmp_path / "run").rename(runs[balance])
+    rows = {b: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for b, run in runs.items()}
+    assert all(r["aux_loss"] > 0 for r in rows["aux-loss"]) and "aux_loss" not in rows["none"][0]
+    assert rows["aux-loss"][0]["loss"] == rows["none"][0]["loss"]
+    assert rows["aux-loss"][1]["loss"] != rows["none"][1]["loss"]
+    weights = load_file(runs["aux-loss"] / "model.safetensors")
+    biases = [t for k, t in weights.items() if k.endswith("e_score_correction_bias")]
+    assert biases and all(not b.any() for b in biases)
+    assert [p.name for p in list_checkpoints(runs["aux-loss"] / "checkpoints")] == ["step_0000003", "step_0000004"]

@@ -125,7 +125,7 @@ def chat(ctx: Context, body: dict[str, Any], loop: asyncio.AbstractEventLoop) ->
 
     def response(result: list[Completion]) -> dict[str, Any]:
         return {**ctx.envelope("chat.completion", cid), "usage": protocol.usage(result, len(result)),
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text.strip()},
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                              "logprobs": logprobs_field(c.logprobs), "finish_reason": c.finish_reason}
                             for i, c in enumerate(result)]}
 
