@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import os
 import re
+import signal
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -202,3 +206,17 @@ class EvenLength:
 
     def demonstration(self, problem):
         return f"<think>last digit</think> <answer>{problem.answer}</answer>"
+
+
+def run_process_group(command: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True) in a session of its own, every process of which (torchrun's
+    workers too) is killed when it returns, fails or times out: a failing distributed test leaves nothing running."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -3,6 +3,7 @@ DCP checkpoints resume on a different number of processes, and a dead peer stops
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_process_group
 from test_train import MICRO_YAML, _corpus_lines
 from nanoseek.data.tokenizer import train_tokenizer
 
@@ -45,8 +47,7 @@ def _env(space: Path) -> dict[str, str]:
 
 def _run(space: Path, out: str, *extra: str, processes: int = 1) -> None:
     launcher = [*TORCHRUN, "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
-    result = subprocess.run(launcher + _args(space, out, *extra), env=_env(space),
-                            capture_output=True, text=True, timeout=300)
+    result = run_process_group(launcher + _args(space, out, *extra), env=_env(space))
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -170,8 +171,7 @@ def test_v4_under_fsdp_and_ep_equals_one_process(space):
     flags = ("train.precision=fp32", *PARITY_STEPS)
     for out, processes, extra in (("v4-one", 1, ()), ("v4-dp2-ep2", 2, ("--ep", "2"))):
         launcher = [*TORCHRUN, "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
-        result = subprocess.run(launcher + _v4_args(space, out, *extra, *flags), env=_env(space),
-                                capture_output=True, text=True, timeout=300)
+        result = run_process_group(launcher + _v4_args(space, out, *extra, *flags), env=_env(space))
         assert result.returncode == 0, result.stderr[-3000:]
     got, want = _metrics(space, "v4-dp2-ep2"), _metrics(space, "v4-one")
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
@@ -241,13 +241,18 @@ def test_dead_peer_stops_the_other_with_a_clear_error(space):
     env = {**_env(space), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     ranks = [subprocess.Popen([sys.executable, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    deadline = time.time() + 120
-    while not (space / "dead" / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
-    ranks[1].send_signal(signal.SIGKILL)
-    start = time.time()
-    _, stderr = ranks[0].communicate(timeout=150)
+    try:
+        deadline = time.time() + 120
+        while not (space / "dead" / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        ranks[1].send_signal(signal.SIGKILL)
+        start = time.time()
+        _, stderr = ranks[0].communicate(timeout=150)
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
     assert ranks[0].returncode == 2 and time.time() - start < 150
     assert stderr.strip().splitlines()[-1].startswith("nanoseek: error: rank 0: a collective")
 
@@ -335,15 +340,21 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(space):
     out = "dp2-sigterm"
     process = subprocess.Popen([*TORCHRUN, "--nproc_per_node", "2"] + _args(space, out, "train.max_steps=400",
                                                                             "train.save_every=1000"),
-                               env=_env(space), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((space / out / "metrics.jsonl").exists() and
-                                          len((space / out / "metrics.jsonl").read_text().splitlines()) >= 2):
-        time.sleep(0.01)
-    ranks = _rank_pids(process.pid)
-    assert sorted(ranks) == [0, 1], ranks
-    os.kill(ranks[1], signal.SIGTERM)
-    stderr = process.communicate(timeout=120)[1]
+                               env=_env(space), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((space / out / "metrics.jsonl").exists() and
+                                              len((space / out / "metrics.jsonl").read_text().splitlines()) >= 2):
+            time.sleep(0.01)
+        ranks = _rank_pids(process.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGTERM)
+        stderr = process.communicate(timeout=120)[1]
+    finally:  # torchrun and its workers, whatever failed
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     checkpoints = sorted((space / out / "checkpoints").glob("step_*"))
     assert len(checkpoints) == 1, stderr[-2000:]
     step = int(checkpoints[0].name.removeprefix("step_"))

@@ -97,18 +97,22 @@ def test_fp8_linear_matches_its_recipe_and_fp32(backend):
         assert 0.005 < ((got - full).norm() / full.norm()).item() < 0.06  # E4M3's error, and really quantized
 
 
-@pytest.mark.parametrize("k", [128, 1024, 8192])
-def test_gemm_error_does_not_grow_with_k(k):
+def test_gemm_error_does_not_grow_with_k():
     """With fp32 accumulation (promoted every 128 on the scaled_mm path) the error is the operands' rounding
-    alone, the same for every K."""
-    torch.manual_seed(k)
-    a, b = torch.randn(32, k), torch.randn(48, k)
-    qa, sa = quantize_tiles(a)
-    qb, sb = quantize_blocks(b)
-    exact = a.double() @ b.double().t()
-    for backend in BACKENDS:
-        out = fp8_mm(qa, sa, qb, row_scales(sb, 48), backend)
-        assert ((out.double() - exact).norm() / exact.norm()).item() < 0.05
+    alone: the same at K = 8192 as at K = 128 (without promotion, DeepSeek measured ~2 % at K = 4096 and growing)."""
+    errors = {backend: {} for backend in BACKENDS}
+    for k in (128, 1024, 8192):
+        torch.manual_seed(k)
+        a, b = torch.randn(32, k), torch.randn(48, k)
+        qa, sa = quantize_tiles(a)
+        qb, sb = quantize_blocks(b)
+        exact = a.double() @ b.double().t()
+        for backend in BACKENDS:
+            out = fp8_mm(qa, sa, qb, row_scales(sb, 48), backend)
+            errors[backend][k] = ((out.double() - exact).norm() / exact.norm()).item()
+    for backend, by_k in errors.items():
+        assert all(0 < e < 0.05 for e in by_k.values()), (backend, by_k)
+        assert by_k[8192] <= 1.25 * by_k[128], (backend, by_k)
 
 
 def test_fp8_grouped_gemm_matches_per_expert_fp8_linears():

@@ -9,7 +9,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import nanoseek
-from helpers import tiny_config
+from helpers import run_process_group, tiny_config
 from nanoseek.cli import main
 from nanoseek.data.chat_format import add_chat_tokens, encode_chat, write_chat_tokenizer_files
 from nanoseek.data.tokenizer import end_token_ids, train_tokenizer
@@ -416,8 +415,7 @@ def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer):
     for out, launcher in (("one", [sys.executable]),
                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    "--nproc_per_node", "2"])):
-        result = subprocess.run(launcher + args + ["--out", str(tmp_path / out)], env=env, capture_output=True,
-                                text=True, timeout=300)
+        result = run_process_group(launcher + args + ["--out", str(tmp_path / out)], env=env)
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = (load_file(tmp_path / out / "model.safetensors") for out in ("one", "two"))
     assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)

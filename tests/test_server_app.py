@@ -237,3 +237,37 @@ def test_metrics_have_latency_histograms(client):
         buckets = [v for k, v in after.items() if k.startswith(f"nanoseek_{name}_bucket")]
         assert buckets == sorted(buckets) and buckets[-1] == after[count]  # cumulative, +Inf = count
         assert after[f"nanoseek_{name}_sum"] > before.get(f"nanoseek_{name}_sum", 0)
+
+
+@pytest.mark.parametrize("generation", ["v32", "v4"])
+def test_sparse_and_compressed_models_served_over_http_give_the_full_forwards_greedy_tokens(tmp_path, generation):
+    """DeepSeek-V3.2 (the indexer's top-k over the paged store) and V4 (sliding window, CSA/HCA entries, hyper-
+    connections) behind the HTTP API: a greedy completion is the detokenized argmax of the full forward, re-run on
+    the growing sequence, past the window and the indexer's top-k."""
+    from fastapi.testclient import TestClient
+
+    from helpers import V32, randomize_, tiny_config
+    from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer, write_tokenizer_files
+    from nanoseek.v4config import CSA, HCA, SLIDING
+
+    config = tiny_config(vocab_size=320, **V32) if generation == "v32" else nanoseek.ModelConfig.preset(
+        "tiny-v4").replace(vocab_size=320, hidden_size=32, num_attention_heads=2, head_dim=16, qk_rope_head_dim=8,
+                           q_lora_rank=16, moe_intermediate_size=16, max_position_embeddings=64, num_hidden_layers=3,
+                           layer_types=(SLIDING, CSA, HCA), mlp_layer_types=("hash_moe", "moe", "moe"),
+                           sliding_window=8, compress_rate_hca=8, o_lora_rank=8, index_head_dim=8, index_topk=2,
+                           hc_mult=2)
+    torch.manual_seed(0)
+    model = randomize_(nanoseek.Transformer(config).eval(), std=0.15)
+    nanoseek.save_pretrained(model, tmp_path)
+    write_tokenizer_files(train_tokenizer(["User: hello there\nAssistant: good morrow\n" * 50], 300), tmp_path)
+    prompt = load_tokenizer(tmp_path / "tokenizer.json").encode("User: hello there, good morrow to thee").ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+    with TestClient(create_app(tmp_path, config=EngineConfig(block_size=4))) as client:
+        reply = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                                      "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == load_tokenizer(tmp_path / "tokenizer.json").decode(ids[len(prompt):])
+    assert len(ids) > 2 * config.sliding_window if generation == "v4" else len(prompt) > config.index_topk
