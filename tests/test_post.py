@@ -397,10 +397,8 @@ def test_packed_and_accumulated_sft_steps_give_the_plain_steps_gradient(tokenize
     assert step(1, 128)[2] < plain_rows  # packed: fewer rows
 
 
-@pytest.mark.slow
-def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer):
-    """Two data-parallel processes (FSDP2), each with its share of every step's conversations in two micro-batches,
-    train the model one process trains."""
+def _sft_inputs(tmp_path, tokenizer, conversations: int):
+    """A random tiny base model with `tokenizer`, and a JSONL of `conversations` chats of a few lengths."""
     base = tmp_path / "base"
     torch.manual_seed(0)
     nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size())), base)
@@ -408,7 +406,16 @@ def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer):
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": "What is 12 + 30?" * (1 + i % 3) + f" ({i})"},
-        {"role": "assistant", "content": "The answer is 42, my lord." * (1 + i % 2)}]}) + "\n" for i in range(24)))
+        {"role": "assistant", "content": "The answer is 42, my lord." * (1 + i % 2)}]}) + "\n"
+        for i in range(conversations)))
+    return base, chat
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer):
+    """Two data-parallel processes (FSDP2), each with its share of every step's conversations in two micro-batches,
+    train the model one process trains."""
+    base, chat = _sft_inputs(tmp_path, tokenizer, 24)
     args = ["-m", "nanoseek", "sft", str(base), "--data", str(chat), "--max-steps", "3", "--batch-size", "8",
             "--grad-accum", "2", "--eval-every", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs
@@ -432,14 +439,7 @@ def test_sft_pack_and_resume_through_the_cli(tmp_path, tokenizer):
     with `--resume`: steps 3 and 4 repeat the uninterrupted run's losses bit for bit, and the models are equal."""
     import shutil
 
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size())), base)
-    tokenizer.save(str(base / "tokenizer.json"))
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": "What is 12 + 30?" * (1 + i % 3) + f" ({i})"},
-        {"role": "assistant", "content": "The answer is 42, my lord." * (1 + i % 2)}]}) + "\n" for i in range(16)))
+    base, chat = _sft_inputs(tmp_path, tokenizer, 16)
     args = ["sft", str(base), "--data", str(chat), "--pack", "--max-steps", "4", "--batch-size", "4",
             "--save-every", "2"]
     assert main(args + ["--out", str(tmp_path / "straight")]) == 0
