@@ -129,17 +129,19 @@ def hf_model(config: ModelConfig, seed: int = 0):
     return randomize_(model_cls(hf_config).eval())
 
 
-def micro_model_dir(directory, text: str, tokenizer_vocab: int, model_vocab: int, chat: bool = False):
-    """A model directory with random weights (tiny_config, one MTP module) and a tokenizer trained on `text`
-    (`chat`: with the chat template's tokenizer_config.json)."""
+def micro_model_dir(directory, text: str, tokenizer_vocab: int, model_vocab: int, chat: bool = False,
+                    std: float | None = None):
+    """A model directory with random weights (tiny_config, one MTP module; `std`: every weight drawn at it, see
+    randomize_, instead of initialized) and a tokenizer trained on `text` (`chat`: with the chat template's
+    tokenizer_config.json)."""
     import nanoseek
     from nanoseek.data.chat_format import write_chat_tokenizer_files
     from nanoseek.data.tokenizer import train_tokenizer, write_tokenizer_files
 
     tokenizer = train_tokenizer([text], tokenizer_vocab)
     torch.manual_seed(0)
-    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=model_vocab, num_nextn_predict_layers=1)),
-                             directory)
+    model = nanoseek.Transformer(tiny_config(vocab_size=model_vocab, num_nextn_predict_layers=1))
+    nanoseek.save_pretrained(model if std is None else randomize_(model, std), directory)
     (write_chat_tokenizer_files if chat else write_tokenizer_files)(tokenizer, directory)
     return directory
 

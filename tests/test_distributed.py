@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -46,8 +47,21 @@ def _env(space: Path) -> dict[str, str]:
 
 
 def _run(space: Path, out: str, *extra: str, processes: int = 1) -> None:
-    launcher = [*TORCHRUN, "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
-    result = run_process_group(launcher + _args(space, out, *extra), env=_env(space))
+    _launch(space, _args(space, out, *extra), processes)
+
+
+def _launch(space: Path, argv: list[str], processes: int) -> None:
+    """`python -m nanoseek ...` (argv) on `processes` ranks under torchrun; one process runs here, in this
+    interpreter (an interpreter and torch started per run would cost seconds each: suite time), on the CPU as the
+    ranks run."""
+    if processes == 1:
+        from nanoseek.cli import main
+
+        assert argv[:2] == ["-m", "nanoseek"]
+        with mock.patch.dict(os.environ, _env(space)), mock.patch("torch.cuda.is_available", return_value=False):
+            assert main(argv[2:]) == 0
+        return
+    result = run_process_group([*TORCHRUN, "--nproc_per_node", str(processes), *argv], env=_env(space))
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -60,6 +74,22 @@ def _assert_close(a: dict, b: dict, steps) -> None:  # (loss, mtp_loss) of each 
     for step in steps:
         for x, y in zip(a[step], b[step]):
             assert abs(x - y) <= 1e-5 * abs(y), (step, x, y)
+
+
+@pytest.fixture(scope="module")
+def trained(space):
+    """`trained(out, *flags, processes=N)`: the run directory of that command, trained once per module by whichever
+    test asks first (the layout matrix and the export test share one run, the schedule and resume tests another),
+    so that no test depends on which ran before it."""
+    done: dict[str, tuple] = {}
+
+    def run(out: str, *flags: str, processes: int = 1) -> Path:
+        if out not in done:
+            _run(space, out, *flags, processes=processes)
+            done[out] = (flags, processes)
+        assert done[out] == (flags, processes), f"{out} was trained with other flags"
+        return space / out
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +114,11 @@ LAYOUTS = {"dp2": (2, []), "ep2": (2, ["--ep", "2"]), "dp4-ep2": (4, ["--ep", "2
 TOLERANCES = {"fp32": {"loss": 1e-5, "mtp_loss": 1e-5, "grad_norm": 1e-5},
               "bf16": {"loss": 5e-4, "mtp_loss": 5e-4, "grad_norm": 5e-3}}
 PARITY_STEPS = ("train.max_steps=4", "train.save_every=100", "train.eval_every=4")
-# The default run takes each layout's code path once: every layout in fp32 but pp2 (the schedule tests run it, 1F1B
-# being the default schedule), and bf16 where the casts differ: FSDP of the dense part and of the experts over their
-# replicas with EP (dp4-ep2), and a pipeline stage under autocast (pp2). `pytest -m slow` runs the whole matrix.
-# suite time (issue 28): dp4-ep2 runs FSDP and EP together, dp2-pp2 FSDP with PP; bf16 runs by default in pp2, and
-# FSDP's bf16 policy in the one-rank router test below (the rest, the FP8 test among it, is `pytest -m slow`)
-DEFAULT_MATRIX = {("dp4-ep2", "fp32"), ("dp2-pp2", "fp32"), ("pp2", "bf16")}
+# The default run takes each layout's code path once, in three runs (suite time): dp4-ep2 in bf16 (FSDP's mixed
+# precision over four ranks, the experts cast by the same policy over their replicas), pp2-ep2 in fp32 (the pipeline
+# with FSDP and EP inside each stage: 4 ranks), pp2 in bf16 (a pipeline stage under autocast; 1F1B, the default
+# schedule). `pytest -m slow` runs the whole matrix.
+DEFAULT_MATRIX = {("dp4-ep2", "bf16"), ("pp2-ep2", "fp32"), ("pp2", "bf16")}
 MATRIX = [pytest.param(layout, precision, id=f"{layout}-{precision}",
                        marks=() if (layout, precision) in DEFAULT_MATRIX else pytest.mark.slow)
           for precision in TOLERANCES for layout in LAYOUTS]
@@ -103,13 +132,13 @@ def one_process(space) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("layout, precision", MATRIX)
-def test_every_layout_equals_one_process(space, one_process, layout, precision):
+def test_every_layout_equals_one_process(space, one_process, trained, layout, precision):
     """Losses, MTP losses, gradient norms (clipping is active at these norms, so a wrong norm changes the run) and
     the final validation loss of each layout against one process, in fp32 and in bf16 (FSDP's mixed precision;
     expert parallelism's experts cast by the same policy)."""
     processes, flags = LAYOUTS[layout]
-    out = f"{layout}-{precision}"
-    _run(space, out, *flags, f"train.precision={precision}", *PARITY_STEPS, processes=processes)
+    out = trained(f"{layout}-{precision}", *flags, f"train.precision={precision}", *PARITY_STEPS,
+                  processes=processes).name
     got, want = _metrics(space, out), one_process[precision]
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:
@@ -164,15 +193,27 @@ def _v4_args(space: Path, out: str, *extra: str) -> list[str]:
             *extra]
 
 
-@pytest.mark.slow  # 17 s: the fp32 FSDP units are checked in the default run (a one-rank group, below)
+def test_v4_in_fp8_under_fsdp_and_ep_runs_as_one_process(space):
+    """The cheapest form of two compositions the slow tests below check in full: DeepSeek-V4 over DP2×EP2 and FP8
+    GEMMs under EP, together, for two steps: the one-process losses within FP8's tolerance (not bit-equal: the
+    weight gradient's 128-token tiles hold other tokens when the batch is split), the indexer learning on both."""
+    flags = ("train.precision=fp8", "train.max_steps=2", "train.save_every=100", "train.eval_every=100")
+    for out, processes, extra in (("v4-fp8-one", 1, ()), ("v4-fp8-ep2", 2, ("--ep", "2"))):
+        _launch(space, _v4_args(space, out, *extra, *flags), processes)
+    got, want = _metrics(space, "v4-fp8-ep2"), _metrics(space, "v4-fp8-one")
+    assert sorted(got) == sorted(want) == [1, 2]
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-3), step
+        assert got[step]["indexer_kl"] > 0 and want[step]["indexer_kl"] > 0
+
+
+@pytest.mark.slow  # 17 s: by default in fp8 for two steps (above); its fp32 FSDP units in a one-rank group (below)
 def test_v4_under_fsdp_and_ep_equals_one_process(space):
     """DeepSeek-V4 over DP2×EP2: the one-process losses, CSA indexer KL and gradient norms (hyper-connection
     streams, hash routing, compressors and the indexers' own FSDP units)."""
     flags = ("train.precision=fp32", *PARITY_STEPS)
     for out, processes, extra in (("v4-one", 1, ()), ("v4-dp2-ep2", 2, ("--ep", "2"))):
-        launcher = [*TORCHRUN, "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
-        result = run_process_group(launcher + _v4_args(space, out, *extra, *flags), env=_env(space))
-        assert result.returncode == 0, result.stderr[-3000:]
+        _launch(space, _v4_args(space, out, *extra, *flags), processes)
     got, want = _metrics(space, "v4-dp2-ep2"), _metrics(space, "v4-one")
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:
@@ -212,7 +253,7 @@ def test_refused_layouts_say_why_in_one_line(space, flags, needle, monkeypatch, 
     assert len(stderr.strip().splitlines()) == 1 and not (space / "refused").exists()
 
 
-@pytest.mark.slow  # 26 s; FP8 training runs by default in one process (test_fp8), EP in the matrix
+@pytest.mark.slow  # 26 s; FP8 under EP runs by default for two steps on V4 (above), FP8 training alone in test_fp8
 def test_fp8_with_bf16_moments_under_expert_parallelism(space):
     """FP8 GEMMs, BF16 moments and recomputation compose with EP + FSDP. Not bit-equal to one process: the weight
     gradient's 128-token tiles hold different tokens when the batch is split."""
@@ -224,10 +265,15 @@ def test_fp8_with_bf16_moments_under_expert_parallelism(space):
         assert abs(one[step][0] - two[step][0]) <= 1e-3 * one[step][0], step
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_dcp_resume_on_other_process_count(space, single, before, after):
+    """A checkpoint written by `before` processes (EP2 on two) resumes on `after`: steps 4-6 are one process's.
+    The one-process checkpoint is the `single` run's, copied (suite time)."""
     out = f"resume-{before}-{after}"
-    _run(space, out, "train.max_steps=6", *(["--ep", "2"] if before == 2 else []), processes=before)
+    if before == 1:
+        shutil.copytree(space / "single", space / out)
+    else:
+        _run(space, out, "train.max_steps=6", "--ep", "2", processes=before)
     shutil.rmtree(space / out / "checkpoints" / "step_0000006")  # back to the step-3 checkpoint
     _run(space, out, "--resume", *(["--ep", "2"] if after == 2 else []), processes=after)
     _assert_close(_losses(space, out), single, range(4, 7))
@@ -257,18 +303,15 @@ def test_dead_peer_stops_the_other_with_a_clear_error(space):
     assert stderr.strip().splitlines()[-1].startswith("nanoseek: error: rank 0: a collective")
 
 
-def test_export_of_an_expert_parallel_checkpoint(space):
-    """The last checkpoint of a DP x EP run (the layout matrix's, when it ran first: suite time) exports to the
-    very weights the run saved as its model."""
+def test_export_of_an_expert_parallel_checkpoint(space, trained):
+    """The last checkpoint of a DP x EP run (the layout matrix's run: suite time) exports to the very weights the
+    run saved as its model."""
     import nanoseek
     import torch
 
-    run = space / "dp4-ep2-fp32"
-    if not (run / "model.safetensors").exists():
-        _run(space, run.name, "--ep", "2", "train.precision=fp32", *PARITY_STEPS, processes=4)
+    run = trained("dp4-ep2-bf16", *LAYOUTS["dp4-ep2"][1], "train.precision=bf16", *PARITY_STEPS, processes=4)
     out = space / "exported"
-    subprocess.run([sys.executable, "-m", "nanoseek", "export", str(run / "checkpoints" / "step_0000004"), str(out)],
-                   env=_env(space), check=True, capture_output=True)
+    _launch(space, ["-m", "nanoseek", "export", str(run / "checkpoints" / "step_0000004"), str(out)], 1)
     exported, final = nanoseek.load_pretrained(out), nanoseek.load_pretrained(run)
     for (name, a), b in zip(exported.state_dict().items(), final.state_dict().values()):
         assert torch.equal(a, b), name
@@ -286,9 +329,9 @@ def single_four_layers(space) -> dict:
 # 1F1B is the default schedule: the matrix's pipeline layouts run it by default; DualPipeV runs two stages per rank
 @pytest.mark.parametrize("schedule", [pytest.param(s, marks=pytest.mark.slow)
                                       for s in ("gpipe", "1f1b", "interleaved1f1b", "zbv")] + ["dualpipev"])
-def test_pipeline_schedules_equal_one_process(space, single_four_layers, schedule):
-    out = f"pp-{schedule}"
-    _run(space, out, "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", schedule, processes=2)
+def test_pipeline_schedules_equal_one_process(space, single_four_layers, trained, schedule):
+    out = trained(f"pp-{schedule}", "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", schedule,
+                  processes=2).name
     _assert_close(_losses(space, out), single_four_layers, range(1, 7))
     val = {json.loads(r)["step"]: json.loads(r).get("val_loss") for r in
            (space / out / "metrics.jsonl").read_text().splitlines()}
@@ -297,13 +340,10 @@ def test_pipeline_schedules_equal_one_process(space, single_four_layers, schedul
     assert val[6] == pytest.approx(reference[6], rel=1e-5)
 
 
-def test_pipeline_checkpoint_resumes_on_one_process(space, single_four_layers):
-    """DualPipeV's checkpoint (two stages per rank; the schedule test's run, when it ran first: suite time) resumes
-    on one process."""
-    pipelined = space / "pp-dualpipev"
-    if not (pipelined / "model.safetensors").exists():
-        _run(space, pipelined.name, "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", "dualpipev",
-             processes=2)
+def test_pipeline_checkpoint_resumes_on_one_process(space, single_four_layers, trained):
+    """DualPipeV's checkpoint (two stages per rank; the schedule test's run: suite time) resumes on one process."""
+    pipelined = trained("pp-dualpipev", "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", "dualpipev",
+                        processes=2)
     out = "pp-resume"
     shutil.copytree(pipelined, space / out)
     shutil.rmtree(space / out / "checkpoints" / "step_0000006")

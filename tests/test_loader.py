@@ -44,3 +44,37 @@ def test_the_loader_serves_each_step_and_micro_step_in_order(tmp_path):
     two = Parallelism(dp=2)  # rank 0 of two: the first half of each global batch
     assert torch.equal(local_batch(dataset, "train", half, two, 4)[0],
                        local_batch(dataset, "train", half, Parallelism(), 4)[0][:4])
+
+
+def test_each_row_is_a_window_of_its_sources_stream(tmp_path):
+    """Read against the token streams themselves, not against the loader's own code: every row's inputs and targets
+    are one window of seq_len + 1 consecutive tokens of one source's split, shifted by one; at document starts the
+    window begins where a document does, or a whole number of windows (of seq_len tokens) after; the segment numbers
+    change exactly where a document starts."""
+    import numpy as np
+
+    dataset = _dataset(tmp_path)
+    streams = {(i, split): getattr(source, split) for i, source in enumerate(dataset.sources)
+               for split in ("train", "val")}
+    tokens = {key: shards.read(0, len(shards)) for key, shards in streams.items()}
+    seen = set()
+    for split, documents, step in [("train", False, 1), ("train", True, 2), ("val", True, 3), ("val", False, 4)]:
+        inputs, targets, segments = dataset.batch(split, 8, 16, 7, step, at_document_starts=documents)
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+        for row, target, segment in zip(inputs.numpy(), targets.numpy(), segments.numpy()):
+            window = np.append(row, target[-1])
+            found = [(source, start) for (source, part), stream in tokens.items() if part == split
+                     for start in np.flatnonzero(stream[: len(stream) - 16] == window[0])
+                     if np.array_equal(stream[start: start + 17], window)]
+            assert found, (split, documents, step)
+
+            def fits(source: int, start: int) -> bool:  # (a repeated passage may occur elsewhere too)
+                starts = streams[source, split].starts
+                document = starts[np.searchsorted(starts, start, side="right") - 1]
+                boundaries = np.isin(np.arange(start + 1, start + 16), starts)
+                return (not documents or (start - document) % 16 == 0) and np.array_equal(
+                    np.diff(segment) > 0, boundaries)
+
+            assert any(fits(*place) for place in found), (split, documents, step)
+            seen.update(source for source, _ in found)
+    assert seen == {0, 1}  # both sources drawn

@@ -411,13 +411,13 @@ def _sft_inputs(tmp_path, tokenizer, conversations: int):
     return base, chat
 
 
-@pytest.mark.slow
-def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer):
+@pytest.mark.parametrize("steps", [1, pytest.param(3, marks=pytest.mark.slow)])
+def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer, steps):
     """Two data-parallel processes (FSDP2), each with its share of every step's conversations in two micro-batches,
-    train the model one process trains."""
+    train the model one process trains (one step by default, three under `-m slow`)."""
     base, chat = _sft_inputs(tmp_path, tokenizer, 24)
-    args = ["-m", "nanoseek", "sft", str(base), "--data", str(chat), "--max-steps", "3", "--batch-size", "8",
-            "--grad-accum", "2", "--eval-every", "3"]
+    args = ["-m", "nanoseek", "sft", str(base), "--data", str(chat), "--max-steps", str(steps), "--batch-size", "8",
+            "--grad-accum", "2", "--eval-every", str(steps)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs
     for out, launcher in (("one", [sys.executable]),
                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import nanoseek
-from helpers import tiny_config
+from helpers import randomize_, tiny_config
 from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.model.moe import Router, grouped_mm
 from nanoseek.model.transformer import Transformer
@@ -105,15 +105,25 @@ def test_seeded_init_depends_on_seed_and_names_only():
 
 @pytest.mark.parametrize("kind", ["v3", "v4"])
 def test_bf16_autocast_forward_runs_and_agrees_with_fp32(kind):
-    from test_parity_v4 import v4_config
+    """Every weight random (std 0.2: logits of several units, not the ~0.1 of initialization, where any two models
+    agree): under bf16 autocast each position's logits are the fp32 ones within 10·2⁻⁸ of the largest (measured:
+    2-3 % through peaked attention), and the top-1 token is the same, except where bf16 rounding flips a discrete
+    choice (an expert, an indexer's pick), which changes that position and those after it: at most a quarter here
+    (measured 5 of 32 for V3, 3 of 32 for V4)."""
+    from test_parity_v4 import _randomized, v4_config
 
     torch.manual_seed(0)
-    model = Transformer(tiny_config() if kind == "v3" else v4_config(initializer_range=0.02))
-    ids = torch.randint(0, 64, (2, 16))
-    full = model(ids, ids).lm_loss
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        half = model(ids, ids).lm_loss
-    assert half.dtype == torch.float32 and abs(full.item() - half.item()) < 2e-2 * full.item()
+    model = randomize_(Transformer(tiny_config())) if kind == "v3" else _randomized(v4_config())
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(ids)
+    assert half.dtype == torch.bfloat16
+    delta = (half.float() - full).abs().amax(-1)
+    close = delta <= 10 * 2**-8 * full.abs().max()
+    assert delta.max() > 0 and close.float().mean() >= 0.75, delta
+    assert (half.argmax(-1) == full.argmax(-1)).float().mean() >= 0.75
 
 
 def test_grouped_gemms_take_zero_rows():

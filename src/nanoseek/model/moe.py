@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.eager import eager
 from nanoseek.model.layers import MLP, KeepsFp32Buffers, linear_compute_dtype, swiglu
 
 
@@ -124,7 +125,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) 
 GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@torch.compiler.disable  # runs eager inside compiled blocks: no compiled fp32 grouped GEMM on CPUs
+@eager  # inside compiled blocks: no compiled fp32 grouped GEMM on CPUs
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, group_ends: torch.Tensor,
                gemm: GroupedGemm = grouped_mm, limit: float = 0.0) -> torch.Tensor:
     """Every expert's SwiGLU over its rows: x [N, dim] sorted by expert, group_ends [E] int32 cumulative counts."""

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from nanoseek.model.eager import eager
 from nanoseek.model.moe import RoutedExperts, expert_ffn
 from nanoseek.model.transformer import Transformer
 
@@ -34,7 +35,7 @@ class ExpertParallelExperts(nn.Module):
         self.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.data, mesh, [Shard(0)]))
         self.down = nn.Parameter(distribute_tensor(experts.down.data, mesh, [Shard(0)]))
 
-    @torch.compiler.disable  # eager inside compiled blocks: the all-to-all needs its split sizes on the host
+    @eager  # inside compiled blocks: the all-to-all needs its split sizes on the host
     def forward(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         """x [N, dim] sorted by global expert id; group_ends [E] cumulative counts → [N, dim], same order."""
         counts = torch.diff(group_ends.long(), prepend=group_ends.new_zeros(1).long())  # tokens per global expert

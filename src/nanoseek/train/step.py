@@ -7,12 +7,12 @@ reads them once per logged step. tests/test_cuda.py runs this very step under CU
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.collectives import clip_grad_norm, sum_over_ranks
-from nanoseek.parallel.pipeline import PipelineRunner
 from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.balance import update_expert_bias
 from nanoseek.train.config import TrainConfig
@@ -20,6 +20,9 @@ from nanoseek.train.dsa import indexer_loss
 from nanoseek.train.loader import BatchLoader
 from nanoseek.train.optim import lr_factor
 from nanoseek.train.precision import autocast
+
+if TYPE_CHECKING:  # torch's pipelining imports dynamo (~0.8 s): only pipelined runs load it
+    from nanoseek.parallel.pipeline import PipelineRunner
 
 
 @dataclass

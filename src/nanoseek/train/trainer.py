@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,6 @@ from nanoseek.flops import model_stats
 from nanoseek.memory import check_training_fits
 from nanoseek.model.transformer import Transformer
 from nanoseek.parallel.collectives import mean_over_ranks, save_final_model
-from nanoseek.parallel.pipeline import PipelineRunner
 from nanoseek.parallel.setup import Parallelism, explain_failure, init_parallelism, parallelize
 from nanoseek.train.balance import ImbalanceTracker, configure_balance
 from nanoseek.train.checkpoint import (check_shapes, checkpoint_path, list_checkpoints, load_checkpoint, read_meta,
@@ -39,6 +38,9 @@ from nanoseek.train.metrics import (MetricsLog, PeakFlops, Stopwatch, Throughput
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.precision import apply_precision, autocast, use_tf32
 from nanoseek.train.step import TrainStep
+
+if TYPE_CHECKING:  # imported where a pipeline is built: torch's pipelining imports dynamo (~0.8 s)
+    from nanoseek.parallel.pipeline import PipelineRunner
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,8 @@ def build_model(spec: RunSpec, par: Parallelism) -> tuple[Transformer, PipelineR
     pipeline = None
     if par.pp > 1:
         _check_pipeline(spec)  # again: on --resume, the model is the checkpoint's
+        from nanoseek.parallel.pipeline import PipelineRunner
+
         pipeline = PipelineRunner(model, par, cfg.batch_size // par.dp, cfg.mtp_weight)
     parallelize(model, par)
     model.to_empty(device=par.device)
