@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,22 +40,13 @@ def evaluate(model: Path, task: str, n: int, split: str = "test") -> dict:
 
 
 def ask_served(model: Path, question: str) -> str:
-    import httpx
     import openai
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from nanoseek.infer.launch import start_serve
+
+    server, base = start_serve(model)
     try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
         reply = client.chat.completions.create(model=model.resolve().name, temperature=0, max_tokens=64,
                                                messages=[{"role": "user", "content": question}])
         return reply.choices[0].message.content

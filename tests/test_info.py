@@ -63,3 +63,34 @@ def test_v32_attends_to_topk_and_caches_the_indexer_key():
     assert short_v32.flops_per_token == pytest.approx(short_v3.flops_per_token + indexer_core + indexer_params)
     # at 128K, each query attends to 2048 keys instead of 64K on average
     assert v32.flops_per_token < 0.4 * v3.flops_per_token
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """The experts' grouped GEMM, [rows, k] by [experts, k, n] at group offsets: 2·rows·k·n."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
+@pytest.mark.parametrize("kind", ["mla-dense", "mla-moe", "v32", "gqa"])
+def test_the_flop_formula_counts_the_matrices_the_forward_multiplies(kind):
+    """Against torch's FlopCounterMode on the built model's forward (not against a copy of the formula): the
+    formula's FLOPs without the attention core are exactly the forward's matrix multiplies, the routed experts'
+    grouped GEMM included. (Left out of both: the k-way weighted sum of the experts' outputs, a bmm of k
+    multiply-adds per channel, which the formula does not count as a matrix.)"""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from helpers import V32
+    from nanoseek.flops import attention_core_flops
+
+    config = tiny_config(num_nextn_predict_layers=0, **{
+        "mla-dense": dict(first_k_dense_replace=3), "mla-moe": dict(), "v32": dict(first_k_dense_replace=3, **V32),
+        "gqa": dict(attention_type="gqa", num_key_value_heads=2, head_dim=8, first_k_dense_replace=3)}[kind])
+    length = 32
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops})
+    with counter, torch.no_grad():
+        Transformer(config).eval()(torch.randint(0, config.vocab_size, (1, length)))
+    counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    core = float(attention_core_flops(config, torch.arange(1, length + 1, dtype=torch.float64)).sum())
+    forward = model_stats(config, length).flops_per_token * length / 3  # training = 3 × forward
+    assert forward - core == counted["aten.mm"] + counted.get("aten._grouped_mm", 0), counted
+    assert ("aten._grouped_mm" in counted) == (kind == "mla-moe")

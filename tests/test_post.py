@@ -271,7 +271,10 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": MESSAGES[1:3]}) + "\n" for _ in range(6)))
     assert main(["sft", str(base), "--data", str(chat), "--task", "arithmetic", "--task-examples", "40",
-                 "--out", str(tmp_path / "sft"), "--max-steps", "4", "--batch-size", "4"]) == 0
+                 "--out", str(tmp_path / "sft"), "--max-steps", "4", "--batch-size", "4", "--eval-every", "1"]) == 0
+    sft_rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft_rows] == [1, 2, 3, 4]
+    assert sft_rows[-1]["val_loss"] < sft_rows[0]["val_loss"] - 0.1  # it learned the held-out conversations
     sft_config = json.loads((tmp_path / "sft" / "config.json").read_text())
     assert sft_config["vocab_size"] == vocab + 4  # the four chat markers were added, the embedding grown
     assert "chat_template" in json.loads((tmp_path / "sft" / "tokenizer_config.json").read_text())

@@ -4,7 +4,9 @@ finish at their first step, a step that fails, the chat API's defaults, and sand
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -227,6 +229,29 @@ def test_a_device_that_cannot_be_used_is_one_line(model_dir, capsys, device, nee
     assert main(["generate", str(model_dir), "--prompt", "hi", "--device", device]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nanoseek: error: --device") and needle in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind, needle", [("closed", "not an open socket"), ("file", "not an open socket"),
+                                           ("unbound", "not a listening TCP socket"),
+                                           ("udp", "not a listening TCP socket")])
+def test_a_socket_that_cannot_be_served_on_is_one_line(model_dir, tmp_path, capsys, kind, needle):
+    """`serve --fd N` refuses, before loading the model, a descriptor that is not a listening TCP socket."""
+    import socket
+
+    from nanoseek.cli import main
+
+    with contextlib.ExitStack() as stack:
+        if kind == "closed":
+            fd = socket.socket().detach()
+            os.close(fd)
+        elif kind == "file":
+            fd = stack.enter_context(open(tmp_path / "f", "w")).fileno()
+        else:
+            fd = stack.enter_context(socket.socket(type=socket.SOCK_DGRAM if kind == "udp" else
+                                                   socket.SOCK_STREAM)).fileno()
+        assert main(["serve", str(model_dir), "--fd", str(fd)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"nanoseek: error: --fd {fd}") and needle in err and len(err.splitlines()) == 1, err
 
 
 def test_metrics_have_latency_histograms(client):

@@ -106,6 +106,13 @@ def test_resume_may_change_the_schedule_but_not_the_shape(tmp_path, train):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3, 4]  # logged: every 10 steps and at each evaluation
     assert all("val_loss" in r for r in rows)
+    # within the warm-up the learning rate does not depend on max_steps: the run made in one go with the new
+    # settings has the resumed run's losses, bit for bit
+    run.rename(tmp_path / "resumed")
+    assert train(*tiny, "--max-steps", "4", "--eval-every", "3")[0] == 0
+    straight = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["val_loss"]) for r in straight] == [
+        (r["step"], r["loss"], r["val_loss"]) for r in rows if r["step"] > 2]  # (it logs step 2 only when it ends)
 
 
 def test_resume_ignores_what_the_run_derived_itself():

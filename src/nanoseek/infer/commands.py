@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise NanoseekError("give --cache-memory or --cache-fraction, not both")
     if args.cache_fraction is not None and not 0 < args.cache_fraction < 1:
         raise NanoseekError(f"--cache-fraction must be in (0, 1), got {args.cache_fraction}")
+    listener = None if args.fd is None else _inherited_listener(args.fd)
+    if listener is not None:
+        args.host, args.port = listener.getsockname()[:2]
     device, dtype = resolve_device(args.device, args.dtype)
     _fewer_malloc_arenas()
     try:
@@ -88,7 +92,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
           f"{'on (MTP)' if engine.speculate else 'off'}; {str(engine.dtype).removeprefix('torch.')} on "
           f"{engine.device}", flush=True)
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
-    serve(app, args.host, args.port, args.shutdown_timeout)
+    serve(app, args.host, args.port, args.shutdown_timeout, listener)
+
+
+def _inherited_listener(fd: int) -> socket.socket:
+    """--fd: a TCP socket the parent bound and listens on, so that the port is held from the moment it is chosen
+    (a port found free, closed and passed by number may be taken by another process before the server binds it)."""
+    try:
+        listener = socket.socket(fileno=fd)
+    except OSError as e:
+        raise NanoseekError(f"--fd {fd}: not an open socket ({e.strerror or e})") from None
+    if listener.type != socket.SOCK_STREAM or listener.family not in (socket.AF_INET, socket.AF_INET6) or \
+            not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        listener.detach()  # the descriptor stays its owner's to close
+        raise NanoseekError(f"--fd {fd}: not a listening TCP socket")
+    return listener
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -197,6 +215,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("model", help="run or model directory (with tokenizer.json)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--fd", type=int, metavar="N",
+                       help="serve on the listening TCP socket of file descriptor N, inherited from the parent "
+                            "(instead of --host/--port; as tests and benchmarks start servers)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $NANOSEEK_API_KEY, which "
                                          "other users cannot read in the process list)")
     serve.add_argument("--allowed-hosts", metavar="NAMES",

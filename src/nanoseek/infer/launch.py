@@ -1,5 +1,5 @@
-"""`nanoseek serve` (or any OpenAI-compatible server command) as a child process on a free loopback port, waited
-for until it answers: what the server tests and the serving benchmarks start their servers with."""
+"""`nanoseek serve` (or any OpenAI-compatible server command) as a child process on a loopback port, waited for
+until it answers: what the server tests and the serving benchmarks start their servers with."""
 
 from __future__ import annotations
 
@@ -38,10 +38,16 @@ def wait_until_up(process: subprocess.Popen, url: str, timeout: float) -> None:
 
 def start_serve(model_dir: str | Path, *flags: str, timeout: float = 120.0,
                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`nanoseek serve model_dir --port P *flags` → (the process, its base URL), once /health answers 200."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", str(port),
-                                *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    """`nanoseek serve model_dir --fd N *flags` → (the process, its base URL), once /health answers 200. The
+    listening socket is bound here, on a port the OS picks, and handed to the child open: no other process can
+    take the port between its choice and the server's start."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        process = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--fd",
+                                    str(listener.fileno()), *flags], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, env=env, pass_fds=(listener.fileno(),))
     base = f"http://127.0.0.1:{port}"
     wait_until_up(process, f"{base}/health", timeout)
     return process, base

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -212,9 +213,10 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     return app
 
 
-def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
+def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float,
+          listener: socket.socket | None = None) -> None:
     """Run until SIGTERM/SIGINT: then refuse new requests, give running ones `shutdown_timeout` seconds, abort the
-    rest."""
+    rest. `listener`: an already bound and listening socket to serve on, instead of binding host:port."""
     import uvicorn
 
     runner: EngineLoop = app.state.loop
@@ -242,5 +244,5 @@ def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> None:
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout)
-    Server(config).run()
+    Server(config).run(sockets=None if listener is None else [listener])
     runner.abort_all()
