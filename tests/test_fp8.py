@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import assert_logits_match, randomize_, tiny_config
 from nanoseek.checkpoint.fp8 import is_fp8_weight
 from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
 from nanoseek.fp8.convert import convert_to_fp8
@@ -172,22 +172,48 @@ def test_a_refused_grouped_kernel_is_said_once_and_emulated(monkeypatch):
 
 @pytest.mark.parametrize("kind", CONVERTED)
 def test_convert_covers_v3s_fp8_gemms_and_keeps_the_rest(kind):
+    """The projections DeepSeek runs in FP8 (and only those) become FP8 GEMMs: the converted model's logits are,
+    within 1e-5, those of the same weights with each converted GEMM written out as the recipe (E4M3 1×128 tiles of
+    the input, 128×128 blocks of the weight; the experts one at a time), and far from the unquantized model's."""
     make_config, expected = CONVERTED[kind]
     config = make_config()
     torch.manual_seed(0)
     model = Transformer(config)
     reference = Transformer(config)
-    reference.load_state_dict(model.state_dict())
     keys = list(model.state_dict())
     converted = convert_to_fp8(model, Fp8Recipe())
     assert list(model.state_dict()) == keys  # checkpoints do not change
     assert expected <= set(converted) and not any(".compressor." in n or ".indexer." in n for n in converted)
     assert type(model.head) is torch.nn.Linear and not isinstance(model.layers[1].mlp.router, Fp8Linear)
-    ids = torch.randint(0, config.vocab_size, (2, 24))
-    out, ref = model(ids, ids), reference(ids, ids)
-    assert abs(out.lm_loss.item() - ref.lm_loss.item()) / ref.lm_loss.item() < 0.01
-    out.lm_loss.backward()
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        randomize_(model)  # weights at std 0.2: logits of several units
+        for name in converted:  # the reference: V3's recipe written out, E4M3 tiles of x times E4M3 blocks of W
+            module = reference.get_submodule(name)
+            if hasattr(module, "gemm"):
+                module.gemm = _recipe_grouped_gemm
+            else:
+                module.forward = lambda x, w=module.weight: _recipe_matmul(x.reshape(-1, x.shape[-1]), w).view(
+                    *x.shape[:-1], w.shape[0])
+        reference.load_state_dict(model.state_dict())
+        full = Transformer(config)
+        full.load_state_dict(model.state_dict())
+        got, want, unquantized = model(ids), reference(ids), full(ids)
+    assert_logits_match(got, want, relative=1e-5)
+    assert (got - unquantized).abs().max() > 1e-2 * unquantized.abs().max()  # really quantized
+    model(ids, ids).lm_loss.backward()
     assert all(p.grad is not None for p in model.layers[1].mlp.experts.parameters())
+
+
+def _recipe_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weightᵀ, each operand rounded as V3's FP8 GEMMs round it (1×128 tiles, 128×128 blocks)."""
+    return dequantize_tiles(*quantize_tiles(x)) @ dequantize_blocks(*quantize_blocks(weight)).t()
+
+
+def _recipe_grouped_gemm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """The routed experts' GEMM one expert at a time: its rows by its [out, in] weight, through the recipe."""
+    starts = torch.cat([group_ends.new_zeros(1), group_ends[:-1]]).tolist()
+    return torch.cat([_recipe_matmul(x[a:b], w) for a, b, w in zip(starts, group_ends.tolist(), weight)])
 
 
 def test_bf16_moments_follow_adamw():

@@ -124,6 +124,15 @@ def test_lm_eval_on_the_engine_equals_the_models_own_loglikelihoods(workspace):
     lm = NanoseekLM(str(workspace / "model"), max_seqs=4)
     requests = [Instance("loglikelihood", row, (row["question"], " " + choice), i)
                 for row in rows for i, choice in enumerate(row["choices"])]
+    # the reference's cut between context and continuation is lm_eval's own (TemplateLM._encode_pair), trailing
+    # spaces of a context moved to its continuation included
+    from nanoseek.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(workspace / "model" / "tokenizer.json")
+    for context, continuation in [r.args for r in requests] + [("What is it? ", "Nothing")]:
+        whole = tokenizer.encode(context + continuation, add_special_tokens=False).ids
+        cut = len(tokenizer.encode(context.rstrip(), add_special_tokens=False).ids)
+        assert lm._encode_pair(context, continuation) == (whole[:cut], whole[cut:])
     scored = [logprob for logprob, _ in lm.loglikelihood(requests, disable_tqdm=True)]
     assert scored == pytest.approx([s for per_choice in expected for s in per_choice], abs=1e-5)
     accuracy = _accuracy(expected, rows)

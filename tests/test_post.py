@@ -320,7 +320,27 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     corpus.write_text("What is 12 + 30? The answer is 42. Be brief, my lord; and again.\n" * 200)
     assert main(["eval", str(tmp_path / "rl2"), "--task", "bpb", "--data", str(corpus), "--json"]) == 0
     bpb = json.loads(capsys.readouterr().out)
-    assert 0 < bpb["bpb"] < 16 and bpb["bytes"] > 0
+    assert bpb["bpb"] == pytest.approx(_bits_per_byte(tmp_path / "rl2", corpus), rel=1e-5)
+
+
+def _bits_per_byte(model_dir, corpus) -> float:
+    """Bits per byte from its definition: the validation split (as prepared) cut into windows of the context,
+    each token's cross-entropy from the plain logits, in bits, over the UTF-8 bytes of the predicted tokens."""
+    import torch.nn.functional as F
+
+    from nanoseek.data.dataset import TokenDataset
+    from nanoseek.data.sources import Source
+
+    model, tokenizer = load_model_dir(model_dir, torch.device("cpu"), torch.float32)
+    split = TokenDataset.build([Source(str(corpus))], tokenizer, progress=False).sources[0].val
+    length, nats, size = model.config.max_position_embeddings, 0.0, 0
+    for start in range(0, len(split) - length - 1, length):
+        ids = torch.from_numpy(split.read(start, length + 1))
+        with torch.no_grad():
+            nats += F.cross_entropy(model(ids[None, :-1])[0], ids[1:], reduction="sum").item()
+        size += len(tokenizer.decode(ids[1:].tolist()).encode())
+    assert size > 0
+    return nats / math.log(2) / size
 
 
 def _policy() -> nanoseek.Transformer:
