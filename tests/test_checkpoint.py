@@ -154,6 +154,7 @@ def test_load_dtype_and_bias_precision(tmp_path):
     ("no-config", "no config.json"),
     ("no-weights", r"no \*\.safetensors"),
     ("missing-key", "missing tensor"),
+    ("no-correction-bias", "missing tensor"),  # sigmoid routing: only V2's softmax predates the bias
     ("wrong-shape", "does not match config.json"),
     ("extra-key", "has no place"),
     ("bad-config", "num_experts_per_tok"),
@@ -175,6 +176,8 @@ def test_broken_checkpoint_gives_one_clear_error(tmp_path, damage, message):
         tensors = load_file(weights)
         if damage == "missing-key":
             del tensors["model.layers.1.self_attn.o_proj.weight"]
+        elif damage == "no-correction-bias":
+            del tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
         elif damage == "wrong-shape":
             tensors["model.norm.weight"] = torch.ones(7)
         else:

@@ -167,9 +167,9 @@ class SafetensorsDir:
         return tensor
 
 
-def _assemble(entry: Entry, source: SafetensorsDir, shape: torch.Size) -> torch.Tensor:
-    if entry.ours.endswith("expert_bias") and entry.parts[0][0] not in source:
-        return torch.zeros(shape)  # V2 checkpoints predate aux-loss-free balancing
+def _assemble(entry: Entry, source: SafetensorsDir, shape: torch.Size, config: ModelConfig) -> torch.Tensor:
+    if entry.ours.endswith("expert_bias") and entry.parts[0][0] not in source and config.scoring_func == "softmax":
+        return torch.zeros(shape)  # V2 checkpoints predate aux-loss-free balancing (later ones route with it)
     if entry.stacked and entry.parts[0][0] not in source:  # transformers-5 may store experts fused
         experts_prefix = entry.parts[0][0].rsplit(".", 3)[0]  # model.layers.N.mlp.experts
         return source.get(f"{experts_prefix}.{'gate_up_proj' if len(entry.parts[0]) == 2 else 'down_proj'}")
@@ -224,7 +224,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     state = {}
     for entry in checkpoint_entries(config):
         try:
-            tensor = _assemble(entry, source, expected[entry.ours].shape)
+            tensor = _assemble(entry, source, expected[entry.ours].shape, config)
         except (RuntimeError, ValueError) as e:  # pieces whose shapes cannot be joined or reordered
             raise CheckpointError(f"{entry.parts[0][0]}: {first_line(e)} (does config.json match the weights?)") \
                 from None
