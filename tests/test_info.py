@@ -94,3 +94,25 @@ def test_the_flop_formula_counts_the_matrices_the_forward_multiplies(kind):
     forward = model_stats(config, length).flops_per_token * length / 3  # training = 3 × forward
     assert forward - core == counted["aten.mm"] + counted.get("aten._grouped_mm", 0), counted
     assert ("aten._grouped_mm" in counted) == (kind == "mla-moe")
+
+
+@pytest.mark.parametrize("kind", ["mla", "gqa"])
+def test_the_attention_core_is_half_the_square_a_dense_kernel_computes(kind):
+    """The formula's attention core (QKᵀ and AV over the keys each query sees) against what torch's math kernel
+    multiplies, counted: it computes every query against every key, so the causal core is (T + 1) / 2T of that.
+    (v_head_dim equals the query/key width, so that no padding of V enters the count.)"""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nanoseek.flops import attention_core_flops
+
+    config = tiny_config(num_nextn_predict_layers=0, first_k_dense_replace=3, **(
+        dict(v_head_dim=12) if kind == "mla" else dict(attention_type="gqa", num_key_value_heads=2, head_dim=8)))
+    length = 32
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        Transformer(config).eval()(torch.randint(0, config.vocab_size, (1, length)))
+    square = counter.get_flop_counts()["Global"][torch.ops.aten.bmm]
+    core = float(attention_core_flops(config, torch.arange(1, length + 1, dtype=torch.float64)).sum())
+    assert core == pytest.approx(square * (length + 1) / (2 * length), rel=1e-9)

@@ -27,7 +27,10 @@ class Job:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def push(self, item: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the handler's event loop is closed (shut down while it generated): nobody reads on
+            self.abort()  # (raising here would end the engine thread, and with it every later request)
 
     def push_delta(self, index: int, text: str, logprobs: list[TokenLogprob]) -> None:
         with self._lock:
