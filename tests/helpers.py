@@ -129,6 +129,16 @@ def hf_model(config: ModelConfig, seed: int = 0):
     return randomize_(model_cls(hf_config).eval())
 
 
+def full_forward_greedy(model: torch.nn.Module, prompt: list[int], tokens: int) -> list[int]:
+    """`tokens` greedy tokens after `prompt`, each the argmax of the full forward re-run on the sequence so far (no
+    cache): the reference for the engine's and the server's greedy decoding."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(tokens):
+            ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+    return ids[len(prompt):]
+
+
 def micro_model_dir(directory, text: str, tokenizer_vocab: int, model_vocab: int, chat: bool = False,
                     std: float | None = None):
     """A model directory with random weights (tiny_config, one MTP module; `std`: every weight drawn at it, see

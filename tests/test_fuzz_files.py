@@ -118,7 +118,7 @@ def test_tokenizer_config_json(tmp_path_factory, raw, messages):
         assert isinstance(text, str)
 
 
-def _read_anyway(key: str) -> bool:
+def _not_read(key: str) -> bool:
     """Tensors the loader may skip: V3's per-MTP-layer copies of the shared embedding and head."""
     return ".embed_tokens." in key and key.startswith("model.layers.") or ".shared_head.head." in key
 
@@ -154,7 +154,7 @@ def _mutate_safetensors(path, data) -> bool:
     save_file(tensors, str(path))
     changed = kind == "drop" or (tensors[key].shape != before.shape if kind == "reshape" else
                                  not tensors[key].dtype.is_floating_point)
-    return changed and not _read_anyway(key)
+    return changed and not _not_read(key)
 
 
 # config fields whose change the weights' shapes contradict

@@ -73,6 +73,7 @@ def test_greedy_over_http_equals_the_engine_and_the_full_forward(server, client,
     """The same tokens three ways: argmax of the full forward re-run on the growing sequence (no cache), the engine
     (paged cache, MTP speculation), and the server's text, which is their detokenization exactly (not stripped);
     a chat reply streamed or not."""
+    from helpers import full_forward_greedy
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.request import SamplingParams
@@ -80,11 +81,7 @@ def test_greedy_over_http_equals_the_engine_and_the_full_forward(server, client,
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     prompt = tokenizer.encode("User: hello there").ids
     model = nanoseek.load_pretrained(model_dir).eval()
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(10):
-            ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
-    expected = ids[len(prompt):]
+    expected = full_forward_greedy(model, prompt, 10)
     engine = Engine(model).generate([prompt], SamplingParams(max_new_tokens=10, temperature=0.0))[0]
     assert engine.token_ids == expected
     served = client.completions.create(model=server[1], prompt=prompt, max_tokens=10, temperature=0,

@@ -278,7 +278,7 @@ def test_sparse_and_compressed_models_served_over_http_give_the_full_forwards_gr
     the growing sequence, past the window and the indexer's top-k."""
     from fastapi.testclient import TestClient
 
-    from helpers import V32, randomize_, tiny_config
+    from helpers import V32, full_forward_greedy, randomize_, tiny_config
     from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer, write_tokenizer_files
     from nanoseek.v4config import CSA, HCA, SLIDING
 
@@ -293,10 +293,7 @@ def test_sparse_and_compressed_models_served_over_http_give_the_full_forwards_gr
     nanoseek.save_pretrained(model, tmp_path)
     write_tokenizer_files(train_tokenizer(["User: hello there\nAssistant: good morrow\n" * 50], 300), tmp_path)
     prompt = load_tokenizer(tmp_path / "tokenizer.json").encode("User: hello there, good morrow to thee").ids
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(12):
-            ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+    ids = prompt + full_forward_greedy(model, prompt, 12)
     with TestClient(create_app(tmp_path, config=EngineConfig(block_size=4))) as client:
         reply = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
                                                       "ignore_eos": True})
