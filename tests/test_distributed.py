@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -280,11 +279,14 @@ def test_dcp_resume_on_other_process_count(space, single, before, after):
 
 
 def test_dead_peer_stops_the_other_with_a_clear_error(space):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """Two ranks started by hand (torchrun would stop rank 0 itself); the rendezvous store is this process's, bound
+    on a port the OS picks and held open, as torchrun's agent holds its own (TORCHELASTIC_USE_AGENT_STORE)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     args = _args(space, "dead", "train.max_steps=100000", "train.eval_every=100000", "train.save_every=100000")
-    env = {**_env(space), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    env = {**_env(space), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": "2",
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
     ranks = [subprocess.Popen([sys.executable, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
@@ -411,10 +413,7 @@ def one_rank_group():
     """A gloo process group of this process alone: FSDP and expert parallelism in-process."""
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # no port at all
     yield
     dist.destroy_process_group()
 

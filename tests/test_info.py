@@ -96,6 +96,43 @@ def test_the_flop_formula_counts_the_matrices_the_forward_multiplies(kind):
     assert ("aten._grouped_mm" in counted) == (kind == "mla-moe")
 
 
+def test_v4s_flop_formula_counts_the_matrices_the_forward_multiplies():
+    """V4 (sliding, CSA and HCA layers, a hash-routed layer, hyper-connections, compressors, indexer) against
+    FlopCounterMode on the forward: the formula's FLOPs without the attention core are the
+    matrix multiplies, the grouped output projection's included (an einsum: a bmm over the o_groups blocks, told
+    apart from the attention core's bmm by its shape). Its parameters that scale or shift (hyper-connection bases and
+    scales, sinks, the compressors' position biases) are not matrices: counted, they would make the formula larger.
+    MTP: each depth is one more module of the same shape, so two depths cost twice one (they were counted four
+    times once: every module's parameters times the depth)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, bmm_flop
+
+    from nanoseek.flops import attention_core_flops
+    from test_parity_v4 import v4_config
+
+    config = v4_config(num_nextn_predict_layers=0)
+    length, projection = 32, []
+
+    def bmm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+        flops = bmm_flop(a_shape, b_shape)
+        if a_shape[0] == config.o_groups and b_shape[-1] == config.o_lora_rank:
+            projection.append(flops)
+        return flops
+
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops,
+                                                             torch.ops.aten.bmm: bmm_flops})
+    ids = torch.randint(0, config.vocab_size, (1, length))
+    with counter, torch.no_grad():
+        Transformer(config).eval()(ids)
+    counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    core = float(attention_core_flops(config, torch.arange(1, length + 1, dtype=torch.float64)).sum())
+    forward = model_stats(config, length).flops_per_token * length / 3
+    assert len(projection) == config.num_hidden_layers
+    assert forward - core == counted["aten.mm"] + counted["aten._grouped_mm"] + sum(projection), counted
+    one, two = (model_stats(v4_config(num_nextn_predict_layers=n), length).mtp_flops_per_token for n in (1, 2))
+    assert two == 2 * one > 0
+
+
 @pytest.mark.parametrize("kind", ["mla", "gqa"])
 def test_the_attention_core_is_half_the_square_a_dense_kernel_computes(kind):
     """The formula's attention core (QKᵀ and AV over the keys each query sees) against what torch's math kernel

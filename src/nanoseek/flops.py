@@ -44,6 +44,7 @@ class ModelStats:
     active_params: int  # per token: the picked experts and the head, not the embedding table
     mtp_params: int  # MTP modules as stored in a checkpoint (with their copies of embedding and head)
     mtp_unique_params: int  # MTP modules' own parameters
+    active_matrix_params: int  # what a token multiplies through: active_params less the elementwise (_elementwise)
     components: dict[str, int]  # main-model parameters by component
     active_components: dict[str, int]
     seq_len: int
@@ -113,7 +114,7 @@ def long_context(config: ModelConfig, contexts: tuple[int, ...] = LONG_CONTEXTS,
     attention over what it sees) and the cache bytes per token of an L-token sequence. What DeepSeek compares at
     1M tokens (V4-Flash: ~10 % of V3.2's FLOPs, ~7 % of its KV cache). `stats`: the model's, if already counted."""
     stats = stats or model_stats(config)
-    matrices = 2 * (stats.active_params - stats.active_components["norms"])
+    matrices = 2 * stats.active_matrix_params
     return [{"context": L, "flops_per_token": matrices + float(attention_core_flops(config, torch.tensor(
              [float(L)], dtype=torch.float64))[0]), "cache_bytes_per_token": cache_bytes(config, L) / L}
             for L in contexts]
@@ -125,23 +126,33 @@ def preset_long_context(name: str) -> list[dict[str, float]]:
     return long_context(ModelConfig.preset(name))
 
 
+def _elementwise(name: str, p: torch.Tensor) -> bool:
+    """Parameters a token scales or shifts by rather than multiplies through: norms, V4's hyper-connection scales
+    and biases, attention sinks, the compressors' position biases (added to the projected values)."""
+    return p.dim() < 2 or name.endswith(".position_bias")
+
+
 def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per_element: int = 2) -> ModelStats:
     seq_len = seq_len or min(config.max_position_embeddings, 4096)
     with torch.device("meta"):
         model = Transformer(config)
     components, mtp_components = dict.fromkeys(COMPONENTS, 0), dict.fromkeys(COMPONENTS, 0)
+    elementwise = {"main": 0, "mtp": 0}
     for name, p in model.named_parameters():  # a tied head is listed once, under embed
-        if name.startswith("mtp."):
+        part = "mtp" if name.startswith("mtp.") else "main"
+        elementwise[part] += p.numel() if _elementwise(name, p) else 0
+        if part == "mtp":
             mtp_components[_component(name.split(".", 2)[2])] += p.numel()
         else:
             components[_component(name)] += p.numel()
     head_params = config.vocab_size * config.hidden_size
     active_fraction = config.num_experts_per_tok / config.n_routed_experts
 
-    def activated(parts: dict[str, int]) -> dict[str, int]:
-        """What a token computes with: the experts it picks, and the head (tied or not), but not the embedding
-        table, of which it reads one row. DeepSeek's '37B activated' (V3) and '2.4B' (V2-Lite) count this way."""
-        return dict(parts, embedding=0, head=head_params,
+    def activated(parts: dict[str, int], heads: int = 1) -> dict[str, int]:
+        """What a token computes with: the experts it picks, and the head (tied or not; MTP: once per depth), but
+        not the embedding table, of which it reads one row. DeepSeek's '37B activated' (V3) and '2.4B' (V2-Lite)
+        count this way."""
+        return dict(parts, embedding=0, head=head_params * heads,
                     routed_experts=round(parts["routed_experts"] * active_fraction))
 
     active_components = activated(components)
@@ -149,15 +160,16 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     mtp_unique = sum(mtp_components.values())
     visible = torch.arange(1, seq_len + 1, dtype=torch.float64)  # a causal sequence: token t sees t + 1
 
-    def training_flops(parts: dict[str, int], layers: int | None) -> float:
+    def training_flops(parts: dict[str, int], elementwise_params: int, layers: int | None, heads: int) -> float:
         """3 × forward; forward = 2 FLOPs per multiply-add through every activated matrix (all but the
-        elementwise norms) plus the attention core, averaged over the sequence's positions."""
-        active_parts = activated(parts)
+        elementwise parameters) plus the attention core, averaged over the sequence's positions."""
         core = float(attention_core_flops(config, visible, layers).mean())
-        return 3 * (2 * (sum(active_parts.values()) - active_parts["norms"]) + core)
+        return 3 * (2 * (sum(activated(parts, heads).values()) - elementwise_params) + core)
 
-    flops = training_flops(components, None)
-    mtp_flops = training_flops(mtp_components, 1) * config.num_nextn_predict_layers if mtp_unique else 0.0
+    flops = training_flops(components, elementwise["main"], None, 1)
+    # every MTP module's matrices once (mtp_components holds them all), the head and an attention core per depth
+    depths = config.num_nextn_predict_layers
+    mtp_flops = training_flops(mtp_components, elementwise["mtp"], depths, depths) if mtp_unique else 0.0
     layers, nbytes = config.num_hidden_layers, cache_bytes_per_element
     v3_mtp_layers = 0 if config.attention_type == "v4" else config.num_nextn_predict_layers  # V4's share embed/head
     # The papers' MHA baseline for MLA: per-head dimension d_h = qk_nope_head_dim (128 at V2/V3 shape).
@@ -166,7 +178,7 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     gqa = 2 * max(1, config.num_attention_heads // 8) * head_dim * layers * nbytes
     own = round(cache_bytes(config, seq_len, nbytes) / seq_len)  # V4's depends on the length (the window is bounded)
     return ModelStats(
-        total_params=total, active_params=active,
+        total_params=total, active_params=active, active_matrix_params=active - elementwise["main"],
         mtp_params=mtp_unique + 2 * head_params * v3_mtp_layers, mtp_unique_params=mtp_unique,
         components=components, active_components=active_components, seq_len=seq_len,
         flops_per_token=flops, mtp_flops_per_token=mtp_flops,
