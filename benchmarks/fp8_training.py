@@ -23,7 +23,7 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.flops import model_stats
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.precision import apply_precision, autocast

@@ -11,8 +11,8 @@ Quality: a tiny V3 and a tiny V4 of about equal active parameters trained from s
 training FLOPs (nanoseek info's count: V4's attention costs less per token, so it trains more steps), held-out bits
 per byte at that context. Every run is seeded; the held-out split is the corpus's validation split.
 
-    .venv/bin/python benchmarks/long_context.py            # writes docs/bench/long_context.json (+ .md)
-    .venv/bin/python benchmarks/long_context.py --quick    # a smoke test of every part (minutes)
+    .venv/bin/python -m benchmarks.long_context           # writes docs/bench/long_context.json (+ .md)
+    .venv/bin/python -m benchmarks.long_context --quick   # a smoke test of every part (minutes)
 
 Run alone on the machine (it restarts itself with the allocator settings of benchmarks/sparse_attention.py).
 """
@@ -22,19 +22,16 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparse_attention import (ALLOCATOR, INDEXER, SPEED_SHAPE, _decode_tokens_per_s, _engine,  # noqa: E402
-                              _prefill_seconds, _prompts, _train, arguments, decode_rounds,
-                              record_bits_per_byte, speed_heading, write_report)
-
-from nanoseek.config import ModelConfig  # noqa: E402
-from nanoseek.flops import cache_bytes, model_stats  # noqa: E402
-from nanoseek.v4config import CSA, HCA  # noqa: E402
+from benchmarks.sparse_attention import (ALLOCATOR, INDEXER, SPEED_SHAPE, _decode_tokens_per_s, _engine,
+                                         _prefill_seconds, _prompts, _train, arguments, decode_rounds,
+                                         record_bits_per_byte, speed_heading, write_report)
+from nanoseek.config import ModelConfig
+from nanoseek.flops import cache_bytes, model_stats
+from nanoseek.v4config import CSA, HCA
 
 ROOT = Path(__file__).resolve().parent.parent
 V4_SPEED_SHAPE = dict(

@@ -41,7 +41,7 @@ from nanoseek.data.tokenizer import load_tokenizer, token_byte_lengths
 from nanoseek.flops import model_stats
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.data import run_dataset, run_sources
 from nanoseek.train.heldout import held_out_loss

@@ -41,7 +41,7 @@ MUTATIONS = [
              "src/nanoseek/config.py", "scale *= m * m", "scale *= m",
              ("tests/test_parity_hf.py", "tests/test_parity_v32.py")),
     Mutation("MTP's eh_proj input concatenated hidden-first",
-             "src/nanoseek/model/transformer.py",
+             "src/nanoseek/models/deepseek_v3/model.py",
              "torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1)",
              "torch.cat([self.hnorm(hidden), self.enorm(next_embeddings)], dim=-1)",
              ("tests/test_parity_hf.py", "tests/test_checkpoint.py")),

@@ -12,7 +12,7 @@ import torch
 
 from helpers import randomize_, tiny_config
 from nanoseek.fp8.linear import Fp8Recipe, fp8_linear
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer

@@ -463,7 +463,7 @@ def test_an_expert_parallel_layer_reads_the_device_once(one_rank_group, monkeypa
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
-    from nanoseek.model.moe import RoutedExperts, sort_by_expert
+    from nanoseek.models.common.moe import RoutedExperts, sort_by_expert
     from nanoseek.parallel.expert_parallel import ExpertParallelExperts
 
     torch.manual_seed(0)
@@ -491,7 +491,7 @@ def test_pipeline_stages_are_sharded_before_they_are_allocated(one_rank_group):
     import torch
 
     from helpers import tiny_config
-    from nanoseek.model.transformer import Transformer
+    from nanoseek.models.deepseek_v3.model import Transformer
     from nanoseek.parallel.pipeline import build_pipeline
 
     with torch.device("meta"):

@@ -58,7 +58,7 @@ def test_indexer_loss_is_the_kl_to_its_layers_attention(stage):
     with torch.no_grad():
         scores = attn.indexer(x, attn.q_norm(attn.compress(x)[0]), cos, sin)
         causal = torch.ones(20, 20, dtype=torch.bool).tril().expand(2, 20, 20)
-        allowed = causal if stage == "warmup" else nanoseek.model.indexer.top_k_mask(scores, causal, 6)
+        allowed = causal if stage == "warmup" else nanoseek.models.deepseek_v32.indexer.top_k_mask(scores, causal, 6)
         p = _head_summed_attention(attn, x, cos, sin, allowed)
         log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
         expected = F.kl_div(log_q[allowed], p[allowed], reduction="sum") / (2 * 20)
@@ -192,7 +192,7 @@ def test_sparse_training_step_under_bf16_autocast():
 
 def test_index_scores_in_query_chunks_equal_one_product(monkeypatch):
     """Long contexts score queries in chunks (bounded memory); the scores, and their gradients, are the same."""
-    from nanoseek.model import indexer as indexer_module
+    from nanoseek.models.deepseek_v32 import indexer as indexer_module
 
     generator = torch.Generator().manual_seed(5)
     q = torch.randn(2, 20, 8, 8, generator=generator, requires_grad=True)

@@ -20,8 +20,8 @@ from nanoseek.fp8.quant import (
     quantize_grouped_tiles,
     quantize_tiles,
 )
-from nanoseek.model.moe import grouped_mm
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.common.moe import grouped_mm
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import saved_tensor_bytes
 from nanoseek.train.optim import AdamWLowPrecisionMoments, optimizer_state_bytes

@@ -12,7 +12,7 @@ from helpers import V32, YARN, tiny_config
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.sampler import LogitEdits
 from nanoseek.infer.request import SamplingParams
-from nanoseek.model.paged import PagedBatch, PagedStore, PrefillChunk
+from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk
 
 BLOCK_BYTES = 4 * 4 * 20 * 4  # (3 layers + MTP) × 4 tokens × (latent 16 + rope 4) × fp32
 

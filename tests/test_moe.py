@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_config
-from nanoseek.model.moe import MoE
+from nanoseek.models.common.moe import MoE
 
 
 def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:

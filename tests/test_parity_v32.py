@@ -8,7 +8,7 @@ import torch
 
 import nanoseek
 from helpers import V32, YARN, assert_logits_match, hf_model, tiny_config
-from nanoseek.model.indexer import top_k_mask
+from nanoseek.models.deepseek_v32.indexer import top_k_mask
 
 CASES = {"v32": dict(), "v32-yarn-dense-first-0": dict(rope_scaling=YARN, first_k_dense_replace=0),
          "v32-topk-beyond-length": dict(index_topk=64)}

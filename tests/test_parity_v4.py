@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import nanoseek
 from nanoseek.config import ModelConfig
 from nanoseek.errors import ConfigError
-from nanoseek.model.compressor import entries_visible
+from nanoseek.models.deepseek_v4.compressor import entries_visible
 from nanoseek.v4config import CSA, HCA, SLIDING
 from helpers import release_name_pattern
 
@@ -247,7 +247,7 @@ def test_v4_cached_decode_equals_the_full_forward_and_transformers_generate(tmp_
     token by token, and in uneven chunks, the logits of the full forward; greedy tokens those of transformers'
     generate with its own cache. 16 indexer heads: with few, an entry often scores exactly 0 (every ReLU off),
     and which of several tied entries top-k keeps depends on how many entries there are."""
-    from nanoseek.model.transformer import HybridCache
+    from nanoseek.models.deepseek_v3.model import HybridCache
 
     config = v4_config(index_n_heads=16, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 16})
     reference = v4_hf_model(config, seed=3)

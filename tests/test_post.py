@@ -324,8 +324,9 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def _bits_per_byte(model_dir, corpus) -> float:
-    """Bits per byte from its definition: the validation split (as prepared) cut into windows of the context,
-    each token's cross-entropy from the plain logits, in bits, over the UTF-8 bytes of the predicted tokens."""
+    """Bits per byte from its definition: the validation split (as prepared) cut into windows of the context (the
+    last one shorter), each token but the first predicted once, its cross-entropy from the plain logits, in bits,
+    over the UTF-8 bytes of the predicted tokens."""
     import torch.nn.functional as F
 
     from nanoseek.data.dataset import TokenDataset
@@ -334,8 +335,8 @@ def _bits_per_byte(model_dir, corpus) -> float:
     model, tokenizer = load_model_dir(model_dir, torch.device("cpu"), torch.float32)
     split = TokenDataset.build([Source(str(corpus))], tokenizer, progress=False).sources[0].val
     length, nats, size = model.config.max_position_embeddings, 0.0, 0
-    for start in range(0, len(split) - length - 1, length):
-        ids = torch.from_numpy(split.read(start, length + 1))
+    for start in range(0, len(split) - 1, length):
+        ids = torch.from_numpy(split.read(start, min(length, len(split) - 1 - start) + 1))
         with torch.no_grad():
             nats += F.cross_entropy(model(ids[None, :-1])[0], ids[1:], reduction="sum").item()
         size += len(tokenizer.decode(ids[1:].tolist()).encode())

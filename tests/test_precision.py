@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 import nanoseek
 from helpers import randomize_, tiny_config
 from nanoseek.checkpoint.hf import save_pretrained
-from nanoseek.model.moe import Router, grouped_mm
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.common.moe import Router, grouped_mm
+from nanoseek.models.deepseek_v3.model import Transformer
 
 
 def _model_with_distinct_biases() -> Transformer:
@@ -140,7 +140,7 @@ def test_grouped_gemms_take_zero_rows():
 
 @pytest.mark.parametrize("rows, vocab", [(700, 4096), (300, 16384)])  # several chunks; one chunk
 def test_chunked_head_cross_entropy_equals_logits_then_cross_entropy(rows, vocab):
-    from nanoseek.model.loss import linear_cross_entropy
+    from nanoseek.models.common.loss import linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(rows, 48, requires_grad=True)

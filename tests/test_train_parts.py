@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from nanoseek.model.moe import MoE
+from nanoseek.models.common.moe import MoE
 from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import lr_factor

@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _HOMES = {"ModelConfig": "nanoseek.config", "RopeScaling": "nanoseek.config",
-          "Transformer": "nanoseek.model.transformer", "ModelOutput": "nanoseek.model.transformer",
+          "Transformer": "nanoseek.models.deepseek_v3.model", "ModelOutput": "nanoseek.models.deepseek_v3.model",
           "load_pretrained": "nanoseek.checkpoint.hf",
           "save_pretrained": "nanoseek.checkpoint.hf", "NanoseekError": "nanoseek.errors",
           "ConfigError": "nanoseek.errors", "CheckpointError": "nanoseek.errors"}

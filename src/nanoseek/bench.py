@@ -24,7 +24,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.flops import model_stats
 from nanoseek.infer.engine import Engine, EngineConfig, SamplingParams
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import measure_peak_flops
 from nanoseek.train.optim import build_optimizer

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.v4config import CSA, HCA
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "head",

@@ -76,7 +76,7 @@ def v4_hf_dict(config: ModelConfig, style: Literal["transformers", "deepseek"] =
         out["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": config.rope_theta}, "compress": compress}
         return out
     rates = {SLIDING: 0, CSA: config.compress_rate_csa, HCA: config.compress_rate_hca}
-    mtp_layers = [0] * config.num_nextn_predict_layers  # MTP layers slide (model/hyper.py: HyperMTP)
+    mtp_layers = [0] * config.num_nextn_predict_layers  # MTP layers slide (models/deepseek_v4/hyper.py: HyperMTP)
     out["compress_ratios"] = [rates[t] for t in out.pop("layer_types")] + mtp_layers
     hashed = out.pop("mlp_layer_types")
     out["num_hash_layers"] = hashed.count("hash_moe")

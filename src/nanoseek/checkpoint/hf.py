@@ -26,7 +26,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
 from nanoseek.fp8.quant import dequantize_blocks
 from nanoseek.llama import halves_to_interleaved, interleaved_to_halves
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 
 _ATTENTION = {"q_proj": "q_proj", "q_down": "q_a_proj", "q_norm": "q_a_layernorm", "q_up": "q_b_proj",
               "kv_down": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "kv_up": "kv_b_proj",

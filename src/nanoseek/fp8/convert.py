@@ -9,13 +9,13 @@ from __future__ import annotations
 from torch import nn
 
 from nanoseek.fp8.linear import Fp8Linear, Fp8Recipe, grouped_gemm_for
-from nanoseek.model.attention import MultiHeadLatentAttention
-from nanoseek.model.gqa import GroupedQueryAttention
-from nanoseek.model.hybrid_attention import HybridAttention
-from nanoseek.model.layers import MLP
-from nanoseek.model.moe import RoutedExperts
-from nanoseek.model.hyper import HyperMTP
-from nanoseek.model.transformer import MTPModule, Transformer
+from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
+from nanoseek.models.llama.attention import GroupedQueryAttention
+from nanoseek.models.deepseek_v4.attention import HybridAttention
+from nanoseek.models.common.layers import MLP
+from nanoseek.models.common.moe import RoutedExperts
+from nanoseek.models.deepseek_v4.hyper import HyperMTP
+from nanoseek.models.deepseek_v3.model import MTPModule, Transformer
 
 
 def convert_to_fp8(model: Transformer, recipe: Fp8Recipe) -> list[str]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from nanoseek.fp8.gemm import fp8_mm, resolve_backend
 from nanoseek.fp8.grouped import scaled_grouped_mm
-from nanoseek.model.moe import grouped_mm
+from nanoseek.models.common.moe import grouped_mm
 from nanoseek.fp8.quant import (
     dequantize_blocks,
     dequantize_tiles,
@@ -158,7 +158,7 @@ class _Fp8GroupedMatmul(torch.autograd.Function):
 
 def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor,
                    recipe: Fp8Recipe) -> torch.Tensor:
-    """The FP8 counterpart of nanoseek.model.moe.grouped_mm (same arguments)."""
+    """The FP8 counterpart of nanoseek.models.common.moe.grouped_mm (same arguments)."""
     return _Fp8GroupedMatmul.apply(x, weight, group_ends, recipe)
 
 

@@ -31,8 +31,8 @@ from typing import NamedTuple
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.hybrid_paged import HybridStore
-from nanoseek.model.paged import PagedStore
+from nanoseek.models.deepseek_v4.paged import HybridStore
+from nanoseek.models.common.paged import PagedStore
 
 
 def latent_store(config: ModelConfig, memory_bytes: int, block_size: int, device: torch.device,

@@ -22,7 +22,7 @@ from nanoseek.infer.request import Completion, SamplingParams, Sequence, TokenLo
 from nanoseek.infer.runner import ModelRunner, SeqResult
 from nanoseek.infer.scheduler import Scheduler, Step
 from nanoseek.memory import available_memory
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 
 # on_token(sequence index, new text (possibly empty), finished) — generate()'s streaming callback
 StreamCallback = Callable[[int, str, bool], None]

@@ -12,9 +12,9 @@ from nanoseek.infer.request import Sequence
 from nanoseek.infer.sampler import (LogitEdits, LogitShaping, Penalties, RowSettings, sample, token_logprobs,
                                     verify)
 from nanoseek.infer.scheduler import Step
-from nanoseek.model.hybrid_paged import HybridStore
-from nanoseek.model.paged import PagedBatch, PagedStore, PrefillChunk, Segment
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v4.paged import HybridStore
+from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk, Segment
+from nanoseek.models.deepseek_v3.model import Transformer
 
 
 @dataclass

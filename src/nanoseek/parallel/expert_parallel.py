@@ -18,9 +18,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from nanoseek.model.eager import eager
-from nanoseek.model.moe import RoutedExperts, expert_ffn
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.common.eager import eager
+from nanoseek.models.common.moe import RoutedExperts, expert_ffn
+from nanoseek.models.deepseek_v3.model import Transformer
 
 
 class ExpertParallelExperts(nn.Module):

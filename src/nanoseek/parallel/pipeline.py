@@ -24,7 +24,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from nanoseek.errors import ConfigError
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.parallel.setup import Parallelism, shard_blocks, shard_experts
 
 # name → (schedule class, stages per rank, V-shaped placement: rank r holds stages r and 2·pp-1-r)

@@ -13,11 +13,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from nanoseek.errors import ConfigError, NanoseekError, first_line
-from nanoseek.model.compressor import CompressedIndexer, Compressor
-from nanoseek.model.hyper import HyperConnection, HyperHead
-from nanoseek.model.indexer import LightningIndexer
-from nanoseek.model.moe import HashRouter, Router
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor
+from nanoseek.models.deepseek_v4.hyper import HyperConnection, HyperHead
+from nanoseek.models.deepseek_v32.indexer import LightningIndexer
+from nanoseek.models.common.moe import HashRouter, Router
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.parallel.expert_parallel import apply_expert_parallel
 
 

@@ -17,7 +17,7 @@ from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
 from nanoseek.data.chat_format import add_chat_tokens, write_chat_tokenizer_files
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.errors import NanoseekError, RunInterrupted
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.parallel.collectives import save_final_model
 from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint

@@ -13,12 +13,13 @@ from tokenizers import Tokenizer
 from nanoseek.data.chat_format import encode_chat
 from nanoseek.data.dataset import TokenDataset
 from nanoseek.data.sources import DEFAULT, Source
-from nanoseek.data.tokenizer import end_token_ids
+from nanoseek.data.tokenizer import end_token_ids, token_byte_lengths
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.post.common import load_model_dir
 from nanoseek.post.tasks import Task, get_task, problems
+from nanoseek.train.heldout import held_out_loss
 
 
 def accuracy_on(model: Transformer, tokenizer: Tokenizer, task: Task, split: str, n: int, seed: int = 0,
@@ -46,21 +47,12 @@ def evaluate_task(model_dir: Path, task_name: str, n: int, seed: int = 0, max_to
     return accuracy_on(model.eval(), tokenizer, task, split, n, seed, max_tokens)
 
 
-@torch.no_grad()
 def evaluate_bpb(model_dir: Path, data: str | None, windows: int, device: torch.device = torch.device("cpu"),
                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Summed next-token loss over non-overlapping context-length windows of the validation split, in bits, over
-    the UTF-8 bytes those tokens decode to."""
+    """Bits per byte on the validation split, in windows of the model's context (train/heldout.py), the first
+    `windows` of them."""
     model, tokenizer = load_model_dir(model_dir, device, dtype)
     val = TokenDataset.build([Source(data or DEFAULT)], tokenizer).sources[0].val
-    length = model.config.max_position_embeddings
-    nats = byte_count = 0.0
-    starts = range(0, len(val) - length - 1, length)
-    for start in list(starts)[:windows]:
-        ids = torch.from_numpy(val.read(start, length + 1)).to(device)
-        out = model(ids[None, :-1], ids[None, 1:], with_mtp=False)
-        nats += out.lm_loss.item() * length
-        byte_count += len(tokenizer.decode(ids[1:].tolist()).encode("utf-8"))
-    if byte_count == 0:
-        raise ValueError(f"the validation split ({len(val)} tokens) is shorter than one window of {length}")
-    return {"task": "bpb", "bpb": nats / math.log(2) / byte_count, "bytes": int(byte_count)}
+    loss = held_out_loss(model, val, token_byte_lengths(tokenizer), model.config.max_position_embeddings,
+                         batch_size=1, max_windows=windows)
+    return {"task": "bpb", "bpb": loss.bits_per_byte, "bytes": loss.bytes}

@@ -31,7 +31,7 @@ from nanoseek.data.tokenizer import end_token_ids
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.post.common import PostConfig, PostRun, device_for_run, load_model_dir
 from nanoseek.post.evaluate import accuracy_on
 from nanoseek.post.tasks import Task, get_task, problems

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from nanoseek.data.tokenizer import end_token_ids
 from nanoseek.errors import NanoseekError
-from nanoseek.model.loss import IGNORE
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.common.loss import IGNORE
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.parallel.collectives import clip_grad_norm
 from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
 from nanoseek.post.common import PostConfig, PostRun, load_model_dir

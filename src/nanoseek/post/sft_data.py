@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from nanoseek.data.chat_format import ROLES, encode_chat
 from nanoseek.errors import NanoseekError
-from nanoseek.model.loss import IGNORE
+from nanoseek.models.common.loss import IGNORE
 
 
 class SftDataError(NanoseekError):

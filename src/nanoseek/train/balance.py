@@ -6,7 +6,7 @@ from collections import deque
 
 import torch
 
-from nanoseek.model.moe import MoE, Router
+from nanoseek.models.common.moe import MoE, Router
 from nanoseek.train.config import TrainConfig
 
 

@@ -212,7 +212,7 @@ def saved_configs(meta: dict[str, Any], path: Path) -> tuple[ModelConfig, TrainC
 def check_shapes(path: Path, config: ModelConfig) -> None:
     """The tensors a checkpoint holds must be the ones its config describes: checked against DCP's metadata on the
     meta device, before anything is allocated (a damaged config must not allocate a giant model first)."""
-    from nanoseek.model.transformer import Transformer
+    from nanoseek.models.deepseek_v3.model import Transformer
 
     try:
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -252,7 +252,7 @@ def export_checkpoint(path: Path, out: Path, fp8: bool = False) -> list[str]:
     """A training checkpoint (DCP, from any number of processes) → an HF-layout model directory (`fp8`: in
     DeepSeek-V3's FP8 format)."""
     from nanoseek.checkpoint.hf import save_pretrained
-    from nanoseek.model.transformer import Transformer
+    from nanoseek.models.deepseek_v3.model import Transformer
 
     config = saved_configs(read_meta(path), path)[0]
     check_shapes(path, config)

@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError
-from nanoseek.model.indexer import LightningIndexer
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v32.indexer import LightningIndexer
+from nanoseek.models.deepseek_v3.model import Transformer
 
 
 def configure_indexers(model: Transformer, stage: str) -> list[LightningIndexer]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.data.dataset import TokenShards
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import torch
 
 from nanoseek.fp8.convert import convert_to_fp8
 from nanoseek.fp8.linear import Fp8Recipe
-from nanoseek.model.attention import MultiHeadLatentAttention
-from nanoseek.model.eager import disable_marked
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
+from nanoseek.models.common.eager import disable_marked
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.train.config import TrainConfig
 
 
@@ -41,7 +41,7 @@ def compile_blocks(model: Transformer) -> None:
     """torch.compile each block's forward (the MTP modules' too). The module stays the same object, so parameter
     names, state dicts and checkpoints do not change, and FSDP's hooks, which wrap forward, stay eager. The routed
     experts' grouped GEMM and the expert-parallel all-to-all run eager inside the compiled graphs
-    (model/eager.py: there is no compiled fp32 grouped GEMM on CPUs, and the all-to-all needs its split
+    (models/common/eager.py: there is no compiled fp32 grouped GEMM on CPUs, and the all-to-all needs its split
     sizes on the host). Shapes are static: the MTP block sees one position fewer than the main blocks, and the
     dynamic-shape recompilation that would trigger fails in torch 2.13's inductor on CPU."""
     disable_marked()

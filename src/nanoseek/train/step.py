@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.parallel.collectives import clip_grad_norm, sum_over_ranks
 from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.balance import update_expert_bias

@@ -22,7 +22,7 @@ from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer,
 from nanoseek.errors import ConfigError, NanoseekError, RunInterrupted
 from nanoseek.flops import model_stats
 from nanoseek.memory import check_training_fits
-from nanoseek.model.transformer import Transformer
+from nanoseek.models.deepseek_v3.model import Transformer
 from nanoseek.parallel.collectives import mean_over_ranks, save_final_model
 from nanoseek.parallel.setup import Parallelism, explain_failure, init_parallelism, parallelize
 from nanoseek.train.balance import ImbalanceTracker, configure_balance

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.eager import eager
-from nanoseek.model.layers import MLP, KeepsFp32Buffers, linear_compute_dtype, swiglu
+from nanoseek.models.common.eager import eager
+from nanoseek.models.common.layers import MLP, KeepsFp32Buffers, linear_compute_dtype, swiglu
 
 
 def routing_scores(x: torch.Tensor, weight: torch.Tensor, scoring_func: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.rope import apply_rope
+from nanoseek.models.common.rope import apply_rope
 
 
 class GroupedQueryAttention(nn.Module):

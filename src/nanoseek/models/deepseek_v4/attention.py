@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.compressor import CompressedIndexer, Compressor, CompressorState, entries_visible
-from nanoseek.model.layers import RMSNorm
-from nanoseek.model.rope import apply_rope_trailing
+from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor, CompressorState, entries_visible
+from nanoseek.models.common.layers import RMSNorm
+from nanoseek.models.common.rope import apply_rope_trailing
 from nanoseek.v4config import CSA, SLIDING
 
 Rope = tuple[torch.Tensor, torch.Tensor]

@@ -3,9 +3,9 @@ model of equal FLOPs per token, budgets over 16x compute, and the multiplier (th
 loss, over the arm's: Ling's "efficiency leverage", arXiv 2507.17702) as a function of compute, sparsity and
 granularity.
 
-    .venv/bin/python benchmarks/study2.py              # the full study on a CPU (hours; finished runs are reused)
-    .venv/bin/python benchmarks/study2.py --quick      # a smoke test of every part
-    bash benchmarks/study2_gpu.sh                      # the plan for one H200: the same study at ~100x the compute
+    .venv/bin/python -m studies.study2                  # the full study on a CPU (hours; finished runs are reused)
+    .venv/bin/python -m studies.study2 --quick          # a smoke test of every part
+    bash studies/study2_gpu.sh                          # the plan for one H200: the same study at ~100x the compute
 
 CPU scale (every arm): 4 layers, hidden 256, MLA with 4 heads (q rank 128, kv rank 64: attention about half of the
 experts' active FLOPs, as in V3), a 1,024-token vocabulary trained once on the corpus (a small head), no MTP, no
@@ -26,20 +26,18 @@ The GPU scale doubles the width and the depth (hidden 512, 8 layers, 8 heads, w 
 experts keep over half of its FLOPs at 512 tokens of context) and runs 32 x 512 tokens a step in bf16: each budget is
 ~115x the CPU scale's compute. Its budgets are 0.25 ... 4x (4x is 11.5M tokens, 5.6 epochs), dense also at 8x.
 
-The analysis (benchmarks/study2_report.py) fits loss(C) = a·C^(−b) + c per arm with one floor c, and reads the
+The analysis (studies/study2_report.py) fits loss(C) = a·C^(−b) + c per arm with one floor c, and reads the
 multiplier at each of an arm's budgets from the fits, with its spread over the three seed-wise fits and a jackknife
 over budgets; the trend (slope of log multiplier against log compute); a law log m = α + β·log(E/k) + γ·log C over
 the sparsity sweep, evaluated at V3's sparsity; and round 1's target-loss iso-loss ratios and GPU cost model. Writes
 under --docs: sparsity_sweep.csv / .json / .png, iso_loss_ratio.png, multiplier_vs_compute.png and report.md, the
-markdown section that also replaces README's study-2 section (benchmarks/study2_readme.py).
+markdown report (studies/study2_markdown.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +48,8 @@ from nanoseek.flops import model_stats
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.data import run_dataset, run_sources
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dense_vs_deepseek import Arm, run, study_tokenizer, train_config  # noqa: E402
-from study2_readme import readme_parts, section, splice  # noqa: E402
-from study2_report import analyse_round2, write_round2  # noqa: E402
+from studies.dense_vs_deepseek import Arm, run, study_tokenizer, train_config
+from studies.study2_report import analyse_round2, write_round2
 
 SEEDS = (1337, 2026, 7)
 VOCAB = 1024
@@ -158,18 +154,12 @@ def main() -> None:
     parser.add_argument("--out", help="run directories; finished runs are reused (default runs/study2-SCALE[-quick])")
     parser.add_argument("--docs", help="where the report goes (default docs/study2 for the CPU scale, else "
                         "OUT/report)")
-    parser.add_argument("--readme", help="a markdown file whose study-2 section (between its markers) becomes the "
-                        "report, images linked relative to it (default README.md for the full CPU study, else none)")
     args = parser.parse_args()
     scale = quick(SCALES[args.scale]) if args.quick else SCALES[args.scale]
     steps = args.steps or (QUICK_STEPS if args.quick else scale.steps)
     out = Path(args.out or f"runs/study2-{args.scale}{'-quick' if args.quick else ''}")
     docs = Path(args.docs or ("docs/study2" if args.scale == "cpu" and not args.quick else out / "report"))
     seeds = QUICK_SEEDS if args.quick else SEEDS
-    readme = Path(args.readme) if args.readme else (Path("README.md") if args.scale == "cpu" and not args.quick
-                                                    else None)
-    if readme is not None:
-        readme_parts(readme)
     flops = study_flops(scale, steps, seeds)
     print(f"{args.scale} scale: {flops:.3g} training FLOPs in all "
           f"({flops / study_flops(SCALES['cpu'], SCALES['cpu'].steps):.3g}x the full CPU study's)", flush=True)
@@ -194,8 +184,6 @@ def main() -> None:
     summary = analyse_round2(results, {arm.name: arm.model for arm in arms(scale)}, steps, scale.seq_len, GROUPS,
                              train_tokens)
     write_round2(results, summary, configs, docs)
-    if readme is not None:
-        splice(readme, section(summary, results, os.path.relpath(docs.resolve(), readme.resolve().parent)))
     print(summary["text"])
 
 

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.hybrid_attention import AttentionCache, HybridAttention
-from nanoseek.model.hybrid_paged import LayerStore, forward_segments
-from nanoseek.model.layers import RMSNorm
-from nanoseek.model.moe import MoE
-from nanoseek.model.paged import PagedBatch
+from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
+from nanoseek.models.deepseek_v4.paged import LayerStore, forward_segments
+from nanoseek.models.common.layers import RMSNorm
+from nanoseek.models.common.moe import MoE
+from nanoseek.models.common.paged import PagedBatch
 from nanoseek.v4config import SLIDING
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
-from nanoseek.model.layers import KeepsFp32Buffers
+from nanoseek.models.common.layers import KeepsFp32Buffers
 
 
 def rope_inverse_frequencies(config: ModelConfig, kind: str = "main") -> tuple[torch.Tensor, float]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.rope import apply_rope_half_split
+from nanoseek.models.common.rope import apply_rope_half_split
 
 
 SCORE_CHUNK_ELEMENTS = 1 << 24  # per-head products held at once while scoring (64 MiB in fp32)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.indexer import head_weights, index_scores, indexer_kl
-from nanoseek.model.layers import RMSNorm
-from nanoseek.model.rope import apply_rope_trailing
+from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores, indexer_kl
+from nanoseek.models.common.layers import RMSNorm
+from nanoseek.models.common.rope import apply_rope_trailing
 
 
 @dataclass

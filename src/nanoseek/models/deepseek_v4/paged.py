@@ -6,7 +6,7 @@ that close inside its tokens (block_size / rate of them, or one when a window sp
 a state slot holds what is bounded: the keys of the last sliding_window - 1 tokens (a ring indexed by position),
 the compressors' open window (projected values and gates, a ring indexed by position within the window) and, for
 CSA, the previous window's first series. A forward loads a sequence's AttentionCache from these, runs the layer's
-one code path (model/hybrid_attention.py), and writes back what changed. Further state slots hold snapshots of a
+one code path (models/deepseek_v4/attention.py), and writes back what changed. Further state slots hold snapshots of a
 sequence's state at a block boundary: with the blocks before it, a prefix cache hit resumes from one.
 """
 
@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoseek.model.attention import gather
-from nanoseek.model.compressor import Compressor, CompressorState
-from nanoseek.model.rope import apply_rope_trailing
-from nanoseek.model.hybrid_attention import AttentionCache, HybridAttention
-from nanoseek.model.indexer import head_weights, index_scores
-from nanoseek.model.paged import PagedBatch, Segment, SingleRows
+from nanoseek.models.deepseek_v3.attention import gather
+from nanoseek.models.deepseek_v4.compressor import Compressor, CompressorState
+from nanoseek.models.common.rope import apply_rope_trailing
+from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
+from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores
+from nanoseek.models.common.paged import PagedBatch, Segment, SingleRows
 
 
 def entries_per_block(rate: int, block_size: int) -> int:

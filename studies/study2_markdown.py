@@ -1,16 +1,13 @@
-"""Round 2's report as markdown: docs/study2/report.md, and the same text in README.md between its study-2 markers.
-The script that measured the runs writes both, so that no figure in that section is copied by hand.
+"""Round 2's report as markdown (docs/study2/report.md), written by the script that measured the runs, so that no
+figure in it is copied by hand.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-from study_report import REFERENCE
+from studies.study_report import REFERENCE
 
-BEGIN = "<!-- study2:begin: written by benchmarks/study2.py from its runs; edits here are overwritten -->"
-END = "<!-- study2:end -->"
 GOAL = 2.0  # the issue's multiplier at the top budget for the best arm
 
 
@@ -125,7 +122,7 @@ def section(summary: dict, results: list[dict], images: str) -> str:
              "trend over many orders of magnitude, not a forecast.", "",
              f"Held-out bits per byte where the seeds repeat, and round 1's reading: the iso-loss ratio at "
              f"{summary['target_bpb']:.3f} bits/byte (the highest of the arms' best fitted losses), the GPU cost "
-             "model's ratios (`benchmarks/study_cost.py`) and this CPU's wall-clock ratio.", "",
+             "model's ratios (`studies/study_cost.py`) and this CPU's wall-clock ratio.", "",
              *bpb_table(summary, results), "",
              f"Dense's largest budget ({max(dense_budgets):g}x, one seed), which keeps the multipliers at the top "
              f"inside dense's measured curve: {_bpb_by_seed(results, REFERENCE, max(dense_budgets))} bits/byte.", "",
@@ -139,19 +136,3 @@ def section(summary: dict, results: list[dict], images: str) -> str:
 def _flop_spread(summary: dict) -> float:
     per_token = [a["flops_per_token"] for a in summary["arms"].values()]
     return max(per_token) / min(per_token) - 1
-
-
-def readme_parts(readme: Path) -> tuple[str, str]:
-    """README's text before its study-2 section and from its end marker on; the markers must each appear once, in
-    order (the study checks this before its runs, not after)."""
-    content = readme.read_text() if readme.is_file() else ""
-    if content.count(BEGIN) != 1 or content.count(END) != 1 or content.index(BEGIN) > content.index(END):
-        raise SystemExit(f"study2: {readme} needs one '{BEGIN}' line and one '{END}' line after it")
-    head, rest = content.split(BEGIN)
-    return head, rest[rest.index(END):]
-
-
-def splice(readme: Path, text: str) -> None:
-    """Replace README's study-2 section with `text`."""
-    head, tail = readme_parts(readme)
-    readme.write_text(head + BEGIN + "\n" + text + tail)

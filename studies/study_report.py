@@ -15,11 +15,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from study_cost import SOURCES, gpu_cost  # noqa: E402
+from studies.study_cost import SOURCES, gpu_cost  # noqa: E402
 
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.flops import model_stats  # noqa: E402
-from nanoseek.scaling import PowerLaw, fit_power_laws, fits_without_each_budget, jackknife_error  # noqa: E402
+from studies.scaling import PowerLaw, fit_power_laws, fits_without_each_budget, jackknife_error  # noqa: E402
 
 REFERENCE = "dense"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.model.layers import linear_compute_dtype
+from nanoseek.models.common.layers import linear_compute_dtype
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MB in fp32

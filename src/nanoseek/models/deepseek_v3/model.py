@@ -10,19 +10,19 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import MultiHeadLatentAttention
-from nanoseek.model.compressor import CompressedIndexer
-from nanoseek.model.gqa import GroupedQueryAttention
-from nanoseek.model.hybrid_attention import AttentionCache
-from nanoseek.model.hyper import HyperBlock, HyperHead, HyperMTP
-from nanoseek.model.init import seeded_normal_
-from nanoseek.model.layers import MLP, RMSNorm
-from nanoseek.model.indexer import LightningIndexer
-from nanoseek.model.loss import linear_cross_entropy
-from nanoseek.model.moe import HashRouter, MoE, Router
-from nanoseek.model.hybrid_paged import HybridStore
-from nanoseek.model.paged import PagedBatch, PagedStore
-from nanoseek.model.rope import RotaryEmbedding
+from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
+from nanoseek.models.deepseek_v4.compressor import CompressedIndexer
+from nanoseek.models.llama.attention import GroupedQueryAttention
+from nanoseek.models.deepseek_v4.attention import AttentionCache
+from nanoseek.models.deepseek_v4.hyper import HyperBlock, HyperHead, HyperMTP
+from nanoseek.models.common.init import seeded_normal_
+from nanoseek.models.common.layers import MLP, RMSNorm
+from nanoseek.models.deepseek_v32.indexer import LightningIndexer
+from nanoseek.models.common.loss import linear_cross_entropy
+from nanoseek.models.common.moe import HashRouter, MoE, Router
+from nanoseek.models.deepseek_v4.paged import HybridStore
+from nanoseek.models.common.paged import PagedBatch, PagedStore
+from nanoseek.models.common.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
@@ -90,7 +90,7 @@ class ModelOutput:
 
     @cached_property
     def logits(self) -> torch.Tensor:
-        """[B, T, vocab], computed only when read: the losses never materialize them (model/loss.py)."""
+        """[B, T, vocab], computed only when read: the losses never materialize them (models/common/loss.py)."""
         return self.head(self.head_input)
 
 
@@ -119,7 +119,7 @@ class Transformer(nn.Module):
         transformers initializes them: attention sinks, compressor position biases and hyper-connection biases 0,
         hyper-connection scales 1 (their projections are matrices), hash tables drawn per token. Without a seed,
         drawn from torch's global generator in module order; with one, each parameter from (seed, its name) alone,
-        which also holds for a sharded model (nanoseek.model.init): build on meta, parallelize, materialize, then
+        which also holds for a sharded model (nanoseek.models.common.init): build on meta, parallelize, materialize, then
         call this."""
         std = self.config.initializer_range
         for name, param in self.named_parameters():
@@ -208,7 +208,7 @@ class Transformer(nn.Module):
                       ) -> torch.Tensor:
         """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over every layer's
         paged store → final hidden states [N, dim] (before the norm: MTP's input; `logits` turns the rows that are
-        sampled into logits). V4: its store and the batch (its segments: model/hybrid_paged.py); the hidden states are
+        sampled into logits). V4: its store and the batch (its segments: models/deepseek_v4/paged.py); the hidden states are
         the residual streams [N, n, dim]."""
         if self.hc_head is not None:
             assert isinstance(stores, HybridStore)

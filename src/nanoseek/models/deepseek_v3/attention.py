@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.indexer import LightningIndexer, index_scores, indexer_kl, top_k_mask
-from nanoseek.model.layers import RMSNorm
-from nanoseek.model.paged import PagedBatch, PagedStore
-from nanoseek.model.rope import apply_rope
+from nanoseek.models.deepseek_v32.indexer import LightningIndexer, index_scores, indexer_kl, top_k_mask
+from nanoseek.models.common.layers import RMSNorm
+from nanoseek.models.common.paged import PagedBatch, PagedStore
+from nanoseek.models.common.rope import apply_rope
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -140,7 +140,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store: PagedStore,
                       batch: PagedBatch) -> torch.Tensor:
-        """Inference over a paged store (model/paged.py): x [1, N, dim] holds the batch's new tokens. Their
+        """Inference over a paged store (models/common/paged.py): x [1, N, dim] holds the batch's new tokens. Their
         [c_KV; k_rope] (and V3.2's indexer key) go to their slots first; then decode rows attend in the absorbed
         form and each prefill chunk attends, up-projected, to its whole context (cached prefix plus itself). With
         the indexer, a decode token gathers only its top-k latents from the store, and a prefill chunk masks."""

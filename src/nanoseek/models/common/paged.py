@@ -56,7 +56,7 @@ class PrefillChunk:
 
 @dataclass
 class Segment:
-    """DeepSeek-V4 (model/hybrid_paged.py): one sequence's tokens in a forward's flat batch, start..start+length-1
+    """DeepSeek-V4 (models/deepseek_v4/paged.py): one sequence's tokens in a forward's flat batch, start..start+length-1
     at positions position.., its state slot and its block table."""
 
     start: int

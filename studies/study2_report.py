@@ -1,4 +1,4 @@
-"""Round 2's analysis: round 1's (benchmarks/study_report.py: power laws with one floor, target-loss iso-loss ratios
+"""Round 2's analysis: round 1's (studies/study_report.py: power laws with one floor, target-loss iso-loss ratios
 with a jackknife, seeds, the GPU cost model) plus, per arm, its FLOP split and the multiplier at each of its budgets
 with errors, the multiplier's trend with compute, and a law over the sparsity sweep; a plot of the multiplier
 against compute.
@@ -19,15 +19,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from study2_readme import section  # noqa: E402
-from study_report import REFERENCE, _points, analyse, fit_study, write_report  # noqa: E402
+from studies.study2_markdown import section  # noqa: E402
+from studies.study_report import REFERENCE, _points, analyse, fit_study, write_report  # noqa: E402
 
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.flops import model_stats  # noqa: E402
-from nanoseek.scaling import PowerLaw, jackknife_error  # noqa: E402
+from studies.scaling import PowerLaw, jackknife_error  # noqa: E402
 
 V3_TOKENS = 14.8e12  # DeepSeek-V3's pretraining tokens (technical report)
-REPORT_TITLE = "The compute study, round 2 (benchmarks/study2.py)"
+REPORT_TITLE = "The compute study, round 2 (studies/study2.py)"
 
 
 def routed_flop_share(model: ModelConfig, seq_len: int) -> float:

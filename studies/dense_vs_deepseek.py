@@ -2,8 +2,8 @@
 DeepSeek-style models of equal FLOPs per token, and does the gain rise with sparsity and granularity?
 (DeepSeek-V3 vs Llama 3.1 405B: 2.79M vs 30.84M GPU-hours.)
 
-    .venv/bin/python benchmarks/dense_vs_deepseek.py            # the full study: 87 min on 2 cores
-    .venv/bin/python benchmarks/dense_vs_deepseek.py --quick    # every arm at 60 steps per 1x: ~14 min, a smoke test
+    .venv/bin/python -m studies.dense_vs_deepseek          # the full study: 87 min on 2 cores
+    .venv/bin/python -m studies.dense_vs_deepseek --quick   # every arm at 60 steps per 1x: ~14 min, a smoke test
 
 Arms, each at the same FLOPs per token (13.2–13.4M, ±1.2 %; MTP's extra FLOPs are counted), through one trainer,
 corpus (the default Shakespeare), tokenizer (trained once) and schedule family (cosine, warmup 30 steps or a quarter
@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +49,7 @@ from nanoseek.train.data import run_dataset, run_sources
 from nanoseek.train.heldout import held_out_loss
 from nanoseek.train.trainer import RunSpec, train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from study_report import analyse, write_report  # noqa: E402
+from studies.study_report import analyse, write_report
 
 BUDGETS = (0.25, 0.5, 1.0, 2.0)
 SEEDS = (1337, 2026)
