@@ -22,7 +22,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.fp8.gemm import fp8_mm, row_scales
 from nanoseek.fp8.linear import Fp8Recipe, fp8_linear
 from nanoseek.fp8.quant import E4M3, E4M3_MAX, dequantize_tiles, quantize_blocks, quantize_tiles
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.registry import build_model
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import saved_tensor_bytes
 from nanoseek.train.optim import build_optimizer, optimizer_state_bytes
@@ -108,7 +108,7 @@ def memory_report(preset: str, batch: int, seq: int) -> None:
                                                              "optimizer_moments": "bf16"})):
         cfg = dataclasses.replace(TrainConfig(), **changes)
         torch.manual_seed(0)
-        model = Transformer(config)
+        model = build_model(config)
         apply_precision(model, cfg)
         optimizer = build_optimizer(model, cfg, torch.device("cpu"))
         activations, out = saved_tensor_bytes(lambda: model(ids, ids))

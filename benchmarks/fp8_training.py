@@ -23,7 +23,7 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.flops import model_stats
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.registry import build_model
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.precision import apply_precision, autocast
@@ -65,7 +65,7 @@ def compare_runs(out: Path, steps: int, seeds: list[int]) -> None:
 def step_seconds(config: ModelConfig, cfg: TrainConfig, device: torch.device, batch: int, seq: int,
                  steps: int = 10) -> float:
     torch.manual_seed(0)
-    model = Transformer(config).to(device)
+    model = build_model(config).to(device)
     apply_precision(model, cfg)
     optimizer = build_optimizer(model, cfg, device)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)

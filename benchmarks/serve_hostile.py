@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXT = "User: hello there, how fares the day?\nAssistant: good morrow, my lord; the day is fair.\n"
 
 
-def build_model(directory: Path) -> None:
+def write_model(directory: Path) -> None:
     import torch
 
     import nanoseek
@@ -39,7 +39,7 @@ def build_model(directory: Path) -> None:
     tokenizer = train_tokenizer([TEXT * 400], 300)
     add_chat_tokens(tokenizer)
     torch.manual_seed(0)
-    nanoseek.save_pretrained(nanoseek.Transformer(nanoseek.ModelConfig.preset("tiny").replace(vocab_size=320)),
+    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.ModelConfig.preset("tiny").replace(vocab_size=320)),
                              directory)
     write_chat_tokenizer_files(tokenizer, directory)
 
@@ -211,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "tiny-hostile"
-        build_model(model)
+        write_model(model)
         quiet = run_phase(model, args.seconds, None)
         attacked = run_phase(model, args.seconds, hostile_requests(continuation_token(model)))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ from nanoseek.data.tokenizer import load_tokenizer, token_byte_lengths
 from nanoseek.flops import model_stats
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.registry import build_model
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.data import run_dataset, run_sources
 from nanoseek.train.heldout import held_out_loss
@@ -57,7 +57,7 @@ INDEXER = dict(index_n_heads=8, index_head_dim=64, index_topk=2048)
 
 
 def _engine(config: ModelConfig, seed: int) -> Engine:
-    model = Transformer(config).eval()
+    model = build_model(config).eval()
     model.reset_parameters(seed=seed)
     return Engine(model, config=EngineConfig(max_seqs=8, token_budget=1024, speculation=False))
 

@@ -150,7 +150,7 @@ def micro_model_dir(directory, text: str, tokenizer_vocab: int, model_vocab: int
 
     tokenizer = train_tokenizer([text], tokenizer_vocab)
     torch.manual_seed(0)
-    model = nanoseek.Transformer(tiny_config(vocab_size=model_vocab, num_nextn_predict_layers=1))
+    model = nanoseek.build_model(tiny_config(vocab_size=model_vocab, num_nextn_predict_layers=1))
     nanoseek.save_pretrained(model if std is None else randomize_(model, std), directory)
     (write_chat_tokenizer_files if chat else write_tokenizer_files)(tokenizer, directory)
     return directory

@@ -13,9 +13,9 @@ from helpers import V32, assert_logits_match, released, tiny_config
 from nanoseek.fp8.quant import E4M3_MAX, dequantize_blocks, quantize_blocks
 
 
-def _model(**overrides) -> nanoseek.Transformer:
+def _model(**overrides) -> nanoseek.DeepseekV3Model:
     torch.manual_seed(0)
-    return nanoseek.Transformer(tiny_config(**overrides)).eval()
+    return nanoseek.build_model(tiny_config(**overrides)).eval()
 
 
 def test_blockwise_quantization_roundtrip_within_e4m3_bound():

@@ -76,7 +76,7 @@ def test_progress_figures_are_honest(monkeypatch):
 
 
 def test_final_model_save_on_a_full_disk_keeps_the_previous_files(tmp_path):
-    model = nanoseek.Transformer(tiny_config())
+    model = nanoseek.build_model(tiny_config())
     nanoseek.save_pretrained(model, tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

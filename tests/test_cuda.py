@@ -12,7 +12,8 @@ import torch
 
 from helpers import randomize_, tiny_config
 from nanoseek.fp8.linear import Fp8Recipe, fp8_linear
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.registry import build_model
 from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer
@@ -21,9 +22,9 @@ pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
 
 
-def _model() -> Transformer:
+def _model() -> DeepseekV3Model:
     torch.manual_seed(0)
-    return Transformer(tiny_config(num_nextn_predict_layers=1)).to(CUDA)
+    return build_model(tiny_config(num_nextn_predict_layers=1)).to(CUDA)
 
 
 def test_training_step_never_syncs_with_the_host(tmp_path):
@@ -42,7 +43,7 @@ def test_training_step_never_syncs_with_the_host(tmp_path):
     dataset = TokenDataset.build([Source(str(play))], train_tokenizer([play.read_text()], 300), progress=False)
     cfg = TrainConfig(seq_len=32, batch_size=4, grad_accum=2, max_steps=4, precision="bf16", seq_aux_alpha=1e-3)
     torch.manual_seed(0)
-    model = Transformer(tiny_config(num_nextn_predict_layers=1, vocab_size=300)).to(CUDA)
+    model = build_model(tiny_config(num_nextn_predict_layers=1, vocab_size=300)).to(CUDA)
     configure_balance(model.moe_layers(), cfg)
     par = Parallelism(device=CUDA, compute_dtype=torch.bfloat16)
     step = TrainStep(model, build_optimizer(model, cfg, CUDA), cfg, par, BatchLoader(dataset, cfg, par, 0, 2))

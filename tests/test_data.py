@@ -193,7 +193,7 @@ def test_windows_at_document_starts_and_the_document_mask(tmp_path, tokenizer):
             "tiny-dense").replace(vocab_size=320, hidden_size=32, num_hidden_layers=2, intermediate_size=48,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                   first_k_dense_replace=2)):
-        model = nanoseek.Transformer(config).eval()
+        model = nanoseek.build_model(config).eval()
         first, second = torch.randint(0, 320, (1, 7)), torch.randint(0, 320, (1, 9))
         packed = torch.cat([first, second], dim=1)
         segments = torch.tensor([[0] * 7 + [1] * 9])

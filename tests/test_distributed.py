@@ -429,7 +429,7 @@ def test_router_stays_fp32_under_fsdp_bf16_mixed_precision(one_rank_group):
     from helpers import tiny_config
     from nanoseek.parallel.setup import Parallelism, shard_blocks
 
-    model = nanoseek.Transformer(tiny_config())
+    model = nanoseek.build_model(tiny_config())
     par = Parallelism(dp_mesh=init_device_mesh("cpu", (1,)), compute_dtype=torch.bfloat16)
     shard_blocks(list(model.layers), model, par)
     seen = {}
@@ -441,7 +441,7 @@ def test_router_stays_fp32_under_fsdp_bf16_mixed_precision(one_rank_group):
     assert moe.router.weight.grad is not None
     from test_parity_v4 import v4_config
 
-    v4 = nanoseek.Transformer(v4_config())
+    v4 = nanoseek.build_model(v4_config())
     shard_blocks(list(v4.layers), v4, par)
     seen.clear()
     block = v4.layers[1]
@@ -491,11 +491,11 @@ def test_pipeline_stages_are_sharded_before_they_are_allocated(one_rank_group):
     import torch
 
     from helpers import tiny_config
-    from nanoseek.models.deepseek_v3.model import Transformer
+    from nanoseek.models.registry import build_model
     from nanoseek.parallel.pipeline import build_pipeline
 
     with torch.device("meta"):
-        model = Transformer(tiny_config())
+        model = build_model(tiny_config())
     on_meta = []
     build_pipeline(model, 0, 1, "gpipe", 2, lambda *a: None, torch.device("cpu"),
                    shard=lambda modules: on_meta.append(all(p.is_meta for m in modules for p in m.parameters())))

@@ -18,9 +18,9 @@ from nanoseek.train.dsa import configure_indexers, indexer_loss
 from test_train import MICRO_YAML, _corpus_lines
 
 
-def _model(stage: str, **overrides) -> nanoseek.Transformer:
+def _model(stage: str, **overrides) -> nanoseek.DeepseekV3Model:
     torch.manual_seed(0)
-    model = nanoseek.Transformer(tiny_config(**{**V32, **overrides}))
+    model = nanoseek.build_model(tiny_config(**{**V32, **overrides}))
     with torch.no_grad():  # peaked attention and index scores: a KL far from zero
         for p in model.parameters():
             if p.dim() > 1:
@@ -90,7 +90,7 @@ def test_dense_warmup_trains_only_the_indexer_toward_attention():
     """Warm-up: attention stays dense (the LM loss is V3's on the same weights), only indexer parameters learn,
     and 40 AdamW steps on one batch cut the KL."""
     model = _model("warmup")
-    dense = nanoseek.Transformer(tiny_config()).train()
+    dense = nanoseek.build_model(tiny_config()).train()
     dense.load_state_dict({k: v for k, v in model.state_dict().items() if ".indexer." not in k})
     ids, targets = _batch()
     with torch.no_grad():

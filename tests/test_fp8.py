@@ -21,7 +21,7 @@ from nanoseek.fp8.quant import (
     quantize_tiles,
 )
 from nanoseek.models.common.moe import grouped_mm
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.registry import build_model
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import saved_tensor_bytes
 from nanoseek.train.optim import AdamWLowPrecisionMoments, optimizer_state_bytes
@@ -178,8 +178,8 @@ def test_convert_covers_v3s_fp8_gemms_and_keeps_the_rest(kind):
     make_config, expected = CONVERTED[kind]
     config = make_config()
     torch.manual_seed(0)
-    model = Transformer(config)
-    reference = Transformer(config)
+    model = build_model(config)
+    reference = build_model(config)
     keys = list(model.state_dict())
     converted = convert_to_fp8(model, Fp8Recipe())
     assert list(model.state_dict()) == keys  # checkpoints do not change
@@ -196,7 +196,7 @@ def test_convert_covers_v3s_fp8_gemms_and_keeps_the_rest(kind):
                 module.forward = lambda x, w=module.weight: _recipe_matmul(x.reshape(-1, x.shape[-1]), w).view(
                     *x.shape[:-1], w.shape[0])
         reference.load_state_dict(model.state_dict())
-        full = Transformer(config)
+        full = build_model(config)
         full.load_state_dict(model.state_dict())
         got, want, unquantized = model(ids), reference(ids), full(ids)
     assert_logits_match(got, want, relative=1e-5)
@@ -240,7 +240,7 @@ def test_bf16_moments_follow_adamw():
 def test_recompute_gives_the_same_gradients_and_keeps_less():
     config = tiny_config(num_hidden_layers=2, num_nextn_predict_layers=0, q_lora_rank=16, hidden_size=64)
     torch.manual_seed(0)
-    model = Transformer(config)
+    model = build_model(config)
     ids = torch.randint(0, config.vocab_size, (4, 64))
     x = torch.randn(4, 64, config.hidden_size, requires_grad=True)
     cos, sin = model.rope(torch.arange(64))
@@ -264,7 +264,7 @@ def test_fp8_export_reads_back_in_nanoseek_and_transformers(tmp_path):
                          kv_lora_rank=128, num_attention_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64,
                          v_head_dim=64, num_nextn_predict_layers=1)
     torch.manual_seed(0)
-    model = Transformer(config).eval()
+    model = build_model(config).eval()
     written = save_pretrained(model, tmp_path, fp8=True)
     quantized = {k.removesuffix("_scale_inv") for k in written if k.endswith("weight_scale_inv")}
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in quantized

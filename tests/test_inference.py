@@ -17,9 +17,9 @@ from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk
 BLOCK_BYTES = 4 * 4 * 20 * 4  # (3 layers + MTP) × 4 tokens × (latent 16 + rope 4) × fp32
 
 
-def _model(**overrides) -> nanoseek.Transformer:
+def _model(**overrides) -> nanoseek.DeepseekV3Model:
     torch.manual_seed(0)
-    model = nanoseek.Transformer(tiny_config(num_nextn_predict_layers=1, **overrides)).eval()
+    model = nanoseek.build_model(tiny_config(num_nextn_predict_layers=1, **overrides)).eval()
     with torch.no_grad():  # larger weights than the 0.02 init give peaky, varied logits
         for p in model.parameters():
             if p.dim() > 1:
@@ -27,7 +27,7 @@ def _model(**overrides) -> nanoseek.Transformer:
     return model
 
 
-def _store(model: nanoseek.Transformer, slots: int = 128) -> PagedStore:
+def _store(model: nanoseek.DeepseekV3Model, slots: int = 128) -> PagedStore:
     c = model.config
     layers = c.num_hidden_layers + 1
     return PagedStore(torch.zeros(layers, slots, c.kv_lora_rank + c.qk_rope_head_dim),

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import tiny_config
-from nanoseek import ModelConfig, Transformer
+from nanoseek import ModelConfig, build_model
 from nanoseek.flops import model_stats
 
 
@@ -39,7 +39,7 @@ def test_v2_lite_matches_the_paper():
 
 def test_counts_equal_the_built_model():
     config = tiny_config(num_nextn_predict_layers=2, tie_word_embeddings=True)
-    model = Transformer(config)
+    model = build_model(config)
     stats = model_stats(config)
     own = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
     assert stats.total_params == own
@@ -88,7 +88,7 @@ def test_the_flop_formula_counts_the_matrices_the_forward_multiplies(kind):
     length = 32
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops})
     with counter, torch.no_grad():
-        Transformer(config).eval()(torch.randint(0, config.vocab_size, (1, length)))
+        build_model(config).eval()(torch.randint(0, config.vocab_size, (1, length)))
     counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     core = float(attention_core_flops(config, torch.arange(1, length + 1, dtype=torch.float64)).sum())
     forward = model_stats(config, length).flops_per_token * length / 3  # training = 3 × forward
@@ -123,7 +123,7 @@ def test_v4s_flop_formula_counts_the_matrices_the_forward_multiplies():
                                                              torch.ops.aten.bmm: bmm_flops})
     ids = torch.randint(0, config.vocab_size, (1, length))
     with counter, torch.no_grad():
-        Transformer(config).eval()(ids)
+        build_model(config).eval()(ids)
     counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     core = float(attention_core_flops(config, torch.arange(1, length + 1, dtype=torch.float64)).sum())
     forward = model_stats(config, length).flops_per_token * length / 3
@@ -149,7 +149,7 @@ def test_the_attention_core_is_half_the_square_a_dense_kernel_computes(kind):
     length = 32
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        Transformer(config).eval()(torch.randint(0, config.vocab_size, (1, length)))
+        build_model(config).eval()(torch.randint(0, config.vocab_size, (1, length)))
     square = counter.get_flop_counts()["Global"][torch.ops.aten.bmm]
     core = float(attention_core_flops(config, torch.arange(1, length + 1, dtype=torch.float64)).sum())
     assert core == pytest.approx(square * (length + 1) / (2 * length), rel=1e-9)

@@ -48,7 +48,7 @@ def test_nanoseek_saved_loads_in_transformers(case, tmp_path):
 
     config = tiny_config(**CASES[case], num_nextn_predict_layers=1)
     torch.manual_seed(3)
-    ours = randomize_(nanoseek.Transformer(config).eval())
+    ours = randomize_(nanoseek.build_model(config).eval())
     if config.scoring_func != "sigmoid":  # transformers' V2 (softmax) has no correction bias: leave it at 0
         for moe in ours.moe_layers():
             moe.router.expert_bias.zero_()
@@ -71,7 +71,7 @@ def test_dense_gqa_baseline_matches_transformers_llama(tmp_path):
 
     config = tiny_config(attention_type="gqa", num_key_value_heads=2, head_dim=8, first_k_dense_replace=3)
     torch.manual_seed(5)
-    ours = nanoseek.Transformer(config).eval()
+    ours = nanoseek.build_model(config).eval()
     with torch.no_grad():
         for name, p in ours.named_parameters():
             p.normal_(1.0, 0.2) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
@@ -96,7 +96,7 @@ def test_mtp_concatenates_the_next_tokens_embedding_before_the_hidden_state():
 
     config = tiny_config(num_nextn_predict_layers=1)
     torch.manual_seed(4)
-    model = randomize_(nanoseek.Transformer(config).eval())
+    model = randomize_(nanoseek.build_model(config).eval())
     mtp, d = model.mtp[0], config.hidden_size
     seen = {}
     model.layers[-1].register_forward_hook(lambda m, args, out: seen.__setitem__("h", out))

@@ -87,7 +87,7 @@ def test_v32_speculation_equals_plain_greedy():
     from nanoseek.infer.request import SamplingParams
 
     torch.manual_seed(0)
-    model = nanoseek.Transformer(tiny_config(num_nextn_predict_layers=1, **V32)).eval()
+    model = nanoseek.build_model(tiny_config(num_nextn_predict_layers=1, **V32)).eval()
     with torch.no_grad():  # peaky logits, so greedy drafts are often accepted
         for p in model.parameters():
             if p.dim() > 1:
@@ -114,7 +114,7 @@ def test_post_training_keeps_training_the_indexers(tmp_path):
     tokenizer = train_tokenizer(["What is 12 + 30? The answer is 42. Be brief, my lord; and again. "] * 50, 200)
     torch.manual_seed(0)
     config = tiny_config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=128, **V32)
-    nanoseek.save_pretrained(nanoseek.Transformer(config), base)
+    nanoseek.save_pretrained(nanoseek.build_model(config), base)
     tokenizer.save(str(base / "tokenizer.json"))
     assert main(["sft", str(base), "--task", "arithmetic", "--task-examples", "20", "--out", str(tmp_path / "sft"),
                  "--max-steps", "2", "--batch-size", "2"]) == 0

@@ -165,7 +165,7 @@ def test_v4_release_config_with_a_compressed_mtp_layer_is_refused():
 def _randomized(config: ModelConfig, seed: int = 0):
     """nanoseek's model of `config` with every parameter random (norms around 1), the zero-initialized ones too."""
     torch.manual_seed(seed)
-    model = nanoseek.Transformer(config).eval()
+    model = nanoseek.build_model(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() < 2 or name.endswith("position_bias"):
@@ -247,7 +247,8 @@ def test_v4_cached_decode_equals_the_full_forward_and_transformers_generate(tmp_
     token by token, and in uneven chunks, the logits of the full forward; greedy tokens those of transformers'
     generate with its own cache. 16 indexer heads: with few, an entry often scores exactly 0 (every ReLU off),
     and which of several tied entries top-k keeps depends on how many entries there are."""
-    from nanoseek.models.deepseek_v3.model import HybridCache
+    from nanoseek.models.deepseek_v4.model import HybridCache
+    from nanoseek.models.registry import build_model
 
     config = v4_config(index_n_heads=16, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 16})
     reference = v4_hf_model(config, seed=3)

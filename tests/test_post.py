@@ -94,7 +94,7 @@ def test_sft_loss_falls_on_assistant_tokens_only(tokenizer):
     changes no gradient (beyond float rounding: the sequence length changes the kernels' blocking), while changing
     the assistant's answer does."""
     torch.manual_seed(0)
-    model = nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size(), num_nextn_predict_layers=1))
+    model = nanoseek.build_model(tiny_config(vocab_size=tokenizer.get_vocab_size(), num_nextn_predict_layers=1))
 
     def gradients(last_user: str, answer: str = MESSAGES[2]["content"]) -> list[torch.Tensor]:
         messages = MESSAGES[:2] + [{"role": "assistant", "content": answer}, {"role": "user", "content": last_user}]
@@ -128,7 +128,7 @@ def test_sft_loss_falls_on_assistant_tokens_only(tokenizer):
 ])
 def test_bad_sft_data_gets_one_line_naming_the_line(tmp_path, capsys, tokenizer, line, needle):
     model_dir = tmp_path / "base"
-    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size())), model_dir)
+    nanoseek.save_pretrained(nanoseek.build_model(tiny_config(vocab_size=tokenizer.get_vocab_size())), model_dir)
     tokenizer.save(str(model_dir / "tokenizer.json"))
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
     (tmp_path / "data.jsonl").write_text("\n".join([good, line, good]) + "\n")
@@ -265,7 +265,7 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     plain = train_tokenizer(["What is 12 + 30? The answer is 42. Be brief, my lord; and again. "] * 50, 200)
     vocab = plain.get_vocab_size()
     # with an MTP module: SFT trains it, RL leaves it (and its optimizer state) alone, and RL still resumes
-    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=vocab, max_position_embeddings=128,
+    nanoseek.save_pretrained(nanoseek.build_model(tiny_config(vocab_size=vocab, max_position_embeddings=128,
                                                               num_nextn_predict_layers=1)), base)
     plain.save(str(base / "tokenizer.json"))
     chat = tmp_path / "chat.jsonl"
@@ -344,9 +344,9 @@ def _bits_per_byte(model_dir, corpus) -> float:
     return nats / math.log(2) / size
 
 
-def _policy() -> nanoseek.Transformer:
+def _policy() -> nanoseek.DeepseekV3Model:
     torch.manual_seed(0)
-    return nanoseek.Transformer(tiny_config(vocab_size=64)).train()
+    return nanoseek.build_model(tiny_config(vocab_size=64)).train()
 
 
 def test_grpo_log_probabilities_are_the_training_forwards_at_the_sampling_temperature():
@@ -403,7 +403,7 @@ def test_packed_and_accumulated_sft_steps_give_the_plain_steps_gradient(tokenize
                                {"role": "assistant", "content": "The answer is 42." * (1 + i % 2)}])
                      for i in range(6)]
     data = encode_all(conversations, tokenizer, 128)
-    model = nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size()))
+    model = nanoseek.build_model(tiny_config(vocab_size=tokenizer.get_vocab_size()))
     rows, pad = list(range(6)), end_token_ids(tokenizer)[-1]
 
     def step(grad_accum: int, width: int | None) -> tuple[float, list[torch.Tensor], int]:
@@ -425,7 +425,7 @@ def _sft_inputs(tmp_path, tokenizer, conversations: int):
     """A random tiny base model with `tokenizer`, and a JSONL of `conversations` chats of a few lengths."""
     base = tmp_path / "base"
     torch.manual_seed(0)
-    nanoseek.save_pretrained(nanoseek.Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size())), base)
+    nanoseek.save_pretrained(nanoseek.build_model(tiny_config(vocab_size=tokenizer.get_vocab_size())), base)
     tokenizer.save(str(base / "tokenizer.json"))
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": [

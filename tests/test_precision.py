@@ -13,12 +13,13 @@ import nanoseek
 from helpers import randomize_, tiny_config
 from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.models.common.moe import Router, grouped_mm
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.registry import build_model
 
 
-def _model_with_distinct_biases() -> Transformer:
+def _model_with_distinct_biases() -> DeepseekV3Model:
     torch.manual_seed(0)
-    model = Transformer(tiny_config())
+    model = build_model(tiny_config())
     with torch.no_grad():
         for moe in model.moe_layers():  # values that bf16 cannot tell apart (it rounds 1 + 2^-9 to 1)
             moe.router.expert_bias.copy_(1 + torch.arange(8) * 2.0**-12)
@@ -85,16 +86,16 @@ def test_grouped_mm_follows_autocast_and_the_weight_dtype():
 def test_seeded_init_depends_on_seed_and_names_only():
     config = tiny_config()
     torch.manual_seed(1)
-    a = Transformer(config)
+    a = build_model(config)
     a.reset_parameters(seed=7)
     with torch.device("meta"):
-        b = Transformer(config)
+        b = build_model(config)
     b.to_empty(device="cpu")
     torch.manual_seed(2)  # the global generator plays no part
     b.reset_parameters(seed=7)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
-    c = Transformer(config)
+    c = build_model(config)
     c.reset_parameters(seed=8)
     assert not torch.equal(a.embed.weight, c.embed.weight)
     # every matrix N(0, initializer_range), independently per parameter: two same-shaped ones differ
@@ -113,7 +114,7 @@ def test_bf16_autocast_forward_runs_and_agrees_with_fp32(kind):
     from test_parity_v4 import _randomized, v4_config
 
     torch.manual_seed(0)
-    model = randomize_(Transformer(tiny_config())) if kind == "v3" else _randomized(v4_config())
+    model = randomize_(build_model(tiny_config())) if kind == "v3" else _randomized(v4_config())
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from nanoseek import ModelConfig, Transformer
+from nanoseek import ModelConfig, build_model
 from nanoseek.checkpoint.hf import to_hf_state_dict
 from nanoseek.checkpoint.hf_v4 import release_aliases
 from helpers import RELEASE_FIXTURES, released
@@ -23,7 +23,7 @@ def release(request):
     config_json, tensors = released(request.param)
     config = ModelConfig.from_hf_dict(config_json)
     with torch.device("meta"):  # the full-size model, shapes only
-        model = Transformer(config)
+        model = build_model(config)
     return request.param, config, tensors, {k: tuple(v.shape) for k, v in to_hf_state_dict(model).items()}
 
 

@@ -13,7 +13,7 @@ import torch
 
 from helpers import tiny_config
 from nanoseek.data.tokenizer import END_OF_TEXT, token_byte_lengths, train_tokenizer
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.registry import build_model
 from nanoseek.train.heldout import held_out_loss
 from studies.scaling import (PowerLaw, fit_power_law, fit_power_laws, fits_without_each_budget, iso_loss_ratio,
                              jackknife_error)
@@ -100,7 +100,7 @@ class _Split:
 
 def test_held_out_loss_predicts_every_token_once():
     torch.manual_seed(0)
-    model = Transformer(tiny_config(num_nextn_predict_layers=0))
+    model = build_model(tiny_config(num_nextn_predict_layers=0))
     tokens = np.random.default_rng(0).integers(0, 96, size=16 * 5 + 7)  # 5 full windows of 16, and a short one
     byte_lengths = np.arange(96) % 4  # some tokens stand for no bytes, as special tokens do
     result = held_out_loss(model, _Split(tokens), byte_lengths, seq_len=16, batch_size=2)

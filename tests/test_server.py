@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
     text = "User: hello there\nAssistant: good morrow, my lord\n" * 200
     tokenizer = train_tokenizer([text], 300)
     torch.manual_seed(0)
-    nanoseek.save_pretrained(nanoseek.Transformer(nanoseek.ModelConfig.preset("tiny").replace(vocab_size=320)),
+    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.ModelConfig.preset("tiny").replace(vocab_size=320)),
                              model_dir)
     tokenizer.save(str(model_dir / "tokenizer.json"))
     return model_dir

@@ -289,7 +289,7 @@ def test_sparse_and_compressed_models_served_over_http_give_the_full_forwards_gr
                            sliding_window=8, compress_rate_hca=8, o_lora_rank=8, index_head_dim=8, index_topk=2,
                            hc_mult=2)
     torch.manual_seed(0)
-    model = randomize_(nanoseek.Transformer(config).eval(), std=0.15)
+    model = randomize_(nanoseek.build_model(config).eval(), std=0.15)
     nanoseek.save_pretrained(model, tmp_path)
     write_tokenizer_files(train_tokenizer(["User: hello there\nAssistant: good morrow\n" * 50], 300), tmp_path)
     prompt = load_tokenizer(tmp_path / "tokenizer.json").encode("User: hello there, good morrow to thee").ids

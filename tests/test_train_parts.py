@@ -80,7 +80,7 @@ def test_a_checkpoint_saved_again_is_replaced_never_lost(tmp_path, monkeypatch):
     from nanoseek.train import checkpoint as train_checkpoint
 
     torch.manual_seed(0)
-    model = nanoseek.Transformer(tiny_config()).eval()
+    model = nanoseek.build_model(tiny_config()).eval()
     optimizer = torch.optim.AdamW(model.parameters())
     first = {k: v.clone() for k, v in model.state_dict().items()}
     directory = tmp_path / "checkpoints"
@@ -99,7 +99,7 @@ def test_a_checkpoint_saved_again_is_replaced_never_lost(tmp_path, monkeypatch):
         train_checkpoint.save_checkpoint(directory, 5, model, optimizer, {}, keep=3)
     monkeypatch.setattr(train_checkpoint.os, "replace", real_replace)
     assert train_checkpoint.list_checkpoints(directory) == [path]
-    restored = nanoseek.Transformer(tiny_config())
+    restored = nanoseek.build_model(tiny_config())
     train_checkpoint.load_checkpoint(path, restored, torch.optim.AdamW(restored.parameters()))
     assert all(torch.equal(restored.state_dict()[k], v) for k, v in first.items())
     train_checkpoint.save_checkpoint(directory, 5, model, optimizer, {}, keep=3)

@@ -1,4 +1,4 @@
-"""nanoseek: an open, efficient DeepSeek-V3-style LLM stack in PyTorch.
+"""nanoseek: DeepSeek-V3, V3.2 and V4 in PyTorch: pretrain, fine-tune, evaluate, serve.
 
 The names below load on first use, so that a part that needs no model (the data tools, and the processes that
 encode a corpus in parallel) starts without importing torch."""
@@ -9,7 +9,8 @@ import importlib
 from typing import Any
 
 _HOMES = {"ModelConfig": "nanoseek.config", "RopeScaling": "nanoseek.config",
-          "Transformer": "nanoseek.models.deepseek_v3.model", "ModelOutput": "nanoseek.models.deepseek_v3.model",
+          "build_model": "nanoseek.models.registry", "DeepseekV3Model": "nanoseek.models.deepseek_v3.model",
+          "ModelOutput": "nanoseek.models.deepseek_v3.model",
           "load_pretrained": "nanoseek.checkpoint.hf",
           "save_pretrained": "nanoseek.checkpoint.hf", "NanoseekError": "nanoseek.errors",
           "ConfigError": "nanoseek.errors", "CheckpointError": "nanoseek.errors"}

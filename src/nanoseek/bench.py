@@ -24,7 +24,8 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.flops import model_stats
 from nanoseek.infer.engine import Engine, EngineConfig, SamplingParams
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.registry import build_model
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import measure_peak_flops
 from nanoseek.train.optim import build_optimizer
@@ -48,7 +49,7 @@ def _median_seconds(steps: int, *runs: Callable[[], Any], warmup: int = 2) -> li
     return [statistics.median(spent) for spent in times]
 
 
-def _models(spec: str) -> tuple[Transformer, Any, Path | None]:
+def _models(spec: str) -> tuple[DeepseekV3Model, Any, Path | None]:
     """nanoseek's model and transformers' on identical weights: a trained run/model directory, or a preset with
     seeded random weights (MTP left out: transformers does not implement it)."""
     import transformers
@@ -59,14 +60,14 @@ def _models(spec: str) -> tuple[Transformer, Any, Path | None]:
         ours = load_pretrained(path, dtype=torch.float32)
         return ours, transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), path
     torch.manual_seed(0)
-    ours = Transformer(ModelConfig.preset(spec).replace(num_nextn_predict_layers=0))
+    ours = build_model(ModelConfig.preset(spec).replace(num_nextn_predict_layers=0))
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(ours, tmp)
         reference = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     return ours, reference, None
 
 
-def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, steps: int,
+def bench_training(ours: DeepseekV3Model, reference: Any, batch: int, seq: int, steps: int,
                    tolerance: float = 1e-4) -> dict[str, float]:
     """A whole training step (forward + backward of the next-token loss, no MTP on either side, and an AdamW step),
     after checking that all sides compute the same loss. Three sides, timed in alternation:
@@ -110,7 +111,7 @@ def bench_training(ours: Transformer, reference: Any, batch: int, seq: int, step
             "transformers_tokens_per_s": batch * seq / seconds["transformers"]}
 
 
-def bench_decoding(ours: Transformer, reference: Any, batch: int, prompt_len: int, new: int) -> dict[str, float]:
+def bench_decoding(ours: DeepseekV3Model, reference: Any, batch: int, prompt_len: int, new: int) -> dict[str, float]:
     """Greedy generation of `new` tokens per sequence after `prompt_len`-token prompts, prefill included, never
     stopping early; agreement counts identical sequences. nanoseek prefills up-projected and decodes absorbed over
     its latent cache; transformers' cache holds per-head keys and values."""
@@ -134,7 +135,7 @@ def bench_decoding(ours: Transformer, reference: Any, batch: int, prompt_len: in
             "transformers_tokens_per_s": batch * new / t_ref, "identical_sequences": agree, "sequences": batch}
 
 
-def bench_speculation(model: Transformer, run: Path, prompt_len: int, new: int) -> dict[str, dict[str, float]]:
+def bench_speculation(model: DeepseekV3Model, run: Path, prompt_len: int, new: int) -> dict[str, dict[str, float]]:
     """MTP speculation inside the batch against plain decoding, greedy, on prompts cut from the training corpus,
     at batch 1 and 8 (identical output checked)."""
     from nanoseek.data.sources import default_corpus_files

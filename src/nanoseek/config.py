@@ -170,6 +170,15 @@ class ModelConfig:
 
     # ---- derived shapes -------------------------------------------------------------------------------------------
     @property
+    def architecture(self) -> Literal["deepseek_v3", "deepseek_v32", "deepseek_v4", "llama"]:
+        """Which model class builds this config (nanoseek.models.registry); the V2 layout is V3's."""
+        if self.attention_type == "gqa":
+            return "llama"
+        if self.attention_type == "v4":
+            return "deepseek_v4"
+        return "deepseek_v32" if self.sparse_attention else "deepseek_v3"
+
+    @property
     def sparse_attention(self) -> bool:
         """DeepSeek-V3.2: a lightning indexer picks the tokens each query attends to (V4's CSA indexes compressed
         entries instead)."""

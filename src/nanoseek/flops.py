@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.registry import architecture, build_model
 from nanoseek.v4config import CSA, HCA
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "head",
@@ -87,25 +87,9 @@ def attention_core_flops(config: ModelConfig, visible: torch.Tensor, layers: int
 
 
 def cache_bytes(config: ModelConfig, context: int, bytes_per_element: int = 2) -> int:
-    """What a sequence of `context` tokens holds in the KV cache, all layers. MLA: kv_lora_rank + qk_rope_head_dim
-    (+ V3.2's indexer key) per token; GQA: 2·G·d_h. V4: the sliding window's keys (at most sliding_window tokens),
-    the compressed entries of closed windows (CSA: with the indexer's compressed keys), and the compressors' open
-    window: each token's projected values and gates until its window closes (CSA: two series, and the previous
-    window's first series, for the overlap)."""
-    if config.attention_type == "mla":
-        return config.cache_width * config.num_hidden_layers * context * bytes_per_element
-    if config.attention_type == "gqa":
-        return 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * context * bytes_per_element
-    total, d, i = 0, config.head_dim, config.index_head_dim
-    for layer_type in config.layer_types:
-        total += min(context, config.sliding_window) * d
-        if layer_type == HCA:
-            rate = config.compress_rate_hca
-            total += context // rate * d + 2 * rate * d
-        elif layer_type == CSA:
-            rate = config.compress_rate_csa
-            total += context // rate * (d + i) + 2 * rate * (2 * d + 2 * i) + 2 * rate * (d + i)
-    return total * bytes_per_element
+    """What a sequence of `context` tokens holds in the KV cache, all layers: its architecture's layout counts it
+    (MLA: kv_lora_rank + qk_rope_head_dim, + V3.2's indexer key, per token; GQA: 2·G·d_h; V4: deepseek_v4/paged.py)."""
+    return architecture(config).store.cache_bytes(config, context, bytes_per_element)
 
 
 def long_context(config: ModelConfig, contexts: tuple[int, ...] = LONG_CONTEXTS,
@@ -135,7 +119,7 @@ def _elementwise(name: str, p: torch.Tensor) -> bool:
 def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per_element: int = 2) -> ModelStats:
     seq_len = seq_len or min(config.max_position_embeddings, 4096)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = build_model(config)
     components, mtp_components = dict.fromkeys(COMPONENTS, 0), dict.fromkeys(COMPONENTS, 0)
     elementwise = {"main": 0, "mtp": 0}
     for name, p in model.named_parameters():  # a tied head is listed once, under embed

@@ -26,7 +26,8 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
 from nanoseek.fp8.quant import dequantize_blocks
 from nanoseek.llama import halves_to_interleaved, interleaved_to_halves
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.registry import build_model
 
 _ATTENTION = {"q_proj": "q_proj", "q_down": "q_a_proj", "q_norm": "q_a_layernorm", "q_up": "q_b_proj",
               "kv_down": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "kv_up": "kv_b_proj",
@@ -197,7 +198,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> Transformer:
+                    dtype: torch.dtype | None = None) -> DeepseekV3Model:
     """A nanoseek model from a HF DeepSeek-V2/V3 directory (FP8 weights are dequantized)."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -216,7 +217,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         config = config.replace(num_nextn_predict_layers=mtp_layers)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = Transformer(config)
+        model = build_model(config)
     # cast on meta: the weights are allocated on the device in their dtype, never first in fp32 (the routing biases
     # and RoPE table stay fp32: KeepsFp32Buffers)
     model.to(dtype or default_dtype(device))
@@ -241,9 +242,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
     if unexpected:
         raise CheckpointError(f"checkpoint tensor {unexpected[0]!r} has no place in this config "
                               f"({len(unexpected)} unexpected tensors)")
-    model.rope.reset_parameters()
-    if model.compress_rope is not None:
-        model.compress_rope.reset_parameters()
+    model.reset_buffers()
     return model
 
 
@@ -265,7 +264,7 @@ def _written_not_read(key: str, config: ModelConfig) -> bool:
 
 
 # ---- writing ------------------------------------------------------------------------------------------------------
-def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: DeepseekV3Model) -> dict[str, torch.Tensor]:
     config = model.config
     ours = model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -286,7 +285,7 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
+def save_pretrained(model: DeepseekV3Model, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
                     fp8: bool = False) -> list[str]:
     """Writes config.json and safetensors (sharded with an index past max_shard_bytes) that transformers and
     load_pretrained read; `fp8` writes DeepSeek-V3's FP8 checkpoint format. Every file is written under a temporary

@@ -15,10 +15,10 @@ from nanoseek.models.deepseek_v4.attention import HybridAttention
 from nanoseek.models.common.layers import MLP
 from nanoseek.models.common.moe import RoutedExperts
 from nanoseek.models.deepseek_v4.hyper import HyperMTP
-from nanoseek.models.deepseek_v3.model import MTPModule, Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model, MTPModule
 
 
-def convert_to_fp8(model: Transformer, recipe: Fp8Recipe) -> list[str]:
+def convert_to_fp8(model: DeepseekV3Model, recipe: Fp8Recipe) -> list[str]:
     """Swaps those layers' GEMMs for FP8 ones in place (parameters and their names stay); returns the names of the
     converted modules. Call before parallelizing: expert parallelism takes the experts' GEMM from them."""
     converted = []

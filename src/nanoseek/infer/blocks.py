@@ -28,46 +28,6 @@ from array import array
 from collections import OrderedDict
 from typing import NamedTuple
 
-import torch
-
-from nanoseek.config import ModelConfig
-from nanoseek.models.deepseek_v4.paged import HybridStore
-from nanoseek.models.common.paged import PagedStore
-
-
-def latent_store(config: ModelConfig, memory_bytes: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype) -> PagedStore:
-    """→ zeros [layers + MTP modules, blocks · block_size, kv_lora_rank + rope] (and V3.2's indexer keys
-    [..., index_head_dim]), as many whole blocks as fit."""
-    layers = config.num_hidden_layers + config.num_nextn_predict_layers
-    block_bytes = layers * block_size * config.cache_width * torch.finfo(dtype).bits // 8
-    blocks = memory_bytes // block_bytes
-    if blocks < 1:
-        raise ValueError(f"the cache memory ({memory_bytes} bytes) holds no block of {block_size} tokens "
-                         f"({block_bytes} bytes)")
-
-    def zeros(width: int) -> torch.Tensor:
-        return torch.zeros(layers, blocks * block_size, width, device=device, dtype=dtype)
-
-    latent_width = config.kv_lora_rank + config.qk_rope_head_dim
-    return PagedStore(zeros(latent_width), zeros(config.index_head_dim) if config.sparse_attention else None)
-
-
-def hybrid_store(model: torch.nn.Module, memory_bytes: int, block_size: int, states: int, device: torch.device,
-                 dtype: torch.dtype) -> HybridStore:
-    """DeepSeek-V4's store: `states` state slots (windows, open compressor windows: one per running sequence, and
-    the prefix cache's snapshots), then as many blocks of compressed entries as the rest of the memory holds."""
-    def sized(blocks: int) -> HybridStore:
-        return HybridStore(list(model.layers), blocks, block_size, states, device, dtype)
-
-    state_bytes = sized(0).nbytes
-    block_bytes = sized(1).nbytes - state_bytes
-    blocks = (memory_bytes - state_bytes) // max(1, block_bytes)
-    if blocks < 1:
-        raise ValueError(f"the cache memory ({memory_bytes} bytes) holds {states} sequence states "
-                         f"({state_bytes} bytes) and no block of {block_size} tokens ({block_bytes} bytes)")
-    return sized(blocks)
-
 
 class BlockKey(NamedTuple):
     digest: bytes  # keyed hash of `content`: what the prefix cache is looked up by

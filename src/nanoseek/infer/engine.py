@@ -14,15 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nanoseek.errors import NanoseekError
-from nanoseek.flops import cache_bytes
-from nanoseek.infer.blocks import BlockManager, hybrid_store, latent_store
+from nanoseek.infer.blocks import BlockManager
 from nanoseek.infer.detokenize import Detokenizer
 from nanoseek.infer.histogram import LATENCY_BUCKETS, PER_TOKEN_BUCKETS, Histogram
 from nanoseek.infer.request import Completion, SamplingParams, Sequence, TokenLogprob
 from nanoseek.infer.runner import ModelRunner, SeqResult
 from nanoseek.infer.scheduler import Scheduler, Step
 from nanoseek.memory import available_memory
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.registry import architecture
 
 # on_token(sequence index, new text (possibly empty), finished) — generate()'s streaming callback
 StreamCallback = Callable[[int, str, bool], None]
@@ -48,41 +48,33 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model: Transformer, decode: Callable[[list[int]], str] | None = None,
+    def __init__(self, model: DeepseekV3Model, decode: Callable[[list[int]], str] | None = None,
                  config: EngineConfig | None = None):
-        if model.config.attention_type == "gqa":
-            raise NanoseekError("generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
-                                "layout for transformers to sample from")
+        layout = architecture(model.config).store
         self.config = config = config or EngineConfig()
         self.model, self.decode = model.eval(), decode
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        mc = model.config
-        v4 = mc.attention_type == "v4"
+        mc, element = model.config, parameter.element_size()
+        context_bytes = layout.serving_bytes(mc, mc.max_position_embeddings + 1, element)  # a whole context
         if config.speculation and not len(model.mtp):
             raise NanoseekError("speculation needs a model with an MTP module (num_nextn_predict_layers >= 1)")
-        if config.speculation and v4:  # a rejected draft would stay in the window and the open compressor windows
-            raise NanoseekError("speculation is not built for DeepSeek-V4 models (serve them with --no-speculation)")
-        self.speculate = bool(len(model.mtp)) and not v4 if config.speculation is None else config.speculation
-        # V4: the cache of a whole context (entries, and a window and open windows per sequence)
-        context_bytes = cache_bytes(mc, mc.max_position_embeddings + 1, parameter.element_size()) if v4 else \
-            (mc.max_position_embeddings + 1) * (mc.num_hidden_layers + mc.num_nextn_predict_layers) * \
-            mc.cache_width * parameter.element_size()
-        # V4: more state slots for the prefix cache's snapshots (a block alone cannot resume a sequence), each about
-        # the cache of a window-long sequence
-        states = config.max_seqs + (2 * config.max_seqs if config.state_snapshots is None else config.state_snapshots)
-        snapshots = list(range(config.max_seqs, states)) if v4 else None
-        snapshot_bytes = (states - config.max_seqs) * cache_bytes(mc, mc.sliding_window, parameter.element_size()) \
-            if v4 else 0
-        memory = config.cache_memory or min(config.max_seqs * context_bytes + snapshot_bytes,
-                                            available_memory(self.device) // 4)
-        store = hybrid_store(model, int(memory), config.block_size, states, self.device, self.dtype) \
-            if v4 else latent_store(mc, int(memory), config.block_size, self.device, self.dtype)
-        self.store = store
-        self.blocks = BlockManager(store.blocks if v4 else store.latents.shape[1] // config.block_size,
-                                   config.block_size, snapshots)
+        if config.speculation and not layout.drafts:
+            raise NanoseekError(f"speculation is not built for {mc.architecture} models (serve them with "
+                                "--no-speculation)")
+        self.speculate = bool(len(model.mtp)) and layout.drafts if config.speculation is None else config.speculation
+        # a layout that keeps sequence state outside the blocks (V4) has more state slots for the prefix cache's
+        # snapshots (a block alone cannot resume a sequence)
+        snapshots = 2 * config.max_seqs if config.state_snapshots is None else config.state_snapshots
+        states = config.max_seqs + (snapshots if layout.keeps_state else 0)
+        memory = config.cache_memory or min(
+            config.max_seqs * context_bytes + (states - config.max_seqs) * layout.state_bytes(mc, element),
+            available_memory(self.device) // 4)
+        self.store = store = layout.build(model, int(memory), config.block_size, states, self.device, self.dtype)
+        self.blocks = BlockManager(store.block_count(config.block_size), config.block_size,
+                                   list(range(config.max_seqs, states)) if layout.keeps_state else None)
         self.scheduler = Scheduler(self.blocks, config.max_seqs, config.token_budget, config.static)
-        self.runner = ModelRunner(model, store, config.block_size, self.speculate)
+        self.runner = ModelRunner(model, store, config.block_size, self.speculate, layout.keeps_state)
         self.cache_bytes = store.nbytes
         self._inbox: deque[Sequence] = deque()
         self._lock = threading.Lock()

@@ -14,7 +14,7 @@ from nanoseek.infer.sampler import (LogitEdits, LogitShaping, Penalties, RowSett
 from nanoseek.infer.scheduler import Step
 from nanoseek.models.deepseek_v4.paged import HybridStore
 from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk, Segment
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 
 
 @dataclass
@@ -28,8 +28,12 @@ class SeqResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, store: PagedStore | HybridStore, block_size: int, speculate: bool):
+    def __init__(self, model: DeepseekV3Model, store: PagedStore | HybridStore, block_size: int, speculate: bool,
+                 by_segments: bool):
+        """by_segments: the store keeps part of each sequence in a state slot (V4), and a forward addresses it by
+        segment (state slot, block table) rather than by the slots of each token and context."""
         self.model, self.store, self.block_size, self.speculate = model, store, block_size, speculate
+        self.by_segments = by_segments
         self.device = store.device
 
     def slots(self, seq: Sequence, start: int, stop: int) -> torch.Tensor:
@@ -44,7 +48,7 @@ class ModelRunner:
     def run(self, step: Step) -> dict[Sequence, SeqResult]:
         width = 2 if self.speculate else 1
         ids, positions, slots, contexts, chunks, segments = [], [], [], [], [], []
-        hybrid = isinstance(self.store, HybridStore)
+        hybrid = self.by_segments
         # V4 (hybrid) reads its window and entries through its segments: no per-token slots, no contexts to gather
         for seq in step.decode:
             if hybrid:

@@ -10,7 +10,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from nanoseek.checkpoint.hf import save_pretrained
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.registry import build_model
 from nanoseek.parallel.setup import Parallelism
 
 
@@ -56,7 +57,7 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, par: Paral
     return norm
 
 
-def save_final_model(model: Transformer, out: Path, par: Parallelism) -> None:
+def save_final_model(model: DeepseekV3Model, out: Path, par: Parallelism) -> None:
     """The HF-layout model file of a run: gathered from all shards (collective), written by rank 0."""
     if not par.distributed:
         save_pretrained(model, out)
@@ -69,7 +70,7 @@ def save_final_model(model: Transformer, out: Path, par: Parallelism) -> None:
     else:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if par.is_main:
-        plain = Transformer(model.config)
+        plain = build_model(model.config)
         plain.load_state_dict(full)
         save_pretrained(plain, out)
     dist.barrier()

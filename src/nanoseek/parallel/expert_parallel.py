@@ -20,7 +20,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from nanoseek.models.common.eager import eager
 from nanoseek.models.common.moe import RoutedExperts, expert_ffn
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 
 
 class ExpertParallelExperts(nn.Module):
@@ -63,7 +63,7 @@ class ExpertParallelExperts(nn.Module):
                                          group=self.group)
 
 
-def apply_expert_parallel(model: Transformer, mesh: DeviceMesh) -> None:
+def apply_expert_parallel(model: DeepseekV3Model, mesh: DeviceMesh) -> None:
     """Swaps every MoE layer's experts for their expert-parallel shard (meta tensors stay meta)."""
     for moe in model.moe_layers():
         moe.experts = ExpertParallelExperts(moe.experts, mesh)

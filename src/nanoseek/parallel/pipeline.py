@@ -24,7 +24,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from nanoseek.errors import ConfigError
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.parallel.setup import Parallelism, shard_blocks, shard_experts
 
 # name → (schedule class, stages per rank, V-shaped placement: rank r holds stages r and 2·pp-1-r)
@@ -37,7 +37,7 @@ class StageModule(nn.Module):
     """One stage: registers only its own modules (shared objects with the pruned model), since the schedule scales
     and syncs the gradients of a stage's parameters, which must not include another stage's on the same rank."""
 
-    def __init__(self, model: Transformer, layers: list[int], first: bool, last: bool):
+    def __init__(self, model: DeepseekV3Model, layers: list[int], first: bool, last: bool):
         super().__init__()
         self.first, self.last = first, last
         self.rope = model.rope
@@ -58,13 +58,13 @@ class StageModule(nn.Module):
         if not self.last:
             return x, embeddings
         outputs, hidden = [self.head(self.norm(x))], x
-        for k, module in enumerate(self.mtp, start=1):  # as Transformer._mtp_loss: depth k reads t_{i+k}
+        for k, module in enumerate(self.mtp, start=1):  # as DeepseekV3Model._mtp_loss: depth k reads t_{i+k}
             hidden = module(hidden[:, : T - k], embeddings[:, k:], cos[: T - k], sin[: T - k])
             outputs.append(self.head(module.norm(hidden)))
         return tuple(outputs)
 
 
-def _keep_loads_through_shape_inference(stage: PipelineStage, model: Transformer) -> None:
+def _keep_loads_through_shape_inference(stage: PipelineStage, model: DeepseekV3Model) -> None:
     """The schedule infers stage shapes by running the stage on placeholder data, at its first step and at every
     switch between training and evaluation. Routing those placeholders must not count as expert load (the
     balancing bias would chase it), so the counters are restored around that pass. (A private hook of
@@ -89,7 +89,7 @@ def stage_indices(rank: int, pp: int, schedule: str) -> list[int]:
     return [rank, 2 * pp - 1 - rank] if v_shape else [rank, rank + pp]
 
 
-def build_pipeline(model: Transformer, rank: int, pp: int, schedule: str, n_microbatches: int,
+def build_pipeline(model: DeepseekV3Model, rank: int, pp: int, schedule: str, n_microbatches: int,
                    loss_fn: Callable, device: torch.device, group=None,
                    shard: Callable[[list[nn.Module]], None] | None = None) -> tuple[object, list[int]]:
     """Prunes `model` in place to this rank's stages; → (schedule, this rank's stage indices)."""
@@ -150,7 +150,7 @@ class PipelineRunner:
     """Feeds the schedule: the first stage gets the tokens, the last the targets; the losses its loss function
     records on the last stage's rank are summed over all ranks so that every rank (rank 0 logs) knows them."""
 
-    def __init__(self, model: Transformer, par: Parallelism, batch_size: int, mtp_weight: float):
+    def __init__(self, model: DeepseekV3Model, par: Parallelism, batch_size: int, mtp_weight: float):
         self.record: list[torch.Tensor] = []
         self.device, self.n_microbatches, self.dp = par.device, batch_size, par.dp  # a sequence per micro-batch
         shard = None

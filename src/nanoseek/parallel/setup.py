@@ -17,7 +17,7 @@ from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor
 from nanoseek.models.deepseek_v4.hyper import HyperConnection, HyperHead
 from nanoseek.models.deepseek_v32.indexer import LightningIndexer
 from nanoseek.models.common.moe import HashRouter, Router
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.parallel.expert_parallel import apply_expert_parallel
 
 
@@ -119,7 +119,7 @@ def explain_failure(error: BaseException, par: Parallelism, timeout_s: float) ->
     return None
 
 
-def parallelize(model: Transformer, par: Parallelism) -> None:
+def parallelize(model: DeepseekV3Model, par: Parallelism) -> None:
     """Applies EP, then FSDP2 in place: the expert-parallel experts of each MoE layer as their own unit over the
     ranks that hold the same experts, then each block and the root over all data-parallel ranks. Every parameter
     is thus cast by the same mixed-precision policy, its gradient reduced by FSDP, and every gradient element
@@ -130,7 +130,7 @@ def parallelize(model: Transformer, par: Parallelism) -> None:
     shard_blocks([*model.layers, *(m.block for m in model.mtp)], model, par)
 
 
-def shard_experts(model: Transformer, par: Parallelism) -> None:
+def shard_experts(model: DeepseekV3Model, par: Parallelism) -> None:
     """With --ep: each MoE layer's experts become their expert-parallel shard, and FSDP2 units of their own over
     the ranks that hold the same experts (the whole model, or what a pipeline rank kept of it)."""
     if par.ep_mesh is None:

@@ -17,7 +17,8 @@ from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
 from nanoseek.data.chat_format import add_chat_tokens, write_chat_tokenizer_files
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.errors import NanoseekError, RunInterrupted
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.registry import build_model
 from nanoseek.parallel.collectives import save_final_model
 from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -59,11 +60,11 @@ class PostConfig:
                            weight_decay=0.0, min_lr_ratio=0.1, seed=self.seed, precision=self.precision)
 
 
-def resize_vocab(model: Transformer, vocab_size: int) -> Transformer:
+def resize_vocab(model: DeepseekV3Model, vocab_size: int) -> DeepseekV3Model:
     """A copy of the model with `vocab_size` rows of embedding and head; the new rows start at the mean of the old
     ones (so new tokens start as an average token rather than noise)."""
     old = model.config.vocab_size
-    grown = Transformer(model.config.replace(vocab_size=vocab_size)).to(next(model.parameters()).device)
+    grown = build_model(model.config.replace(vocab_size=vocab_size)).to(next(model.parameters()).device)
     state = model.state_dict()
     for name in ("embed.weight", "head.weight"):
         rows = state[name]
@@ -77,7 +78,7 @@ def device_for_run() -> torch.device:
 
 
 def load_model_dir(source: Path, device: torch.device,
-                   dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+                   dtype: torch.dtype = torch.float32) -> tuple[DeepseekV3Model, Tokenizer]:
     """The model (fp32 to train: autocast runs the GEMMs in bf16) and its tokenizer with the chat tokens, the
     embedding grown if they are new. A V3.2 model trains as in DSA's sparse stage (its loss adds `indexer_loss`)."""
     if not (source / "tokenizer.json").is_file():
@@ -108,7 +109,7 @@ class PostRun:
             raise NanoseekError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         self.resume_from = checkpoints[-1] if resume else None
 
-    def start(self, model: Transformer) -> tuple[torch.optim.Optimizer, int, MetricsLog | None]:
+    def start(self, model: DeepseekV3Model) -> tuple[torch.optim.Optimizer, int, MetricsLog | None]:
         """→ optimizer, first step, metrics log (rank 0's; None on the others), restored from the last checkpoint
         when resuming."""
         optimizer = build_optimizer(model, self.cfg.schedule(), next(model.parameters()).device)
@@ -130,7 +131,7 @@ class PostRun:
             group["lr"] = lr
         return lr
 
-    def end_of_step(self, done: int, model: Transformer, optimizer: torch.optim.Optimizer,
+    def end_of_step(self, done: int, model: DeepseekV3Model, optimizer: torch.optim.Optimizer,
                     stop: StopRequests) -> None:
         """A checkpoint every save_every steps; when asked to stop (SIGTERM, Ctrl-C), a checkpoint now and
         RunInterrupted saying how to resume."""
@@ -145,12 +146,12 @@ class PostRun:
             raise RunInterrupted(hint if self.par.is_main else "")
 
     @staticmethod
-    def save_model(model: Transformer, tokenizer: Tokenizer, path: Path) -> None:
+    def save_model(model: DeepseekV3Model, tokenizer: Tokenizer, path: Path) -> None:
         """A model directory that serve / eval / a next stage read."""
         save_pretrained(model, path)
         write_chat_tokenizer_files(tokenizer, path)
 
-    def finish(self, model: Transformer, tokenizer: Tokenizer, summary: dict[str, Any]) -> None:
+    def finish(self, model: DeepseekV3Model, tokenizer: Tokenizer, summary: dict[str, Any]) -> None:
         save_final_model(model, self.out, self.par)  # under torchrun: gathered from the shards, written by rank 0
         if self.par.is_main:
             write_chat_tokenizer_files(tokenizer, self.out)

@@ -16,13 +16,13 @@ from nanoseek.data.sources import DEFAULT, Source
 from nanoseek.data.tokenizer import end_token_ids, token_byte_lengths
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.post.common import load_model_dir
 from nanoseek.post.tasks import Task, get_task, problems
 from nanoseek.train.heldout import held_out_loss
 
 
-def accuracy_on(model: Transformer, tokenizer: Tokenizer, task: Task, split: str, n: int, seed: int = 0,
+def accuracy_on(model: DeepseekV3Model, tokenizer: Tokenizer, task: Task, split: str, n: int, seed: int = 0,
                 max_tokens: int = 64) -> dict[str, Any]:
     """pass@1, greedy, on `n` problems of the task's `split`, with its standard error and how often the layout was
     followed."""

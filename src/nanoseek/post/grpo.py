@@ -31,7 +31,7 @@ from nanoseek.data.tokenizer import end_token_ids
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.post.common import PostConfig, PostRun, device_for_run, load_model_dir
 from nanoseek.post.evaluate import accuracy_on
 from nanoseek.post.tasks import Task, get_task, problems
@@ -102,7 +102,7 @@ class Rollouts:
     lengths: torch.Tensor  # [N] response tokens
 
 
-def rollout(model: Transformer, tokenizer: Any, task: Task, step: int, prompts: int, cfg: GrpoConfig,
+def rollout(model: DeepseekV3Model, tokenizer: Any, task: Task, step: int, prompts: int, cfg: GrpoConfig,
             seed: int) -> Rollouts:
     chosen = problems(task, "rl", prompts, f"{seed}/{step}")  # a fresh draw of the rl split every step
     stops = end_token_ids(tokenizer)
@@ -134,7 +134,7 @@ def rollout(model: Transformer, tokenizer: Any, task: Task, step: int, prompts: 
                     torch.tensor([len(r) for _, r in sequences], dtype=torch.float))
 
 
-def token_logprobs(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor,
+def token_logprobs(model: DeepseekV3Model, inputs: torch.Tensor, targets: torch.Tensor,
                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """→ log-probabilities of the targets [N, T] and the entropy at each position [N, T] (without gradient), both
     of the tempered distribution softmax(logits / temperature) the rollouts sampled from."""
@@ -152,7 +152,7 @@ def informative_rows(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return varied.repeat_interleave(group_size).nonzero().flatten()
 
 
-def policy_update(model: Transformer, reference: Transformer | None, optimizer: torch.optim.Optimizer,
+def policy_update(model: DeepseekV3Model, reference: DeepseekV3Model | None, optimizer: torch.optim.Optimizer,
                   batch: Rollouts, grpo: GrpoConfig, cfg: PostConfig, step: int) -> dict[str, float]:
     """The minibatch updates of one step over the informative groups → mean statistics (empty if none)."""
     device, schedule, indexers = next(model.parameters()).device, cfg.schedule(), model.indexers()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nanoseek.data.tokenizer import end_token_ids
 from nanoseek.errors import NanoseekError
 from nanoseek.models.common.loss import IGNORE
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.parallel.collectives import clip_grad_norm
 from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
 from nanoseek.post.common import PostConfig, PostRun, load_model_dir
@@ -40,7 +40,7 @@ def task_conversations(task_name: str, count: int, seed: int) -> list[Conversati
 
 
 @torch.no_grad()
-def heldout_loss(model: Transformer, data: EncodedConversations, batch_size: int, pad_id: int,
+def heldout_loss(model: DeepseekV3Model, data: EncodedConversations, batch_size: int, pad_id: int,
                  cfg_autocast: Any, par: Parallelism) -> float:
     """Mean loss per assistant token over every held-out conversation (each rank scores its share)."""
     device = next(model.parameters()).device
@@ -69,7 +69,7 @@ def micro_batches(data: EncodedConversations, rows: list[int], pad_id: int, cfg:
     return [packed_batch(data, part, pad_id, pack_width) for part in parts]
 
 
-def train_step(model: Transformer, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+def train_step(model: DeepseekV3Model, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
                device: torch.device, cfg_autocast: Any, mtp_weight: float,
                par: Parallelism | None = None) -> tuple[float, float | None]:
     """Forward and backward over the micro-batches, each mean loss weighted by its share of the step's trained

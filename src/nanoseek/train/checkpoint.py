@@ -212,14 +212,14 @@ def saved_configs(meta: dict[str, Any], path: Path) -> tuple[ModelConfig, TrainC
 def check_shapes(path: Path, config: ModelConfig) -> None:
     """The tensors a checkpoint holds must be the ones its config describes: checked against DCP's metadata on the
     meta device, before anything is allocated (a damaged config must not allocate a giant model first)."""
-    from nanoseek.models.deepseek_v3.model import Transformer
+    from nanoseek.models.registry import build_model
 
     try:
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as e:  # a missing, truncated or foreign .metadata file
         raise CheckpointError(f"checkpoint {path} is damaged or truncated: {first_line(e)}") from None
     with torch.device("meta"):
-        expected = Transformer(config).state_dict()
+        expected = build_model(config).state_dict()
     for name, tensor in expected.items():
         found = getattr(stored.get(f"model.{name}"), "size", None)
         if found is None or tuple(found) != tuple(tensor.shape):
@@ -252,11 +252,11 @@ def export_checkpoint(path: Path, out: Path, fp8: bool = False) -> list[str]:
     """A training checkpoint (DCP, from any number of processes) → an HF-layout model directory (`fp8`: in
     DeepSeek-V3's FP8 format)."""
     from nanoseek.checkpoint.hf import save_pretrained
-    from nanoseek.models.deepseek_v3.model import Transformer
+    from nanoseek.models.registry import build_model
 
     config = saved_configs(read_meta(path), path)[0]
     check_shapes(path, config)
-    model = Transformer(config)
+    model = build_model(config)
     state = {"model": get_model_state_dict(model)}
     try:
         with warnings.catch_warnings():

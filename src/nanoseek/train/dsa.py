@@ -22,10 +22,11 @@ from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError
 from nanoseek.models.deepseek_v32.indexer import LightningIndexer
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.registry import build_model
 
 
-def configure_indexers(model: Transformer, stage: str) -> list[LightningIndexer]:
+def configure_indexers(model: DeepseekV3Model, stage: str) -> list[LightningIndexer]:
     """Sets every indexer's training stage; in the warm-up, everything else stops learning."""
     indexers = model.indexers()
     for indexer in indexers:
@@ -49,8 +50,8 @@ def check_starting_shapes(config: ModelConfig, source: Path) -> None:
     """Before anything is prepared: the run's model (built on meta) must have the source's shapes, but for the
     indexers it may add."""
     with torch.device("meta"):
-        own = Transformer(config).state_dict()
-        theirs = Transformer(ModelConfig.load_json(source / "config.json")).state_dict()
+        own = build_model(config).state_dict()
+        theirs = build_model(ModelConfig.load_json(source / "config.json")).state_dict()
     for key, tensor in theirs.items():
         if key in own and own[key].shape != tensor.shape:
             raise ConfigError(f"--from {source}: {key} has shape {tuple(tensor.shape)}, this model "
@@ -58,7 +59,7 @@ def check_starting_shapes(config: ModelConfig, source: Path) -> None:
 
 
 @torch.no_grad()
-def load_initial_weights(model: Transformer, source: Path) -> None:
+def load_initial_weights(model: DeepseekV3Model, source: Path) -> None:
     """A run started --from a model directory: its weights replace the seeded ones; only parameters the source
     cannot have (the indexers it gains) keep their seeded values. Shapes were checked before anything was prepared
     (check_starting_shapes); here, which tensors the files hold. Works on a sharded model: every rank reads the

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.data.dataset import TokenShards
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class HeldOutLoss:
 
 
 @torch.no_grad()
-def held_out_loss(model: Transformer, split: TokenShards, byte_lengths: np.ndarray, seq_len: int,
+def held_out_loss(model: DeepseekV3Model, split: TokenShards, byte_lengths: np.ndarray, seq_len: int,
                   batch_size: int = 32, max_windows: int | None = None) -> HeldOutLoss:
     """Each window predicts tokens [s+1, s+seq_len] from [s, s+seq_len−1]; windows start every seq_len tokens, so
     each token of the split (but the first) is a target exactly once, with the context a training window has.

@@ -9,7 +9,7 @@ from nanoseek.fp8.convert import convert_to_fp8
 from nanoseek.fp8.linear import Fp8Recipe
 from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
 from nanoseek.models.common.eager import disable_marked
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.train.config import TrainConfig
 
 
@@ -26,7 +26,7 @@ def use_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def apply_precision(model: Transformer, cfg: TrainConfig) -> None:
+def apply_precision(model: DeepseekV3Model, cfg: TrainConfig) -> None:
     """Before parallelizing: FP8 GEMMs where V3 uses them, MLA's recomputation, and compiled blocks."""
     if cfg.precision == "fp8":
         convert_to_fp8(model, Fp8Recipe(pow2_scales=cfg.fp8_pow2_scales, backend=cfg.fp8_backend))
@@ -37,7 +37,7 @@ def apply_precision(model: Transformer, cfg: TrainConfig) -> None:
         compile_blocks(model)
 
 
-def compile_blocks(model: Transformer) -> None:
+def compile_blocks(model: DeepseekV3Model) -> None:
     """torch.compile each block's forward (the MTP modules' too). The module stays the same object, so parameter
     names, state dicts and checkpoints do not change, and FSDP's hooks, which wrap forward, stay eager. The routed
     experts' grouped GEMM and the expert-parallel all-to-all run eager inside the compiled graphs

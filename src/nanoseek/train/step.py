@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.parallel.collectives import clip_grad_norm, sum_over_ranks
 from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.balance import update_expert_bias
@@ -33,7 +33,7 @@ class StepResult:
 
 
 class TrainStep:
-    def __init__(self, model: Transformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig, par: Parallelism,
+    def __init__(self, model: DeepseekV3Model, optimizer: torch.optim.Optimizer, cfg: TrainConfig, par: Parallelism,
                  loader: BatchLoader, pipeline: PipelineRunner | None = None, indexers: list | None = None,
                  warmup: bool = False):
         self.model, self.optimizer, self.cfg, self.par = model, optimizer, cfg, par

@@ -22,7 +22,8 @@ from nanoseek.data.tokenizer import check_vocab, end_of_text_id, load_tokenizer,
 from nanoseek.errors import ConfigError, NanoseekError, RunInterrupted
 from nanoseek.flops import model_stats
 from nanoseek.memory import check_training_fits
-from nanoseek.models.deepseek_v3.model import Transformer
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.registry import build_model
 from nanoseek.parallel.collectives import mean_over_ranks, save_final_model
 from nanoseek.parallel.setup import Parallelism, explain_failure, init_parallelism, parallelize
 from nanoseek.train.balance import ImbalanceTracker, configure_balance
@@ -105,7 +106,7 @@ def _prepare(spec: RunSpec, stop: StopRequests) -> tuple[RunSpec, Any, TokenData
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, dataset: TokenDataset, cfg: TrainConfig, par: Parallelism,
+def evaluate(model: DeepseekV3Model, dataset: TokenDataset, cfg: TrainConfig, par: Parallelism,
              pipeline: PipelineRunner | None) -> float:
     model.eval()
     total = torch.zeros((), device=par.device)
@@ -181,13 +182,13 @@ def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def build_model(spec: RunSpec, par: Parallelism) -> tuple[Transformer, PipelineRunner | None]:
+def build_parallel_model(spec: RunSpec, par: Parallelism) -> tuple[DeepseekV3Model, PipelineRunner | None]:
     """torchtitan's order: build on the meta device, apply precision, parallelize, then materialize and initialize
     (sharding-independent seeded values, so every layout starts from the one-process weights). A model too large
     for one device is never whole on any."""
     cfg = spec.train
     with torch.device("meta"):
-        model = Transformer(spec.model)
+        model = build_model(spec.model)
     # fp32 weights and gradients, AdamW's two moments (fp32 or bf16)
     check_training_fits(sum(p.numel() for p in model.parameters()), 12 if cfg.optimizer_moments == "bf16" else 16,
                         par.world, par.device)
@@ -218,7 +219,7 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
     par = dataclasses.replace(par, compute_dtype=cfg.compute_dtype(device))
     torch.manual_seed(cfg.seed)
     use_tf32(cfg.tf32)
-    model, pipeline = build_model(spec, par)
+    model, pipeline = build_parallel_model(spec, par)
     if spec.init_from is not None and resume_from is None:
         load_initial_weights(model, spec.init_from)
     indexers = configure_indexers(model, cfg.dsa)

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any, ClassVar, Protocol
 
 import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
 
 
 @dataclass
@@ -38,6 +42,31 @@ class PagedStore:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.latents, self.index_keys) if t is not None)
+
+    def block_count(self, block_size: int) -> int:
+        return self.latents.shape[1] // block_size
+
+
+class StoreLayout(Protocol):
+    """How a generation caches what its attention keeps of a sequence: counted (`nanoseek info`), and sized and
+    built for the serving engine. The registry (models/registry.py) names one per architecture."""
+
+    keeps_state: ClassVar[bool]  # part of a sequence lives outside its blocks (a state slot): prefix hits need snapshots
+    drafts: ClassVar[bool]  # the engine can verify MTP drafts in it (a rejected draft leaves nothing behind)
+
+    def cache_bytes(self, config: ModelConfig, context: int, bytes_per_element: int = 2) -> int:
+        """What a sequence of `context` tokens holds in the cache, all layers (MTP modules not counted)."""
+
+    def serving_bytes(self, config: ModelConfig, context: int, element_size: int) -> int:
+        """What the engine's store holds for one sequence of `context` tokens (MTP modules included)."""
+
+    def state_bytes(self, config: ModelConfig, element_size: int) -> int:
+        """One state slot's bytes (0 without keeps_state)."""
+
+    def build(self, model: nn.Module, memory_bytes: int, block_size: int, states: int, device: torch.device,
+              dtype: torch.dtype) -> Any:
+        """The engine's store: `states` state slots (with keeps_state), then as many blocks as the memory holds.
+        It has .nbytes, .device and .block_count(block_size)."""
 
 
 @dataclass

@@ -19,9 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.deepseek_v32.indexer import LightningIndexer, index_scores, indexer_kl, top_k_mask
 from nanoseek.models.common.layers import RMSNorm
-from nanoseek.models.common.paged import PagedBatch, PagedStore
+from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk
 from nanoseek.models.common.rope import apply_rope
 
 
@@ -43,8 +42,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(self.latent_dim, config.rms_norm_eps)
         self.kv_up = nn.Linear(self.latent_dim, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.out_proj = nn.Linear(self.n_heads * self.v_dim, dim, bias=False)
-        if config.sparse_attention:  # V3.2: attention over the tokens the lightning indexer picks
-            self.indexer = LightningIndexer(config)
         self.recompute = False  # set by the trainer: replay attend_latents in backward
 
     def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,104 +88,61 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal self-attention over a whole sequence (training): up-project the latents, then SDPA. `mask`
-        [B, 1, T, T] (True = visible) replaces the causal mask, e.g. to keep packed documents apart. With V3.2's
-        indexer, each query sees only the top-k of what it may see (a mask over the full scores: the sparse gather
-        is the decode path's), except in the dense warm-up, which trains the indexer alone."""
+        [B, 1, T, T] (True = visible) replaces the causal mask, e.g. to keep packed documents apart."""
         q_input, kv_input = self.compress(x)
-        if hasattr(self, "indexer"):
-            mask = self._sparse_mask(x, q_input, kv_input, cos, sin, mask)
+        mask = self.attention_mask(x, q_input, kv_input, cos, sin, mask)
         if self.recompute and torch.is_grad_enabled():
             y = checkpoint(self.attend_latents, q_input, kv_input, cos, sin, mask, use_reentrant=False)
         else:
             y = self.attend_latents(q_input, kv_input, cos, sin, mask)
         return self.out_proj(y)
 
-    def _sparse_mask(self, x: torch.Tensor, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The mask attention runs with under the indexer; while it learns (a training stage is set), also its KL
-        loss against this attention's own distribution over the tokens attended to (`indexer.loss`)."""
-        B, T, _ = x.shape
-        visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, 1, T, T) \
-            if mask is None else mask
-        stage = self.indexer.stage if self.training else None
-        learning = stage is not None and torch.is_grad_enabled()
-        # the indexer learns from its own loss only: its inputs are cut from the main model's graph
-        with torch.set_grad_enabled(learning):
-            scores = self.indexer(x.detach(), self.q_norm(q_input).detach(), cos, sin)  # [B, T, T]
-        attended = visible if stage == "warmup" else \
-            top_k_mask(scores.detach(), visible[:, 0], self.indexer.topk)[:, None]
-        if learning:
-            with torch.no_grad():
-                target = self.attention_distribution(q_input, kv_input, cos, sin, attended)
-            self.indexer.loss = indexer_kl(target, scores, attended[:, 0])
-        return mask if stage == "warmup" else attended
-
-    @torch.no_grad()
-    def attention_distribution(self, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
-                               sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The indexer's target: attention probabilities summed over heads and L1-normalized → [B, T, T] fp32,
-        computed in chunks of queries so that only [B, H, chunk, T] scores exist at once."""
-        q = torch.cat(self.queries(q_input, cos, sin), dim=-1)  # [B, H, T, qk]
-        k, _ = self.keys_values(*self.latents(kv_input, cos, sin))
-        rows = []
-        for start in range(0, q.shape[2], 512):
-            chunk = slice(start, start + 512)
-            scores = torch.matmul(q[:, :, chunk], k.transpose(-1, -2)).float() * self.softmax_scale
-            probs = scores.masked_fill(~mask[:, :, chunk], float("-inf")).softmax(dim=-1).sum(dim=1)
-            rows.append(probs / probs.sum(dim=-1, keepdim=True))
-        return torch.cat(rows, dim=1)
+    def attention_mask(self, x: torch.Tensor, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask a training forward attends with: the one given (V3.2 narrows it to the indexer's picks)."""
+        return mask
 
     def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store: PagedStore,
                       batch: PagedBatch) -> torch.Tensor:
         """Inference over a paged store (models/common/paged.py): x [1, N, dim] holds the batch's new tokens. Their
-        [c_KV; k_rope] (and V3.2's indexer key) go to their slots first; then decode rows attend in the absorbed
-        form and each prefill chunk attends, up-projected, to its whole context (cached prefix plus itself). With
-        the indexer, a decode token gathers only its top-k latents from the store, and a prefill chunk masks."""
+        [c_KV; k_rope] go to their slots first; then decode rows attend in the absorbed form and each prefill chunk
+        attends, up-projected, to its whole context (cached prefix plus itself)."""
         q_input, kv_input = self.compress(x)
         q_nope, q_rope = self.queries(q_input, cos, sin)  # [1, H, N, *]
         latent, k_rope = self.latents(kv_input, cos, sin)
         latents = store.latents
         latents.index_copy_(0, batch.slots, torch.cat([latent, k_rope], dim=-1)[0].to(latents.dtype))
-        index = None
-        if hasattr(self, "indexer"):
-            index = self.indexer.queries(self.q_norm(q_input), cos, sin)[0], self.indexer.weights(x)[0]  # [N, H', *]
-            keys = self.indexer.keys(x, cos, sin)[0]
-            store.index_keys.index_copy_(0, batch.slots, keys.to(store.index_keys.dtype))
+        index = self.index_new_tokens(x, q_input, cos, sin, store, batch)
         parts = []
         if batch.decode_rows:
             decoded = slice(0, batch.decode_tokens)
-            if index is None or batch.decode_context.shape[1] <= self.indexer.topk:
-                context, visible = gather(latents, batch.decode_context), batch.decode_visible()
-            else:
-                slots, visible = self._selected(index[0][decoded], index[1][decoded], store.index_keys, batch)
-                context = gather(latents, slots)  # [rows·width, k, C + R]: the gather that makes decode O(k)
-            parts.append(self._absorbed(q_nope[0, :, decoded], q_rope[0, :, decoded], context, visible))
+            slots, visible = self.decode_slots(index, store, batch)
+            parts.append(self._absorbed(q_nope[0, :, decoded], q_rope[0, :, decoded], gather(latents, slots), visible))
         q = torch.cat([q_nope, q_rope], dim=-1)
         for chunk in batch.prefills:
             context = gather(latents, chunk.context).to(q.dtype)[None]  # [1, ctx, C + R]
             k, v = self.keys_values(*context.split([self.latent_dim, self.rope_dim], dim=-1))
             queries = q[:, :, chunk.start: chunk.start + chunk.length]
-            mask = None if chunk.length == context.shape[1] else chunk.visible()
-            if index is not None and context.shape[1] > self.indexer.topk:
-                rows = slice(chunk.start, chunk.start + chunk.length)
-                keys = gather(store.index_keys, chunk.context)[None]
-                scores = index_scores(index[0][None, rows], index[1][None, rows], keys)[0]
-                mask = top_k_mask(scores, chunk.visible(), self.indexer.topk)
-            y = attend(queries, k, v, self.softmax_scale, mask)  # [1, H, T, v]
+            y = attend(queries, k, v, self.softmax_scale, self.prefill_mask(index, store, chunk))  # [1, H, T, v]
             parts.append(y[0].transpose(0, 1).reshape(chunk.length, self.n_heads * self.v_dim))
         return self.out_proj(torch.cat(parts)[None])
 
-    def _selected(self, q: torch.Tensor, weights: torch.Tensor, index_keys: torch.Tensor,
-                  batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The indexer over each decode sequence's cached keys: q [rows·width, H', D], weights [rows·width, H'] →
-        the store slots of each token's top-k [rows·width, k] and which of them it may see [rows·width, 1, 1, k]
-        (a short sequence in a padded batch has fewer than k)."""
-        rows, width, k = batch.decode_rows, batch.decode_width, self.indexer.topk
-        keys = gather(index_keys, batch.decode_context)  # [rows, S, D]
-        scores = index_scores(q.view(rows, width, *q.shape[1:]), weights.view(rows, width, -1), keys)
-        best = scores.masked_fill(~batch.decode_visible()[:, :, 0], float("-inf")).topk(k, dim=-1, sorted=False)
-        slots = batch.decode_context.gather(1, best.indices.view(rows, width * k))
-        return slots.view(rows * width, k), (best.values > float("-inf")).view(rows * width, 1, 1, k)
+    def index_new_tokens(self, x: torch.Tensor, q_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         store: PagedStore, batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What choosing among the cached tokens needs of the new ones (V3.2: the indexer's queries and weights,
+        after writing their indexer keys to the store); V3 attends to every cached token and needs nothing."""
+        return None
+
+    def decode_slots(self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore,
+                     batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The store slots each decode row attends to, and which of them each of its tokens may see: the row's
+        whole context (V3.2: its top-k)."""
+        return batch.decode_context, batch.decode_visible()
+
+    def prefill_mask(self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore,
+                     chunk: PrefillChunk) -> torch.Tensor | None:
+        """A prefill chunk's mask over its context: causal (None when the chunk is its whole context)."""
+        return None if chunk.length == chunk.context.shape[0] else chunk.visible()
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, context: torch.Tensor,
                   visible: torch.Tensor) -> torch.Tensor:

@@ -1,36 +1,32 @@
 """The DeepSeek-V3 decoder: embedding → blocks (dense MLP for the first layers, then MoE) → norm → head, plus the
-multi-token-prediction modules that train on (and can draft) the tokens after next."""
+multi-token-prediction modules that train on (and can draft) the tokens after next. The base of every generation:
+V3.2 (deepseek_v32/model.py) changes its attention, the dense baseline (llama/model.py) too, and V4
+(deepseek_v4/model.py) its blocks, MTP and residual."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
-from nanoseek.models.deepseek_v4.compressor import CompressedIndexer
-from nanoseek.models.llama.attention import GroupedQueryAttention
-from nanoseek.models.deepseek_v4.attention import AttentionCache
-from nanoseek.models.deepseek_v4.hyper import HyperBlock, HyperHead, HyperMTP
 from nanoseek.models.common.init import seeded_normal_
 from nanoseek.models.common.layers import MLP, RMSNorm
-from nanoseek.models.deepseek_v32.indexer import LightningIndexer
 from nanoseek.models.common.loss import linear_cross_entropy
 from nanoseek.models.common.moe import HashRouter, MoE, Router
-from nanoseek.models.deepseek_v4.paged import HybridStore
 from nanoseek.models.common.paged import PagedBatch, PagedStore
 from nanoseek.models.common.rope import RotaryEmbedding
+from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int):
+    def __init__(self, config: ModelConfig, layer_index: int, attention: type[nn.Module]):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = (MultiHeadLatentAttention(config) if config.attention_type == "mla"
-                     else GroupedQueryAttention(config))
+        self.attn = attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: MLP | MoE = (MoE(config) if config.is_moe_layer(layer_index)
                                else MLP(config.hidden_size, config.intermediate_size))
@@ -55,12 +51,12 @@ class MTPModule(nn.Module):
     Embedding and output head are the main model's (shared, not copied).
     """
 
-    def __init__(self, config: ModelConfig, layer_index: int):
+    def __init__(self, config: ModelConfig, layer_index: int, attention: type[nn.Module]):
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
-        self.block = Block(config, layer_index)
+        self.block = Block(config, layer_index, attention)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -71,14 +67,6 @@ class MTPModule(nn.Module):
 
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden)
-
-
-@dataclass
-class HybridCache:
-    """Every layer's AttentionCache of a batch of sequences of equal length (DeepSeek-V4's forward_cached)."""
-
-    length: int = 0
-    layers: list[AttentionCache] = field(default_factory=list)
 
 
 @dataclass
@@ -94,24 +82,41 @@ class ModelOutput:
         return self.head(self.head_input)
 
 
-class Transformer(nn.Module):
+class DeepseekV3Model(nn.Module):
+    """DeepSeek-V3 (and the V2 layout: softmax routing, no MTP), and the base the other generations change: a
+    subclass names its attention (`attention`), or its blocks and MTP modules (`block`, `mtp_module`), and the
+    residual path between them (`add_modules`, `hidden_states`, `collapse`, `mtp_depth`)."""
+
+    architectures: ClassVar[tuple[str, ...]] = ("deepseek_v3",)  # the config.architecture values it builds
+    attention: ClassVar[type[nn.Module]] = MultiHeadLatentAttention
+
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.architecture not in self.architectures:
+            raise TypeError(f"{type(self).__name__} builds {' and '.join(self.architectures)} models, not "
+                            f"{config.architecture}: nanoseek.build_model(config) picks the class")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rope = RotaryEmbedding(config)
-        v4 = config.hyper_connections
-        self.layers = nn.ModuleList((HyperBlock if v4 else Block)(config, i) for i in range(config.num_hidden_layers))
-        # V4: the compressed layers' RoPE (its own base and YaRN), and the final collapse of the residual streams
-        self.compress_rope = RotaryEmbedding(config, "compress") if v4 else None
-        self.hc_head = HyperHead(config) if v4 else None
+        self.layers = nn.ModuleList(self.block(config, i) for i in range(config.num_hidden_layers))
+        self.add_modules(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
-        self.mtp = nn.ModuleList((HyperMTP if v4 else MTPModule)(config, config.num_hidden_layers + k)
+        self.mtp = nn.ModuleList(self.mtp_module(config, config.num_hidden_layers + k)
                                  for k in range(config.num_nextn_predict_layers))
         self.reset_parameters()
+
+    def block(self, config: ModelConfig, layer_index: int) -> nn.Module:
+        return Block(config, layer_index, self.attention)
+
+    def mtp_module(self, config: ModelConfig, layer_index: int) -> nn.Module:
+        return MTPModule(config, layer_index, self.attention)
+
+    def add_modules(self, config: ModelConfig) -> None:
+        """What a generation adds between the layers and the final norm (V4: its second RoPE, the streams'
+        collapse), registered there so that parameters keep the order of DeepSeek's module tree; V3 adds none."""
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -119,8 +124,8 @@ class Transformer(nn.Module):
         transformers initializes them: attention sinks, compressor position biases and hyper-connection biases 0,
         hyper-connection scales 1 (their projections are matrices), hash tables drawn per token. Without a seed,
         drawn from torch's global generator in module order; with one, each parameter from (seed, its name) alone,
-        which also holds for a sharded model (nanoseek.models.common.init): build on meta, parallelize, materialize, then
-        call this."""
+        which also holds for a sharded model (nanoseek.models.common.init): build on meta, parallelize,
+        materialize, then call this."""
         std = self.config.initializer_range
         for name, param in self.named_parameters():
             if name.endswith((".bias", ".base", ".sinks", ".position_bias")):
@@ -138,82 +143,52 @@ class Transformer(nn.Module):
                 module.reset_table(torch.initial_seed() if seed is None else seed)
             elif isinstance(module, MoE):
                 module.expert_load.zero_()
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """The buffers computed from the config rather than stored (RoPE's frequencies)."""
         self.rope.reset_parameters()
-        if self.compress_rope is not None:
-            self.compress_rope.reset_parameters()
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def indexers(self) -> list[LightningIndexer | CompressedIndexer]:
-        """The lightning indexers: V3.2's, one per attention layer (MTP modules included), or V4's, one per CSA
-        layer; none for V3."""
-        return [m for m in self.modules() if isinstance(m, (LightningIndexer, CompressedIndexer))]
+    def indexers(self) -> list[nn.Module]:
+        """The lightning indexers (V3.2: one per attention layer, MTP modules included; V4: one per CSA layer);
+        V3 has none."""
+        return []
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, with_mtp: bool = True,
                 documents: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
         """input_ids [B, T] → logits [B, T, vocab]; with targets [B, T] (input_ids shifted by one, -100 = ignore)
         a ModelOutput with the LM loss and, if the model has MTP modules and with_mtp, their loss. `documents`
         [B, T] (a document number per token) keeps the documents packed in a row from attending to each other."""
-        T = input_ids.shape[1]
-        positions = torch.arange(T, device=input_ids.device)
-        x = self.embed(input_ids)
-        if self.hc_head is not None:
-            if documents is not None:  # a compressed entry would pool tokens of two documents
-                raise ValueError("DeepSeek-V4 models take no document mask (set train.document_mask false)")
-            hidden = self._hyper_layers(x, positions, input_ids)  # MTP reads the streams, not their collapse
-            x, position_args = self.hc_head(hidden), (self._ropes(), positions)
-        else:
-            cos, sin = self.rope(positions)
-            mask = None if documents is None else document_mask(documents)
-            for layer in self.layers:
-                x = layer(x, cos, sin, mask=mask)
-            hidden, position_args = x, (cos, sin, mask)
-        head_input = self.norm(x)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden, position_args = self.hidden_states(self.embed(input_ids), positions, input_ids, documents)
+        head_input = self.norm(self.collapse(hidden))
         if targets is None:
             return self.head(head_input)
         lm_loss = linear_cross_entropy(head_input.flatten(0, 1), self.head.weight, targets.flatten())
         mtp_loss = self._mtp_loss(hidden, input_ids, targets, position_args) if len(self.mtp) and with_mtp else None
         return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
 
-    def _ropes(self) -> dict[str, nn.Module]:
-        """V4's two RoPEs: "main" (sliding layers) and "compress" (compressed layers)."""
-        assert self.compress_rope is not None
-        return {"main": self.rope, "compress": self.compress_rope}
+    def hidden_states(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
+                      documents: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+        """The embeddings x [B, T, dim] through every layer → the last layer's output (what MTP reads) and what
+        positions MTP's blocks attend with: here (cos, sin, mask)."""
+        cos, sin = self.rope(positions)
+        mask = None if documents is None else document_mask(documents)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask=mask)
+        return x, (cos, sin, mask)
 
-    def _hyper_layers(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
-                      caches: list[AttentionCache] | None = None,
-                      paged: tuple[HybridStore, PagedBatch] | None = None) -> torch.Tensor:
-        """V4: the embedding [B, T, dim] copied into hc_mult streams, through every block → [B, T, n, dim]."""
-        ropes = self._ropes()
-        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
-        for i, layer in enumerate(self.layers):
-            streams = layer(streams, ropes, positions, input_ids, None if caches is None else caches[i],
-                            None if paged is None else (paged[0].layer(i), paged[1]))
-        return streams
+    def collapse(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last layer's output → the final norm's input (V4: its streams collapsed into one)."""
+        return hidden
 
-    def forward_cached(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
-        """DeepSeek-V4 inference without the engine: input_ids [B, T], the tokens after `cache` (rows of equal
-        length) → logits [B, T, vocab]; the cache then holds them too."""
-        T = input_ids.shape[1]
-        positions = torch.arange(cache.length, cache.length + T, device=input_ids.device)
-        x = self.embed(input_ids)
-        if not cache.layers:
-            cache.layers = [layer.attn.empty_cache(x) for layer in self.layers]
-        streams = self._hyper_layers(x, positions, input_ids, cache.layers)
-        cache.length += T
-        return self.logits(streams)
-
-    def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: PagedStore | HybridStore
-                      ) -> torch.Tensor:
+    def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: PagedStore) -> torch.Tensor:
         """Inference: the flat new tokens input_ids [N] of a batch laid out as `batch` says, over every layer's
         paged store → final hidden states [N, dim] (before the norm: MTP's input; `logits` turns the rows that are
-        sampled into logits). V4: its store and the batch (its segments: models/deepseek_v4/paged.py); the hidden states are
-        the residual streams [N, n, dim]."""
-        if self.hc_head is not None:
-            assert isinstance(stores, HybridStore)
-            return self._hyper_layers(self.embed(input_ids)[None], batch.positions, input_ids[None],
-                                      paged=(stores, batch))[0]
+        sampled into logits)."""
         cos, sin = self.rope(batch.positions)
         x = self.embed(input_ids)[None]
         for i, layer in enumerate(self.layers):
@@ -221,8 +196,8 @@ class Transformer(nn.Module):
         return x[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """final hidden states (V4: streams [..., n, dim]) → logits"""
-        return self.head(self.norm(hidden if self.hc_head is None else self.hc_head(hidden)))
+        """final hidden states (forward_paged's) → logits"""
+        return self.head(self.norm(self.collapse(hidden)))
 
     def mtp_forward_paged(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: PagedBatch,
                           stores: PagedStore, depth: int = 0) -> torch.Tensor:
@@ -238,25 +213,23 @@ class Transformer(nn.Module):
     def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
                   position_args: tuple) -> torch.Tensor:
         """Depth k at position i sees h_{k-1}[i] and token t_{i+k} and predicts t_{i+k+1} = targets[i+k]; each depth
-        is one position shorter, keeping the causal chain. position_args: (cos, sin, mask) for V3, (ropes,
-        positions) for V4."""
+        is one position shorter, keeping the causal chain."""
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             n = input_ids.shape[1] - k
             if n <= 0:
                 break
-            next_ids = input_ids[:, k:]
-            if isinstance(module, HyperMTP):
-                ropes, positions = position_args
-                hidden = module(hidden[:, :n], self.embed(next_ids), ropes, positions[:n], next_ids)
-            else:
-                cos, sin, mask = position_args
-                hidden = module(hidden[:, :n], self.embed(next_ids), cos[:n], sin[:n],
-                                mask=None if mask is None else mask[..., :n, :n])
+            hidden = self.mtp_depth(module, hidden[:, :n], input_ids[:, k:], position_args)
             losses.append(linear_cross_entropy(module.head_input(hidden).flatten(0, 1), self.head.weight,
                                                targets[:, k:].flatten()))
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
+    def mtp_depth(self, module: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor,
+                  position_args: tuple) -> torch.Tensor:
+        """One MTP depth over the first n positions: hidden [B, n, dim], the tokens after them next_ids [B, n]."""
+        n = hidden.shape[1]
+        cos, sin, mask = position_args
+        return module(hidden, self.embed(next_ids), cos[:n], sin[:n], mask=None if mask is None else mask[..., :n, :n])
 
 def document_mask(documents: torch.Tensor) -> torch.Tensor:
     """[B, T] document numbers → [B, 1, T, T], True where a query may attend: causally, within its document."""

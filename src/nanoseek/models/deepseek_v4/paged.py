@@ -12,15 +12,19 @@ sequence's state at a block boundary: with the blocks before it, a prefix cache 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from nanoseek.models.deepseek_v3.attention import gather
-from nanoseek.models.deepseek_v4.compressor import Compressor, CompressorState
-from nanoseek.models.common.rope import apply_rope_trailing
-from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
-from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores
+from nanoseek.config import ModelConfig
 from nanoseek.models.common.paged import PagedBatch, Segment, SingleRows
+from nanoseek.models.common.rope import apply_rope_trailing
+from nanoseek.models.deepseek_v3.attention import gather
+from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores
+from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
+from nanoseek.models.deepseek_v4.compressor import Compressor, CompressorState
+from nanoseek.v4config import CSA, HCA
 
 
 def entries_per_block(rate: int, block_size: int) -> int:
@@ -174,6 +178,51 @@ class HybridStore:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+    def block_count(self, block_size: int) -> int:
+        return self.blocks
+
+
+class HybridLayout:
+    keeps_state: ClassVar[bool] = True
+    drafts: ClassVar[bool] = False  # a rejected draft would stay in the window and the open compressor windows
+
+    def cache_bytes(self, config: ModelConfig, context: int, bytes_per_element: int = 2) -> int:
+        """The sliding window's keys (at most sliding_window tokens), the compressed entries of closed windows (CSA:
+        with the indexer's compressed keys), and the compressors' open window: each token's projected values and
+        gates until its window closes (CSA: two series, and the previous window's first series, for the overlap)."""
+        total, d, i = 0, config.head_dim, config.index_head_dim
+        for layer_type in config.layer_types:
+            total += min(context, config.sliding_window) * d
+            if layer_type == HCA:
+                rate = config.compress_rate_hca
+                total += context // rate * d + 2 * rate * d
+            elif layer_type == CSA:
+                rate = config.compress_rate_csa
+                total += context // rate * (d + i) + 2 * rate * (2 * d + 2 * i) + 2 * rate * (d + i)
+        return total * bytes_per_element
+
+    def serving_bytes(self, config: ModelConfig, context: int, element_size: int) -> int:
+        return self.cache_bytes(config, context, element_size)
+
+    def state_bytes(self, config: ModelConfig, element_size: int) -> int:
+        """About the cache of a window-long sequence."""
+        return self.cache_bytes(config, config.sliding_window, element_size)
+
+    def build(self, model: nn.Module, memory_bytes: int, block_size: int, states: int, device: torch.device,
+              dtype: torch.dtype) -> HybridStore:
+        """`states` state slots (windows, open compressor windows: one per running sequence, and the prefix cache's
+        snapshots), then as many blocks of compressed entries as the rest of the memory holds."""
+        def sized(blocks: int) -> HybridStore:
+            return HybridStore(list(model.layers), blocks, block_size, states, device, dtype)
+
+        state_bytes = sized(0).nbytes
+        block_bytes = sized(1).nbytes - state_bytes
+        blocks = (memory_bytes - state_bytes) // max(1, block_bytes)
+        if blocks < 1:
+            raise ValueError(f"the cache memory ({memory_bytes} bytes) holds {states} sequence states "
+                             f"({state_bytes} bytes) and no block of {block_size} tokens ({block_bytes} bytes)")
+        return sized(blocks)
 
 
 def decode_rows(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore,
