@@ -21,12 +21,31 @@ from pathlib import Path
 
 
 def run(processes: int, extra: list[str], out: Path, args: argparse.Namespace) -> list[dict]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-                if processes > 1 else [sys.executable])
-    command = launcher + ["-m", "nanoseek", "train", "--preset", args.preset, "--out", str(out),
-                          "--max-steps", str(args.steps), "--save-every", "100000", "--eval-every", "100000",
-                          f"train.batch_size={args.batch}", f"train.seq_len={args.seq}", "train.log_every=1",
-                          "train.eval_batches=1", *extra]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        if processes > 1
+        else [sys.executable]
+    )
+    command = launcher + [
+        "-m",
+        "nanoseek",
+        "train",
+        "--preset",
+        args.preset,
+        "--out",
+        str(out),
+        "--max-steps",
+        str(args.steps),
+        "--save-every",
+        "100000",
+        "--eval-every",
+        "100000",
+        f"train.batch_size={args.batch}",
+        f"train.seq_len={args.seq}",
+        "train.log_every=1",
+        "train.eval_batches=1",
+        *extra,
+    ]
     subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -42,8 +61,11 @@ def main() -> None:
         results = {}
         for name, processes, extra in (("1 process", 1, []), ("DP2", 2, []), ("EP2", 2, ["--ep", "2"])):
             rows = run(processes, extra, Path(tmp) / name.replace(" ", "-"), args)[2:]
-            results[name] = (statistics.median(r["tokens_per_s"] for r in rows),
-                             statistics.median(r.get("a2a_bytes", 0) for r in rows), rows[-1]["loss"])
+            results[name] = (
+                statistics.median(r["tokens_per_s"] for r in rows),
+                statistics.median(r.get("a2a_bytes", 0) for r in rows),
+                rows[-1]["loss"],
+            )
     base = results["1 process"][0]
     print(f"preset {args.preset}, global batch {args.batch} x {args.seq}, {args.steps} steps")
     for name, (tps, a2a, loss) in results.items():

@@ -24,6 +24,7 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.flops import model_stats
 from nanoseek.models.registry import build_model
+from nanoseek.presets import preset
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.precision import apply_precision, autocast
@@ -34,8 +35,10 @@ def final_val_loss(run: Path, steps: int, precision: str, seed: int) -> float:
     """Trains the run (or reuses it when finished) and returns its last validation loss."""
     if not (run / "model.safetensors").exists():
         start = time.perf_counter()
-        train(RunSpec(run, ModelConfig.preset("tiny"), TrainConfig(max_steps=steps, precision=precision, seed=seed),
-                      None), show_progress=False)
+        train(
+            RunSpec(run, preset("tiny"), TrainConfig(max_steps=steps, precision=precision, seed=seed), None),
+            show_progress=False,
+        )
         print(f"{run.name}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r["val_loss"] for r in rows if "val_loss" in r][-1]
@@ -48,12 +51,21 @@ def compare_runs(out: Path, steps: int, seeds: list[int]) -> None:
     for seed in seeds:
         full.append(final_val_loss(out / f"full-seed{seed}", steps, "auto", seed))
         fp8.append(final_val_loss(out / f"fp8-seed{seed}", steps, "fp8", seed))
-        print(f"seed {seed}: full precision {full[-1]:.4f}, fp8 {fp8[-1]:.4f}, "
-              f"relative difference {100 * (fp8[-1] - full[-1]) / full[-1]:+.3f} %", flush=True)
+        print(
+            f"seed {seed}: full precision {full[-1]:.4f}, fp8 {fp8[-1]:.4f}, "
+            f"relative difference {100 * (fp8[-1] - full[-1]) / full[-1]:+.3f} %",
+            flush=True,
+        )
     differences = [(b - a) / a for a, b in zip(full, fp8)]
     mean_difference = statistics.mean(differences)
-    summary = {"steps": steps, "seeds": seeds, "full_val_loss": full, "fp8_val_loss": fp8,
-               "relative_differences": differences, "mean_relative_difference": mean_difference}
+    summary = {
+        "steps": steps,
+        "seeds": seeds,
+        "full_val_loss": full,
+        "fp8_val_loss": fp8,
+        "relative_differences": differences,
+        "mean_relative_difference": mean_difference,
+    }
     print(f"mean over {len(seeds)} seeds: {100 * mean_difference:+.3f} %  (V3 report: within 0.25 %)")
     if len(seeds) > 1:
         spread = statistics.stdev(full) / statistics.mean(full)
@@ -62,8 +74,9 @@ def compare_runs(out: Path, steps: int, seeds: list[int]) -> None:
     (out / "fp8_vs_full.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def step_seconds(config: ModelConfig, cfg: TrainConfig, device: torch.device, batch: int, seq: int,
-                 steps: int = 10) -> float:
+def step_seconds(
+    config: ModelConfig, cfg: TrainConfig, device: torch.device, batch: int, seq: int, steps: int = 10
+) -> float:
     torch.manual_seed(0)
     model = build_model(config).to(device)
     apply_precision(model, cfg)
@@ -84,24 +97,32 @@ def step_seconds(config: ModelConfig, cfg: TrainConfig, device: torch.device, ba
     return statistics.median(times)
 
 
-def compare_step_times(preset: str, batch: int, seq: int) -> None:
+def compare_step_times(shape: str, batch: int, seq: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = ModelConfig.preset(preset)
+    config = preset(shape)
     stats = model_stats(config, seq_len=seq)
-    print(f"{preset}: {stats.total_params / 1e9:.2f}B parameters, {stats.active_params / 1e9:.2f}B active")
+    print(f"{shape}: {stats.total_params / 1e9:.2f}B parameters, {stats.active_params / 1e9:.2f}B active")
     base = TrainConfig(seq_len=seq, batch_size=batch)
-    times = {p: step_seconds(config, dataclasses.replace(base, precision=p), device, batch, seq)
-             for p in ("auto", "fp8")}
+    times = {
+        p: step_seconds(config, dataclasses.replace(base, precision=p), device, batch, seq) for p in ("auto", "fp8")
+    }
     full = "bf16" if device.type == "cuda" else "fp32"
-    print(f"{preset} on {device.type}, batch {batch} x seq {seq}: {full} {times['auto'] * 1e3:.0f} ms/step, "
-          f"fp8 {times['fp8'] * 1e3:.0f} ms/step, fp8 / {full} = {times['fp8'] / times['auto']:.2f}")
+    print(
+        f"{shape} on {device.type}, batch {batch} x seq {seq}: {full} {times['auto'] * 1e3:.0f} ms/step, "
+        f"fp8 {times['fp8'] * 1e3:.0f} ms/step, fp8 / {full} = {times['fp8'] / times['auto']:.2f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2],
-                        help="one pair of runs per seed (finished runs under --out are reused)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1337, 1, 2],
+        help="one pair of runs per seed (finished runs under --out are reused)",
+    )
     parser.add_argument("--out", default="runs/fp8-study")
     parser.add_argument("--step-time", action="store_true", help="time training steps instead of comparing runs")
     parser.add_argument("--preset", default="1b", help="1b (the GPU comparison) or a nanoseek preset")

@@ -44,24 +44,53 @@ def train(out: Path, name: str, args: argparse.Namespace, precision: str, proces
     """`nanoseek train` for --warmup + TIMED_STEPS steps; its last metrics row covers the last TIMED_STEPS."""
     target = out / name
     shutil.rmtree(target, ignore_errors=True)
-    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                        "--standalone", "--nproc_per_node", str(processes)]
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    )
     parallel = [] if processes == 1 else ["--ep", str(processes)]
     steps = args.warmup + TIMED_STEPS
-    command = [*launcher, "-m", "nanoseek", "train", "--preset", args.preset, "--out", str(target),
-               "--max-steps", str(steps), *parallel, f"train.precision={precision}",
-               f"train.seq_len={args.seq}", f"train.batch_size={args.batch * processes}",
-               f"train.log_every={args.warmup}", f"train.eval_every={steps}", "train.eval_batches=1",
-               f"train.save_every={steps}", f"train.warmup_steps={args.warmup}", f"train.tf32={args.tf32}"]
+    command = [
+        *launcher,
+        "-m",
+        "nanoseek",
+        "train",
+        "--preset",
+        args.preset,
+        "--out",
+        str(target),
+        "--max-steps",
+        str(steps),
+        *parallel,
+        f"train.precision={precision}",
+        f"train.seq_len={args.seq}",
+        f"train.batch_size={args.batch * processes}",
+        f"train.log_every={args.warmup}",
+        f"train.eval_every={steps}",
+        "train.eval_batches=1",
+        f"train.save_every={steps}",
+        f"train.warmup_steps={args.warmup}",
+        f"train.tf32={args.tf32}",
+    ]
     if not run(command, out / f"{name}.log"):
         return {"ok": False}
     row = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()][-1]
     tokens_per_step = args.seq * args.batch * processes
-    result = {"ok": row["tokens_per_s_steps"] == TIMED_STEPS, "tokens_per_s": row["tokens_per_s"],
-              "step_ms": 1e3 * tokens_per_step / row["tokens_per_s"], "mfu": row["mfu"],
-              "mfu_peak": row["mfu_peak"], "steps_timed": row["tokens_per_s_steps"], "loss": row["loss"]}
-    print(f"   {name}: {result['tokens_per_s']:,.0f} tokens/s, {result['step_ms']:.0f} ms/step, MFU "
-          f"{100 * result['mfu']:.1f} % over steps {args.warmup + 1}-{steps}", flush=True)
+    result = {
+        "ok": row["tokens_per_s_steps"] == TIMED_STEPS,
+        "tokens_per_s": row["tokens_per_s"],
+        "step_ms": 1e3 * tokens_per_step / row["tokens_per_s"],
+        "mfu": row["mfu"],
+        "mfu_peak": row["mfu_peak"],
+        "steps_timed": row["tokens_per_s_steps"],
+        "loss": row["loss"],
+    }
+    print(
+        f"   {name}: {result['tokens_per_s']:,.0f} tokens/s, {result['step_ms']:.0f} ms/step, MFU "
+        f"{100 * result['mfu']:.1f} % over steps {args.warmup + 1}-{steps}",
+        flush=True,
+    )
     return result
 
 
@@ -83,10 +112,17 @@ def serve(model_dir: Path, device: torch.device, prompts: int, new_tokens: int) 
     completions = engine.generate(batch, params)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in completions)
-    print(f"   serving: {prompts} prompts of 64 tokens, {new_tokens} new each: {tokens / seconds:,.0f} tokens/s",
-          flush=True)
-    return {"ok": tokens == prompts * new_tokens, "tokens_per_s": tokens / seconds, "prompts": prompts,
-            "new_tokens": new_tokens, "seconds": seconds}
+    print(
+        f"   serving: {prompts} prompts of 64 tokens, {new_tokens} new each: {tokens / seconds:,.0f} tokens/s",
+        flush=True,
+    )
+    return {
+        "ok": tokens == prompts * new_tokens,
+        "tokens_per_s": tokens / seconds,
+        "prompts": prompts,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -106,14 +142,19 @@ def main() -> None:
         raise SystemExit("gpu_check: this torch sees no CUDA device (--allow-cpu checks the script on a CPU)")
     args.out.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() if cuda else 1
-    summary: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus,
-                               "device": torch.cuda.get_device_name() if cuda else "cpu",
-                               "capability": list(torch.cuda.get_device_capability()) if cuda else None,
-                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    summary: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": gpus,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
     print(f"== {summary['device']} x{gpus}, torch {summary['torch']}, CUDA {summary['cuda']}", flush=True)
     print("== 1. tests marked cuda", flush=True)
-    summary["tests"] = {"ok": run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"],
-                                  args.out / "tests.log")}
+    summary["tests"] = {
+        "ok": run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"], args.out / "tests.log")
+    }
     print(f"== 2. training on one {'GPU' if cuda else 'CPU'}: bf16, then FP8", flush=True)
     summary["train_bf16"] = train(args.out, "bf16", args, "bf16", 1)
     summary["train_fp8"] = train(args.out, "fp8", args, "fp8", 1)
@@ -125,8 +166,9 @@ def main() -> None:
         summary[f"train_bf16_{gpus}gpus"] = train(args.out, f"bf16-{gpus}gpus", args, "bf16", gpus)
     print("== 4. serving the bf16 model", flush=True)
     if summary["train_bf16"]["ok"]:
-        summary["serve"] = serve(args.out / "bf16", torch.device("cuda" if cuda else "cpu"), 32 if cuda else 4,
-                                 128 if cuda else 8)
+        summary["serve"] = serve(
+            args.out / "bf16", torch.device("cuda" if cuda else "cpu"), 32 if cuda else 4, 128 if cuda else 8
+        )
     failed = sorted(k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False)
     summary["failed"] = failed
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -26,27 +26,69 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.sparse_attention import (ALLOCATOR, INDEXER, SPEED_SHAPE, _decode_tokens_per_s, _engine,
-                                         _prefill_seconds, _prompts, _train, arguments, decode_rounds,
-                                         record_bits_per_byte, speed_heading, write_report)
+from benchmarks.sparse_attention import (
+    ALLOCATOR,
+    INDEXER,
+    SPEED_SHAPE,
+    _decode_tokens_per_s,
+    _engine,
+    _prefill_seconds,
+    _prompts,
+    _train,
+    arguments,
+    decode_rounds,
+    record_bits_per_byte,
+    speed_heading,
+    write_report,
+)
 from nanoseek.config import ModelConfig
 from nanoseek.flops import cache_bytes, model_stats
+from nanoseek.presets import preset
 from nanoseek.v4config import CSA, HCA
 
 ROOT = Path(__file__).resolve().parent.parent
 V4_SPEED_SHAPE = dict(
-    vocab_size=4096, hidden_size=256, moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=16,
-    q_lora_rank=128, qk_rope_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
-    topk_group=1, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, first_k_dense_replace=0,
-    num_nextn_predict_layers=0, attention_type="v4", num_key_value_heads=1, head_dim=64, layer_types=(CSA, HCA),
-    mlp_layer_types=("hash_moe", "moe"), sliding_window=128, compress_rate_csa=4, compress_rate_hca=128, hc_mult=4,
-    o_groups=4, o_lora_rank=128, swiglu_limit=10.0, index_n_heads=8, index_head_dim=64, index_topk=512)
+    vocab_size=4096,
+    hidden_size=256,
+    moe_intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    q_lora_rank=128,
+    qk_rope_head_dim=32,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    scoring_func="sqrtsoftplus",
+    routed_scaling_factor=1.5,
+    first_k_dense_replace=0,
+    num_nextn_predict_layers=0,
+    attention_type="v4",
+    num_key_value_heads=1,
+    head_dim=64,
+    layer_types=(CSA, HCA),
+    mlp_layer_types=("hash_moe", "moe"),
+    sliding_window=128,
+    compress_rate_csa=4,
+    compress_rate_hca=128,
+    hc_mult=4,
+    o_groups=4,
+    o_lora_rank=128,
+    swiglu_limit=10.0,
+    index_n_heads=8,
+    index_head_dim=64,
+    index_topk=512,
+)
 
 
 def speed_configs(max_len: int) -> dict[str, ModelConfig]:
     dense = ModelConfig(**SPEED_SHAPE, max_position_embeddings=max_len)
-    return {"v3": dense, "v32": dense.replace(**INDEXER),
-            "v4": ModelConfig(**V4_SPEED_SHAPE, max_position_embeddings=max_len)}
+    return {
+        "v3": dense,
+        "v32": dense.replace(**INDEXER),
+        "v4": ModelConfig(**V4_SPEED_SHAPE, max_position_embeddings=max_len),
+    }
 
 
 def speed(contexts: list[int], batch: int, new_tokens: int, rounds: int, seed: int) -> list[dict]:
@@ -77,7 +119,7 @@ def speed(contexts: list[int], batch: int, new_tokens: int, rounds: int, seed: i
 
 def published_cache(contexts: list[int]) -> list[dict]:
     """Cache bytes per token (bf16) at DeepSeek's shapes, and V4-Flash's share of V3's."""
-    shapes = {name: ModelConfig.preset(name) for name in ("v3", "v32", "v4-flash")}
+    shapes = {name: preset(name) for name in ("v3", "v32", "v4-flash")}
     rows = []
     for context in contexts:
         row = {"context": context, **{name: cache_bytes(c, context) / context for name, c in shapes.items()}}
@@ -88,15 +130,34 @@ def published_cache(contexts: list[int]) -> list[dict]:
 
 def quality(out: Path, context: int, v3_steps: int, seed: int) -> dict:
     """tiny (V3) and tiny-v4 trained from scratch at `context` for equal training FLOPs, held-out bits per byte."""
-    common = ["--seed", str(seed), "--eval-every", "100000", "train.eval_batches=1", "train.log_every=25",
-              "train.batch_size=2", f"train.seq_len={context}", f"model.max_position_embeddings={context}",
-              "train.warmup_steps=20", "--no-mtp"]
-    flops = {name: model_stats(ModelConfig.preset(name).replace(max_position_embeddings=context, vocab_size=4096,
-                                                                 num_nextn_predict_layers=0),
-                               seq_len=context).flops_per_token for name in ("tiny", "tiny-v4")}
+    common = [
+        "--seed",
+        str(seed),
+        "--eval-every",
+        "100000",
+        "train.eval_batches=1",
+        "train.log_every=25",
+        "train.batch_size=2",
+        f"train.seq_len={context}",
+        f"model.max_position_embeddings={context}",
+        "train.warmup_steps=20",
+        "--no-mtp",
+    ]
+    flops = {
+        name: model_stats(
+            preset(name).replace(max_position_embeddings=context, vocab_size=4096, num_nextn_predict_layers=0),
+            seq_len=context,
+        ).flops_per_token
+        for name in ("tiny", "tiny-v4")
+    }
     steps = {"tiny": v3_steps, "tiny-v4": round(v3_steps * flops["tiny"] / flops["tiny-v4"])}
-    result = {"context": context, "seed": seed, "steps": steps, "flops_per_token": flops,
-              "active_params": {name: model_stats(ModelConfig.preset(name)).active_params for name in flops}}
+    result = {
+        "context": context,
+        "seed": seed,
+        "steps": steps,
+        "flops_per_token": flops,
+        "active_params": {name: model_stats(preset(name)).active_params for name in flops},
+    }
     for name, count in steps.items():
         _train(out / name, "--preset", name, "--max-steps", str(count), *common)
     record_bits_per_byte(result, out, list(steps), context)
@@ -107,36 +168,62 @@ def quality(out: Path, context: int, v3_steps: int, seed: int) -> dict:
 def markdown(report: dict) -> str:
     lines = []
     if "speed" in report:
-        lines += [speed_heading(report, {"v3": "V3", "v32": "V3.2", "v4": "V4"}, " (1 past 16K)"), "", "| context | decode tok/s V3 / V3.2 / V4 | V4 vs V3 | V3.2 vs V3 | prefill s V3 / V3.2 / V4 | "
-                  "cache B/token V3 / V3.2 / V4 |", "|---|---|---|---|---|---|"]
+        lines += [
+            speed_heading(report, {"v3": "V3", "v32": "V3.2", "v4": "V4"}, " (1 past 16K)"),
+            "",
+            "| context | decode tok/s V3 / V3.2 / V4 | V4 vs V3 | V3.2 vs V3 | prefill s V3 / V3.2 / V4 | "
+            "cache B/token V3 / V3.2 / V4 |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in report["speed"]:
             decode = " / ".join(f"{r[f'{n}_decode_tok_s']:.0f}" for n in ("v3", "v32", "v4"))
             prefill = " / ".join(f"{r[f'{n}_prefill_s']:.2f}" for n in ("v3", "v32", "v4"))
             cache = " / ".join(f"{r[f'{n}_cache_bytes_per_token']:,.0f}" for n in ("v3", "v32", "v4"))
-            ratio = {n: f"{r[f'{n}_decode_speedup']:.2f}x [{r[f'{n}_decode_speedup_range'][0]:.2f}-"
-                        f"{r[f'{n}_decode_speedup_range'][1]:.2f}]" for n in ("v4", "v32")}
+            ratio = {
+                n: f"{r[f'{n}_decode_speedup']:.2f}x [{r[f'{n}_decode_speedup_range'][0]:.2f}-"
+                f"{r[f'{n}_decode_speedup_range'][1]:.2f}]"
+                for n in ("v4", "v32")
+            }
             lines.append(f"| {r['context']:,} | {decode} | {ratio['v4']} | {ratio['v32']} | {prefill} | {cache} |")
     if "published_cache" in report:
-        lines += ["", "Cache bytes per token at the published shapes (bf16):", "",
-                  "| context | V3 | V3.2 | V4-Flash | V4-Flash / V3 |", "|---|---|---|---|---|"]
-        lines += [f"| {r['context']:,} | {r['v3']:,.0f} | {r['v32']:,.0f} | {r['v4-flash']:,.0f} | "
-                  f"{100 * r['v4_flash_vs_v3']:.1f} % |" for r in report["published_cache"]]
+        lines += [
+            "",
+            "Cache bytes per token at the published shapes (bf16):",
+            "",
+            "| context | V3 | V3.2 | V4-Flash | V4-Flash / V3 |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['context']:,} | {r['v3']:,.0f} | {r['v32']:,.0f} | {r['v4-flash']:,.0f} | "
+            f"{100 * r['v4_flash_vs_v3']:.1f} % |"
+            for r in report["published_cache"]
+        ]
     if "quality" in report:
         q = report["quality"]
-        lines += ["", f"Held-out bits per byte at {q['context']:,} tokens after equal training FLOPs (steps "
-                  f"{q['steps']}, seed {q['seed']}; active parameters {q['active_params']}):", "",
-                  "| model | bits per byte |", "|---|---|",
-                  f"| V3 (tiny) | {q['tiny_bpb']:.4f} |", f"| V4 (tiny-v4) | {q['tiny-v4_bpb']:.4f} |",
-                  "", f"V4 vs V3: {100 * q['v4_vs_v3']:+.2f} %"]
+        lines += [
+            "",
+            f"Held-out bits per byte at {q['context']:,} tokens after equal training FLOPs (steps "
+            f"{q['steps']}, seed {q['seed']}; active parameters {q['active_params']}):",
+            "",
+            "| model | bits per byte |",
+            "|---|---|",
+            f"| V3 (tiny) | {q['tiny_bpb']:.4f} |",
+            f"| V4 (tiny-v4) | {q['tiny-v4_bpb']:.4f} |",
+            "",
+            f"V4 vs V3: {100 * q['v4_vs_v3']:+.2f} %",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     args = arguments("long_context", __doc__)
     contexts = [512, 1024] if args.quick else [1024, 4096, 16384, 65536]
-    report: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-                    "allocator": ALLOCATOR, "quick": args.quick,
-                    "published_cache": published_cache([4096, 16384, 65536, 131072, 1048576])}
+    report: dict = {
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "allocator": ALLOCATOR,
+        "quick": args.quick,
+        "published_cache": published_cache([4096, 16384, 65536, 131072, 1048576]),
+    }
     if args.skip != "speed":
         configs = speed_configs(max(contexts) + 256)
         report["shapes"] = {"v3": SPEED_SHAPE, "v32_indexer": INDEXER, "v4": V4_SPEED_SHAPE}
@@ -144,8 +231,12 @@ def main() -> None:
         report["decode_batch"], report["new_tokens"], report["rounds"] = (2, 8, 2) if args.quick else (4, 32, 3)
         report["speed"] = speed(contexts, report["decode_batch"], report["new_tokens"], report["rounds"], args.seed)
     if args.skip != "quality":
-        report["quality"] = quality(args.out / ("quick" if args.quick else "full"), 256 if args.quick else 1024,
-                                    10 if args.quick else 400, args.seed)
+        report["quality"] = quality(
+            args.out / ("quick" if args.quick else "full"),
+            256 if args.quick else 1024,
+            10 if args.quick else 400,
+            args.seed,
+        )
     write_report(report, markdown(report), args)
 
 

@@ -34,8 +34,25 @@ def nanoseek(*args: str) -> float:
 
 
 def evaluate(model: Path, task: str, n: int, split: str = "test") -> dict:
-    out = subprocess.run([sys.executable, "-m", "nanoseek", "eval", str(model), "--task", task, "--n", str(n),
-                          "--split", split, "--json"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanoseek",
+            "eval",
+            str(model),
+            "--task",
+            task,
+            "--n",
+            str(n),
+            "--split",
+            split,
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -47,8 +64,9 @@ def ask_served(model: Path, question: str) -> str:
     server, base = start_serve(model)
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
-        reply = client.chat.completions.create(model=model.resolve().name, temperature=0, max_tokens=64,
-                                               messages=[{"role": "user", "content": question}])
+        reply = client.chat.completions.create(
+            model=model.resolve().name, temperature=0, max_tokens=64, messages=[{"role": "user", "content": question}]
+        )
         return reply.choices[0].message.content
     finally:
         server.terminate()
@@ -84,8 +102,12 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--rl-steps", type=int, default=400)
     parser.add_argument("--rl-eval-every", type=int, default=50)
-    parser.add_argument("--earlier", type=Path, help="the report.json of an earlier invocation whose test figures "
-                        "were seen before this one's settings were chosen: the report says so, with its figures")
+    parser.add_argument(
+        "--earlier",
+        type=Path,
+        help="the report.json of an earlier invocation whose test figures "
+        "were seen before this one's settings were chosen: the report says so, with its figures",
+    )
     args = parser.parse_args()
     earlier = json.loads(args.earlier.read_text()) if args.earlier else None
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,22 +122,57 @@ def main() -> None:
     for seed, (sft, rl) in runs.items():
         if not (sft / "model.safetensors").exists():
             seconds[f"sft seed {seed}"] = nanoseek(
-                "sft", str(base), "--task", args.task, "--task-examples", str(args.task_examples), "--out", str(sft),
-                "--max-steps", str(args.sft_steps), "--batch-size", "32", "--lr", "2e-3", "--seed", str(seed))
+                "sft",
+                str(base),
+                "--task",
+                args.task,
+                "--task-examples",
+                str(args.task_examples),
+                "--out",
+                str(sft),
+                "--max-steps",
+                str(args.sft_steps),
+                "--batch-size",
+                "32",
+                "--lr",
+                "2e-3",
+                "--seed",
+                str(seed),
+            )
         if not (rl / "model.safetensors").exists():  # an interrupted run (a checkpoint, no model) goes on
             resume = ["--resume"] if any((rl / "checkpoints").glob("step_*")) else []
             seconds[f"rl seed {seed}"] = nanoseek(
-                "rl", str(sft), "--task", args.task, "--out", str(rl), "--max-steps", str(args.rl_steps),
-                "--batch-size", "32", "--lr", "1e-4", "--token-mean", "--seed", str(seed),
-                "--validation", str(args.validation), "--eval-every", str(args.rl_eval_every), *resume)
+                "rl",
+                str(sft),
+                "--task",
+                args.task,
+                "--out",
+                str(rl),
+                "--max-steps",
+                str(args.rl_steps),
+                "--batch-size",
+                "32",
+                "--lr",
+                "1e-4",
+                "--token-mean",
+                "--seed",
+                str(seed),
+                "--validation",
+                str(args.validation),
+                "--eval-every",
+                str(args.rl_eval_every),
+                *resume,
+            )
     start = time.perf_counter()
     curves = {seed: validation_curve(sft, rl, args.task, args.validation) for seed, (sft, rl) in runs.items()}
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
     mean_curve = {step: statistics.fmean(c[step] for c in curves.values()) for step in steps}
     chosen = max(steps, key=lambda step: (mean_curve[step], -step))  # the earliest of equal bests
     chosen_models = {seed: sft if chosen == 0 else rl / "steps" / f"{chosen:06d}" for seed, (sft, rl) in runs.items()}
-    test = {seed: {"sft": evaluate(sft, args.task, args.n), "rl": evaluate(chosen_models[seed], args.task, args.n)}
-            for seed, (sft, _) in runs.items()}
+    test = {
+        seed: {"sft": evaluate(sft, args.task, args.n), "rl": evaluate(chosen_models[seed], args.task, args.n)}
+        for seed, (sft, _) in runs.items()
+    }
     bpb = {"base": evaluate(base, "bpb", 100)["bpb"]}
     for seed, (sft, _) in runs.items():
         bpb[f"sft seed {seed}"] = evaluate(sft, "bpb", 100)["bpb"]
@@ -124,63 +181,126 @@ def main() -> None:
     seconds["eval"] = time.perf_counter() - start
     question = "What is 58 + 67?"
     first = args.seeds[0]
-    answers = {name: ask_served(path, question) for name, path in (("sft", runs[first][0]),
-                                                                  ("rl", chosen_models[first]))}
+    answers = {
+        name: ask_served(path, question) for name, path in (("sft", runs[first][0]), ("rl", chosen_models[first]))
+    }
     summary = {stage: mean_and_error([test[s][stage]["accuracy"] for s in args.seeds]) for stage in ("sft", "rl")}
     gain = mean_and_error([test[s]["rl"]["accuracy"] - test[s]["sft"]["accuracy"] for s in args.seeds])
-    write_report(report_dir, args, base_test, test, summary, gain, curves, mean_curve, chosen, bpb, seconds,
-                 question, answers, earlier)
+    write_report(
+        report_dir,
+        args,
+        base_test,
+        test,
+        summary,
+        gain,
+        curves,
+        mean_curve,
+        chosen,
+        bpb,
+        seconds,
+        question,
+        answers,
+        earlier,
+    )
 
 
 def earlier_lines(earlier: dict, args: argparse.Namespace) -> list[str]:
     """What an earlier invocation measured on the same test split before this one's settings were chosen."""
     then = earlier["settings"]
-    changed = {k: (then.get(k), v) for k, v in vars(args).items()
-               if k not in ("earlier", "report", "out", "base") and str(then.get(k)) != str(v)}
+    changed = {
+        k: (then.get(k), v)
+        for k, v in vars(args).items()
+        if k not in ("earlier", "report", "out", "base") and str(then.get(k)) != str(v)
+    }
     gain, error = earlier["rl_minus_sft"]
-    return ["", f"Not a first look at this test split: an earlier invocation ({args.earlier}) measured RL − SFT "
-            f"{100 * gain:+.1f} ± {100 * error:.1f} points on it (RL's step count {earlier['chosen_rl_steps']}); "
-            "this invocation's settings were chosen after seeing that figure. Changed since: " +
-            (", ".join(f"{k} {a} → {b}" for k, (a, b) in changed.items()) or "nothing") + "."]
+    return [
+        "",
+        f"Not a first look at this test split: an earlier invocation ({args.earlier}) measured RL − SFT "
+        f"{100 * gain:+.1f} ± {100 * error:.1f} points on it (RL's step count {earlier['chosen_rl_steps']}); "
+        "this invocation's settings were chosen after seeing that figure. Changed since: "
+        + (", ".join(f"{k} {a} → {b}" for k, (a, b) in changed.items()) or "nothing")
+        + ".",
+    ]
 
 
-def write_report(report_dir: Path, args: argparse.Namespace, base_test: dict, test: dict, summary: dict,
-                 gain: tuple[float, float], curves: dict, mean_curve: dict, chosen: int, bpb: dict, seconds: dict,
-                 question: str, answers: dict, earlier: dict | None) -> None:
+def write_report(
+    report_dir: Path,
+    args: argparse.Namespace,
+    base_test: dict,
+    test: dict,
+    summary: dict,
+    gain: tuple[float, float],
+    curves: dict,
+    mean_curve: dict,
+    chosen: int,
+    bpb: dict,
+    seconds: dict,
+    question: str,
+    answers: dict,
+    earlier: dict | None,
+) -> None:
     seeds = args.seeds
-    lines = [f"{args.task}, pass@1 (greedy) on {args.n} test problems, {len(seeds)} seeds ({', '.join(map(str, seeds))});"
-             f" RL's step count ({chosen}) chosen on {args.validation} validation problems (mean over seeds):", "",
-             "| stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± s.e. |",
-             "|---|" + "---|" * (len(seeds) + 1),
-             "| base | " + " | ".join("–" for _ in seeds) + f" | {base_test['accuracy']:.4f} (one model) |"]
+    lines = [
+        f"{args.task}, pass@1 (greedy) on {args.n} test problems, {len(seeds)} seeds ({', '.join(map(str, seeds))});"
+        f" RL's step count ({chosen}) chosen on {args.validation} validation problems (mean over seeds):",
+        "",
+        "| stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± s.e. |",
+        "|---|" + "---|" * (len(seeds) + 1),
+        "| base | " + " | ".join("–" for _ in seeds) + f" | {base_test['accuracy']:.4f} (one model) |",
+    ]
     for stage in ("sft", "rl"):
         mean, error = summary[stage]
-        lines.append(f"| {stage} | " + " | ".join(f"{test[s][stage]['accuracy']:.4f}" for s in seeds) +
-                     f" | {mean:.4f} ± {error:.4f} |")
+        lines.append(
+            f"| {stage} | "
+            + " | ".join(f"{test[s][stage]['accuracy']:.4f}" for s in seeds)
+            + f" | {mean:.4f} ± {error:.4f} |"
+        )
     lines += ["", f"RL − SFT: {100 * gain[0]:+.1f} ± {100 * gain[1]:.1f} points (mean ± s.e. over seeds, paired)"]
     lines += earlier_lines(earlier, args) if earlier else []
-    lines += ["", "Validation pass@1 by RL step (step 0: the SFT model):", "",
-              "| step | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|" + "---|" * (len(seeds) + 1)]
+    lines += [
+        "",
+        "Validation pass@1 by RL step (step 0: the SFT model):",
+        "",
+        "| step | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
     for step, mean in mean_curve.items():
         mark = " (chosen)" if step == chosen else ""
         lines.append(f"| {step}{mark} | " + " | ".join(f"{curves[s][step]:.3f}" for s in seeds) + f" | {mean:.3f} |")
     lines += ["", "| model | bits per byte |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in bpb.items()]
     lines += ["", "| stage | minutes |", "|---|---|"] + [f"| {k} | {v / 60:.1f} |" for k, v in seconds.items()]
-    lines += ["", "A stage missing from this table was not run by this invocation: its model was already in "
-              f"{args.out} (pretraining and SFT are reused when only RL's settings change); a resumed stage "
-              "counts only this invocation's part."]
-    lines += [""] + [f"`nanoseek serve` the {name} model of seed {seeds[0]}, asked {question!r} through the openai "
-                     f"client: {reply!r}" for name, reply in answers.items()]
+    lines += [
+        "",
+        "A stage missing from this table was not run by this invocation: its model was already in "
+        f"{args.out} (pretraining and SFT are reused when only RL's settings change); a resumed stage "
+        "counts only this invocation's part.",
+    ]
+    lines += [""] + [
+        f"`nanoseek serve` the {name} model of seed {seeds[0]}, asked {question!r} through the openai client: {reply!r}"
+        for name, reply in answers.items()
+    ]
     report = "\n".join(lines) + "\n"
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.md").write_text(report)
-    (report_dir / "report.json").write_text(json.dumps({
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "base_test": base_test, "test": {str(s): v for s, v in test.items()},
-        "mean_and_stderr": summary, "rl_minus_sft": gain, "validation_curves": {str(s): c for s, c in curves.items()},
-        "chosen_rl_steps": chosen, "earlier": earlier and {k: earlier[k] for k in ("settings", "rl_minus_sft",
-                                                                                   "chosen_rl_steps")},
-        "bpb": bpb, "seconds": seconds, "served_answers": answers}, indent=2) + "\n")
+    (report_dir / "report.json").write_text(
+        json.dumps(
+            {
+                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "base_test": base_test,
+                "test": {str(s): v for s, v in test.items()},
+                "mean_and_stderr": summary,
+                "rl_minus_sft": gain,
+                "validation_curves": {str(s): c for s, c in curves.items()},
+                "chosen_rl_steps": chosen,
+                "earlier": earlier and {k: earlier[k] for k in ("settings", "rl_minus_sft", "chosen_rl_steps")},
+                "bpb": bpb,
+                "seconds": seconds,
+                "served_answers": answers,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(report)
 
 

@@ -49,12 +49,12 @@ def workload(run: Path, requests: int, seed: int) -> list[dict]:
     context = json.loads((run / "config.json").read_text())["max_position_embeddings"]
     text = default_corpus_files()[0].read_text(encoding="utf-8")
     rng = random.Random(seed)
-    preamble = text[5000:5000 + 600]
+    preamble = text[5000 : 5000 + 600]
     mix = []
     for _ in range(requests):
         short = rng.random() < 0.5
         start = rng.randrange(10000, len(text) - 5000)
-        prompt = text[start: start + (rng.randint(40, 120) if short else rng.randint(300, 700))]
+        prompt = text[start : start + (rng.randint(40, 120) if short else rng.randint(300, 700))]
         if rng.random() < 1 / 3:
             prompt = preamble + prompt
         max_tokens = rng.choice([16, 32, 64, 96])
@@ -67,8 +67,13 @@ def workload(run: Path, requests: int, seed: int) -> list[dict]:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, item: dict) -> dict:
-    body = {"model": model, "prompt": item["prompt"], "max_tokens": item["max_tokens"], "temperature": 0,
-            "stream": True}
+    body = {
+        "model": model,
+        "prompt": item["prompt"],
+        "max_tokens": item["max_tokens"],
+        "temperature": 0,
+        "stream": True,
+    }
     start = time.perf_counter()
     first, text = None, []
     async with client.stream("POST", url, json=body) as response:
@@ -81,13 +86,17 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, item: dic
             if piece and first is None:
                 first = time.perf_counter() - start
             text.append(piece)
-    return {"ttft": first if first is not None else time.perf_counter() - start, "text": "".join(text),
-            "latency": time.perf_counter() - start}
+    return {
+        "ttft": first if first is not None else time.perf_counter() - start,
+        "text": "".join(text),
+        "latency": time.perf_counter() - start,
+    }
 
 
 async def drive(url: str, model: str, mix: list[dict], concurrency: int) -> tuple[list[dict], float]:
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600) as client:
+
         async def bounded(item: dict) -> dict:
             async with gate:
                 return await one_request(client, url, model, item)
@@ -109,8 +118,7 @@ def measure(name: str, command: str, run: Path, mix: list[dict], concurrency: in
     port = free_port()
     python = shlex.quote(sys.executable)
     transformers = shlex.quote(str(Path(sys.executable).with_name("transformers")))
-    argv = shlex.split(command.format(python=python, transformers=transformers, run=shlex.quote(str(run)),
-                                      port=port))
+    argv = shlex.split(command.format(python=python, transformers=transformers, run=shlex.quote(str(run)), port=port))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -126,10 +134,16 @@ def measure(name: str, command: str, run: Path, mix: list[dict], concurrency: in
     tokens = [len(tokenizer.encode(r["text"]).ids) for r in results]
     tpot = [(r["latency"] - r["ttft"]) / (n - 1) for r, n in zip(results, tokens) if n > 1]
     ttft = [r["ttft"] for r in results]
-    return {"output_tokens": sum(tokens), "seconds": seconds, "output_tokens_per_s": sum(tokens) / seconds,
-            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 0.99),
-            "tpot_p50_s": statistics.median(tpot), "tpot_p99_s": percentile(tpot, 0.99),
-            "texts": [r["text"] for r in results]}
+    return {
+        "output_tokens": sum(tokens),
+        "seconds": seconds,
+        "output_tokens_per_s": sum(tokens) / seconds,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p99_s": percentile(ttft, 0.99),
+        "tpot_p50_s": statistics.median(tpot),
+        "tpot_p99_s": percentile(tpot, 0.99),
+        "texts": [r["text"] for r in results],
+    }
 
 
 def main() -> None:
@@ -139,8 +153,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sides", default="nanoseek,nanoseek-static,transformers")
-    parser.add_argument("--side", action="append", default=[], metavar="NAME=COMMAND",
-                        help="another server; COMMAND may use {python}, {run} and {port}")
+    parser.add_argument(
+        "--side",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="another server; COMMAND may use {python}, {run} and {port}",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     sides = {name: SIDES[name] for name in args.sides.split(",") if name}
@@ -151,19 +170,24 @@ def main() -> None:
         print(f"{name}: {len(mix)} requests, {args.concurrency} at a time ...", flush=True)
         results[name] = measure(name, command, args.run, mix, args.concurrency)
     reference = results.get("transformers") or next(iter(results.values()))
-    print(f"\n| side ({args.requests} requests, concurrency {args.concurrency}) | output tok/s | vs transformers | "
-          "TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |\n|---|---|---|---|---|")
+    print(
+        f"\n| side ({args.requests} requests, concurrency {args.concurrency}) | output tok/s | vs transformers | "
+        "TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |\n|---|---|---|---|---|"
+    )
     for name, r in results.items():
-        print(f"| {name} | {r['output_tokens_per_s']:.1f} | "
-              f"{r['output_tokens_per_s'] / reference['output_tokens_per_s']:.2f}× | "
-              f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
-              f"{1000 * r['tpot_p50_s']:.0f} / {1000 * r['tpot_p99_s']:.0f} |")
+        print(
+            f"| {name} | {r['output_tokens_per_s']:.1f} | "
+            f"{r['output_tokens_per_s'] / reference['output_tokens_per_s']:.2f}× | "
+            f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
+            f"{1000 * r['tpot_p50_s']:.0f} / {1000 * r['tpot_p99_s']:.0f} |"
+        )
     if "nanoseek" in results and "transformers" in results:
         same = sum(a == b for a, b in zip(results["nanoseek"]["texts"], results["transformers"]["texts"]))
         print(f"\nnanoseek and transformers returned the same greedy text for {same}/{len(mix)} requests")
     if args.json:
-        args.json.write_text(json.dumps({k: {m: v for m, v in r.items() if m != "texts"}
-                                         for k, r in results.items()}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({k: {m: v for m, v in r.items() if m != "texts"} for k, r in results.items()}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

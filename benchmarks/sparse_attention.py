@@ -48,11 +48,26 @@ from nanoseek.train.heldout import held_out_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
-SPEED_SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=64,
-                   num_hidden_layers=2, num_attention_heads=16, q_lora_rank=128, kv_lora_rank=256,
-                   qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
-                   num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
-                   num_nextn_predict_layers=0)
+SPEED_SHAPE = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    q_lora_rank=128,
+    kv_lora_rank=256,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    num_nextn_predict_layers=0,
+)
 INDEXER = dict(index_n_heads=8, index_head_dim=64, index_topk=2048)
 
 
@@ -99,8 +114,9 @@ def _decode_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: i
     return new_tokens * len(sequences) / elapsed
 
 
-def decode_rounds(engines: dict[str, Engine], prompts: list[list[int]], new_tokens: int, rounds: int,
-                  row: dict) -> dict[str, list[float]]:
+def decode_rounds(
+    engines: dict[str, Engine], prompts: list[list[int]], new_tokens: int, rounds: int, row: dict
+) -> dict[str, list[float]]:
     """Each engine decodes the prompts `rounds` times, the engines taken in alternation (a machine whose speed
     drifts moves every side alike) → every round's tokens/s; `row` gains each engine's median and range."""
     measured: dict[str, list[float]] = {name: [] for name in engines}
@@ -170,11 +186,33 @@ def quality(out: Path, context: int, steps: dict[str, int], seed: int) -> dict:
     common = ["--seed", str(seed), "--eval-every", "100000", "train.eval_batches=1", "train.log_every=25"]
     long = [*common, "train.batch_size=2", f"train.seq_len={context}"]
     _train(out / "v3-short", "--preset", "tiny", "--max-steps", str(steps["short"]), *common)
-    _train(out / "v3-long", "--from", str(out / "v3-short"), "--context", str(context), "--max-steps",
-           str(steps["extend"]), *long, "train.lr=1e-3", "train.warmup_steps=10")
-    _train(out / "v32-warmup", "--from", str(out / "v3-long"), "--dsa", "warmup", "--max-steps", str(steps["warmup"]),
-           *long, "model.index_n_heads=8", "model.index_head_dim=32", f"model.index_topk={topk}", "train.lr=1e-3",
-           "train.warmup_steps=10")
+    _train(
+        out / "v3-long",
+        "--from",
+        str(out / "v3-short"),
+        "--context",
+        str(context),
+        "--max-steps",
+        str(steps["extend"]),
+        *long,
+        "train.lr=1e-3",
+        "train.warmup_steps=10",
+    )
+    _train(
+        out / "v32-warmup",
+        "--from",
+        str(out / "v3-long"),
+        "--dsa",
+        "warmup",
+        "--max-steps",
+        str(steps["warmup"]),
+        *long,
+        "model.index_n_heads=8",
+        "model.index_head_dim=32",
+        f"model.index_topk={topk}",
+        "train.lr=1e-3",
+        "train.warmup_steps=10",
+    )
     sparse_settings = ["--max-steps", str(steps["sparse"]), *long, "train.lr=3e-4", "train.warmup_steps=10"]
     _train(out / "v32-sparse", "--from", str(out / "v32-warmup"), "--dsa", "sparse", *sparse_settings)
     _train(out / "v3-long-continued", "--from", str(out / "v3-long"), *sparse_settings)
@@ -188,31 +226,51 @@ def quality(out: Path, context: int, steps: dict[str, int], seed: int) -> dict:
 def speed_heading(report: dict, labels: dict[str, str], note: str = "") -> str:
     """The line above a speed table: how decode was measured, and each model's active parameters."""
     active = ", ".join(f"{label} {report['active_params'][name]:,}" for name, label in labels.items())
-    return (f"Speed (same engine; decode: {report['decode_batch']} sequences at the context{note}, "
-            f"{report['new_tokens']} new tokens each, the median of {report['rounds']} alternating rounds [range]; "
-            f"active parameters {active}):")
+    return (
+        f"Speed (same engine; decode: {report['decode_batch']} sequences at the context{note}, "
+        f"{report['new_tokens']} new tokens each, the median of {report['rounds']} alternating rounds [range]; "
+        f"active parameters {active}):"
+    )
 
 
 def markdown(report: dict) -> str:
     """The README's tables, from the report."""
     lines = []
     if "speed" in report:
-        lines += [speed_heading(report, {"v3": "V3", "v32": "V3.2"}), "",
-                  "| context | V3 decode tok/s | V3.2 decode tok/s | decode speed-up | V3 prefill s | "
-                  "V3.2 prefill s |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['context']:,} | {r['v3_decode_tok_s']:.0f} | {r['v32_decode_tok_s']:.0f} | "
-                  f"{r['decode_speedup']:.2f}x [{r['decode_speedup_range'][0]:.2f}-{r['decode_speedup_range'][1]:.2f}]"
-                  f" | {r['v3_prefill_s']:.2f} | {r['v32_prefill_s']:.2f} |" for r in report["speed"]]
+        lines += [
+            speed_heading(report, {"v3": "V3", "v32": "V3.2"}),
+            "",
+            "| context | V3 decode tok/s | V3.2 decode tok/s | decode speed-up | V3 prefill s | V3.2 prefill s |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['context']:,} | {r['v3_decode_tok_s']:.0f} | {r['v32_decode_tok_s']:.0f} | "
+            f"{r['decode_speedup']:.2f}x [{r['decode_speedup_range'][0]:.2f}-{r['decode_speedup_range'][1]:.2f}]"
+            f" | {r['v3_prefill_s']:.2f} | {r['v32_prefill_s']:.2f} |"
+            for r in report["speed"]
+        ]
     if "quality" in report:
         q = report["quality"]
-        lines += ["", f"Held-out bits per byte at {q['context']:,} tokens (V3.2 keeps the top {q['index_topk']} "
-                  f"tokens per query; steps {q['steps']}, seed {q['seed']}):", "",
-                  "| model | bits per byte |", "|---|---|"]
-        names = {"v3-long": "V3 parent (YaRN-extended)", "v32-warmup": "V3.2 after the dense warm-up",
-                 "v32-sparse": "V3.2 after sparse training", "v3-long-continued": "V3 parent, same extra steps dense"}
+        lines += [
+            "",
+            f"Held-out bits per byte at {q['context']:,} tokens (V3.2 keeps the top {q['index_topk']} "
+            f"tokens per query; steps {q['steps']}, seed {q['seed']}):",
+            "",
+            "| model | bits per byte |",
+            "|---|---|",
+        ]
+        names = {
+            "v3-long": "V3 parent (YaRN-extended)",
+            "v32-warmup": "V3.2 after the dense warm-up",
+            "v32-sparse": "V3.2 after sparse training",
+            "v3-long-continued": "V3 parent, same extra steps dense",
+        }
         lines += [f"| {label} | {q[f'{name}_bpb']:.4f} |" for name, label in names.items()]
-        lines += ["", f"V3.2 vs its parent: {100 * q['v32_vs_parent']:+.2f} %; vs the parent trained on densely: "
-                  f"{100 * q['v32_vs_continued']:+.2f} %"]
+        lines += [
+            "",
+            f"V3.2 vs its parent: {100 * q['v32_vs_parent']:+.2f} %; vs the parent trained on densely: "
+            f"{100 * q['v32_vs_continued']:+.2f} %",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -243,15 +301,24 @@ def main() -> None:
     args = arguments("sparse_attention", __doc__)
     contexts = [512, 1024] if args.quick else [1024, 4096, 16384]
     context = 512 if args.quick else 2048
-    steps = dict(short=20, extend=10, warmup=10, sparse=10) if args.quick else \
-        dict(short=600, extend=200, warmup=100, sparse=200)
-    report = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "allocator": ALLOCATOR,
-              "quick": args.quick, "speed_shape": SPEED_SHAPE, "indexer": INDEXER}
+    steps = (
+        dict(short=20, extend=10, warmup=10, sparse=10)
+        if args.quick
+        else dict(short=600, extend=200, warmup=100, sparse=200)
+    )
+    report = {
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "allocator": ALLOCATOR,
+        "quick": args.quick,
+        "speed_shape": SPEED_SHAPE,
+        "indexer": INDEXER,
+    }
     if args.skip != "speed":
         dense = ModelConfig(**SPEED_SHAPE, max_position_embeddings=max(contexts) + 256)
-        report["active_params"] = {"v3": model_stats(dense).active_params,
-                                   "v32": model_stats(dense.replace(**INDEXER)).active_params}
+        report["active_params"] = {
+            "v3": model_stats(dense).active_params,
+            "v32": model_stats(dense.replace(**INDEXER)).active_params,
+        }
         report["decode_batch"], report["new_tokens"], report["rounds"] = (2, 8, 2) if args.quick else (4, 32, 5)
         report["speed"] = speed(contexts, report["decode_batch"], report["new_tokens"], report["rounds"], args.seed)
     if args.skip != "quality":

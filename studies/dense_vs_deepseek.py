@@ -40,15 +40,15 @@ from pathlib import Path
 
 from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.config import ModelConfig
-from nanoseek.data.sources import default_corpus_files, sample_texts
 from nanoseek.data.prepare import tokenizer_digest
+from nanoseek.data.sources import default_corpus_files, sample_texts
 from nanoseek.data.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
 from nanoseek.flops import model_stats
+from nanoseek.presets import preset
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.data import run_dataset, run_sources
 from nanoseek.train.heldout import held_out_loss
 from nanoseek.train.trainer import RunSpec, train
-
 from studies.study_report import analyse, write_report
 
 BUDGETS = (0.25, 0.5, 1.0, 2.0)
@@ -69,20 +69,32 @@ class Arm:
 
 
 def arms() -> list[Arm]:
-    tiny = ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0)
-    moe = {experts: tiny.replace(n_routed_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=width)
-           for experts, top_k, width in ((8, 2, 128), (16, 2, 128), (32, 5, 64), (64, 5, 64))}
-    return [Arm("dense", ModelConfig.preset("tiny-dense")),
-            *(Arm(f"moe-{e}", m) for e, m in moe.items()),
-            Arm("moe-64+mtp", moe[64].replace(num_nextn_predict_layers=1), use_mtp=True)]
+    tiny = preset("tiny").replace(num_nextn_predict_layers=0)
+    moe = {
+        experts: tiny.replace(n_routed_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=width)
+        for experts, top_k, width in ((8, 2, 128), (16, 2, 128), (32, 5, 64), (64, 5, 64))
+    }
+    return [
+        Arm("dense", preset("tiny-dense")),
+        *(Arm(f"moe-{e}", m) for e, m in moe.items()),
+        Arm("moe-64+mtp", moe[64].replace(num_nextn_predict_layers=1), use_mtp=True),
+    ]
 
 
 def train_config(steps: int, seed: int, tokenizer: Path, use_mtp: bool) -> TrainConfig:
     # warmup: the default 30 steps, or a quarter of a short run (with fewer steps the MoE arms' early loss spikes
     # could stall a run on the unigram plateau)
-    return TrainConfig(max_steps=steps, warmup_steps=min(30, steps // 4), seed=seed, use_mtp=use_mtp,
-                       eval_every=steps, eval_batches=10, save_every=steps, keep_checkpoints=1,
-                       tokenizer=str(tokenizer))
+    return TrainConfig(
+        max_steps=steps,
+        warmup_steps=min(30, steps // 4),
+        seed=seed,
+        use_mtp=use_mtp,
+        eval_every=steps,
+        eval_batches=10,
+        save_every=steps,
+        keep_checkpoints=1,
+        tokenizer=str(tokenizer),
+    )
 
 
 def study_tokenizer(out: Path, vocab_size: int = TrainConfig().vocab_size) -> Path:
@@ -107,20 +119,35 @@ def finished_runs(ledger: Path | None) -> list[dict]:
         try:
             results.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise SystemExit(f"study: {ledger}:{number} is not a run's JSON ({error}); mend or delete that line")
+            raise SystemExit(
+                f"study: {ledger}:{number} is not a run's JSON ({error}); mend or delete that line"
+            ) from None
     return results
 
 
 def run_configs(arm: Arm, cfg: TrainConfig, held_out_windows: int | None = None) -> dict:
     """What a run is, as its JSON records it: two runs with equal configs are the same run."""
     # the tokenizer's digest as well as its path: a run is reused only where the same text made the same tokens
-    return json.loads(json.dumps({"model": arm.model.to_hf_dict(), "train": dataclasses.asdict(cfg),
-                                  "tokenizer_digest": tokenizer_digest(load_tokenizer(Path(cfg.tokenizer))),
-                                  **({"held_out_windows": held_out_windows} if held_out_windows else {})}))
+    return json.loads(
+        json.dumps(
+            {
+                "model": arm.model.to_hf_dict(),
+                "train": dataclasses.asdict(cfg),
+                "tokenizer_digest": tokenizer_digest(load_tokenizer(Path(cfg.tokenizer))),
+                **({"held_out_windows": held_out_windows} if held_out_windows else {}),
+            }
+        )
+    )
 
 
-def run(out: Path, arm: Arm, budget: float, cfg: TrainConfig, held_out_windows: int | None = None,
-        ledger: Path | None = None) -> dict:
+def run(
+    out: Path,
+    arm: Arm,
+    budget: float,
+    cfg: TrainConfig,
+    held_out_windows: int | None = None,
+    ledger: Path | None = None,
+) -> dict:
     """One run of `cfg` (its steps, seed and tokenizer): reused if it finished before (its study.json under `out`, or
     a line of `ledger`, a file that can be committed and so outlives the machine), else trained from the start and
     measured (over the whole held-out split, or its first `held_out_windows` windows), and appended to `ledger`."""
@@ -140,21 +167,39 @@ def run(out: Path, arm: Arm, budget: float, cfg: TrainConfig, held_out_windows: 
     summary = train(RunSpec(run_dir, arm.model, cfg, None), show_progress=False)
     wall = time.perf_counter() - start
     model, loaded = load_pretrained(run_dir), load_tokenizer(Path(cfg.tokenizer))
-    held_out = held_out_loss(model, run_dataset(run_sources(None), loaded, cfg, progress=False).sources[0].val,
-                             token_byte_lengths(loaded), cfg.seq_len, max_windows=held_out_windows)
+    held_out = held_out_loss(
+        model,
+        run_dataset(run_sources(None), loaded, cfg, progress=False).sources[0].val,
+        token_byte_lengths(loaded),
+        cfg.seq_len,
+        max_windows=held_out_windows,
+    )
     stats = model_stats(arm.model, seq_len=cfg.seq_len)
     flops_per_token = stats.flops_per_token + (stats.mtp_flops_per_token if arm.use_mtp else 0.0)
-    result = {"arm": arm.name, "budget": budget, "seed": cfg.seed, "steps": cfg.max_steps,
-              "tokens": cfg.max_steps * cfg.tokens_per_step, "flops_per_token": flops_per_token,
-              "train_flops": cfg.max_steps * cfg.tokens_per_step * flops_per_token, "wall_s": wall,
-              "tokens_per_s": summary["final"]["tokens_per_s"], "sampled_val_loss": summary["val_loss"],
-              "held_out_nats_per_token": held_out.nats_per_token, "held_out_tokens": held_out.tokens,
-              "held_out_bytes": held_out.bytes, "bpb": held_out.bits_per_byte, "configs": configs}
+    result = {
+        "arm": arm.name,
+        "budget": budget,
+        "seed": cfg.seed,
+        "steps": cfg.max_steps,
+        "tokens": cfg.max_steps * cfg.tokens_per_step,
+        "flops_per_token": flops_per_token,
+        "train_flops": cfg.max_steps * cfg.tokens_per_step * flops_per_token,
+        "wall_s": wall,
+        "tokens_per_s": summary["final"]["tokens_per_s"],
+        "sampled_val_loss": summary["val_loss"],
+        "held_out_nats_per_token": held_out.nats_per_token,
+        "held_out_tokens": held_out.tokens,
+        "held_out_bytes": held_out.bytes,
+        "bpb": held_out.bits_per_byte,
+        "configs": configs,
+    }
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     if ledger is not None:
         _append(ledger, result)
-    print(f"{run_dir.name}: {cfg.max_steps} steps in {wall / 60:.1f} min, {held_out.bits_per_byte:.4f} bits/byte",
-          flush=True)
+    print(
+        f"{run_dir.name}: {cfg.max_steps} steps in {wall / 60:.1f} min, {held_out.bits_per_byte:.4f} bits/byte",
+        flush=True,
+    )
     return result
 
 
@@ -176,15 +221,21 @@ def main() -> None:
     docs = Path(args.docs or (out / "report" if args.quick else "docs/study"))
     tokenizer = study_tokenizer(out)
     study_start = time.perf_counter()
-    results = [run(out, arm, budget, train_config(round(steps * budget), seed, tokenizer, arm.use_mtp))
-               for arm in arms() for budget in BUDGETS
-               for seed in (SEEDS if budget in arm.repeated_budgets else SEEDS[:1])]
+    results = [
+        run(out, arm, budget, train_config(round(steps * budget), seed, tokenizer, arm.use_mtp))
+        for arm in arms()
+        for budget in BUDGETS
+        for seed in (SEEDS if budget in arm.repeated_budgets else SEEDS[:1])
+    ]
     print(f"runs finished in {(time.perf_counter() - study_start) / 60:.1f} min (reused runs take none)")
-    configs = {arm.name: {"model": arm.model.to_hf_dict(),
-                          "train_1x": dataclasses.asdict(train_config(steps, SEEDS[0], tokenizer, arm.use_mtp))}
-               for arm in arms()}
-    summary = analyse(results, {arm.name: (arm.model, arm.use_mtp) for arm in arms()}, steps,
-                      TrainConfig().seq_len)
+    configs = {
+        arm.name: {
+            "model": arm.model.to_hf_dict(),
+            "train_1x": dataclasses.asdict(train_config(steps, SEEDS[0], tokenizer, arm.use_mtp)),
+        }
+        for arm in arms()
+    }
+    summary = analyse(results, {arm.name: (arm.model, arm.use_mtp) for arm in arms()}, steps, TrainConfig().seq_len)
     write_report(results, summary, configs, docs)
     print(summary["text"])
 

@@ -53,8 +53,10 @@ def fit_power_laws(curves: dict[str, Curve], grid: int = 2000) -> dict[str, Powe
     for name, (flops, losses) in curves.items():
         flops, losses = np.asarray(flops, dtype=np.float64), np.asarray(losses, dtype=np.float64)
         if len(flops) != len(losses) or len(np.unique(flops)) < 3:
-            raise ValueError(f"a power law with a floor needs points at >= 3 distinct budgets, got "
-                             f"{len(np.unique(flops))}{f' for {name}' if name else ''}")
+            raise ValueError(
+                f"a power law with a floor needs points at >= 3 distinct budgets, got "
+                f"{len(np.unique(flops))}{f' for {name}' if name else ''}"
+            )
         if not (np.all(np.isfinite(losses)) and np.all(flops > 0)):
             raise ValueError("losses must be finite and FLOPs positive")
         arrays[name] = (flops, losses)
@@ -66,7 +68,7 @@ def fit_power_laws(curves: dict[str, Curve], grid: int = 2000) -> dict[str, Powe
         x = np.log(flops / scale)
         y = np.log(losses[None, :] - floors[:, None])  # [grid, points]
         dx = x - x.mean()
-        slope = (y * dx).sum(axis=1) / (dx ** 2).sum()
+        slope = (y * dx).sum(axis=1) / (dx**2).sum()
         intercept = y.mean(axis=1) - slope * x.mean()
         error += ((np.exp(intercept[:, None] + slope[:, None] * x) + floors[:, None] - losses) ** 2).sum(axis=1)
         valid &= slope < 0  # loss not falling with compute: no power law at this floor
@@ -74,8 +76,10 @@ def fit_power_laws(curves: dict[str, Curve], grid: int = 2000) -> dict[str, Powe
     if not valid.any():
         raise ValueError("the loss does not fall as compute rises: no power law fits these points")
     best = int(np.flatnonzero(valid)[np.argmin(error[valid])])  # the first of equal minima
-    return {name: PowerLaw(a=float(np.exp(intercept[best])), b=float(-slope[best]), c=float(floors[best]),
-                           scale=scale) for name, (slope, intercept) in lines.items()}
+    return {
+        name: PowerLaw(a=float(np.exp(intercept[best])), b=float(-slope[best]), c=float(floors[best]), scale=scale)
+        for name, (slope, intercept) in lines.items()
+    }
 
 
 def fit_power_law(flops: list[float] | np.ndarray, losses: list[float] | np.ndarray) -> PowerLaw:
@@ -89,8 +93,9 @@ def iso_loss_ratio(reference: PowerLaw, other: PowerLaw, target: float) -> float
     return reference.flops_at(target) / other.flops_at(target)
 
 
-def fits_without_each_budget(curves: dict[str, tuple[list[float], list[float], list[float]]]
-                             ) -> dict[float, dict[str, PowerLaw] | None]:
+def fits_without_each_budget(
+    curves: dict[str, tuple[list[float], list[float], list[float]]],
+) -> dict[float, dict[str, PowerLaw] | None]:
     """The jackknife's refits: for each budget label, every curve fitted again (jointly) without its points at that
     budget. `curves`: per name, (FLOPs, losses, budget label of each point); several seeds at one budget leave
     together. None where a curve keeps fewer than three budgets or the fit fails."""

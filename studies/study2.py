@@ -47,7 +47,6 @@ from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.flops import model_stats
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.data import run_dataset, run_sources
-
 from studies.dense_vs_deepseek import Arm, run, study_tokenizer, train_config
 from studies.study2_report import analyse_round2, write_round2
 
@@ -84,15 +83,50 @@ class Scale:
 
 COMMON = dict(vocab_size=VOCAB, n_group=1, topk_group=1, routed_scaling_factor=2.5, num_nextn_predict_layers=0)
 SCALES = {
-    "cpu": Scale(dict(COMMON, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128,
-                      kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                      max_position_embeddings=256), width=64, batch_size=16, seq_len=128, steps=125,
-                 precision="auto", budgets=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0), repeated=(1.0, 4.0, 16.0),
-                 dense_extra_budget=32.0),
-    "gpu": Scale(dict(COMMON, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, q_lora_rank=256,
-                      kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-                      max_position_embeddings=512), width=160, batch_size=32, seq_len=512, steps=175,
-                 precision="bf16", budgets=(0.25, 0.5, 1.0, 2.0, 4.0), repeated=(1.0, 4.0), dense_extra_budget=8.0),
+    "cpu": Scale(
+        dict(
+            COMMON,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            q_lora_rank=128,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            max_position_embeddings=256,
+        ),
+        width=64,
+        batch_size=16,
+        seq_len=128,
+        steps=125,
+        precision="auto",
+        budgets=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+        repeated=(1.0, 4.0, 16.0),
+        dense_extra_budget=32.0,
+    ),
+    "gpu": Scale(
+        dict(
+            COMMON,
+            hidden_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            q_lora_rank=256,
+            kv_lora_rank=128,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            max_position_embeddings=512,
+        ),
+        width=160,
+        batch_size=32,
+        seq_len=512,
+        steps=175,
+        precision="bf16",
+        budgets=(0.25, 0.5, 1.0, 2.0, 4.0),
+        repeated=(1.0, 4.0),
+        dense_extra_budget=8.0,
+    ),
 }
 
 
@@ -107,12 +141,21 @@ def arms(scale: Scale) -> list[Arm]:
 
     def moe(experts: int, top_k: int, width: int, shared: int) -> ModelConfig:
         assert (top_k + shared) * width == 9 * w  # every arm's active expert width is dense's
-        return ModelConfig(**scale.shape, n_routed_experts=experts, num_experts_per_tok=top_k,
-                           moe_intermediate_size=width, n_shared_experts=shared, first_k_dense_replace=0)
+        return ModelConfig(
+            **scale.shape,
+            n_routed_experts=experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=width,
+            n_shared_experts=shared,
+            first_k_dense_replace=0,
+        )
 
-    return [Arm("dense", ModelConfig(**scale.shape, intermediate_size=9 * w, first_k_dense_replace=layers)),
-            *(Arm(f"moe-{e}", moe(e, 8, w, 1)) for e in SPARSITY),
-            Arm("moe-40-w1.5", moe(40, 5, 3 * w // 2, 1)), Arm("moe-128-w0.5", moe(128, 16, w // 2, 2))]
+    return [
+        Arm("dense", ModelConfig(**scale.shape, intermediate_size=9 * w, first_k_dense_replace=layers)),
+        *(Arm(f"moe-{e}", moe(e, 8, w, 1)) for e in SPARSITY),
+        Arm("moe-40-w1.5", moe(40, 5, 3 * w // 2, 1)),
+        Arm("moe-128-w0.5", moe(128, 16, w // 2, 2)),
+    ]
 
 
 def schedule(arm: Arm, scale: Scale, seeds: tuple[int, ...] = SEEDS) -> list[tuple[float, int]]:
@@ -129,8 +172,12 @@ def run_order(scale: Scale, seeds: tuple[int, ...]) -> list[tuple[Arm, float, in
 
 
 def config(scale: Scale, steps: int, seed: int, tokenizer: Path) -> TrainConfig:
-    return dataclasses.replace(train_config(steps, seed, tokenizer, use_mtp=False), batch_size=scale.batch_size,
-                               seq_len=scale.seq_len, precision=scale.precision)
+    return dataclasses.replace(
+        train_config(steps, seed, tokenizer, use_mtp=False),
+        batch_size=scale.batch_size,
+        seq_len=scale.seq_len,
+        precision=scale.precision,
+    )
 
 
 def study_flops(scale: Scale, steps: int, seeds: tuple[int, ...] = SEEDS) -> float:
@@ -138,22 +185,30 @@ def study_flops(scale: Scale, steps: int, seeds: tuple[int, ...] = SEEDS) -> flo
     total = 0.0
     for arm in arms(scale):
         per_token = model_stats(arm.model, seq_len=scale.seq_len).flops_per_token
-        total += sum(round(steps * b) for b, _ in schedule(arm, scale, seeds)) * scale.batch_size * scale.seq_len * \
-            per_token
+        total += (
+            sum(round(steps * b) for b, _ in schedule(arm, scale, seeds)) * scale.batch_size * scale.seq_len * per_token
+        )
     return total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps at 1x, two seeds, "
-                        f"{QUICK_HELD_OUT_WINDOWS} held-out windows per run: a smoke test")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_STEPS} steps at 1x, two seeds, {QUICK_HELD_OUT_WINDOWS} held-out windows per run: a smoke test",
+    )
     parser.add_argument("--steps", type=int, help="steps of a 1x budget (default: the scale's)")
-    parser.add_argument("--stop-after", type=float, metavar="MINUTES", help="start no run after this many minutes "
-                        "and leave the report alone unless every run has finished (rerun to go on)")
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="MINUTES",
+        help="start no run after this many minutes "
+        "and leave the report alone unless every run has finished (rerun to go on)",
+    )
     parser.add_argument("--out", help="run directories; finished runs are reused (default runs/study2-SCALE[-quick])")
-    parser.add_argument("--docs", help="where the report goes (default docs/study2 for the CPU scale, else "
-                        "OUT/report)")
+    parser.add_argument("--docs", help="where the report goes (default docs/study2 for the CPU scale, else OUT/report)")
     args = parser.parse_args()
     scale = quick(SCALES[args.scale]) if args.quick else SCALES[args.scale]
     steps = args.steps or (QUICK_STEPS if args.quick else scale.steps)
@@ -161,8 +216,11 @@ def main() -> None:
     docs = Path(args.docs or ("docs/study2" if args.scale == "cpu" and not args.quick else out / "report"))
     seeds = QUICK_SEEDS if args.quick else SEEDS
     flops = study_flops(scale, steps, seeds)
-    print(f"{args.scale} scale: {flops:.3g} training FLOPs in all "
-          f"({flops / study_flops(SCALES['cpu'], SCALES['cpu'].steps):.3g}x the full CPU study's)", flush=True)
+    print(
+        f"{args.scale} scale: {flops:.3g} training FLOPs in all "
+        f"({flops / study_flops(SCALES['cpu'], SCALES['cpu'].steps):.3g}x the full CPU study's)",
+        flush=True,
+    )
     tokenizer = study_tokenizer(out, VOCAB)
     windows = QUICK_HELD_OUT_WINDOWS if args.quick else None
     start = time.perf_counter()
@@ -170,19 +228,23 @@ def main() -> None:
     order, ledger = run_order(scale, seeds), docs / "runs.jsonl"
     for arm, budget, seed in order:
         if args.stop_after is not None and time.perf_counter() - start > 60 * args.stop_after:
-            print(f"study2: stopped after {args.stop_after:g} min, before run {len(results) + 1} of {len(order)} in "
-                  f"its order; rerun to go on (finished runs are reused: commit {ledger}, their record; "
-                  "the report needs every run)")
+            print(
+                f"study2: stopped after {args.stop_after:g} min, before run {len(results) + 1} of {len(order)} in "
+                f"its order; rerun to go on (finished runs are reused: commit {ledger}, their record; "
+                "the report needs every run)"
+            )
             return
         results.append(run(out, arm, budget, config(scale, round(steps * budget), seed, tokenizer), windows, ledger))
     print(f"runs finished in {(time.perf_counter() - start) / 60:.1f} min (reused runs take none)")
     one_x = config(scale, steps, SEEDS[0], tokenizer)
     dataset = run_dataset(run_sources(None), load_tokenizer(tokenizer), one_x, progress=False)
     train_tokens = len(dataset.sources[0].train)
-    configs = {arm.name: {"model": arm.model.to_hf_dict(), "train_1x": dataclasses.asdict(one_x)}
-               for arm in arms(scale)}
-    summary = analyse_round2(results, {arm.name: arm.model for arm in arms(scale)}, steps, scale.seq_len, GROUPS,
-                             train_tokens)
+    configs = {
+        arm.name: {"model": arm.model.to_hf_dict(), "train_1x": dataclasses.asdict(one_x)} for arm in arms(scale)
+    }
+    summary = analyse_round2(
+        results, {arm.name: arm.model for arm in arms(scale)}, steps, scale.seq_len, GROUPS, train_tokens
+    )
     write_round2(results, summary, configs, docs)
     print(summary["text"])
 

@@ -34,7 +34,7 @@ TOKENS_PER_GPU = 4 * 4096
 SOURCES = {
     "peaks": "NVIDIA H100 Tensor Core GPU datasheet: 989 TFLOPS bf16, 1,979 FP8 (dense); H800 has the same compute",
     "fp8_gemms": "github.com/deepseek-ai/DeepGEMM README (Feb 2025), H800: normal GEMM M=4096 N=7168 K=2048 1025 "
-                 "TFLOPS, M=128 510, M=64 295; grouped contiguous 8 groups x 4096, N=7168 K=2048: 1093",
+    "TFLOPS, M=128 510, M=64 295; grouped contiguous 8 groups x 4096, N=7168 K=2048: 1093",
     "bf16_gemms": "assumed: the FP8 kernels' 51.8 % of peak, applied to the bf16 peak (not measured)",
 }
 
@@ -81,5 +81,9 @@ def gpu_cost(model: ModelConfig, seq_len: int, with_mtp: bool) -> dict[str, floa
     kinds = flops_by_kind(model, seq_len, with_mtp)
     flops = sum(kinds.values())
     bf16, fp8 = (seconds_per_token(kinds, model, fp8) for fp8 in (False, True))
-    return {"seconds_per_token_bf16": bf16, "seconds_per_token_fp8": fp8,
-            "effective_tflops_bf16": flops / bf16 / 1e12, "effective_tflops_fp8": flops / fp8 / 1e12}
+    return {
+        "seconds_per_token_bf16": bf16,
+        "seconds_per_token_fp8": fp8,
+        "effective_tflops_bf16": flops / bf16 / 1e12,
+        "effective_tflops_fp8": flops / fp8 / 1e12,
+    }

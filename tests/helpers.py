@@ -9,8 +9,8 @@ import os
 import re
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -20,17 +20,35 @@ from nanoseek import ModelConfig, RopeScaling
 
 def tiny_config(**overrides) -> ModelConfig:
     """A few-layer V3 shape small enough to run in milliseconds."""
-    base = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-                num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
-                topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=128,
-                initializer_range=0.02)
+    base = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        max_position_embeddings=128,
+        initializer_range=0.02,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
 
-YARN = RopeScaling(factor=4.0, original_max_position_embeddings=32, beta_fast=32, beta_slow=1, mscale=1.0,
-                   mscale_all_dim=1.0)
+YARN = RopeScaling(
+    factor=4.0, original_max_position_embeddings=32, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0
+)
 # DeepSeek-V3.2's indexer at tiny shape. 8 heads: with few, ReLU zeros every head's score for many keys, and ties
 # make top-k arbitrary; top 6, so sequences of a few dozen tokens drop most of what a query could see
 V32 = dict(index_n_heads=8, index_head_dim=8, index_topk=6)
@@ -50,9 +68,14 @@ def _blocks(config: dict) -> dict[str, list[str]]:
         return {"blocks": blocks, "dense": blocks[:dense], "moe": blocks[dense:], "mtp": blocks[layers:]}
     main, extra = [f"layers.{i}" for i in range(layers)], [f"mtp.{k}" for k in range(mtp)]
     hashed, ratios = main[: config["num_hash_layers"]], config["compress_ratios"]
-    return {"blocks": main + extra, "hash": hashed, "scored": [b for b in main + extra if b not in hashed],
-            "csa": [b for b, r in zip(main, ratios) if r == 4], "hca": [b for b, r in zip(main, ratios) if r == 128],
-            "mtp": extra}
+    return {
+        "blocks": main + extra,
+        "hash": hashed,
+        "scored": [b for b in main + extra if b not in hashed],
+        "csa": [b for b, r in zip(main, ratios) if r == 4],
+        "hca": [b for b, r in zip(main, ratios) if r == 128],
+        "mtp": extra,
+    }
 
 
 def _spec(name: str) -> tuple[dict, list]:
@@ -75,14 +98,18 @@ def released(name: str) -> tuple[dict, dict[str, tuple[str, tuple[int, ...]]]]:
 
 def release_name_pattern(name: str) -> re.Pattern:
     """Matches the tensor names of release `name` at any layer count, expert count and block kind."""
-    templates = [re.escape(t[0]).replace(r"\{b\}", r"(model\.)?(layers|mtp)\.\d+").replace(r"\{e\}", r"\d+")
-                 for t in _spec(name)[1]]
+    templates = [
+        re.escape(t[0]).replace(r"\{b\}", r"(model\.)?(layers|mtp)\.\d+").replace(r"\{e\}", r"\d+")
+        for t in _spec(name)[1]
+    ]
     return re.compile("|".join(f"(?:{t})" for t in templates))
 
 
-HF_CLASSES = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
-              "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM"),
-              "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM")}
+HF_CLASSES = {
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+}
 
 
 # weights of every parameter a parity test draws: at 0.2 (not the 0.02 of initialization) attention is far from a
@@ -136,11 +163,12 @@ def full_forward_greedy(model: torch.nn.Module, prompt: list[int], tokens: int) 
     with torch.no_grad():
         for _ in range(tokens):
             ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
-def micro_model_dir(directory, text: str, tokenizer_vocab: int, model_vocab: int, chat: bool = False,
-                    std: float | None = None):
+def micro_model_dir(
+    directory, text: str, tokenizer_vocab: int, model_vocab: int, chat: bool = False, std: float | None = None
+):
     """A model directory with random weights (tiny_config, one MTP module; `std`: every weight drawn at it, see
     randomize_, instead of initialized) and a tokenizer trained on `text` (`chat`: with the chat template's
     tokenizer_config.json)."""
@@ -182,19 +210,30 @@ def fuzz(default: int, long: int, **strategies) -> Callable:
     from hypothesis import HealthCheck, given, settings
 
     def decorate(body: Callable) -> Callable:
-        runs = {name: settings(deadline=None, derandomize=True, max_examples=examples,
-                               suppress_health_check=[HealthCheck.function_scoped_fixture])(given(**strategies)(body))
-                for name, examples in (("default", default), ("long", long))}
+        runs = {
+            name: settings(
+                deadline=None,
+                derandomize=True,
+                max_examples=examples,
+                suppress_health_check=[HealthCheck.function_scoped_fixture],
+            )(given(**strategies)(body))
+            for name, examples in (("default", default), ("long", long))
+        }
 
         def test(budget: str, **fixtures):
             runs[budget](**fixtures)
 
         fixtures = list(inspect.signature(runs["default"]).parameters.values())  # what hypothesis leaves to pytest
-        test.__signature__ = inspect.Signature([inspect.Parameter("budget", inspect.Parameter.KEYWORD_ONLY),
-                                                *(f.replace(kind=inspect.Parameter.KEYWORD_ONLY) for f in fixtures)])
+        test.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter("budget", inspect.Parameter.KEYWORD_ONLY),
+                *(f.replace(kind=inspect.Parameter.KEYWORD_ONLY) for f in fixtures),
+            ]
+        )
         test.__name__, test.__qualname__, test.__doc__ = body.__name__, body.__qualname__, body.__doc__
         test.__module__ = body.__module__
         return pytest.mark.parametrize("budget", ["default", pytest.param("long", marks=pytest.mark.slow)])(test)
+
     return decorate
 
 
@@ -223,8 +262,9 @@ class EvenLength:
 def run_process_group(command: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run(capture_output=True, text=True) in a session of its own, every process of which (torchrun's
     workers too) is killed when it returns, fails or times out: a failing distributed test leaves nothing running."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, **kwargs)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     finally:

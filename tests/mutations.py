@@ -34,34 +34,57 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("softmax scale without the RoPE dims (1/sqrt(qk_nope) instead of 1/sqrt(qk_nope + qk_rope))",
-             "src/nanoseek/config.py", "scale = self.qk_head_dim ** -0.5", "scale = self.qk_nope_head_dim ** -0.5",
-             ("tests/test_parity_hf.py", "tests/test_parity_v32.py")),
-    Mutation("YaRN's attention temperature applied once (mscale, not mscale²)",
-             "src/nanoseek/config.py", "scale *= m * m", "scale *= m",
-             ("tests/test_parity_hf.py", "tests/test_parity_v32.py")),
-    Mutation("MTP's eh_proj input concatenated hidden-first",
-             "src/nanoseek/models/deepseek_v3/model.py",
-             "torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1)",
-             "torch.cat([self.hnorm(hidden), self.enorm(next_embeddings)], dim=-1)",
-             ("tests/test_parity_hf.py", "tests/test_checkpoint.py")),
-    Mutation("FP8 block size read off the scale grid (ceil(rows / grid rows)): right for whole blocks, wrong for "
-             "an edge block's scale index",
-             "src/nanoseek/fp8/quant.py",
-             "return scale.repeat_interleave(TILE, -2).repeat_interleave(TILE, -1)[..., :rows, :cols]",
-             "return scale.repeat_interleave(-(-rows // scale.shape[-2]), -2).repeat_interleave("
-             "-(-cols // scale.shape[-1]), -1)[..., :rows, :cols]",
-             ("tests/test_checkpoint.py", "tests/test_fp8.py")),
-    Mutation("V4's attention norm read under transformers' saved name only (attn.norm, not the release's "
-             "attn.kv_norm)",
-             "src/nanoseek/checkpoint/hf_v4.py", 'key.rpartition(".attn.kv_norm.")', 'key.rpartition(".attn.norm.")',
-             ("tests/test_release_layouts.py", "tests/test_parity_v4.py")),
+    Mutation(
+        "softmax scale without the RoPE dims (1/sqrt(qk_nope) instead of 1/sqrt(qk_nope + qk_rope))",
+        "src/nanoseek/config.py",
+        "scale = self.qk_head_dim ** -0.5",
+        "scale = self.qk_nope_head_dim ** -0.5",
+        ("tests/test_parity_hf.py", "tests/test_parity_v32.py"),
+    ),
+    Mutation(
+        "YaRN's attention temperature applied once (mscale, not mscale²)",
+        "src/nanoseek/config.py",
+        "scale *= m * m",
+        "scale *= m",
+        ("tests/test_parity_hf.py", "tests/test_parity_v32.py"),
+    ),
+    Mutation(
+        "MTP's eh_proj input concatenated hidden-first",
+        "src/nanoseek/models/deepseek_v3/model.py",
+        "torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1)",
+        "torch.cat([self.hnorm(hidden), self.enorm(next_embeddings)], dim=-1)",
+        ("tests/test_parity_hf.py", "tests/test_checkpoint.py"),
+    ),
+    Mutation(
+        "FP8 block size read off the scale grid (ceil(rows / grid rows)): right for whole blocks, wrong for "
+        "an edge block's scale index",
+        "src/nanoseek/fp8/quant.py",
+        "return scale.repeat_interleave(TILE, -2).repeat_interleave(TILE, -1)[..., :rows, :cols]",
+        "return scale.repeat_interleave(-(-rows // scale.shape[-2]), -2).repeat_interleave("
+        "-(-cols // scale.shape[-1]), -1)[..., :rows, :cols]",
+        ("tests/test_checkpoint.py", "tests/test_fp8.py"),
+    ),
+    Mutation(
+        "V4's attention norm read under transformers' saved name only (attn.norm, not the release's attn.kv_norm)",
+        "src/nanoseek/checkpoint/hf_v4.py",
+        'key.rpartition(".attn.kv_norm.")',
+        'key.rpartition(".attn.norm.")',
+        ("tests/test_release_layouts.py", "tests/test_parity_v4.py"),
+    ),
 ]
 
 
 def _copy_checkout(into: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           check=True, capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         target = into / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -74,14 +97,23 @@ def run_tests(checkout: Path, tests: tuple[str, ...]) -> dict:
     for the server and torchrun children too)."""
     env = {**os.environ, "PYTHONPATH": str(checkout / "src")}
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests],
-                          cwd=checkout, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     summary = re.findall(r"(\d+) (passed|failed|error)", done.stdout.splitlines()[-1] if done.stdout else "")
     counts = {kind: int(n) for n, kind in summary}
     failed = [line.split(" ")[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    return {"exit": done.returncode, "passed": counts.get("passed", 0),
-            "failed": counts.get("failed", 0) + counts.get("error", 0), "failing": failed,
-            "seconds": round(time.monotonic() - start, 1)}
+    return {
+        "exit": done.returncode,
+        "passed": counts.get("passed", 0),
+        "failed": counts.get("failed", 0) + counts.get("error", 0),
+        "failing": failed,
+        "seconds": round(time.monotonic() - start, 1),
+    }
 
 
 def main() -> int:
@@ -101,24 +133,42 @@ def main() -> int:
                     raise SystemExit(f"mutations.py: {mutation.path} no longer holds {mutation.old!r} exactly once")
                 source.write_text(text.replace(mutation.old, mutation.new))
             outcome = run_tests(checkout, tests)
-            results.append({"mutation": "none (the checkout as it is)" if mutation is None else mutation.name,
-                            "file": None if mutation is None else mutation.path, "tests": list(tests), **outcome})
-            print(f"{results[-1]['mutation']}: {outcome['failed']} failed, {outcome['passed']} passed "
-                  f"({outcome['seconds']} s)", flush=True)
+            results.append(
+                {
+                    "mutation": "none (the checkout as it is)" if mutation is None else mutation.name,
+                    "file": None if mutation is None else mutation.path,
+                    "tests": list(tests),
+                    **outcome,
+                }
+            )
+            print(
+                f"{results[-1]['mutation']}: {outcome['failed']} failed, {outcome['passed']} passed "
+                f"({outcome['seconds']} s)",
+                flush=True,
+            )
             shutil.rmtree(checkout)
     baseline, mutants = results[0], results[1:]
     caught = baseline["failed"] == 0 and baseline["exit"] == 0 and all(m["failed"] > 0 for m in mutants)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mutations.json").write_text(json.dumps({"caught_every_mutant": caught, "runs": results}, indent=2)
-                                             + "\n")
-    lines = ["# Mutation check of the default suite", "",
-             f"Written by `tests/mutations.py`. Every mutant caught: **{'yes' if caught else 'NO'}**.", "",
-             "| mutation | file | tests run | failed / passed | first failing tests |", "|---|---|---|---|---|"]
+    (args.out / "mutations.json").write_text(
+        json.dumps({"caught_every_mutant": caught, "runs": results}, indent=2) + "\n"
+    )
+    lines = [
+        "# Mutation check of the default suite",
+        "",
+        f"Written by `tests/mutations.py`. Every mutant caught: **{'yes' if caught else 'NO'}**.",
+        "",
+        "| mutation | file | tests run | failed / passed | first failing tests |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
-        names = ", ".join(f"`{n.split('::', 1)[1]}`" for n in r["failing"][:3]) + (" …" if len(r["failing"]) > 3
-                                                                                   else "")
-        lines.append(f"| {r['mutation']} | {r['file'] or '–'} | {', '.join(Path(t).name for t in r['tests'])} | "
-                     f"{r['failed']} / {r['passed']} | {names or '–'} |")
+        names = ", ".join(f"`{n.split('::', 1)[1]}`" for n in r["failing"][:3]) + (
+            " …" if len(r["failing"]) > 3 else ""
+        )
+        lines.append(
+            f"| {r['mutation']} | {r['file'] or '–'} | {', '.join(Path(t).name for t in r['tests'])} | "
+            f"{r['failed']} / {r['passed']} | {names or '–'} |"
+        )
     (args.out / "mutations.md").write_text("\n".join(lines) + "\n")
     return 0 if caught else 1
 

@@ -16,15 +16,35 @@ from nanoseek.infer.engine import Engine
 
 @pytest.mark.slow  # 95 s on the 2-core machine, 75 of them torch.compile's first compilation of the blocks
 def test_bench_compares_with_transformers(tmp_path, capsys):
-    assert main(["bench", "tiny", "--batch", "2", "--seq", "32", "--steps", "1", "--new-tokens", "4",
-                 "--out", str(tmp_path), "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "tiny",
+                "--batch",
+                "2",
+                "--seq",
+                "32",
+                "--steps",
+                "1",
+                "--new-tokens",
+                "4",
+                "--out",
+                str(tmp_path),
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads((tmp_path / "bench.json").read_text())
     training = result["training"]
     for side in ("nanoseek_eager", "nanoseek", "transformers"):  # eager = the loop before compile + fused AdamW
         assert training[f"{side}_tokens_per_s"] > 0 and 0 < training[f"{side}_mfu"] < 2
-    assert training["flops_per_token"] == model_stats(nanoseek.ModelConfig.preset("tiny").replace(
-        num_nextn_predict_layers=0), seq_len=32).flops_per_token
+    assert (
+        training["flops_per_token"]
+        == model_stats(nanoseek.preset("tiny").replace(num_nextn_predict_layers=0), seq_len=32).flops_per_token
+    )
     decode = result["decoding"]["batch_16"]
     assert decode["sequences"] == 16 and decode["identical_sequences"] >= 15  # greedy on the same weights
     long_context = result["decoding"]["long_context_batch_8"]  # the tiny preset's whole context
@@ -38,17 +58,26 @@ def test_bench_compares_with_transformers(tmp_path, capsys):
 
 def test_dense_baseline_trains_with_the_same_trainer(tmp_path, monkeypatch):
     import transformers
+    from test_train import _corpus_lines
 
     from nanoseek.train.config import TrainConfig
     from nanoseek.train.trainer import RunSpec, train
-    from test_train import _corpus_lines
 
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
     (tmp_path / "corpus.txt").write_text("\n".join(_corpus_lines()))
-    config = nanoseek.ModelConfig.preset("tiny-dense").replace(hidden_size=64, intermediate_size=128,
-                                                                 head_dim=16, max_position_embeddings=64)
-    cfg = TrainConfig(seq_len=32, batch_size=4, max_steps=30, warmup_steps=5, eval_every=30, eval_batches=2,
-                      save_every=30, vocab_size=300)
+    config = nanoseek.preset("tiny-dense").replace(
+        hidden_size=64, intermediate_size=128, head_dim=16, max_position_embeddings=64
+    )
+    cfg = TrainConfig(
+        seq_len=32,
+        batch_size=4,
+        max_steps=30,
+        warmup_steps=5,
+        eval_every=30,
+        eval_batches=2,
+        save_every=30,
+        vocab_size=300,
+    )
     summary = train(RunSpec(tmp_path / "dense", config, cfg, str(tmp_path / "corpus.txt")), show_progress=False)
     assert summary["val_loss"] < 5.0  # uniform over 300 tokens is 5.7
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")

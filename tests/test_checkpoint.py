@@ -37,16 +37,21 @@ def test_fp8_checkpoint_loads_within_quantization_error(tmp_path, overrides):
     model = _model(hidden_size=160, q_lora_rank=136, intermediate_size=272, **overrides)
     nanoseek.save_pretrained(model, tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    quantizable = [k for k, t in tensors.items() if t.dim() == 2 and ("proj" in k or "indexer.w" in k)
-                   and "eh_proj" not in k]
+    quantizable = [
+        k for k, t in tensors.items() if t.dim() == 2 and ("proj" in k or "indexer.w" in k) and "eh_proj" not in k
+    ]
     assert any("experts.0" in k for k in quantizable) and any("kv_b_proj" in k for k in quantizable)
     assert not overrides or any("indexer.wk" in k for k in quantizable)
     for key in quantizable:
         tensors[key], tensors[key.removesuffix(".weight") + ".weight_scale_inv"] = quantize_blocks(tensors[key])
     save_file(tensors, tmp_path / "model.safetensors")
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
 
     loaded = nanoseek.load_pretrained(tmp_path)
@@ -61,8 +66,9 @@ def test_fp8_checkpoint_loads_within_quantization_error(tmp_path, overrides):
     assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()
 
 
-def _hand_built_fp8(rows: int, cols: int, seed: int, unit: float = 1 / 37
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _hand_built_fp8(
+    rows: int, cols: int, seed: int, unit: float = 1 / 37
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """E4M3 codes drawn at random (NaN codes left out), a distinct scale per 128×128 block (multiples of `unit`),
     and the dequantized weight written out block by block, ragged edge blocks included: (codes, scale_inv, weight)."""
     generator = torch.Generator().manual_seed(seed)
@@ -105,7 +111,8 @@ def test_fp8_checkpoint_equals_the_model_holding_its_dequantized_weights(tmp_pat
     assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in projections
     for n, key in enumerate(projections):  # scales of ~1e-3: codes reach ±448, weights stay below ~0.5
         tensors[key], tensors[key.removesuffix(".weight") + ".weight_scale_inv"], dequantized[key] = _hand_built_fp8(
-            *tensors[key].shape, seed=n, unit=2e-4)
+            *tensors[key].shape, seed=n, unit=2e-4
+        )
     save_file(tensors, tmp_path / "fp8" / "model.safetensors")
     (tmp_path / "plain").mkdir()
     save_file(dequantized, tmp_path / "plain" / "model.safetensors")
@@ -137,8 +144,17 @@ def test_mtp_layer_stored_as_layer_num_hidden_layers(tmp_path):
     model = _model(num_nextn_predict_layers=1)
     nanoseek.save_pretrained(model, tmp_path)
     keys = load_file(tmp_path / "model.safetensors").keys()
-    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens",
-                 "self_attn.kv_b_proj", "mlp.experts.7.down_proj", "mlp.gate"):
+    for name in (
+        "enorm",
+        "hnorm",
+        "eh_proj",
+        "shared_head.norm",
+        "shared_head.head",
+        "embed_tokens",
+        "self_attn.kv_b_proj",
+        "mlp.experts.7.down_proj",
+        "mlp.gate",
+    ):
         assert f"model.layers.3.{name}.weight" in keys
 
 
@@ -149,16 +165,19 @@ def test_load_dtype_and_bias_precision(tmp_path):
     assert all(m.router.expert_bias.dtype == torch.float32 for m in model.moe_layers())
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", "truncated"),
-    ("no-config", "no config.json"),
-    ("no-weights", r"no \*\.safetensors"),
-    ("missing-key", "missing tensor"),
-    ("no-correction-bias", "missing tensor"),  # sigmoid routing: only V2's softmax predates the bias
-    ("wrong-shape", "does not match config.json"),
-    ("extra-key", "has no place"),
-    ("bad-config", "num_experts_per_tok"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "truncated"),
+        ("no-config", "no config.json"),
+        ("no-weights", r"no \*\.safetensors"),
+        ("missing-key", "missing tensor"),
+        ("no-correction-bias", "missing tensor"),  # sigmoid routing: only V2's softmax predates the bias
+        ("wrong-shape", "does not match config.json"),
+        ("extra-key", "has no place"),
+        ("bad-config", "num_experts_per_tok"),
+    ],
+)
 def test_broken_checkpoint_gives_one_clear_error(tmp_path, damage, message):
     nanoseek.save_pretrained(_model(), tmp_path)
     weights = tmp_path / "model.safetensors"

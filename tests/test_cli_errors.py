@@ -20,8 +20,9 @@ from nanoseek.train.metrics import PeakFlops, Throughput, progress_text
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    return micro_model_dir(tmp_path_factory.mktemp("chat") / "m", "User: hello there\nAssistant: good morrow\n" * 50,
-                           300, 320, chat=True)
+    return micro_model_dir(
+        tmp_path_factory.mktemp("chat") / "m", "User: hello there\nAssistant: good morrow\n" * 50, 300, 320, chat=True
+    )
 
 
 def _typed(monkeypatch, lines: list) -> None:
@@ -41,8 +42,10 @@ def _typed(monkeypatch, lines: list) -> None:
 def test_chat_refuses_a_reply_longer_than_the_context(chat_model, capsys, flag):
     assert main(["chat", str(chat_model), "--max-new-tokens", flag]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "nanoseek: error: --max-new-tokens must be between 1 and 127 (the model's context is 128 tokens), " \
-                  f"got {flag}"
+    assert (
+        err == "nanoseek: error: --max-new-tokens must be between 1 and 127 (the model's context is 128 tokens), "
+        f"got {flag}"
+    )
 
 
 def test_chat_drops_whole_old_turns_and_says_so(chat_model, capsys, monkeypatch):
@@ -104,9 +107,22 @@ def test_a_crafted_rng_file_is_refused_not_run(tmp_path, capsys):
     """RNG states load with weights_only=True: a pickle that would run code on --resume is refused as damaged."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("to be or not to be, that is the question\n" * 300)
-    args = ["train", "--data", str(corpus), "--out", str(tmp_path / "run"), "model.hidden_size=32",
-            "model.num_hidden_layers=1", "model.max_position_embeddings=32", "train.seq_len=8", "train.batch_size=2",
-            "train.eval_batches=1", "train.vocab_size=260", "--max-steps", "1"]
+    args = [
+        "train",
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "run"),
+        "model.hidden_size=32",
+        "model.num_hidden_layers=1",
+        "model.max_position_embeddings=32",
+        "train.seq_len=8",
+        "train.batch_size=2",
+        "train.eval_batches=1",
+        "train.vocab_size=260",
+        "--max-steps",
+        "1",
+    ]
     assert main(args) == 0
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000001"
     marker = tmp_path / "pwned"
@@ -121,8 +137,20 @@ def test_a_crafted_rng_file_is_refused_not_run(tmp_path, capsys):
 def test_a_model_too_large_for_the_machine_is_refused_before_allocation(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("to be or not to be, that is the question\n" * 300)
-    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "run"), "model.hidden_size=100000",
-                 "train.vocab_size=260"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(corpus),
+                "--out",
+                str(tmp_path / "run"),
+                "model.hidden_size=100000",
+                "train.vocab_size=260",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "parameters: their weights, gradients and AdamW states need" in err and "GiB is free on cpu" in err
     assert not (tmp_path / "run" / "checkpoints").exists()

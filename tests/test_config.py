@@ -10,26 +10,38 @@ import pytest
 
 from helpers import YARN, tiny_config
 from nanoseek import ConfigError, ModelConfig
+from nanoseek.presets import preset
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
-    (dict(n_group=3), "n_group"),
-    (dict(topk_group=3), "topk_group"),
-    (dict(hidden_size=0), "hidden_size"),
-    (dict(kv_lora_rank=-4), "kv_lora_rank"),
-    (dict(q_lora_rank=0), "q_lora_rank"),
-    (dict(qk_rope_head_dim=5), "qk_rope_head_dim"),
-    (dict(scoring_func="relu"), "scoring_func"),
-    (dict(n_group=8, topk_group=1, num_experts_per_tok=2), "topk_group"),
-    (dict(num_hidden_layers=2.5), "num_hidden_layers"),
-    (dict(attention_type="mqa"), "attention_type"),
-    (dict(attention_type="gqa", num_key_value_heads=3, head_dim=8, first_k_dense_replace=3), "num_key_value_heads"),
-    (dict(attention_type="gqa", num_key_value_heads=2, head_dim=7, first_k_dense_replace=3), "head_dim"),
-    (dict(attention_type="gqa", num_key_value_heads=2, head_dim=8), "first_k_dense_replace"),
-    (dict(attention_type="gqa", num_key_value_heads=2, head_dim=8, first_k_dense_replace=3,
-          num_nextn_predict_layers=1), "num_nextn_predict_layers"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+        (dict(n_group=3), "n_group"),
+        (dict(topk_group=3), "topk_group"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(kv_lora_rank=-4), "kv_lora_rank"),
+        (dict(q_lora_rank=0), "q_lora_rank"),
+        (dict(qk_rope_head_dim=5), "qk_rope_head_dim"),
+        (dict(scoring_func="relu"), "scoring_func"),
+        (dict(n_group=8, topk_group=1, num_experts_per_tok=2), "topk_group"),
+        (dict(num_hidden_layers=2.5), "num_hidden_layers"),
+        (dict(attention_type="mqa"), "attention_type"),
+        (dict(attention_type="gqa", num_key_value_heads=3, head_dim=8, first_k_dense_replace=3), "num_key_value_heads"),
+        (dict(attention_type="gqa", num_key_value_heads=2, head_dim=7, first_k_dense_replace=3), "head_dim"),
+        (dict(attention_type="gqa", num_key_value_heads=2, head_dim=8), "first_k_dense_replace"),
+        (
+            dict(
+                attention_type="gqa",
+                num_key_value_heads=2,
+                head_dim=8,
+                first_k_dense_replace=3,
+                num_nextn_predict_layers=1,
+            ),
+            "num_nextn_predict_layers",
+        ),
+    ],
+)
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         tiny_config(**overrides)
@@ -47,27 +59,64 @@ def test_config_json_roundtrip(style, tmp_path):
 def test_reads_published_deepseek_v3_config():
     """The fields of DeepSeek-V3's released config.json that matter (FP8 quantization_config included)."""
     published = {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
-        "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-        "num_nextn_predict_layers": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
-        "n_shared_experts": 1, "n_routed_experts": 256, "ep_size": 1, "routed_scaling_factor": 2.5,
-        "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-        "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
-        "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
-        "rms_norm_eps": 1e-06, "rope_theta": 10000, "tie_word_embeddings": False, "bos_token_id": 0,
-        "eos_token_id": 1, "attention_bias": False,
-        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                         "original_max_position_embeddings": 4096, "type": "yarn"},
-        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                "weight_block_size": [128, 128]},
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "num_nextn_predict_layers": 1,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "n_shared_experts": 1,
+        "n_routed_experts": 256,
+        "ep_size": 1,
+        "routed_scaling_factor": 2.5,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 1536,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "qk_nope_head_dim": 128,
+        "topk_method": "noaux_tc",
+        "n_group": 8,
+        "topk_group": 4,
+        "num_experts_per_tok": 8,
+        "moe_layer_freq": 1,
+        "first_k_dense_replace": 3,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
+        "hidden_act": "silu",
+        "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "attention_bias": False,
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 40,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
+        "quantization_config": {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [128, 128],
+        },
     }
-    assert ModelConfig.from_hf_dict(published) == ModelConfig.preset("v3")
+    assert ModelConfig.from_hf_dict(published) == preset("v3")
 
 
 def test_v2_greedy_routing_ignores_groups():
-    config = ModelConfig.from_hf_dict({**ModelConfig.preset("v2-lite").to_hf_dict("deepseek"),
-                                       "n_group": 8, "topk_group": 3, "topk_method": "greedy"})
+    config = ModelConfig.from_hf_dict(
+        {**preset("v2-lite").to_hf_dict("deepseek"), "n_group": 8, "topk_group": 3, "topk_method": "greedy"}
+    )
     assert (config.n_group, config.topk_group, config.scoring_func) == (1, 1, "softmax")
 
 

@@ -98,8 +98,9 @@ def test_fp8_per_tile_scaled_mm_equals_its_emulation():
     qx, sx = quantize_tiles(torch.randn(64, 512, device=CUDA))
     qw, sw = quantize_blocks(torch.randn(256, 512, device=CUDA))
     rows = row_scales(sw, 256)
-    torch.testing.assert_close(_tiled_scaled_mm(qx, sx, qw, rows),
-                               dequantize_tiles(qx, sx) @ dequantize_tiles(qw, rows).t(), **FP32_OUT)
+    torch.testing.assert_close(
+        _tiled_scaled_mm(qx, sx, qw, rows), dequantize_tiles(qx, sx) @ dequantize_tiles(qw, rows).t(), **FP32_OUT
+    )
 
 
 def test_fp8_linear_on_the_gpu_equals_its_emulation():
@@ -174,8 +175,9 @@ def test_server_loads_onto_the_gpu_and_scores_prompts(tmp_path):
     prompt = [5, 17, 42, 8, 99, 3]
     with TestClient(app) as client:
         card = client.get("/v1/models").json()["data"][0]
-        out = client.post("/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1,
-                                                   "max_tokens": 4}).json()
+        out = client.post(
+            "/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 4}
+        ).json()
     assert card["device"].startswith("cuda") and card["dtype"] == "bfloat16"
     assert app.state.engine.runner.store.device.type == "cuda"
     # the same bf16 weights computed in fp32 on the CPU; bf16 accuracy is a few 2⁻⁸ of the largest logit (weights
@@ -184,7 +186,7 @@ def test_server_loads_onto_the_gpu_and_scores_prompts(tmp_path):
         logits = nanoseek.load_pretrained(model_dir, dtype=torch.bfloat16).float()(torch.tensor([prompt]))[0]
     reference = logits.log_softmax(-1)
     want = torch.tensor([reference[i, t].item() for i, t in enumerate(prompt[1:])])
-    got = torch.tensor(out["choices"][0]["logprobs"]["token_logprobs"][1:len(prompt)])
+    got = torch.tensor(out["choices"][0]["logprobs"]["token_logprobs"][1 : len(prompt)])
     assert logits.abs().max() > 3 and (got - want).abs().max() <= 4 * 2**-8 * logits.abs().max()
 
 

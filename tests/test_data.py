@@ -54,8 +54,12 @@ def test_shards_hold_the_ids_of_direct_tokenization(tmp_path, tokenizer, monkeyp
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:30]))
     book = "\n".join(docs[30:])  # one long document
     (tmp_path / "b.txt").write_text(book)
-    manifest = prepare([tmp_path / "a.jsonl", tmp_path / "b.txt"], tokenizer, tmp_path / "out",
-                       PrepareOptions(val_fraction=0.0, shard_tokens=700))
+    manifest = prepare(
+        [tmp_path / "a.jsonl", tmp_path / "b.txt"],
+        tokenizer,
+        tmp_path / "out",
+        PrepareOptions(val_fraction=0.0, shard_tokens=700),
+    )
     assert manifest["dtype"] == "uint16" and len(manifest["train"]) > 3  # several shards
     train = Prepared(tmp_path / "out").train
     expected, starts = [], []
@@ -111,15 +115,19 @@ def test_every_format_reads_the_same_documents(tmp_path, tokenizer):
     for name in ("c.jsonl", "c.jsonl.gz", "c.jsonl.zst", "c.parquet"):
         prepare([tmp_path / name], tokenizer, tmp_path / name.replace(".", "_"), progress=False)
         prepared = Prepared(tmp_path / name.replace(".", "_"))
-        streams.append((prepared.train.read(0, len(prepared.train)).tolist(),
-                        prepared.val.read(0, len(prepared.val)).tolist()))
+        streams.append(
+            (prepared.train.read(0, len(prepared.train)).tolist(), prepared.val.read(0, len(prepared.val)).tolist())
+        )
     assert all(stream == streams[0] for stream in streams[1:])
     assert len(streams[0][0]) > 500
     # a directory, a glob and a YAML mixture name the same files
-    (tmp_path / "mix.yaml").write_text(f"- path: {tmp_path / 'c.jsonl.gz'}\n  weight: 3\n"
-                                       f"- path: {tmp_path}/*.parquet\n")
+    (tmp_path / "mix.yaml").write_text(
+        f"- path: {tmp_path / 'c.jsonl.gz'}\n  weight: 3\n- path: {tmp_path}/*.parquet\n"
+    )
     assert sources_module.parse_sources([str(tmp_path / "mix.yaml")]) == [
-        Source(str(tmp_path / "c.jsonl.gz"), 3.0), Source(f"{tmp_path}/*.parquet", 1.0)]
+        Source(str(tmp_path / "c.jsonl.gz"), 3.0),
+        Source(f"{tmp_path}/*.parquet", 1.0),
+    ]
     assert sources_module.source_files(f"{tmp_path}/*.parquet") == [tmp_path / "c.parquet"]
     assert len(sources_module.source_files(str(tmp_path))) == 4
 
@@ -129,8 +137,9 @@ def test_mixture_weights_show_in_the_batches(tmp_path):
     tokenizer = train_tokenizer(["aaaa bbbb " * 50, "zzzz yyyy " * 50], 270)
     (tmp_path / "a.txt").write_text("aaaa bbbb " * 3000)
     (tmp_path / "z.txt").write_text("zzzz yyyy " * 3000)
-    dataset = TokenDataset.build([Source(str(tmp_path / "a.txt"), 0.7), Source(str(tmp_path / "z.txt"), 0.3)],
-                                 tokenizer, progress=False)
+    dataset = TokenDataset.build(
+        [Source(str(tmp_path / "a.txt"), 0.7), Source(str(tmp_path / "z.txt"), 0.3)], tokenizer, progress=False
+    )
     a_ids, z_ids = (torch.from_numpy(np.unique(s.train.read(0, len(s.train)))) for s in dataset.sources)
     rows = torch.cat([dataset.batch("train", 32, 16, seed=1, step=step)[0] for step in range(50)])
     from_a, from_z = torch.isin(rows, a_ids).all(dim=1), torch.isin(rows, z_ids).all(dim=1)
@@ -147,8 +156,10 @@ def test_malformed_rows_are_reported_with_their_position(tmp_path, tokenizer, ca
     (tmp_path / "bad.jsonl").write_text("\n".join(good[:2] + ['{"text": 3}', "{broken"] + good[2:]) + "\n")
     manifest = prepare([tmp_path / "bad.jsonl"], tokenizer, tmp_path / "lenient", progress=False)
     assert manifest["skipped"] == 2
-    assert manifest["problems"] == [f"{tmp_path / 'bad.jsonl'}:3: 'text' is not a string",
-                                    f"{tmp_path / 'bad.jsonl'}:4: not a JSON object with a 'text' field"]
+    assert manifest["problems"] == [
+        f"{tmp_path / 'bad.jsonl'}:3: 'text' is not a string",
+        f"{tmp_path / 'bad.jsonl'}:4: not a JSON object with a 'text' field",
+    ]
     with pytest.raises(CorpusError, match=f"{tmp_path / 'bad.jsonl'}:3: 'text' is not a string"):
         prepare([tmp_path / "bad.jsonl"], tokenizer, tmp_path / "strict", PrepareOptions(strict=True), False)
     pq.write_table(pa.table({"text": ["one", None, "three"]}), tmp_path / "rows.parquet")
@@ -160,11 +171,22 @@ def test_malformed_rows_are_reported_with_their_position(tmp_path, tokenizer, ca
     (tmp_path / "cut.jsonl.zst").write_bytes(packed[: len(packed) // 2])  # a download cut short
     with pytest.raises(CorpusError, match="cut.jsonl.zst:1: unreadable .the zstd stream is truncated"):
         prepare([tmp_path / "cut.jsonl.zst"], tokenizer, tmp_path / "zst", PrepareOptions(strict=True), False)
-    (tmp_path / "bad.txt").write_bytes("fine text\n".encode() * 10 + b"\xff\xfe broken")
+    (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 10 + b"\xff\xfe broken")
     with pytest.raises(CorpusError, match=r"bad.txt, byte 100: not UTF-8 text"):
         prepare([tmp_path / "bad.txt"], tokenizer, tmp_path / "txt", PrepareOptions(strict=True), False)
-    code = main(["data", "prepare", "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "cli"),
-                 "--strict", "--vocab-size", "300"])
+    code = main(
+        [
+            "data",
+            "prepare",
+            "--data",
+            str(tmp_path / "bad.jsonl"),
+            "--out",
+            str(tmp_path / "cli"),
+            "--strict",
+            "--vocab-size",
+            "300",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "bad.jsonl:3: 'text' is not a string" in err[0]
 
@@ -177,8 +199,12 @@ def test_windows_at_document_starts_and_the_document_mask(tmp_path, tokenizer):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(50)))
     dataset = TokenDataset.build([Source(str(tmp_path / "d.jsonl"))], tokenizer, progress=False)
     shards = dataset.sources[0].train
-    aligned = {int(s) + k * 24 for s, e in zip(shards.starts, [*shards.starts[1:], len(shards)])
-               for k in range(len(shards)) if s + k * 24 < e and s + k * 24 <= len(shards) - 25}
+    aligned = {
+        int(s) + k * 24
+        for s, e in zip(shards.starts, [*shards.starts[1:], len(shards)])
+        for k in range(len(shards))
+        if s + k * 24 < e and s + k * 24 <= len(shards) - 25
+    }
     rng = np.random.default_rng(0)
     drawn = {shards.window_start(rng, 25, at_starts=True) for _ in range(40 * len(aligned))}
     assert drawn == aligned and any(start not in set(shards.starts.tolist()) for start in drawn)
@@ -186,13 +212,23 @@ def test_windows_at_document_starts_and_the_document_mask(tmp_path, tokenizer):
     assert (x[:, 0] == _eot(tokenizer)).any()  # some at a document's start
     x, _, documents = dataset.batch("train", 16, 200, seed=0, step=3)
     crossing = documents[:, 0] < documents[:, -1]  # windows over two documents: their tokens after the EOT
-    assert crossing.any() and all((x[row, documents[row] > documents[row, 0]][0] == _eot(tokenizer)).item()
-                                  for row in crossing.nonzero()[:, 0])
+    assert crossing.any() and all(
+        (x[row, documents[row] > documents[row, 0]][0] == _eot(tokenizer)).item() for row in crossing.nonzero()[:, 0]
+    )
     torch.manual_seed(0)
-    for config in (tiny_config(vocab_size=320, num_nextn_predict_layers=1), nanoseek.ModelConfig.preset(
-            "tiny-dense").replace(vocab_size=320, hidden_size=32, num_hidden_layers=2, intermediate_size=48,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  first_k_dense_replace=2)):
+    for config in (
+        tiny_config(vocab_size=320, num_nextn_predict_layers=1),
+        nanoseek.preset("tiny-dense").replace(
+            vocab_size=320,
+            hidden_size=32,
+            num_hidden_layers=2,
+            intermediate_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            first_k_dense_replace=2,
+        ),
+    ):
         model = nanoseek.build_model(config).eval()
         first, second = torch.randint(0, 320, (1, 7)), torch.randint(0, 320, (1, 9))
         packed = torch.cat([first, second], dim=1)
@@ -211,16 +247,54 @@ def test_train_reads_prepared_directories_and_mixtures(tmp_path, capsys):
     """`data prepare` ahead, then `train --data DIR:W OTHER:W` (the tokenizer comes from the prepared directory)."""
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(120)))
     (tmp_path / "b.txt").write_text("\n".join(_documents(60, seed=2)))
-    assert main(["data", "prepare", "--data", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "a_prep"),
-                 "--vocab-size", "300"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--data",
+                str(tmp_path / "a.jsonl"),
+                "--out",
+                str(tmp_path / "a_prep"),
+                "--vocab-size",
+                "300",
+            ]
+        )
+        == 0
+    )
     assert "prepared" in capsys.readouterr().out
-    micro = ["model.hidden_size=32", "model.num_hidden_layers=1", "model.max_position_embeddings=32",
-             "train.seq_len=16", "train.batch_size=4", "train.eval_batches=1", "--max-steps", "2",
-             "train.window_starts=documents", "train.document_mask=true"]
-    assert main(["train", "--data", f"{tmp_path / 'a_prep'}:0.8", f"{tmp_path / 'b.txt'}:0.2", "--out",
-                 str(tmp_path / "run"), *micro]) == 0
+    micro = [
+        "model.hidden_size=32",
+        "model.num_hidden_layers=1",
+        "model.max_position_embeddings=32",
+        "train.seq_len=16",
+        "train.batch_size=4",
+        "train.eval_batches=1",
+        "--max-steps",
+        "2",
+        "train.window_starts=documents",
+        "train.document_mask=true",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f"{tmp_path / 'a_prep'}:0.8",
+                f"{tmp_path / 'b.txt'}:0.2",
+                "--out",
+                str(tmp_path / "run"),
+                *micro,
+            ]
+        )
+        == 0
+    )
     run_tokenizer = (tmp_path / "run" / "tokenizer.json").read_text()
     assert run_tokenizer == (tmp_path / "a_prep" / "tokenizer.json").read_text()
-    assert main(["train", "--data", str(tmp_path / "b.txt"), "--out", str(tmp_path / "run"), "--resume",
-                 "--max-steps", "3"]) == 2  # resuming on other data is refused
+    assert (
+        main(
+            ["train", "--data", str(tmp_path / "b.txt"), "--out", str(tmp_path / "run"), "--resume", "--max-steps", "3"]
+        )
+        == 2
+    )  # resuming on other data is refused
     assert "the run trained on" in capsys.readouterr().err

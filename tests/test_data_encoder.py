@@ -12,12 +12,18 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from nanoseek.cli import main
+from nanoseek.data import encoder as encoder_module
 from nanoseek.data import prepare as prepare_module
 from nanoseek.data import sources as sources_module
 from nanoseek.data.dataset import Prepared
-from nanoseek.data import encoder as encoder_module
-from nanoseek.data.encoder import (TiktokenEncoder, TokenizersEncoder, _byte_chars, _tiktoken_tables,
-                                   corpus_encoder, tiktoken_refusal)
+from nanoseek.data.encoder import (
+    TiktokenEncoder,
+    TokenizersEncoder,
+    _byte_chars,
+    _tiktoken_tables,
+    corpus_encoder,
+    tiktoken_refusal,
+)
 from nanoseek.data.prepare import PrepareOptions, prepare
 from nanoseek.data.sources import default_corpus_files
 from nanoseek.data.tokenizer import END_OF_TEXT, train_tokenizer
@@ -49,8 +55,9 @@ def test_tiktoken_gives_the_tokenizers_ids_and_the_same_shards(tmp_path, tokeniz
     files = [PLAYS[10], tmp_path / "c.jsonl"]
     for name in ("tiktoken", "tokenizers"):
         prepare(files, tokenizer, tmp_path / name, encoder=corpus_encoder(tokenizer, name, workers=2), progress=False)
-    assert ({p.name: p.read_bytes() for p in (tmp_path / "tiktoken").iterdir()} ==
-            {p.name: p.read_bytes() for p in (tmp_path / "tokenizers").iterdir()})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tiktoken").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "tokenizers").iterdir()
+    }
 
 
 def _bpe(merges: list[tuple[str, str]]) -> Tokenizer:
@@ -123,8 +130,9 @@ def test_a_stop_during_preparation_keeps_the_shards_and_resumes(tmp_path, tokeni
     partial = json.loads((tmp_path / "stopped" / "manifest.json").read_text())
     assert not partial["complete"] and partial["train"]
     prepare(files, tokenizer, tmp_path / "stopped", options, progress=False)
-    assert ({p.name: p.read_bytes() for p in (tmp_path / "straight").iterdir()} ==
-            {p.name: p.read_bytes() for p in (tmp_path / "stopped").iterdir()})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "straight").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "stopped").iterdir()
+    }
 
 
 def test_sigterm_while_train_tokenizes_stops_before_any_step(tmp_path, monkeypatch, capsys):
@@ -144,8 +152,15 @@ def test_sigterm_while_train_tokenizes_stops_before_any_step(tmp_path, monkeypat
     (tmp_path / "corpus").mkdir()
     for play in PLAYS[:6]:
         (tmp_path / "corpus" / play.name).write_text(play.read_text())
-    micro = ["model.hidden_size=32", "model.num_hidden_layers=1", "train.seq_len=16", "train.batch_size=2",
-             "--max-steps", "3", "train.vocab_size=300"]
+    micro = [
+        "model.hidden_size=32",
+        "model.num_hidden_layers=1",
+        "train.seq_len=16",
+        "train.batch_size=2",
+        "--max-steps",
+        "3",
+        "train.vocab_size=300",
+    ]
     assert main(["train", "--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "run"), *micro]) == 75
     assert "stopped while tokenizing" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

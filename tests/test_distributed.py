@@ -15,9 +15,9 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from test_train import MICRO_YAML, _corpus_lines
 
 from helpers import run_process_group
-from test_train import MICRO_YAML, _corpus_lines
 from nanoseek.data.tokenizer import train_tokenizer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -27,22 +27,40 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 def space(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     (root / "corpus.txt").write_text("\n".join(_corpus_lines()))
-    (root / "micro.yaml").write_text(MICRO_YAML.replace("max_steps: 30", "max_steps: 6")
-                                     .replace("save_every: 5", "save_every: 3"))
+    (root / "micro.yaml").write_text(
+        MICRO_YAML.replace("max_steps: 30", "max_steps: 6").replace("save_every: 5", "save_every: 3")
+    )
     train_tokenizer([(root / "corpus.txt").read_text()], 300).save(str(root / "tokenizer.json"))
     return root
 
 
 def _args(space: Path, out: str, *extra: str) -> list[str]:
-    return ["-m", "nanoseek", "train", "--config", str(space / "micro.yaml"), "--data", str(space / "corpus.txt"),
-            "--tokenizer", str(space / "tokenizer.json"), "--out", str(space / out), *extra]
+    return [
+        "-m",
+        "nanoseek",
+        "train",
+        "--config",
+        str(space / "micro.yaml"),
+        "--data",
+        str(space / "corpus.txt"),
+        "--tokenizer",
+        str(space / "tokenizer.json"),
+        "--out",
+        str(space / out),
+        *extra,
+    ]
 
 
 def _env(space: Path) -> dict[str, str]:
     """The processes run on CPUs over gloo whatever the machine has: these tests compare layouts, and a one-GPU
     machine cannot give every rank a device of its own."""
-    return {**os.environ, "NANOSEEK_CACHE": str(space / "cache"), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
-            "CUDA_VISIBLE_DEVICES": ""}
+    return {
+        **os.environ,
+        "NANOSEEK_CACHE": str(space / "cache"),
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
 
 
 def _run(space: Path, out: str, *extra: str, processes: int = 1) -> None:
@@ -88,6 +106,7 @@ def trained(space):
             done[out] = (flags, processes)
         assert done[out] == (flags, processes), f"{out} was trained with other flags"
         return space / out
+
     return run
 
 
@@ -102,25 +121,40 @@ def _metrics(space: Path, out: str) -> dict[int, dict]:
 
 
 # Every layout the CLI accepts, as (processes, flags). The micro model has 2 layers: one per pipeline stage.
-LAYOUTS = {"dp2": (2, []), "ep2": (2, ["--ep", "2"]), "dp4-ep2": (4, ["--ep", "2"]), "pp2": (2, ["--pp", "2"]),
-           "dp2-pp2": (4, ["--pp", "2"]), "pp2-ep2": (4, ["--pp", "2", "--ep", "2"])}
+LAYOUTS = {
+    "dp2": (2, []),
+    "ep2": (2, ["--ep", "2"]),
+    "dp4-ep2": (4, ["--ep", "2"]),
+    "pp2": (2, ["--pp", "2"]),
+    "dp2-pp2": (4, ["--pp", "2"]),
+    "pp2-ep2": (4, ["--pp", "2", "--ep", "2"]),
+}
 # Relative tolerances against the one-process run of the same precision. fp32: the layouts only change the order
 # of fp32 additions (measured <= 2e-7). bf16 keeps 8 significant bits, so one rounding is worth u = 2^-8 = 3.9e-3
 # relative, and the layouts round different things: FSDP casts every parameter but the routers' to bf16 (norm
 # weights included, which one process under autocast keeps fp32) and a split batch changes GEMM shapes and so the order
 # of accumulation. A gradient norm can therefore move by about u (measured <= 1.7e-3: allowed 5e-3); a loss is a
 # mean over 128 tokens, whose independent rounding differences mostly cancel (measured <= 4e-5: allowed 5e-4).
-TOLERANCES = {"fp32": {"loss": 1e-5, "mtp_loss": 1e-5, "grad_norm": 1e-5},
-              "bf16": {"loss": 5e-4, "mtp_loss": 5e-4, "grad_norm": 5e-3}}
+TOLERANCES = {
+    "fp32": {"loss": 1e-5, "mtp_loss": 1e-5, "grad_norm": 1e-5},
+    "bf16": {"loss": 5e-4, "mtp_loss": 5e-4, "grad_norm": 5e-3},
+}
 PARITY_STEPS = ("train.max_steps=4", "train.save_every=100", "train.eval_every=4")
 # The default run takes each layout's code path once, in three runs (suite time): dp4-ep2 in bf16 (FSDP's mixed
 # precision over four ranks, the experts cast by the same policy over their replicas), pp2-ep2 in fp32 (the pipeline
 # with FSDP and EP inside each stage: 4 ranks), pp2 in bf16 (a pipeline stage under autocast; 1F1B, the default
 # schedule). `pytest -m slow` runs the whole matrix.
 DEFAULT_MATRIX = {("dp4-ep2", "bf16"), ("pp2-ep2", "fp32"), ("pp2", "bf16")}
-MATRIX = [pytest.param(layout, precision, id=f"{layout}-{precision}",
-                       marks=() if (layout, precision) in DEFAULT_MATRIX else pytest.mark.slow)
-          for precision in TOLERANCES for layout in LAYOUTS]
+MATRIX = [
+    pytest.param(
+        layout,
+        precision,
+        id=f"{layout}-{precision}",
+        marks=() if (layout, precision) in DEFAULT_MATRIX else pytest.mark.slow,
+    )
+    for precision in TOLERANCES
+    for layout in LAYOUTS
+]
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +170,9 @@ def test_every_layout_equals_one_process(space, one_process, trained, layout, pr
     the final validation loss of each layout against one process, in fp32 and in bf16 (FSDP's mixed precision;
     expert parallelism's experts cast by the same policy)."""
     processes, flags = LAYOUTS[layout]
-    out = trained(f"{layout}-{precision}", *flags, f"train.precision={precision}", *PARITY_STEPS,
-                  processes=processes).name
+    out = trained(
+        f"{layout}-{precision}", *flags, f"train.precision={precision}", *PARITY_STEPS, processes=processes
+    ).name
     got, want = _metrics(space, out), one_process[precision]
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:
@@ -164,9 +199,15 @@ def test_v32_training_stages_under_fsdp_and_ep_equal_one_process(space, stage):
     KL and gradient norms."""
     # initializer_range 0.3: peaked attention and index scores, so the KL is far from zero (at 0.02 it is ~1e-7,
     # all fp32 cancellation)
-    v32 = ("model.index_n_heads=4", "model.index_head_dim=8", "model.index_topk=8", "model.initializer_range=0.3",
-           f"train.dsa={stage}",
-           "train.precision=fp32", *PARITY_STEPS)
+    v32 = (
+        "model.index_n_heads=4",
+        "model.index_head_dim=8",
+        "model.index_topk=8",
+        "model.initializer_range=0.3",
+        f"train.dsa={stage}",
+        "train.precision=fp32",
+        *PARITY_STEPS,
+    )
     _run(space, f"v32-{stage}-one", *v32)
     _run(space, f"v32-{stage}-dp2-ep2", "--ep", "2", *v32, processes=2)
     got, want = _metrics(space, f"v32-{stage}-dp2-ep2"), _metrics(space, f"v32-{stage}-one")
@@ -177,19 +218,50 @@ def test_v32_training_stages_under_fsdp_and_ep_equal_one_process(space, stage):
     assert all(row["indexer_kl"] > 0 for row in want.values())
 
 
-V4 = ("model.hidden_size=32", "model.num_hidden_layers=3", "model.num_attention_heads=2", "model.head_dim=16",
-      "model.qk_rope_head_dim=8", "model.q_lora_rank=16", "model.moe_intermediate_size=16", "model.o_lora_rank=8",
-      "model.layer_types=[sliding_attention,compressed_sparse_attention,heavily_compressed_attention]",
-      "model.mlp_layer_types=[hash_moe,moe,moe]", "model.sliding_window=8", "model.compress_rate_hca=8",
-      "model.index_head_dim=8", "model.index_topk=2", "model.hc_mult=2", "model.n_routed_experts=8",
-      "model.initializer_range=0.3", "model.num_nextn_predict_layers=1")
+V4 = (
+    "model.hidden_size=32",
+    "model.num_hidden_layers=3",
+    "model.num_attention_heads=2",
+    "model.head_dim=16",
+    "model.qk_rope_head_dim=8",
+    "model.q_lora_rank=16",
+    "model.moe_intermediate_size=16",
+    "model.o_lora_rank=8",
+    "model.layer_types=[sliding_attention,compressed_sparse_attention,heavily_compressed_attention]",
+    "model.mlp_layer_types=[hash_moe,moe,moe]",
+    "model.sliding_window=8",
+    "model.compress_rate_hca=8",
+    "model.index_head_dim=8",
+    "model.index_topk=2",
+    "model.hc_mult=2",
+    "model.n_routed_experts=8",
+    "model.initializer_range=0.3",
+    "model.num_nextn_predict_layers=1",
+)
 
 
 def _v4_args(space: Path, out: str, *extra: str) -> list[str]:
-    return ["-m", "nanoseek", "train", "--preset", "tiny-v4", "--data", str(space / "corpus.txt"), "--tokenizer",
-            str(space / "tokenizer.json"), "--out", str(space / out), "train.seq_len=32", "train.batch_size=4",
-            "train.eval_batches=2", "train.vocab_size=300", "train.log_every=1", "train.warmup_steps=5", *V4,
-            *extra]
+    return [
+        "-m",
+        "nanoseek",
+        "train",
+        "--preset",
+        "tiny-v4",
+        "--data",
+        str(space / "corpus.txt"),
+        "--tokenizer",
+        str(space / "tokenizer.json"),
+        "--out",
+        str(space / out),
+        "train.seq_len=32",
+        "train.batch_size=4",
+        "train.eval_batches=2",
+        "train.vocab_size=300",
+        "train.log_every=1",
+        "train.warmup_steps=5",
+        *V4,
+        *extra,
+    ]
 
 
 def test_v4_in_fp8_under_fsdp_and_ep_runs_as_one_process(space):
@@ -231,14 +303,28 @@ def test_compiled_blocks_train_like_eager(space, one_process):
             assert got[step][key] == pytest.approx(want[step][key], rel=tolerance), (step, key)
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--pp", "2", "--pp-schedule", "zbv"], "with --dp > 1 is not supported"),
-    (["--pp", "2", "--pp-schedule", "dualpipev"], "with --dp > 1 is not supported"),
-    (["--ep", "3"], "must divide --dp"),
-    (["--pp", "2", "--preset", "tiny-v4", "model.n_group=1", "model.topk_group=1", "model.first_k_dense_replace=0",
-      "model.layer_types=[sliding_attention,sliding_attention]", "model.mlp_layer_types=[moe,moe]"],
-     "V4 is not pipelined"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--pp", "2", "--pp-schedule", "zbv"], "with --dp > 1 is not supported"),
+        (["--pp", "2", "--pp-schedule", "dualpipev"], "with --dp > 1 is not supported"),
+        (["--ep", "3"], "must divide --dp"),
+        (
+            [
+                "--pp",
+                "2",
+                "--preset",
+                "tiny-v4",
+                "model.n_group=1",
+                "model.topk_group=1",
+                "model.first_k_dense_replace=0",
+                "model.layer_types=[sliding_attention,sliding_attention]",
+                "model.mlp_layer_types=[moe,moe]",
+            ],
+            "V4 is not pipelined",
+        ),
+    ],
+)
 def test_refused_layouts_say_why_in_one_line(space, flags, needle, monkeypatch, capsys):
     """What each torchrun process sees (its environment): the layout is checked before any process group is set up."""
     from nanoseek.cli import main
@@ -285,10 +371,23 @@ def test_dead_peer_stops_the_other_with_a_clear_error(space):
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     args = _args(space, "dead", "train.max_steps=100000", "train.eval_every=100000", "train.save_every=100000")
-    env = {**_env(space), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": "2",
-           "TORCHELASTIC_USE_AGENT_STORE": "True"}
-    ranks = [subprocess.Popen([sys.executable, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    env = {
+        **_env(space),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store.port),
+        "WORLD_SIZE": "2",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     try:
         deadline = time.time() + 120
         while not (space / "dead" / "metrics.jsonl").exists() and time.time() < deadline:
@@ -308,8 +407,9 @@ def test_dead_peer_stops_the_other_with_a_clear_error(space):
 def test_export_of_an_expert_parallel_checkpoint(space, trained):
     """The last checkpoint of a DP x EP run (the layout matrix's run: suite time) exports to the very weights the
     run saved as its model."""
-    import nanoseek
     import torch
+
+    import nanoseek
 
     run = trained("dp4-ep2-bf16", *LAYOUTS["dp4-ep2"][1], "train.precision=bf16", *PARITY_STEPS, processes=4)
     out = space / "exported"
@@ -329,23 +429,31 @@ def single_four_layers(space) -> dict:
 
 # GPipe takes 1F1B's path through nanoseek (one stage per rank) and ZBV DualPipeV's (two, V-shaped): both are slow.
 # 1F1B is the default schedule: the matrix's pipeline layouts run it by default; DualPipeV runs two stages per rank
-@pytest.mark.parametrize("schedule", [pytest.param(s, marks=pytest.mark.slow)
-                                      for s in ("gpipe", "1f1b", "interleaved1f1b", "zbv")] + ["dualpipev"])
+@pytest.mark.parametrize(
+    "schedule",
+    [pytest.param(s, marks=pytest.mark.slow) for s in ("gpipe", "1f1b", "interleaved1f1b", "zbv")] + ["dualpipev"],
+)
 def test_pipeline_schedules_equal_one_process(space, single_four_layers, trained, schedule):
-    out = trained(f"pp-{schedule}", "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", schedule,
-                  processes=2).name
+    out = trained(
+        f"pp-{schedule}", "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", schedule, processes=2
+    ).name
     _assert_close(_losses(space, out), single_four_layers, range(1, 7))
-    val = {json.loads(r)["step"]: json.loads(r).get("val_loss") for r in
-           (space / out / "metrics.jsonl").read_text().splitlines()}
-    reference = {json.loads(r)["step"]: json.loads(r).get("val_loss") for r in
-                 (space / "single4" / "metrics.jsonl").read_text().splitlines()}
+    val = {
+        json.loads(r)["step"]: json.loads(r).get("val_loss")
+        for r in (space / out / "metrics.jsonl").read_text().splitlines()
+    }
+    reference = {
+        json.loads(r)["step"]: json.loads(r).get("val_loss")
+        for r in (space / "single4" / "metrics.jsonl").read_text().splitlines()
+    }
     assert val[6] == pytest.approx(reference[6], rel=1e-5)
 
 
 def test_pipeline_checkpoint_resumes_on_one_process(space, single_four_layers, trained):
     """DualPipeV's checkpoint (two stages per rank; the schedule test's run: suite time) resumes on one process."""
-    pipelined = trained("pp-dualpipev", "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", "dualpipev",
-                        processes=2)
+    pipelined = trained(
+        "pp-dualpipev", "model.num_hidden_layers=4", "--pp", "2", "--pp-schedule", "dualpipev", processes=2
+    )
     out = "pp-resume"
     shutil.copytree(pipelined, space / out)
     shutil.rmtree(space / out / "checkpoints" / "step_0000006")
@@ -358,8 +466,18 @@ def test_interleaved_pipeline_times_data_parallel(space):
     """DP2 x PP2 with two stages per rank (the matrix covers 1F1B)."""
     _run(space, "single-b8", "model.num_hidden_layers=4", "train.batch_size=8", "train.max_steps=4")
     out = "pp2-dp2"
-    _run(space, out, "model.num_hidden_layers=4", "train.batch_size=8", "train.max_steps=4", "--pp", "2",
-         "--pp-schedule", "interleaved1f1b", processes=4)
+    _run(
+        space,
+        out,
+        "model.num_hidden_layers=4",
+        "train.batch_size=8",
+        "train.max_steps=4",
+        "--pp",
+        "2",
+        "--pp-schedule",
+        "interleaved1f1b",
+        processes=4,
+    )
     _assert_close(_losses(space, out), _losses(space, "single-b8"), range(1, 5))
 
 
@@ -380,14 +498,20 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(space):
     """A preemption that reaches one rank only: the ranks agree after every step, so both stop after the same step
     and write that checkpoint together (each its RNG file); the run then resumes on one process."""
     out = "dp2-sigterm"
-    process = subprocess.Popen([*TORCHRUN, "--nproc_per_node", "2"] + _args(space, out, "train.max_steps=400",
-                                                                            "train.save_every=1000"),
-                               env=_env(space), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [*TORCHRUN, "--nproc_per_node", "2"] + _args(space, out, "train.max_steps=400", "train.save_every=1000"),
+        env=_env(space),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not ((space / out / "metrics.jsonl").exists() and
-                                              len((space / out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        while time.time() < deadline and not (
+            (space / out / "metrics.jsonl").exists()
+            and len((space / out / "metrics.jsonl").read_text().splitlines()) >= 2
+        ):
             time.sleep(0.01)
         ranks = _rank_pids(process.pid)
         assert sorted(ranks) == [0, 1], ranks
@@ -447,7 +571,8 @@ def test_router_stays_fp32_under_fsdp_bf16_mixed_precision(one_rank_group):
     block = v4.layers[1]
     for name in ("attn_hc", "attn.compressor", "attn.indexer.compressor", "mlp.router"):
         block.get_submodule(name).register_forward_pre_hook(
-            lambda m, a, name=name: seen.__setitem__(name, next(m.parameters()).dtype))
+            lambda m, a, name=name: seen.__setitem__(name, next(m.parameters()).dtype)
+        )
     block.attn.q_up.register_forward_pre_hook(lambda m, a: seen.__setitem__("q_up", m.weight.dtype))
     v4.hc_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("hc_head", m.fn.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer runs
@@ -477,8 +602,9 @@ def test_an_expert_parallel_layer_reads_the_device_once(one_rank_group, monkeypa
     host_reads, sized = [], []
     real_tolist, real_repeat = torch.Tensor.tolist, torch.repeat_interleave
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: host_reads.append(t.shape) or real_tolist(t))
-    monkeypatch.setattr(torch, "repeat_interleave",
-                        lambda *a, **k: sized.append("output_size" in k) or real_repeat(*a, **k))
+    monkeypatch.setattr(
+        torch, "repeat_interleave", lambda *a, **k: sized.append("output_size" in k) or real_repeat(*a, **k)
+    )
     out = parallel(x[order], group_ends)
     monkeypatch.undo()
     assert len(host_reads) == 1 and sized == [True]
@@ -497,6 +623,14 @@ def test_pipeline_stages_are_sharded_before_they_are_allocated(one_rank_group):
     with torch.device("meta"):
         model = build_model(tiny_config())
     on_meta = []
-    build_pipeline(model, 0, 1, "gpipe", 2, lambda *a: None, torch.device("cpu"),
-                   shard=lambda modules: on_meta.append(all(p.is_meta for m in modules for p in m.parameters())))
+    build_pipeline(
+        model,
+        0,
+        1,
+        "gpipe",
+        2,
+        lambda *a: None,
+        torch.device("cpu"),
+        shard=lambda modules: on_meta.append(all(p.is_meta for m in modules for p in m.parameters())),
+    )
     assert on_meta == [True] and not any(p.is_meta for p in model.parameters())

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_train import MICRO_YAML, _corpus_lines
 
 import nanoseek
 from helpers import V32, tiny_config
 from nanoseek.cli import main
 from nanoseek.train.dsa import configure_indexers, indexer_loss
-from test_train import MICRO_YAML, _corpus_lines
 
 
 def _model(stage: str, **overrides) -> nanoseek.DeepseekV3Model:
@@ -120,8 +120,20 @@ def runs(tmp_path_factory):
 
 
 def _train(root, out: str, *extra: str) -> int:
-    return main(["train", "--config", str(root / "micro.yaml"), "--data", str(root / "corpus.txt"), "--out",
-                 str(root / out), "train.save_every=100", "train.eval_every=4", *extra])
+    return main(
+        [
+            "train",
+            "--config",
+            str(root / "micro.yaml"),
+            "--data",
+            str(root / "corpus.txt"),
+            "--out",
+            str(root / out),
+            "train.save_every=100",
+            "train.eval_every=4",
+            *extra,
+        ]
+    )
 
 
 def test_v3_run_converts_to_v32_in_two_stages(runs, monkeypatch):
@@ -132,9 +144,29 @@ def test_v3_run_converts_to_v32_in_two_stages(runs, monkeypatch):
     indexer = ("model.index_n_heads=4", "model.index_head_dim=8", "model.index_topk=8")
     if not (runs / "v3" / "model.safetensors").exists():
         assert _train(runs, "v3") == 0
-    assert main(["train", "--from", str(runs / "v3"), "--out", str(runs / "warm"), "--dsa", "warmup",
-                 "--context", "128", "--data", str(runs / "corpus.txt"), "--max-steps", "4", "train.batch_size=2",
-                 "train.eval_batches=2", *indexer]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--from",
+                str(runs / "v3"),
+                "--out",
+                str(runs / "warm"),
+                "--dsa",
+                "warmup",
+                "--context",
+                "128",
+                "--data",
+                str(runs / "corpus.txt"),
+                "--max-steps",
+                "4",
+                "train.batch_size=2",
+                "train.eval_batches=2",
+                *indexer,
+            ]
+        )
+        == 0
+    )
     extended = json.loads((runs / "warm" / "config.json").read_text())  # YaRN from the parent's 64 tokens
     yarn = extended["rope_parameters"]
     assert extended["max_position_embeddings"] == 128 and yarn["rope_type"] == "yarn" and yarn["factor"] == 2.0
@@ -144,30 +176,52 @@ def test_v3_run_converts_to_v32_in_two_stages(runs, monkeypatch):
     added = [k for k in warm if k not in source]
     assert added and all(".indexer." in k for k in added)
     assert (runs / "warm" / "tokenizer.json").read_text() == (runs / "v3" / "tokenizer.json").read_text()
-    assert main(["train", "--from", str(runs / "warm"), "--out", str(runs / "sparse"), "--dsa", "sparse",
-                 "--data", str(runs / "corpus.txt"), "--max-steps", "4", "train.seq_len=32", "train.batch_size=4",
-                 "train.eval_batches=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--from",
+                str(runs / "warm"),
+                "--out",
+                str(runs / "sparse"),
+                "--dsa",
+                "sparse",
+                "--data",
+                str(runs / "corpus.txt"),
+                "--max-steps",
+                "4",
+                "train.seq_len=32",
+                "train.batch_size=4",
+                "train.eval_batches=2",
+            ]
+        )
+        == 0
+    )
     sparse = load_file(runs / "sparse" / "model.safetensors")
     assert all(not torch.equal(warm[k], sparse[k]) for k in warm if k.endswith("proj.weight"))
     rows = [json.loads(line) for line in (runs / "sparse" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["indexer_kl"] > 0 for row in rows)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--dsa", "warmup"], "this model has none: add one with model.index_n_heads"),
-    (["--from", "RUNS/v3", "--preset", "tiny"], "--from takes the model's shape from MODEL_DIR"),
-    (["--from", "RUNS/nowhere"], "not a model directory"),
-    (["--from", "RUNS/v3", "model.hidden_size=64"], "cannot differ"),
-    (["--from", "RUNS/v3", "--context", "64"], "does not extend the model's context of 64 tokens"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--dsa", "warmup"], "this model has none: add one with model.index_n_heads"),
+        (["--from", "RUNS/v3", "--preset", "tiny"], "--from takes the model's shape from MODEL_DIR"),
+        (["--from", "RUNS/nowhere"], "not a model directory"),
+        (["--from", "RUNS/v3", "model.hidden_size=64"], "cannot differ"),
+        (["--from", "RUNS/v3", "--context", "64"], "does not extend the model's context of 64 tokens"),
+    ],
+)
 def test_bad_conversions_say_why_in_one_line(runs, argv, needle, capsys, monkeypatch):
     monkeypatch.setenv("NANOSEEK_CACHE", str(runs / "cache"))
     if not (runs / "v3" / "model.safetensors").exists():
         assert _train(runs, "v3") == 0
     argv = [a.replace("RUNS", str(runs)) for a in argv]
     capsys.readouterr()
-    assert main(["train", "--data", str(runs / "corpus.txt"), "--out", str(runs / "bad"), "--max-steps", "1",
-                 *argv]) == 2
+    assert (
+        main(["train", "--data", str(runs / "corpus.txt"), "--out", str(runs / "bad"), "--max-steps", "1", *argv]) == 2
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[0], err
 

@@ -22,6 +22,7 @@ from nanoseek.fp8.quant import (
 )
 from nanoseek.models.common.moe import grouped_mm
 from nanoseek.models.registry import build_model
+from nanoseek.presets import preset
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.metrics import saved_tensor_bytes
 from nanoseek.train.optim import AdamWLowPrecisionMoments, optimizer_state_bytes
@@ -71,6 +72,7 @@ def test_grouped_tiles_restart_at_each_group():
 
 def _reference_linear(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The FP8 recipe written out with float64 accumulation: forward, Dgrad and Wgrad from quantized operands."""
+
     def deq_tiles(t):
         return dequantize_tiles(*quantize_tiles(t)).double()
 
@@ -145,14 +147,35 @@ def _v4_config():
     return v4_config(initializer_range=0.02, num_nextn_predict_layers=1)
 
 
-CONVERTED = {"v3": (lambda: tiny_config(num_nextn_predict_layers=1), {
-    "layers.0.attn.q_down", "layers.0.attn.kv_up", "layers.0.attn.out_proj", "layers.0.mlp.gate_up",
-    "layers.1.mlp.experts", "layers.1.mlp.shared.down", "mtp.0.eh_proj"}),
+CONVERTED = {
+    "v3": (
+        lambda: tiny_config(num_nextn_predict_layers=1),
+        {
+            "layers.0.attn.q_down",
+            "layers.0.attn.kv_up",
+            "layers.0.attn.out_proj",
+            "layers.0.mlp.gate_up",
+            "layers.1.mlp.experts",
+            "layers.1.mlp.shared.down",
+            "mtp.0.eh_proj",
+        },
+    ),
     # V4: its attention projections (DeepSeek ships the compressors and indexers in BF16), experts, shared experts,
     # the MTP projections
-    "v4": (_v4_config, {"layers.1.attn.q_down", "layers.1.attn.q_up", "layers.1.attn.kv_proj",
-                        "layers.1.attn.out_proj", "layers.1.mlp.experts", "layers.1.mlp.shared.down",
-                        "mtp.0.e_proj", "mtp.0.h_proj"})}
+    "v4": (
+        _v4_config,
+        {
+            "layers.1.attn.q_down",
+            "layers.1.attn.q_up",
+            "layers.1.attn.kv_proj",
+            "layers.1.attn.out_proj",
+            "layers.1.mlp.experts",
+            "layers.1.mlp.shared.down",
+            "mtp.0.e_proj",
+            "mtp.0.h_proj",
+        },
+    ),
+}
 
 
 def test_a_refused_grouped_kernel_is_said_once_and_emulated(monkeypatch):
@@ -194,7 +217,8 @@ def test_convert_covers_v3s_fp8_gemms_and_keeps_the_rest(kind):
                 module.gemm = _recipe_grouped_gemm
             else:
                 module.forward = lambda x, w=module.weight: _recipe_matmul(x.reshape(-1, x.shape[-1]), w).view(
-                    *x.shape[:-1], w.shape[0])
+                    *x.shape[:-1], w.shape[0]
+                )
         reference.load_state_dict(model.state_dict())
         full = build_model(config)
         full.load_state_dict(model.state_dict())
@@ -222,9 +246,17 @@ def test_bf16_moments_follow_adamw():
     runs = {}
     for name in ("torch", "fp32", "bf16"):
         ps = [p.detach().clone().requires_grad_() for p in params]
-        opt = (torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1) if name == "torch" else
-               AdamWLowPrecisionMoments(ps, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1,
-                                        moment_dtype=torch.float32 if name == "fp32" else torch.bfloat16))
+        opt = (
+            torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
+            if name == "torch"
+            else AdamWLowPrecisionMoments(
+                ps,
+                lr=1e-2,
+                betas=(0.9, 0.999),
+                weight_decay=0.1,
+                moment_dtype=torch.float32 if name == "fp32" else torch.bfloat16,
+            )
+        )
         for step in range(5):
             torch.manual_seed(step)
             for p in ps:
@@ -260,9 +292,18 @@ def test_recompute_gives_the_same_gradients_and_keeps_less():
 def test_fp8_export_reads_back_in_nanoseek_and_transformers(tmp_path):
     import transformers
 
-    config = tiny_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, q_lora_rank=128,
-                         kv_lora_rank=128, num_attention_heads=2, qk_nope_head_dim=64, qk_rope_head_dim=64,
-                         v_head_dim=64, num_nextn_predict_layers=1)
+    config = tiny_config(
+        hidden_size=256,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        num_attention_heads=2,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=64,
+        v_head_dim=64,
+        num_nextn_predict_layers=1,
+    )
     torch.manual_seed(0)
     model = build_model(config).eval()
     written = save_pretrained(model, tmp_path, fp8=True)
@@ -303,20 +344,27 @@ def test_precision_and_compute_dtype():
 def test_fp8_training_tracks_fp32(tmp_path, monkeypatch):
     """The V3 claim in small: an FP8 run (here with BF16 moments and recomputation too) ends near the fp32 run.
     benchmarks/fp8_training.py checks the report's 0.25 % on the tiny preset's full run."""
-    from nanoseek.config import ModelConfig
+    from test_train import MICRO_YAML, _corpus_lines
+
     from nanoseek.train.config import apply_overrides, read_config_file
     from nanoseek.train.trainer import RunSpec, train
-    from test_train import MICRO_YAML, _corpus_lines
 
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
     (tmp_path / "corpus.txt").write_text("\n".join(_corpus_lines()))
     (tmp_path / "micro.yaml").write_text(MICRO_YAML)
-    overrides = {**read_config_file(tmp_path / "micro.yaml"), "train.max_steps": 40, "train.eval_every": 40,
-                 "train.save_every": 40, "train.eval_batches": 4}
+    overrides = {
+        **read_config_file(tmp_path / "micro.yaml"),
+        "train.max_steps": 40,
+        "train.eval_every": 40,
+        "train.save_every": 40,
+        "train.eval_batches": 4,
+    }
     losses = {}
-    for name, extra in (("fp32", {}), ("fp8", {"train.precision": "fp8", "train.optimizer_moments": "bf16",
-                                               "train.recompute": True})):
-        model, cfg = apply_overrides(ModelConfig.preset("tiny"), TrainConfig(), {**overrides, **extra})
+    for name, extra in (
+        ("fp32", {}),
+        ("fp8", {"train.precision": "fp8", "train.optimizer_moments": "bf16", "train.recompute": True}),
+    ):
+        model, cfg = apply_overrides(preset("tiny"), TrainConfig(), {**overrides, **extra})
         summary = train(RunSpec(tmp_path / name, model, cfg, str(tmp_path / "corpus.txt")), show_progress=False)
         losses[name] = summary["val_loss"]
     assert losses["fp32"] < 5.0  # it learned something (uniform over 300 tokens is 5.7)

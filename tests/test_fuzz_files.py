@@ -19,24 +19,37 @@ from nanoseek.cli import main
 from nanoseek.data.chat_format import CHAT_TEMPLATE
 from nanoseek.infer.chat import ChatTemplate
 
-MICRO = ["model.hidden_size=32", "model.num_hidden_layers=1", "model.max_position_embeddings=32", "train.seq_len=8",
-         "train.batch_size=2", "train.eval_batches=1", "train.vocab_size=260", "--max-steps", "1"]
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                                        max_size=4), max_leaves=10)
+MICRO = [
+    "model.hidden_size=32",
+    "model.num_hidden_layers=1",
+    "model.max_position_embeddings=32",
+    "train.seq_len=8",
+    "train.batch_size=2",
+    "train.eval_batches=1",
+    "train.vocab_size=260",
+    "--max-steps",
+    "1",
+]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=10,
+)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return micro_model_dir(tmp_path_factory.mktemp("model"), "to be or not to be, that is the question\n" * 40,
-                           260, 264)
+    return micro_model_dir(
+        tmp_path_factory.mktemp("model"), "to be or not to be, that is the question\n" * 40, 260, 264
+    )
 
 
 texts = st.text(max_size=400)
 corpus_bytes = st.one_of(
     st.binary(max_size=2000),
     st.tuples(texts, st.sampled_from(["utf-8", "utf-16", "latin-1", "cp1252", "utf-32"])).map(
-        lambda pair: pair[0].encode(pair[1], errors="replace")),
+        lambda pair: pair[0].encode(pair[1], errors="replace")
+    ),
     st.lists(json_values, max_size=20).map(lambda rows: "\n".join(json.dumps(r) for r in rows).encode()),
     st.tuples(texts, st.binary(max_size=50)).map(lambda pair: (pair[0] * 20).encode() + pair[1]),  # a bad tail
 )
@@ -68,8 +81,13 @@ def _packed(raw: bytes, suffix: str, data) -> bytes:
     return packed[: data.draw(st.integers(0, len(packed)))] if data.draw(st.booleans()) else packed
 
 
-@fuzz(16, 200, raw=corpus_bytes, suffix=st.sampled_from([".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"]),
-      data=st.data())
+@fuzz(
+    16,
+    200,
+    raw=corpus_bytes,
+    suffix=st.sampled_from([".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"]),
+    data=st.data(),
+)
 def test_corpora(tmp_path_factory, capsys, raw, suffix, data):
     directory = tmp_path_factory.mktemp("corpus")
     corpus = directory / f"corpus{suffix}"
@@ -98,12 +116,22 @@ def test_tokenizer_json(tmp_path_factory, capsys, model_dir, data):
     cli_exit(capsys, "generate", str(directory / "m"), "--prompt", "to be", "--max-new-tokens", "2")
 
 
-@fuzz(60, 400, raw=st.binary(max_size=200) | st.dictionaries(
-    st.sampled_from(["chat_template", "bos_token", "eos_token", "x"]),
-    json_values | st.just(CHAT_TEMPLATE) | st.text(alphabet="{}%#|-ab ", max_size=40)).map(
-        lambda d: json.dumps(d).encode()),
-      messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
-                                               "content": st.text(max_size=20)}), min_size=1, max_size=3))
+@fuzz(
+    60,
+    400,
+    raw=st.binary(max_size=200)
+    | st.dictionaries(
+        st.sampled_from(["chat_template", "bos_token", "eos_token", "x"]),
+        json_values | st.just(CHAT_TEMPLATE) | st.text(alphabet="{}%#|-ab ", max_size=40),
+    ).map(lambda d: json.dumps(d).encode()),
+    messages=st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant", "system"]), "content": st.text(max_size=20)}
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
 def test_tokenizer_config_json(tmp_path_factory, raw, messages):
     """The chat template file the server and `chat` read: it loads and renders, or raises ValueError (which they
     report as one line or a 400)."""
@@ -131,7 +159,7 @@ def _mutate_safetensors(path, data) -> bool:
     raw = bytearray(path.read_bytes())
     header_len = struct.unpack("<Q", raw[:8])[0]
     if kind == "truncate":
-        path.write_bytes(raw[:data.draw(st.integers(0, len(raw) - 1))])
+        path.write_bytes(raw[: data.draw(st.integers(0, len(raw) - 1))])
         return False  # a cut in the padding after the last tensor may leave every tensor whole
     if kind == "header":
         for _ in range(data.draw(st.integers(1, 4))):
@@ -149,17 +177,27 @@ def _mutate_safetensors(path, data) -> bool:
     elif kind == "reshape":
         tensors[key] = torch.zeros(data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
     else:
-        tensors[key] = tensors[key].to(data.draw(st.sampled_from([torch.int32, torch.bool, torch.float16,
-                                                                   torch.int8, torch.float64])))
+        tensors[key] = tensors[key].to(
+            data.draw(st.sampled_from([torch.int32, torch.bool, torch.float16, torch.int8, torch.float64]))
+        )
     save_file(tensors, str(path))
-    changed = kind == "drop" or (tensors[key].shape != before.shape if kind == "reshape" else
-                                 not tensors[key].dtype.is_floating_point)
+    changed = kind == "drop" or (
+        tensors[key].shape != before.shape if kind == "reshape" else not tensors[key].dtype.is_floating_point
+    )
     return changed and not _not_read(key)
 
 
 # config fields whose change the weights' shapes contradict
-SHAPE_FIELDS = ["hidden_size", "num_hidden_layers", "n_routed_experts", "kv_lora_rank", "vocab_size", "q_lora_rank",
-                "qk_rope_head_dim", "moe_intermediate_size"]
+SHAPE_FIELDS = [
+    "hidden_size",
+    "num_hidden_layers",
+    "n_routed_experts",
+    "kv_lora_rank",
+    "vocab_size",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "moe_intermediate_size",
+]
 
 
 @fuzz(40, 400, data=st.data(), target=st.sampled_from(["weights", "config", "index"]))
@@ -171,16 +209,18 @@ def test_model_directories(tmp_path_factory, capsys, model_dir, data, target):
         must_refuse = _mutate_safetensors(directory / "model.safetensors", data)
     elif target == "config":  # a config that disagrees with its weights
         config = json.loads((directory / "config.json").read_text())
-        name = data.draw(st.sampled_from(SHAPE_FIELDS + ["num_nextn_predict_layers", "model_type",
-                                                         "tie_word_embeddings"]))
+        name = data.draw(
+            st.sampled_from(SHAPE_FIELDS + ["num_nextn_predict_layers", "model_type", "tie_word_embeddings"])
+        )
         value = data.draw(st.integers(0, 300) | st.none() | st.booleans() | st.text(max_size=12))
         must_refuse = name in SHAPE_FIELDS and value != config.get(name)
         config[name] = value
         (directory / "config.json").write_text(json.dumps(config))
     else:  # an index whose shards are missing, or that points outside the directory
         names = list(load_file(str(directory / "model.safetensors")))
-        shard = data.draw(st.sampled_from(["missing.safetensors", "../model.safetensors", "/etc/passwd", "",
-                                           "model.safetensors"]))
+        shard = data.draw(
+            st.sampled_from(["missing.safetensors", "../model.safetensors", "/etc/passwd", "", "model.safetensors"])
+        )
         weight_map = {name: shard for name in names}
         body = data.draw(st.just({"weight_map": weight_map}) | json_values)
         (directory / "model.safetensors.index.json").write_text(json.dumps(body))
@@ -196,8 +236,23 @@ def training_run(tmp_path_factory):
     """A two-step run with its checkpoint (the corpus next to it)."""
     directory = tmp_path_factory.mktemp("ckpt")
     (directory / "corpus.txt").write_text("to be or not to be, that is the question\n" * 300)
-    assert main(["train", "--data", str(directory / "corpus.txt"), "--out", str(directory / "run"), *MICRO[:-2],
-                 "--max-steps", "2", "--save-every", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(directory / "corpus.txt"),
+                "--out",
+                str(directory / "run"),
+                *MICRO[:-2],
+                "--max-steps",
+                "2",
+                "--save-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     (directory / "run" / "model.safetensors").unlink()  # as if preempted after its step-2 checkpoint
     return directory / "run"
 
@@ -217,7 +272,7 @@ def test_training_checkpoints(tmp_path_factory, capsys, training_run, data, comm
     if kind == "delete":
         path.unlink()
     elif kind == "truncate":
-        path.write_bytes(path.read_bytes()[:data.draw(st.integers(0, max(0, path.stat().st_size - 1)))])
+        path.write_bytes(path.read_bytes()[: data.draw(st.integers(0, max(0, path.stat().st_size - 1)))])
     elif kind == "bytes":
         path.write_bytes(data.draw(st.binary(max_size=100)))
     else:

@@ -14,8 +14,11 @@ from nanoseek.cli import main
 from nanoseek.presets import PRESETS
 
 json_scalars = st.none() | st.booleans() | st.integers(-(1 << 40), 1 << 40) | st.floats() | st.text(max_size=12)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
 CONFIG = PRESETS["tiny"].to_hf_dict()
 
 
@@ -45,10 +48,34 @@ def test_model_config_bytes(tmp_path_factory, capsys, raw):
     cli_exit(capsys, "info", str(path))  # `{}` is valid: DeepSeek-V3's own shape
 
 
-TRAIN_FIELDS = ("seq_len", "batch_size", "lr", "max_steps", "schedule", "balance", "precision", "seed", "use_mtp",
-                "warmup_steps", "vocab_size", "tokenizer", "eval_every", "grad_accum", "min_lr_ratio", "betta1")
-MODEL_FIELDS = ("hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "rope_scaling",
-                "kv_lora_rank", "attention_type", "hiden_size")
+TRAIN_FIELDS = (
+    "seq_len",
+    "batch_size",
+    "lr",
+    "max_steps",
+    "schedule",
+    "balance",
+    "precision",
+    "seed",
+    "use_mtp",
+    "warmup_steps",
+    "vocab_size",
+    "tokenizer",
+    "eval_every",
+    "grad_accum",
+    "min_lr_ratio",
+    "betta1",
+)
+MODEL_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "rope_scaling",
+    "kv_lora_rank",
+    "attention_type",
+    "hiden_size",
+)
 
 
 @st.composite
@@ -74,8 +101,9 @@ def _to_toml(value) -> str:
     return json.dumps(value)
 
 
-@fuzz(40, 300, config=training_configs(), kind=st.sampled_from(["yaml", "toml"]),
-      raw=st.none() | st.binary(max_size=200))
+@fuzz(
+    40, 300, config=training_configs(), kind=st.sampled_from(["yaml", "toml"]), raw=st.none() | st.binary(max_size=200)
+)
 def test_training_config_files(tmp_path_factory, capsys, config, kind, raw):
     """Every file either fails with one line or gets as far as the corpus, which here is missing (exit 2 as well:
     no training runs)."""
@@ -88,10 +116,26 @@ def test_training_config_files(tmp_path_factory, capsys, config, kind, raw):
     elif kind == "yaml":
         path.write_text(yaml.safe_dump(config))
     else:
-        path.write_text("".join(f"[{s}]\n" + "".join(f"{json.dumps(k)} = {_to_toml(v)}\n" for k, v in values.items())
-                                for s, values in config.items() if isinstance(values, dict)))
-    assert cli_exit(capsys, "train", "--config", str(path), "--data", str(directory / "missing.txt"),
-                   "--out", str(directory / "run")) == 2
+        path.write_text(
+            "".join(
+                f"[{s}]\n" + "".join(f"{json.dumps(k)} = {_to_toml(v)}\n" for k, v in values.items())
+                for s, values in config.items()
+                if isinstance(values, dict)
+            )
+        )
+    assert (
+        cli_exit(
+            capsys,
+            "train",
+            "--config",
+            str(path),
+            "--data",
+            str(directory / "missing.txt"),
+            "--out",
+            str(directory / "run"),
+        )
+        == 2
+    )
 
 
 def test_misspelled_settings_get_did_you_mean(capsys, tmp_path):

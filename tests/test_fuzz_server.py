@@ -23,35 +23,66 @@ CONTEXT = 128  # the micro model's max_position_embeddings (tiny_config)
 VOCAB = 320  # the micro model's vocabulary; its tokenizer's is 300
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats()  # NaN and ±Infinity too
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 70), 1 << 70)
+    | st.floats()  # NaN and ±Infinity too
     | st.text(max_size=40),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
-    max_leaves=12)
+    max_leaves=12,
+)
 small_ints = st.integers(-3, 300)
 # ids below 0, inside, at and past the end of the model's vocabulary (and the tokenizer's, which is smaller)
 token_ids = st.integers(-3, VOCAB + 20) | st.sampled_from([299, 300, VOCAB - 1, VOCAB, VOCAB + 1])
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 3]),
-                                           "content": st.text(max_size=30) | json_values}), max_size=4)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "assistant", "system", "tool", 3]),
+            "content": st.text(max_size=30) | json_values,
+        }
+    ),
+    max_size=4,
+)
 penalties = st.floats(-3, 3) | st.integers(-3, 3)
 # plausible values per field, and anything at all: what clients send is mostly almost right
 field_values = {
-    "prompt": st.text(max_size=60) | st.text(min_size=CONTEXT, max_size=4 * CONTEXT)  # past the context too
-    | st.lists(token_ids, max_size=20) | st.lists(token_ids, min_size=CONTEXT - 8, max_size=CONTEXT + 40)
-    | st.lists(st.text(max_size=10), max_size=2) | st.lists(st.lists(token_ids, max_size=8), max_size=3),
-    "messages": messages, "max_tokens": small_ints, "max_completion_tokens": small_ints, "n": st.integers(-1, 20),
-    "best_of": st.integers(-1, 8), "top_k": small_ints, "min_tokens": st.integers(-2, 20),
-    "temperature": st.floats(-1, 3), "top_p": st.floats(-0.5, 1.5), "seed": st.integers(-(1 << 65), 1 << 65),
-    "presence_penalty": penalties, "frequency_penalty": penalties, "repetition_penalty": st.floats(-1, 2e3),
-    "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=6), "stream": st.booleans(),
+    "prompt": st.text(max_size=60)
+    | st.text(min_size=CONTEXT, max_size=4 * CONTEXT)  # past the context too
+    | st.lists(token_ids, max_size=20)
+    | st.lists(token_ids, min_size=CONTEXT - 8, max_size=CONTEXT + 40)
+    | st.lists(st.text(max_size=10), max_size=2)
+    | st.lists(st.lists(token_ids, max_size=8), max_size=3),
+    "messages": messages,
+    "max_tokens": small_ints,
+    "max_completion_tokens": small_ints,
+    "n": st.integers(-1, 20),
+    "best_of": st.integers(-1, 8),
+    "top_k": small_ints,
+    "min_tokens": st.integers(-2, 20),
+    "temperature": st.floats(-1, 3),
+    "top_p": st.floats(-0.5, 1.5),
+    "seed": st.integers(-(1 << 65), 1 << 65),
+    "presence_penalty": penalties,
+    "frequency_penalty": penalties,
+    "repetition_penalty": st.floats(-1, 2e3),
+    "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=6),
+    "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | json_values}) | json_values,
-    "echo": st.booleans(), "ignore_eos": st.booleans(), "cache_salt": st.text(max_size=300),
-    "logprobs": st.booleans() | st.integers(-1, 25), "top_logprobs": st.integers(-1, 25), "model": st.text(max_size=8),
-    "logit_bias": st.dictionaries(token_ids.map(str) | st.text(max_size=4), st.floats() | st.integers(-200, 200),
-                                  max_size=4),
+    "echo": st.booleans(),
+    "ignore_eos": st.booleans(),
+    "cache_salt": st.text(max_size=300),
+    "logprobs": st.booleans() | st.integers(-1, 25),
+    "top_logprobs": st.integers(-1, 25),
+    "model": st.text(max_size=8),
+    "logit_bias": st.dictionaries(
+        token_ids.map(str) | st.text(max_size=4), st.floats() | st.integers(-200, 200), max_size=4
+    ),
 }
 assert set(FIELDS) - set(field_values) <= {"user", "tools", "suffix"}  # every accepted field has its strategies
-VALID = {"/v1/completions": {"prompt": "hello there", "max_tokens": 4},
-         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}}
+VALID = {
+    "/v1/completions": {"prompt": "hello there", "max_tokens": 4},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4},
+}
 
 
 @st.composite
@@ -59,8 +90,16 @@ def bodies(draw, endpoint: str) -> dict:
     """A valid request with some fields dropped and some set to plausible or arbitrary values."""
     body = {k: v for k, v in VALID[endpoint].items() if draw(st.booleans()) or draw(st.booleans())}
     fields = draw(st.lists(st.sampled_from(FIELDS), max_size=4, unique=True))
-    body.update({name: draw(field_values.get(name, json_values) | json_values if draw(st.booleans()) else
-                            field_values.get(name, json_values)) for name in fields})
+    body.update(
+        {
+            name: draw(
+                field_values.get(name, json_values) | json_values
+                if draw(st.booleans())
+                else field_values.get(name, json_values)
+            )
+            for name in fields
+        }
+    )
     for limit in ("max_tokens", "max_completion_tokens"):  # quick examples, except now and then up to the context
         value = body.get(limit)
         if isinstance(value, int) and not isinstance(value, bool) and value > 12 and not draw(st.integers(0, 9)) == 0:
@@ -72,10 +111,14 @@ def bodies(draw, endpoint: str) -> dict:
 def client(tmp_path_factory):
     from fastapi.testclient import TestClient
 
-    model_dir = micro_model_dir(tmp_path_factory.mktemp("fuzz-model"),
-                                "User: hello there\nAssistant: good morrow\n" * 50, 300, 320, chat=True)
-    app = create_app(model_dir, config=EngineConfig(block_size=16, max_seqs=8),
-                     limits=ServerLimits(max_waiting=64, max_body_bytes=4096))
+    model_dir = micro_model_dir(
+        tmp_path_factory.mktemp("fuzz-model"), "User: hello there\nAssistant: good morrow\n" * 50, 300, 320, chat=True
+    )
+    app = create_app(
+        model_dir,
+        config=EngineConfig(block_size=16, max_seqs=8),
+        limits=ServerLimits(max_waiting=64, max_body_bytes=4096),
+    )
     with TestClient(app) as test_client:
         yield test_client
 
@@ -112,10 +155,14 @@ def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-@fuzz(30, 200, endpoint=st.sampled_from(ENDPOINTS + ("/v1/models", "/health", "/metrics", "/v1/nope", "/")),
-      raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode),
-      method=st.sampled_from(["POST", "GET", "PUT", "DELETE"]),
-      content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded"]))
+@fuzz(
+    30,
+    200,
+    endpoint=st.sampled_from(ENDPOINTS + ("/v1/models", "/health", "/metrics", "/v1/nope", "/")),
+    raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode),
+    method=st.sampled_from(["POST", "GET", "PUT", "DELETE"]),
+    content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded"]),
+)
 def test_raw_bytes_on_every_path_and_method(client, endpoint, raw, method, content_type):
     response = client.request(method, endpoint, content=raw, headers={"content-type": content_type})
     assert response.status_code < 500, response.text
@@ -123,9 +170,14 @@ def test_raw_bytes_on_every_path_and_method(client, endpoint, raw, method, conte
         assert response.json()["error"]["message"]
 
 
-@fuzz(20, 100, endpoint=st.sampled_from(ENDPOINTS), name=st.sampled_from(FIELDS),
-      number=st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e999"]) | st.integers(1, 6000).map(
-          lambda digits: "9" * digits))
+@fuzz(
+    20,
+    100,
+    endpoint=st.sampled_from(ENDPOINTS),
+    name=st.sampled_from(FIELDS),
+    number=st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e999"])
+    | st.integers(1, 6000).map(lambda digits: "9" * digits),
+)
 def test_numbers_json_has_no_room_for(client, endpoint, name, number):
     """NaN, infinities, doubles past their range and integers past Python's 4,300 digits, in any field."""
     body = json.dumps({k: v for k, v in VALID[endpoint].items() if k != name})[:-1] + f', "{name}": {number}}}'

@@ -35,9 +35,15 @@ def _module_name(path: Path) -> str:
 
 
 def _runtime_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
-    skipped = {id(node) for branch in ast.walk(tree) if isinstance(branch, ast.If)
-               and "TYPE_CHECKING" in ast.unparse(branch.test) for node in ast.walk(branch)}
-    return [node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in skipped]
+    skipped = {
+        id(node)
+        for branch in ast.walk(tree)
+        if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+        for node in ast.walk(branch)
+    }
+    return [
+        node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in skipped
+    ]
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -49,8 +55,10 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 graph[name] |= {a.name for a in node.names if a.name.split(".")[0] == "nanoseek"}
             elif node.module and node.module.split(".")[0] == "nanoseek" and node.level == 0:
-                graph[name] |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in sources else node.module
-                                for a in node.names}
+                graph[name] |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in sources else node.module
+                    for a in node.names
+                }
     return graph
 
 
@@ -76,7 +84,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(module)
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (found := visit(target)):
                 return found
         path.pop()
@@ -94,15 +102,19 @@ def test_no_import_cycle():
 
 
 def test_no_layer_imports_one_above_it():
-    upward = sorted(f"{a} imports {b}" for a, targets in import_graph().items() for b in targets
-                    if _layer(b) > _layer(a))
+    upward = sorted(
+        f"{a} imports {b}" for a, targets in import_graph().items() for b in targets if _layer(b) > _layer(a)
+    )
     assert not upward, upward
 
 
-@pytest.mark.parametrize("graph, expected", [
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
-    ({"a": {"b", "c"}, "b": {"c"}, "c": set()}, None),
-    ({"a": {"a"}}, ["a", "a"]),
-])
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+        ({"a": {"b", "c"}, "b": {"c"}, "c": set()}, None),
+        ({"a": {"a"}}, ["a", "a"]),
+    ],
+)
 def test_the_cycle_search_finds_what_is_there(graph, expected):
     assert _cycle(graph) == expected

@@ -10,8 +10,8 @@ import torch
 import nanoseek
 from helpers import V32, YARN, tiny_config
 from nanoseek.infer.engine import Engine, EngineConfig
-from nanoseek.infer.sampler import LogitEdits
 from nanoseek.infer.request import SamplingParams
+from nanoseek.infer.sampler import LogitEdits
 from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk
 
 BLOCK_BYTES = 4 * 4 * 20 * 4  # (3 layers + MTP) × 4 tokens × (latent 16 + rope 4) × fp32
@@ -30,29 +30,35 @@ def _model(**overrides) -> nanoseek.DeepseekV3Model:
 def _store(model: nanoseek.DeepseekV3Model, slots: int = 128) -> PagedStore:
     c = model.config
     layers = c.num_hidden_layers + 1
-    return PagedStore(torch.zeros(layers, slots, c.kv_lora_rank + c.qk_rope_head_dim),
-                      torch.zeros(layers, slots, c.index_head_dim) if c.sparse_attention else None)
+    return PagedStore(
+        torch.zeros(layers, slots, c.kv_lora_rank + c.qk_rope_head_dim),
+        torch.zeros(layers, slots, c.index_head_dim) if c.sparse_attention else None,
+    )
 
 
 def _prefill(model, store, tokens, slots, start, stop) -> torch.Tensor:
-    batch = PagedBatch(torch.arange(start, stop), slots[start:stop],
-                       prefills=[PrefillChunk(0, stop - start, slots[:stop])])
+    batch = PagedBatch(
+        torch.arange(start, stop), slots[start:stop], prefills=[PrefillChunk(0, stop - start, slots[:stop])]
+    )
     return model.logits(model.forward_paged(torch.tensor(tokens[start:stop]), batch, store))
 
 
 def _decode(model, store, rows: list[tuple[list[int], torch.Tensor, int]], width: int) -> torch.Tensor:
     """rows: (tokens, slots, first position) of sequences each computing `width` tokens in the absorbed form."""
-    ids = torch.tensor([t for tokens, _, at in rows for t in tokens[at: at + width]])
+    ids = torch.tensor([t for tokens, _, at in rows for t in tokens[at : at + width]])
     positions = torch.cat([torch.arange(at, at + width) for _, _, at in rows])
     context = torch.nn.utils.rnn.pad_sequence([slots[: at + width] for _, slots, at in rows], batch_first=True)
-    batch = PagedBatch(positions, torch.cat([slots[at: at + width] for _, slots, at in rows]), len(rows), width,
-                       context)
+    batch = PagedBatch(
+        positions, torch.cat([slots[at : at + width] for _, slots, at in rows]), len(rows), width, context
+    )
     return model.logits(model.forward_paged(ids, batch, store)).view(len(rows), width, -1)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None, rope_scaling=YARN),
-                                       dict(scoring_func="softmax", norm_topk_prob=False), V32],
-                         ids=["v3", "yarn-no-q-lora", "softmax", "v32"])
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(q_lora_rank=None, rope_scaling=YARN), dict(scoring_func="softmax", norm_topk_prob=False), V32],
+    ids=["v3", "yarn-no-q-lora", "softmax", "v32"],
+)
 @pytest.mark.parametrize("chunks", [(18,), (5, 7, 6), (1, 1, 16)])
 def test_paged_forward_equals_full_forward(overrides, chunks):
     """Any chunking of the prompt, then decoding one and two tokens a step, for two sequences of different lengths
@@ -69,14 +75,14 @@ def test_paged_forward_equals_full_forward(overrides, chunks):
             at = 0
             for length in chunks:
                 logits = _prefill(model, store, tokens, seq_slots, at, at + length)
-                assert (logits - reference[at: at + length]).abs().max().item() <= 1e-5
+                assert (logits - reference[at : at + length]).abs().max().item() <= 1e-5
                 at += length
         at = sum(chunks)
         for width in (1, 2, 1, 2, 2):
             rows = [(tokens, seq_slots, at) for tokens, seq_slots in zip(sequences, slots)]
             logits = _decode(model, store, rows, width)
             for row, reference in zip(logits, full):
-                assert (row - reference[at: at + width]).abs().max().item() <= 1e-5
+                assert (row - reference[at : at + width]).abs().max().item() <= 1e-5
             at += width
 
 
@@ -90,8 +96,9 @@ def test_prefix_hit_then_chunk_equals_full_forward():
     second_slots = torch.cat([first_slots[:16], own_slots[16:]])
     with torch.no_grad():
         _prefill(model, store, first, first_slots, 0, 24)
-        logits = torch.cat([_prefill(model, store, second, second_slots, 16, 21),
-                            _prefill(model, store, second, second_slots, 21, 26)])
+        logits = torch.cat(
+            [_prefill(model, store, second, second_slots, 16, 21), _prefill(model, store, second, second_slots, 21, 26)]
+        )
         assert (logits - model(torch.tensor([second]))[0, 16:]).abs().max().item() <= 1e-5
 
 
@@ -100,12 +107,18 @@ def _greedy_by_recomputation(model, prompt: list[int], new: int) -> list[int]:
     with torch.no_grad():
         for _ in range(new):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
-@pytest.mark.parametrize("config", [EngineConfig(), EngineConfig(block_size=4, token_budget=8),
-                                    EngineConfig(block_size=4, cache_memory=9 * BLOCK_BYTES, max_seqs=3)],
-                         ids=["default", "chunked", "preempting"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        EngineConfig(),
+        EngineConfig(block_size=4, token_budget=8),
+        EngineConfig(block_size=4, cache_memory=9 * BLOCK_BYTES, max_seqs=3),
+    ],
+    ids=["default", "chunked", "preempting"],
+)
 def test_batch_has_no_cross_talk(config):
     """Batched, chunked, or with a cache so small that sequences are preempted and recomputed: every sequence
     gets the tokens that greedy decoding by full recomputation gives it alone."""
@@ -149,8 +162,11 @@ def test_sampling_is_seeded_and_stops():
     assert cut.token_ids == greedy.token_ids[:first] and cut.finish_reason == "stop"
     stop_text = greedy.text[7:9]
     streamed: list[str] = []
-    by_string = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=20, stop_strings=(stop_text,)),
-                                on_token=lambda row, delta, done: streamed.append(delta))[0]
+    by_string = engine.generate(
+        [[1, 2, 3]],
+        SamplingParams(max_new_tokens=20, stop_strings=(stop_text,)),
+        on_token=lambda row, delta, done: streamed.append(delta),
+    )[0]
     assert by_string.text == greedy.text[: greedy.text.index(stop_text)] == "".join(streamed)
     assert by_string.finish_reason == "stop" and greedy.finish_reason == "length"
 
@@ -238,8 +254,9 @@ def test_seeded_sampling_does_not_depend_on_chunking_or_load():
     params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
     alone = Engine(model).generate([prompt], params)[0]
     loaded = Engine(model, config=EngineConfig(block_size=4, token_budget=8)).generate(
-        [list(range(40, 60)), prompt, [9, 8, 7]], [SamplingParams(max_new_tokens=10), params,
-                                                   SamplingParams(max_new_tokens=10, temperature=1.0)])
+        [list(range(40, 60)), prompt, [9, 8, 7]],
+        [SamplingParams(max_new_tokens=10), params, SamplingParams(max_new_tokens=10, temperature=1.0)],
+    )
     assert loaded[1].token_ids == alone.token_ids
 
 
@@ -259,9 +276,15 @@ def test_admission_reserves_blocks_for_the_chunk_it_gets():
     assert len(short.blocks) == 4 and len(long.blocks) == 1
 
 
-@pytest.mark.parametrize("config", [EngineConfig(), EngineConfig(block_size=4, token_budget=8),
-                                    EngineConfig(block_size=4, cache_memory=9 * BLOCK_BYTES, max_seqs=3)],
-                         ids=["whole", "chunked", "preempting"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        EngineConfig(),
+        EngineConfig(block_size=4, token_budget=8),
+        EngineConfig(block_size=4, cache_memory=9 * BLOCK_BYTES, max_seqs=3),
+    ],
+    ids=["whole", "chunked", "preempting"],
+)
 def test_prompt_logprobs_are_the_models(config):
     """Every prompt token after the first, scored given those before it (the model's full forward), with its most
     likely alternatives: whole, chunked, or recomputed after preemption; a cached prefix is not used for it, and
@@ -291,7 +314,7 @@ def _shaped_greedy_by_recomputation(model, prompt: list[int], new: int, params: 
     with torch.no_grad():
         for _ in range(new):
             logits = model(torch.tensor([ids]))[0, -1].clone()
-            output = ids[len(prompt):]
+            output = ids[len(prompt) :]
             for token in set(output):
                 logits[token] -= params.frequency_penalty * output.count(token) + params.presence_penalty
             for token in set(ids):
@@ -302,7 +325,7 @@ def _shaped_greedy_by_recomputation(model, prompt: list[int], new: int, params: 
             if len(output) < params.min_tokens:
                 logits[list(params.stop_token_ids)] = float("-inf")
             ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("speculation", [False, True])
@@ -313,10 +336,12 @@ def test_penalties_bias_and_min_tokens_shape_the_logits(speculation, monkeypatch
     engine = Engine(model, config=EngineConfig(block_size=4, token_budget=8, speculation=speculation))
     prompt = [5, 6, 7, 5, 6]
     plain = engine.generate([prompt], SamplingParams(max_new_tokens=12))[0].token_ids
-    cases = [SamplingParams(max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5),
-             SamplingParams(max_new_tokens=12, repetition_penalty=1.8),
-             SamplingParams(max_new_tokens=12, logit_bias=((3, 2.0), (11, -5.0))),
-             SamplingParams(max_new_tokens=12, min_tokens=4, stop_token_ids=(plain[0], plain[1]))]
+    cases = [
+        SamplingParams(max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5),
+        SamplingParams(max_new_tokens=12, repetition_penalty=1.8),
+        SamplingParams(max_new_tokens=12, logit_bias=((3, 2.0), (11, -5.0))),
+        SamplingParams(max_new_tokens=12, min_tokens=4, stop_token_ids=(plain[0], plain[1])),
+    ]
     built = []
     real_build = LogitEdits.build
     monkeypatch.setattr(LogitEdits, "build", lambda *a: built.append(a) or real_build(*a))

@@ -9,13 +9,15 @@ import sys
 import pytest
 
 from helpers import tiny_config
-from nanoseek import ModelConfig, build_model
+from nanoseek import build_model
 from nanoseek.flops import model_stats
+from nanoseek.presets import preset
 
 
 def _info(spec: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "nanoseek", "info", spec, "--json"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "nanoseek", "info", spec, "--json"], capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out)
 
 
@@ -54,10 +56,10 @@ def test_counts_equal_the_built_model():
 def test_v32_attends_to_topk_and_caches_the_indexer_key():
     """V3.2's indexer adds ~0.1 % parameters (64 heads of 128 per layer), 128 cached values per token and layer,
     and caps each query's keys at 2048: at seq ≤ 2048 it costs more FLOPs than V3, at 128K far fewer."""
-    v3, v32 = model_stats(ModelConfig.preset("v3"), 131072), model_stats(ModelConfig.preset("v32"), 131072)
+    v3, v32 = model_stats(preset("v3"), 131072), model_stats(preset("v32"), 131072)
     assert v32.total_params / v3.total_params == pytest.approx(1.0, abs=0.01) and v32.total_params > v3.total_params
     assert v32.kv_bytes_per_token == (512 + 64 + 128) * 61 * 2
-    short_v3, short_v32 = model_stats(ModelConfig.preset("v3"), 2048), model_stats(ModelConfig.preset("v32"), 2048)
+    short_v3, short_v32 = model_stats(preset("v3"), 2048), model_stats(preset("v32"), 2048)
     indexer_core = 3 * 61 * 2 * 64 * 129 * (2048 + 1) / 2  # training: 3 × the forward's dots over visible keys
     indexer_params = 3 * 2 * (v32.active_params - v3.active_params)
     assert short_v32.flops_per_token == pytest.approx(short_v3.flops_per_token + indexer_core + indexer_params)
@@ -82,9 +84,15 @@ def test_the_flop_formula_counts_the_matrices_the_forward_multiplies(kind):
     from helpers import V32
     from nanoseek.flops import attention_core_flops
 
-    config = tiny_config(num_nextn_predict_layers=0, **{
-        "mla-dense": dict(first_k_dense_replace=3), "mla-moe": dict(), "v32": dict(first_k_dense_replace=3, **V32),
-        "gqa": dict(attention_type="gqa", num_key_value_heads=2, head_dim=8, first_k_dense_replace=3)}[kind])
+    config = tiny_config(
+        num_nextn_predict_layers=0,
+        **{
+            "mla-dense": dict(first_k_dense_replace=3),
+            "mla-moe": dict(),
+            "v32": dict(first_k_dense_replace=3, **V32),
+            "gqa": dict(attention_type="gqa", num_key_value_heads=2, head_dim=8, first_k_dense_replace=3),
+        }[kind],
+    )
     length = 32
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops})
     with counter, torch.no_grad():
@@ -105,10 +113,10 @@ def test_v4s_flop_formula_counts_the_matrices_the_forward_multiplies():
     MTP: each depth is one more module of the same shape, so two depths cost twice one (they were counted four
     times once: every module's parameters times the depth)."""
     import torch
+    from test_parity_v4 import v4_config
     from torch.utils.flop_counter import FlopCounterMode, bmm_flop
 
     from nanoseek.flops import attention_core_flops
-    from test_parity_v4 import v4_config
 
     config = v4_config(num_nextn_predict_layers=0)
     length, projection = 32, []
@@ -119,8 +127,9 @@ def test_v4s_flop_formula_counts_the_matrices_the_forward_multiplies():
             projection.append(flops)
         return flops
 
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops,
-                                                             torch.ops.aten.bmm: bmm_flops})
+    counter = FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops, torch.ops.aten.bmm: bmm_flops}
+    )
     ids = torch.randint(0, config.vocab_size, (1, length))
     with counter, torch.no_grad():
         build_model(config).eval()(ids)
@@ -144,8 +153,11 @@ def test_the_attention_core_is_half_the_square_a_dense_kernel_computes(kind):
 
     from nanoseek.flops import attention_core_flops
 
-    config = tiny_config(num_nextn_predict_layers=0, first_k_dense_replace=3, **(
-        dict(v_head_dim=12) if kind == "mla" else dict(attention_type="gqa", num_key_value_heads=2, head_dim=8)))
+    config = tiny_config(
+        num_nextn_predict_layers=0,
+        first_k_dense_replace=3,
+        **(dict(v_head_dim=12) if kind == "mla" else dict(attention_type="gqa", num_key_value_heads=2, head_dim=8)),
+    )
     length = 32
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):

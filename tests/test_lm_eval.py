@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_server import _start
 
 from helpers import micro_model_dir
-from test_server import _start
 
 TASK = """task: nanoseek_choices
 dataset_path: json
@@ -35,14 +35,32 @@ metric_list:
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _lm_eval(workspace: Path, out: str, *model: str, harness: tuple[str, ...] = ("lm_eval",)
-             ) -> tuple[dict, list[list[float]]]:
+def _lm_eval(
+    workspace: Path, out: str, *model: str, harness: tuple[str, ...] = ("lm_eval",)
+) -> tuple[dict, list[list[float]]]:
     """`lm_eval run` (or `nanoseek lm-eval run`) on the local task → (its results, each document's per-choice
     log-likelihoods)."""
     env = {**os.environ, **OFFLINE, "HF_HOME": str(workspace / "hf")}
-    result = subprocess.run([sys.executable, "-m", *harness, "run", *model, "--include_path", str(workspace),
-                             "--tasks", "nanoseek_choices", "--log_samples", "--output_path", str(workspace / out)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            *harness,
+            "run",
+            *model,
+            "--include_path",
+            str(workspace),
+            "--tasks",
+            "nanoseek_choices",
+            "--log_samples",
+            "--output_path",
+            str(workspace / out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(next((workspace / out).rglob("results_*.json")).read_text())
     samples = [json.loads(line) for line in next((workspace / out).rglob("samples_*.jsonl")).read_text().splitlines()]
@@ -54,8 +72,14 @@ def _lm_eval(workspace: Path, out: str, *model: str, harness: tuple[str, ...] = 
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lm-eval")
     micro_model_dir(root / "model", "User: hello there\nAssistant: good morrow, my lord\n" * 50, 300, 320)
-    rows = [{"question": f"User: hello {i}. Assistant: good", "choices": [" morrow", " lord", " there", " hello"],
-             "answer": i % 4} for i in range(12)]
+    rows = [
+        {
+            "question": f"User: hello {i}. Assistant: good",
+            "choices": [" morrow", " lord", " there", " hello"],
+            "answer": i % 4,
+        }
+        for i in range(12)
+    ]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "task.yaml").write_text(TASK.format(data=root / "data.jsonl"))
     return root
@@ -68,8 +92,13 @@ def test_lm_eval_through_the_server_equals_the_models_own_loglikelihoods(workspa
     process, base = _start(workspace / "model", api_key=None)
     try:
         served_results, served_scores = _lm_eval(
-            workspace, "served", "--model", "local-completions", "--model_args",
-            f"model=model,base_url={base}/v1/completions,num_concurrent=2,max_retries=1")
+            workspace,
+            "served",
+            "--model",
+            "local-completions",
+            "--model_args",
+            f"model=model,base_url={base}/v1/completions,num_concurrent=2,max_retries=1",
+        )
     finally:
         process.kill()
         process.wait()
@@ -122,8 +151,11 @@ def test_lm_eval_on_the_engine_equals_the_models_own_loglikelihoods(workspace):
     rows = _rows(workspace)
     expected = _own_loglikelihoods(workspace / "model", rows)
     lm = NanoseekLM(str(workspace / "model"), max_seqs=4)
-    requests = [Instance("loglikelihood", row, (row["question"], " " + choice), i)
-                for row in rows for i, choice in enumerate(row["choices"])]
+    requests = [
+        Instance("loglikelihood", row, (row["question"], " " + choice), i)
+        for row in rows
+        for i, choice in enumerate(row["choices"])
+    ]
     # the reference's cut between context and continuation is lm_eval's own (TemplateLM._encode_pair), trailing
     # spaces of a context moved to its continuation included
     from nanoseek.data.tokenizer import load_tokenizer
@@ -137,9 +169,24 @@ def test_lm_eval_on_the_engine_equals_the_models_own_loglikelihoods(workspace):
     assert scored == pytest.approx([s for per_choice in expected for s in per_choice], abs=1e-5)
     accuracy = _accuracy(expected, rows)
     env = {**os.environ, **OFFLINE, "HF_HOME": str(workspace / "hf")}
-    result = subprocess.run([sys.executable, "-m", "nanoseek", "eval", str(workspace / "model"), "--lm-eval",
-                             "nanoseek_choices", "--include-path", str(workspace), "--json"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanoseek",
+            "eval",
+            str(workspace / "model"),
+            "--lm-eval",
+            "nanoseek_choices",
+            "--include-path",
+            str(workspace),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["nanoseek_choices"]["acc,none"] == pytest.approx(accuracy)
 
@@ -148,10 +195,25 @@ def test_lm_eval_on_the_engine_equals_the_models_own_loglikelihoods(workspace):
 def test_lm_evals_own_command_line_runs_the_nanoseek_model(workspace):
     """`nanoseek lm-eval run --model nanoseek ...` is lm_eval's CLI with the model registered: the same per-choice
     log-likelihoods and accuracy as its `hf` backend."""
-    hf_results, hf_scores = _lm_eval(workspace, "hf-cli", "--model", "hf", "--model_args",
-                                     f"pretrained={workspace / 'model'},dtype=float32", "--device", "cpu")
-    results, scores = _lm_eval(workspace, "engine", "--model", "nanoseek", "--model_args",
-                               f"pretrained={workspace / 'model'},max_seqs=4", harness=("nanoseek", "lm-eval"))
+    hf_results, hf_scores = _lm_eval(
+        workspace,
+        "hf-cli",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={workspace / 'model'},dtype=float32",
+        "--device",
+        "cpu",
+    )
+    results, scores = _lm_eval(
+        workspace,
+        "engine",
+        "--model",
+        "nanoseek",
+        "--model_args",
+        f"pretrained={workspace / 'model'},max_seqs=4",
+        harness=("nanoseek", "lm-eval"),
+    )
     assert len(scores) == len(hf_scores) == 12
     assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(scores, hf_scores))
     assert results["acc,none"] == hf_results["acc,none"]

@@ -18,8 +18,9 @@ from nanoseek.train.loader import BatchLoader, local_batch
 def _dataset(tmp_path) -> TokenDataset:
     play = default_corpus_files()[0]
     tokenizer = train_tokenizer([play.read_text()], 300)
-    return TokenDataset.build([Source(str(play)), Source(str(default_corpus_files()[1]), 0.5)], tokenizer,
-                              progress=False)
+    return TokenDataset.build(
+        [Source(str(play)), Source(str(default_corpus_files()[1]), 0.5)], tokenizer, progress=False
+    )
 
 
 def test_a_rank_reads_its_rows_of_the_global_batch(tmp_path):
@@ -42,8 +43,9 @@ def test_the_loader_serves_each_step_and_micro_step_in_order(tmp_path):
     loader.close()
     half = dataclasses.replace(cfg, batch_size=8)
     two = Parallelism(dp=2)  # rank 0 of two: the first half of each global batch
-    assert torch.equal(local_batch(dataset, "train", half, two, 4)[0],
-                       local_batch(dataset, "train", half, Parallelism(), 4)[0][:4])
+    assert torch.equal(
+        local_batch(dataset, "train", half, two, 4)[0], local_batch(dataset, "train", half, Parallelism(), 4)[0][:4]
+    )
 
 
 def test_each_row_is_a_window_of_its_sources_stream(tmp_path):
@@ -54,8 +56,9 @@ def test_each_row_is_a_window_of_its_sources_stream(tmp_path):
     import numpy as np
 
     dataset = _dataset(tmp_path)
-    streams = {(i, split): getattr(source, split) for i, source in enumerate(dataset.sources)
-               for split in ("train", "val")}
+    streams = {
+        (i, split): getattr(source, split) for i, source in enumerate(dataset.sources) for split in ("train", "val")
+    }
     tokens = {key: shards.read(0, len(shards)) for key, shards in streams.items()}
     seen = set()
     for split, documents, step in [("train", False, 1), ("train", True, 2), ("val", True, 3), ("val", False, 4)]:
@@ -63,17 +66,25 @@ def test_each_row_is_a_window_of_its_sources_stream(tmp_path):
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
         for row, target, segment in zip(inputs.numpy(), targets.numpy(), segments.numpy()):
             window = np.append(row, target[-1])
-            found = [(source, start) for (source, part), stream in tokens.items() if part == split
-                     for start in np.flatnonzero(stream[: len(stream) - 16] == window[0])
-                     if np.array_equal(stream[start: start + 17], window)]
+            found = [
+                (source, start)
+                for (source, part), stream in tokens.items()
+                if part == split
+                for start in np.flatnonzero(stream[: len(stream) - 16] == window[0])
+                if np.array_equal(stream[start : start + 17], window)
+            ]
             assert found, (split, documents, step)
 
-            def fits(source: int, start: int) -> bool:  # (a repeated passage may occur elsewhere too)
+            # (a repeated passage may occur elsewhere too)
+            def fits(
+                source: int, start: int, split: str = split, documents: bool = documents, segment: np.ndarray = segment
+            ) -> bool:
                 starts = streams[source, split].starts
                 document = starts[np.searchsorted(starts, start, side="right") - 1]
                 boundaries = np.isin(np.arange(start + 1, start + 16), starts)
                 return (not documents or (start - document) % 16 == 0) and np.array_equal(
-                    np.diff(segment) > 0, boundaries)
+                    np.diff(segment) > 0, boundaries
+                )
 
             assert any(fits(*place) for place in found), (split, documents, step)
             seen.update(source for source, _ in found)

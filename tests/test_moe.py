@@ -25,8 +25,14 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out.view_as(x)
 
 
-@pytest.mark.parametrize("sizes", [dict(), dict(hidden_size=30, moe_intermediate_size=14),
-                                   dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        dict(),
+        dict(hidden_size=30, moe_intermediate_size=14),
+        dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2),
+    ],
+)
 def test_grouped_gemm_equals_loop(sizes):
     torch.manual_seed(0)
     config = tiny_config(**sizes)

@@ -15,12 +15,22 @@ CASES = {
     "dense-first-0": dict(first_k_dense_replace=0, n_group=4, topk_group=2),
     "dense-first-2-tied": dict(first_k_dense_replace=2, tie_word_embeddings=True),
     "no-shared-no-norm": dict(n_shared_experts=0, norm_topk_prob=False, routed_scaling_factor=1.0),
-    "v2-lite-softmax": dict(q_lora_rank=None, scoring_func="softmax", norm_topk_prob=False, n_group=1,
-                            topk_group=1, routed_scaling_factor=1.0, n_shared_experts=2, num_experts_per_tok=3,
-                            rope_scaling=YARN.__class__(factor=4.0, original_max_position_embeddings=32,
-                                                        mscale=0.707, mscale_all_dim=0.707)),
-    "v2-softmax-groups": dict(scoring_func="softmax", norm_topk_prob=False, n_group=4, topk_group=2,
-                              routed_scaling_factor=1.0),
+    "v2-lite-softmax": dict(
+        q_lora_rank=None,
+        scoring_func="softmax",
+        norm_topk_prob=False,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        rope_scaling=YARN.__class__(
+            factor=4.0, original_max_position_embeddings=32, mscale=0.707, mscale_all_dim=0.707
+        ),
+    ),
+    "v2-softmax-groups": dict(
+        scoring_func="softmax", norm_topk_prob=False, n_group=4, topk_group=2, routed_scaling_factor=1.0
+    ),
 }
 
 
@@ -107,8 +117,9 @@ def test_mtp_concatenates_the_next_tokens_embedding_before_the_hidden_state():
     with torch.no_grad():
         mtp_loss = model(ids, targets).mtp_loss
         embedding_half, hidden_half = mtp.eh_proj.weight[:, :d], mtp.eh_proj.weight[:, d:]
-        x = F.linear(mtp.enorm(model.embed(ids[:, 1:])), embedding_half) + F.linear(mtp.hnorm(seen["h"][:, :-1]),
-                                                                                     hidden_half)
+        x = F.linear(mtp.enorm(model.embed(ids[:, 1:])), embedding_half) + F.linear(
+            mtp.hnorm(seen["h"][:, :-1]), hidden_half
+        )
         logits = model.head(mtp.norm(seen["out"]))
     assert (seen["x"] - x).abs().max().item() <= 1e-5
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 2:].flatten())

@@ -10,8 +10,11 @@ import nanoseek
 from helpers import V32, YARN, assert_logits_match, hf_model, tiny_config
 from nanoseek.models.deepseek_v32.indexer import top_k_mask
 
-CASES = {"v32": dict(), "v32-yarn-dense-first-0": dict(rope_scaling=YARN, first_k_dense_replace=0),
-         "v32-topk-beyond-length": dict(index_topk=64)}
+CASES = {
+    "v32": dict(),
+    "v32-yarn-dense-first-0": dict(rope_scaling=YARN, first_k_dense_replace=0),
+    "v32-topk-beyond-length": dict(index_topk=64),
+}
 
 
 def _ids(config, length=24):
@@ -25,6 +28,7 @@ def _selections(model, layer_names: list[str]) -> dict[str, torch.Tensor]:
     def hook(name):
         def record(module, args, output):
             chosen[name] = output.long().sort(dim=-1).values if output.dtype != torch.bool else output
+
         return record
 
     for name in layer_names:
@@ -50,8 +54,10 @@ def test_v32_equals_transformers_both_ways(case, tmp_path):
     causal = torch.ones(24, 24, dtype=torch.bool).tril()
     visible = {i: top_k_mask(scores[i], causal.expand(2, 24, 24), config.index_topk) for i in range(3)}
     for i in range(3):
-        picked = torch.zeros(2, 24, 24, dtype=torch.bool).scatter_(-1, theirs[f"model.layers.{i}.self_attn.indexer"],
-                                                                   True) & causal
+        picked = (
+            torch.zeros(2, 24, 24, dtype=torch.bool).scatter_(-1, theirs[f"model.layers.{i}.self_attn.indexer"], True)
+            & causal
+        )
         assert torch.equal(visible[i], picked), i  # the same tokens, before any logit is compared
     if config.index_topk < 24:  # top-k dropped tokens a query could see: the test exercises the sparsity
         assert (visible[0].sum(-1) < causal.sum(-1)).any()
@@ -78,7 +84,7 @@ def test_served_v32_greedy_equals_transformers_generate(tmp_path):
     assert served[1].cached_tokens == 8  # two blocks of the shared 12 tokens (the third's next token differs)
     for prompt, result in zip(prompts, served):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False, min_new_tokens=14)
-        assert result.token_ids == expected[0, len(prompt):].tolist()
+        assert result.token_ids == expected[0, len(prompt) :].tolist()
 
 
 def test_v32_speculation_equals_plain_greedy():
@@ -116,11 +122,47 @@ def test_post_training_keeps_training_the_indexers(tmp_path):
     config = tiny_config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=128, **V32)
     nanoseek.save_pretrained(nanoseek.build_model(config), base)
     tokenizer.save(str(base / "tokenizer.json"))
-    assert main(["sft", str(base), "--task", "arithmetic", "--task-examples", "20", "--out", str(tmp_path / "sft"),
-                 "--max-steps", "2", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                str(base),
+                "--task",
+                "arithmetic",
+                "--task-examples",
+                "20",
+                "--out",
+                str(tmp_path / "sft"),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     # a reward the random model meets in some samples only: GRPO skips groups whose samples all earn the same
-    assert main(["rl", str(tmp_path / "sft"), "--task", "helpers:EvenLength", "--out", str(tmp_path / "rl"),
-                 "--batch-size", "2", "--group-size", "4", "--max-response-tokens", "4", "--max-steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "rl",
+                str(tmp_path / "sft"),
+                "--task",
+                "helpers:EvenLength",
+                "--out",
+                str(tmp_path / "rl"),
+                "--batch-size",
+                "2",
+                "--group-size",
+                "4",
+                "--max-response-tokens",
+                "4",
+                "--max-steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     for run in ("sft", "rl"):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         assert rows and all(row["indexer_kl"] > 0 for row in rows), run

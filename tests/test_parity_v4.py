@@ -13,24 +13,52 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nanoseek
+from helpers import release_name_pattern
 from nanoseek.config import ModelConfig
 from nanoseek.errors import ConfigError
 from nanoseek.models.deepseek_v4.compressor import entries_visible
+from nanoseek.presets import preset
 from nanoseek.v4config import CSA, HCA, SLIDING
-from helpers import release_name_pattern
 
 LENGTH = 24  # > the window (6), 12 CSA entries of 2 tokens (top 3 kept), 6 HCA entries of 4
 
 
 def v4_config(**overrides) -> ModelConfig:
     fields = dict(
-        vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
-        q_lora_rank=8, qk_rope_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
-        topk_group=1, routed_scaling_factor=1.5, scoring_func="sqrtsoftplus", first_k_dense_replace=0,
-        max_position_embeddings=64, attention_type="v4", num_key_value_heads=1, head_dim=16,
-        layer_types=(SLIDING, CSA, HCA, CSA), mlp_layer_types=("hash_moe", "moe", "moe", "moe"), sliding_window=6,
-        compress_rate_csa=2, compress_rate_hca=4, hc_mult=3, hc_sinkhorn_iters=5, o_groups=2, o_lora_rank=8,
-        swiglu_limit=1.5, index_n_heads=4, index_head_dim=8, index_topk=3, initializer_range=0.2)
+        vocab_size=64,
+        hidden_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        q_lora_rank=8,
+        qk_rope_head_dim=8,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+        scoring_func="sqrtsoftplus",
+        first_k_dense_replace=0,
+        max_position_embeddings=64,
+        attention_type="v4",
+        num_key_value_heads=1,
+        head_dim=16,
+        layer_types=(SLIDING, CSA, HCA, CSA),
+        mlp_layer_types=("hash_moe", "moe", "moe", "moe"),
+        sliding_window=6,
+        compress_rate_csa=2,
+        compress_rate_hca=4,
+        hc_mult=3,
+        hc_sinkhorn_iters=5,
+        o_groups=2,
+        o_lora_rank=8,
+        swiglu_limit=1.5,
+        index_n_heads=4,
+        index_head_dim=8,
+        index_topk=3,
+        initializer_range=0.2,
+    )
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -130,25 +158,29 @@ def test_v4_loads_deepseek_release_names(saved, tmp_path):
 def test_v4_config_json_both_ways():
     from transformers import DeepseekV4Config
 
-    config = ModelConfig.preset("v4-flash")
+    config = preset("v4-flash")
     for style in ("transformers", "deepseek"):
         assert ModelConfig.from_hf_dict(config.to_hf_dict(style)) == config, style
     theirs = DeepseekV4Config(**config.to_hf_dict())
     assert list(theirs.layer_types) == list(config.layer_types)
-    assert theirs.qk_rope_head_dim == config.qk_rope_head_dim and theirs.mlp_layer_types[:4] == [
-        "hash_moe"] * 3 + ["moe"]
+    assert theirs.qk_rope_head_dim == config.qk_rope_head_dim and theirs.mlp_layer_types[:4] == ["hash_moe"] * 3 + [
+        "moe"
+    ]
     assert theirs.rope_parameters["compress"]["factor"] == 16.0
     assert ModelConfig.from_hf_dict(json.loads(theirs.to_json_string())) == config  # transformers' own file
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(layer_types=(SLIDING, CSA)), "one entry per layer"),
-    (dict(mlp_layer_types=("moe", "moe", "moe", "dense")), "must be one of"),
-    (dict(index_n_heads=0), "lightning indexer"),
-    (dict(num_attention_heads=3), "o_groups"),
-    (dict(first_k_dense_replace=1), "every V4 layer is MoE"),
-    (dict(head_dim=4), "RoPE dims"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(layer_types=(SLIDING, CSA)), "one entry per layer"),
+        (dict(mlp_layer_types=("moe", "moe", "moe", "dense")), "must be one of"),
+        (dict(index_n_heads=0), "lightning indexer"),
+        (dict(num_attention_heads=3), "o_groups"),
+        (dict(first_k_dense_replace=1), "every V4 layer is MoE"),
+        (dict(head_dim=4), "RoPE dims"),
+    ],
+)
 def test_v4_config_errors_name_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
         v4_config(**change)
@@ -179,11 +211,16 @@ def _randomized(config: ModelConfig, seed: int = 0):
 def _release_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' save form → DeepSeek's release names (no `model.` prefix, top-level embed/norm/hc_head_*, the
     attention's norm `kv_norm`), each one a name of V4-Flash's release list (tests/fixtures/releases)."""
-    top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
-           "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
-           "model.hc_head.hc_scale": "hc_head_scale"}
-    renamed = {top.get(k, k.removeprefix("model.").replace(".attn.norm.", ".attn.kv_norm.")): v
-               for k, v in tensors.items()}
+    top = {
+        "model.embed_tokens.weight": "embed.weight",
+        "model.norm.weight": "norm.weight",
+        "model.hc_head.hc_fn": "hc_head_fn",
+        "model.hc_head.hc_base": "hc_head_base",
+        "model.hc_head.hc_scale": "hc_head_scale",
+    }
+    renamed = {
+        top.get(k, k.removeprefix("model.").replace(".attn.norm.", ".attn.kv_norm.")): v for k, v in tensors.items()
+    }
     release = release_name_pattern("deepseek-v4-flash")
     assert all(release.fullmatch(k) for k in renamed), [k for k in renamed if not release.fullmatch(k)][:3]
     return renamed
@@ -233,10 +270,10 @@ def test_v4_presets_published_sizes():
     per-token FLOPs and cache (DeepSeek: ~10 % and ~7 %)."""
     from nanoseek.flops import long_context, model_stats
 
-    flash, pro = model_stats(ModelConfig.preset("v4-flash")), model_stats(ModelConfig.preset("v4-pro"))
+    flash, pro = model_stats(preset("v4-flash")), model_stats(preset("v4-pro"))
     assert round(flash.total_params / 1e9) == 284 and round(flash.active_params / 1e9) == 13
     assert round(pro.total_params / 1e11) == 16 and round(pro.active_params / 1e9) == 49
-    v4, v32 = long_context(ModelConfig.preset("v4-flash"))[-1], long_context(ModelConfig.preset("v32"))[-1]
+    v4, v32 = long_context(preset("v4-flash"))[-1], long_context(preset("v32"))[-1]
     assert v4["context"] == 2**20
     assert 0.05 < v4["flops_per_token"] / v32["flops_per_token"] < 0.15
     assert 0.05 < v4["cache_bytes_per_token"] / v32["cache_bytes_per_token"] < 0.10
@@ -248,7 +285,6 @@ def test_v4_cached_decode_equals_the_full_forward_and_transformers_generate(tmp_
     generate with its own cache. 16 indexer heads: with few, an entry often scores exactly 0 (every ReLU off),
     and which of several tied entries top-k keeps depends on how many entries there are."""
     from nanoseek.models.deepseek_v4.model import HybridCache
-    from nanoseek.models.registry import build_model
 
     config = v4_config(index_n_heads=16, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 16})
     reference = v4_hf_model(config, seed=3)
@@ -260,7 +296,7 @@ def test_v4_cached_decode_equals_the_full_forward_and_transformers_generate(tmp_
         for chunks in ([1] * 30, [5, 3, 1, 7, 2, 12]):
             cache, outs, start = HybridCache(), [], 0
             for size in chunks:
-                outs.append(ours.forward_cached(ids[:, start: start + size], cache))
+                outs.append(ours.forward_cached(ids[:, start : start + size], cache))
                 start += size
             assert (torch.cat(outs, dim=1) - full).abs().max().item() <= 1e-5, chunks
         assert cache.layers[0].keys.shape[1] == config.sliding_window - 1  # the window stays bounded
@@ -272,7 +308,6 @@ def test_v4_cached_decode_equals_the_full_forward_and_transformers_generate(tmp_
             tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
             logits = ours.forward_cached(tokens[:, -1:], cache)
     assert torch.equal(tokens, expected)
-
 
 
 def test_v4_served_greedy_equals_transformers_generate(tmp_path):
@@ -292,8 +327,12 @@ def test_v4_served_greedy_equals_transformers_generate(tmp_path):
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 64, (n,), generator=generator).tolist() for n in (11, 25, 3, 40)]
     with torch.no_grad():
-        expected = [reference.generate(torch.tensor([p]), max_new_tokens=30, min_new_tokens=30,
-                                       do_sample=False)[0, len(p):].tolist() for p in prompts]
+        expected = [
+            reference.generate(torch.tensor([p]), max_new_tokens=30, min_new_tokens=30, do_sample=False)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
     params = SamplingParams(max_new_tokens=20, temperature=0.0)
     roomy = Engine(ours, config=EngineConfig(block_size=8, max_seqs=3, token_budget=16, state_snapshots=16))
     first = roomy.generate(prompts, params)
@@ -306,7 +345,11 @@ def test_v4_served_greedy_equals_transformers_generate(tmp_path):
     assert [c.token_ids for c in extended] == [e[20:] for e in expected]
     assert [c.cached_tokens for c in extended] == [(len(t) - 1) // 8 * 8 for t in turns]
     plain = EngineConfig(block_size=8, max_seqs=3, token_budget=16)  # 9 state slots (3 running, 6 snapshots)
-    tight = Engine(ours, config=dataclasses.replace(  # the 9 states and 10 blocks: a sequence needs up to 8
-        plain, cache_memory=int(Engine(ours, config=plain).cache_bytes * 0.54)))
+    tight = Engine(
+        ours,
+        config=dataclasses.replace(  # the 9 states and 10 blocks: a sequence needs up to 8
+            plain, cache_memory=int(Engine(ours, config=plain).cache_bytes * 0.54)
+        ),
+    )
     assert [c.token_ids for c in tight.generate(prompts, params)] == [e[:20] for e in expected]
     assert tight.stats()["preemptions"] > 0

@@ -30,12 +30,15 @@ from nanoseek.post.sft_data import EncodedConversations, batch, encode_all
 from nanoseek.post.tasks import SPLITS, Arithmetic, Multiplication, TaskError, get_task, problems, split_of
 from nanoseek.train.precision import autocast
 
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"},
-            {"role": "assistant", "content": "<think>12 + 30</think> <answer>42</answer>"},
-            {"role": "user", "content": "And 1 + 1?"}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "<think>12 + 30</think> <answer>42</answer>"},
+    {"role": "user", "content": "And 1 + 1?"},
+]
 
 
-PLUGIN = '''
+PLUGIN = """
 from nanoseek.post.reward import Problem, exact_answer_reward
 
 
@@ -62,7 +65,7 @@ class Tiny(Parity):
 
 class Incomplete:
     name = "incomplete"
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +81,7 @@ def test_chat_template_renders_the_ids_transformers_renders(tmp_path, tokenizer,
 
     write_chat_tokenizer_files(tokenizer, tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    theirs = hf.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=generation_prompt,
-                                    return_dict=False)
+    theirs = hf.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False)
     ours, trained = encode_chat(tokenizer, MESSAGES, generation_prompt)
     assert theirs == ours
     served = tokenizer.encode(ChatTemplate(tmp_path).render(MESSAGES) if generation_prompt else "").ids
@@ -116,24 +118,43 @@ def test_sft_loss_falls_on_assistant_tokens_only(tokenizer):
     assert (targets != -100).sum().item() == sum(trained)
 
 
-@pytest.mark.parametrize("line, needle", [
-    ("{not json", "line 2: not JSON"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "line 2: no assistant turn"),
-    ('{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}',
-     "line 2: messages[0] has the unknown role 'wizard'"),
-    ('{"messages": [{"role": "user", "content": "' + "hello " * 300 + '"}, {"role": "assistant", "content": "x"}]}',
-     "line 2: the conversation is"),
-    ('["a list"]', "line 2: expected"),
-    ("[" * 100_000 + "]" * 100_000, "line 2: JSON nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("{not json", "line 2: not JSON"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "line 2: no assistant turn"),
+        (
+            '{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}',
+            "line 2: messages[0] has the unknown role 'wizard'",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "'
+            + "hello " * 300
+            + '"}, {"role": "assistant", "content": "x"}]}',
+            "line 2: the conversation is",
+        ),
+        ('["a list"]', "line 2: expected"),
+        ("[" * 100_000 + "]" * 100_000, "line 2: JSON nested too deeply"),
+    ],
+)
 def test_bad_sft_data_gets_one_line_naming_the_line(tmp_path, capsys, tokenizer, line, needle):
     model_dir = tmp_path / "base"
     nanoseek.save_pretrained(nanoseek.build_model(tiny_config(vocab_size=tokenizer.get_vocab_size())), model_dir)
     tokenizer.save(str(model_dir / "tokenizer.json"))
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
     (tmp_path / "data.jsonl").write_text("\n".join([good, line, good]) + "\n")
-    code = main(["sft", str(model_dir), "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "sft"),
-                 "--max-steps", "1"])
+    code = main(
+        [
+            "sft",
+            str(model_dir),
+            "--data",
+            str(tmp_path / "data.jsonl"),
+            "--out",
+            str(tmp_path / "sft"),
+            "--max-steps",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "sft" / "model.safetensors").exists()
@@ -155,8 +176,12 @@ def _chi_square(first: list, second: list) -> float:
 def _features(problem: Problem) -> dict[str, object]:
     """What a biased split would skew: the operation, the answer's residues, whether the operands are equal mod 8."""
     a, op, b = problem.question.removeprefix("What is ").removesuffix("?").split()
-    return {"op": op, "answer mod 8": int(problem.answer) % 8, "last digit": int(problem.answer) % 10,
-            "a = b mod 8": (int(a) - int(b)) % 8 == 0}
+    return {
+        "op": op,
+        "answer mod 8": int(problem.answer) % 8,
+        "last digit": int(problem.answer) % 10,
+        "a = b mod 8": (int(a) - int(b)) % 8 == 0,
+    }
 
 
 @pytest.mark.parametrize("task", [Arithmetic(), Multiplication()], ids=lambda t: t.name)
@@ -184,8 +209,12 @@ def test_splits_are_disjoint_unbiased_samples(task):
             a, op, b = p.question.removeprefix("What is ").removesuffix("?").split()
             old[(int(a) * 7919 + int(b) * 104729 + (op == "-")) % 8 == 0].append(p)
         for name in ("answer mod 8", "a = b mod 8"):
-            assert _chi_square([_features(p)[name] for p in old[False][:1200]],
-                               [_features(p)[name] for p in old[True][:600]]) > 10 * critical[name]
+            assert (
+                _chi_square(
+                    [_features(p)[name] for p in old[False][:1200]], [_features(p)[name] for p in old[True][:600]]
+                )
+                > 10 * critical[name]
+            )
 
 
 def test_rewards_and_task_plugins(tmp_path, monkeypatch):
@@ -199,13 +228,18 @@ def test_rewards_and_task_plugins(tmp_path, monkeypatch):
         assert reward.value == 0.0 and not reward.correct and not reward.formatted
     assert Multiplication().demonstration(Problem("What is 47 * 23?", "1081")) == (
         "<think>47*3: 7*3=21 4*3+2=14 → 141; 47*2: 7*2=14 4*2+1=9 → 940; 141+940: 1+0=1 4+4=8 1+9=10 0+0+1=1</think>"
-        " <answer>1081</answer>")
+        " <answer>1081</answer>"
+    )
     (tmp_path / "my_tasks.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     plugin = get_task("my_tasks:Parity")
     assert plugin.name == "parity" and len(problems(plugin, "test", 5, 0)) == 5
-    for name, needle in [("nosuchtask", "unknown task 'nosuchtask'"), ("no_such_module:X", "cannot import"),
-                         ("my_tasks:Missing", "has no 'Missing'"), ("my_tasks:Incomplete", "lacks sample, reward")]:
+    for name, needle in [
+        ("nosuchtask", "unknown task 'nosuchtask'"),
+        ("no_such_module:X", "cannot import"),
+        ("my_tasks:Missing", "has no 'Missing'"),
+        ("my_tasks:Incomplete", "lacks sample, reward"),
+    ]:
         with pytest.raises(TaskError, match=needle):
             get_task(name)
     with pytest.raises(TaskError, match="distinct test problems"):
@@ -234,8 +268,7 @@ def test_grpo_loss_on_a_hand_computed_group():
     assert token_loss.item() == pytest.approx((-1.2 - 1.1 + 1.6) / 3)
     ref = torch.log(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
     kl_loss, kl_stats = grpo_loss(logp, old, adv, mask, GrpoConfig(clip=0.2, kl_beta=0.1), ref)
-    k3 = lambda lp: math.exp(-lp) + lp - 1  # exp(ref - logp) - (ref - logp) - 1 with ref = 0
-    kls = [k3(math.log(1.5)), k3(math.log(1.1)), k3(math.log(0.5))]
+    kls = [math.exp(-lp) + lp - 1 for lp in map(math.log, (1.5, 1.1, 0.5))]  # exp(ref - logp) - (ref - logp) - 1, ref 0
     assert kl_stats["kl"].item() == pytest.approx(sum(kls) / 3)
     assert kl_loss.item() == pytest.approx(((-1.2 + 0.1 * kls[0] - 1.1 + 0.1 * kls[1]) / 2 + 1.6 + 0.1 * kls[2]) / 2)
 
@@ -265,13 +298,36 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     plain = train_tokenizer(["What is 12 + 30? The answer is 42. Be brief, my lord; and again. "] * 50, 200)
     vocab = plain.get_vocab_size()
     # with an MTP module: SFT trains it, RL leaves it (and its optimizer state) alone, and RL still resumes
-    nanoseek.save_pretrained(nanoseek.build_model(tiny_config(vocab_size=vocab, max_position_embeddings=128,
-                                                              num_nextn_predict_layers=1)), base)
+    nanoseek.save_pretrained(
+        nanoseek.build_model(tiny_config(vocab_size=vocab, max_position_embeddings=128, num_nextn_predict_layers=1)),
+        base,
+    )
     plain.save(str(base / "tokenizer.json"))
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": MESSAGES[1:3]}) + "\n" for _ in range(6)))
-    assert main(["sft", str(base), "--data", str(chat), "--task", "arithmetic", "--task-examples", "40",
-                 "--out", str(tmp_path / "sft"), "--max-steps", "4", "--batch-size", "4", "--eval-every", "1"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                str(base),
+                "--data",
+                str(chat),
+                "--task",
+                "arithmetic",
+                "--task-examples",
+                "40",
+                "--out",
+                str(tmp_path / "sft"),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "4",
+                "--eval-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     sft_rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft_rows] == [1, 2, 3, 4]
     assert sft_rows[-1]["val_loss"] < sft_rows[0]["val_loss"] - 0.1  # it learned the held-out conversations
@@ -279,10 +335,28 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     assert sft_config["vocab_size"] == vocab + 4  # the four chat markers were added, the embedding grown
     assert "chat_template" in json.loads((tmp_path / "sft" / "tokenizer_config.json").read_text())
     # a reward the random model meets in some samples only, so that GRPO's groups differ and the policy trains
-    rl_args = ["rl", str(tmp_path / "sft"), "--out", str(tmp_path / "rl"), "--task", "helpers:EvenLength",
-               "--batch-size", "2", "--group-size", "3",
-               "--max-response-tokens", "6", "--save-every", "2", "--kl-beta", "0.05", "--validation", "4",
-               "--eval-every", "2"]
+    rl_args = [
+        "rl",
+        str(tmp_path / "sft"),
+        "--out",
+        str(tmp_path / "rl"),
+        "--task",
+        "helpers:EvenLength",
+        "--batch-size",
+        "2",
+        "--group-size",
+        "3",
+        "--max-response-tokens",
+        "6",
+        "--save-every",
+        "2",
+        "--kl-beta",
+        "0.05",
+        "--validation",
+        "4",
+        "--eval-every",
+        "2",
+    ]
     assert main(rl_args + ["--max-steps", "2"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -311,8 +385,12 @@ def test_sft_rl_eval_end_to_end(tmp_path, capsys, monkeypatch):
     uninterrupted = [json.loads(line) for line in (tmp_path / "rl3" / "metrics.jsonl").read_text().splitlines()]
     assert resumed == uninterrupted  # rewards, KL and clipping of every step, bit for bit
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "rl2"), "--task", "helpers:EvenLength", "--n", "8", "--max-tokens", "12",
-                 "--json"]) == 0
+    assert (
+        main(
+            ["eval", str(tmp_path / "rl2"), "--task", "helpers:EvenLength", "--n", "8", "--max-tokens", "12", "--json"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     expected = _greedy_accuracy(tmp_path / "rl2", get_task("helpers:EvenLength"), 8, 12)
     assert (result["split"], result["n"], result["accuracy"]) == ("test", 8, expected)
@@ -363,12 +441,17 @@ def test_grpo_log_probabilities_are_the_training_forwards_at_the_sampling_temper
     assert torch.equal(old, new) and new.requires_grad
     fp32, entropy = grpo.token_logprobs(model, inputs, targets, 0.7)
     assert (fp32 - new).abs().max() > 1e-3  # what a ratio against fp32 rollout log-probabilities would start at
-    rows = RowSettings(torch.full((48,), 0.7), torch.zeros(48, dtype=torch.long), torch.ones(48),
-                       torch.zeros(48, dtype=torch.long), torch.zeros(48, dtype=torch.long), unfiltered=True)
+    rows = RowSettings(
+        torch.full((48,), 0.7),
+        torch.zeros(48, dtype=torch.long),
+        torch.ones(48),
+        torch.zeros(48, dtype=torch.long),
+        torch.zeros(48, dtype=torch.long),
+        unfiltered=True,
+    )
     with torch.no_grad():
         sampled = probabilities(model(inputs).flatten(0, 1), rows)
-    assert torch.allclose(fp32.detach().flatten(), sampled.gather(1, targets.flatten()[:, None]).log()[:, 0],
-                          atol=1e-5)
+    assert torch.allclose(fp32.detach().flatten(), sampled.gather(1, targets.flatten()[:, None]).log()[:, 0], atol=1e-5)
     assert torch.allclose(entropy.flatten(), -(sampled * sampled.log()).sum(dim=-1), atol=1e-4)
 
 
@@ -380,15 +463,22 @@ def test_grpo_update_skips_uninformative_groups_and_starts_on_policy():
     inputs = torch.randint(0, 64, (6, 10), generator=generator)
     mask = torch.zeros(6, 10, dtype=torch.bool)
     mask[:, 4:] = True
-    batch = grpo.Rollouts(inputs, torch.roll(inputs, -1, 1), mask, torch.tensor([1.0, 0.0, 1.0, 0.1, 0.1, 0.1]),
-                          torch.tensor([1.0, 0, 1, 0, 0, 0]), torch.full((6,), 6.0))
+    batch = grpo.Rollouts(
+        inputs,
+        torch.roll(inputs, -1, 1),
+        mask,
+        torch.tensor([1.0, 0.0, 1.0, 0.1, 0.1, 0.1]),
+        torch.tensor([1.0, 0, 1, 0, 0, 0]),
+        torch.full((6,), 6.0),
+    )
     assert grpo.informative_rows(batch.rewards, 3).tolist() == [0, 1, 2]  # the second group earned one reward
     before = [p.detach().clone() for p in model.parameters()]
     stats = grpo.policy_update(model, None, optimizer, batch, GrpoConfig(group_size=3, minibatches=1), cfg, 0)
     assert stats["clip_fraction"] == 0.0 and stats["trained_fraction"] == 0.5 and stats["entropy"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    flat = grpo.Rollouts(*(t[3:] for t in (batch.inputs, batch.targets, batch.mask, batch.rewards, batch.correct,
-                                            batch.lengths)))
+    flat = grpo.Rollouts(
+        *(t[3:] for t in (batch.inputs, batch.targets, batch.mask, batch.rewards, batch.correct, batch.lengths))
+    )
     after = [p.detach().clone() for p in model.parameters()]
     assert grpo.policy_update(model, None, optimizer, flat, GrpoConfig(group_size=3), cfg, 1) == {}
     assert all(torch.equal(a, b) for a, b in zip(after, model.parameters()))
@@ -399,9 +489,16 @@ def test_packed_and_accumulated_sft_steps_give_the_plain_steps_gradient(tokenize
     how a step is computed, not what: the same loss and gradient as one padded batch."""
     from nanoseek.post.sft import micro_batches, train_step
 
-    conversations = [(str(i), [{"role": "user", "content": "What is 12 + 30?" * (1 + i % 3)},
-                               {"role": "assistant", "content": "The answer is 42." * (1 + i % 2)}])
-                     for i in range(6)]
+    conversations = [
+        (
+            str(i),
+            [
+                {"role": "user", "content": "What is 12 + 30?" * (1 + i % 3)},
+                {"role": "assistant", "content": "The answer is 42." * (1 + i % 2)},
+            ],
+        )
+        for i in range(6)
+    ]
     data = encode_all(conversations, tokenizer, 128)
     model = nanoseek.build_model(tiny_config(vocab_size=tokenizer.get_vocab_size()))
     rows, pad = list(range(6)), end_token_ids(tokenizer)[-1]
@@ -428,10 +525,20 @@ def _sft_inputs(tmp_path, tokenizer, conversations: int):
     nanoseek.save_pretrained(nanoseek.build_model(tiny_config(vocab_size=tokenizer.get_vocab_size())), base)
     tokenizer.save(str(base / "tokenizer.json"))
     chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": "What is 12 + 30?" * (1 + i % 3) + f" ({i})"},
-        {"role": "assistant", "content": "The answer is 42, my lord." * (1 + i % 2)}]}) + "\n"
-        for i in range(conversations)))
+    chat.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "What is 12 + 30?" * (1 + i % 3) + f" ({i})"},
+                        {"role": "assistant", "content": "The answer is 42, my lord." * (1 + i % 2)},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(conversations)
+        )
+    )
     return base, chat
 
 
@@ -440,20 +547,37 @@ def test_sft_under_torchrun_equals_one_process(tmp_path, tokenizer, steps):
     """Two data-parallel processes (FSDP2), each with its share of every step's conversations in two micro-batches,
     train the model one process trains (one step by default, three under `-m slow`)."""
     base, chat = _sft_inputs(tmp_path, tokenizer, 24)
-    args = ["-m", "nanoseek", "sft", str(base), "--data", str(chat), "--max-steps", str(steps), "--batch-size", "8",
-            "--grad-accum", "2", "--eval-every", str(steps)]
+    args = [
+        "-m",
+        "nanoseek",
+        "sft",
+        str(base),
+        "--data",
+        str(chat),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--grad-accum",
+        "2",
+        "--eval-every",
+        str(steps),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs
-    for out, launcher in (("one", [sys.executable]),
-                          ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc_per_node", "2"])):
+    for out, launcher in (
+        ("one", [sys.executable]),
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+    ):
         result = run_process_group(launcher + args + ["--out", str(tmp_path / out)], env=env)
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = (load_file(tmp_path / out / "model.safetensors") for out in ("one", "two"))
     assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
     start = load_file(base / "model.safetensors")
     assert any(k in start and one[k].shape == start[k].shape and not torch.equal(one[k], start[k]) for k in one)
-    rows = [[json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
-            for out in ("one", "two")]
+    rows = [
+        [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        for out in ("one", "two")
+    ]
     assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
     assert rows[0][-1]["val_loss"] == pytest.approx(rows[1][-1]["val_loss"], rel=1e-5)
 
@@ -464,8 +588,19 @@ def test_sft_pack_and_resume_through_the_cli(tmp_path, tokenizer):
     import shutil
 
     base, chat = _sft_inputs(tmp_path, tokenizer, 16)
-    args = ["sft", str(base), "--data", str(chat), "--pack", "--max-steps", "4", "--batch-size", "4",
-            "--save-every", "2"]
+    args = [
+        "sft",
+        str(base),
+        "--data",
+        str(chat),
+        "--pack",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "2",
+    ]
     assert main(args + ["--out", str(tmp_path / "straight")]) == 0
     straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in straight][-1] == 4
@@ -473,8 +608,13 @@ def test_sft_pack_and_resume_through_the_cli(tmp_path, tokenizer):
     shutil.copytree(tmp_path / "straight", cut)
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_0000002"]  # the last step: the model
     (cut / "model.safetensors").unlink()
-    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in (tmp_path / "straight" / "metrics.jsonl")
-                                               .read_text().splitlines() if json.loads(line)["step"] <= 2))
+    (cut / "metrics.jsonl").write_text(
+        "".join(
+            line + "\n"
+            for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] <= 2
+        )
+    )
     assert main(args + ["--out", str(cut), "--resume"]) == 0
     resumed = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in straight]

@@ -41,8 +41,12 @@ def test_bf16_load_keeps_the_correction_bias_bit_identical_to_the_file(tmp_path)
 def test_fp32_buffers_survive_every_cast():
     model = _model_with_distinct_biases()
     inv_freq = model.rope.inv_freq.clone()
-    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16),
-                 lambda m: m.float()):
+    for cast in (
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m.half(),
+        lambda m: m.to("cpu", torch.bfloat16),
+        lambda m: m.float(),
+    ):
         cast(model)
         for moe in model.moe_layers():
             assert moe.router.expert_bias.dtype == moe.expert_load.dtype == torch.float32
@@ -149,8 +153,10 @@ def test_chunked_head_cross_entropy_equals_logits_then_cross_entropy(rows, vocab
     targets = torch.randint(0, vocab, (rows,))
     targets[::7] = -100
     grads = {}
-    for name, loss_fn in (("reference", lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets)),
-                          ("chunked", lambda: linear_cross_entropy(hidden, weight, targets))):
+    for name, loss_fn in (
+        ("reference", lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets)),
+        ("chunked", lambda: linear_cross_entropy(hidden, weight, targets)),
+    ):
         loss = loss_fn()
         (3 * loss).backward()  # a non-unit upstream gradient
         grads[name] = (loss.detach(), hidden.grad, weight.grad)

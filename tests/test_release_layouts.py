@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
+from helpers import RELEASE_FIXTURES, released
 from nanoseek import ModelConfig, build_model
 from nanoseek.checkpoint.hf import to_hf_state_dict
 from nanoseek.checkpoint.hf_v4 import release_aliases
-from helpers import RELEASE_FIXTURES, released
 
 RELEASES = ["deepseek-v3", "deepseek-v32", "deepseek-v4-flash"]
 SCALES = (".weight_scale_inv", ".scale")  # V3's fp32 inverse scales, V4's ue8m0 ones
@@ -45,4 +45,3 @@ def test_every_released_tensor_is_read_at_its_shape_and_nothing_is_left_unread(r
     for key, (theirs, dtype, shape) in read_as.items():
         unpacked = (*shape[:-1], shape[-1] * 2) if dtype == "I8" else shape  # two FP4 values a byte
         assert unpacked == ours[key], (theirs, shape, ours[key])
-

@@ -13,18 +13,27 @@ from nanoseek.infer.detokenize import Detokenizer
 from nanoseek.infer.sampler import RowSettings, draw, probabilities, sample, uniform, verify
 
 
-def _rows(count: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed0: int = 0,
-          draws: int = 0) -> RowSettings:
-    return RowSettings(torch.full((count,), temperature), torch.full((count,), top_k, dtype=torch.long),
-                       torch.full((count,), top_p), torch.arange(seed0, seed0 + count, dtype=torch.long),
-                       torch.full((count,), draws, dtype=torch.long))
+def _rows(
+    count: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed0: int = 0, draws: int = 0
+) -> RowSettings:
+    return RowSettings(
+        torch.full((count,), temperature),
+        torch.full((count,), top_k, dtype=torch.long),
+        torch.full((count,), top_p),
+        torch.arange(seed0, seed0 + count, dtype=torch.long),
+        torch.full((count,), draws, dtype=torch.long),
+    )
 
 
 def test_filters_apply_per_row_in_one_pass():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).expand(4, -1)
-    rows = RowSettings(torch.tensor([0.0, 1.0, 1.0, 5.0]), torch.tensor([0, 2, 0, 0]),
-                       torch.tensor([1.0, 1.0, 0.7, 0.99]), torch.zeros(4, dtype=torch.long),
-                       torch.zeros(4, dtype=torch.long))
+    rows = RowSettings(
+        torch.tensor([0.0, 1.0, 1.0, 5.0]),
+        torch.tensor([0, 2, 0, 0]),
+        torch.tensor([1.0, 1.0, 0.7, 0.99]),
+        torch.zeros(4, dtype=torch.long),
+        torch.zeros(4, dtype=torch.long),
+    )
     probs = probabilities(logits, rows)
     assert probs[0].tolist() == [1.0, 0.0, 0.0, 0.0]  # greedy: one-hot
     assert probs[1].tolist() == pytest.approx([0.625, 0.375, 0, 0])  # top-k 2, renormalized
@@ -36,8 +45,13 @@ def test_top_p_applies_to_what_top_k_kept():
     """top-k 2 keeps [0.625, 0.375] renormalized: the first token alone reaches top-p 0.6 of that (on the full
     distribution it has only 0.5, and the second token would stay)."""
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    rows = RowSettings(torch.ones(1), torch.tensor([2]), torch.tensor([0.6]), torch.zeros(1, dtype=torch.long),
-                       torch.zeros(1, dtype=torch.long))
+    rows = RowSettings(
+        torch.ones(1),
+        torch.tensor([2]),
+        torch.tensor([0.6]),
+        torch.zeros(1, dtype=torch.long),
+        torch.zeros(1, dtype=torch.long),
+    )
     assert probabilities(logits, rows)[0].tolist() == pytest.approx([1.0, 0, 0, 0])
 
 
@@ -83,8 +97,9 @@ def test_greedy_verification_is_exact(fast_path):
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
     drafts = torch.tensor([1, 2, 0])  # right, wrong, wrong
     one_hot = torch.eye(3)[drafts]
-    accepted, tokens = verify(torch.stack([logits, logits.roll(1, dims=0)], dim=1), drafts,
-                              None if fast_path else one_hot, rows)
+    accepted, tokens = verify(
+        torch.stack([logits, logits.roll(1, dims=0)], dim=1), drafts, None if fast_path else one_hot, rows
+    )
     assert accepted.tolist() == [True, False, False]
     assert tokens[:, 0].tolist() == [1, 0, 2] and tokens[0, 1].item() == 2  # bonus: argmax of the next step
 
@@ -173,8 +188,9 @@ def test_stop_string_hold_back_is_linear_in_the_stop_length():
     ids = [2] * 20_000 + [0] * 20_000 + [1]
     detok = Detokenizer(_letters, (stop,))
     outcome: list = []
-    worker = threading.Thread(target=lambda: outcome.extend(detok.update(ids[: i + 1], final=False)
-                                                            for i in range(len(ids))), daemon=True)
+    worker = threading.Thread(
+        target=lambda: outcome.extend(detok.update(ids[: i + 1], final=False) for i in range(len(ids))), daemon=True
+    )
     worker.start()
     worker.join(timeout=20)
     assert not worker.is_alive(), "the stop-string matching is superlinear"
@@ -209,7 +225,7 @@ def test_a_window_that_never_forms_a_character_does_not_grow():
         return bytes(ids).decode("utf-8", errors="replace")
 
     detokenizer, ids = Detokenizer(decode), []
-    for step in range(400):
+    for _ in range(400):
         ids.append(0x80)
         detokenizer.update(ids, final=False)
     assert max(decoded) <= 12 and sum(decoded) < 400 * 30

@@ -15,8 +15,14 @@ from helpers import tiny_config
 from nanoseek.data.tokenizer import END_OF_TEXT, token_byte_lengths, train_tokenizer
 from nanoseek.models.registry import build_model
 from nanoseek.train.heldout import held_out_loss
-from studies.scaling import (PowerLaw, fit_power_law, fit_power_laws, fits_without_each_budget, iso_loss_ratio,
-                             jackknife_error)
+from studies.scaling import (
+    PowerLaw,
+    fit_power_law,
+    fit_power_laws,
+    fits_without_each_budget,
+    iso_loss_ratio,
+    jackknife_error,
+)
 
 BUDGETS = [1e12, 2e12, 4e12, 8e12, 16e12]
 
@@ -95,7 +101,7 @@ class _Split:
         return len(self.tokens)
 
     def read(self, start: int, length: int) -> np.ndarray:
-        return self.tokens[start: start + length].astype(np.int64)
+        return self.tokens[start : start + length].astype(np.int64)
 
 
 def test_held_out_loss_predicts_every_token_once():
@@ -109,7 +115,7 @@ def test_held_out_loss_predicts_every_token_once():
     expected = 0.0
     with torch.no_grad():
         for start in range(0, len(tokens) - 1, 16):
-            window = torch.from_numpy(tokens[start: start + 17]).long()[None]
+            window = torch.from_numpy(tokens[start : start + 17]).long()[None]
             out = model(window[:, :-1], window[:, 1:], with_mtp=False)
             expected += out.lm_loss.item() * (window.shape[1] - 1)
     assert result.nats == pytest.approx(expected, rel=1e-5)
@@ -121,11 +127,10 @@ def test_held_out_loss_predicts_every_token_once():
 def test_the_study_reads_planted_gains_and_writes_its_report(tmp_path):
     """Runs whose bits per byte follow one curve at a planted compute multiplier per arm: the analysis recovers
     each multiplier as the iso-loss ratio, and the report holds every run and every arm."""
+    from nanoseek.flops import model_stats
     from studies.dense_vs_deepseek import BUDGETS as STUDY_BUDGETS
     from studies.dense_vs_deepseek import SEEDS, arms
     from studies.study_report import analyse, write_report
-
-    from nanoseek.flops import model_stats
 
     planted = PowerLaw(a=2.0, b=0.3, c=1.5, scale=1e13)
     gains = dict(zip([arm.name for arm in arms()], (1.0, 1.4, 1.8, 2.2, 2.6, 3.0)))
@@ -138,11 +143,24 @@ def test_the_study_reads_planted_gains_and_writes_its_report(tmp_path):
             for seed in SEEDS if budget in arm.repeated_budgets else SEEDS[:1]:
                 steps = round(100 * budget)
                 flops = steps * 2048 * per_token
-                results.append(dict(arm=arm.name, budget=budget, seed=seed, steps=steps, tokens=steps * 2048,
-                                    flops_per_token=per_token, train_flops=flops, wall_s=steps * 0.3,
-                                    tokens_per_s=6800.0, sampled_val_loss=2.0, held_out_nats_per_token=2.0,
-                                    held_out_tokens=1000, held_out_bytes=3000,
-                                    bpb=float(planted.loss(flops * gains[arm.name])) + noise.normal(0, 1e-4)))
+                results.append(
+                    dict(
+                        arm=arm.name,
+                        budget=budget,
+                        seed=seed,
+                        steps=steps,
+                        tokens=steps * 2048,
+                        flops_per_token=per_token,
+                        train_flops=flops,
+                        wall_s=steps * 0.3,
+                        tokens_per_s=6800.0,
+                        sampled_val_loss=2.0,
+                        held_out_nats_per_token=2.0,
+                        held_out_tokens=1000,
+                        held_out_bytes=3000,
+                        bpb=float(planted.loss(flops * gains[arm.name])) + noise.normal(0, 1e-4),
+                    )
+                )
     summary = analyse(results, {arm.name: (arm.model, arm.use_mtp) for arm in arms()}, 100, 128)
     for name, gain in gains.items():
         assert summary["arms"][name]["iso_loss_ratio"] == pytest.approx(gain, rel=0.02)
@@ -160,11 +178,10 @@ def test_the_study_reads_planted_gains_and_writes_its_report(tmp_path):
 def test_round_two_reads_planted_multipliers_their_trend_and_the_sparsity_law(tmp_path):
     """Runs planted on one curve, each arm at a multiplier m(C) = g·(E/k)^0.2·(C/C₀)^r: the analysis gives m at
     every budget, a trend that rises beyond its error only where r > 0, and the law's exponent of E/k."""
+    from nanoseek.flops import model_stats
     from studies.study2 import SCALES, arms, schedule
     from studies.study2_markdown import section
     from studies.study2_report import analyse_round2, write_round2
-
-    from nanoseek.flops import model_stats
 
     planted = PowerLaw(a=2.0, b=0.3, c=1.5, scale=1e13)
     rising = {"moe-16": 0.0, "moe-64": 0.0, "moe-256": 0.0, "moe-128-w0.5": 0.15}
@@ -183,14 +200,28 @@ def test_round_two_reads_planted_multipliers_their_trend_and_the_sparsity_law(tm
         for budget, seed in schedule(arm, SCALES["cpu"]):
             steps = round(100 * budget)
             flops = steps * 2048 * per_token
-            results.append(dict(arm=name, budget=budget, seed=seed, steps=steps, tokens=steps * 2048,
-                                flops_per_token=per_token, train_flops=flops, wall_s=steps * 0.3,
-                                tokens_per_s=6800.0, sampled_val_loss=2.0, held_out_nats_per_token=2.0,
-                                held_out_tokens=1000, held_out_bytes=3000,
-                                bpb=float(planted.loss(flops * multiplier(name, flops))) + noise.normal(0, 1e-5)))
+            results.append(
+                dict(
+                    arm=name,
+                    budget=budget,
+                    seed=seed,
+                    steps=steps,
+                    tokens=steps * 2048,
+                    flops_per_token=per_token,
+                    train_flops=flops,
+                    wall_s=steps * 0.3,
+                    tokens_per_s=6800.0,
+                    sampled_val_loss=2.0,
+                    held_out_nats_per_token=2.0,
+                    held_out_tokens=1000,
+                    held_out_bytes=3000,
+                    bpb=float(planted.loss(flops * multiplier(name, flops))) + noise.normal(0, 1e-5),
+                )
+            )
     groups = {"sparsity": ["moe-16", "moe-64", "moe-256"], "granularity": ["moe-64", "moe-128-w0.5"]}
-    summary = analyse_round2(results, {name: arm.model for name, arm in picked.items()}, 100, 128, groups,
-                             train_tokens=10**6)
+    summary = analyse_round2(
+        results, {name: arm.model for name, arm in picked.items()}, 100, 128, groups, train_tokens=10**6
+    )
     for name in rising:
         a = summary["arms"][name]
         for point in a["multiplier_by_budget"].values():

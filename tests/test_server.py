@@ -34,8 +34,7 @@ def model_dir(tmp_path_factory):
     text = "User: hello there\nAssistant: good morrow, my lord\n" * 200
     tokenizer = train_tokenizer([text], 300)
     torch.manual_seed(0)
-    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.ModelConfig.preset("tiny").replace(vocab_size=320)),
-                             model_dir)
+    nanoseek.save_pretrained(nanoseek.build_model(nanoseek.preset("tiny").replace(vocab_size=320)), model_dir)
     tokenizer.save(str(model_dir / "tokenizer.json"))
     return model_dir
 
@@ -64,8 +63,9 @@ def test_models_and_completions(server, client):
     again = client.completions.create(model=server[1], prompt="User: hello", max_tokens=8, temperature=0)
     assert out.choices[0].text == again.choices[0].text and out.choices[0].finish_reason in ("length", "stop")
     assert out.usage.completion_tokens <= 8 and out.usage.prompt_tokens > 0
-    streamed = client.completions.create(model=server[1], prompt="User: hello", max_tokens=8, temperature=0,
-                                         stream=True)
+    streamed = client.completions.create(
+        model=server[1], prompt="User: hello", max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
 
 
@@ -84,8 +84,9 @@ def test_greedy_over_http_equals_the_engine_and_the_full_forward(server, client,
     expected = full_forward_greedy(model, prompt, 10)
     engine = Engine(model).generate([prompt], SamplingParams(max_new_tokens=10, temperature=0.0))[0]
     assert engine.token_ids == expected
-    served = client.completions.create(model=server[1], prompt=prompt, max_tokens=10, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    served = client.completions.create(
+        model=server[1], prompt=prompt, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert served.choices[0].text == tokenizer.decode(expected) and served.usage.completion_tokens == 10
 
 
@@ -96,14 +97,20 @@ def test_stop_strings_and_sampling_fields_over_http(server, client, model_dir):
     from nanoseek.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+
     def complete(max_tokens=12, extra=None, **fields):
-        return client.completions.create(model=server[1], prompt="User: hello", max_tokens=max_tokens,
-                                         extra_body={"ignore_eos": True, **(extra or {})}, **fields).choices[0]
+        return client.completions.create(
+            model=server[1],
+            prompt="User: hello",
+            max_tokens=max_tokens,
+            extra_body={"ignore_eos": True, **(extra or {})},
+            **fields,
+        ).choices[0]
 
     greedy = complete(temperature=0).text
-    stop = greedy[len(greedy) // 2:][:3]
+    stop = greedy[len(greedy) // 2 :][:3]
     cut = complete(temperature=0, stop=[stop])
-    assert stop and cut.finish_reason == "stop" and cut.text == greedy[:greedy.index(stop)]
+    assert stop and cut.finish_reason == "stop" and cut.text == greedy[: greedy.index(stop)]
     assert complete(temperature=1.0, extra={"top_k": 1}).text == greedy
     samples = [complete(temperature=1.5, seed=seed).text for seed in (1, 1, 2)]
     assert samples[0] == samples[1] != samples[2]
@@ -115,21 +122,38 @@ def test_token_prompts_logprobs_and_n(server, client, model_dir):
     from nanoseek.data.tokenizer import load_tokenizer
 
     ids = load_tokenizer(model_dir / "tokenizer.json").encode("User: hello").ids
-    by_text = client.completions.create(model=server[1], prompt="User: hello", max_tokens=6, temperature=0,
-                                        logprobs=3, extra_body={"ignore_eos": True})
-    by_ids = client.completions.create(model=server[1], prompt=ids, max_tokens=6, temperature=0, logprobs=3,
-                                       extra_body={"ignore_eos": True})
+    by_text = client.completions.create(
+        model=server[1], prompt="User: hello", max_tokens=6, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
+    by_ids = client.completions.create(
+        model=server[1], prompt=ids, max_tokens=6, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
     assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
     logprobs = by_ids.choices[0].logprobs
     assert len(logprobs.token_logprobs) == 6 and all(lp <= 0 for lp in logprobs.token_logprobs)
-    assert all(len(top) <= 3 and max(top.values()) <= lp + 1e-6  # greedy: the chosen token is the most likely
-               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))  # (texts may coincide)
-    several = client.completions.create(model=server[1], prompt="User: hello " * 30, max_tokens=12, n=4,
-                                        temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    assert all(
+        len(top) <= 3 and max(top.values()) <= lp + 1e-6  # greedy: the chosen token is the most likely
+        for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs)
+    )  # (texts may coincide)
+    several = client.completions.create(
+        model=server[1],
+        prompt="User: hello " * 30,
+        max_tokens=12,
+        n=4,
+        temperature=1.0,
+        seed=5,
+        extra_body={"ignore_eos": True},
+    )
     assert sorted(c.index for c in several.choices) == [0, 1, 2, 3] and several.usage.completion_tokens == 48
     assert len({c.text for c in several.choices}) > 1  # independent samples, one shared prompt
-    chat = client.chat.completions.create(model=server[1], messages=[{"role": "user", "content": "hello"}],
-                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model=server[1],
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert 0 < len(content) <= 4 and all(len(c.top_logprobs) == 2 for c in content)
 
@@ -138,15 +162,18 @@ def test_chat(server, client):
     messages = [{"role": "system", "content": "Speak as in a play."}, {"role": "user", "content": "hello"}]
     out = client.chat.completions.create(model=server[1], messages=messages, max_tokens=10, temperature=0)
     assert out.choices[0].message.role == "assistant" and out.object == "chat.completion"
-    chunks = list(client.chat.completions.create(model=server[1], messages=messages, max_tokens=10,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=server[1], messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason is not None
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
 
 
 def test_repeated_chat_reuses_the_cached_prefix(server, client):
-    messages = [{"role": "system", "content": "Speak as in a play, my lord, and good morrow to thee. " * 3},
-                {"role": "user", "content": "hello there"}]
+    messages = [
+        {"role": "system", "content": "Speak as in a play, my lord, and good morrow to thee. " * 3},
+        {"role": "user", "content": "hello there"},
+    ]
     first = client.chat.completions.create(model=server[1], messages=messages, max_tokens=12, temperature=0)
     second = client.chat.completions.create(model=server[1], messages=messages, max_tokens=12, temperature=0)
     assert first.usage.prompt_tokens > 64 and first.usage.prompt_tokens_details.cached_tokens == 0
@@ -161,15 +188,27 @@ def test_short_requests_overtake_a_long_one(server, client):
 
     def long_request() -> None:
         start = time.perf_counter()
-        stream = client.completions.create(model=server[1], prompt="User: hello", max_tokens=240, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=server[1],
+            prompt="User: hello",
+            max_tokens=240,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         long_done["tokens"] = sum(1 for _ in stream)
         long_done["end"], long_done["duration"] = time.perf_counter(), time.perf_counter() - start
 
     def short_request(i: int) -> tuple[float, float]:
         start = time.perf_counter()
-        stream = client.completions.create(model=server[1], prompt=f"User: hi {i}", max_tokens=8, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=server[1],
+            prompt=f"User: hi {i}",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         first = None
         for _ in stream:
             first = first or time.perf_counter() - start
@@ -213,26 +252,34 @@ def test_health_and_metrics(server, client):
     assert metrics["nanoseek_generation_tokens_total"] >= 4 and metrics["nanoseek_prompt_tokens_total"] > 0
     assert metrics["nanoseek_spec_draft_tokens_total"] > 0  # the model has an MTP module: speculation is on
     assert 0 <= metrics["nanoseek_spec_acceptance_rate"] <= 1 and 0 <= metrics["nanoseek_prefix_cache_hit_rate"] <= 1
-    for name in ("nanoseek_requests_waiting", "nanoseek_cache_usage_ratio", "nanoseek_preemptions_total",
-                 "nanoseek_generation_tokens_per_second"):
+    for name in (
+        "nanoseek_requests_waiting",
+        "nanoseek_cache_usage_ratio",
+        "nanoseek_preemptions_total",
+        "nanoseek_generation_tokens_per_second",
+    ):
         assert name in metrics
 
 
-@pytest.mark.parametrize("body, status, needle", [
-    (b"{not json", 400, "not valid JSON"),
-    (json.dumps({"model": "gpt-9", "prompt": "hi"}).encode(), 404, "does not exist"),
-    (json.dumps({"prompt": "hi", "max_tokens": -1}).encode(), 400, "max_tokens"),
-    (json.dumps({"prompt": "hi", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
-    (json.dumps({"prompt": "hello " * 400, "max_tokens": 4}).encode(), 400, "context"),
-    (json.dumps({"prompt": 12}).encode(), 400, "prompt"),
-    (json.dumps({"prompt": [1, 2, 100000]}).encode(), 400, "vocabulary"),
-    (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature"),
-    (json.dumps({"prompt": "hi", "n": 99}).encode(), 400, "'n'"),
-    (json.dumps({"prompt": "hi", "logprobs": 50}).encode(), 400, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (json.dumps({"model": "gpt-9", "prompt": "hi"}).encode(), 404, "does not exist"),
+        (json.dumps({"prompt": "hi", "max_tokens": -1}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "hi", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "hello " * 400, "max_tokens": 4}).encode(), 400, "context"),
+        (json.dumps({"prompt": 12}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": [1, 2, 100000]}).encode(), 400, "vocabulary"),
+        (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature"),
+        (json.dumps({"prompt": "hi", "n": 99}).encode(), 400, "'n'"),
+        (json.dumps({"prompt": "hi", "logprobs": 50}).encode(), 400, "logprobs"),
+    ],
+)
 def test_bad_requests_get_json_4xx(server, body, status, needle):
-    response = httpx.post(f"{server[0]}/completions", content=body,
-                          headers={**HEADERS, "Content-Type": "application/json"})
+    response = httpx.post(
+        f"{server[0]}/completions", content=body, headers={**HEADERS, "Content-Type": "application/json"}
+    )
     assert response.status_code == status
     assert needle in response.json()["error"]["message"]
 
@@ -297,8 +344,14 @@ def test_soak_64_clients_with_disconnects_and_429s(model_dir, seconds):
     def client_loop(index: int, rounds: int) -> None:
         with httpx.Client(headers=HEADERS, timeout=60) as http:
             for r in range(rounds):
-                body = {"prompt": f"User: hello {index} {r}", "max_tokens": 24, "temperature": 0.7,
-                        "ignore_eos": True, "stream": True, "seed": index}
+                body = {
+                    "prompt": f"User: hello {index} {r}",
+                    "max_tokens": 24,
+                    "temperature": 0.7,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "seed": index,
+                }
                 with http.stream("POST", f"{base}/v1/completions", json=body) as response:
                     if response.status_code == 429:
                         kind = "429" if response.headers.get("retry-after") else "429 without Retry-After"

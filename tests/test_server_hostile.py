@@ -23,8 +23,13 @@ EOS, ASSISTANT = "<｜end▁of▁sentence｜>", "<｜Assistant｜>"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return micro_model_dir(tmp_path_factory.mktemp("hostile-model"), "User: hello there\nAssistant: good morrow\n" * 50,
-                           300, 320, chat=True)
+    return micro_model_dir(
+        tmp_path_factory.mktemp("hostile-model"),
+        "User: hello there\nAssistant: good morrow\n" * 50,
+        300,
+        320,
+        chat=True,
+    )
 
 
 def _client(app):
@@ -35,9 +40,11 @@ def _client(app):
 
 @pytest.fixture(scope="module")
 def app(model_dir):
-    return create_app(model_dir, config=EngineConfig(block_size=16, max_seqs=8),
-                      limits=ServerLimits(max_waiting=32, max_stop_length=64, max_request_tokens=4096,
-                                          max_logprob_entries=2000))
+    return create_app(
+        model_dir,
+        config=EngineConfig(block_size=16, max_seqs=8),
+        limits=ServerLimits(max_waiting=32, max_stop_length=64, max_request_tokens=4096, max_logprob_entries=2000),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +64,30 @@ def _refused(response, status: int, param: str | None = None, needle: str = "") 
 def test_stop_strings_are_bounded_and_their_tables_shared(client):
     from nanoseek.infer.detokenize import StopMatcher
 
-    _refused(client.post("/v1/completions", json={"prompt": "hi", "stop": "x" * 65}), 400, "stop",
-             "--max-stop-length")
+    _refused(client.post("/v1/completions", json={"prompt": "hi", "stop": "x" * 65}), 400, "stop", "--max-stop-length")
     assert client.post("/v1/completions", json={"prompt": "hi", "stop": "x" * 64, "max_tokens": 2}).status_code == 200
     assert StopMatcher("abab" * 16).fallback is StopMatcher("abab" * 16).fallback  # built once per string
 
 
 def test_request_tokens_and_logprobs_are_bounded(client):
-    _refused(client.post("/v1/completions", json={"prompt": [[5] * 50] * 3, "max_tokens": 60, "n": 16}), 400,
-             "max_tokens", "--max-request-tokens")
-    _refused(client.post("/v1/completions", json={"prompt": [[5] * 100] * 64, "max_tokens": 1}), 400, "prompt",
-             "--max-request-tokens")
-    _refused(client.post("/v1/completions", json={"prompt": [5] * 100, "echo": True, "logprobs": 20,
-                                                  "max_tokens": 0}), 400, "logprobs", "--max-logprob-entries")
+    _refused(
+        client.post("/v1/completions", json={"prompt": [[5] * 50] * 3, "max_tokens": 60, "n": 16}),
+        400,
+        "max_tokens",
+        "--max-request-tokens",
+    )
+    _refused(
+        client.post("/v1/completions", json={"prompt": [[5] * 100] * 64, "max_tokens": 1}),
+        400,
+        "prompt",
+        "--max-request-tokens",
+    )
+    _refused(
+        client.post("/v1/completions", json={"prompt": [5] * 100, "echo": True, "logprobs": 20, "max_tokens": 0}),
+        400,
+        "logprobs",
+        "--max-logprob-entries",
+    )
 
 
 def test_echo_scores_each_prompt_once_whatever_best_of(app, client):
@@ -78,23 +96,34 @@ def test_echo_scores_each_prompt_once_whatever_best_of(app, client):
     engine = app.state.engine
     prompt = list(range(3, 60))
     before = engine.stats()["cached_prompt_tokens"]
-    body = {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 2, "n": 2, "best_of": 4, "temperature": 1,
-            "seed": 1}
+    body = {
+        "prompt": prompt,
+        "echo": True,
+        "logprobs": 1,
+        "max_tokens": 2,
+        "n": 2,
+        "best_of": 4,
+        "temperature": 1,
+        "seed": 1,
+    }
     out = client.post("/v1/completions", json=body).json()
     assert engine.stats()["cached_prompt_tokens"] - before >= 3 * 48  # three copies, three full blocks each
-    scores = [c["logprobs"]["token_logprobs"][1: len(prompt)] for c in out["choices"]]
+    scores = [c["logprobs"]["token_logprobs"][1 : len(prompt)] for c in out["choices"]]
     assert len(scores) == 2 and scores[0] == scores[1] and None not in scores[0]
     zero = client.post("/v1/completions", json={**body, "max_tokens": 0}).json()["choices"]
     assert len(zero) == 2 and zero[0]["logprobs"] == zero[1]["logprobs"]
 
 
-@pytest.mark.parametrize("raw, needle", [
-    ('{"prompt": "hi", "max_tokens": 1e400}', "out of range"),
-    ('{"prompt": "hi", "max_tokens": NaN}', "NaN is not JSON"),
-    ('{"prompt": "hi", "temperature": -Infinity}', "-Infinity is not JSON"),
-    ('{"prompt": "hi", "max_tokens": ' + "7" * 5000 + "}", "not valid JSON"),
-    ('{"prompt": "hi", "logit_bias": {"\u00b2": 1}}', "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ('{"prompt": "hi", "max_tokens": 1e400}', "out of range"),
+        ('{"prompt": "hi", "max_tokens": NaN}', "NaN is not JSON"),
+        ('{"prompt": "hi", "temperature": -Infinity}', "-Infinity is not JSON"),
+        ('{"prompt": "hi", "max_tokens": ' + "7" * 5000 + "}", "not valid JSON"),
+        ('{"prompt": "hi", "logit_bias": {"\u00b2": 1}}', "logit_bias"),
+    ],
+)
 def test_numbers_that_gave_500_are_400(client, raw, needle):
     _refused(client.post("/v1/completions", content=raw.encode(), headers=JSON), 400, needle=needle)
 
@@ -116,16 +145,20 @@ def test_health_answers_while_a_large_body_is_tokenized(client):
 
 
 def test_browser_and_rebinding_guards(model_dir):
-    app = create_app(model_dir, api_key="sk-guard", config=EngineConfig(block_size=16, max_seqs=2),
-                     allowed_hosts=("localhost", "127.0.0.1"))
+    app = create_app(
+        model_dir,
+        api_key="sk-guard",
+        config=EngineConfig(block_size=16, max_seqs=2),
+        allowed_hosts=("localhost", "127.0.0.1"),
+    )
     key = {"Authorization": "Bearer sk-guard"}
     with _client(app) as guarded:
         local = {"host": "localhost:8000"}
-        plain = guarded.post("/v1/completions", content=b'{"prompt": "hi"}',
-                             headers={**key, **local, "content-type": "text/plain"})
+        plain = guarded.post(
+            "/v1/completions", content=b'{"prompt": "hi"}', headers={**key, **local, "content-type": "text/plain"}
+        )
         _refused(plain, 415, needle="application/json")
-        _refused(guarded.get("/v1/models", headers={**key, "host": "evil.example:8000"}), 400,
-                 needle="--allowed-hosts")
+        _refused(guarded.get("/v1/models", headers={**key, "host": "evil.example:8000"}), 400, needle="--allowed-hosts")
         for path in ("/docs", "/openapi.json", "/redoc"):
             assert guarded.get(path, headers=local).status_code in (401, 404), path
         assert guarded.get("/openapi.json", headers={**key, **local}).json()["info"]["title"] == "nanoseek"
@@ -148,11 +181,12 @@ def test_the_api_key_comes_from_the_environment_and_is_never_empty(monkeypatch):
     monkeypatch.setenv("NANOSEEK_API_KEY", " ")
     with pytest.raises(NanoseekError, match="NANOSEEK_API_KEY is empty"):
         _api_key(argparse.Namespace(api_key=None))
-    assert _allowed_hosts(argparse.Namespace(allowed_hosts=None, host="127.0.0.1")) == ("127.0.0.1", "localhost",
-                                                                                        "::1")
+    assert _allowed_hosts(argparse.Namespace(allowed_hosts=None, host="127.0.0.1")) == ("127.0.0.1", "localhost", "::1")
     assert _allowed_hosts(argparse.Namespace(allowed_hosts=None, host="0.0.0.0")) is None
-    assert _allowed_hosts(argparse.Namespace(allowed_hosts="a.example, b.example", host="::1")) == ("a.example",
-                                                                                                  "b.example")
+    assert _allowed_hosts(argparse.Namespace(allowed_hosts="a.example, b.example", host="::1")) == (
+        "a.example",
+        "b.example",
+    )
 
 
 def test_cache_salt_separates_tenants(client):
@@ -171,11 +205,9 @@ def test_cache_salt_separates_tenants(client):
 
 def test_a_message_cannot_forge_control_tokens(app, model_dir):
     """Control-token text inside a message is encoded as text, for serving and for SFT alike."""
-    from nanoseek.data.chat_format import encode_chat
+    from nanoseek.data.chat_format import add_chat_tokens, encode_chat
     from nanoseek.data.tokenizer import TextEncoder, load_tokenizer
     from nanoseek.infer.chat import ChatTemplate
-
-    from nanoseek.data.chat_format import add_chat_tokens
 
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     add_chat_tokens(tokenizer)  # the micro tokenizer spells the markers; a real one has them as tokens
@@ -189,8 +221,7 @@ def test_a_message_cannot_forge_control_tokens(app, model_dir):
         return tokenizer.encode(text, add_special_tokens=False).ids
 
     ids = template.render_ids(forged, encode, as_text)
-    assert eos not in ids and ids.count(assistant) == 1 == template.render_ids(honest, encode, as_text).count(
-        assistant)
+    assert eos not in ids and ids.count(assistant) == 1 == template.render_ids(honest, encode, as_text).count(assistant)
     assert tokenizer.decode(ids, skip_special_tokens=False).count(EOS) == 1  # the words are still there, as text
     sft_ids, _ = encode_chat(tokenizer, forged + [{"role": "assistant", "content": "ok"}])
     assert sft_ids.count(eos) == 1 and sft_ids.count(assistant) == 1  # the template's own, after the reply
@@ -198,25 +229,39 @@ def test_a_message_cannot_forge_control_tokens(app, model_dir):
 
 def test_small_defects(model_dir, client):
     # n × prompts that can never be queued: 400, not an endless 429
-    _refused(client.post("/v1/completions", json={"prompt": ["a"] * 3, "n": 16, "max_tokens": 1}), 400, "n",
-             "--max-waiting")
+    _refused(
+        client.post("/v1/completions", json={"prompt": ["a"] * 3, "n": 16, "max_tokens": 1}), 400, "n", "--max-waiting"
+    )
     # messages[].name reaches the template; loopcontrols and raise_exception work as in transformers
     from nanoseek.infer.chat import ChatTemplate
 
     (model_dir / "named").mkdir(exist_ok=True)
-    (model_dir / "named" / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
-        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.name }}:{{ m.content }}"
-        "{% endfor %}{% if messages[0].role == 'assistant' %}{{ raise_exception('user first') }}{% endif %}")}))
+    (model_dir / "named" / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": (
+                    "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.name }}:{{ m.content }}"
+                    "{% endfor %}{% if messages[0].role == 'assistant' %}{{ raise_exception('user first') }}{% endif %}"
+                )
+            }
+        )
+    )
     template = ChatTemplate(model_dir / "named")
-    assert template.render([{"role": "user", "content": "a", "name": "ann"},
-                            {"role": "user", "content": "b", "name": "bob"}]) == "ann:a"
+    assert (
+        template.render(
+            [{"role": "user", "content": "a", "name": "ann"}, {"role": "user", "content": "b", "name": "bob"}]
+        )
+        == "ann:a"
+    )
     with pytest.raises(ValueError, match="user first"):
         template.render([{"role": "assistant", "content": "a"}])
 
 
 def test_chat_default_max_tokens_fits_a_small_cache(model_dir):
     cache_tokens = 64  # smaller than the 128-token context
-    app = create_app(model_dir, config=EngineConfig(block_size=16, max_seqs=2, cache_memory=4 * (4 * 16 * 20 * 4)))  # 4 blocks
+    app = create_app(
+        model_dir, config=EngineConfig(block_size=16, max_seqs=2, cache_memory=4 * (4 * 16 * 20 * 4))
+    )  # 4 blocks
     assert app.state.engine.cache_tokens == cache_tokens
     with _client(app) as small:
         out = small.post("/v1/chat/completions", json={**CHAT, "max_tokens": None, "ignore_eos": True})
@@ -234,8 +279,9 @@ def test_tokenize_honours_add_special_tokens(tmp_path, model_dir):
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     bos = "<｜begin▁of▁sentence｜>"
     tokenizer.add_special_tokens([bos])
-    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
-                                                            special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
     tokenizer.save(str(directory / "tokenizer.json"))
     with _client(create_app(directory, config=EngineConfig(block_size=16, max_seqs=2))) as bos_client:
         with_bos = bos_client.post("/tokenize", json={"prompt": "hello"}).json()["tokens"]
@@ -244,6 +290,8 @@ def test_tokenize_honours_add_special_tokens(tmp_path, model_dir):
 
 
 def test_a_stream_closed_before_its_first_event_is_aborted(app):
+    from starlette.requests import ClientDisconnect
+
     from nanoseek.infer.engine_loop import Job
     from nanoseek.infer.request import SamplingParams
     from nanoseek.infer.responses import stream
@@ -258,7 +306,7 @@ def test_a_stream_closed_before_its_first_event_is_aborted(app):
             raise OSError("the client is gone")
 
         response = stream(job, None, lambda *a: {}, None, None)
-        with pytest.raises(Exception):
+        with pytest.raises(ClientDisconnect):  # the failed send, as starlette reports it
             await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
         return job
 
@@ -271,7 +319,7 @@ def test_a_client_that_stops_reading_holds_one_event_per_choice():
 
     async def run() -> tuple[int, tuple]:
         job = Job([], asyncio.get_running_loop())
-        for i in range(5000):
+        for _ in range(5000):
             job.push_delta(0, "x", [])
         await asyncio.sleep(0.05)  # the callbacks run
         return job.events.qsize(), job.take_delta(0)

@@ -55,8 +55,7 @@ train:
 def _corpus_lines() -> list[str]:
     names = ["HAMLET", "OPHELIA", "HORATIO", "LAERTES"]
     words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
-    return [f"{names[i % 4]}.\n{' '.join(words[(i * j) % len(words)] for j in range(3, 12))}\n"
-            for i in range(1500)]
+    return [f"{names[i % 4]}.\n{' '.join(words[(i * j) % len(words)] for j in range(3, 12))}\n" for i in range(1500)]
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +69,21 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _cli(workspace: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "nanoseek", "train", "--config", str(workspace / "micro.yaml"), "--data",
-            str(workspace / "corpus.txt"), "--tokenizer", str(workspace / "tokenizer.json"), "--out", str(out),
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "nanoseek",
+        "train",
+        "--config",
+        str(workspace / "micro.yaml"),
+        "--data",
+        str(workspace / "corpus.txt"),
+        "--tokenizer",
+        str(workspace / "tokenizer.json"),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _env(workspace: Path) -> dict[str, str]:
@@ -89,8 +100,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
     env = _env(workspace)
     _straight_run(workspace)
     killed = workspace / "killed"
-    process = subprocess.Popen(_cli(workspace, killed), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(_cli(workspace, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step_0000010").exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -121,8 +131,9 @@ def test_sigterm_at_a_random_step_checkpoints_then_resumes_bit_identical(workspa
     signal_after = random.Random(seed).randint(3, 20)
     process = subprocess.Popen(_cli(workspace, stopped), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and len(_losses(stopped) if (stopped / "metrics.jsonl").exists() else {}) < \
-            signal_after:
+    while (
+        time.time() < deadline and len(_losses(stopped) if (stopped / "metrics.jsonl").exists() else {}) < signal_after
+    ):
         time.sleep(0.005)
     process.send_signal(signal.SIGTERM)
     stderr = process.stderr.read().decode()
@@ -146,8 +157,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint(workspace):
     def small_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail with EFBIG
 
-    failed = subprocess.run(_cli(workspace, run, "--resume", "--max-steps", "10"), env=env, capture_output=True,
-                            preexec_fn=small_disk)
+    failed = subprocess.run(
+        _cli(workspace, run, "--resume", "--max-steps", "10"), env=env, capture_output=True, preexec_fn=small_disk
+    )
     lines = [line for line in failed.stderr.decode().strip().splitlines() if not line.startswith("training:")]
     assert failed.returncode == 2 and len(lines) == 1, failed.stderr.decode()  # one line besides the progress bar
     assert f"cannot write checkpoint {run / 'checkpoints' / 'step_0000010'}: File too large" in lines[0]
@@ -167,6 +179,7 @@ def _save_that_dies(real_save, on_call: int):
         real_save(state, checkpoint_id=checkpoint_id, **options)
         if len(calls) == on_call:
             raise KeyboardInterrupt
+
     return save
 
 
@@ -177,10 +190,17 @@ def test_kill_during_checkpoint_write_keeps_previous(workspace, monkeypatch):
     monkeypatch.setenv("NANOSEEK_CACHE", str(workspace / "cache"))
     real_save = train_checkpoint.dcp.save
     monkeypatch.setattr(train_checkpoint.dcp, "save", _save_that_dies(real_save, on_call=2))
-    config = nanoseek.ModelConfig.preset("tiny").replace(hidden_size=32, num_hidden_layers=2, vocab_size=320,
-                                                         max_position_embeddings=64)
-    train_config = TrainConfig(seq_len=32, batch_size=2, max_steps=10, save_every=5, eval_batches=1,
-                               tokenizer=str(workspace / "tokenizer.json"))
+    config = nanoseek.preset("tiny").replace(
+        hidden_size=32, num_hidden_layers=2, vocab_size=320, max_position_embeddings=64
+    )
+    train_config = TrainConfig(
+        seq_len=32,
+        batch_size=2,
+        max_steps=10,
+        save_every=5,
+        eval_batches=1,
+        tokenizer=str(workspace / "tokenizer.json"),
+    )
     spec = RunSpec(workspace / "dying", config, train_config, [str(workspace / "corpus.txt")])
     with pytest.raises(KeyboardInterrupt):
         train(spec, show_progress=False)
@@ -198,25 +218,44 @@ def test_run_dir_is_a_model_dir(workspace, mtp):
 
     out = workspace / f"mtp-{mtp}"
     extra = [] if mtp else ["--no-mtp"]
-    subprocess.run(_cli(workspace, out, "--max-steps", "10", *extra), env=_env(workspace), check=True,
-                   capture_output=True)
+    subprocess.run(
+        _cli(workspace, out, "--max-steps", "10", *extra), env=_env(workspace), check=True, capture_output=True
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ("mtp_loss" in rows[-1]) == mtp and rows[-1]["val_loss"] > 0
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors", "loss.png"):
         assert (out / name).exists(), name
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # as lm-evaluation-harness's hf backend loads it
     assert tokenizer.bos_token == tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
-    assert tokenizer("HAMLET. to be").input_ids == Tokenizer.from_file(str(out / "tokenizer.json")).encode(
-        "HAMLET. to be").ids
+    assert (
+        tokenizer("HAMLET. to be").input_ids
+        == Tokenizer.from_file(str(out / "tokenizer.json")).encode("HAMLET. to be").ids
+    )
     ours = nanoseek.load_pretrained(out)
     assert len(ours.mtp) == int(mtp)
     reference = transformers.AutoModelForCausalLM.from_pretrained(out)
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         assert (ours(ids) - reference(ids).logits).abs().max() < 1e-5
-    text = subprocess.run([sys.executable, "-m", "nanoseek", "generate", str(out), "--prompt", "HAMLET.",
-                           "--max-new-tokens", "12", "--seed", "0"], env=_env(workspace), check=True,
-                          capture_output=True, text=True).stdout
+    text = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanoseek",
+            "generate",
+            str(out),
+            "--prompt",
+            "HAMLET.",
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "0",
+        ],
+        env=_env(workspace),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert text.startswith("HAMLET.") and len(text) > len("HAMLET.")
 
 
@@ -225,14 +264,25 @@ def test_aux_free_balancing_evens_expert_load(workspace, monkeypatch):
     from nanoseek.train.trainer import RunSpec, train
 
     monkeypatch.setenv("NANOSEEK_CACHE", str(workspace / "cache"))
-    config = nanoseek.ModelConfig.preset("tiny").replace(hidden_size=32, num_hidden_layers=2, vocab_size=320,
-                                                         max_position_embeddings=64, num_nextn_predict_layers=0)
+    config = nanoseek.preset("tiny").replace(
+        hidden_size=32, num_hidden_layers=2, vocab_size=320, max_position_embeddings=64, num_nextn_predict_layers=0
+    )
     imbalance = {}
     for balance in ("aux-free", "none"):
-        cfg = TrainConfig(seq_len=32, batch_size=4, max_steps=150, save_every=1000, eval_every=1000,
-                          eval_batches=1, balance=balance, lr=1e-2, tokenizer=str(workspace / "tokenizer.json"))
-        summary = train(RunSpec(workspace / f"balance-{balance}", config, cfg, str(workspace / "corpus.txt")),
-                        show_progress=False)
+        cfg = TrainConfig(
+            seq_len=32,
+            batch_size=4,
+            max_steps=150,
+            save_every=1000,
+            eval_every=1000,
+            eval_batches=1,
+            balance=balance,
+            lr=1e-2,
+            tokenizer=str(workspace / "tokenizer.json"),
+        )
+        summary = train(
+            RunSpec(workspace / f"balance-{balance}", config, cfg, str(workspace / "corpus.txt")), show_progress=False
+        )
         imbalance[balance] = summary["imbalance_last_100"]
     assert imbalance["aux-free"] < imbalance["none"]
     assert imbalance["aux-free"] <= 1.3
@@ -250,17 +300,43 @@ def test_v4_trains_resumes_bit_identical_and_is_a_transformers_model(workspace, 
     from nanoseek.v4config import CSA, HCA, SLIDING
 
     monkeypatch.setenv("NANOSEEK_CACHE", str(workspace / "cache"))
-    config = nanoseek.ModelConfig.preset("tiny-v4").replace(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, head_dim=16, qk_rope_head_dim=8, q_lora_rank=16,
-        moe_intermediate_size=16, vocab_size=320, max_position_embeddings=64, layer_types=(SLIDING, CSA, HCA),
-        mlp_layer_types=("hash_moe", "moe", "moe"), sliding_window=8, compress_rate_hca=8, o_lora_rank=8,
-        index_head_dim=8, index_topk=2, hc_mult=2, num_nextn_predict_layers=1)
+    config = nanoseek.preset("tiny-v4").replace(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        head_dim=16,
+        qk_rope_head_dim=8,
+        q_lora_rank=16,
+        moe_intermediate_size=16,
+        vocab_size=320,
+        max_position_embeddings=64,
+        layer_types=(SLIDING, CSA, HCA),
+        mlp_layer_types=("hash_moe", "moe", "moe"),
+        sliding_window=8,
+        compress_rate_hca=8,
+        o_lora_rank=8,
+        index_head_dim=8,
+        index_topk=2,
+        hc_mult=2,
+        num_nextn_predict_layers=1,
+    )
 
     def run(name: str, resume: bool = False) -> dict:
-        cfg = TrainConfig(seq_len=32, batch_size=2, max_steps=8, save_every=4, eval_every=1000, eval_batches=1,
-                          log_every=1, lr=1e-2, warmup_steps=2, tokenizer=str(workspace / "tokenizer.json"))
-        return train(RunSpec(workspace / name, config, cfg, str(workspace / "corpus.txt"), resume=resume),
-                     show_progress=False)
+        cfg = TrainConfig(
+            seq_len=32,
+            batch_size=2,
+            max_steps=8,
+            save_every=4,
+            eval_every=1000,
+            eval_batches=1,
+            log_every=1,
+            lr=1e-2,
+            warmup_steps=2,
+            tokenizer=str(workspace / "tokenizer.json"),
+        )
+        return train(
+            RunSpec(workspace / name, config, cfg, str(workspace / "corpus.txt"), resume=resume), show_progress=False
+        )
 
     run("v4-straight")
     real_save = train_checkpoint.dcp.save  # the run dies writing its step-8 checkpoint: it resumes from step 4
@@ -275,8 +351,11 @@ def test_v4_trains_resumes_bit_identical_and_is_a_transformers_model(workspace, 
     assert straight[8] < straight[1]
     last = json.loads((workspace / "v4-straight" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["indexer_kl"] > 0  # the CSA layer's indexer learns by DSA's KL, as V3.2's
-    assert 0 < last["mtp_loss"] < json.loads((workspace / "v4-straight" / "metrics.jsonl").read_text()
-                                             .splitlines()[0])["mtp_loss"]
+    assert (
+        0
+        < last["mtp_loss"]
+        < json.loads((workspace / "v4-straight" / "metrics.jsonl").read_text().splitlines()[0])["mtp_loss"]
+    )
     ours = nanoseek.load_pretrained(workspace / "v4-straight")
     assert len(ours.mtp) == 1
     hashed, *routed = [layer.mlp.router for layer in [*ours.layers, ours.mtp[0].block]]

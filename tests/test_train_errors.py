@@ -11,6 +11,7 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.presets import preset
 
 
 @pytest.fixture
@@ -23,6 +24,7 @@ def train(tmp_path, capsys, monkeypatch):
         code = main(["train", "--out", str(tmp_path / "run"), *args])
         err = capsys.readouterr().err
         return code, "\n".join(line for line in err.splitlines() if line.strip() and not line.startswith("training:"))
+
     return run
 
 
@@ -34,12 +36,15 @@ def _assert_one_line_error(result: tuple[int, str], needle: str) -> None:
     assert lines[0].startswith("nanoseek: error:") and needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("corpus, needle", [
-    (None, "corpus not found"),
-    (b"", "holds no text"),
-    (b"\x00\x01\x02binary\x00" * 100, "looks binary"),
-    (b"\xff\xfe\xfa not utf-8", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "corpus, needle",
+    [
+        (None, "corpus not found"),
+        (b"", "holds no text"),
+        (b"\x00\x01\x02binary\x00" * 100, "looks binary"),
+        (b"\xff\xfe\xfa not utf-8", "not UTF-8"),
+    ],
+)
 def test_bad_corpus(tmp_path, train, corpus, needle):
     path = tmp_path / "corpus.txt"
     if corpus is not None:
@@ -51,8 +56,9 @@ def test_bad_corpus(tmp_path, train, corpus, needle):
 def test_tokenizer_larger_than_vocab(tmp_path, train):
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     train_tokenizer([(tmp_path / "corpus.txt").read_text()], 500).save(str(tmp_path / "tok.json"))
-    result = train("--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / "tok.json"),
-                    "model.vocab_size=64")
+    result = train(
+        "--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / "tok.json"), "model.vocab_size=64"
+    )
     _assert_one_line_error(result, "vocab_size")
 
 
@@ -67,9 +73,21 @@ def test_bad_override_and_config(tmp_path, train):
 def _tiny_run(tmp: Path, train, steps: int) -> list[str]:
     """Trains a tiny run in tmp/run; → its command-line arguments."""
     (tmp / "corpus.txt").write_text("".join(f"LINE {i} of some play text.\n" for i in range(3000)))
-    tiny = ["--data", str(tmp / "corpus.txt"), "--max-steps", str(steps), "--save-every", "2", "model.hidden_size=32",
-            "model.num_hidden_layers=2", "train.vocab_size=300", "model.max_position_embeddings=64",
-            "train.seq_len=32", "train.batch_size=2", "train.eval_batches=1"]
+    tiny = [
+        "--data",
+        str(tmp / "corpus.txt"),
+        "--max-steps",
+        str(steps),
+        "--save-every",
+        "2",
+        "model.hidden_size=32",
+        "model.num_hidden_layers=2",
+        "train.vocab_size=300",
+        "model.max_position_embeddings=64",
+        "train.seq_len=32",
+        "train.batch_size=2",
+        "train.eval_batches=1",
+    ]
     assert train(*tiny)[0] == 0
     return tiny
 
@@ -112,24 +130,25 @@ def test_resume_may_change_the_schedule_but_not_the_shape(tmp_path, train):
     assert train(*tiny, "--max-steps", "4", "--eval-every", "3")[0] == 0
     straight = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"], r["val_loss"]) for r in straight] == [
-        (r["step"], r["loss"], r["val_loss"]) for r in rows if r["step"] > 2]  # (it logs step 2 only when it ends)
+        (r["step"], r["loss"], r["val_loss"]) for r in rows if r["step"] > 2
+    ]  # (it logs step 2 only when it ends)
 
 
 def test_resume_ignores_what_the_run_derived_itself():
     """The vocabulary size and special tokens come from the run's tokenizer, the MTP depth from --no-mtp: the same
     command line with --resume is taken even where its config said otherwise."""
-    from nanoseek import ModelConfig
     from nanoseek.errors import ConfigError
     from nanoseek.train.config import TrainConfig, resume_train_config
 
-    asked = ModelConfig.preset("tiny").replace(vocab_size=16384, num_nextn_predict_layers=1)
+    asked = preset("tiny").replace(vocab_size=16384, num_nextn_predict_layers=1)
     saved = asked.replace(vocab_size=4096, bos_token_id=3, eos_token_id=3, num_nextn_predict_layers=0)
     explicit = frozenset({"model.vocab_size", "model.num_nextn_predict_layers", "train.max_steps"})
     resumed = resume_train_config(saved, TrainConfig(), asked, TrainConfig(max_steps=900), explicit)
     assert resumed == TrainConfig(max_steps=900)
     with pytest.raises(ConfigError, match="model.hidden_size is 192"):
-        resume_train_config(saved, TrainConfig(), asked.replace(hidden_size=256), TrainConfig(),
-                            explicit | {"model.hidden_size"})
+        resume_train_config(
+            saved, TrainConfig(), asked.replace(hidden_size=256), TrainConfig(), explicit | {"model.hidden_size"}
+        )
 
 
 def test_failures_name_their_cause():
@@ -169,17 +188,31 @@ def test_aux_loss_balancing_trains_by_its_loss_and_old_checkpoints_rotate_out(tm
     from nanoseek.train.checkpoint import list_checkpoints
 
     (tmp_path / "corpus.txt").write_text("".join(f"LINE {i} of some play text.\n" for i in range(3000)))
-    tiny = ["--data", str(tmp_path / "corpus.txt"), "--max-steps", "4", "--save-every", "1", "model.hidden_size=32",
-            "model.num_hidden_layers=2", "train.vocab_size=300", "model.max_position_embeddings=64",
-            "train.seq_len=32", "train.batch_size=2", "train.eval_batches=1", "train.log_every=1",
-            "train.keep_checkpoints=2"]
+    tiny = [
+        "--data",
+        str(tmp_path / "corpus.txt"),
+        "--max-steps",
+        "4",
+        "--save-every",
+        "1",
+        "model.hidden_size=32",
+        "model.num_hidden_layers=2",
+        "train.vocab_size=300",
+        "model.max_position_embeddings=64",
+        "train.seq_len=32",
+        "train.batch_size=2",
+        "train.eval_batches=1",
+        "train.log_every=1",
+        "train.keep_checkpoints=2",
+    ]
     runs = {}
     for balance in ("aux-loss", "none"):
         assert train(*tiny, "--balance", balance)[0] == 0
         runs[balance] = tmp_path / balance
         (tmp_path / "run").rename(runs[balance])
-    rows = {b: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            for b, run in runs.items()}
+    rows = {
+        b: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for b, run in runs.items()
+    }
     assert all(r["aux_loss"] > 0 for r in rows["aux-loss"]) and "aux_loss" not in rows["none"][0]
     assert rows["aux-loss"][0]["loss"] == rows["none"][0]["loss"]
     assert rows["aux-loss"][1]["loss"] != rows["none"][1]["loss"]

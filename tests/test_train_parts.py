@@ -7,6 +7,7 @@ import torch
 
 from helpers import tiny_config
 from nanoseek.models.common.moe import MoE
+from nanoseek.presets import preset
 from nanoseek.train.balance import ImbalanceTracker, update_expert_bias
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import lr_factor
@@ -44,12 +45,19 @@ def test_sequence_balance_loss_is_alpha_when_even():
 
 
 def test_overrides_take_the_field_type():
-    from nanoseek import ModelConfig
     from nanoseek.train.config import apply_overrides
 
-    model, train = apply_overrides(ModelConfig.preset("tiny"), TrainConfig(),
-                                   {"train.balance": "none", "model.q_lora_rank": "null", "train.lr": "1e-3",
-                                    "use_mtp": "false", "model.hidden_size": "256"})
+    model, train = apply_overrides(
+        preset("tiny"),
+        TrainConfig(),
+        {
+            "train.balance": "none",
+            "model.q_lora_rank": "null",
+            "train.lr": "1e-3",
+            "use_mtp": "false",
+            "model.hidden_size": "256",
+        },
+    )
     assert train.balance == "none" and train.lr == 1e-3 and train.use_mtp is False
     assert model.q_lora_rank is None and model.hidden_size == 256
 

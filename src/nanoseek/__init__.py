@@ -8,12 +8,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_HOMES = {"ModelConfig": "nanoseek.config", "RopeScaling": "nanoseek.config",
-          "build_model": "nanoseek.models.registry", "DeepseekV3Model": "nanoseek.models.deepseek_v3.model",
-          "ModelOutput": "nanoseek.models.deepseek_v3.model",
-          "load_pretrained": "nanoseek.checkpoint.hf",
-          "save_pretrained": "nanoseek.checkpoint.hf", "NanoseekError": "nanoseek.errors",
-          "ConfigError": "nanoseek.errors", "CheckpointError": "nanoseek.errors"}
+_HOMES = {
+    "ModelConfig": "nanoseek.config",
+    "RopeScaling": "nanoseek.config",
+    "preset": "nanoseek.presets",
+    "build_model": "nanoseek.models.registry",
+    "DeepseekV3Model": "nanoseek.models.deepseek_v3.model",
+    "ModelOutput": "nanoseek.models.deepseek_v3.model",
+    "load_pretrained": "nanoseek.checkpoint.hf",
+    "save_pretrained": "nanoseek.checkpoint.hf",
+    "NanoseekError": "nanoseek.errors",
+    "ConfigError": "nanoseek.errors",
+    "CheckpointError": "nanoseek.errors",
+}
 __all__ = list(_HOMES)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nanoseek.errors import ConfigError
+from nanoseek.llama import llama_fields, llama_hf_dict
+from nanoseek.v4config import V4_FIELDS, check_v4, v4_fields, v4_hf_dict
 from nanoseek.validate import check_field_types
 
 
@@ -31,10 +33,16 @@ class RopeScaling:
     def __post_init__(self) -> None:
         check_field_types(self, "config rope_scaling")
         _require(self.factor >= 1.0, "rope_scaling.factor", f"must be >= 1, got {self.factor}")
-        _require(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings",
-                 f"must be positive, got {self.original_max_position_embeddings}")
-        _require(self.beta_fast > self.beta_slow > 0, "rope_scaling.beta_fast",
-                 f"needs beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}")
+        _require(
+            self.original_max_position_embeddings > 0,
+            "rope_scaling.original_max_position_embeddings",
+            f"must be positive, got {self.original_max_position_embeddings}",
+        )
+        _require(
+            self.beta_fast > self.beta_slow > 0,
+            "rope_scaling.beta_fast",
+            f"needs beta_fast > beta_slow > 0, got {self.beta_fast} and {self.beta_slow}",
+        )
 
 
 @dataclass(frozen=True)
@@ -104,68 +112,122 @@ class ModelConfig:
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         check_field_types(self, "config")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                     "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+            "moe_layer_freq",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                     f"must be a positive integer, got {value!r}")
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                name,
+                f"must be a positive integer, got {value!r}",
+            )
         # beyond any published model; a typo past these would otherwise build millions of modules before failing
         _require(self.num_hidden_layers <= 1024, "num_hidden_layers", f"at most 1024, got {self.num_hidden_layers}")
-        _require(self.num_nextn_predict_layers <= 16, "num_nextn_predict_layers",
-                 f"at most 16, got {self.num_nextn_predict_layers}")
+        _require(
+            self.num_nextn_predict_layers <= 16,
+            "num_nextn_predict_layers",
+            f"at most 16, got {self.num_nextn_predict_layers}",
+        )
         for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
-        _require(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank",
-                 f"must be positive or null, got {self.q_lora_rank}")
-        _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
-                 f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
-        _require(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
-                 f"top-k {self.num_experts_per_tok} exceeds n_routed_experts {self.n_routed_experts}")
-        _require(self.n_routed_experts % self.n_group == 0, "n_group",
-                 f"{self.n_group} groups do not divide {self.n_routed_experts} experts")
-        _require(self.topk_group <= self.n_group, "topk_group",
-                 f"{self.topk_group} exceeds n_group {self.n_group}")
+        _require(
+            self.q_lora_rank is None or self.q_lora_rank > 0,
+            "q_lora_rank",
+            f"must be positive or null, got {self.q_lora_rank}",
+        )
+        _require(
+            self.qk_rope_head_dim % 2 == 0,
+            "qk_rope_head_dim",
+            f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}",
+        )
+        _require(
+            self.num_experts_per_tok <= self.n_routed_experts,
+            "num_experts_per_tok",
+            f"top-k {self.num_experts_per_tok} exceeds n_routed_experts {self.n_routed_experts}",
+        )
+        _require(
+            self.n_routed_experts % self.n_group == 0,
+            "n_group",
+            f"{self.n_group} groups do not divide {self.n_routed_experts} experts",
+        )
+        _require(self.topk_group <= self.n_group, "topk_group", f"{self.topk_group} exceeds n_group {self.n_group}")
         experts_per_group = self.n_routed_experts // self.n_group
-        _require(self.topk_group * experts_per_group >= self.num_experts_per_tok, "topk_group",
-                 f"{self.topk_group} groups of {experts_per_group} experts cannot hold top-k "
-                 f"{self.num_experts_per_tok}")
-        _require(self.scoring_func == "softmax" or experts_per_group >= 2 or self.n_group == 1, "n_group",
-                 "sigmoid group scores sum the top-2 experts of a group, so groups need at least 2 experts")
-        _require(self.routed_scaling_factor > 0, "routed_scaling_factor",
-                 f"must be positive, got {self.routed_scaling_factor}")
+        _require(
+            self.topk_group * experts_per_group >= self.num_experts_per_tok,
+            "topk_group",
+            f"{self.topk_group} groups of {experts_per_group} experts cannot hold top-k {self.num_experts_per_tok}",
+        )
+        _require(
+            self.scoring_func == "softmax" or experts_per_group >= 2 or self.n_group == 1,
+            "n_group",
+            "sigmoid group scores sum the top-2 experts of a group, so groups need at least 2 experts",
+        )
+        _require(
+            self.routed_scaling_factor > 0,
+            "routed_scaling_factor",
+            f"must be positive, got {self.routed_scaling_factor}",
+        )
         _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         _require(0 < self.rms_norm_eps < 1, "rms_norm_eps", f"must be in (0, 1), got {self.rms_norm_eps}")
         _require(self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}")
         if self.attention_type == "gqa":
             self._check_dense_baseline()
         if self.attention_type == "v4":
-            from nanoseek.v4config import check_v4
-
             check_v4(self)
         if self.sparse_attention:
             self._check_sparse_attention()
 
     def _check_sparse_attention(self) -> None:
-        _require(self.attention_type == "mla" and self.q_lora_rank is not None, "index_n_heads",
-                 "the lightning indexer reads MLA's compressed query: it needs attention_type mla and a q_lora_rank")
-        _require(self.index_head_dim >= self.qk_rope_head_dim and self.index_head_dim % 2 == 0, "index_head_dim",
-                 f"must be even and hold the {self.qk_rope_head_dim} RoPE dims, got {self.index_head_dim}")
+        _require(
+            self.attention_type == "mla" and self.q_lora_rank is not None,
+            "index_n_heads",
+            "the lightning indexer reads MLA's compressed query: it needs attention_type mla and a q_lora_rank",
+        )
+        _require(
+            self.index_head_dim >= self.qk_rope_head_dim and self.index_head_dim % 2 == 0,
+            "index_head_dim",
+            f"must be even and hold the {self.qk_rope_head_dim} RoPE dims, got {self.index_head_dim}",
+        )
         _require(self.index_topk > 0, "index_topk", f"must be positive, got {self.index_topk}")
 
     def _check_dense_baseline(self) -> None:
         kv_heads, head_dim = self.num_key_value_heads, self.head_dim
-        _require(isinstance(kv_heads, int) and kv_heads > 0 and self.num_attention_heads % kv_heads == 0,
-                 "num_key_value_heads", f"gqa needs a positive divisor of num_attention_heads "
-                 f"{self.num_attention_heads}, got {kv_heads!r}")
-        _require(isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0, "head_dim",
-                 f"gqa needs a positive even head_dim (RoPE rotates pairs), got {head_dim!r}")
-        _require(self.first_k_dense_replace >= self.num_hidden_layers, "first_k_dense_replace",
-                 "the gqa baseline is dense (Llama layout): set it to num_hidden_layers")
-        _require(self.num_nextn_predict_layers == 0, "num_nextn_predict_layers",
-                 "the gqa baseline has no MTP modules (Llama layout): set it to 0")
+        _require(
+            isinstance(kv_heads, int) and kv_heads > 0 and self.num_attention_heads % kv_heads == 0,
+            "num_key_value_heads",
+            f"gqa needs a positive divisor of num_attention_heads {self.num_attention_heads}, got {kv_heads!r}",
+        )
+        _require(
+            isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0,
+            "head_dim",
+            f"gqa needs a positive even head_dim (RoPE rotates pairs), got {head_dim!r}",
+        )
+        _require(
+            self.first_k_dense_replace >= self.num_hidden_layers,
+            "first_k_dense_replace",
+            "the gqa baseline is dense (Llama layout): set it to num_hidden_layers",
+        )
+        _require(
+            self.num_nextn_predict_layers == 0,
+            "num_nextn_predict_layers",
+            "the gqa baseline has no MTP modules (Llama layout): set it to 0",
+        )
         _require(self.rope_scaling is None, "rope_scaling", "the gqa baseline takes no YaRN scaling")
 
     # ---- derived shapes -------------------------------------------------------------------------------------------
@@ -216,7 +278,7 @@ class ModelConfig:
     @property
     def softmax_scale(self) -> float:
         """1/sqrt(d_qk), times YaRN's mscale² when the context is extended (as the reference does)."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         if self.rope_scaling is not None and self.rope_scaling.mscale_all_dim:
             m = yarn_mscale(self.rope_scaling.factor, self.rope_scaling.mscale_all_dim)
             scale *= m * m
@@ -233,25 +295,27 @@ class ModelConfig:
         """config.json contents. 'transformers' writes transformers-5's rope_parameters; 'deepseek' the published
         DeepSeek-V3 form (rope_theta + rope_scaling, scoring_func, topk_method)."""
         if self.attention_type == "gqa":
-            from nanoseek.llama import llama_hf_dict
-
             return llama_hf_dict(self, style)
         if self.attention_type == "v4":
-            from nanoseek.v4config import v4_hf_dict
-
             return v4_hf_dict(self, style)
-        from nanoseek.v4config import V4_FIELDS
-
         dsa = ("index_n_heads", "index_head_dim", "index_topk")
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("attention_type", "num_key_value_heads", "head_dim", *V4_FIELDS)
-                  and (self.sparse_attention or f.name not in dsa)}
+        fields = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("attention_type", "num_key_value_heads", "head_dim", *V4_FIELDS)
+            and (self.sparse_attention or f.name not in dsa)
+        }
         rope = fields.pop("rope_scaling")
         theta = fields.pop("rope_theta")
         # transformers' DeepseekV3 always routes with sigmoid scores; softmax routing is its DeepseekV2 model.
         v3 = self.scoring_func == "sigmoid"
-        kind = ("deepseek_v32", "DeepseekV32ForCausalLM") if self.sparse_attention else \
-            ("deepseek_v3", "DeepseekV3ForCausalLM") if v3 else ("deepseek_v2", "DeepseekV2ForCausalLM")
+        kind = (
+            ("deepseek_v32", "DeepseekV32ForCausalLM")
+            if self.sparse_attention
+            else ("deepseek_v3", "DeepseekV3ForCausalLM")
+            if v3
+            else ("deepseek_v2", "DeepseekV2ForCausalLM")
+        )
         out: dict[str, Any] = {
             "architectures": [kind[1]],
             "model_type": kind[0],
@@ -282,20 +346,16 @@ class ModelConfig:
             raise ConfigError("config field 'attention_bias': biased attention projections are not supported")
         model_type = d.get("model_type", "deepseek_v3")
         if model_type not in ("deepseek_v3", "deepseek_v32", "deepseek_v4", "deepseek_v2", "llama"):
-            raise ConfigError(f"config field 'model_type': deepseek_v3, deepseek_v32, deepseek_v4, deepseek_v2 or "
-                              f"llama, got {model_type!r}")
+            raise ConfigError(
+                f"config field 'model_type': deepseek_v3, deepseek_v32, deepseek_v4, deepseek_v2 or "
+                f"llama, got {model_type!r}"
+            )
         if model_type == "deepseek_v4":
-            from nanoseek.v4config import v4_fields
-
             d = v4_fields(d)
         if model_type not in ("deepseek_v32", "deepseek_v4"):
-            from nanoseek.v4config import V4_FIELDS
-
             for name in ("index_n_heads", "index_head_dim", "index_topk", *V4_FIELDS):
                 d.pop(name, None)  # a V3 config that mentions them anyway stays V3
         if model_type == "llama":
-            from nanoseek.llama import llama_fields
-
             d = llama_fields(d)
         elif model_type != "deepseek_v4":  # DeepSeek configs carry these HF fields too, but MLA has no use for them
             d.pop("num_key_value_heads", None)
@@ -306,8 +366,9 @@ class ModelConfig:
             d["n_group"], d["topk_group"] = 1, 1
         rope_params = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope_params, dict):
-            raise ConfigError(f"config field 'rope_parameters' / 'rope_scaling': must be an object or null, got "
-                              f"{rope_params!r}")
+            raise ConfigError(
+                f"config field 'rope_parameters' / 'rope_scaling': must be an object or null, got {rope_params!r}"
+            )
         d["rope_theta"] = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
         if rope_type == "yarn":
@@ -317,8 +378,10 @@ class ModelConfig:
             if "factor" not in yarn:  # the extension the two context lengths imply
                 lengths = (d.get("max_position_embeddings", 4096), yarn["original_max_position_embeddings"])
                 if not all(isinstance(n, int) and n > 0 for n in lengths):
-                    raise ConfigError(f"config: a yarn rope_scaling without 'factor' needs positive integer context "
-                                      f"lengths, got {lengths}")
+                    raise ConfigError(
+                        f"config: a yarn rope_scaling without 'factor' needs positive integer context "
+                        f"lengths, got {lengths}"
+                    )
                 yarn["factor"] = lengths[0] / lengths[1]
             d["rope_scaling"] = RopeScaling(**yarn)
         elif rope_type == "default":
@@ -349,14 +412,6 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_hf_dict(raw)
-
-    @classmethod
-    def preset(cls, name: str) -> ModelConfig:
-        from nanoseek.presets import PRESETS
-
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return PRESETS[name]
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

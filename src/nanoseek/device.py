@@ -14,8 +14,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                        help="weights and latent cache: auto = bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPES),
+        help="weights and latent cache: auto = bf16 on a GPU, fp32 on a CPU",
+    )
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -29,8 +33,9 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if chosen.type not in ("cpu", "cuda"):
         raise NanoseekError(f"--device {device!r}: nanoseek runs on cpu or cuda")
     if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
-        raise NanoseekError(f"--device {device}: no such CUDA device on this machine "
-                            f"({torch.cuda.device_count()} visible)")
+        raise NanoseekError(
+            f"--device {device}: no such CUDA device on this machine ({torch.cuda.device_count()} visible)"
+        )
     if dtype == "auto":
         return chosen, torch.bfloat16 if chosen.type == "cuda" else torch.float32
     return chosen, DTYPES[dtype]

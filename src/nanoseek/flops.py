@@ -13,10 +13,20 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.models.registry import architecture, build_model
+from nanoseek.presets import preset
 from nanoseek.v4config import CSA, HCA
 
-COMPONENTS = ("embedding", "attention", "dense_mlp", "router", "shared_experts", "routed_experts", "norms", "head",
-              "hyper_connections")
+COMPONENTS = (
+    "embedding",
+    "attention",
+    "dense_mlp",
+    "router",
+    "shared_experts",
+    "routed_experts",
+    "norms",
+    "head",
+    "hyper_connections",
+)
 LONG_CONTEXTS = (4096, 131072, 1048576)  # `nanoseek info`'s long-context table
 
 
@@ -31,8 +41,11 @@ def _component(name: str) -> str:
         return "norms"
     if ".attn." in name:
         return "attention"
-    for marker, component in ((".mlp.experts.", "routed_experts"), (".mlp.shared.", "shared_experts"),
-                              (".mlp.router.", "router")):
+    for marker, component in (
+        (".mlp.experts.", "routed_experts"),
+        (".mlp.shared.", "shared_experts"),
+        (".mlp.router.", "router"),
+    ):
         if marker in name:
             return component
     return "dense_mlp"
@@ -70,7 +83,9 @@ def _layer_core_flops(config: ModelConfig, layer_type: str, visible: torch.Tenso
         keys = visible.clamp(max=config.sliding_window)
         core = torch.zeros_like(visible)
         if layer_type in (CSA, HCA):
-            entries = torch.floor(visible / (config.compress_rate_csa if layer_type == CSA else config.compress_rate_hca))
+            entries = torch.floor(
+                visible / (config.compress_rate_csa if layer_type == CSA else config.compress_rate_hca)
+            )
             keys = keys + (entries.clamp(max=config.index_topk) if layer_type == CSA else entries)
             core = indexer * entries if layer_type == CSA else core
         return core + 2 * heads * 2 * config.head_dim * keys
@@ -92,22 +107,29 @@ def cache_bytes(config: ModelConfig, context: int, bytes_per_element: int = 2) -
     return architecture(config).store.cache_bytes(config, context, bytes_per_element)
 
 
-def long_context(config: ModelConfig, contexts: tuple[int, ...] = LONG_CONTEXTS,
-                 stats: ModelStats | None = None) -> list[dict[str, float]]:
+def long_context(
+    config: ModelConfig, contexts: tuple[int, ...] = LONG_CONTEXTS, stats: ModelStats | None = None
+) -> list[dict[str, float]]:
     """Per context length L: forward FLOPs of the token at position L (every activated matrix once, plus its
     attention over what it sees) and the cache bytes per token of an L-token sequence. What DeepSeek compares at
     1M tokens (V4-Flash: ~10 % of V3.2's FLOPs, ~7 % of its KV cache). `stats`: the model's, if already counted."""
     stats = stats or model_stats(config)
     matrices = 2 * stats.active_matrix_params
-    return [{"context": L, "flops_per_token": matrices + float(attention_core_flops(config, torch.tensor(
-             [float(L)], dtype=torch.float64))[0]), "cache_bytes_per_token": cache_bytes(config, L) / L}
-            for L in contexts]
+    return [
+        {
+            "context": L,
+            "flops_per_token": matrices
+            + float(attention_core_flops(config, torch.tensor([float(L)], dtype=torch.float64))[0]),
+            "cache_bytes_per_token": cache_bytes(config, L) / L,
+        }
+        for L in contexts
+    ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preset_long_context(name: str) -> list[dict[str, float]]:
     """long_context of a preset, counted once per process (building V3's module tree, even on meta, takes a while)."""
-    return long_context(ModelConfig.preset(name))
+    return long_context(preset(name))
 
 
 def _elementwise(name: str, p: torch.Tensor) -> bool:
@@ -136,8 +158,12 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
         """What a token computes with: the experts it picks, and the head (tied or not; MTP: once per depth), but
         not the embedding table, of which it reads one row. DeepSeek's '37B activated' (V3) and '2.4B' (V2-Lite)
         count this way."""
-        return dict(parts, embedding=0, head=head_params * heads,
-                    routed_experts=round(parts["routed_experts"] * active_fraction))
+        return dict(
+            parts,
+            embedding=0,
+            head=head_params * heads,
+            routed_experts=round(parts["routed_experts"] * active_fraction),
+        )
 
     active_components = activated(components)
     total, active = sum(components.values()), sum(active_components.values())
@@ -162,8 +188,18 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     gqa = 2 * max(1, config.num_attention_heads // 8) * head_dim * layers * nbytes
     own = round(cache_bytes(config, seq_len, nbytes) / seq_len)  # V4's depends on the length (the window is bounded)
     return ModelStats(
-        total_params=total, active_params=active, active_matrix_params=active - elementwise["main"],
-        mtp_params=mtp_unique + 2 * head_params * v3_mtp_layers, mtp_unique_params=mtp_unique,
-        components=components, active_components=active_components, seq_len=seq_len,
-        flops_per_token=flops, mtp_flops_per_token=mtp_flops,
-        kv_bytes_per_token=own, kv_bytes_per_token_mha=mha, kv_bytes_per_token_gqa=gqa, kv_cache_ratio=own / mha)
+        total_params=total,
+        active_params=active,
+        active_matrix_params=active - elementwise["main"],
+        mtp_params=mtp_unique + 2 * head_params * v3_mtp_layers,
+        mtp_unique_params=mtp_unique,
+        components=components,
+        active_components=active_components,
+        seq_len=seq_len,
+        flops_per_token=flops,
+        mtp_flops_per_token=mtp_flops,
+        kv_bytes_per_token=own,
+        kv_bytes_per_token_mha=mha,
+        kv_bytes_per_token_gqa=gqa,
+        kv_cache_ratio=own / mha,
+    )

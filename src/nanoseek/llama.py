@@ -19,12 +19,29 @@ if TYPE_CHECKING:
 
 def llama_hf_dict(config: ModelConfig, style: Literal["transformers", "deepseek"] = "transformers") -> dict[str, Any]:
     out: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        **{name: getattr(config, name) for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "initializer_range",
-            "tie_word_embeddings", "bos_token_id", "eos_token_id")},
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **{
+            name: getattr(config, name)
+            for name in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+                "rms_norm_eps",
+                "initializer_range",
+                "tie_word_embeddings",
+                "bos_token_id",
+                "eos_token_id",
+            )
+        },
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
     }
     if style == "transformers":
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}
@@ -41,9 +58,14 @@ def llama_fields(raw: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(raw.get(name), int) or isinstance(raw[name], bool) or raw[name] < 1:
             raise ConfigError(f"config field {name!r}: a Llama config needs a positive integer, got {raw.get(name)!r}")
     heads = raw["num_attention_heads"]
-    return {**raw, "attention_type": "gqa", "num_key_value_heads": raw.get("num_key_value_heads") or heads,
-            "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
-            "first_k_dense_replace": raw["num_hidden_layers"], "num_nextn_predict_layers": 0}
+    return {
+        **raw,
+        "attention_type": "gqa",
+        "num_key_value_heads": raw.get("num_key_value_heads") or heads,
+        "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
+        "first_k_dense_replace": raw["num_hidden_layers"],
+        "num_nextn_predict_layers": 0,
+    }
 
 
 def interleaved_to_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:

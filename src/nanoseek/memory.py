@@ -24,5 +24,7 @@ def check_training_fits(params: int, bytes_per_param: int, processes: int, devic
     memory (activations come on top, so passing this is necessary, not sufficient)."""
     need, free = params * bytes_per_param / processes, available_memory(device)
     if need > free:
-        raise NanoseekError(f"the model has {params:,} parameters: their weights, gradients and AdamW states need "
-                            f"~{need / 2**30:,.1f} GiB per process, but {free / 2**30:,.1f} GiB is free on {device}")
+        raise NanoseekError(
+            f"the model has {params:,} parameters: their weights, gradients and AdamW states need "
+            f"~{need / 2**30:,.1f} GiB per process, but {free / 2**30:,.1f} GiB is free on {device}"
+        )

@@ -13,14 +13,37 @@ if TYPE_CHECKING:
     from nanoseek.config import ModelConfig
 
 # ModelConfig's V4-only fields: no other model's config.json has them
-V4_FIELDS = ("layer_types", "mlp_layer_types", "sliding_window", "compress_rate_csa", "compress_rate_hca",
-             "compress_rope_theta", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "o_groups", "o_lora_rank", "swiglu_limit")
+V4_FIELDS = (
+    "layer_types",
+    "mlp_layer_types",
+    "sliding_window",
+    "compress_rate_csa",
+    "compress_rate_hca",
+    "compress_rope_theta",
+    "hc_mult",
+    "hc_sinkhorn_iters",
+    "hc_eps",
+    "o_groups",
+    "o_lora_rank",
+    "swiglu_limit",
+)
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 LAYER_TYPES = (SLIDING, CSA, HCA)
 MLP_LAYER_TYPES = ("hash_moe", "moe")
 # the MLA / dense-MLP fields a V4 config.json has no use for: written by nobody, ignored on load
-_UNUSED = ("intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "n_group", "topk_group",
-           "first_k_dense_replace", "moe_layer_freq", "attention_type", "compress_rate_csa", "compress_rate_hca")
+_UNUSED = (
+    "intermediate_size",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "n_group",
+    "topk_group",
+    "first_k_dense_replace",
+    "moe_layer_freq",
+    "attention_type",
+    "compress_rate_csa",
+    "compress_rate_hca",
+)
 
 
 def _require(ok: bool, name: str, why: str) -> None:
@@ -36,25 +59,46 @@ def check_v4(config: ModelConfig) -> None:
         bad = [t for t in types if t not in allowed]
         _require(not bad, name, f"entries must be one of {', '.join(allowed)}; got {bad[0]!r}" if bad else "")
     heads, head_dim, rope = config.num_attention_heads, config.head_dim, config.qk_rope_head_dim
-    _require(isinstance(head_dim, int) and head_dim >= rope and head_dim % 2 == 0, "head_dim",
-             f"V4's shared key/value head must be even and hold the {rope} RoPE dims, got {head_dim!r}")
-    _require(config.num_key_value_heads in (None, 1), "num_key_value_heads",
-             f"V4 attention has one shared key/value head, got {config.num_key_value_heads}")
+    _require(
+        isinstance(head_dim, int) and head_dim >= rope and head_dim % 2 == 0,
+        "head_dim",
+        f"V4's shared key/value head must be even and hold the {rope} RoPE dims, got {head_dim!r}",
+    )
+    _require(
+        config.num_key_value_heads in (None, 1),
+        "num_key_value_heads",
+        f"V4 attention has one shared key/value head, got {config.num_key_value_heads}",
+    )
     _require(config.q_lora_rank is not None, "q_lora_rank", "V4 compresses its queries: it needs a q_lora_rank")
-    _require(config.o_groups > 0 and heads % config.o_groups == 0, "o_groups",
-             f"must divide the {heads} heads, got {config.o_groups}")
-    for name in ("o_lora_rank", "sliding_window", "compress_rate_csa", "compress_rate_hca", "hc_mult",
-                 "hc_sinkhorn_iters"):
+    _require(
+        config.o_groups > 0 and heads % config.o_groups == 0,
+        "o_groups",
+        f"must divide the {heads} heads, got {config.o_groups}",
+    )
+    for name in (
+        "o_lora_rank",
+        "sliding_window",
+        "compress_rate_csa",
+        "compress_rate_hca",
+        "hc_mult",
+        "hc_sinkhorn_iters",
+    ):
         _require(getattr(config, name) > 0, name, f"must be positive, got {getattr(config, name)}")
     _require(config.hc_eps > 0, "hc_eps", f"must be positive, got {config.hc_eps}")
     _require(config.swiglu_limit >= 0, "swiglu_limit", f"must be >= 0 (0: no clamp), got {config.swiglu_limit}")
     if CSA in config.layer_types:
         _require(config.index_n_heads > 0, "index_n_heads", "CSA layers need a lightning indexer (index_n_heads > 0)")
-        _require(config.index_head_dim >= rope and config.index_head_dim % 2 == 0, "index_head_dim",
-                 f"must be even and hold the {rope} RoPE dims, got {config.index_head_dim}")
+        _require(
+            config.index_head_dim >= rope and config.index_head_dim % 2 == 0,
+            "index_head_dim",
+            f"must be even and hold the {rope} RoPE dims, got {config.index_head_dim}",
+        )
         _require(config.index_topk > 0, "index_topk", f"must be positive, got {config.index_topk}")
-    _require(config.first_k_dense_replace == 0 and config.moe_layer_freq == 1, "first_k_dense_replace",
-             "every V4 layer is MoE: set first_k_dense_replace 0 and moe_layer_freq 1")
+    _require(
+        config.first_k_dense_replace == 0 and config.moe_layer_freq == 1,
+        "first_k_dense_replace",
+        "every V4 layer is MoE: set first_k_dense_replace 0 and moe_layer_freq 1",
+    )
     _require(config.n_group == 1, "n_group", "V4 routes without expert groups: set n_group and topk_group to 1")
 
 
@@ -64,8 +108,14 @@ def v4_hf_dict(config: ModelConfig, style: Literal["transformers", "deepseek"] =
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _UNUSED}
     rope = fields.pop("rope_scaling")
     yarn = {} if rope is None else {"rope_type": "yarn", **dataclasses.asdict(rope)}
-    out: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", **fields,
-                           "num_key_value_heads": 1, "hidden_act": "silu", "attention_bias": False}
+    out: dict[str, Any] = {
+        "architectures": ["DeepseekV4ForCausalLM"],
+        "model_type": "deepseek_v4",
+        **fields,
+        "num_key_value_heads": 1,
+        "hidden_act": "silu",
+        "attention_bias": False,
+    }
     out["layer_types"], out["mlp_layer_types"] = list(config.layer_types), list(config.mlp_layer_types)
     out["compress_rates"] = {CSA: config.compress_rate_csa, HCA: config.compress_rate_hca}
     if style == "transformers":
@@ -73,15 +123,21 @@ def v4_hf_dict(config: ModelConfig, style: Literal["transformers", "deepseek"] =
         compress = {"rope_type": "default", **yarn, "rope_theta": config.compress_rope_theta}
         if rope is not None:
             compress["attention_factor"] = 1.0  # V4 does not scale cos/sin by YaRN's mscale
-        out["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": config.rope_theta}, "compress": compress}
+        out["rope_parameters"] = {
+            "main": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "compress": compress,
+        }
         return out
     rates = {SLIDING: 0, CSA: config.compress_rate_csa, HCA: config.compress_rate_hca}
     mtp_layers = [0] * config.num_nextn_predict_layers  # MTP layers slide (models/deepseek_v4/hyper.py: HyperMTP)
     out["compress_ratios"] = [rates[t] for t in out.pop("layer_types")] + mtp_layers
     hashed = out.pop("mlp_layer_types")
     out["num_hash_layers"] = hashed.count("hash_moe")
-    _require(hashed == ["hash_moe"] * out["num_hash_layers"] + ["moe"] * (len(hashed) - out["num_hash_layers"]),
-             "mlp_layer_types", "DeepSeek's config form (num_hash_layers) needs the hash layers first")
+    _require(
+        hashed == ["hash_moe"] * out["num_hash_layers"] + ["moe"] * (len(hashed) - out["num_hash_layers"]),
+        "mlp_layer_types",
+        "DeepSeek's config form (num_hash_layers) needs the hash layers first",
+    )
     out["rope_scaling"] = {"type": "yarn", **{k: v for k, v in yarn.items() if k != "rope_type"}} if yarn else None
     return out
 
@@ -130,8 +186,10 @@ def v4_fields(raw: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config field 'compress_ratios': one of {sorted(by_rate)} per layer, got {ratios!r}")
         d["layer_types"] = [by_rate[r] for r in ratios[:n]]
         if any(ratios[n:]):  # DeepSeek's list also covers the MTP layers: sliding in every release
-            raise ConfigError(f"config field 'compress_ratios': nanoseek's MTP layers slide (ratio 0), got "
-                              f"{ratios[n:]} past the {n} main layers")
+            raise ConfigError(
+                f"config field 'compress_ratios': nanoseek's MTP layers slide (ratio 0), got "
+                f"{ratios[n:]} past the {n} main layers"
+            )
     if d.get("layer_types") is None:  # transformers' default: two HCA layers, then CSA and HCA alternating
         d["layer_types"] = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
     hashed = d.pop("num_hash_layers", 3)

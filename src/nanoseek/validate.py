@@ -44,7 +44,8 @@ def _describe(kind: Any) -> str:
     if origin is tuple:
         return f"a list ({_describe(typing.get_args(kind)[0])} each)"
     return {float: "a finite number", int: "an integer", bool: "true or false", str: "a string"}.get(
-        kind, getattr(kind, "__name__", str(kind)))
+        kind, getattr(kind, "__name__", str(kind))
+    )
 
 
 def check_field_types(config: Any, section: str, skip: tuple[str, ...] = ()) -> None:

@@ -7,8 +7,12 @@ import torch
 
 from nanoseek.fp8.quant import quantize_blocks
 
-FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                           "weight_block_size": [128, 128]}
+FP8_QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
 
 
 def is_fp8_weight(key: str, tensor: torch.Tensor) -> bool:

@@ -29,46 +29,71 @@ from nanoseek.llama import halves_to_interleaved, interleaved_to_halves
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.models.registry import build_model
 
-_ATTENTION = {"q_proj": "q_proj", "q_down": "q_a_proj", "q_norm": "q_a_layernorm", "q_up": "q_b_proj",
-              "kv_down": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "kv_up": "kv_b_proj",
-              "out_proj": "o_proj", "k_proj": "k_proj", "v_proj": "v_proj"}
+_ATTENTION = {
+    "q_proj": "q_proj",
+    "q_down": "q_a_proj",
+    "q_norm": "q_a_layernorm",
+    "q_up": "q_b_proj",
+    "kv_down": "kv_a_proj_with_mqa",
+    "kv_norm": "kv_a_layernorm",
+    "kv_up": "kv_b_proj",
+    "out_proj": "o_proj",
+    "k_proj": "k_proj",
+    "v_proj": "v_proj",
+}
 # V3.2's lightning indexer: ours → transformers' (and DeepSeek's release) names under self_attn.indexer
-_INDEXER = {"q_up.weight": "wq_b.weight", "k_proj.weight": "wk.weight", "k_norm.weight": "k_norm.weight",
-            "k_norm.bias": "k_norm.bias", "head_weights.weight": "weights_proj.weight"}
+_INDEXER = {
+    "q_up.weight": "wq_b.weight",
+    "k_proj.weight": "wk.weight",
+    "k_norm.weight": "k_norm.weight",
+    "k_norm.bias": "k_norm.bias",
+    "head_weights.weight": "weights_proj.weight",
+}
 INDEX_FILE = "model.safetensors.index.json"
 
 
 def _mlp_entries(ours: str, hf: str) -> list[Entry]:
-    return [Entry(f"{ours}.gate_up.weight", ((f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"),)),
-            Entry(f"{ours}.down.weight", ((f"{hf}.down_proj.weight",),))]
+    return [
+        Entry(f"{ours}.gate_up.weight", ((f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"),)),
+        Entry(f"{ours}.down.weight", ((f"{hf}.down_proj.weight",),)),
+    ]
 
 
 def _attention_entries(config: ModelConfig, ours: str, hf: str) -> list[Entry]:
     if config.attention_type == "gqa":
-        return [Entry(f"{ours}.attn.{n}.weight", ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),),
-                      rope_head_dim=config.head_dim if n in ("q_proj", "k_proj") else 0)
-                for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        return [
+            Entry(
+                f"{ours}.attn.{n}.weight",
+                ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),),
+                rope_head_dim=config.head_dim if n in ("q_proj", "k_proj") else 0,
+            )
+            for n in ("q_proj", "k_proj", "v_proj", "out_proj")
+        ]
     names = ["kv_down", "kv_norm", "kv_up", "out_proj"]
     names += ["q_proj"] if config.q_lora_rank is None else ["q_down", "q_norm", "q_up"]
     entries = [Entry(f"{ours}.attn.{n}.weight", ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),)) for n in names]
     if config.sparse_attention:
-        entries += [Entry(f"{ours}.attn.indexer.{n}", ((f"{hf}.self_attn.indexer.{_INDEXER[n]}",),))
-                    for n in _INDEXER]
+        entries += [Entry(f"{ours}.attn.indexer.{n}", ((f"{hf}.self_attn.indexer.{_INDEXER[n]}",),)) for n in _INDEXER]
     return entries
 
 
 def _block_entries(config: ModelConfig, ours: str, hf: str, layer_index: int) -> list[Entry]:
     entries = _attention_entries(config, ours, hf)
-    entries += [Entry(f"{ours}.attn_norm.weight", ((f"{hf}.input_layernorm.weight",),)),
-                Entry(f"{ours}.mlp_norm.weight", ((f"{hf}.post_attention_layernorm.weight",),))]
+    entries += [
+        Entry(f"{ours}.attn_norm.weight", ((f"{hf}.input_layernorm.weight",),)),
+        Entry(f"{ours}.mlp_norm.weight", ((f"{hf}.post_attention_layernorm.weight",),)),
+    ]
     if not config.is_moe_layer(layer_index):
         return entries + _mlp_entries(f"{ours}.mlp", f"{hf}.mlp")
     experts = range(config.n_routed_experts)
     entries += [
         Entry(f"{ours}.mlp.router.weight", ((f"{hf}.mlp.gate.weight",),)),
         Entry(f"{ours}.mlp.router.expert_bias", ((f"{hf}.mlp.gate.e_score_correction_bias",),)),
-        Entry(f"{ours}.mlp.experts.gate_up", tuple((f"{hf}.mlp.experts.{e}.gate_proj.weight",
-                                                    f"{hf}.mlp.experts.{e}.up_proj.weight") for e in experts), True),
+        Entry(
+            f"{ours}.mlp.experts.gate_up",
+            tuple((f"{hf}.mlp.experts.{e}.gate_proj.weight", f"{hf}.mlp.experts.{e}.up_proj.weight") for e in experts),
+            True,
+        ),
         Entry(f"{ours}.mlp.experts.down", tuple((f"{hf}.mlp.experts.{e}.down_proj.weight",) for e in experts), True),
     ]
     if config.n_shared_experts:
@@ -79,10 +104,11 @@ def _block_entries(config: ModelConfig, ours: str, hf: str, layer_index: int) ->
 def checkpoint_entries(config: ModelConfig) -> list[Entry]:
     if config.attention_type == "v4":
         return v4_entries(config)
-    entries = [Entry("embed.weight", (("model.embed_tokens.weight",),)),
-               Entry("norm.weight", (("model.norm.weight",),)),
-               Entry("head.weight", (("model.embed_tokens.weight" if config.tie_word_embeddings
-                                      else "lm_head.weight",),))]
+    entries = [
+        Entry("embed.weight", (("model.embed_tokens.weight",),)),
+        Entry("norm.weight", (("model.norm.weight",),)),
+        Entry("head.weight", (("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight",),)),
+    ]
     for i in range(config.num_hidden_layers):
         entries += _block_entries(config, f"layers.{i}", f"model.layers.{i}", i)
     for k in range(config.num_nextn_predict_layers):
@@ -107,14 +133,16 @@ class SafetensorsDir:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
             # shard names are plain file names in this directory: an index must not point elsewhere on the disk
             if not isinstance(weight_map, dict) or not all(
-                    isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")
-                    for name in weight_map.values()):
+                isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")
+                for name in weight_map.values()
+            ):
                 raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files in {path}")
             files = sorted(set(weight_map.values()))
             missing = [name for name in files if not (path / name).is_file()]
             if missing:
-                raise CheckpointError(f"{index} names {len(missing)} shard(s) that are not in {path}, e.g. "
-                                      f"{missing[0]}")
+                raise CheckpointError(
+                    f"{index} names {len(missing)} shard(s) that are not in {path}, e.g. {missing[0]}"
+                )
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
@@ -174,8 +202,9 @@ def _assemble(entry: Entry, source: SafetensorsDir, shape: torch.Size, config: M
     if entry.stacked and entry.parts[0][0] not in source:  # transformers-5 may store experts fused
         experts_prefix = entry.parts[0][0].rsplit(".", 3)[0]  # model.layers.N.mlp.experts
         return source.get(f"{experts_prefix}.{'gate_up_proj' if len(entry.parts[0]) == 2 else 'down_proj'}")
-    slices = [torch.cat([source.get(k) for k in keys]) if len(keys) > 1 else source.get(keys[0])
-              for keys in entry.parts]
+    slices = [
+        torch.cat([source.get(k) for k in keys]) if len(keys) > 1 else source.get(keys[0]) for keys in entry.parts
+    ]
     if entry.rope_head_dim and slices[0].shape[0] % entry.rope_head_dim == 0:
         return halves_to_interleaved(slices[0], entry.rope_head_dim)
     return torch.stack(slices) if entry.stacked else slices[0]
@@ -184,8 +213,11 @@ def _assemble(entry: Entry, source: SafetensorsDir, shape: torch.Size, config: M
 def _mtp_layers_present(config: ModelConfig, source: SafetensorsDir) -> int:
     found = 0
     while found < config.num_nextn_predict_layers:
-        key = mtp_key(found) if config.attention_type == "v4" else \
-            f"model.layers.{config.num_hidden_layers + found}.eh_proj.weight"
+        key = (
+            mtp_key(found)
+            if config.attention_type == "v4"
+            else f"model.layers.{config.num_hidden_layers + found}.eh_proj.weight"
+        )
         if key not in source:
             break
         found += 1
@@ -197,8 +229,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-def load_pretrained(path: str | os.PathLike, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> DeepseekV3Model:
+def load_pretrained(
+    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> DeepseekV3Model:
     """A nanoseek model from a HF DeepSeek-V2/V3 directory (FP8 weights are dequantized)."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -212,8 +245,11 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         source.rename(release_aliases(source.location))
     mtp_layers = _mtp_layers_present(config, source)
     if mtp_layers < config.num_nextn_predict_layers:
-        warnings.warn(f"{path}: config lists {config.num_nextn_predict_layers} MTP layers but the weights hold "
-                      f"{mtp_layers}; loading without the missing ones", stacklevel=2)
+        warnings.warn(
+            f"{path}: config lists {config.num_nextn_predict_layers} MTP layers but the weights hold "
+            f"{mtp_layers}; loading without the missing ones",
+            stacklevel=2,
+        )
         config = config.replace(num_nextn_predict_layers=mtp_layers)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
@@ -227,21 +263,26 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
         try:
             tensor = _assemble(entry, source, expected[entry.ours].shape, config)
         except (RuntimeError, ValueError) as e:  # pieces whose shapes cannot be joined or reordered
-            raise CheckpointError(f"{entry.parts[0][0]}: {first_line(e)} (does config.json match the weights?)") \
-                from None
+            raise CheckpointError(
+                f"{entry.parts[0][0]}: {first_line(e)} (does config.json match the weights?)"
+            ) from None
         if tensor is None:
             raise CheckpointError(f"checkpoint is missing tensor {entry.parts[0][0]!r}")
         if tensor.shape != expected[entry.ours].shape:
-            raise CheckpointError(f"{entry.parts[0][0]}: shape {tuple(tensor.shape)} does not match config.json "
-                                  f"(expects {tuple(expected[entry.ours].shape)})")
+            raise CheckpointError(
+                f"{entry.parts[0][0]}: shape {tuple(tensor.shape)} does not match config.json "
+                f"(expects {tuple(expected[entry.ours].shape)})"
+            )
         state[entry.ours] = tensor
     model.to_empty(device=device)
     model.load_state_dict(state, strict=True)
-    unexpected = [k for k in source.location if k not in source.used and not _written_not_read(k, config)
-                  and source.numel(k)]  # transformers writes empty shared experts when there are none
+    unexpected = [
+        k for k in source.location if k not in source.used and not _written_not_read(k, config) and source.numel(k)
+    ]  # transformers writes empty shared experts when there are none
     if unexpected:
-        raise CheckpointError(f"checkpoint tensor {unexpected[0]!r} has no place in this config "
-                              f"({len(unexpected)} unexpected tensors)")
+        raise CheckpointError(
+            f"checkpoint tensor {unexpected[0]!r} has no place in this config ({len(unexpected)} unexpected tensors)"
+        )
     model.reset_buffers()
     return model
 
@@ -256,11 +297,12 @@ def _written_not_read(key: str, config: ModelConfig) -> bool:
         return key.startswith("model.mtp.") and int(parts[2]) >= config.num_nextn_predict_layers
     parts = key.split(".")
     if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= config.num_hidden_layers:
-        return ".embed_tokens." in key or ".shared_head.head." in key or \
-            int(parts[2]) >= config.num_hidden_layers + config.num_nextn_predict_layers
+        return (
+            ".embed_tokens." in key
+            or ".shared_head.head." in key
+            or int(parts[2]) >= config.num_hidden_layers + config.num_nextn_predict_layers
+        )
     return False
-
-
 
 
 # ---- writing ------------------------------------------------------------------------------------------------------
@@ -285,8 +327,9 @@ def to_hf_state_dict(model: DeepseekV3Model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: DeepseekV3Model, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30,
-                    fp8: bool = False) -> list[str]:
+def save_pretrained(
+    model: DeepseekV3Model, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30, fp8: bool = False
+) -> list[str]:
     """Writes config.json and safetensors (sharded with an index past max_shard_bytes) that transformers and
     load_pretrained read; `fp8` writes DeepSeek-V3's FP8 checkpoint format. Every file is written under a temporary
     name and renamed, so an interrupted save never leaves a half-written file under a real name. Returns the tensor
@@ -305,8 +348,11 @@ def save_pretrained(model: DeepseekV3Model, path: str | os.PathLike, max_shard_b
             size = 0
         shards[-1][key] = tensor
         size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for name, shard in zip(names, shards):
         tmp = path / f".{name}.tmp"
         try:
@@ -318,8 +364,10 @@ def save_pretrained(model: DeepseekV3Model, path: str | os.PathLike, max_shard_b
     stale = path / (INDEX_FILE if len(shards) == 1 else "model.safetensors")
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
+        }
         _write_text_atomic(path / INDEX_FILE, json.dumps(index, indent=2))
     stale.unlink(missing_ok=True)
     config = model.config.to_hf_dict()

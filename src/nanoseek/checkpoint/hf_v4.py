@@ -14,15 +14,30 @@ from nanoseek.config import ModelConfig
 from nanoseek.v4config import CSA, SLIDING
 
 # ours → DeepSeek's, within a block's attention and a compressor
-_ATTENTION = {"q_down.weight": "wq_a.weight", "q_norm.weight": "q_norm.weight", "q_up.weight": "wq_b.weight",
-              "kv_proj.weight": "wkv.weight", "kv_norm.weight": "norm.weight", "out_down": "wo_a.weight",
-              "out_proj.weight": "wo_b.weight", "sinks": "attn_sink"}
-_COMPRESSOR = {"kv_proj.weight": "wkv.weight", "gate_proj.weight": "wgate.weight", "position_bias": "ape",
-               "kv_norm.weight": "norm.weight"}
+_ATTENTION = {
+    "q_down.weight": "wq_a.weight",
+    "q_norm.weight": "q_norm.weight",
+    "q_up.weight": "wq_b.weight",
+    "kv_proj.weight": "wkv.weight",
+    "kv_norm.weight": "norm.weight",
+    "out_down": "wo_a.weight",
+    "out_proj.weight": "wo_b.weight",
+    "sinks": "attn_sink",
+}
+_COMPRESSOR = {
+    "kv_proj.weight": "wkv.weight",
+    "gate_proj.weight": "wgate.weight",
+    "position_bias": "ape",
+    "kv_norm.weight": "norm.weight",
+}
 _INDEXER = {"q_up.weight": "wq_b.weight", "head_weights.weight": "weights_proj.weight"}
-_TOP_LEVEL = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
-              "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
-              "model.hc_head.hc_scale": "hc_head_scale"}
+_TOP_LEVEL = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "model.hc_head.hc_fn": "hc_head_fn",
+    "model.hc_head.hc_base": "hc_head_base",
+    "model.hc_head.hc_scale": "hc_head_scale",
+}
 
 
 def _plain(pairs: dict[str, str], ours: str, theirs: str) -> list[Entry]:
@@ -41,35 +56,48 @@ def _block(config: ModelConfig, ours: str, theirs: str, layer_type: str, hashed:
         entries += _plain(_COMPRESSOR, f"{ours}.attn.indexer.compressor", f"{theirs}.attn.indexer.compressor")
         entries += _plain(_INDEXER, f"{ours}.attn.indexer", f"{theirs}.attn.indexer")
     entries += _hyper(f"{ours}.attn_hc", f"{theirs}.hc_attn") + _hyper(f"{ours}.mlp_hc", f"{theirs}.hc_ffn")
-    entries += [Entry(f"{ours}.attn_norm.weight", ((f"{theirs}.attn_norm.weight",),)),
-                Entry(f"{ours}.mlp_norm.weight", ((f"{theirs}.ffn_norm.weight",),)),
-                Entry(f"{ours}.mlp.router.weight", ((f"{theirs}.ffn.gate.weight",),))]
-    entries.append(Entry(f"{ours}.mlp.router.{'tid2eid' if hashed else 'expert_bias'}",
-                         ((f"{theirs}.ffn.gate.{'tid2eid' if hashed else 'bias'}",),)))
+    entries += [
+        Entry(f"{ours}.attn_norm.weight", ((f"{theirs}.attn_norm.weight",),)),
+        Entry(f"{ours}.mlp_norm.weight", ((f"{theirs}.ffn_norm.weight",),)),
+        Entry(f"{ours}.mlp.router.weight", ((f"{theirs}.ffn.gate.weight",),)),
+    ]
+    entries.append(
+        Entry(
+            f"{ours}.mlp.router.{'tid2eid' if hashed else 'expert_bias'}",
+            ((f"{theirs}.ffn.gate.{'tid2eid' if hashed else 'bias'}",),),
+        )
+    )
     experts = [f"{theirs}.ffn.experts.{e}" for e in range(config.n_routed_experts)]
-    entries += [Entry(f"{ours}.mlp.experts.gate_up", tuple((f"{e}.w1.weight", f"{e}.w3.weight") for e in experts),
-                      True),
-                Entry(f"{ours}.mlp.experts.down", tuple((f"{e}.w2.weight",) for e in experts), True)]
+    entries += [
+        Entry(f"{ours}.mlp.experts.gate_up", tuple((f"{e}.w1.weight", f"{e}.w3.weight") for e in experts), True),
+        Entry(f"{ours}.mlp.experts.down", tuple((f"{e}.w2.weight",) for e in experts), True),
+    ]
     if config.n_shared_experts:
         shared = f"{theirs}.ffn.shared_experts"
-        entries += [Entry(f"{ours}.mlp.shared.gate_up.weight", ((f"{shared}.w1.weight", f"{shared}.w3.weight"),)),
-                    Entry(f"{ours}.mlp.shared.down.weight", ((f"{shared}.w2.weight",),))]
+        entries += [
+            Entry(f"{ours}.mlp.shared.gate_up.weight", ((f"{shared}.w1.weight", f"{shared}.w3.weight"),)),
+            Entry(f"{ours}.mlp.shared.down.weight", ((f"{shared}.w2.weight",),)),
+        ]
     return entries
 
 
 def v4_entries(config: ModelConfig) -> list[Entry]:
-    entries = [Entry("embed.weight", (("model.embed_tokens.weight",),)),
-               Entry("norm.weight", (("model.norm.weight",),)),
-               Entry("head.weight", (("model.embed_tokens.weight" if config.tie_word_embeddings
-                                      else "head.weight",),))]
+    entries = [
+        Entry("embed.weight", (("model.embed_tokens.weight",),)),
+        Entry("norm.weight", (("model.norm.weight",),)),
+        Entry("head.weight", (("model.embed_tokens.weight" if config.tie_word_embeddings else "head.weight",),)),
+    ]
     entries += [Entry(f"hc_head.{n}", ((f"model.hc_head.hc_{n}",),)) for n in ("fn", "base", "scale")]
     for i in range(config.num_hidden_layers):
-        entries += _block(config, f"layers.{i}", f"model.layers.{i}", config.layer_types[i],
-                          config.mlp_layer_types[i] == "hash_moe")
+        entries += _block(
+            config, f"layers.{i}", f"model.layers.{i}", config.layer_types[i], config.mlp_layer_types[i] == "hash_moe"
+        )
     for k in range(config.num_nextn_predict_layers):
         ours, theirs = f"mtp.{k}", f"model.mtp.{k}"
-        entries += [Entry(f"{ours}.{n}.weight", ((f"{theirs}.{n}.weight",),))
-                    for n in ("e_proj", "h_proj", "enorm", "hnorm", "norm")]
+        entries += [
+            Entry(f"{ours}.{n}.weight", ((f"{theirs}.{n}.weight",),))
+            for n in ("e_proj", "h_proj", "enorm", "hnorm", "norm")
+        ]
         entries += [Entry(f"{ours}.hc_head.{n}", ((f"{theirs}.hc_head_{n}",),)) for n in ("fn", "base", "scale")]
         entries += _block(config, f"{ours}.block", theirs, SLIDING, False)
     return entries
@@ -85,8 +113,11 @@ def _from_release(key: str) -> str:
 def release_aliases(keys: Iterable[str]) -> dict[str, str]:
     """DeepSeek's release names present in `keys` → the names v4_entries reads (empty for transformers' form)."""
     released = {theirs: ours for ours, theirs in _TOP_LEVEL.items()}
-    return {key: released.get(key) or _from_release(key) for key in keys
-            if key in released or key.startswith(("layers.", "mtp."))}
+    return {
+        key: released.get(key) or _from_release(key)
+        for key in keys
+        if key in released or key.startswith(("layers.", "mtp."))
+    }
 
 
 def mtp_key(depth: int) -> str:

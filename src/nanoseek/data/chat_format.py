@@ -38,8 +38,9 @@ def has_chat_tokens(tokenizer: Tokenizer) -> bool:
     return all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS)
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]],
-                add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+def encode_chat(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
     """→ the ids the template renders to, and for each id whether SFT trains on it (assistant words + EOS).
     Encoding piece by piece gives the ids of encoding the whole rendering: special tokens split the text there. A
     message that spells a marker gets its characters, not the marker (a conversation cannot forge a turn)."""

@@ -45,7 +45,7 @@ class TokenShards:
         shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
         while position < start + length:
             local = position - self.offsets[shard]
-            piece = self.shards[shard][local: local + start + length - position]
+            piece = self.shards[shard][local : local + start + length - position]
             out.append(piece)
             position += len(piece)
             shard += 1
@@ -93,19 +93,27 @@ def is_prepared(spec: str) -> bool:
     return (Path(spec) / "manifest.json").is_file()
 
 
-def open_source(source: Source, tokenizer: Tokenizer, options: PrepareOptions, progress: bool = True,
-                stop: Callable[[], bool] = lambda: False) -> Prepared:
+def open_source(
+    source: Source,
+    tokenizer: Tokenizer,
+    options: PrepareOptions,
+    progress: bool = True,
+    stop: Callable[[], bool] = lambda: False,
+) -> Prepared:
     """A prepared directory as it is, or the source prepared into the cache (once: keyed by the files, tokenizer
     and options; `stop` as prepare's)."""
     if is_prepared(source.spec):
         prepared = Prepared(Path(source.spec))
         if prepared.manifest["tokenizer"] != tokenizer_digest(tokenizer):
-            raise CorpusError(f"{source.spec} was prepared with another tokenizer than this run's (use its "
-                              "tokenizer.json, or prepare it again)")
+            raise CorpusError(
+                f"{source.spec} was prepared with another tokenizer than this run's (use its "
+                "tokenizer.json, or prepare it again)"
+            )
         return prepared
     files = source_files(source.spec)
-    key = hashlib.sha256(json.dumps([FORMAT, tokenizer_digest(tokenizer), asdict(options), fingerprint(files)]
-                                    ).encode())
+    key = hashlib.sha256(
+        json.dumps([FORMAT, tokenizer_digest(tokenizer), asdict(options), fingerprint(files)]).encode()
+    )
     directory = cache_root() / "tokens" / key.hexdigest()[:16]
     prepare(files, tokenizer, directory, options, progress, stop=stop)
     return Prepared(directory)
@@ -117,20 +125,36 @@ class TokenDataset:
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
 
     @classmethod
-    def build(cls, sources: list[Source], tokenizer: Tokenizer, options: PrepareOptions = PrepareOptions(),
-              progress: bool = True, stop: Callable[[], bool] = lambda: False) -> TokenDataset:
+    def build(
+        cls,
+        sources: list[Source],
+        tokenizer: Tokenizer,
+        options: PrepareOptions = PrepareOptions(),
+        progress: bool = True,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> TokenDataset:
         return cls([open_source(s, tokenizer, options, progress, stop) for s in sources], [s.weight for s in sources])
 
     def check(self, seq_len: int) -> None:
         for prepared in self.sources:
             for name, split in (("training", prepared.train), ("validation", prepared.val)):
                 if len(split) <= seq_len + 1:
-                    raise CorpusError(f"the {name} split of {prepared.directory} has {len(split)} tokens, too few "
-                                      f"for sequences of {seq_len}; use more text or a shorter train.seq_len=N")
+                    raise CorpusError(
+                        f"the {name} split of {prepared.directory} has {len(split)} tokens, too few "
+                        f"for sequences of {seq_len}; use more text or a shorter train.seq_len=N"
+                    )
 
-    def batch(self, split: str, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0,
-              at_document_starts: bool = False, rows: range | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(
+        self,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        step: int,
+        micro: int = 0,
+        at_document_starts: bool = False,
+        rows: range | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, targets, segment numbers of the inputs), each [batch_size, seq_len], or [len(rows), seq_len]:
         only those rows of the batch are read (a data-parallel rank's share; every row is still drawn, so the
         batch is the same whoever reads which rows). Each row's source is drawn with its weight, then a window of
@@ -154,7 +178,7 @@ class TokenDataset:
         counts = np.zeros(0, np.int64)
         for shard in self.sources[0].train.shards:
             for begin in range(0, len(shard), 1 << 24):
-                chunk = np.bincount(shard[begin: begin + (1 << 24)])
+                chunk = np.bincount(shard[begin : begin + (1 << 24)])
                 counts = np.pad(counts, (0, max(0, len(chunk) - len(counts))))
                 counts[: len(chunk)] += chunk
         p = counts[counts > 0] / counts.sum()

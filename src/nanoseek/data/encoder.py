@@ -66,10 +66,14 @@ class TiktokenEncoder:
         if self.workers == 1 or sum(map(len, texts)) < PARALLEL_CHARS:
             return _encode_run(self.encoding, texts)
         if self._pool is None:  # spawned: a fresh interpreter per worker, safe whatever threads this process runs
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start_worker, initargs=self.tables)
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=self.tables,
+            )
         step = max(1, -(-len(texts) // (self.workers * SLICES_PER_WORKER)))
-        runs = self._pool.map(_encode_in_worker, [texts[i: i + step] for i in range(0, len(texts), step)])
+        runs = self._pool.map(_encode_in_worker, [texts[i : i + step] for i in range(0, len(texts), step)])
         return [ids for run in runs for ids in run]
 
     def close(self) -> None:
@@ -118,8 +122,9 @@ def tiktoken_refusal(tokenizer: Tokenizer) -> str | None:
     """Why tiktoken cannot stand in for this tokenizer (None: it can, as far as its structure shows)."""
     spec = json.loads(tokenizer.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or any(model.get(k) for k in ("dropout", "continuing_subword_prefix",
-                                                                  "end_of_word_suffix", "byte_fallback")):
+    if model.get("type") != "BPE" or any(
+        model.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback")
+    ):
         return "its model is not plain BPE"
     if spec.get("normalizer") is not None:
         return "it has a normalizer"
@@ -129,8 +134,10 @@ def tiktoken_refusal(tokenizer: Tokenizer) -> str | None:
         return "an added token strips spaces or matches whole words only"
     if set(_byte_chars()) - set(model["vocab"]):
         return "not every byte is a token"
-    ids = [model["vocab"].get("".join(pair)) for pair in (m.split(" ", 1) if isinstance(m, str) else m
-                                                         for m in model["merges"])]
+    ids = [
+        model["vocab"].get("".join(pair))
+        for pair in (m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"])
+    ]
     if None in ids or len(set(ids)) != len(ids) or any(a >= b for a, b in zip(ids, ids[1:])):
         return "its merges' results are not distinct tokens numbered in merge order"
     return None
@@ -140,8 +147,11 @@ def _tiktoken_tables(tokenizer: Tokenizer) -> tuple[dict[bytes, int], dict[str, 
     """tiktoken's inputs: each token's bytes → its id (its merge rank), and the special tokens."""
     byte_of = _byte_decoder()
     special = {token.content: index for index, token in tokenizer.get_added_tokens_decoder().items()}
-    ranks = {bytes(byte_of[c] for c in token): index for token, index in tokenizer.get_vocab().items()
-             if token not in special}
+    ranks = {
+        bytes(byte_of[c] for c in token): index
+        for token, index in tokenizer.get_vocab().items()
+        if token not in special
+    }
     return ranks, special
 
 
@@ -184,8 +194,9 @@ def corpus_encoder(tokenizer: Tokenizer, choice: str = "auto", workers: int | No
     return reference
 
 
-def encode_stream(units: Iterable[Unit], encoder: Encoder, batch_chars: int
-                  ) -> Iterator[tuple[list[Unit], list[np.ndarray]]]:
+def encode_stream(
+    units: Iterable[Unit], encoder: Encoder, batch_chars: int
+) -> Iterator[tuple[list[Unit], list[np.ndarray]]]:
     """(batch of units, their ids) in order: batches of about `batch_chars`, each encoded on a thread while the next
     one is read, so reading and parsing the corpus overlaps encoding."""
     with ThreadPoolExecutor(1) as background:
@@ -204,4 +215,3 @@ def encode_stream(units: Iterable[Unit], encoder: Encoder, batch_chars: int
             yield pending[0], pending[1].result()
         if batch:
             yield batch, encoder.encode([u.text for u in batch])
-

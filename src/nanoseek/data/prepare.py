@@ -68,8 +68,10 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     for split in ("train", "val"):
         entries = manifest.get(split)
         if not isinstance(entries, list) or not all(_is_shard_entry(e, split) for e in entries):
-            raise CorpusError(f"{directory / MANIFEST} is damaged: '{split}' must list shards named {split}_NNNNN "
-                              "with their token counts")
+            raise CorpusError(
+                f"{directory / MANIFEST} is damaged: '{split}' must list shards named {split}_NNNNN "
+                "with their token counts"
+            )
     return manifest
 
 
@@ -78,9 +80,15 @@ def _is_shard_entry(entry: Any, split: str) -> bool:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         return False
     number = entry["name"].removeprefix(f"{split}_")
-    return (number != entry["name"] and len(number) == 5 and number.isascii() and number.isdigit()
-            and isinstance(entry.get("tokens"), int) and not isinstance(entry["tokens"], bool)
-            and entry["tokens"] >= 0)
+    return (
+        number != entry["name"]
+        and len(number) == 5
+        and number.isascii()
+        and number.isdigit()
+        and isinstance(entry.get("tokens"), int)
+        and not isinstance(entry["tokens"], bool)
+        and entry["tokens"] >= 0
+    )
 
 
 def _hash(*key: int) -> int:
@@ -96,8 +104,11 @@ def held_out_plan(files: list[Path], sizes: list[int], options: PrepareOptions) 
     if whole:
         ranked = sorted(texts, key=lambda i: _hash(options.seed, i))
         return {"txt": texts, "txt_whole": sorted(ranked[:whole]), "txt_tail_from": {}}
-    return {"txt": texts, "txt_whole": [],  # the pieces from this byte on
-            "txt_tail_from": {str(i): sizes[i] - int(options.val_fraction * sizes[i]) for i in texts}}
+    return {
+        "txt": texts,
+        "txt_whole": [],  # the pieces from this byte on
+        "txt_tail_from": {str(i): sizes[i] - int(options.val_fraction * sizes[i]) for i in texts},
+    }
 
 
 def _held_out(plan: dict[str, Any], unit: Unit, options: PrepareOptions) -> bool:
@@ -143,13 +154,23 @@ class _Split:
         return entry
 
 
-def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: PrepareOptions = PrepareOptions(),
-            progress: bool = True, encoder: Encoder | None = None,
-            stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+def prepare(
+    files: list[Path],
+    tokenizer: Tokenizer,
+    out: Path,
+    options: PrepareOptions = PrepareOptions(),
+    progress: bool = True,
+    encoder: Encoder | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
     """Tokenizes `files` into `out` (resuming a preparation that was interrupted) and returns its manifest. `stop`
     is asked after each batch: when it says so, RunInterrupted is raised (the shards written so far are kept)."""
-    identity = {"format": FORMAT, "tokenizer": tokenizer_digest(tokenizer), "files": fingerprint(files),
-                "options": asdict(options)}
+    identity = {
+        "format": FORMAT,
+        "tokenizer": tokenizer_digest(tokenizer),
+        "files": fingerprint(files),
+        "options": asdict(options),
+    }
     manifest = read_manifest(out)
     if manifest is not None and {k: manifest.get(k) for k in identity} != identity:
         raise CorpusError(f"{out} holds tokens of another corpus, tokenizer or options; choose another directory")
@@ -159,9 +180,16 @@ def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: Prepare
     if manifest is None:
         tokenizer.save(str(out / "tokenizer.json"))
         sizes = [f["bytes"] for f in identity["files"]]
-        manifest = {**identity, "dtype": "uint16" if tokenizer.get_vocab_size() <= 1 << 16 else "uint32",
-                    "held_out": held_out_plan(files, sizes, options), "next": [0, 0], "train": [], "val": [],
-                    "skipped": 0, "complete": False}
+        manifest = {
+            **identity,
+            "dtype": "uint16" if tokenizer.get_vocab_size() <= 1 << 16 else "uint32",
+            "held_out": held_out_plan(files, sizes, options),
+            "next": [0, 0],
+            "train": [],
+            "val": [],
+            "skipped": 0,
+            "complete": False,
+        }
     dtype = np.dtype(manifest["dtype"])
     splits = {name: _Split(name, dtype) for name in ("train", "val")}
     for name, previous in manifest.get("previous", {}).items():  # a resumed preparation continues its segments
@@ -169,35 +197,51 @@ def prepare(files: list[Path], tokenizer: Tokenizer, out: Path, options: Prepare
     problems = Problems(options.strict)
     problems.count, problems.examples = manifest["skipped"], manifest.get("problems", [])
     eot = [i for i in (end_of_text_id(tokenizer),) if i is not None]  # [] or [its id]
-    bar = tqdm(total=sum(f["bytes"] for f in identity["files"]), unit="B", unit_scale=True, desc="tokenizing",
-               disable=None if progress else True, leave=False)  # None: shown on a terminal only
+    bar = tqdm(
+        total=sum(f["bytes"] for f in identity["files"]),
+        unit="B",
+        unit_scale=True,
+        desc="tokenizing",
+        disable=None if progress else True,
+        leave=False,
+    )  # None: shown on a terminal only
     units = read_units(files, options.text_field, problems, tuple(manifest["next"]))
     encoder = encoder or corpus_encoder(tokenizer)
     try:
         for batch, encoded in encode_stream(units, encoder, BATCH_CHARS):
             for unit, ids in zip(batch, encoded):
-                _route(np.concatenate((eot, ids)) if unit.first and eot else ids, unit, splits,
-                       manifest["held_out"], options)
+                _route(
+                    np.concatenate((eot, ids)) if unit.first and eot else ids,
+                    unit,
+                    splits,
+                    manifest["held_out"],
+                    options,
+                )
             bar.update(sum(len(u.text) for u in batch))
             manifest["next"] = [batch[-1].file_index, batch[-1].number + 1]
             if splits["train"].tokens >= options.shard_tokens:
                 _flush(splits, out, manifest, problems)
             if stop():
-                raise RunInterrupted(f"stopped while tokenizing the corpus into {out}; its shards so far are kept: "
-                                     "run the same command again to go on from them")
+                raise RunInterrupted(
+                    f"stopped while tokenizing the corpus into {out}; its shards so far are kept: "
+                    "run the same command again to go on from them"
+                )
     finally:
         bar.close()
         encoder.close()
     if not sum(s["tokens"] for s in manifest["train"]) and not splits["train"].tokens:  # nothing is marked done
-        raise CorpusError(f"the corpus ({', '.join(str(f) for f in files[:3])}) holds no text"
-                          + (f"; {problems.summary()}" if problems.count else ""))
+        raise CorpusError(
+            f"the corpus ({', '.join(str(f) for f in files[:3])}) holds no text"
+            + (f"; {problems.summary()}" if problems.count else "")
+        )
     manifest["complete"] = True
     _flush(splits, out, manifest, problems)
     return manifest
 
 
-def _route(ids: np.ndarray, unit: Unit, splits: dict[str, _Split], plan: dict[str, Any] | None,
-           options: PrepareOptions) -> None:
+def _route(
+    ids: np.ndarray, unit: Unit, splits: dict[str, _Split], plan: dict[str, Any] | None, options: PrepareOptions
+) -> None:
     """A unit's tokens to validation (whole, if its document is held out) or split: most to training, the tail to
     validation."""
     if plan is not None:

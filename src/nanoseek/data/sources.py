@@ -64,8 +64,9 @@ def parse_sources(items: list[str]) -> list[Source]:
             entries = yaml.safe_load(Path(items[0]).read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise CorpusError(f"cannot parse {items[0]}: {e}") from None
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str)
-                                                     for e in entries):
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries
+        ):
             raise CorpusError(f"{items[0]} must list sources as `- path: DIR_OR_FILE` with an optional `weight:`")
         pairs = [(e["path"], e.get("weight", 1.0)) for e in entries]
     else:
@@ -146,8 +147,9 @@ class Problems:
         return f"skipped {self.count} malformed lines/rows, e.g. {self.examples[0]}" if self.count else ""
 
 
-def read_units(files: list[Path], text_field: str, problems: Problems, start: tuple[int, int] = (0, 0)
-               ) -> Iterator[Unit]:
+def read_units(
+    files: list[Path], text_field: str, problems: Problems, start: tuple[int, int] = (0, 0)
+) -> Iterator[Unit]:
     """Every unit of the files in order, from (file index, unit number) `start` on (a resumed preparation, whose
     problems before `start` were reported already)."""
     problems.resumed_at = start
@@ -174,14 +176,18 @@ def _text_pieces(path: Path, index: int, problems: Problems) -> Iterator[Unit]:
             raw = f.read(TEXT_PIECE_BYTES)
             done = not raw
             if b"\x00" in raw:
-                problems.report((index, number), str(path),
-                                "looks binary (NUL bytes), not text; the rest of the file is skipped")
+                problems.report(
+                    (index, number), str(path), "looks binary (NUL bytes), not text; the rest of the file is skipped"
+                )
                 return
             try:
                 text = carry + utf8.decode(raw, final=done)
             except UnicodeDecodeError as e:
-                problems.report((index, number), f"{path}, byte {f.tell() - len(raw) + max(0, e.start)}",
-                                f"not UTF-8 text ({e.reason}); the rest of the file is skipped")
+                problems.report(
+                    (index, number),
+                    f"{path}, byte {f.tell() - len(raw) + max(0, e.start)}",
+                    f"not UTF-8 text ({e.reason}); the rest of the file is skipped",
+                )
                 text, done = carry, True
             cut = len(text) if done else _safe_cut(text)
             if not cut and len(text) > MAX_LINE_CHARS:  # a line this long is cut where it is: a token may change
@@ -230,16 +236,18 @@ def _jsonl_rows(path: Path, index: int, text_field: str, problems: Problems) -> 
                 try:
                     text = json.loads(line)[text_field]
                 except (ValueError, KeyError, TypeError, RecursionError):
-                    problems.report((index, number), f"{path}:{number}",
-                                    f"not a JSON object with a {text_field!r} field")
+                    problems.report(
+                        (index, number), f"{path}:{number}", f"not a JSON object with a {text_field!r} field"
+                    )
                     continue
                 if not isinstance(text, str):
                     problems.report((index, number), f"{path}:{number}", f"{text_field!r} is not a string")
                     continue
                 yield Unit(text, index, number, True)
         except unreadable as e:  # bad bytes, or a truncated or corrupt archive
-            problems.report((index, number + 1), f"{path}:{number + 1}",
-                            f"unreadable ({e}); the rest of the file is skipped")
+            problems.report(
+                (index, number + 1), f"{path}:{number + 1}", f"unreadable ({e}); the rest of the file is skipped"
+            )
 
 
 class _ZstdFrames(io.RawIOBase):
@@ -285,9 +293,11 @@ def _parquet_rows(path: Path, index: int, text_field: str, problems: Problems) -
         problems.report((index, 0), str(path), f"not a parquet file ({e}); file skipped")
         return
     if text_field not in parquet.schema_arrow.names:
-        problems.report((index, 0), str(path),
-                        f"has no {text_field!r} column (it has {', '.join(parquet.schema_arrow.names)}); "
-                        "file skipped")
+        problems.report(
+            (index, 0),
+            str(path),
+            f"has no {text_field!r} column (it has {', '.join(parquet.schema_arrow.names)}); file skipped",
+        )
         return
     row = 0
     batches = parquet.iter_batches(columns=[text_field], batch_size=1024)
@@ -295,16 +305,18 @@ def _parquet_rows(path: Path, index: int, text_field: str, problems: Problems) -
         try:
             batch = next(batches, None)
         except Exception as e:  # a truncated or corrupt row group: pyarrow's errors have no common base
-            problems.report((index, row + 1), f"{path}, row {row + 1}",
-                            f"unreadable ({e}); the rest of the file is skipped")
+            problems.report(
+                (index, row + 1), f"{path}, row {row + 1}", f"unreadable ({e}); the rest of the file is skipped"
+            )
             return
         if batch is None:
             return
         for text in batch.column(0).to_pylist():
             row += 1
             if not isinstance(text, str):
-                problems.report((index, row), f"{path}, row {row}",
-                                f"{text_field!r} is {type(text).__name__}, not a string")
+                problems.report(
+                    (index, row), f"{path}, row {row}", f"{text_field!r} is {type(text).__name__}, not a string"
+                )
                 continue
             yield Unit(text, index, row, True)
 
@@ -315,7 +327,7 @@ def sample_texts(files: list[Path], budget_bytes: int, text_field: str) -> Itera
     share = max(1, budget_bytes // max(1, len(files)))
     for index in range(len(files)):
         taken = 0
-        for unit in read_units(files[index: index + 1], text_field, Problems(strict=False)):
+        for unit in read_units(files[index : index + 1], text_field, Problems(strict=False)):
             yield unit.text[: share - taken]
             taken += len(unit.text)
             if taken >= share:

@@ -47,8 +47,8 @@ def special_wrap(tokenizer: Tokenizer) -> tuple[list[int], list[int]] | None:
     bare = tokenizer.encode_batch_fast([_PROBE], add_special_tokens=False)[0].ids
     full = tokenizer.encode_batch_fast([_PROBE], add_special_tokens=True)[0].ids
     for start in range(len(full) - len(bare) + 1):
-        if bare and full[start: start + len(bare)] == bare:
-            return full[:start], full[start + len(bare):]
+        if bare and full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
     return None
 
 
@@ -60,12 +60,13 @@ def _clear_of_added_tokens(text: str, cut: int, added: list[str], reach: int) ->
         low -= 1
     while high < len(text) and text[high].isspace():
         high += 1
-    near = text[max(0, low - reach): high + reach]
+    near = text[max(0, low - reach) : high + reach]
     return not any(token in near for token in added)
 
 
-def _last_clean_cut(window: Encoding, text: str, start: int, piece_chars: int, added: list[str],
-                    reach: int) -> int | None:
+def _last_clean_cut(
+    window: Encoding, text: str, start: int, piece_chars: int, added: list[str], reach: int
+) -> int | None:
     """The index of the token after the window's last clean cut in [piece_chars / 2, piece_chars], walking back
     from piece_chars through the per-token accessors (the whole offsets list, made into Python tuples, held the
     GIL long enough to slow the engine's thread)."""
@@ -77,15 +78,20 @@ def _last_clean_cut(window: Encoding, text: str, start: int, piece_chars: int, a
         if before[1] < piece_chars // 2:
             return None
         word = window.token_to_word(i)
-        if (before[1] <= piece_chars and before[1] == after[0] and word is not None
-                and window.token_to_word(i - 1) not in (None, word)
-                and _clear_of_added_tokens(text, start + before[1], added, reach)):
+        if (
+            before[1] <= piece_chars
+            and before[1] == after[0]
+            and word is not None
+            and window.token_to_word(i - 1) not in (None, word)
+            and _clear_of_added_tokens(text, start + before[1], added, reach)
+        ):
             return i
     return None
 
 
-def encode_in_pieces(tokenizer: Tokenizer, text: str, piece_chars: int = PIECE_CHARS,
-                     margin: int = WINDOW_MARGIN) -> list[int]:
+def encode_in_pieces(
+    tokenizer: Tokenizer, text: str, piece_chars: int = PIECE_CHARS, margin: int = WINDOW_MARGIN
+) -> list[int]:
     """The text's ids without special tokens, a window at a time: each window is encoded once, its tokens kept up to
     the last word boundary before piece_chars that is a clean cut, and the next window starts there. A boundary is
     taken only where the two tokens' offsets meet exactly (an offset trimmed of its spaces, or a character split
@@ -96,7 +102,7 @@ def encode_in_pieces(tokenizer: Tokenizer, text: str, piece_chars: int = PIECE_C
     ids: list[int] = []
     start = 0
     while len(text) - start > 2 * piece_chars:
-        window = tokenizer.encode_batch([text[start: start + piece_chars + margin]], add_special_tokens=False)[0]
+        window = tokenizer.encode_batch([text[start : start + piece_chars + margin]], add_special_tokens=False)[0]
         cut = _last_clean_cut(window, text, start, piece_chars, added, reach)
         if cut is None:
             break

@@ -20,8 +20,12 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(documents, trainer=trainer)
     return tokenizer
 
@@ -43,8 +47,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise NanoseekError(f"cannot load tokenizer {path}: {first_line(e)}") from None
 
 
-def encode_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False,
-               piece_chars: int = text_pieces.PIECE_CHARS) -> list[int]:
+def encode_ids(
+    tokenizer: Tokenizer, text: str, add_special_tokens: bool = False, piece_chars: int = text_pieces.PIECE_CHARS
+) -> list[int]:
     """One text's ids, through the batch call: it releases the GIL while it works (the single-text `encode` holds it
     for seconds on a long text, freezing every other thread) and skips the offsets nobody reads. A long text goes
     through in exact pieces (text_pieces.py), so its peak memory is a piece's, not ~110 bytes per input byte."""
@@ -95,15 +100,28 @@ def end_token_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     return tuple(i for i in ids if i is not None)
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, directory: Path, bos: str | None = None, eos: str | None = None,
-                          chat_template: str | None = None) -> None:
+def write_tokenizer_files(
+    tokenizer: Tokenizer,
+    directory: Path,
+    bos: str | None = None,
+    eos: str | None = None,
+    chat_template: str | None = None,
+) -> None:
     """tokenizer.json and the tokenizer_config.json that transformers' AutoTokenizer (and so lm-evaluation-harness's
     hf backend) reads: its class, bos/eos/pad tokens (a pretrained run's end of text for all three unless given) and
     the chat template where there is one."""
-    end = next((t for t in (END_OF_TEXT, "<｜end▁of▁sentence｜>", "</s>") if tokenizer.token_to_id(t) is not None), None)
+    end = next(
+        (t for t in (END_OF_TEXT, "<｜end▁of▁sentence｜>", "</s>") if tokenizer.token_to_id(t) is not None), None
+    )
     eos = eos or end
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos or eos, "eos_token": eos,
-              "pad_token": eos, "add_bos_token": False, "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos or eos,
+        "eos_token": eos,
+        "pad_token": eos,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
     if chat_template is not None:
         config["chat_template"] = chat_template
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -122,8 +140,10 @@ def copy_tokenizer_files(source: Path, out: Path) -> None:
 def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
     """Every id the tokenizer can produce must have a row in the model's embedding."""
     if tokenizer.get_vocab_size() > vocab_size:
-        raise NanoseekError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
-                            f"{vocab_size}; set vocab_size >= {tokenizer.get_vocab_size()}")
+        raise NanoseekError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+            f"{vocab_size}; set vocab_size >= {tokenizer.get_vocab_size()}"
+        )
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:

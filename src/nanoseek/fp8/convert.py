@@ -9,13 +9,13 @@ from __future__ import annotations
 from torch import nn
 
 from nanoseek.fp8.linear import Fp8Linear, Fp8Recipe, grouped_gemm_for
-from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
-from nanoseek.models.llama.attention import GroupedQueryAttention
-from nanoseek.models.deepseek_v4.attention import HybridAttention
 from nanoseek.models.common.layers import MLP
 from nanoseek.models.common.moe import RoutedExperts
-from nanoseek.models.deepseek_v4.hyper import HyperMTP
+from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model, MTPModule
+from nanoseek.models.deepseek_v4.attention import HybridAttention
+from nanoseek.models.deepseek_v4.hyper import HyperMTP
+from nanoseek.models.llama.attention import GroupedQueryAttention
 
 
 def convert_to_fp8(model: DeepseekV3Model, recipe: Fp8Recipe) -> list[str]:
@@ -26,8 +26,9 @@ def convert_to_fp8(model: DeepseekV3Model, recipe: Fp8Recipe) -> list[str]:
         if isinstance(module, RoutedExperts):
             module.gemm = grouped_gemm_for(recipe)
             converted.append(name)
-        if not isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention, HybridAttention, MLP,
-                                   MTPModule, HyperMTP)):
+        if not isinstance(
+            module, (MultiHeadLatentAttention, GroupedQueryAttention, HybridAttention, MLP, MTPModule, HyperMTP)
+        ):
             continue
         for child_name, child in module.named_children():
             if type(child) is nn.Linear:

@@ -41,8 +41,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 _scaled_mm_refused: list[str] = []  # why this machine's torch._scaled_mm cannot serve, once it has said so
 
 
-def fp8_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, backend: str,
-           b_blocks: bool = False) -> torch.Tensor:
+def fp8_mm(
+    qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, backend: str, b_blocks: bool = False
+) -> torch.Tensor:
     """qa [M, K], qb [N, K] in E4M3; sa [M, K/128] fp32; sb [N, K/128] (1×128 tiles) or, with b_blocks,
     [N/128, K/128] (128×128 blocks) → a·bᵀ [M, N] in fp32."""
     if backend == "scaled_mm" and not _scaled_mm_refused:
@@ -55,16 +56,20 @@ def fp8_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tenso
             return _tiled_scaled_mm(qa, sa, qb, rows_b)
         except RuntimeError as e:  # e.g. a cuBLAS too old for fp32 output with row-wise scales
             _scaled_mm_refused.append(str(e).splitlines()[0])
-            warnings.warn(f"torch._scaled_mm refused the FP8 GEMM ({_scaled_mm_refused[0]}); using the exact "
-                          "emulation from now on (same numerics, slower)", stacklevel=2)
+            warnings.warn(
+                f"torch._scaled_mm refused the FP8 GEMM ({_scaled_mm_refused[0]}); using the exact "
+                "emulation from now on (same numerics, slower)",
+                stacklevel=2,
+            )
     return dequantize_tiles(qa, sa) @ dequantize_tiles(qb, rows_b).t()
 
 
 _blockwise_trusted: dict[bool, bool] = {}  # b_blocks → whether blockwise _scaled_mm matched the per-tile path
 
 
-def _blockwise_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
-                         b_blocks: bool) -> torch.Tensor | None:
+def _blockwise_scaled_mm(
+    qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, b_blocks: bool
+) -> torch.Tensor | None:
     """The whole GEMM as one `torch._scaled_mm` with (1×128, 128×128) or (1×128, 1×128) scales, bf16 out; None
     where this machine cannot (or its first result disagreed with the per-tile path, so that a scale layout read
     otherwise than meant can never pass silently)."""
@@ -74,8 +79,9 @@ def _blockwise_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, s
     if m % 16 or n % 128 or k % TILE:  # the blockwise kernels' shapes; anything else takes the per-tile path
         return None
     try:
-        out = torch._scaled_mm(qa, qb.t(), scale_a=sa.contiguous(), scale_b=sb.t().contiguous(),
-                               out_dtype=torch.bfloat16).float()
+        out = torch._scaled_mm(
+            qa, qb.t(), scale_a=sa.contiguous(), scale_b=sb.t().contiguous(), out_dtype=torch.bfloat16
+        ).float()
     except RuntimeError:
         _blockwise_trusted[b_blocks] = False
         return None
@@ -84,8 +90,9 @@ def _blockwise_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, s
         scale = reference.abs().amax().clamp(min=1e-12)
         _blockwise_trusted[b_blocks] = bool(((out - reference).abs() <= 1e-2 * scale + 1e-2 * reference.abs()).all())
         if not _blockwise_trusted[b_blocks]:
-            warnings.warn("blockwise torch._scaled_mm disagreed with the per-tile FP8 GEMM; using the per-tile one",
-                          stacklevel=3)
+            warnings.warn(
+                "blockwise torch._scaled_mm disagreed with the per-tile FP8 GEMM; using the per-tile one", stacklevel=3
+            )
             return reference
     return out
 
@@ -103,6 +110,11 @@ def _tiled_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: t
     out = torch.zeros(m + pad_m, n + pad_n, dtype=torch.float32, device=qa.device)
     for tile in range(sa.shape[1]):
         cols = slice(tile * TILE, (tile + 1) * TILE)
-        out += torch._scaled_mm(qa[:, cols], qb[:, cols].t(), scale_a=sa[:, tile:tile + 1].contiguous(),
-                                scale_b=sb[:, tile].reshape(1, -1).contiguous(), out_dtype=torch.float32)
+        out += torch._scaled_mm(
+            qa[:, cols],
+            qb[:, cols].t(),
+            scale_a=sa[:, tile : tile + 1].contiguous(),
+            scale_b=sb[:, tile].reshape(1, -1).contiguous(),
+            out_dtype=torch.float32,
+        )
     return out[:m, :n]

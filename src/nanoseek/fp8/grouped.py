@@ -29,8 +29,9 @@ def quantize_rows(x: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tens
     return _to_e4m3(x, scale.unsqueeze(-1)), scale
 
 
-def scaled_grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor,
-                      pow2: bool) -> torch.Tensor | None:
+def scaled_grouped_mm(
+    x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, pow2: bool
+) -> torch.Tensor | None:
     """x [N, in] (rows sorted by expert) @ weight[g]ᵀ, weight [G, out, in] → [N, out] bf16 by the FP8 kernel, both
     operands quantized row-wise; None where the kernel refuses."""
     if _refused:
@@ -40,11 +41,14 @@ def scaled_grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.T
     qx, sx = quantize_rows(x, pow2)
     qw, sw = quantize_rows(weight, pow2)  # [G, out, in], scales [G, out]
     try:  # the kernel wants the right operand column-major: [G, in, out] with unit stride along `in`
-        return torch._scaled_grouped_mm(qx, qw.transpose(1, 2), sx, sw, offs=group_ends.to(torch.int32),
-                                        out_dtype=torch.bfloat16)
+        return torch._scaled_grouped_mm(
+            qx, qw.transpose(1, 2), sx, sw, offs=group_ends.to(torch.int32), out_dtype=torch.bfloat16
+        )
     except RuntimeError as e:  # NotImplementedError (no kernel for this device) is a RuntimeError too
         _refused.append(str(e).splitlines()[0])
-        warnings.warn(f"torch._scaled_grouped_mm refused the experts' FP8 GEMM ({_refused[0]}); using the exact "
-                      "emulation from now on (slower)", stacklevel=2)
+        warnings.warn(
+            f"torch._scaled_grouped_mm refused the experts' FP8 GEMM ({_refused[0]}); using the exact "
+            "emulation from now on (slower)",
+            stacklevel=2,
+        )
         return None
-

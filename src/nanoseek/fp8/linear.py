@@ -12,9 +12,9 @@ with Wgrad's token tiles restarting at each expert's first token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,6 @@ from torch import nn
 
 from nanoseek.fp8.gemm import fp8_mm, resolve_backend
 from nanoseek.fp8.grouped import scaled_grouped_mm
-from nanoseek.models.common.moe import grouped_mm
 from nanoseek.fp8.quant import (
     dequantize_blocks,
     dequantize_tiles,
@@ -30,6 +29,7 @@ from nanoseek.fp8.quant import (
     quantize_grouped_tiles,
     quantize_tiles,
 )
+from nanoseek.models.common.moe import grouped_mm
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Fp8Linear(nn.Linear):
     recipe: Fp8Recipe
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: Fp8Recipe) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, recipe: Fp8Recipe) -> Fp8Linear:
         if linear.bias is not None:
             raise ValueError("FP8 linear layers take no bias (DeepSeek's have none)")
         new = cls(linear.in_features, linear.out_features, bias=False, device="meta")
@@ -114,8 +114,9 @@ class _Fp8GroupedMatmul(torch.autograd.Function):
     elsewhere, or where that kernel refuses, the exact emulation of the tiled recipe."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor,
-                recipe: Fp8Recipe) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, recipe: Fp8Recipe
+    ) -> torch.Tensor:
         pow2 = recipe.pow2_scales
         kernel = resolve_backend(recipe.backend, x.device) == "scaled_mm" and x.is_cuda
         with torch.autocast(x.device.type, enabled=False):
@@ -150,14 +151,14 @@ class _Fp8GroupedMatmul(torch.autograd.Function):
                 dtype = torch.bfloat16 if dy.is_cuda else torch.float32
                 qgt, sgt = quantize_grouped_tiles(dy.t(), group_ends, ctx.pow2)
                 qxt, sxt = quantize_grouped_tiles(dequantize_tiles(qx, sx).t(), group_ends, ctx.pow2)
-                dw = _aligned_grouped_mm(dequantize_tiles(qgt, sgt).to(dtype), dequantize_tiles(qxt, sxt).t().to(dtype),
-                                         group_ends)
+                dw = _aligned_grouped_mm(
+                    dequantize_tiles(qgt, sgt).to(dtype), dequantize_tiles(qxt, sxt).t().to(dtype), group_ends
+                )
                 dw = dw.to(ctx.w_dtype)
         return dx, dw, None, None
 
 
-def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor,
-                   recipe: Fp8Recipe) -> torch.Tensor:
+def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
     """The FP8 counterpart of nanoseek.models.common.moe.grouped_mm (same arguments)."""
     return _Fp8GroupedMatmul.apply(x, weight, group_ends, recipe)
 

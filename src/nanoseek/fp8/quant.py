@@ -55,8 +55,9 @@ def quantize_tiles(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, t
     return _to_e4m3(tiles, scale).view(rows, n_tiles * TILE)[:, :k].contiguous(), scale.squeeze(-1)
 
 
-def quantize_grouped_tiles(x: torch.Tensor, group_ends: torch.Tensor,
-                           pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_grouped_tiles(
+    x: torch.Tensor, group_ends: torch.Tensor, pow2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_tiles for columns that fall into groups (the tokens of each expert, for its weight gradient): tiles
     restart at each group's first column, so no tile mixes two experts. x [R, K]; group_ends [G] cumulative.
 
@@ -70,7 +71,8 @@ def quantize_grouped_tiles(x: torch.Tensor, group_ends: torch.Tensor,
     tile_of = tiles_before[group_of] + in_group // TILE  # [K] global tile index
     n_tiles = len(ends) + -(-k // TILE)  # an upper bound (each group adds at most one partial tile): no host read
     amax = x.new_zeros(rows, n_tiles, dtype=torch.float32).scatter_reduce_(
-        1, tile_of.expand(rows, k), x.float().abs(), "amax")
+        1, tile_of.expand(rows, k), x.float().abs(), "amax"
+    )
     scale = _scale_for(amax, pow2)[:, tile_of]
     return _to_e4m3(x, scale), scale
 
@@ -102,8 +104,10 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     *lead, rows, cols = q.shape
     expected = (*lead, -(-rows // TILE), -(-cols // TILE))
     if tuple(scale.shape) != expected:
-        raise ValueError(f"weight_scale_inv has shape {tuple(scale.shape)}, expected {expected} for a "
-                         f"{rows}x{cols} weight in {TILE}x{TILE} blocks")
+        raise ValueError(
+            f"weight_scale_inv has shape {tuple(scale.shape)}, expected {expected} for a "
+            f"{rows}x{cols} weight in {TILE}x{TILE} blocks"
+        )
     return e4m3_to_float(q) * expand_block_scales(scale.float(), rows, cols)
 
 

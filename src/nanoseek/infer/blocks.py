@@ -69,7 +69,7 @@ class BlockManager:
         the digest of block start-1)."""
         keys = []
         for block in range(start, (len(tokens) - 1) // self.block_size):
-            content = (previous, tuple(tokens[block * self.block_size: (block + 1) * self.block_size + 1]))
+            content = (previous, tuple(tokens[block * self.block_size : (block + 1) * self.block_size + 1]))
             previous = block_digest(self.secret, *content)
             keys.append(BlockKey(previous, content))
         return keys

@@ -32,8 +32,9 @@ class ChatTemplate:
             self.template = named.get("default")
         if self.template is not None and not isinstance(self.template, str):
             raise ValueError(f"{config}: 'chat_template' must be a string")
-        self.special = {k: v for k, v in raw.items() if k in ("bos_token", "eos_token", "pad_token")
-                        and isinstance(v, str)}
+        self.special = {
+            k: v for k, v in raw.items() if k in ("bos_token", "eos_token", "pad_token") and isinstance(v, str)
+        }
         self._compiled = None
         if self.template:
             import jinja2
@@ -41,8 +42,9 @@ class ChatTemplate:
 
             # a template comes with the model: sandboxed, as transformers renders it (no attribute walks to Python
             # internals, no mutation of the messages)
-            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                        extensions=["jinja2.ext.loopcontrols"])
+            environment = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
             environment.globals["raise_exception"] = _raise_exception
             try:
                 self._compiled = environment.from_string(self.template)
@@ -62,12 +64,14 @@ class ChatTemplate:
                 return self._compiled.render(messages=messages, add_generation_prompt=True, **self.special)
             except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
                 raise ValueError(f"the chat template cannot render these messages: {e}") from None
-        lines = [f"{m['role'].capitalize()}{' (' + m['name'] + ')' if 'name' in m else ''}: {m['content']}"
-                 for m in messages]
+        lines = [
+            f"{m['role'].capitalize()}{' (' + m['name'] + ')' if 'name' in m else ''}: {m['content']}" for m in messages
+        ]
         return "\n".join(lines) + "\nAssistant:"
 
-    def render_ids(self, messages: list[dict[str, str]], encode: Callable[[str], list[int]],
-                   as_text: TextEncoder) -> list[int]:
+    def render_ids(
+        self, messages: list[dict[str, str]], encode: Callable[[str], list[int]], as_text: TextEncoder
+    ) -> list[int]:
         """The prompt's ids: the template's own text encoded with its control tokens, the messages' words as text.
         Where a message spells a control token, that spelling is swapped for a placeholder (unguessable: a fresh
         nonce) before rendering and encoded as text after, so a user cannot forge a turn or an end of sentence."""
@@ -101,16 +105,24 @@ def check_messages(messages: object) -> list[dict[str, str]]:
     checked = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or set(m) - {"role", "content", "name"}:
-            raise ValueError(f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': string or "
-                             "text parts}")
+            raise ValueError(
+                f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': string or text parts}}"
+            )
         content = m.get("content")
-        if isinstance(content, list) and content and all(
+        if (
+            isinstance(content, list)
+            and content
+            and all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) and len(p) == 2
-                for p in content):
+                for p in content
+            )
+        ):
             content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string or a list of {{'type': 'text', 'text': "
-                             "string}} parts (this server takes text only)")
+            raise ValueError(
+                f"messages[{i}].content must be a string or a list of {{'type': 'text', 'text': "
+                "string}} parts (this server takes text only)"
+            )
         if not isinstance(m.get("name", ""), str):
             raise ValueError(f"messages[{i}].name must be a string")
         checked.append({"role": m["role"], "content": content, **({"name": m["name"]} if "name" in m else {})})

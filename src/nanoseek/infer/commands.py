@@ -33,11 +33,14 @@ def _sampling(args: argparse.Namespace, engine, **fields):
     from nanoseek.infer.request import SamplingParams
 
     if not 0 < args.max_new_tokens < engine.max_len:
-        raise NanoseekError(f"--max-new-tokens must be between 1 and {engine.max_len - 1} (the model's context is "
-                            f"{engine.max_len} tokens), got {args.max_new_tokens}")
+        raise NanoseekError(
+            f"--max-new-tokens must be between 1 and {engine.max_len - 1} (the model's context is "
+            f"{engine.max_len} tokens), got {args.max_new_tokens}"
+        )
     try:
-        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              **fields)
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, **fields
+        )
     except ValueError as e:
         raise NanoseekError(str(e)) from None
 
@@ -73,24 +76,44 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _fewer_malloc_arenas()
     try:
         memory = None if args.cache_memory is None else args.cache_memory * 2**30
-        config = EngineConfig(block_size=args.block_size, cache_memory=memory, max_seqs=args.max_seqs,
-                              token_budget=args.token_budget, speculation=False if args.no_speculation else None,
-                              static=args.batching == "static")
+        config = EngineConfig(
+            block_size=args.block_size,
+            cache_memory=memory,
+            max_seqs=args.max_seqs,
+            token_budget=args.token_budget,
+            speculation=False if args.no_speculation else None,
+            static=args.batching == "static",
+        )
         if args.cache_fraction is not None:  # of the memory free now, on the device the model is loaded to
             config = replace(config, cache_memory=args.cache_fraction * available_memory(device))
-        limits = ServerLimits(max_waiting=args.max_waiting, max_body_bytes=args.max_request_bytes,
-                              max_request_tokens=args.max_request_tokens, max_stop_length=args.max_stop_length,
-                              max_logprob_entries=args.max_logprob_entries, workers=args.api_workers)
-        app = create_app(args.model, api_key=_api_key(args), config=config, limits=limits, device=device,
-                         dtype=dtype, allowed_hosts=_allowed_hosts(args))
+        limits = ServerLimits(
+            max_waiting=args.max_waiting,
+            max_body_bytes=args.max_request_bytes,
+            max_request_tokens=args.max_request_tokens,
+            max_stop_length=args.max_stop_length,
+            max_logprob_entries=args.max_logprob_entries,
+            workers=args.api_workers,
+        )
+        app = create_app(
+            args.model,
+            api_key=_api_key(args),
+            config=config,
+            limits=limits,
+            device=device,
+            dtype=dtype,
+            allowed_hosts=_allowed_hosts(args),
+        )
     except ValueError as e:
         raise NanoseekError(str(e)) from None
     engine = app.state.engine
-    print(f"latent cache: {engine.cache_tokens:,} tokens in {engine.blocks.num_blocks} blocks of "
-          f"{engine.config.block_size} ({engine.cache_bytes / 2**20:,.1f} MiB); "
-          f"{'continuous' if not engine.config.static else 'static'} batching, speculation "
-          f"{'on (MTP)' if engine.speculate else 'off'}; {str(engine.dtype).removeprefix('torch.')} on "
-          f"{engine.device}", flush=True)
+    print(
+        f"latent cache: {engine.cache_tokens:,} tokens in {engine.blocks.num_blocks} blocks of "
+        f"{engine.config.block_size} ({engine.cache_bytes / 2**20:,.1f} MiB); "
+        f"{'continuous' if not engine.config.static else 'static'} batching, speculation "
+        f"{'on (MTP)' if engine.speculate else 'off'}; {str(engine.dtype).removeprefix('torch.')} on "
+        f"{engine.device}",
+        flush=True,
+    )
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1", flush=True)
     serve(app, args.host, args.port, args.shutdown_timeout, listener)
 
@@ -102,8 +125,11 @@ def _inherited_listener(fd: int) -> socket.socket:
         listener = socket.socket(fileno=fd)
     except OSError as e:
         raise NanoseekError(f"--fd {fd}: not an open socket ({e.strerror or e})") from None
-    if listener.type != socket.SOCK_STREAM or listener.family not in (socket.AF_INET, socket.AF_INET6) or \
-            not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+    if (
+        listener.type != socket.SOCK_STREAM
+        or listener.family not in (socket.AF_INET, socket.AF_INET6)
+        or not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    ):
         listener.detach()  # the descriptor stays its owner's to close
         raise NanoseekError(f"--fd {fd}: not a listening TCP socket")
     return listener
@@ -149,8 +175,10 @@ def fit_conversation(messages: list[dict[str, str]], encode, room: int) -> tuple
         prompt = encode(messages[dropped:])
         if len(prompt) <= room:
             return prompt, dropped
-    raise NanoseekError(f"the message is {len(encode(messages[-1:]))} tokens with the chat format; this model has "
-                        f"room for {room} (its context less --max-new-tokens)")
+    raise NanoseekError(
+        f"the message is {len(encode(messages[-1:]))} tokens with the chat format; this model has "
+        f"room for {room} (its context less --max-new-tokens)"
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -215,39 +243,82 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("model", help="run or model directory (with tokenizer.json)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--fd", type=int, metavar="N",
-                       help="serve on the listening TCP socket of file descriptor N, inherited from the parent "
-                            "(instead of --host/--port; as tests and benchmarks start servers)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $NANOSEEK_API_KEY, which "
-                                         "other users cannot read in the process list)")
-    serve.add_argument("--allowed-hosts", metavar="NAMES",
-                       help="comma-separated Host header names to answer ('*': any); default: loopback names when "
-                            "bound to loopback, else any")
+    serve.add_argument(
+        "--fd",
+        type=int,
+        metavar="N",
+        help="serve on the listening TCP socket of file descriptor N, inherited from the parent "
+        "(instead of --host/--port; as tests and benchmarks start servers)",
+    )
+    serve.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' (default: $NANOSEEK_API_KEY, which "
+        "other users cannot read in the process list)",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        metavar="NAMES",
+        help="comma-separated Host header names to answer ('*': any); default: loopback names when "
+        "bound to loopback, else any",
+    )
     serve.add_argument("--max-seqs", type=int, default=64, help="sequences in the running batch at most")
-    serve.add_argument("--token-budget", type=int, default=512,
-                       help="tokens per engine step (decodes, then chunks of prompts)")
-    serve.add_argument("--max-waiting", type=int, default=256,
-                       help="sequences queued for admission at most; past it requests get 429 with Retry-After")
+    serve.add_argument(
+        "--token-budget", type=int, default=512, help="tokens per engine step (decodes, then chunks of prompts)"
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="sequences queued for admission at most; past it requests get 429 with Retry-After",
+    )
     serve.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
-    serve.add_argument("--max-request-tokens", type=int, default=ServerLimits.max_request_tokens,
-                       help="(prompt + max_tokens) x n or best_of, summed over a request's prompts, at most")
-    serve.add_argument("--max-stop-length", type=int, default=ServerLimits.max_stop_length,
-                       help="characters in one stop string at most")
-    serve.add_argument("--max-logprob-entries", type=int, default=ServerLimits.max_logprob_entries,
-                       help="(scored prompt tokens + tokens generated with logprobs) x (1 + top logprobs) at most")
-    serve.add_argument("--api-workers", type=int, default=ServerLimits.workers,
-                       help="threads that parse, tokenize and format requests off the event loop")
+    serve.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=ServerLimits.max_request_tokens,
+        help="(prompt + max_tokens) x n or best_of, summed over a request's prompts, at most",
+    )
+    serve.add_argument(
+        "--max-stop-length",
+        type=int,
+        default=ServerLimits.max_stop_length,
+        help="characters in one stop string at most",
+    )
+    serve.add_argument(
+        "--max-logprob-entries",
+        type=int,
+        default=ServerLimits.max_logprob_entries,
+        help="(scored prompt tokens + tokens generated with logprobs) x (1 + top logprobs) at most",
+    )
+    serve.add_argument(
+        "--api-workers",
+        type=int,
+        default=ServerLimits.workers,
+        help="threads that parse, tokenize and format requests off the event loop",
+    )
     serve.add_argument("--cache-memory", type=float, metavar="GB", help="latent-cache size in GiB")
-    serve.add_argument("--cache-fraction", type=float, metavar="F",
-                       help="latent-cache size as a fraction of the free memory (default: room for --max-seqs "
-                            "full contexts, at most a quarter of free memory)")
+    serve.add_argument(
+        "--cache-fraction",
+        type=float,
+        metavar="F",
+        help="latent-cache size as a fraction of the free memory (default: room for --max-seqs "
+        "full contexts, at most a quarter of free memory)",
+    )
     serve.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
-    serve.add_argument("--no-speculation", action="store_true",
-                       help="do not draft with the MTP module (on by default when the model has one)")
-    serve.add_argument("--batching", choices=("continuous", "static"), default="continuous",
-                       help="static: the previous server's policy (a new batch only when the last one ended)")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="seconds running requests get to finish after SIGTERM")
+    serve.add_argument(
+        "--no-speculation",
+        action="store_true",
+        help="do not draft with the MTP module (on by default when the model has one)",
+    )
+    serve.add_argument(
+        "--batching",
+        choices=("continuous", "static"),
+        default="continuous",
+        help="static: the previous server's policy (a new batch only when the last one ended)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish after SIGTERM"
+    )
     add_device_options(serve)
     serve.set_defaults(run=cmd_serve)
 

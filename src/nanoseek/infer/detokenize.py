@@ -68,20 +68,20 @@ class Detokenizer:
         strings occur in the text, it is cut where the earliest of them begins."""
         if self.decode is None:
             return "", False
-        before = self.decode(ids[self.prefix_offset: self.read_offset])
+        before = self.decode(ids[self.prefix_offset : self.read_offset])
         read_to = len(ids)
-        window = self.decode(ids[self.prefix_offset:])
+        window = self.decode(ids[self.prefix_offset :])
         if not final and window.endswith("\ufffd") and read_to - self.read_offset > MAX_PENDING:
             read_to = self._last_complete(ids)
-            window = self.decode(ids[self.prefix_offset: read_to])
+            window = self.decode(ids[self.prefix_offset : read_to])
         if len(window) > len(before) and (final or read_to < len(ids) or not window.endswith("\ufffd")):
-            piece = window[len(before):]
+            piece = window[len(before) :]
             grown_from = len(self.text)
             self.text += piece
             self.prefix_offset, self.read_offset = self.read_offset, read_to
             starts = [grown_from + end - len(m.stop) for m in self.matchers if (end := m.feed(piece)) >= 0]
             if starts:
-                self.text = self.text[:min(starts)]
+                self.text = self.text[: min(starts)]
                 return self._emit(len(self.text)), True
         held = 0 if final else max((m.partial for m in self.matchers), default=0)
         return self._emit(len(self.text) - held), False
@@ -91,11 +91,11 @@ class Detokenizer:
         not end in half a character (a character spans at most 4 tokens); else all but the last 3 tokens, whose
         bytes may still become one."""
         for end in range(len(ids) - 1, len(ids) - 4, -1):
-            if end > self.read_offset and not self.decode(ids[self.prefix_offset: end]).endswith("\ufffd"):
+            if end > self.read_offset and not self.decode(ids[self.prefix_offset : end]).endswith("\ufffd"):
                 return end
         return len(ids) - 3
 
     def _emit(self, upto: int) -> str:
-        delta = self.text[self.emitted: max(upto, self.emitted)]
+        delta = self.text[self.emitted : max(upto, self.emitted)]
         self.emitted = max(upto, self.emitted)
         return delta

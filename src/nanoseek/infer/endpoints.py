@@ -56,17 +56,29 @@ def completion(ctx: Context, body: dict[str, Any], loop: asyncio.AbstractEventLo
         raise APIError(400, "'echo' and 'best_of' > 'n' are not supported with 'stream'", "stream")
     top = protocol.completion_logprobs_field(body)
     # best_of ranks its candidates by their logprob, which is computed even when it is not returned
-    params = protocol.sampling_params(body, ctx.limits, 16, ctx.stop_tokens, (),
-                                      0 if top is None and best_of > n else top,
-                                      prompt_logprobs=(top or 0) if echo else None)
+    params = protocol.sampling_params(
+        body,
+        ctx.limits,
+        16,
+        ctx.stop_tokens,
+        (),
+        0 if top is None and best_of > n else top,
+        prompt_logprobs=(top or 0) if echo else None,
+    )
     copies = best_of if params.max_new_tokens else 1  # max_tokens 0 (scores only): every choice is the same
     job = ctx.start(prompts, params, copies, loop)
 
-    def choice(index: int, text: str, logprobs: list, finish: str | None,
-               echoed: Completion | None = None) -> dict[str, Any]:
+    def choice(
+        index: int, text: str, logprobs: list, finish: str | None, echoed: Completion | None = None
+    ) -> dict[str, Any]:
         prompt = prompts[index // n] if echoed is not None else None
-        lp = None if top is None else protocol.completion_logprobs(
-            logprobs, ctx.token_text, None if prompt is None else (prompt[0], echoed.prompt_logprobs or []))
+        lp = (
+            None
+            if top is None
+            else protocol.completion_logprobs(
+                logprobs, ctx.token_text, None if prompt is None else (prompt[0], echoed.prompt_logprobs or [])
+            )
+        )
         text = text if prompt is None else ctx.tokenizer.decode(prompt) + text
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": lp}
 
@@ -79,12 +91,17 @@ def completion(ctx: Context, body: dict[str, Any], loop: asyncio.AbstractEventLo
     def response(result: list[Completion]) -> dict[str, Any]:
         returned, scored = [], []  # scored: each choice's prompt scores, which only its prompt's first copy holds
         for p in range(len(prompts)):
-            candidates = result[p * copies: (p + 1) * copies]
+            candidates = result[p * copies : (p + 1) * copies]
             returned += protocol.best(candidates, n) if copies == best_of else candidates * n
             scored += [candidates[0]] * n
-        return {**ctx.envelope("text_completion", cid), "usage": protocol.usage(returned, n),
-                "choices": [choice(i, c.text, c.logprobs or [], c.finish_reason, scored[i] if echo else None)
-                            for i, c in enumerate(returned)]}
+        return {
+            **ctx.envelope("text_completion", cid),
+            "usage": protocol.usage(returned, n),
+            "choices": [
+                choice(i, c.text, c.logprobs or [], c.finish_reason, scored[i] if echo else None)
+                for i, c in enumerate(returned)
+            ],
+        }
 
     return Prepared(job, stream, chunk, usage_chunk if usage_last else None, response)
 
@@ -101,8 +118,9 @@ def chat(ctx: Context, body: dict[str, Any], loop: asyncio.AbstractEventLoop) ->
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
     # as OpenAI's chat API: without a limit, the reply may fill the rest of the context (or of the cache)
-    params = protocol.sampling_params(body, ctx.limits, max(1, ctx.room - len(prompt)), ctx.stop_tokens,
-                                      ctx.template.stop_strings, top)
+    params = protocol.sampling_params(
+        body, ctx.limits, max(1, ctx.room - len(prompt)), ctx.stop_tokens, ctx.template.stop_strings, top
+    )
     stream = protocol.flag(body, "stream")
     usage_last = protocol.include_usage(body, stream)
     job = ctx.start([prompt], params, protocol.choices(body)[0], loop)
@@ -116,17 +134,29 @@ def chat(ctx: Context, body: dict[str, Any], loop: asyncio.AbstractEventLoop) ->
         if index not in first:
             first.add(index)
             delta = {"role": "assistant", "content": text}
-        return {**ctx.envelope("chat.completion.chunk", cid),
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs_field(logprobs),
-                             "finish_reason": finish}]}
+        return {
+            **ctx.envelope("chat.completion.chunk", cid),
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": logprobs_field(logprobs), "finish_reason": finish}
+            ],
+        }
 
     def usage_chunk(done: list[Completion]) -> dict[str, Any]:
         return {**ctx.envelope("chat.completion.chunk", cid), "choices": [], "usage": protocol.usage(done, len(done))}
 
     def response(result: list[Completion]) -> dict[str, Any]:
-        return {**ctx.envelope("chat.completion", cid), "usage": protocol.usage(result, len(result)),
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": logprobs_field(c.logprobs), "finish_reason": c.finish_reason}
-                            for i, c in enumerate(result)]}
+        return {
+            **ctx.envelope("chat.completion", cid),
+            "usage": protocol.usage(result, len(result)),
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs_field(c.logprobs),
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(result)
+            ],
+        }
 
     return Prepared(job, stream, chunk, usage_chunk if usage_last else None, response)

@@ -48,8 +48,12 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model: DeepseekV3Model, decode: Callable[[list[int]], str] | None = None,
-                 config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: DeepseekV3Model,
+        decode: Callable[[list[int]], str] | None = None,
+        config: EngineConfig | None = None,
+    ):
         layout = architecture(model.config).store
         self.config = config = config or EngineConfig()
         self.model, self.decode = model.eval(), decode
@@ -60,8 +64,9 @@ class Engine:
         if config.speculation and not len(model.mtp):
             raise NanoseekError("speculation needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         if config.speculation and not layout.drafts:
-            raise NanoseekError(f"speculation is not built for {mc.architecture} models (serve them with "
-                                "--no-speculation)")
+            raise NanoseekError(
+                f"speculation is not built for {mc.architecture} models (serve them with --no-speculation)"
+            )
         self.speculate = bool(len(model.mtp)) and layout.drafts if config.speculation is None else config.speculation
         # a layout that keeps sequence state outside the blocks (V4) has more state slots for the prefix cache's
         # snapshots (a block alone cannot resume a sequence)
@@ -69,10 +74,14 @@ class Engine:
         states = config.max_seqs + (snapshots if layout.keeps_state else 0)
         memory = config.cache_memory or min(
             config.max_seqs * context_bytes + (states - config.max_seqs) * layout.state_bytes(mc, element),
-            available_memory(self.device) // 4)
+            available_memory(self.device) // 4,
+        )
         self.store = store = layout.build(model, int(memory), config.block_size, states, self.device, self.dtype)
-        self.blocks = BlockManager(store.block_count(config.block_size), config.block_size,
-                                   list(range(config.max_seqs, states)) if layout.keeps_state else None)
+        self.blocks = BlockManager(
+            store.block_count(config.block_size),
+            config.block_size,
+            list(range(config.max_seqs, states)) if layout.keeps_state else None,
+        )
         self.scheduler = Scheduler(self.blocks, config.max_seqs, config.token_budget, config.static)
         self.runner = ModelRunner(model, store, config.block_size, self.speculate, layout.keeps_state)
         self.cache_bytes = store.nbytes
@@ -83,10 +92,15 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps, for tokens/s
         self.histograms = {
             "queue": Histogram("nanoseek_queue_time_seconds", "Time from arrival to admission", LATENCY_BUCKETS),
-            "ttft": Histogram("nanoseek_time_to_first_token_seconds", "Time from arrival to the first token",
-                              LATENCY_BUCKETS),
-            "tpot": Histogram("nanoseek_time_per_output_token_seconds",
-                              "Time per output token after the first, per finished sequence", PER_TOKEN_BUCKETS)}
+            "ttft": Histogram(
+                "nanoseek_time_to_first_token_seconds", "Time from arrival to the first token", LATENCY_BUCKETS
+            ),
+            "tpot": Histogram(
+                "nanoseek_time_per_output_token_seconds",
+                "Time per output token after the first, per finished sequence",
+                PER_TOKEN_BUCKETS,
+            ),
+        }
 
     @property
     def max_len(self) -> int:
@@ -100,11 +114,15 @@ class Engine:
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) + params.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
-                             f"model's context of {self.max_len} tokens")
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
+                f"model's context of {self.max_len} tokens"
+            )
         if len(prompt) + params.max_new_tokens + 1 > self.cache_tokens:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
-                             f"latent cache of {self.cache_tokens} tokens")
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
+                f"latent cache of {self.cache_tokens} tokens"
+            )
         if max(prompt) >= self.model.config.vocab_size or min(prompt) < 0:
             raise ValueError("prompt holds token ids outside the vocabulary")
         if any(not 0 <= token < self.model.config.vocab_size for token, _ in params.logit_bias):
@@ -113,8 +131,9 @@ class Engine:
     def add(self, prompt: list[int], params: SamplingParams, after: Sequence | None = None) -> Sequence:
         """Queue a request (from any thread); ValueError if it can never run."""
         self.check(prompt, params)
-        seq = Sequence(list(prompt), params, Detokenizer(self.decode, params.stop_strings), after,
-                       arrived=time.monotonic())
+        seq = Sequence(
+            list(prompt), params, Detokenizer(self.decode, params.stop_strings), after, arrived=time.monotonic()
+        )
         seq.seed &= (1 << 63) - 1
         with self._lock:
             self._inbox.append(seq)
@@ -205,8 +224,10 @@ class Engine:
         seq.draft, seq.draft_probs = result.draft, result.draft_probs
         params, added = seq.params, 0
         first_scored = len(seq.prompt_logprobs) + 1
-        seq.prompt_logprobs += [_logprob_entry(seq.prompt[first_scored + j], row, params.prompt_logprobs or 0)
-                                for j, row in enumerate(result.prompt_logprobs)]
+        seq.prompt_logprobs += [
+            _logprob_entry(seq.prompt[first_scored + j], row, params.prompt_logprobs or 0)
+            for j, row in enumerate(result.prompt_logprobs)
+        ]
         for token, logprob in zip(result.tokens, result.logprobs):
             if len(seq.output) >= params.max_new_tokens:  # max_new_tokens 0: the prompt was only scored
                 seq.finish_reason = "length"
@@ -280,17 +301,29 @@ class Engine:
         produced = sum(n for _, n in recent[1:])  # tokens made after the first timestamp of the window
         span = recent[-1][0] - recent[0][0] if len(recent) > 1 else 0.0
         s = self.scheduler
-        return {"running": len(s.running), "waiting": self.waiting,
-                "cache_blocks_used": self.blocks.used_blocks, "cache_blocks_total": self.blocks.num_blocks,
-                "cache_tokens_total": self.cache_tokens,
-                "prefix_hit_rate": s.prompt_tokens_hit / max(1, s.prompt_tokens_queried),
-                "prompt_tokens": s.prompt_tokens_queried, "cached_prompt_tokens": s.prompt_tokens_hit,
-                "generated_tokens": self.generated_tokens, "tokens_per_s": produced / span if span > 0 else 0.0,
-                "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
-                "acceptance_rate": self.accepted / max(1, self.drafted), "preemptions": s.preemptions}
+        return {
+            "running": len(s.running),
+            "waiting": self.waiting,
+            "cache_blocks_used": self.blocks.used_blocks,
+            "cache_blocks_total": self.blocks.num_blocks,
+            "cache_tokens_total": self.cache_tokens,
+            "prefix_hit_rate": s.prompt_tokens_hit / max(1, s.prompt_tokens_queried),
+            "prompt_tokens": s.prompt_tokens_queried,
+            "cached_prompt_tokens": s.prompt_tokens_hit,
+            "generated_tokens": self.generated_tokens,
+            "tokens_per_s": produced / span if span > 0 else 0.0,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": self.accepted / max(1, self.drafted),
+            "preemptions": s.preemptions,
+        }
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 on_token: StreamCallback | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        on_token: StreamCallback | None = None,
+    ) -> list[Completion]:
         """Run the prompts to the end (every step also serves whatever else was added)."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         for prompt, p in zip(prompts, params):
@@ -307,4 +340,4 @@ class Engine:
 def _logprob_entry(token: int, row: list[float], k: int) -> TokenLogprob:
     """A runner row [chosen logprob, top ids..., top logprobs...] → the token's entry with its k most likely."""
     half = (len(row) - 1) // 2
-    return TokenLogprob(token, row[0], [(int(i), v) for i, v in zip(row[1: 1 + half][:k], row[1 + half:][:k])])
+    return TokenLogprob(token, row[0], [(int(i), v) for i, v in zip(row[1 : 1 + half][:k], row[1 + half :][:k])])

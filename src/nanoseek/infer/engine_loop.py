@@ -69,8 +69,7 @@ class EngineLoop:
         self.failing: str | None = None  # why the last step failed outright (None: it ran)
         threading.Thread(target=self._run, daemon=True, name="nanoseek-engine").start()
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int,
-               loop: asyncio.AbstractEventLoop) -> Job:
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop) -> Job:
         """n sequences per prompt; the job's sequence prompt_index · n + i is choice i of that prompt. Only a
         prompt's first choice scores the prompt (echo): its copies would score the same tokens again."""
         for prompt in prompts:  # every prompt is checked before any is queued
@@ -78,8 +77,10 @@ class EngineLoop:
         # a prompt's other choices wait for the first one's prefill, then find its prompt blocks in the prefix cache;
         # a seeded request's choice i samples with seed + i: reproducible, and not n copies of one sample
         scored_once = None if params.max_new_tokens else params.prompt_logprobs  # max_tokens 0: nothing but scores
-        copies = [replace(params, seed=None if params.seed is None else params.seed + i, prompt_logprobs=scored_once)
-                  for i in range(1, n)]
+        copies = [
+            replace(params, seed=None if params.seed is None else params.seed + i, prompt_logprobs=scored_once)
+            for i in range(1, n)
+        ]
         seqs = []
         with self.lock:
             for prompt in prompts:

@@ -36,8 +36,9 @@ def wait_until_up(process: subprocess.Popen, url: str, timeout: float) -> None:
     raise NanoseekError(f"the server at {url} did not start within {timeout:g} s: {error}")
 
 
-def start_serve(model_dir: str | Path, *flags: str, timeout: float = 120.0,
-                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_serve(
+    model_dir: str | Path, *flags: str, timeout: float = 120.0, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`nanoseek serve model_dir --fd N *flags` → (the process, its base URL), once /health answers 200. The
     listening socket is bound here, on a port the OS picks, and handed to the child open: no other process can
     take the port between its choice and the server's start."""
@@ -45,9 +46,13 @@ def start_serve(model_dir: str | Path, *flags: str, timeout: float = 120.0,
         listener.bind(("127.0.0.1", 0))
         listener.listen(128)
         port = listener.getsockname()[1]
-        process = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--fd",
-                                    str(listener.fileno()), *flags], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, env=env, pass_fds=(listener.fileno(),))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--fd", str(listener.fileno()), *flags],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            pass_fds=(listener.fileno(),),
+        )
     base = f"http://127.0.0.1:{port}"
     wait_until_up(process, f"{base}/health", timeout)
     return process, base

@@ -8,9 +8,9 @@ import hmac
 import json
 import math
 import uuid
-from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from starlette.requests import Request
@@ -20,17 +20,41 @@ from nanoseek.infer.request import MAX_TOP_LOGPROBS, Completion, SamplingParams,
 
 MAX_CHOICES = 16
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (evaluation harnesses send batches)
-SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop",
-                   "seed", "logprobs", "ignore_eos", "user", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "logit_bias", "min_tokens", "cache_salt"}
+SAMPLING_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "logprobs",
+    "ignore_eos",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "cache_salt",
+}
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "best_of"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
@@ -64,7 +88,7 @@ def host_name(header: str) -> str:
     """The Host header's name without its port: 'localhost:8000' → 'localhost', '[::1]:8000' → '::1'."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[1: header.find("]")] if "]" in header else header
+        return header[1 : header.find("]")] if "]" in header else header
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
@@ -79,8 +103,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     form POST."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
-        raise APIError(415, f"the request body must be sent as 'Content-Type: application/json', not "
-                            f"{media_type or 'none'!r}")
+        raise APIError(
+            415, f"the request body must be sent as 'Content-Type: application/json', not {media_type or 'none'!r}"
+        )
     too_large = APIError(413, f"the request body is larger than {max_bytes} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
@@ -149,17 +174,27 @@ def number(body: dict[str, Any], name: str, default: Any, kind: type, low: float
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)) or (kind is int and value != int(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+        or (kind is int and value != int(value))
+    ):
         raise APIError(400, f"'{name}' must be a {kind.__name__}", name)
     if not low <= value <= high:
         raise APIError(400, f"'{name}' must be between {low} and {high}, got {value}", name)
     return kind(value)
 
 
-def sampling_params(body: dict[str, Any], limits: ServerLimits, default_max_tokens: int,
-                    stop_tokens: tuple[int, ...], extra_stops: tuple[str, ...], logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+def sampling_params(
+    body: dict[str, Any],
+    limits: ServerLimits,
+    default_max_tokens: int,
+    stop_tokens: tuple[int, ...],
+    extra_stops: tuple[str, ...],
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
     """prompt_logprobs: the prompt is to be scored (echo), and then max_tokens may be 0."""
     ignore_eos = flag(body, "ignore_eos")  # vLLM's extension: a fixed output length, for benchmarks
     stop = body.get("stop") or []
@@ -167,8 +202,9 @@ def sampling_params(body: dict[str, Any], limits: ServerLimits, default_max_toke
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     if any(len(s) > limits.max_stop_length for s in stop):
-        raise APIError(400, f"'stop' strings may be at most {limits.max_stop_length} characters "
-                            "(--max-stop-length)", "stop")
+        raise APIError(
+            400, f"'stop' strings may be at most {limits.max_stop_length} characters (--max-stop-length)", "stop"
+        )
     salt = body.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 256):
         raise APIError(400, "'cache_salt' must be a non-empty string of at most 256 characters", "cache_salt")
@@ -178,43 +214,58 @@ def sampling_params(body: dict[str, Any], limits: ServerLimits, default_max_toke
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=number(body, "temperature", 1.0, float, 0.0, 2.0),
-        top_p=number(body, "top_p", 1.0, float, 1e-9, 1.0), top_k=number(body, "top_k", 0, int, 0, 1 << 30) or None,
+        top_p=number(body, "top_p", 1.0, float, 1e-9, 1.0),
+        top_k=number(body, "top_k", 0, int, 0, 1 << 30) or None,
         seed=number(body, "seed", None, int, -(1 << 63), (1 << 64) - 1),
         stop_token_ids=() if ignore_eos else stop_tokens,
-        stop_strings=tuple(stop) + extra_stops, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        stop_strings=tuple(stop) + extra_stops,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         presence_penalty=number(body, "presence_penalty", 0.0, float, -2, 2),
         frequency_penalty=number(body, "frequency_penalty", 0.0, float, -2, 2),
         repetition_penalty=number(body, "repetition_penalty", 1.0, float, 1e-3, 1e3),
-        logit_bias=logit_bias(body), min_tokens=number(body, "min_tokens", 0, int, 0, max_new_tokens),
-        cache_salt=salt)
+        logit_bias=logit_bias(body),
+        min_tokens=number(body, "min_tokens", 0, int, 0, max_new_tokens),
+        cache_salt=salt,
+    )
 
 
-def check_request_size(prompts: list[list[int]], params: SamplingParams, copies: int,
-                       limits: ServerLimits) -> None:
+def check_request_size(prompts: list[list[int]], params: SamplingParams, copies: int, limits: ServerLimits) -> None:
     """The work and memory one request may claim: its tokens (prompt + output, per copy) and its logprob entries
     (a prompt is scored once however many copies it has), each a 400 naming the field and the flag."""
     prompt_tokens = sum(len(p) for p in prompts)
     tokens = (prompt_tokens + len(prompts) * params.max_new_tokens) * copies
     if tokens > limits.max_request_tokens:
         field = "prompt" if prompt_tokens * copies > limits.max_request_tokens else "max_tokens"
-        raise APIError(400, f"the request asks for {tokens} tokens ((prompt + max_tokens) × n or best_of, over "
-                            f"its prompts); this server's limit is {limits.max_request_tokens} "
-                            "(--max-request-tokens)", field)
+        raise APIError(
+            400,
+            f"the request asks for {tokens} tokens ((prompt + max_tokens) × n or best_of, over "
+            f"its prompts); this server's limit is {limits.max_request_tokens} "
+            "(--max-request-tokens)",
+            field,
+        )
     entries = 0
     if params.prompt_logprobs is not None:
         entries += (prompt_tokens - len(prompts)) * (1 + params.prompt_logprobs)
     if params.logprobs is not None:
         entries += len(prompts) * copies * params.max_new_tokens * (1 + params.logprobs)
     if entries > limits.max_logprob_entries:
-        raise APIError(400, f"the request asks for {entries} logprobs (scored tokens × (1 + top logprobs)); this "
-                            f"server's limit is {limits.max_logprob_entries} (--max-logprob-entries)", "logprobs")
+        raise APIError(
+            400,
+            f"the request asks for {entries} logprobs (scored tokens × (1 + top logprobs)); this "
+            f"server's limit is {limits.max_logprob_entries} (--max-logprob-entries)",
+            "logprobs",
+        )
 
 
 def logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
     """{"token id": bias in [-100, 100]} → ((id, bias), ...); ids outside the vocabulary are refused later."""
     bias = body.get("logit_bias") or {}
-    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
-            isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 10 for k in bias):
+    if (
+        not isinstance(bias, dict)
+        or len(bias) > MAX_LOGIT_BIAS
+        or not all(isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 10 for k in bias)
+    ):
         raise APIError(400, f"'logit_bias' must map up to {MAX_LOGIT_BIAS} token ids to numbers", "logit_bias")
     try:
         return tuple((int(k), number(bias, k, 0.0, float, -100, 100)) for k in bias)
@@ -246,8 +297,9 @@ def chat_logprobs_field(body: dict[str, Any]) -> int | None:
 
 
 def token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                           for t in value)
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def prompts(body: dict[str, Any], encode: Callable[[str], list[int]]) -> list[list[int]]:
@@ -256,10 +308,17 @@ def prompts(body: dict[str, Any], encode: Callable[[str], list[int]]) -> list[li
     prompt = body.get("prompt")
     if (isinstance(prompt, str) and prompt) or token_ids(prompt):
         prompt = [prompt]
-    if not isinstance(prompt, list) or not 1 <= len(prompt) <= MAX_PROMPTS or not all(
-            (isinstance(p, str) and p) or token_ids(p) for p in prompt):
-        raise APIError(400, "'prompt' must be a non-empty string, a non-empty list of token ids, or a list of up "
-                            f"to {MAX_PROMPTS} of either", "prompt")
+    if (
+        not isinstance(prompt, list)
+        or not 1 <= len(prompt) <= MAX_PROMPTS
+        or not all((isinstance(p, str) and p) or token_ids(p) for p in prompt)
+    ):
+        raise APIError(
+            400,
+            "'prompt' must be a non-empty string, a non-empty list of token ids, or a list of up "
+            f"to {MAX_PROMPTS} of either",
+            "prompt",
+        )
     return [encode(p) if isinstance(p, str) else p for p in prompt]
 
 
@@ -270,17 +329,21 @@ def best(candidates: list[Completion], n: int) -> list[Completion]:
     return sorted(candidates, key=lambda c: -sum(e.logprob for e in c.logprobs or []))[:n]
 
 
-def completion_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str],
-                        echoed: tuple[int, list[TokenLogprob]] | None = None) -> dict[str, Any]:
+def completion_logprobs(
+    entries: list[TokenLogprob], token_text: Callable[[int], str], echoed: tuple[int, list[TokenLogprob]] | None = None
+) -> dict[str, Any]:
     """The legacy completions format; `echoed`: (the first prompt token, the scored others) go first, the first
     with null logprobs. text_offset: where each token's text starts in the choice's text."""
     rows = [] if echoed is None else [(echoed[0], None, None)] + [(e.token, e.logprob, e.top) for e in echoed[1]]
     rows += [(e.token, e.logprob, e.top) for e in entries]
     texts = [token_text(token) for token, _, _ in rows]
     offsets = list(accumulate((len(t) for t in texts[:-1]), initial=0)) if texts else []
-    return {"tokens": texts, "token_logprobs": [logprob for _, logprob, _ in rows],
-            "top_logprobs": [None if top is None else {token_text(t): lp for t, lp in top} for _, _, top in rows],
-            "text_offset": offsets}
+    return {
+        "tokens": texts,
+        "token_logprobs": [logprob for _, logprob, _ in rows],
+        "top_logprobs": [None if top is None else {token_text(t): lp for t, lp in top} for _, _, top in rows],
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
@@ -288,16 +351,21 @@ def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str])
         text = token_text(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                        for e in entries]}
+    return {
+        "content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+    }
 
 
 def usage(completions: list[Completion], n: int = 1) -> dict[str, Any]:
     """completions: n per prompt, in order (each prompt's tokens are counted once)."""
     prompt = sum(c.prompt_tokens for c in completions[::n])
     generated = sum(len(c.token_ids) for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in completions[::n])}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
+        "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in completions[::n])},
+    }
 
 
 _METRICS = [  # (name, type, help, stats key)
@@ -307,19 +375,30 @@ _METRICS = [  # (name, type, help, stats key)
     ("nanoseek_cache_blocks_total", "gauge", "Latent-cache blocks", "cache_blocks_total"),
     ("nanoseek_cache_tokens_capacity", "gauge", "Tokens the latent cache holds", "cache_tokens_total"),
     ("nanoseek_cache_usage_ratio", "gauge", "Fraction of latent-cache blocks in use", "cache_usage"),
-    ("nanoseek_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache / prompt tokens",
-     "prefix_hit_rate"),
+    (
+        "nanoseek_prefix_cache_hit_rate",
+        "gauge",
+        "Prompt tokens found in the prefix cache / prompt tokens",
+        "prefix_hit_rate",
+    ),
     ("nanoseek_prompt_tokens_total", "counter", "Prompt tokens admitted", "prompt_tokens"),
-    ("nanoseek_prompt_tokens_cached_total", "counter", "Prompt tokens served from the prefix cache",
-     "cached_prompt_tokens"),
+    (
+        "nanoseek_prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens served from the prefix cache",
+        "cached_prompt_tokens",
+    ),
     ("nanoseek_generation_tokens_total", "counter", "Tokens generated", "generated_tokens"),
-    ("nanoseek_generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s",
-     "tokens_per_s"),
+    (
+        "nanoseek_generation_tokens_per_second",
+        "gauge",
+        "Tokens generated per second over the last 10 s",
+        "tokens_per_s",
+    ),
     ("nanoseek_spec_draft_tokens_total", "counter", "MTP draft tokens verified", "drafted_tokens"),
     ("nanoseek_spec_accepted_tokens_total", "counter", "MTP draft tokens accepted", "accepted_tokens"),
     ("nanoseek_spec_acceptance_rate", "gauge", "Accepted / drafted MTP tokens", "acceptance_rate"),
-    ("nanoseek_preemptions_total", "counter", "Sequences preempted for cache space (recomputed later)",
-     "preemptions"),
+    ("nanoseek_preemptions_total", "counter", "Sequences preempted for cache space (recomputed later)", "preemptions"),
 ]
 
 

@@ -35,8 +35,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
-            raise ValueError(f"max_new_tokens must be at least 1 (0 only to score the prompt), got "
-                             f"{self.max_new_tokens}")
+            raise ValueError(
+                f"max_new_tokens must be at least 1 (0 only to score the prompt), got {self.max_new_tokens}"
+            )
         if self.temperature < 0 or (self.top_p is not None and not 0 < self.top_p <= 1):
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.top_k is not None and self.top_k < 0:
@@ -139,7 +140,13 @@ class Sequence:
         return bool(self.output) and self.length - self.computed == 1
 
     def completion(self) -> Completion:
-        return Completion(list(self.output), self.detokenizer.text, self.finish_reason, len(self.prompt),
-                          self.cached_tokens, list(self.logprobs) if self.params.logprobs is not None else None,
-                          self.stop_logprob,
-                          list(self.prompt_logprobs) if self.params.prompt_logprobs is not None else None)
+        return Completion(
+            list(self.output),
+            self.detokenizer.text,
+            self.finish_reason,
+            len(self.prompt),
+            self.cached_tokens,
+            list(self.logprobs) if self.params.logprobs is not None else None,
+            self.stop_logprob,
+            list(self.prompt_logprobs) if self.params.prompt_logprobs is not None else None,
+        )

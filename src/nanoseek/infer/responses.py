@@ -65,17 +65,23 @@ def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def _delta_event(chunk: Callable[[int, str, list, str | None], dict[str, Any]], index: int,
-                 value: tuple[str, list]) -> str:
+def _delta_event(
+    chunk: Callable[[int, str, list, str | None], dict[str, Any]], index: int, value: tuple[str, list]
+) -> str:
     return _event(chunk(index, value[0], value[1], None))
 
 
-def stream(job: Job, request: Request, chunk: Callable[[int, str, list, str | None], dict[str, Any]],
-           usage_chunk: Callable[[list[Completion]], dict[str, Any]] | None,
-           offload: Callable[..., Awaitable[Any]]) -> JobStream:
+def stream(
+    job: Job,
+    request: Request,
+    chunk: Callable[[int, str, list, str | None], dict[str, Any]],
+    usage_chunk: Callable[[list[Completion]], dict[str, Any]] | None,
+    offload: Callable[..., Awaitable[Any]],
+) -> JobStream:
     """SSE of chunk(index, delta text, logprobs, finish_reason) dicts (and usage_chunk(the completions) last, if
     given), then [DONE]; a failure mid-stream is an error event. A delta with many logprobs (echo's prompt scores)
     is formatted through offload, off the event loop; the usual few-token delta is not worth the thread hop."""
+
     async def sse() -> AsyncIterator[str]:
         finished: dict[int, Completion] = {}
         try:
@@ -92,6 +98,7 @@ def stream(job: Job, request: Request, chunk: Callable[[int, str, list, str | No
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield _event({"error": {"message": e.message, "type": e.kind}})
+
     return JobStream(sse(), job)
 
 

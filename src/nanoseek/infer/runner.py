@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.infer.request import Sequence
-from nanoseek.infer.sampler import (LogitEdits, LogitShaping, Penalties, RowSettings, sample, token_logprobs,
-                                    verify)
+from nanoseek.infer.sampler import LogitEdits, LogitShaping, Penalties, RowSettings, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Step
-from nanoseek.models.deepseek_v4.paged import HybridStore
 from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk, Segment
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.deepseek_v4.paged import HybridStore
 
 
 @dataclass
@@ -28,8 +27,14 @@ class SeqResult:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3Model, store: PagedStore | HybridStore, block_size: int, speculate: bool,
-                 by_segments: bool):
+    def __init__(
+        self,
+        model: DeepseekV3Model,
+        store: PagedStore | HybridStore,
+        block_size: int,
+        speculate: bool,
+        by_segments: bool,
+    ):
         """by_segments: the store keeps part of each sequence in a state slot (V4), and a forward addresses it by
         segment (state slot, block table) rather than by the slots of each token and context."""
         self.model, self.store, self.block_size, self.speculate = model, store, block_size, speculate
@@ -66,7 +71,7 @@ class ModelRunner:
             else:
                 slots.append(self.slots(seq, seq.computed, seq.computed + length))
                 context = self.slots(seq, 0, seq.computed + length)
-            ids += seq.tokens[seq.computed: seq.computed + length]
+            ids += seq.tokens[seq.computed : seq.computed + length]
             positions.append(torch.arange(seq.computed, seq.computed + length))
             chunks.append(PrefillChunk(start, length, context.to(self.device)))
             start += length
@@ -74,8 +79,15 @@ class ModelRunner:
         if contexts:
             decode_context = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True).to(self.device)
         flat_slots = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
-        batch = PagedBatch(torch.cat(positions).to(self.device), flat_slots.to(self.device),
-                           len(step.decode), width, decode_context, chunks, segments)
+        batch = PagedBatch(
+            torch.cat(positions).to(self.device),
+            flat_slots.to(self.device),
+            len(step.decode),
+            width,
+            decode_context,
+            chunks,
+            segments,
+        )
         ids_t = torch.tensor(ids, device=self.device)
         hidden = self.model.forward_paged(ids_t, batch, self.store)
         return self._sample(step, batch, ids_t, hidden)
@@ -85,18 +97,25 @@ class ModelRunner:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
         params = [s.params for s in seqs]
-        return RowSettings(column([p.temperature for p in params], torch.float32),
-                           column([p.top_k or 0 for p in params], torch.long),
-                           column([p.top_p or 1.0 for p in params], torch.float32),
-                           column([s.seed for s in seqs], torch.long), column([s.draws for s in seqs], torch.long),
-                           all_greedy=all(p.temperature <= 0 for p in params),
-                           unfiltered=all(not p.top_k and (p.top_p or 1.0) >= 1.0 for p in params))
+        return RowSettings(
+            column([p.temperature for p in params], torch.float32),
+            column([p.top_k or 0 for p in params], torch.long),
+            column([p.top_p or 1.0 for p in params], torch.float32),
+            column([s.seed for s in seqs], torch.long),
+            column([s.draws for s in seqs], torch.long),
+            all_greedy=all(p.temperature <= 0 for p in params),
+            unfiltered=all(not p.top_k and (p.top_p or 1.0) >= 1.0 for p in params),
+        )
 
-    def _sample(self, step: Step, batch: PagedBatch, ids: torch.Tensor,
-                hidden: torch.Tensor) -> dict[Sequence, SeqResult]:
+    def _sample(
+        self, step: Step, batch: PagedBatch, ids: torch.Tensor, hidden: torch.Tensor
+    ) -> dict[Sequence, SeqResult]:
         decode_tokens = batch.decode_tokens
-        finals = [(seq, chunk) for (seq, _), chunk in zip(step.prefill, batch.prefills)
-                  if seq.computed + chunk.length == seq.length]
+        finals = [
+            (seq, chunk)
+            for (seq, _), chunk in zip(step.prefill, batch.prefills)
+            if seq.computed + chunk.length == seq.length
+        ]
         final_rows = [chunk.start + chunk.length - 1 for _, chunk in finals]
         rows = torch.cat([torch.arange(decode_tokens), torch.tensor(final_rows, dtype=torch.long)]).to(self.device)
         logits = self.model.logits(hidden[rows])
@@ -111,21 +130,38 @@ class ModelRunner:
             dec_logits = sampled_logits[:decode_tokens]
             if self.speculate:
                 drafts = torch.tensor([s.draft for s in step.decode], device=self.device)
-                draft_probs = None if settings.all_greedy else torch.stack([
-                    s.draft_probs if s.draft_probs is not None  # a greedy row's draft: its one-hot
-                    else torch.zeros_like(logits[0]).index_fill_(0, torch.tensor(s.draft, device=self.device), 1.0)
-                    for s in step.decode])
+                draft_probs = (
+                    None
+                    if settings.all_greedy
+                    else torch.stack(
+                        [
+                            s.draft_probs
+                            if s.draft_probs is not None  # a greedy row's draft: its one-hot
+                            else torch.zeros_like(logits[0]).index_fill_(
+                                0, torch.tensor(s.draft, device=self.device), 1.0
+                            )
+                            for s in step.decode
+                        ]
+                    )
+                )
                 accepted, pairs = verify(dec_logits.view(len(step.decode), 2, -1), drafts, draft_probs, settings)
                 sampled = pairs.flatten()
                 parts.append(accepted.float())
             else:
                 sampled = sample(dec_logits, settings)[0]
         if finals:
-            sampled = torch.cat([sampled, sample(sampled_logits[decode_tokens:],
-                                                 self._settings([s for s, _ in finals]))[0]])
+            sampled = torch.cat(
+                [sampled, sample(sampled_logits[decode_tokens:], self._settings([s for s, _ in finals]))[0]]
+            )
         parts.append(sampled.float())
-        top = max((s.params.logprobs or 0 for s in step.decode + [seq for seq, _ in step.prefill]
-                   if s.params.logprobs is not None), default=None)
+        top = max(
+            (
+                s.params.logprobs or 0
+                for s in step.decode + [seq for seq, _ in step.prefill]
+                if s.params.logprobs is not None
+            ),
+            default=None,
+        )
         if top is not None:
             parts.append(token_logprobs(logits, sampled, top).flatten())
         scored = self._scored_prompt_rows(step, batch)
@@ -151,8 +187,9 @@ class ModelRunner:
         for seq, _ in rows:
             if seq.logit_edits is None:
                 p = seq.params
-                seq.logit_edits = LogitEdits.build(seq.prompt, p.penalizes, p.repetition_penalty != 1.0, p.logit_bias,
-                                                   vocab, self.device)
+                seq.logit_edits = LogitEdits.build(
+                    seq.prompt, p.penalizes, p.repetition_penalty != 1.0, p.logit_bias, vocab, self.device
+                )
             seq.logit_edits.catch_up(seq.output)
             edits.append(seq.logit_edits)
 
@@ -169,17 +206,26 @@ class ModelRunner:
             generated = stacked([e.counts for e in edits], torch.float32)
             if drafted:  # a row verifying a draft samples after it: the draft counts as generated
                 index = torch.tensor(drafted, device=self.device).T
-                generated.index_put_((index[0], index[1]), torch.ones(len(drafted), device=self.device),
-                                     accumulate=True)
+                generated.index_put_(
+                    (index[0], index[1]), torch.ones(len(drafted), device=self.device), accumulate=True
+                )
             seen = generated > 0
             if any(e.prompt_seen is not None for e in edits):
                 seen |= stacked([e.prompt_seen for e in edits], torch.bool)
-            penalties = Penalties(generated, seen, column([p.presence_penalty for p in params]),
-                                  column([p.frequency_penalty for p in params]),
-                                  column([p.repetition_penalty for p in params]))
+            penalties = Penalties(
+                generated,
+                seen,
+                column([p.presence_penalty for p in params]),
+                column([p.frequency_penalty for p in params]),
+                column([p.repetition_penalty for p in params]),
+            )
         bias = stacked([e.bias for e in edits], torch.float32) if any(e.bias is not None for e in edits) else None
-        banned_pairs = [(r, t) for r, ((seq, draft), p) in enumerate(zip(rows, params))
-                        if len(seq.output) + (draft is not None) < p.min_tokens for t in p.stop_token_ids]
+        banned_pairs = [
+            (r, t)
+            for r, ((seq, draft), p) in enumerate(zip(rows, params))
+            if len(seq.output) + (draft is not None) < p.min_tokens
+            for t in p.stop_token_ids
+        ]
         banned = None
         if banned_pairs:
             index = torch.tensor(banned_pairs, device=self.device).T
@@ -205,9 +251,16 @@ class ModelRunner:
                 scored.append((seq, rows))
         return scored
 
-    def _draft(self, step: Step, batch: PagedBatch, ids: torch.Tensor, hidden: torch.Tensor,
-               accepted: torch.Tensor | None, sampled: torch.Tensor,
-               finals: list[tuple[Sequence, PrefillChunk]]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def _draft(
+        self,
+        step: Step,
+        batch: PagedBatch,
+        ids: torch.Tensor,
+        hidden: torch.Tensor,
+        accepted: torch.Tensor | None,
+        sampled: torch.Tensor,
+        finals: list[tuple[Sequence, PrefillChunk]],
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The MTP module over every position of the step (it fills its own cache at each), reading t_{i+1}: the
         verified tokens for decode rows, the next prompt token (or the token just sampled) for prefill chunks.
         → drafts and their distributions for the decoding and newly decoding sequences."""
@@ -218,8 +271,7 @@ class ModelRunner:
             end = seq.computed + length
             if end < seq.length:
                 next_ids[chunk.start + length - 1] = seq.tokens[end]
-        final_rows = torch.tensor([c.start + c.length - 1 for _, c in finals], dtype=torch.long,
-                                  device=self.device)
+        final_rows = torch.tensor([c.start + c.length - 1 for _, c in finals], dtype=torch.long, device=self.device)
         next_ids[final_rows] = sampled[decode_tokens:]
         draft_hidden = self.model.mtp_forward_paged(hidden, next_ids, batch, self.store)
         seqs = step.decode + [seq for seq, _ in finals]
@@ -231,30 +283,41 @@ class ModelRunner:
         draft_logits = self.model.mtp_logits(draft_hidden[torch.cat([decode_rows, final_rows])])
         return sample(draft_logits, self._settings(seqs), stream=3)
 
-    def _unpack(self, step: Step, host: list[float], finals: list[tuple[Sequence, PrefillChunk]], top: int | None,
-                drafted: tuple[torch.Tensor, torch.Tensor | None] | None,
-                scored: list[tuple[Sequence, list[tuple[int, int]]]], prompt_top: int) -> dict[Sequence, SeqResult]:
+    def _unpack(
+        self,
+        step: Step,
+        host: list[float],
+        finals: list[tuple[Sequence, PrefillChunk]],
+        top: int | None,
+        drafted: tuple[torch.Tensor, torch.Tensor | None] | None,
+        scored: list[tuple[Sequence, list[tuple[int, int]]]],
+        prompt_top: int,
+    ) -> dict[Sequence, SeqResult]:
         width = 2 if self.speculate else 1
         n_dec = len(step.decode)
         at = 0
         flags = host[:n_dec] if self.speculate else [0.0] * n_dec
         at += n_dec if self.speculate else 0
-        tokens = [int(t) for t in host[at: at + n_dec * width + len(finals)]]
+        tokens = [int(t) for t in host[at : at + n_dec * width + len(finals)]]
         at += len(tokens)
         stride = 1 + 2 * top if top is not None else 0
-        logprobs = [host[at + i * stride: at + (i + 1) * stride] for i in range(len(tokens))]
+        logprobs = [host[at + i * stride : at + (i + 1) * stride] for i in range(len(tokens))]
         at += stride * len(tokens)
         prompt_rows: dict[Sequence, list[list[float]]] = {}
         for seq, rows in scored:
-            prompt_rows[seq] = [host[at + i * (1 + 2 * prompt_top): at + (i + 1) * (1 + 2 * prompt_top)]
-                                for i in range(len(rows))]
+            prompt_rows[seq] = [
+                host[at + i * (1 + 2 * prompt_top) : at + (i + 1) * (1 + 2 * prompt_top)] for i in range(len(rows))
+            ]
             at += len(rows) * (1 + 2 * prompt_top)
         drafts = [int(t) for t in host[at:]]
         results: dict[Sequence, SeqResult] = {}
         for i, seq in enumerate(step.decode):
             keep = 2 if flags[i] else 1
-            results[seq] = SeqResult(tokens[i * width: i * width + keep], keep if self.speculate else 1,
-                                     logprobs[i * width: i * width + keep])
+            results[seq] = SeqResult(
+                tokens[i * width : i * width + keep],
+                keep if self.speculate else 1,
+                logprobs[i * width : i * width + keep],
+            )
         for j, (seq, _) in enumerate(finals):
             results[seq] = SeqResult([tokens[n_dec * width + j]], 0, [logprobs[n_dec * width + j]])
         for seq, length in step.prefill:

@@ -61,9 +61,11 @@ class RowSettings:
 
     def repeat(self, times: int) -> RowSettings:
         """Each row `times` times in a row (for a sequence's several tokens)."""
-        return RowSettings(*(t.repeat_interleave(times) for t in (self.temperature, self.top_k, self.top_p,
-                                                                   self.seeds, self.draws)),
-                           self.all_greedy, self.unfiltered)
+        return RowSettings(
+            *(t.repeat_interleave(times) for t in (self.temperature, self.top_k, self.top_p, self.seeds, self.draws)),
+            self.all_greedy,
+            self.unfiltered,
+        )
 
 
 def probabilities(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
@@ -104,8 +106,9 @@ def sample(logits: torch.Tensor, rows: RowSettings, stream: int = 0) -> tuple[to
     return draw(probs, rows, stream), probs
 
 
-def verify(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
-           rows: RowSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(
+    target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None, rows: RowSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """target_logits [rows, 2, vocab] at the pending token and at the draft, drafts [rows] drawn from draft_probs
     [rows, vocab] (None: all greedy) → (accepted [rows] bool, tokens [rows, 2]): the draft and the token after it
     if accepted, else the replacement (twice; the second is to be ignored)."""
@@ -186,8 +189,14 @@ class LogitEdits:
     counted: int = 0  # how many of the sequence's output tokens `counts` holds
 
     @staticmethod
-    def build(prompt: list[int], penalizes: bool, repetition: bool, bias: tuple[tuple[int, float], ...],
-              vocab: int, device: torch.device) -> LogitEdits:
+    def build(
+        prompt: list[int],
+        penalizes: bool,
+        repetition: bool,
+        bias: tuple[tuple[int, float], ...],
+        vocab: int,
+        device: torch.device,
+    ) -> LogitEdits:
         counts = torch.zeros(vocab, device=device) if penalizes else None
         seen = None
         if repetition:
@@ -196,13 +205,16 @@ class LogitEdits:
         added = None
         if bias:
             added = torch.zeros(vocab, device=device)
-            added.index_put_((torch.tensor([t for t, _ in bias], device=device),),
-                             torch.tensor([v for _, v in bias], device=device), accumulate=True)
+            added.index_put_(
+                (torch.tensor([t for t, _ in bias], device=device),),
+                torch.tensor([v for _, v in bias], device=device),
+                accumulate=True,
+            )
         return LogitEdits(counts, seen, added)
 
     def catch_up(self, output: list[int]) -> None:
         """Counts the output tokens sampled since the last call."""
         if self.counts is not None and len(output) > self.counted:
-            new = torch.tensor(output[self.counted:], device=self.counts.device)
+            new = torch.tensor(output[self.counted :], device=self.counts.device)
             self.counts.index_add_(0, new, torch.ones(len(new), device=self.counts.device))
         self.counted = len(output)

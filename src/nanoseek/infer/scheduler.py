@@ -78,8 +78,11 @@ class Scheduler:
         """Find its cached prefix and room for its first chunk (what is left of the step's token budget), or leave
         it waiting (holding nothing)."""
         # a prompt to be scored is computed whole: a cached block has no logits to give
-        cached = self.blocks.match_prefix(seq.tokens, self.blocks.root(seq.params.cache_salt)) \
-            if seq.params.prompt_logprobs is None else []
+        cached = (
+            self.blocks.match_prefix(seq.tokens, self.blocks.root(seq.params.cache_salt))
+            if seq.params.prompt_logprobs is None
+            else []
+        )
         seq.blocks, seq.computed = cached, len(cached) * self.blocks.block_size
         seq.restore_from = self.blocks.snapshot_of[cached[-1]] if cached and self.blocks.needs_snapshots else None
         seq.hashed_blocks = len(cached)

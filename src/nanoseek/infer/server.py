@@ -37,9 +37,15 @@ from nanoseek.infer.protocol import APIError, ServerLimits
 from nanoseek.infer.request import SamplingParams
 
 
-def create_app(model_dir: str | Path, api_key: str | None = None, config: EngineConfig | None = None,
-               limits: ServerLimits = ServerLimits(), device: torch.device | None = None,
-               dtype: torch.dtype | None = None, allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+def create_app(
+    model_dir: str | Path,
+    api_key: str | None = None,
+    config: EngineConfig | None = None,
+    limits: ServerLimits = ServerLimits(),
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    allowed_hosts: tuple[str, ...] | None = None,
+) -> FastAPI:
     """device/dtype: where the weights load and the latent cache lives (default: the CPU in fp32). allowed_hosts:
     the Host header names served (None: any), the guard against DNS rebinding."""
     if api_key is not None and not api_key:
@@ -69,8 +75,14 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
             raise APIError(503, "the server is shutting down", kind="server_error")
 
     # the generated docs as routes of their own, so that the key guards them like every other route
-    app = FastAPI(title="nanoseek", version="0.2", dependencies=[Depends(authenticate)], docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="nanoseek",
+        version="0.2",
+        dependencies=[Depends(authenticate)],
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.engine, app.state.loop = engine, runner
 
     async def offload(work: Callable[..., Any], *args: Any) -> Any:
@@ -108,19 +120,31 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     async def read_body(request: Request, fields: set[str]) -> dict[str, Any]:
         body = await offload(protocol.parse_json_object, await protocol.read_body(request, limits.max_body_bytes))
         if body.get("model", model_name) != model_name:
-            raise APIError(404, f"the model {body['model']!r} does not exist; this server has {model_name!r}",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model {body['model']!r} does not exist; this server has {model_name!r}",
+                "model",
+                "model_not_found",
+            )
         protocol.check_fields(body, fields)
         return body
 
     def start(prompts: list[list[int]], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop) -> Job:
         protocol.check_request_size(prompts, params, n, limits)
         if n * len(prompts) > limits.max_waiting:  # could never be queued: no retry would help
-            raise APIError(400, f"the request needs {n * len(prompts)} sequences (n or best_of × prompts); this "
-                                f"server queues at most {limits.max_waiting} (--max-waiting)", "n")
+            raise APIError(
+                400,
+                f"the request needs {n * len(prompts)} sequences (n or best_of × prompts); this "
+                f"server queues at most {limits.max_waiting} (--max-waiting)",
+                "n",
+            )
         if engine.waiting + n * len(prompts) > limits.max_waiting:
-            raise APIError(429, f"the server is at capacity ({engine.waiting} sequences waiting); retry later",
-                           kind="rate_limit_error", headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the server is at capacity ({engine.waiting} sequences waiting); retry later",
+                kind="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         try:
             return runner.submit(prompts, params, n, loop)
         except ValueError as e:
@@ -139,8 +163,10 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(protocol.prometheus(engine.stats(), list(engine.histograms.values())),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            protocol.prometheus(engine.stats(), list(engine.histograms.values())),
+            media_type="text/plain; version=0.0.4",
+        )
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
@@ -152,19 +178,35 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "nanoseek", "max_model_len": engine.max_len,
-                                            "dtype": str(engine.dtype).removeprefix("torch."),
-                                            "device": str(engine.device)}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "nanoseek",
+                    "max_model_len": engine.max_len,
+                    "dtype": str(engine.dtype).removeprefix("torch."),
+                    "device": str(engine.device),
+                }
+            ],
+        }
 
     end = tokenizer.id_to_token(stop_tokens[0]) if stop_tokens else None  # for a directory without a config
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
         """vLLM's endpoint, which lm-evaluation-harness probes to tokenize through the server."""
-        return {"bos_token": end, "eos_token": end, "pad_token": end, **template.special,
-                "chat_template": template.template, "model_max_length": engine.max_len,
-                "tokenizer_class": "PreTrainedTokenizerFast"}
+        return {
+            "bos_token": end,
+            "eos_token": end,
+            "pad_token": end,
+            **template.special,
+            "chat_template": template.template,
+            "model_max_length": engine.max_len,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
@@ -178,6 +220,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
         def tokens() -> dict[str, Any]:
             ids = encode(body["prompt"], special)
             return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_len}
+
         return await offload(rendered, tokens)
 
     @app.post("/detokenize")
@@ -186,14 +229,26 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
 
         def text() -> dict[str, Any]:
             tokens = body.get("tokens")
-            if not (tokens == [] or protocol.token_ids(tokens)) or not all(0 <= t < tokenizer.get_vocab_size()
-                                                                           for t in tokens):
+            if not (tokens == [] or protocol.token_ids(tokens)) or not all(
+                0 <= t < tokenizer.get_vocab_size() for t in tokens
+            ):
                 raise APIError(400, "'tokens' must be a list of token ids of the vocabulary", "tokens")
             return {"prompt": tokenizer.decode(tokens)}
+
         return await offload(rendered, text)
 
-    context = endpoints.Context(tokenizer, template, as_text, encode, token_text, start, envelope, stop_tokens,
-                                limits, min(engine.max_len, engine.cache_tokens - 1))
+    context = endpoints.Context(
+        tokenizer,
+        template,
+        as_text,
+        encode,
+        token_text,
+        start,
+        envelope,
+        stop_tokens,
+        limits,
+        min(engine.max_len, engine.cache_tokens - 1),
+    )
 
     async def answer(request: Request, fields: set[str], prepare: Callable[..., endpoints.Prepared]) -> Any:
         body = await read_body(request, fields)
@@ -213,8 +268,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, config: Engine
     return app
 
 
-def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float,
-          listener: socket.socket | None = None) -> None:
+def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float, listener: socket.socket | None = None) -> None:
     """Run until SIGTERM/SIGINT: then refuse new requests, give running ones `shutdown_timeout` seconds, abort the
     rest. `listener`: an already bound and listening socket to serve on, instead of binding host:port."""
     import uvicorn
@@ -242,7 +296,6 @@ def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float,
             if sig == signal.SIGTERM and sig in self._captured_signals:  # uvicorn re-raises caught signals after
                 self._captured_signals.remove(sig)  # shutting down; SIGTERM ends in 0
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=shutdown_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
     Server(config).run(sockets=None if listener is None else [listener])
     runner.abort_all()

@@ -10,9 +10,9 @@ from nanoseek.config import ModelConfig
 from nanoseek.models.common.paged import StoreLayout
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.models.deepseek_v3.paged import LatentLayout
-from nanoseek.models.deepseek_v32.model import DeepseekV32Model
 from nanoseek.models.deepseek_v4.model import DeepseekV4Model
 from nanoseek.models.deepseek_v4.paged import HybridLayout
+from nanoseek.models.deepseek_v32.model import DeepseekV32Model
 from nanoseek.models.llama.model import GroupedLayout, LlamaModel
 
 

@@ -43,13 +43,16 @@ class ExpertParallelExperts(nn.Module):
         dist.all_to_all_single(received, counts, group=self.group)  # [source rank, local expert] counts
         received = received.view(self.ep, self.local)
         # the one host transfer of the layer: the all-to-all's split sizes (both directions at once)
-        send_splits, recv_splits = torch.stack([counts.view(self.ep, self.local).sum(dim=1),
-                                                received.sum(dim=1)]).tolist()
-        arrived = dist_fn.all_to_all_single(x.new_empty(sum(recv_splits), x.shape[1]), x.contiguous(),
-                                            recv_splits, send_splits, group=self.group)
+        send_splits, recv_splits = torch.stack(
+            [counts.view(self.ep, self.local).sum(dim=1), received.sum(dim=1)]
+        ).tolist()
+        arrived = dist_fn.all_to_all_single(
+            x.new_empty(sum(recv_splits), x.shape[1]), x.contiguous(), recv_splits, send_splits, group=self.group
+        )
         # arrived is ordered (source, local expert); the grouped GEMM wants (local expert, source)
-        expert_of_row = torch.repeat_interleave(torch.arange(self.local, device=x.device).repeat(self.ep),
-                                                received.flatten(), output_size=sum(recv_splits))
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(self.local, device=x.device).repeat(self.ep), received.flatten(), output_size=sum(recv_splits)
+        )
         order = expert_of_row.argsort(stable=True)
         local_ends = received.sum(dim=0).cumsum(0).to(torch.int32)
         gate_up, down = self.gate_up.to_local(), self.down.to_local()
@@ -59,8 +62,7 @@ class ExpertParallelExperts(nn.Module):
         me = dist.get_rank(self.group)
         row_bytes = x.shape[1] * x.element_size()
         self.sent_bytes += (sum(send_splits) - send_splits[me] + sum(recv_splits) - recv_splits[me]) * row_bytes
-        return dist_fn.all_to_all_single(x.new_empty(x.shape), unordered, send_splits, recv_splits,
-                                         group=self.group)
+        return dist_fn.all_to_all_single(x.new_empty(x.shape), unordered, send_splits, recv_splits, group=self.group)
 
 
 def apply_expert_parallel(model: DeepseekV3Model, mesh: DeviceMesh) -> None:

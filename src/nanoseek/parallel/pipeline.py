@@ -28,9 +28,13 @@ from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.parallel.setup import Parallelism, shard_blocks, shard_experts
 
 # name → (schedule class, stages per rank, V-shaped placement: rank r holds stages r and 2·pp-1-r)
-SCHEDULES = {"gpipe": (ScheduleGPipe, 1, False), "1f1b": (Schedule1F1B, 1, False),
-             "interleaved1f1b": (ScheduleInterleaved1F1B, 2, False), "zbv": (ScheduleZBVZeroBubble, 2, True),
-             "dualpipev": (ScheduleDualPipeV, 2, True)}
+SCHEDULES = {
+    "gpipe": (ScheduleGPipe, 1, False),
+    "1f1b": (Schedule1F1B, 1, False),
+    "interleaved1f1b": (ScheduleInterleaved1F1B, 2, False),
+    "zbv": (ScheduleZBVZeroBubble, 2, True),
+    "dualpipev": (ScheduleDualPipeV, 2, True),
+}
 
 
 class StageModule(nn.Module):
@@ -89,15 +93,24 @@ def stage_indices(rank: int, pp: int, schedule: str) -> list[int]:
     return [rank, 2 * pp - 1 - rank] if v_shape else [rank, rank + pp]
 
 
-def build_pipeline(model: DeepseekV3Model, rank: int, pp: int, schedule: str, n_microbatches: int,
-                   loss_fn: Callable, device: torch.device, group=None,
-                   shard: Callable[[list[nn.Module]], None] | None = None) -> tuple[object, list[int]]:
+def build_pipeline(
+    model: DeepseekV3Model,
+    rank: int,
+    pp: int,
+    schedule: str,
+    n_microbatches: int,
+    loss_fn: Callable,
+    device: torch.device,
+    group=None,
+    shard: Callable[[list[nn.Module]], None] | None = None,
+) -> tuple[object, list[int]]:
     """Prunes `model` in place to this rank's stages; → (schedule, this rank's stage indices)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if model.config.tie_word_embeddings:
-        raise ConfigError("pipeline parallelism needs untied embeddings (the head and embedding sit on "
-                          "different stages)")
+        raise ConfigError(
+            "pipeline parallelism needs untied embeddings (the head and embedding sit on different stages)"
+        )
     cls, per_rank, _ = SCHEDULES[schedule]
     n_stages = pp * per_rank
     n_layers = model.config.num_hidden_layers
@@ -125,24 +138,32 @@ def build_pipeline(model: DeepseekV3Model, rank: int, pp: int, schedule: str, n_
     try:
         runner = cls(stages[0] if per_rank == 1 else stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
     except ValueError as e:  # e.g. too few micro-batches for the stages
-        raise ConfigError(f"pipeline schedule {schedule!r}: {e} (micro-batches are the sequences each "
-                          "data-parallel rank trains on per step: raise train.batch_size)") from None
+        raise ConfigError(
+            f"pipeline schedule {schedule!r}: {e} (micro-batches are the sequences each "
+            "data-parallel rank trains on per step: raise train.batch_size)"
+        ) from None
     return runner, mine
 
 
 def pipeline_loss(mtp_weight: float, record: list[torch.Tensor]) -> Callable:
     """The last stage's loss: LM cross-entropy + λ · mean MTP cross-entropy; records both per micro-batch as a
     detached [2] tensor on the device (no host sync)."""
+
     def loss_fn(outputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
         logits, *mtp = outputs
         lm = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
         if not mtp:
             record.append(torch.stack([lm.detach(), torch.zeros_like(lm)]))
             return lm
-        mtp_loss = torch.stack([F.cross_entropy(m.flatten(0, 1).float(), target[:, k:].flatten(), ignore_index=-100)
-                                for k, m in enumerate(mtp, start=1)]).mean()
+        mtp_loss = torch.stack(
+            [
+                F.cross_entropy(m.flatten(0, 1).float(), target[:, k:].flatten(), ignore_index=-100)
+                for k, m in enumerate(mtp, start=1)
+            ]
+        ).mean()
         record.append(torch.stack([lm, mtp_loss]).detach())
         return lm + mtp_weight * mtp_loss
+
     return loss_fn
 
 
@@ -155,23 +176,32 @@ class PipelineRunner:
         self.device, self.n_microbatches, self.dp = par.device, batch_size, par.dp  # a sequence per micro-batch
         shard = None
         if par.dp > 1:
+
             def shard(modules: list[StageModule]) -> None:
                 shard_experts(model, par)  # this rank's pruned model: only its stages' MoE layers
                 for module in modules:  # each block, then each stage as a root
                     shard_blocks([*module.blocks, *(m.block for m in module.mtp or [])], module, par)
+
         pp, schedule = par.pp, par.pp_schedule
-        self.schedule, stages = build_pipeline(model, par.pp_rank, pp, schedule, batch_size,
-                                               pipeline_loss(mtp_weight, self.record), par.device, par.pp_group,
-                                               shard)
+        self.schedule, stages = build_pipeline(
+            model,
+            par.pp_rank,
+            pp,
+            schedule,
+            batch_size,
+            pipeline_loss(mtp_weight, self.record),
+            par.device,
+            par.pp_group,
+            shard,
+        )
         self.first, self.last = 0 in stages, SCHEDULES[schedule][1] * pp - 1 in stages
         self.model, self.v_shaped = model, SCHEDULES[schedule][2]
 
     def _run(self, method: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """→ [LM loss, MTP loss] of the whole global batch, on the device, on every rank."""
         self.record.clear()
-        method(*([x.to(self.device)] if self.first else []), target=y.to(self.device) if self.last else None,
-               losses=[])
-        real = self.record[-self.n_microbatches:]  # earlier entries: a shape-inference pass
+        method(*([x.to(self.device)] if self.first else []), target=y.to(self.device) if self.last else None, losses=[])
+        real = self.record[-self.n_microbatches :]  # earlier entries: a shape-inference pass
         totals = (torch.stack(real).mean(dim=0) if real else torch.zeros(2, device=self.device)).float()
         torch.distributed.all_reduce(totals)  # only the last stage's ranks contribute, one per data-parallel rank
         return totals / self.dp

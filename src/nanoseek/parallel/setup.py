@@ -13,11 +13,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from nanoseek.errors import ConfigError, NanoseekError, first_line
+from nanoseek.models.common.moe import HashRouter, Router
+from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor
 from nanoseek.models.deepseek_v4.hyper import HyperConnection, HyperHead
 from nanoseek.models.deepseek_v32.indexer import LightningIndexer
-from nanoseek.models.common.moe import HashRouter, Router
-from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.parallel.expert_parallel import apply_expert_parallel
 
 
@@ -60,8 +60,14 @@ class Parallelism:
         return self.dp * self.pp
 
 
-def init_parallelism(dp: int | None, ep: int, pp: int = 1, pp_schedule: str = "1f1b",
-                     timeout_s: float = 120, checkpoint_timeout_s: float = 1800) -> Parallelism:
+def init_parallelism(
+    dp: int | None,
+    ep: int,
+    pp: int = 1,
+    pp_schedule: str = "1f1b",
+    timeout_s: float = 120,
+    checkpoint_timeout_s: float = 1800,
+) -> Parallelism:
     """Reads torchrun's WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU; on CUDA, NCCL for CUDA tensors plus gloo for any
     CPU tensor a library collective brings (object broadcasts). A lost peer surfaces as an error on the others
     within timeout_s (NCCL's and gloo's collectives alike) instead of a hang; checkpoints run over a gloo group of
@@ -76,8 +82,10 @@ def init_parallelism(dp: int | None, ep: int, pp: int = 1, pp_schedule: str = "1
         # with their split input-/weight-gradient backward, FSDP's gradient reduction does not give the
         # one-process gradients (DP2 x PP2, 4 layers: gradient norms 3 % off with zbv, 0.3 % with dualpipev):
         # refused rather than trained subtly wrong
-        raise ConfigError(f"--pp-schedule {pp_schedule} with --dp > 1 is not supported yet; use gpipe, 1f1b or "
-                          "interleaved1f1b, or --pp alone")
+        raise ConfigError(
+            f"--pp-schedule {pp_schedule} with --dp > 1 is not supported yet; use gpipe, 1f1b or "
+            "interleaved1f1b, or --pp alone"
+        )
     if ep < 1 or dp % ep:
         raise ConfigError(f"--ep {ep} must divide --dp {dp}")
     if world == 1:
@@ -94,12 +102,20 @@ def init_parallelism(dp: int | None, ep: int, pp: int = 1, pp_schedule: str = "1
     # (dp_replicate x ep, flattened) and the experts sharded over "ep", then FSDP-sharded over "dp_replicate" (the
     # ranks holding the same experts). Sub-meshes of one root let FSDP shard those DTensors further (its 2-D path).
     mesh = init_device_mesh(device.type, (pp, dp // ep, ep), mesh_dim_names=("pp", "dp_replicate", "ep"))
-    return Parallelism(dp, ep, pp, pp_schedule, dist.get_rank(), device,
-                       dp_mesh=mesh["dp_replicate", "ep"]._flatten("dp"),
-                       ep_mesh=mesh["ep"] if ep > 1 else None,
-                       expert_dp_mesh=mesh["dp_replicate"] if ep > 1 else None,
-                       pp_rank=mesh.get_local_rank("pp"), pp_group=mesh["pp"].get_group() if pp > 1 else None,
-                       checkpoint_group=checkpoint_group)
+    return Parallelism(
+        dp,
+        ep,
+        pp,
+        pp_schedule,
+        dist.get_rank(),
+        device,
+        dp_mesh=mesh["dp_replicate", "ep"]._flatten("dp"),
+        ep_mesh=mesh["ep"] if ep > 1 else None,
+        expert_dp_mesh=mesh["dp_replicate"] if ep > 1 else None,
+        pp_rank=mesh.get_local_rank("pp"),
+        pp_group=mesh["pp"].get_group() if pp > 1 else None,
+        checkpoint_group=checkpoint_group,
+    )
 
 
 def explain_failure(error: BaseException, par: Parallelism, timeout_s: float) -> NanoseekError | None:
@@ -108,14 +124,18 @@ def explain_failure(error: BaseException, par: Parallelism, timeout_s: float) ->
     anything else, which keeps its traceback."""
     text = str(error)
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text:
-        return NanoseekError(f"rank {par.rank}: out of memory on {par.device}: {first_line(error)} (try a smaller "
-                             "train.batch_size with a larger train.grad_accum, train.recompute=true, or more "
-                             "processes)")
+        return NanoseekError(
+            f"rank {par.rank}: out of memory on {par.device}: {first_line(error)} (try a smaller "
+            "train.batch_size with a larger train.grad_accum, train.recompute=true, or more "
+            "processes)"
+        )
     peer_trouble = ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
     if par.distributed and (isinstance(error, dist.DistError) or any(w in text.lower() for w in peer_trouble)):
-        return NanoseekError(f"rank {par.rank}: a collective with the other processes failed (did one die, or wait "
-                             f"past train.collective_timeout_s={timeout_s:g}?): {type(error).__name__}: "
-                             f"{first_line(error)}")
+        return NanoseekError(
+            f"rank {par.rank}: a collective with the other processes failed (did one die, or wait "
+            f"past train.collective_timeout_s={timeout_s:g}?): {type(error).__name__}: "
+            f"{first_line(error)}"
+        )
     return None
 
 

@@ -49,15 +49,24 @@ class PostConfig:
         if not self.lr > 0 or self.warmup_steps < 0:
             raise NanoseekError("--lr must be positive and --warmup-steps >= 0")
         if self.grad_accum > self.batch_size:
-            raise NanoseekError(f"--grad-accum {self.grad_accum} is more than the --batch-size {self.batch_size}: "
-                                "each micro-batch needs a conversation")
+            raise NanoseekError(
+                f"--grad-accum {self.grad_accum} is more than the --batch-size {self.batch_size}: "
+                "each micro-batch needs a conversation"
+            )
         if self.precision not in ("auto", "fp32", "bf16"):
             raise NanoseekError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     def schedule(self) -> TrainConfig:
         """The pretraining trainer's AdamW settings and warmup + cosine schedule, without weight decay."""
-        return TrainConfig(lr=self.lr, max_steps=self.max_steps, warmup_steps=min(self.warmup_steps, self.max_steps),
-                           weight_decay=0.0, min_lr_ratio=0.1, seed=self.seed, precision=self.precision)
+        return TrainConfig(
+            lr=self.lr,
+            max_steps=self.max_steps,
+            warmup_steps=min(self.warmup_steps, self.max_steps),
+            weight_decay=0.0,
+            min_lr_ratio=0.1,
+            seed=self.seed,
+            precision=self.precision,
+        )
 
 
 def resize_vocab(model: DeepseekV3Model, vocab_size: int) -> DeepseekV3Model:
@@ -77,8 +86,9 @@ def device_for_run() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model_dir(source: Path, device: torch.device,
-                   dtype: torch.dtype = torch.float32) -> tuple[DeepseekV3Model, Tokenizer]:
+def load_model_dir(
+    source: Path, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[DeepseekV3Model, Tokenizer]:
     """The model (fp32 to train: autocast runs the GEMMs in bf16) and its tokenizer with the chat tokens, the
     embedding grown if they are new. A V3.2 model trains as in DSA's sparse stage (its loss adds `indexer_loss`)."""
     if not (source / "tokenizer.json").is_file():
@@ -97,8 +107,16 @@ class PostRun:
     metrics.jsonl and the final model directory. Under torchrun every rank takes part in checkpoints and the final
     save (collectives); rank 0 alone writes the metrics and the files beside the model."""
 
-    def __init__(self, out: Path, source: Path, kind: str, cfg: PostConfig, resume: bool, settings: dict[str, Any],
-                 par: Parallelism | None = None):
+    def __init__(
+        self,
+        out: Path,
+        source: Path,
+        kind: str,
+        cfg: PostConfig,
+        resume: bool,
+        settings: dict[str, Any],
+        par: Parallelism | None = None,
+    ):
         self.out, self.source, self.kind, self.cfg = out, source, kind, cfg
         self.par = par or Parallelism(device=device_for_run())
         self.settings = {"kind": kind, "source": str(source.resolve()), **dataclasses.asdict(cfg), **settings}
@@ -117,8 +135,9 @@ class PostRun:
         if self.resume_from is not None:
             meta = load_checkpoint(self.resume_from, model, optimizer, self.par.checkpoint_group)
             if meta.get("settings") != self.settings:
-                raise NanoseekError(f"--resume: {self.out} was started with other settings; "
-                                    f"it has {json.dumps(meta.get('settings'))}")
+                raise NanoseekError(
+                    f"--resume: {self.out} was started with other settings; it has {json.dumps(meta.get('settings'))}"
+                )
             step = meta["step"]
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.par.is_main:
@@ -131,16 +150,24 @@ class PostRun:
             group["lr"] = lr
         return lr
 
-    def end_of_step(self, done: int, model: DeepseekV3Model, optimizer: torch.optim.Optimizer,
-                    stop: StopRequests) -> None:
+    def end_of_step(
+        self, done: int, model: DeepseekV3Model, optimizer: torch.optim.Optimizer, stop: StopRequests
+    ) -> None:
         """A checkpoint every save_every steps; when asked to stop (SIGTERM, Ctrl-C), a checkpoint now and
         RunInterrupted saying how to resume."""
         periodic = done % self.cfg.save_every == 0
         stopping = stop.agreed()  # collective under torchrun: a signal to one rank stops them all after this step
         if done >= self.cfg.max_steps or not (periodic or stopping):
             return
-        path = save_checkpoint(self.out / "checkpoints", done, model, optimizer, {"settings": self.settings}, keep=2,
-                               group=self.par.checkpoint_group)
+        path = save_checkpoint(
+            self.out / "checkpoints",
+            done,
+            model,
+            optimizer,
+            {"settings": self.settings},
+            keep=2,
+            group=self.par.checkpoint_group,
+        )
         if stopping:
             hint = resume_hint(done, str(path), f"nanoseek {self.kind} … --out {self.out} --resume")
             raise RunInterrupted(hint if self.par.is_main else "")

@@ -69,8 +69,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     return centered.flatten()
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              cfg: GrpoConfig, ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: GrpoConfig,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """logp, old_logp, ref_logp, mask [N, T] (mask: response tokens), advantages [N] → loss, statistics."""
     ratio = (logp - old_logp).exp()
     adv = advantages[:, None]
@@ -87,8 +93,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     else:
         loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     was_clipped = ((ratio - clipped).abs() > 0) & (torch.sign(ratio - 1) == torch.sign(adv)) & (mask > 0)
-    stats = {"kl": (kl * mask).sum() / mask.sum().clamp(min=1),
-             "clip_fraction": was_clipped.float().sum() / mask.sum().clamp(min=1)}
+    stats = {
+        "kl": (kl * mask).sum() / mask.sum().clamp(min=1),
+        "clip_fraction": was_clipped.float().sum() / mask.sum().clamp(min=1),
+    }
     return loss, stats
 
 
@@ -102,17 +110,30 @@ class Rollouts:
     lengths: torch.Tensor  # [N] response tokens
 
 
-def rollout(model: DeepseekV3Model, tokenizer: Any, task: Task, step: int, prompts: int, cfg: GrpoConfig,
-            seed: int) -> Rollouts:
+def rollout(
+    model: DeepseekV3Model, tokenizer: Any, task: Task, step: int, prompts: int, cfg: GrpoConfig, seed: int
+) -> Rollouts:
     chosen = problems(task, "rl", prompts, f"{seed}/{step}")  # a fresh draw of the rl split every step
     stops = end_token_ids(tokenizer)
-    engine = Engine(model.eval(), decode=tokenizer.decode, config=EngineConfig(
-        speculation=False, max_seqs=prompts * cfg.group_size, token_budget=max(512, prompts * cfg.group_size * 2)))
+    engine = Engine(
+        model.eval(),
+        decode=tokenizer.decode,
+        config=EngineConfig(
+            speculation=False, max_seqs=prompts * cfg.group_size, token_budget=max(512, prompts * cfg.group_size * 2)
+        ),
+    )
     prompt_ids = [encode_chat(tokenizer, [{"role": "user", "content": p.question}], True)[0] for p in chosen]
     # logprobs=0 only to learn which stop token ended a response: it is trained on too
-    params = [SamplingParams(max_new_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
-                             seed=seed * 1_000_003 + step * 10_007 + i, stop_token_ids=stops, logprobs=0)
-              for i in range(prompts * cfg.group_size)]
+    params = [
+        SamplingParams(
+            max_new_tokens=cfg.max_response_tokens,
+            temperature=cfg.temperature,
+            seed=seed * 1_000_003 + step * 10_007 + i,
+            stop_token_ids=stops,
+            logprobs=0,
+        )
+        for i in range(prompts * cfg.group_size)
+    ]
     requests = [ids for ids in prompt_ids for _ in range(cfg.group_size)]
     results = engine.generate(requests, params)
     sequences, rewards, correct = [], [], []
@@ -129,13 +150,20 @@ def rollout(model: DeepseekV3Model, tokenizer: Any, task: Task, step: int, promp
         full = torch.tensor(prompt + response)
         n = len(full) - 1
         inputs[row, :n], targets[row, :n] = full[:-1], full[1:]
-        mask[row, len(prompt) - 1: n] = True
-    return Rollouts(inputs, targets, mask, torch.tensor(rewards), torch.tensor(correct, dtype=torch.float),
-                    torch.tensor([len(r) for _, r in sequences], dtype=torch.float))
+        mask[row, len(prompt) - 1 : n] = True
+    return Rollouts(
+        inputs,
+        targets,
+        mask,
+        torch.tensor(rewards),
+        torch.tensor(correct, dtype=torch.float),
+        torch.tensor([len(r) for _, r in sequences], dtype=torch.float),
+    )
 
 
-def token_logprobs(model: DeepseekV3Model, inputs: torch.Tensor, targets: torch.Tensor,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    model: DeepseekV3Model, inputs: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """→ log-probabilities of the targets [N, T] and the entropy at each position [N, T] (without gradient), both
     of the tempered distribution softmax(logits / temperature) the rollouts sampled from."""
     logp = F.log_softmax(model(inputs).float() / temperature, dim=-1)
@@ -152,8 +180,15 @@ def informative_rows(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return varied.repeat_interleave(group_size).nonzero().flatten()
 
 
-def policy_update(model: DeepseekV3Model, reference: DeepseekV3Model | None, optimizer: torch.optim.Optimizer,
-                  batch: Rollouts, grpo: GrpoConfig, cfg: PostConfig, step: int) -> dict[str, float]:
+def policy_update(
+    model: DeepseekV3Model,
+    reference: DeepseekV3Model | None,
+    optimizer: torch.optim.Optimizer,
+    batch: Rollouts,
+    grpo: GrpoConfig,
+    cfg: PostConfig,
+    step: int,
+) -> dict[str, float]:
     """The minibatch updates of one step over the informative groups → mean statistics (empty if none)."""
     device, schedule, indexers = next(model.parameters()).device, cfg.schedule(), model.indexers()
     advantages = group_advantages(batch.rewards, grpo.group_size, grpo.scale_by_std)
@@ -161,8 +196,10 @@ def policy_update(model: DeepseekV3Model, reference: DeepseekV3Model | None, opt
     if not len(rows):
         return {}
     order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + step))]
-    parts = [(batch.inputs[p].to(device), batch.targets[p].to(device), batch.mask[p].to(device),
-              advantages[p].to(device)) for p in order.chunk(grpo.minibatches)]
+    parts = [
+        (batch.inputs[p].to(device), batch.targets[p].to(device), batch.mask[p].to(device), advantages[p].to(device))
+        for p in order.chunk(grpo.minibatches)
+    ]
     model.train()
     with torch.no_grad(), autocast(device, schedule):  # the old policy, by the very forward that trains it
         old = [token_logprobs(model, inputs, targets, grpo.temperature)[0] for inputs, targets, _, _ in parts]
@@ -190,13 +227,23 @@ def policy_update(model: DeepseekV3Model, reference: DeepseekV3Model | None, opt
     return stats
 
 
-def run_rl(source: Path, out: Path, task_name: str, cfg: PostConfig, grpo: GrpoConfig, resume: bool = False,
-           show_progress: bool = True, validation: int = 0) -> dict[str, Any]:
+def run_rl(
+    source: Path,
+    out: Path,
+    task_name: str,
+    cfg: PostConfig,
+    grpo: GrpoConfig,
+    resume: bool = False,
+    show_progress: bool = True,
+    validation: int = 0,
+) -> dict[str, Any]:
     """`validation` > 0: every eval_every steps, pass@1 (greedy) on that many problems of the task's validation
     split is logged and the model saved under OUT/steps/STEP (a run's step count is then chosen on validation)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise NanoseekError("nanoseek rl runs in one process (its rollouts and updates are not data-parallel yet): "
-                            "run it without torchrun")
+        raise NanoseekError(
+            "nanoseek rl runs in one process (its rollouts and updates are not data-parallel yet): "
+            "run it without torchrun"
+        )
     task = get_task(task_name)
     run = PostRun(out, source, "rl", cfg, resume, {"task": task_name, **grpo.__dict__, "validation": validation})
     device = device_for_run()
@@ -206,29 +253,44 @@ def run_rl(source: Path, out: Path, task_name: str, cfg: PostConfig, grpo: GrpoC
     model.mtp.requires_grad_(False)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if grpo.kl_beta > 0 else None
     optimizer, start, metrics = run.start(model)
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="rl",
-               disable=None if show_progress else True)  # None: shown on a terminal only
+    bar = tqdm(
+        range(start, cfg.max_steps),
+        initial=start,
+        total=cfg.max_steps,
+        desc="rl",
+        disable=None if show_progress else True,
+    )  # None: shown on a terminal only
     with StopRequests() as stop:
         for step in bar:
             lr = run.set_lr(optimizer, step)
             batch = rollout(model, tokenizer, task, step, cfg.batch_size, grpo, cfg.seed)
             stats = policy_update(model, reference, optimizer, batch, grpo, cfg, step)
             done = step + 1
-            row = {"step": done, "reward": batch.rewards.mean().item(), "accuracy": batch.correct.mean().item(),
-                   "response_tokens": batch.lengths.mean().item(), "lr": lr,
-                   **{"kl": 0.0, "clip_fraction": 0.0, "trained_fraction": 0.0}, **stats}  # entropy: when trained
+            row = {
+                "step": done,
+                "reward": batch.rewards.mean().item(),
+                "accuracy": batch.correct.mean().item(),
+                "response_tokens": batch.lengths.mean().item(),
+                "lr": lr,
+                **{"kl": 0.0, "clip_fraction": 0.0, "trained_fraction": 0.0},
+                **stats,
+            }  # entropy: when trained
             if validation and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 model.eval()
-                row["val_accuracy"] = accuracy_on(model, tokenizer, task, "validation", validation, 0,
-                                                  grpo.max_response_tokens)["accuracy"]
+                row["val_accuracy"] = accuracy_on(
+                    model, tokenizer, task, "validation", validation, 0, grpo.max_response_tokens
+                )["accuracy"]
                 run.save_model(model, tokenizer, out / "steps" / f"{done:06d}")
             metrics.log(row)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()
-                             if k in ("reward", "accuracy", "val_accuracy", "clip_fraction")})
+            bar.set_postfix(
+                {k: f"{v:.3f}" for k, v in row.items() if k in ("reward", "accuracy", "val_accuracy", "clip_fraction")}
+            )
             run.end_of_step(done, model, optimizer, stop)
     rows = metrics.rows()[-10:]
-    summary = {"final_reward": sum(r["reward"] for r in rows) / max(1, len(rows)),
-               "final_accuracy": sum(r["accuracy"] for r in rows) / max(1, len(rows))}
+    summary = {
+        "final_reward": sum(r["reward"] for r in rows) / max(1, len(rows)),
+        "final_accuracy": sum(r["accuracy"] for r in rows) / max(1, len(rows)),
+    }
     model.eval()
     run.finish(model, tokenizer, summary)
     return summary

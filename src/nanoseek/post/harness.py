@@ -40,8 +40,9 @@ def _bos_id(source: Path, tokenizer: Any) -> int | None:
     return tokenizer.token_to_id(bos) if isinstance(bos, str) else None
 
 
-def evaluate_harness(model_dir: Path, tasks: list[str], include_path: Path | None, limit: int | None, device: str,
-                     dtype: str) -> dict[str, Any]:
+def evaluate_harness(
+    model_dir: Path, tasks: list[str], include_path: Path | None, limit: int | None, device: str, dtype: str
+) -> dict[str, Any]:
     """The harness's tasks on the model, in process → lm_eval's results (per task, its metrics)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -54,15 +55,24 @@ def evaluate_harness(model_dir: Path, tasks: list[str], include_path: Path | Non
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise NanoseekError(f"lm-eval has no task {', '.join(unknown)} (--include-path adds a folder of task YAMLs)")
-    output = lm_eval.simple_evaluate(model=NanoseekLM(str(model_dir), device=device, dtype=dtype), tasks=tasks,
-                                     task_manager=manager, limit=limit)
+    output = lm_eval.simple_evaluate(
+        model=NanoseekLM(str(model_dir), device=device, dtype=dtype), tasks=tasks, task_manager=manager, limit=limit
+    )
     return output["results"]
 
 
 @register_model("nanoseek")
 class NanoseekLM(TemplateLM):
-    def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", max_seqs: int = 32,
-                 batch_size: Any = None, max_length: int | None = None, **_: Any):
+    def __init__(
+        self,
+        pretrained: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_seqs: int = 32,
+        batch_size: Any = None,
+        max_length: int | None = None,
+        **_: Any,
+    ):
         super().__init__()
         source = Path(pretrained)
         if not (source / "tokenizer.json").is_file():
@@ -95,18 +105,19 @@ class NanoseekLM(TemplateLM):
     def _score(self, pairs: list[tuple[list[int], list[int]]], show: bool) -> list[tuple[float, bool]]:
         """(context ids, continuation ids) → (log-probability of the continuation, whether it is the greedy
         continuation), the pair cut on the left to the context length."""
-        prompts = [(context + continuation)[-(self._max_length + 1):] for context, continuation in pairs]
+        prompts = [(context + continuation)[-(self._max_length + 1) :] for context, continuation in pairs]
         scored: list[Completion] = []
         for start in tqdm(range(0, len(prompts), 256), desc="nanoseek scoring", disable=not show):
-            scored += self.engine.generate(prompts[start: start + 256], _SCORE)
+            scored += self.engine.generate(prompts[start : start + 256], _SCORE)
         results = []
         for (_, continuation), completion in zip(pairs, scored):
-            entries = (completion.prompt_logprobs or [])[-len(continuation):] if continuation else []
+            entries = (completion.prompt_logprobs or [])[-len(continuation) :] if continuation else []
             results.append((sum(e.logprob for e in entries), all(e.top[0][0] == e.token for e in entries)))
         return results
 
-    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
-                              disable_tqdm: bool = False, **_: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **_: Any
+    ) -> list[tuple[float, bool]]:
         results = self._score([(context, continuation) for _, context, continuation in requests], not disable_tqdm)
         for (key, _, _), result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, result)
@@ -117,8 +128,10 @@ class NanoseekLM(TemplateLM):
         totals = []
         for request in tqdm(requests, desc="nanoseek rolling", disable=disable_tqdm):
             (text,) = request.args
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                self.tok_encode(text), self.prefix_token_id, self._max_length, 1)]
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self._max_length, 1)
+            ]
             total = sum(logprob for logprob, _ in self._score(windows, show=False))
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             totals.append(total)
@@ -133,12 +146,18 @@ class NanoseekLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             budget = int(settings.get("max_gen_toks", 256))
             sampled = settings.get("do_sample", False) or float(settings.get("temperature", 0.0)) > 0
-            prompts.append(self.tok_encode(context)[-max(1, self._max_length - budget):])
-            params.append(SamplingParams(max_new_tokens=budget, temperature=float(settings.get("temperature", 1.0))
-                                         if sampled else 0.0, stop_strings=tuple(until), stop_token_ids=self.stops))
+            prompts.append(self.tok_encode(context)[-max(1, self._max_length - budget) :])
+            params.append(
+                SamplingParams(
+                    max_new_tokens=budget,
+                    temperature=float(settings.get("temperature", 1.0)) if sampled else 0.0,
+                    stop_strings=tuple(until),
+                    stop_token_ids=self.stops,
+                )
+            )
         texts: list[str] = []
         for start in tqdm(range(0, len(prompts), 256), desc="nanoseek generating", disable=disable_tqdm):
-            texts += [c.text for c in self.engine.generate(prompts[start: start + 256], params[start: start + 256])]
+            texts += [c.text for c in self.engine.generate(prompts[start : start + 256], params[start : start + 256])]
         for request, text in zip(requests, texts):
             self.cache_hook.add_partial("generate_until", request.args, text)
         return texts

@@ -29,8 +29,9 @@ def check_conversation(record: object, where: str) -> list[dict[str, str]]:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise SftDataError(f"{where}: messages[{i}] must be an object with a string 'content'")
         if message.get("role") not in ROLES:
-            raise SftDataError(f"{where}: messages[{i}] has the unknown role {message.get('role')!r} "
-                               f"(roles: {', '.join(ROLES)})")
+            raise SftDataError(
+                f"{where}: messages[{i}] has the unknown role {message.get('role')!r} (roles: {', '.join(ROLES)})"
+            )
     if not any(m["role"] == "assistant" for m in record["messages"]):
         raise SftDataError(f"{where}: no assistant turn, so nothing to learn from")
     return record["messages"]
@@ -69,8 +70,10 @@ def chatterbot_conversations() -> list[Conversation]:
     try:
         import chatterbot_corpus
     except ImportError:
-        raise SftDataError("the demo dialog data comes from the chatterbot-corpus package: "
-                           "pip install chatterbot-corpus (or pass --data FILE.jsonl)") from None
+        raise SftDataError(
+            "the demo dialog data comes from the chatterbot-corpus package: "
+            "pip install chatterbot-corpus (or pass --data FILE.jsonl)"
+        ) from None
     import yaml
 
     conversations = []
@@ -93,8 +96,9 @@ class EncodedConversations:
         return len(self.ids)
 
 
-def encode_all(conversations: list[Conversation], tokenizer: Tokenizer, max_len: int,
-               skip_long: bool = False) -> EncodedConversations:
+def encode_all(
+    conversations: list[Conversation], tokenizer: Tokenizer, max_len: int, skip_long: bool = False
+) -> EncodedConversations:
     """Encodes every conversation; one longer than the context is an error naming where it came from (or, for the
     built-in demo data, `skip_long`, left out)."""
     ids, trained = [], []
@@ -103,8 +107,9 @@ def encode_all(conversations: list[Conversation], tokenizer: Tokenizer, max_len:
         if len(row_ids) > max_len:
             if skip_long:
                 continue
-            raise SftDataError(f"{where}: the conversation is {len(row_ids)} tokens, longer than the model's "
-                               f"context of {max_len}")
+            raise SftDataError(
+                f"{where}: the conversation is {len(row_ids)} tokens, longer than the model's context of {max_len}"
+            )
         ids.append(row_ids)
         trained.append(row_trained)
     return EncodedConversations(ids, trained)
@@ -158,8 +163,9 @@ def pack(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def packed_batch(data: EncodedConversations, rows: list[int], pad_id: int,
-                 width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_batch(
+    data: EncodedConversations, rows: list[int], pad_id: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The conversations `rows` packed into rows of ≤ width tokens → inputs, targets, documents [B, T]: each
     conversation's tokens are numbered as its own document (padding too, as one more), and no target crosses from
     one conversation into the next."""
@@ -173,9 +179,9 @@ def packed_batch(data: EncodedConversations, rows: list[int], pad_id: int,
         for i in row:
             ids, trained = torch.tensor(data.ids[rows[i]]), torch.tensor(data.trained[rows[i]])
             n = min(len(ids), length - at)  # the row's last conversation loses its final input (no target)
-            inputs[b, at: at + n] = ids[:n]
-            targets[b, at: at + len(ids) - 1] = torch.where(trained[1:], ids[1:], IGNORE)[: length - at]
-            documents[b, at: at + n] = i
+            inputs[b, at : at + n] = ids[:n]
+            targets[b, at : at + len(ids) - 1] = torch.where(trained[1:], ids[1:], IGNORE)[: length - at]
+            documents[b, at : at + n] = i
             at += len(ids)
     return inputs, targets, documents
 

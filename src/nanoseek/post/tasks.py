@@ -59,8 +59,10 @@ def problems(task: Task, split: str, count: int, seed: int) -> list[Problem]:
     while len(found) < count:
         draws += 1
         if draws > 100 * count + 10_000:
-            raise TaskError(f"task {task.name!r} gave only {len(found)} distinct {split} problems in {draws - 1} "
-                             f"draws; {count} were asked for")
+            raise TaskError(
+                f"task {task.name!r} gave only {len(found)} distinct {split} problems in {draws - 1} "
+                f"draws; {count} were asked for"
+            )
         problem = task.sample(rng)
         if problem.question not in seen and split_of(problem) == split:
             seen.add(problem.question)

@@ -68,26 +68,45 @@ def _rng_states() -> dict[str, Any]:
     """This process's RNG states as tensors and numbers only, so that loading them needs no pickle."""
     _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     version, python_state, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_position": int(position), "numpy_has_gauss": int(has_gauss),
-            "numpy_cached_gaussian": float(cached_gaussian), "python_version": version,
-            "python_state": torch.tensor(python_state, dtype=torch.int64), "python_gauss_next": gauss_next}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_position": int(position),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_cached_gaussian": float(cached_gaussian),
+        "python_version": version,
+        "python_state": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss_next": gauss_next,
+    }
 
 
 def _restore_rng_states(path: Path) -> None:
     try:
         states = torch.load(path, weights_only=True)
         torch.set_rng_state(states["torch"])
-        np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), states["numpy_position"],
-                             states["numpy_has_gauss"], states["numpy_cached_gaussian"]))
-        random.setstate((states["python_version"], tuple(states["python_state"].tolist()),
-                         states["python_gauss_next"]))
+        np.random.set_state(
+            (
+                "MT19937",
+                states["numpy_keys"].numpy().astype(np.uint32),
+                states["numpy_position"],
+                states["numpy_has_gauss"],
+                states["numpy_cached_gaussian"],
+            )
+        )
+        random.setstate((states["python_version"], tuple(states["python_state"].tolist()), states["python_gauss_next"]))
     except Exception as e:  # torch.load's unpickler refuses anything but tensors and plain values
         raise CheckpointError(f"checkpoint RNG file {path} is damaged: {first_line(e)}") from None
 
 
-def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], keep: int, group: dist.ProcessGroup | None = None) -> Path:
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    keep: int,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
     """Collective: every process calls it (`group`: the one its waits run over, whose timeout allows a slow
     filesystem; default: the default group). A write that fails on any process (a full disk, a file-size limit)
     removes the partial checkpoint and raises CheckpointError on every process; earlier checkpoints are untouched."""
@@ -121,8 +140,10 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, optimize
     if not _agree(error is None, group):
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final}: {describe_write_failure(directory, error)}; the "
-                              "previous checkpoints are intact")
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {describe_write_failure(directory, error)}; the "
+            "previous checkpoints are intact"
+        )
     if _rank() == 0:
         for old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -199,10 +220,17 @@ def read_meta(path: Path) -> dict[str, Any]:
 def saved_configs(meta: dict[str, Any], path: Path) -> tuple[ModelConfig, TrainConfig]:
     """The model and train configs a checkpoint's trainer.json records, or CheckpointError naming what is wrong."""
     data = meta.get("data")
-    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("train"), dict) or not (
-            data is None or isinstance(data, str) or isinstance(data, list) and all(isinstance(d, str) for d in data)):
-        raise CheckpointError(f"checkpoint {path} is damaged: trainer.json needs 'model' and 'train' objects and "
-                              "'data' sources (a list of paths) or null")
+    if (
+        not isinstance(meta.get("model"), dict)
+        or not isinstance(meta.get("train"), dict)
+        or not (
+            data is None or isinstance(data, str) or isinstance(data, list) and all(isinstance(d, str) for d in data)
+        )
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: trainer.json needs 'model' and 'train' objects and "
+            "'data' sources (a list of paths) or null"
+        )
     try:
         return ModelConfig.from_hf_dict(meta["model"]), TrainConfig(**meta["train"])
     except (ConfigError, TypeError) as e:
@@ -223,13 +251,16 @@ def check_shapes(path: Path, config: ModelConfig) -> None:
     for name, tensor in expected.items():
         found = getattr(stored.get(f"model.{name}"), "size", None)
         if found is None or tuple(found) != tuple(tensor.shape):
-            raise CheckpointError(f"checkpoint {path} does not match its trainer.json: model.{name} is "
-                                  f"{tuple(found) if found is not None else 'missing'}, the config makes it "
-                                  f"{tuple(tensor.shape)}")
+            raise CheckpointError(
+                f"checkpoint {path} does not match its trainer.json: model.{name} is "
+                f"{tuple(found) if found is not None else 'missing'}, the config makes it "
+                f"{tuple(tensor.shape)}"
+            )
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None = None
+) -> dict[str, Any]:
     """Restores model, optimizer and (this rank's, if saved) RNGs in place; returns trainer.json."""
     meta = read_meta(path)
     state = _state(model, optimizer)
@@ -240,8 +271,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     except (Exception, CheckpointException) as e:  # DCP's own error type derives from BaseException
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated, or does not match this model: "
-                              f"{first_line(e)}") from None
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or truncated, or does not match this model: {first_line(e)}"
+        ) from None
     rng = path / f"rng-{_rank()}.pt"
     if rng.exists():
         _restore_rng_states(rng)

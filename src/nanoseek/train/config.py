@@ -68,8 +68,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
-                     "save_every", "keep_checkpoints", "vocab_size", "log_every", "tokenizer_sample_mb"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "keep_checkpoints",
+            "vocab_size",
+            "log_every",
+            "tokenizer_sample_mb",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"train field {name!r}: must be a positive integer, got {getattr(self, name)!r}")
         if self.warmup_steps < 0:
@@ -79,8 +90,9 @@ class TrainConfig:
                 raise ConfigError(f"train field {name!r}: must be positive, got {getattr(self, name)}")
         for name in ("collective_timeout_s", "checkpoint_timeout_s"):
             if not 0 < getattr(self, name) < float("inf"):
-                raise ConfigError(f"train field {name!r}: must be a positive number of seconds, got "
-                                  f"{getattr(self, name)}")
+                raise ConfigError(
+                    f"train field {name!r}: must be a positive number of seconds, got {getattr(self, name)}"
+                )
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise ConfigError("train fields 'min_lr_ratio' and 'decay_fraction' must lie in [0, 1]")
 
@@ -97,33 +109,56 @@ class TrainConfig:
 
 
 # What may change when a run resumes: its length, learning-rate schedule and cadences, and how it computes without
-# changing what (compilation, recomputation, TF32, timeouts). Everything else shapes the model, the data position or the optimizer
-# state that the checkpoint holds.
-RESUMABLE = frozenset({"max_steps", "lr", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio", "eval_every",
-                       "eval_batches", "save_every", "keep_checkpoints", "log_every", "compile", "recompute",
-                       "tf32", "collective_timeout_s", "checkpoint_timeout_s"})
+# changing what (compilation, recomputation, TF32, timeouts). Everything else shapes the model, the data position or
+# the optimizer state that the checkpoint holds.
+RESUMABLE = frozenset(
+    {
+        "max_steps",
+        "lr",
+        "warmup_steps",
+        "schedule",
+        "decay_fraction",
+        "min_lr_ratio",
+        "eval_every",
+        "eval_batches",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "compile",
+        "recompute",
+        "tf32",
+        "collective_timeout_s",
+        "checkpoint_timeout_s",
+    }
+)
 
 # Model fields a run sets itself (from its tokenizer and train.use_mtp), whatever the command line said: the same
 # command with --resume must not be refused over them.
 DERIVED_MODEL_FIELDS = frozenset({"vocab_size", "bos_token_id", "eos_token_id", "num_nextn_predict_layers"})
 
 
-def resume_train_config(saved_model: ModelConfig, saved_train: TrainConfig, model: ModelConfig, train: TrainConfig,
-                        explicit: frozenset[str]) -> TrainConfig:
+def resume_train_config(
+    saved_model: ModelConfig, saved_train: TrainConfig, model: ModelConfig, train: TrainConfig, explicit: frozenset[str]
+) -> TrainConfig:
     """The train config a resumed run continues with: the checkpoint's, plus the explicitly given settings
     (`explicit`: keys as `model.X` / `train.X`) that RESUMABLE allows to change. Any other explicit setting that
     differs from the checkpoint is refused, naming the field."""
     changes = {}
     for key in sorted(explicit - {f"model.{name}" for name in DERIVED_MODEL_FIELDS}):
         section, _, name = key.rpartition(".")
-        asked, saved = (getattr(train, name), getattr(saved_train, name)) if section == "train" else \
-            (getattr(model, name), getattr(saved_model, name))
+        asked, saved = (
+            (getattr(train, name), getattr(saved_train, name))
+            if section == "train"
+            else (getattr(model, name), getattr(saved_model, name))
+        )
         if asked == saved:
             continue
         if section != "train" or name not in RESUMABLE:
-            raise ConfigError(f"--resume: {key} is {saved!r} in the checkpoint and cannot change to {asked!r} (it "
-                              f"shapes the model, the data or the optimizer state); only these may change: "
-                              f"{', '.join(sorted(RESUMABLE))}")
+            raise ConfigError(
+                f"--resume: {key} is {saved!r} in the checkpoint and cannot change to {asked!r} (it "
+                f"shapes the model, the data or the optimizer state); only these may change: "
+                f"{', '.join(sorted(RESUMABLE))}"
+            )
         changes[name] = asked
     return dataclasses.replace(saved_train, **changes)
 
@@ -155,24 +190,26 @@ def _coerce(value: str, current: Any) -> Any:
 def qualified_keys(model: ModelConfig, train: TrainConfig, overrides: dict[str, Any]) -> frozenset[str]:
     """The overrides' keys as `model.FIELD` / `train.FIELD` (a bare name means the train field if one exists)."""
     train_fields = {f.name for f in dataclasses.fields(train)}
-    return frozenset(key if "." in key else f"{'train' if key in train_fields else 'model'}.{key}"
-                     for key in overrides)
+    return frozenset(key if "." in key else f"{'train' if key in train_fields else 'model'}.{key}" for key in overrides)
 
 
-def apply_overrides(model: ModelConfig, train: TrainConfig,
-                    overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+def apply_overrides(
+    model: ModelConfig, train: TrainConfig, overrides: dict[str, Any]
+) -> tuple[ModelConfig, TrainConfig]:
     """Overrides keyed `model.FIELD` / `train.FIELD` (or a bare field name found in either config)."""
     changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
-    fields = {section: {f.name for f in dataclasses.fields(obj)} for section, obj in (("model", model),
-                                                                                      ("train", train))}
+    fields = {
+        section: {f.name for f in dataclasses.fields(obj)} for section, obj in (("model", model), ("train", train))
+    }
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
         if not section:
             section = "train" if name in fields["train"] else "model"
         if section not in fields or name not in fields[section]:
             known = [f"{sec}.{field}" for sec, names in fields.items() for field in sorted(names)]
-            close = difflib.get_close_matches(key if section else f"{section or 'train'}.{name}", known, n=1) or \
-                difflib.get_close_matches(f"model.{name}", known, n=1)
+            close = difflib.get_close_matches(
+                key if section else f"{section or 'train'}.{name}", known, n=1
+            ) or difflib.get_close_matches(f"model.{name}", known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else " (use model.FIELD or train.FIELD)"
             raise ConfigError(f"unknown setting {key!r}{hint}")
         current = getattr(model if section == "model" else train, name)

@@ -5,7 +5,6 @@ dataset, prepared once into the cache and reused."""
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -24,6 +23,7 @@ def run_sources(data: list[str] | None) -> list[Source]:
 
 def same_sources(a: list[str] | None, b: list[str] | None) -> bool:
     """Whether two --data values name the same sources (paths compared resolved)."""
+
     def normalized(data: list[str] | None) -> list[tuple[str, float]]:
         return [(s.spec if s.spec == DEFAULT else str(Path(s.spec).resolve()), s.weight) for s in run_sources(data)]
 
@@ -38,8 +38,9 @@ def run_tokenizer(sources: list[Source], cfg: TrainConfig) -> tuple[Tokenizer, b
     if prepared:
         tokenizers = [load_tokenizer(path) for path in prepared]
         if len({tokenizer_digest(t) for t in tokenizers}) > 1:
-            raise NanoseekError("the prepared sources were made with different tokenizers; prepare them with one "
-                                "(--tokenizer)")
+            raise NanoseekError(
+                "the prepared sources were made with different tokenizers; prepare them with one (--tokenizer)"
+            )
         return tokenizers[0], False
     files = [f for s in sources for f in source_files(s.spec)]
     return train_tokenizer(sample_texts(files, cfg.tokenizer_sample_mb << 20, cfg.text_field), cfg.vocab_size), True
@@ -49,8 +50,13 @@ def prepare_options(cfg: TrainConfig) -> PrepareOptions:
     return PrepareOptions(text_field=cfg.text_field, strict=cfg.strict_data)
 
 
-def run_dataset(sources: list[Source], tokenizer: Tokenizer, cfg: TrainConfig, progress: bool,
-                stop: Callable[[], bool] = lambda: False) -> TokenDataset:
+def run_dataset(
+    sources: list[Source],
+    tokenizer: Tokenizer,
+    cfg: TrainConfig,
+    progress: bool,
+    stop: Callable[[], bool] = lambda: False,
+) -> TokenDataset:
     dataset = TokenDataset.build(sources, tokenizer, prepare_options(cfg), progress, stop)
     dataset.check(cfg.seq_len)
     return dataset

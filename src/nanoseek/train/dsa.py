@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError
-from nanoseek.models.deepseek_v32.indexer import LightningIndexer
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
+from nanoseek.models.deepseek_v32.indexer import LightningIndexer
 from nanoseek.models.registry import build_model
 
 
@@ -54,8 +54,10 @@ def check_starting_shapes(config: ModelConfig, source: Path) -> None:
         theirs = build_model(ModelConfig.load_json(source / "config.json")).state_dict()
     for key, tensor in theirs.items():
         if key in own and own[key].shape != tensor.shape:
-            raise ConfigError(f"--from {source}: {key} has shape {tuple(tensor.shape)}, this model "
-                              f"{tuple(own[key].shape)}: settings that change the source's shapes cannot differ")
+            raise ConfigError(
+                f"--from {source}: {key} has shape {tuple(tensor.shape)}, this model "
+                f"{tuple(own[key].shape)}: settings that change the source's shapes cannot differ"
+            )
 
 
 @torch.no_grad()
@@ -69,6 +71,8 @@ def load_initial_weights(model: DeepseekV3Model, source: Path) -> None:
     missing = [k for k in own if k not in full and ".indexer." not in k]
     unexpected = [k for k in full if k not in own]
     if missing or unexpected:
-        raise CheckpointError(f"--from {source}: its weights are not this model's (missing {missing[:1]}, "
-                              f"unexpected {unexpected[:1]}); only an indexer may be added")
+        raise CheckpointError(
+            f"--from {source}: its weights are not this model's (missing {missing[:1]}, "
+            f"unexpected {unexpected[:1]}); only an indexer may be added"
+        )
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))

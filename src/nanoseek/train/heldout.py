@@ -31,8 +31,14 @@ class HeldOutLoss:
 
 
 @torch.no_grad()
-def held_out_loss(model: DeepseekV3Model, split: TokenShards, byte_lengths: np.ndarray, seq_len: int,
-                  batch_size: int = 32, max_windows: int | None = None) -> HeldOutLoss:
+def held_out_loss(
+    model: DeepseekV3Model,
+    split: TokenShards,
+    byte_lengths: np.ndarray,
+    seq_len: int,
+    batch_size: int = 32,
+    max_windows: int | None = None,
+) -> HeldOutLoss:
     """Each window predicts tokens [s+1, s+seq_len] from [s, s+seq_len−1]; windows start every seq_len tokens, so
     each token of the split (but the first) is a target exactly once, with the context a training window has.
     `max_windows`: only the split's first windows (a smoke test's quick measure)."""
@@ -43,7 +49,7 @@ def held_out_loss(model: DeepseekV3Model, split: TokenShards, byte_lengths: np.n
     nats, tokens, size = 0.0, 0, 0
     for begin in range(0, len(starts), batch_size):
         # the last window may be short: batch it alone rather than pad
-        group = starts[begin: begin + batch_size]
+        group = starts[begin : begin + batch_size]
         lengths = [min(seq_len, len(split) - 1 - s) for s in group]
         for length in sorted(set(lengths)):
             rows = np.stack([split.read(s, length + 1) for s, n in zip(group, lengths) if n == length])

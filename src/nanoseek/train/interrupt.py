@@ -42,8 +42,12 @@ class StopRequests:
             raise KeyboardInterrupt
         self.requested = True
         if self.announce:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step to write a checkpoint "
-                  "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+                "(Ctrl-C again to abort without one)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop (collective under torchrun: every rank calls it after every step)."""
@@ -55,5 +59,4 @@ class StopRequests:
 
 
 def resume_hint(step: int, checkpoint: str, command: str) -> str:
-    return (f"stopped after step {step}; checkpoint {checkpoint}. Resume with the same command plus --resume "
-            f"({command})")
+    return f"stopped after step {step}; checkpoint {checkpoint}. Resume with the same command plus --resume ({command})"

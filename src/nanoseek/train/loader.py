@@ -17,13 +17,21 @@ from nanoseek.train.config import TrainConfig
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, segment numbers: [rows, seq_len] each
 
 
-def local_batch(dataset: TokenDataset, split: str, cfg: TrainConfig, par: Parallelism, step: int,
-                micro: int = 0) -> Batch:
+def local_batch(
+    dataset: TokenDataset, split: str, cfg: TrainConfig, par: Parallelism, step: int, micro: int = 0
+) -> Batch:
     """This data-parallel rank's rows of the global batch (step, micro) of `split`, on the host."""
     rows = cfg.batch_size // par.dp
-    return dataset.batch(split, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro,
-                         at_document_starts=cfg.window_starts == "documents",
-                         rows=range(par.dp_rank * rows, (par.dp_rank + 1) * rows))
+    return dataset.batch(
+        split,
+        cfg.batch_size,
+        cfg.seq_len,
+        cfg.seed,
+        step,
+        micro,
+        at_document_starts=cfg.window_starts == "documents",
+        rows=range(par.dp_rank * rows, (par.dp_rank + 1) * rows),
+    )
 
 
 class BatchLoader:

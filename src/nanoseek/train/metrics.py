@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -153,19 +154,33 @@ def progress_text(row: dict[str, Any], val_loss: float | None, peak_source: str)
     """The progress bar's figures: tok/s over the window it covers; MFU marked ≈ against a measured peak (and
     shown as ≥100% if it reaches the cap)."""
     mfu = "≥100%" if row["mfu"] >= 1 else f"{100 * row['mfu']:.1f}%"
-    text = (f"loss {row['loss']:.3f}" + (f" val {val_loss:.3f}" if val_loss is not None else "") +
-            f" tok/s {row['tokens_per_s']:.0f} (last {row['tokens_per_s_steps']} steps) "
-            f"mfu{'≈' if peak_source == 'measured' else ' '}{mfu}")
+    text = (
+        f"loss {row['loss']:.3f}"
+        + (f" val {val_loss:.3f}" if val_loss is not None else "")
+        + f" tok/s {row['tokens_per_s']:.0f} (last {row['tokens_per_s_steps']} steps) "
+        f"mfu{'≈' if peak_source == 'measured' else ' '}{mfu}"
+    )
     return text + (f" imb {row['imbalance_window']:.2f}" if "imbalance_window" in row else "")
 
 
-def log_row(done: int, mean_sums: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
-            grad_accum: int, with_mtp: bool, with_indexer: bool = False) -> dict[str, Any]:
+def log_row(
+    done: int,
+    mean_sums: torch.Tensor,
+    grad_norm: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    grad_accum: int,
+    with_mtp: bool,
+    with_indexer: bool = False,
+) -> dict[str, Any]:
     """The metrics of a logged step: the one host read of its (LM, MTP, balance, indexer KL) loss sums and gradient
     norm."""
     lm, mtp, aux, kl = (mean_sums / grad_accum).tolist()
-    row: dict[str, Any] = {"step": done, "loss": lm, "lr": optimizer.param_groups[0]["lr"],
-                           "grad_norm": grad_norm.item()}
+    row: dict[str, Any] = {
+        "step": done,
+        "loss": lm,
+        "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": grad_norm.item(),
+    }
     if with_mtp:
         row["mtp_loss"] = mtp
     if aux:

@@ -4,8 +4,8 @@ half the optimizer memory, no observable loss in the report)."""
 from __future__ import annotations
 
 import math
-
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +19,15 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
     there and stores them back rounded, so the weights see fp32 arithmetic. State names match torch.optim.AdamW's, so
     a checkpoint moves between the two."""
 
-    def __init__(self, params: Any, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8,
-                 moment_dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        eps: float = 1e-8,
+        moment_dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps})
         self.moment_dtype = moment_dtype
 
@@ -56,11 +63,12 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """Weight decay on matrices only (not on norms or biases). torch's AdamW runs fused (one kernel for every
     parameter, no per-tensor launches) where the device has the fused kernel."""
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
     if cfg.optimizer_moments == "bf16":
-        return AdamWLowPrecisionMoments(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                         weight_decay=cfg.weight_decay)
+        return AdamWLowPrecisionMoments(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     fused = device.type in _get_fused_kernels_supported_devices()
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 

@@ -7,8 +7,8 @@ import torch
 
 from nanoseek.fp8.convert import convert_to_fp8
 from nanoseek.fp8.linear import Fp8Recipe
-from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
 from nanoseek.models.common.eager import disable_marked
+from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.train.config import TrainConfig
 

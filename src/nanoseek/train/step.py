@@ -33,9 +33,17 @@ class StepResult:
 
 
 class TrainStep:
-    def __init__(self, model: DeepseekV3Model, optimizer: torch.optim.Optimizer, cfg: TrainConfig, par: Parallelism,
-                 loader: BatchLoader, pipeline: PipelineRunner | None = None, indexers: list | None = None,
-                 warmup: bool = False):
+    def __init__(
+        self,
+        model: DeepseekV3Model,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        par: Parallelism,
+        loader: BatchLoader,
+        pipeline: PipelineRunner | None = None,
+        indexers: list | None = None,
+        warmup: bool = False,
+    ):
         self.model, self.optimizer, self.cfg, self.par = model, optimizer, cfg, par
         self.loader, self.pipeline, self.indexers, self.warmup = loader, pipeline, indexers or [], warmup
         self.moe_layers = model.moe_layers()

@@ -27,15 +27,30 @@ from nanoseek.models.registry import build_model
 from nanoseek.parallel.collectives import mean_over_ranks, save_final_model
 from nanoseek.parallel.setup import Parallelism, explain_failure, init_parallelism, parallelize
 from nanoseek.train.balance import ImbalanceTracker, configure_balance
-from nanoseek.train.checkpoint import (check_shapes, checkpoint_path, list_checkpoints, load_checkpoint, read_meta,
-                                      save_checkpoint, saved_configs)
+from nanoseek.train.checkpoint import (
+    check_shapes,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+    saved_configs,
+)
 from nanoseek.train.config import TrainConfig, resume_train_config
-from nanoseek.train.dsa import check_starting_shapes, configure_indexers, load_initial_weights
 from nanoseek.train.data import run_dataset, run_sources, run_tokenizer, same_sources
+from nanoseek.train.dsa import check_starting_shapes, configure_indexers, load_initial_weights
 from nanoseek.train.interrupt import StopRequests, resume_hint
 from nanoseek.train.loader import BatchLoader, local_batch
-from nanoseek.train.metrics import (MetricsLog, PeakFlops, Stopwatch, Throughput, log_row, plot_losses,
-                                   progress_text, synchronize)
+from nanoseek.train.metrics import (
+    MetricsLog,
+    PeakFlops,
+    Stopwatch,
+    Throughput,
+    log_row,
+    plot_losses,
+    progress_text,
+    synchronize,
+)
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.precision import apply_precision, autocast, use_tf32
 from nanoseek.train.step import TrainStep
@@ -75,15 +90,16 @@ def _prepare(spec: RunSpec, stop: StopRequests) -> tuple[RunSpec, Any, TokenData
         check_shapes(checkpoints[-1], saved_model)
         saved_data = [meta["data"]] if isinstance(meta["data"], str) else meta["data"]  # older runs: one path
         if spec.data is not None and not same_sources(spec.data, saved_data):
-            raise NanoseekError(f"--resume: the run trained on {' '.join(saved_data or ['the default corpus'])}, "
-                                f"not {' '.join(spec.data)}; drop --data or start a new run")
+            raise NanoseekError(
+                f"--resume: the run trained on {' '.join(saved_data or ['the default corpus'])}, "
+                f"not {' '.join(spec.data)}; drop --data or start a new run"
+            )
         train_config = resume_train_config(saved_model, saved_train, spec.model, spec.train, spec.explicit)
         spec = dataclasses.replace(spec, model=saved_model, train=train_config, data=saved_data)
         tokenizer = load_tokenizer(spec.out / "tokenizer.json")
     else:
         if checkpoints or (spec.out / "model.safetensors").exists():
-            raise NanoseekError(f"{spec.out} already holds a run; pass --resume to continue it or choose another "
-                                "--out")
+            raise NanoseekError(f"{spec.out} already holds a run; pass --resume to continue it or choose another --out")
         if spec.init_from is not None:
             check_starting_shapes(spec.model, spec.init_from)
         tokenizer, trained = run_tokenizer(run_sources(spec.data), spec.train)
@@ -96,32 +112,45 @@ def _prepare(spec: RunSpec, stop: StopRequests) -> tuple[RunSpec, Any, TokenData
     if not spec.train.use_mtp:
         spec = dataclasses.replace(spec, model=spec.model.replace(num_nextn_predict_layers=0))
     if spec.train.seq_len > spec.model.max_position_embeddings:
-        raise NanoseekError(f"seq_len {spec.train.seq_len} exceeds the model's max_position_embeddings "
-                            f"{spec.model.max_position_embeddings}")
+        raise NanoseekError(
+            f"seq_len {spec.train.seq_len} exceeds the model's max_position_embeddings "
+            f"{spec.model.max_position_embeddings}"
+        )
     if spec.model.hyper_connections and spec.train.document_mask:
-        raise NanoseekError("train.document_mask: DeepSeek-V4 takes no document mask (a compressed entry pools the "
-                            "tokens of its window, whichever documents they belong to)")
+        raise NanoseekError(
+            "train.document_mask: DeepSeek-V4 takes no document mask (a compressed entry pools the "
+            "tokens of its window, whichever documents they belong to)"
+        )
     dataset = run_dataset(run_sources(spec.data), tokenizer, spec.train, progress=True, stop=lambda: stop.requested)
     return spec, tokenizer, dataset, checkpoints[-1] if spec.resume else None
 
 
 @torch.no_grad()
-def evaluate(model: DeepseekV3Model, dataset: TokenDataset, cfg: TrainConfig, par: Parallelism,
-             pipeline: PipelineRunner | None) -> float:
+def evaluate(
+    model: DeepseekV3Model, dataset: TokenDataset, cfg: TrainConfig, par: Parallelism, pipeline: PipelineRunner | None
+) -> float:
     model.eval()
     total = torch.zeros((), device=par.device)
     for i in range(cfg.eval_batches):
         x, y, documents = local_batch(dataset, "val", cfg, par, i)
         with autocast(par.device, cfg):
-            total += (pipeline.eval_loss(x, y) if pipeline else
-                      model(x.to(par.device), y.to(par.device), with_mtp=False,
-                            documents=documents.to(par.device) if cfg.document_mask else None).lm_loss.float())
+            total += (
+                pipeline.eval_loss(x, y)
+                if pipeline
+                else model(
+                    x.to(par.device),
+                    y.to(par.device),
+                    with_mtp=False,
+                    documents=documents.to(par.device) if cfg.document_mask else None,
+                ).lm_loss.float()
+            )
     model.train()
     return mean_over_ranks(total / cfg.eval_batches, par).item()
 
 
-def _prepare_everywhere(spec: RunSpec, par: Parallelism, stop: StopRequests
-                        ) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
+def _prepare_everywhere(
+    spec: RunSpec, par: Parallelism, stop: StopRequests
+) -> tuple[RunSpec, Any, TokenDataset, Path | None]:
     """Rank 0 resolves and checks everything, tokenizing the corpus if it is not prepared yet (and writes the run's
     config and tokenizer); the others receive the result, or its error, so that bad input stops every process at
     once, then open the shards rank 0 wrote. They wait over a gloo group of their own whose timeout allows a long
@@ -155,21 +184,25 @@ def _check_pipeline(spec: RunSpec) -> None:
     if spec.pp == 1:
         return
     if spec.train.grad_accum != 1:
-        raise ConfigError("with --pp the pipeline's micro-batches replace gradient accumulation: set "
-                          "train.grad_accum=1")
+        raise ConfigError(
+            "with --pp the pipeline's micro-batches replace gradient accumulation: set train.grad_accum=1"
+        )
     if spec.train.document_mask:
         raise ConfigError("train.document_mask is not supported with --pp (its stages run causal attention)")
     if spec.model.sparse_attention:
         raise ConfigError("V3.2's indexer loss is not carried through pipeline stages: train it without --pp")
     if spec.model.hyper_connections:
-        raise ConfigError("V4 is not pipelined: its residual streams and the token ids its hash-routed layers need "
-                          "do not cross stages; train it without --pp")
+        raise ConfigError(
+            "V4 is not pipelined: its residual streams and the token ids its hash-routed layers need "
+            "do not cross stages; train it without --pp"
+        )
 
 
 def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:
     _check_pipeline(spec)
-    par = init_parallelism(spec.dp, spec.ep, spec.pp, spec.pp_schedule, spec.train.collective_timeout_s,
-                           spec.train.checkpoint_timeout_s)
+    par = init_parallelism(
+        spec.dp, spec.ep, spec.pp, spec.pp_schedule, spec.train.collective_timeout_s, spec.train.checkpoint_timeout_s
+    )
     try:
         return _train(spec, par, show_progress and par.is_main)
     except (RuntimeError, MemoryError, dist.DistError) as e:
@@ -190,8 +223,9 @@ def build_parallel_model(spec: RunSpec, par: Parallelism) -> tuple[DeepseekV3Mod
     with torch.device("meta"):
         model = build_model(spec.model)
     # fp32 weights and gradients, AdamW's two moments (fp32 or bf16)
-    check_training_fits(sum(p.numel() for p in model.parameters()), 12 if cfg.optimizer_moments == "bf16" else 16,
-                        par.world, par.device)
+    check_training_fits(
+        sum(p.numel() for p in model.parameters()), 12 if cfg.optimizer_moments == "bf16" else 16, par.world, par.device
+    )
     configure_balance(model.moe_layers(), cfg)
     apply_precision(model, cfg)
     pipeline = None
@@ -234,8 +268,14 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
     flops_per_token = stats.flops_per_token + stats.mtp_flops_per_token
     peak, throughput = PeakFlops(device, par.compute_dtype, par.world), Throughput(window=50)
     val_loss = None
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="training",
-               disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, cfg.max_steps),
+        initial=start,
+        total=cfg.max_steps,
+        desc="training",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
     # Nothing in a step reads a device value back to the host (train/step.py): its losses, norm and expert loads
     # are read once per logged step (the tokens/s of a log row covers the steps since the previous one).
     interval_start, interval_steps, paused = time.perf_counter(), 0, Stopwatch(device)
@@ -252,15 +292,21 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
             with paused:
                 val_loss = evaluate(model, dataset, cfg, par, pipeline)
         if done % cfg.log_every == 0 or evaluating:
-            row = log_row(done, mean_over_ranks(sums, par), grad_norm, optimizer, cfg.grad_accum,
-                          bool(spec.model.num_nextn_predict_layers), bool(indexers))
+            row = log_row(
+                done,
+                mean_over_ranks(sums, par),
+                grad_norm,
+                optimizer,
+                cfg.grad_accum,
+                bool(spec.model.num_nextn_predict_layers),
+                bool(indexers),
+            )
             synchronize(device)
             throughput.add(interval_steps, time.perf_counter() - interval_start - paused.seconds)
             tokens_per_s = throughput.tokens_per_s(cfg.tokens_per_step)
             with paused:  # a re-measured peak is not training time
                 mfu = peak.mfu(tokens_per_s * flops_per_token)
-            row.update(tokens_per_s=tokens_per_s, tokens_per_s_steps=throughput.steps, mfu=mfu,
-                       mfu_peak=peak.source)
+            row.update(tokens_per_s=tokens_per_s, tokens_per_s_steps=throughput.steps, mfu=mfu, mfu_peak=peak.source)
             if par.ep > 1:
                 # all-to-all traffic of this rank since the last row: forward dispatch + combine, same in backward
                 row["a2a_bytes"] = 2 * sum(m.experts.sent_bytes for m in moe_layers) // interval_steps
@@ -277,22 +323,34 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
         saved = done % cfg.save_every == 0 or done == cfg.max_steps
         if saved:
             with paused:
-                save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints,
-                                par.checkpoint_group)
+                save_checkpoint(
+                    out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints, par.checkpoint_group
+                )
         if stop.agreed() and done < cfg.max_steps:
             bar.close()
             loader.close()
             if not saved:
-                save_checkpoint(out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints,
-                                par.checkpoint_group)
-            raise RunInterrupted(resume_hint(done, str(checkpoint_path(out / "checkpoints", done)),
-                                             f"nanoseek train --out {out} --resume") if par.is_main else "")
+                save_checkpoint(
+                    out / "checkpoints", done, model, optimizer, meta, cfg.keep_checkpoints, par.checkpoint_group
+                )
+            raise RunInterrupted(
+                resume_hint(
+                    done, str(checkpoint_path(out / "checkpoints", done)), f"nanoseek train --out {out} --resume"
+                )
+                if par.is_main
+                else ""
+            )
     bar.close()
     loader.close()
     save_final_model(model, out, par)
     rows = metrics.rows() if metrics else []
     if metrics:
         plot_losses(rows, out / "loss.png")
-    return {"run_dir": str(out), "steps": cfg.max_steps, "val_loss": val_loss,
-            "unigram_entropy": dataset.unigram_entropy(),
-            "imbalance_last_100": tracker.window() if moe_layers else None, "final": rows[-1] if rows else None}
+    return {
+        "run_dir": str(out),
+        "steps": cfg.max_steps,
+        "val_loss": val_loss,
+        "unigram_entropy": dataset.unigram_entropy(),
+        "imbalance_last_100": tracker.window() if moe_layers else None,
+        "final": rows[-1] if rows else None,
+    }

@@ -42,8 +42,9 @@ def seeded_normal_(param: torch.Tensor, std: float, seed: int, name: str) -> Non
     values = torch.empty((len(rows), *row_shape), dtype=torch.float32)
     blocks = rows // rows_per_block
     for block in blocks.unique().tolist():
-        drawn = torch.randn((rows_per_block, *row_shape),
-                            generator=torch.Generator().manual_seed(_block_seed(seed, name, block)))
+        drawn = torch.randn(
+            (rows_per_block, *row_shape), generator=torch.Generator().manual_seed(_block_seed(seed, name, block))
+        )
         mine = (blocks == block).nonzero().flatten()
         values[mine] = drawn[rows[mine] - block * rows_per_block]
     local = param.to_local() if isinstance(param, DTensor) else param

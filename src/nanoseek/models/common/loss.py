@@ -37,8 +37,9 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -76,6 +77,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     dtype = linear_compute_dtype(weight)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
-    total = sum(_chunk_loss(_chunk_logits(hidden[rows], weight, dtype), targets[rows])[0]
-                for rows in _row_chunks(hidden.shape[0], weight.shape[0]))
+    total = sum(
+        _chunk_loss(_chunk_logits(hidden[rows], weight, dtype), targets[rows])[0]
+        for rows in _row_chunks(hidden.shape[0], weight.shape[0])
+    )
     return total / (targets != IGNORE).sum().clamp(min=1)

@@ -6,7 +6,7 @@ Routed experts are stacked weights [E, out, in]. Tokens are sorted by expert and
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,9 @@ class Router(KeepsFp32Buffers, nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, dim] → gate weights [N, k] (fp32), expert ids [N, k], scores [N, E] (fp32, unbiased)."""
         scores = routing_scores(x, self.weight, self.scoring_func)
         choice = scores + self.expert_bias
@@ -93,8 +94,9 @@ class HashRouter(nn.Module):
         draws = torch.rand(self.tid2eid.shape[0], self.n_experts, generator=torch.Generator().manual_seed(seed))
         self.tid2eid.copy_(draws.argsort(dim=1)[:, : self.top_k].to(self.tid2eid.device))
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if token_ids is None:
             raise ValueError("a hash-routed MoE layer needs the token ids")
         scores = routing_scores(x, self.weight, self.scoring_func)
@@ -126,8 +128,14 @@ GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @eager  # inside compiled blocks: no compiled fp32 grouped GEMM on CPUs
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, group_ends: torch.Tensor,
-               gemm: GroupedGemm = grouped_mm, limit: float = 0.0) -> torch.Tensor:
+def expert_ffn(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    group_ends: torch.Tensor,
+    gemm: GroupedGemm = grouped_mm,
+    limit: float = 0.0,
+) -> torch.Tensor:
     """Every expert's SwiGLU over its rows: x [N, dim] sorted by expert, group_ends [E] int32 cumulative counts."""
     gate, up = gemm(x, gate_up, group_ends).chunk(2, dim=-1)
     return gemm(swiglu(gate, up, limit), down, group_ends)
@@ -165,8 +173,11 @@ class MoE(KeepsFp32Buffers, nn.Module):
         self.router: Router | HashRouter = HashRouter(config) if hashed else Router(config)
         limit = config.swiglu_limit
         self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, limit)
-        self.shared = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, limit)
-                       if config.n_shared_experts else None)
+        self.shared = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, limit)
+            if config.n_shared_experts
+            else None
+        )
         # Tokens routed to each expert by the latest forward: the load signal for aux-loss-free balancing.
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
         self.seq_aux_alpha = 0.0  # set by the trainer; > 0 computes the sequence-wise balance loss

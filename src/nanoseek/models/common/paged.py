@@ -51,7 +51,9 @@ class StoreLayout(Protocol):
     """How a generation caches what its attention keeps of a sequence: counted (`nanoseek info`), and sized and
     built for the serving engine. The registry (models/registry.py) names one per architecture."""
 
-    keeps_state: ClassVar[bool]  # part of a sequence lives outside its blocks (a state slot): prefix hits need snapshots
+    keeps_state: ClassVar[
+        bool
+    ]  # part of a sequence lives outside its blocks (a state slot): prefix hits need snapshots
     drafts: ClassVar[bool]  # the engine can verify MTP drafts in it (a rejected draft leaves nothing behind)
 
     def cache_bytes(self, config: ModelConfig, context: int, bytes_per_element: int = 2) -> int:
@@ -63,8 +65,15 @@ class StoreLayout(Protocol):
     def state_bytes(self, config: ModelConfig, element_size: int) -> int:
         """One state slot's bytes (0 without keeps_state)."""
 
-    def build(self, model: nn.Module, memory_bytes: int, block_size: int, states: int, device: torch.device,
-              dtype: torch.dtype) -> Any:
+    def build(
+        self,
+        model: nn.Module,
+        memory_bytes: int,
+        block_size: int,
+        states: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> Any:
         """The engine's store: `states` state slots (with keeps_state), then as many blocks as the memory holds.
         It has .nbytes, .device and .block_count(block_size)."""
 
@@ -130,10 +139,13 @@ class PagedBatch:
         def column(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, device=device)
 
-        return SingleRows(column([s.start for s in single]), column([s.position for s in single]),
-                          column([s.state for s in single]),
-                          torch.nn.utils.rnn.pad_sequence([s.table for s in single], batch_first=True),
-                          max(s.position for s in single))
+        return SingleRows(
+            column([s.start for s in single]),
+            column([s.position for s in single]),
+            column([s.state for s in single]),
+            torch.nn.utils.rnn.pad_sequence([s.table for s in single], batch_first=True),
+            max(s.position for s in single),
+        )
 
     def decode_visible(self) -> torch.Tensor:
         """[rows, width, 1, S] bool: context index = position, so a query sees indices up to its own position (the

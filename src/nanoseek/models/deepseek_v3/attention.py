@@ -49,8 +49,7 @@ class MultiHeadLatentAttention(nn.Module):
         compression), [c_KV; k_rope] before the norm and RoPE."""
         return (self.q_down(x) if hasattr(self, "q_down") else x), self.kv_down(x)
 
-    def queries(self, q_input: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, q_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """→ q_nope [B, H, T, nope], q_rope [B, H, T, rope] (rotated)."""
         B, T, _ = q_input.shape
         q = self.q_up(self.q_norm(q_input)) if hasattr(self, "q_up") else self.q_proj(q_input)
@@ -58,8 +57,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin)
 
-    def latents(self, kv_input: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latents(
+        self, kv_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """→ normalized latent c_KV [B, T, kv_lora_rank], rotated k_rope [B, T, rope]: all that MLA has to
         remember of a token."""
         latent, k_rope = kv_input.split([self.latent_dim, self.rope_dim], dim=-1)
@@ -73,8 +73,14 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         return torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, S, self.rope_dim)], dim=-1), v
 
-    def attend_latents(self, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend_latents(
+        self,
+        q_input: torch.Tensor,
+        kv_input: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """From the compressed inputs: norms, up-projections to per-head q, k [B, H, T, qk] and v, then causal
         attention → [B, T, H·v]. `recompute` replays all of it in backward (V3 §3.3.4 recomputes the norms and
         up-projections; SDPA would keep its per-head q, k, v for backward, so the core is replayed with them), and
@@ -85,8 +91,9 @@ class MultiHeadLatentAttention(nn.Module):
         y = attend(torch.cat([q_nope, q_rope], dim=-1), k, v, self.softmax_scale, mask)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Causal self-attention over a whole sequence (training): up-project the latents, then SDPA. `mask`
         [B, 1, T, T] (True = visible) replaces the causal mask, e.g. to keep packed documents apart."""
         q_input, kv_input = self.compress(x)
@@ -97,13 +104,21 @@ class MultiHeadLatentAttention(nn.Module):
             y = self.attend_latents(q_input, kv_input, cos, sin, mask)
         return self.out_proj(y)
 
-    def attention_mask(self, x: torch.Tensor, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    def attention_mask(
+        self,
+        x: torch.Tensor,
+        q_input: torch.Tensor,
+        kv_input: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor | None:
         """The mask a training forward attends with: the one given (V3.2 narrows it to the indexer's picks)."""
         return mask
 
-    def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store: PagedStore,
-                      batch: PagedBatch) -> torch.Tensor:
+    def forward_paged(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store: PagedStore, batch: PagedBatch
+    ) -> torch.Tensor:
         """Inference over a paged store (models/common/paged.py): x [1, N, dim] holds the batch's new tokens. Their
         [c_KV; k_rope] go to their slots first; then decode rows attend in the absorbed form and each prefill chunk
         attends, up-projected, to its whole context (cached prefix plus itself)."""
@@ -122,30 +137,40 @@ class MultiHeadLatentAttention(nn.Module):
         for chunk in batch.prefills:
             context = gather(latents, chunk.context).to(q.dtype)[None]  # [1, ctx, C + R]
             k, v = self.keys_values(*context.split([self.latent_dim, self.rope_dim], dim=-1))
-            queries = q[:, :, chunk.start: chunk.start + chunk.length]
+            queries = q[:, :, chunk.start : chunk.start + chunk.length]
             y = attend(queries, k, v, self.softmax_scale, self.prefill_mask(index, store, chunk))  # [1, H, T, v]
             parts.append(y[0].transpose(0, 1).reshape(chunk.length, self.n_heads * self.v_dim))
         return self.out_proj(torch.cat(parts)[None])
 
-    def index_new_tokens(self, x: torch.Tensor, q_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         store: PagedStore, batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def index_new_tokens(
+        self,
+        x: torch.Tensor,
+        q_input: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        store: PagedStore,
+        batch: PagedBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """What choosing among the cached tokens needs of the new ones (V3.2: the indexer's queries and weights,
         after writing their indexer keys to the store); V3 attends to every cached token and needs nothing."""
         return None
 
-    def decode_slots(self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore,
-                     batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_slots(
+        self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore, batch: PagedBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The store slots each decode row attends to, and which of them each of its tokens may see: the row's
         whole context (V3.2: its top-k)."""
         return batch.decode_context, batch.decode_visible()
 
-    def prefill_mask(self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore,
-                     chunk: PrefillChunk) -> torch.Tensor | None:
+    def prefill_mask(
+        self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore, chunk: PrefillChunk
+    ) -> torch.Tensor | None:
         """A prefill chunk's mask over its context: causal (None when the chunk is its whole context)."""
         return None if chunk.length == chunk.context.shape[0] else chunk.visible()
 
-    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, context: torch.Tensor,
-                  visible: torch.Tensor) -> torch.Tensor:
+    def _absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, context: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
         """Decode tokens: q_nope [H, n, nope], q_rope [H, n, rope] over context [rows, S, C + R] with visible
         [rows, width, 1, S], n = rows·width (each sequence's tokens share its context; a selected context has one
         token per row) → [n, H·v]. The query moves into latent space (W_UKᵀ q_nope), so scores against
@@ -154,7 +179,8 @@ class MultiHeadLatentAttention(nn.Module):
         rows, width, heads = visible.shape[0], visible.shape[1], self.n_heads
         context = context.to(q_nope.dtype)
         w_uk, w_uv = self.kv_up.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim).split(
-            [self.nope_dim, self.v_dim], dim=1)
+            [self.nope_dim, self.v_dim], dim=1
+        )
         q_latent = torch.einsum("hnd,hdc->nhc", q_nope, w_uk)  # [n, H, C]
         q_all = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1).reshape(rows, width * heads, -1)
         scores = torch.bmm(q_all, context.transpose(1, 2)).float() * self.softmax_scale  # [rows, width·H, S]
@@ -171,14 +197,16 @@ def gather(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return store.index_select(0, slots.flatten()).view(*slots.shape, store.shape[-1])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal SDPA, or with `mask` [T, S] or [B, 1, T, S] (True = visible): queries that are the last T of S
     positions, or documents packed in one sequence. MLA's
     values are narrower than its queries/keys (128 vs 192 at V3 shape), which sends SDPA to its slow math backend on
     some devices (CPU among them); zero-padding v to the key width keeps the fused flash kernel (1.6x faster here),
     and the padded output columns are exactly zero and dropped."""
     pad = max(0, q.shape[-1] - v.shape[-1])
-    y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad else v, attn_mask=mask,
-                                       is_causal=mask is None, scale=scale)
+    y = F.scaled_dot_product_attention(
+        q, k, F.pad(v, (0, pad)) if pad else v, attn_mask=mask, is_causal=mask is None, scale=scale
+    )
     return y[..., : v.shape[-1]]

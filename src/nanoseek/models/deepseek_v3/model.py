@@ -28,12 +28,18 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: MLP | MoE = (MoE(config) if config.is_moe_layer(layer_index)
-                               else MLP(config.hidden_size, config.intermediate_size))
+        self.mlp: MLP | MoE = (
+            MoE(config) if config.is_moe_layer(layer_index) else MLP(config.hidden_size, config.intermediate_size)
+        )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                paged: tuple[PagedStore, PagedBatch] | None = None, mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        paged: tuple[PagedStore, PagedBatch] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Whole causal sequences (training; `mask` keeps packed documents apart); with `paged` (this layer's latent
         store, the batch layout), the flat new tokens of an inference forward."""
         normed = self.attn_norm(x)
@@ -59,9 +65,15 @@ class MTPModule(nn.Module):
         self.block = Block(config, layer_index, attention)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                paged: tuple[PagedStore, PagedBatch] | None = None, mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        next_embeddings: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        paged: tuple[PagedStore, PagedBatch] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
         return self.block(x, cos, sin, paged, mask)
 
@@ -93,8 +105,10 @@ class DeepseekV3Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.architecture not in self.architectures:
-            raise TypeError(f"{type(self).__name__} builds {' and '.join(self.architectures)} models, not "
-                            f"{config.architecture}: nanoseek.build_model(config) picks the class")
+            raise TypeError(
+                f"{type(self).__name__} builds {' and '.join(self.architectures)} models, not "
+                f"{config.architecture}: nanoseek.build_model(config) picks the class"
+            )
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rope = RotaryEmbedding(config)
@@ -104,8 +118,9 @@ class DeepseekV3Model(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
-        self.mtp = nn.ModuleList(self.mtp_module(config, config.num_hidden_layers + k)
-                                 for k in range(config.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(
+            self.mtp_module(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
+        )
         self.reset_parameters()
 
     def block(self, config: ModelConfig, layer_index: int) -> nn.Module:
@@ -157,8 +172,13 @@ class DeepseekV3Model(nn.Module):
         V3 has none."""
         return []
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, with_mtp: bool = True,
-                documents: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        with_mtp: bool = True,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor | ModelOutput:
         """input_ids [B, T] → logits [B, T, vocab]; with targets [B, T] (input_ids shifted by one, -100 = ignore)
         a ModelOutput with the LM loss and, if the model has MTP modules and with_mtp, their loss. `documents`
         [B, T] (a document number per token) keeps the documents packed in a row from attending to each other."""
@@ -171,8 +191,9 @@ class DeepseekV3Model(nn.Module):
         mtp_loss = self._mtp_loss(hidden, input_ids, targets, position_args) if len(self.mtp) and with_mtp else None
         return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
 
-    def hidden_states(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
-                      documents: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+    def hidden_states(
+        self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor, documents: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple]:
         """The embeddings x [B, T, dim] through every layer → the last layer's output (what MTP reads) and what
         positions MTP's blocks attend with: here (cos, sin, mask)."""
         cos, sin = self.rope(positions)
@@ -199,8 +220,9 @@ class DeepseekV3Model(nn.Module):
         """final hidden states (forward_paged's) → logits"""
         return self.head(self.norm(self.collapse(hidden)))
 
-    def mtp_forward_paged(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: PagedBatch,
-                          stores: PagedStore, depth: int = 0) -> torch.Tensor:
+    def mtp_forward_paged(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: PagedBatch, stores: PagedStore, depth: int = 0
+    ) -> torch.Tensor:
         """MTP module `depth` at the batch's positions i, from h_i [N, dim] and token t_{i+1} [N] → its hidden
         states [N, dim] (`mtp_logits` of a row: the logits for t_{i+2}, the draft)."""
         cos, sin = self.rope(batch.positions)
@@ -210,8 +232,9 @@ class DeepseekV3Model(nn.Module):
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
         return self.head(self.mtp[depth].head_input(hidden))
 
-    def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
-                  position_args: tuple) -> torch.Tensor:
+    def _mtp_loss(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, position_args: tuple
+    ) -> torch.Tensor:
         """Depth k at position i sees h_{k-1}[i] and token t_{i+k} and predicts t_{i+k+1} = targets[i+k]; each depth
         is one position shorter, keeping the causal chain."""
         losses = []
@@ -220,16 +243,21 @@ class DeepseekV3Model(nn.Module):
             if n <= 0:
                 break
             hidden = self.mtp_depth(module, hidden[:, :n], input_ids[:, k:], position_args)
-            losses.append(linear_cross_entropy(module.head_input(hidden).flatten(0, 1), self.head.weight,
-                                               targets[:, k:].flatten()))
+            losses.append(
+                linear_cross_entropy(
+                    module.head_input(hidden).flatten(0, 1), self.head.weight, targets[:, k:].flatten()
+                )
+            )
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
-    def mtp_depth(self, module: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor,
-                  position_args: tuple) -> torch.Tensor:
+    def mtp_depth(
+        self, module: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor, position_args: tuple
+    ) -> torch.Tensor:
         """One MTP depth over the first n positions: hidden [B, n, dim], the tokens after them next_ids [B, n]."""
         n = hidden.shape[1]
         cos, sin, mask = position_args
         return module(hidden, self.embed(next_ids), cos[:n], sin[:n], mask=None if mask is None else mask[..., :n, :n])
+
 
 def document_mask(documents: torch.Tensor) -> torch.Tensor:
     """[B, T] document numbers → [B, 1, T, T], True where a query may attend: causally, within its document."""

@@ -21,13 +21,22 @@ class LatentLayout:
         return config.cache_width * config.num_hidden_layers * context * bytes_per_element
 
     def serving_bytes(self, config: ModelConfig, context: int, element_size: int) -> int:
-        return context * (config.num_hidden_layers + config.num_nextn_predict_layers) * config.cache_width * element_size
+        return (
+            context * (config.num_hidden_layers + config.num_nextn_predict_layers) * config.cache_width * element_size
+        )
 
     def state_bytes(self, config: ModelConfig, element_size: int) -> int:
         return 0
 
-    def build(self, model: nn.Module, memory_bytes: int, block_size: int, states: int, device: torch.device,
-              dtype: torch.dtype) -> PagedStore:
+    def build(
+        self,
+        model: nn.Module,
+        memory_bytes: int,
+        block_size: int,
+        states: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> PagedStore:
         """→ zeros [layers + MTP modules, blocks · block_size, kv_lora_rank + rope] (and V3.2's indexer keys
         [..., index_head_dim]), as many whole blocks as fit."""
         config = model.config
@@ -35,8 +44,9 @@ class LatentLayout:
         block_bytes = layers * block_size * config.cache_width * torch.finfo(dtype).bits // 8
         blocks = memory_bytes // block_bytes
         if blocks < 1:
-            raise ValueError(f"the cache memory ({memory_bytes} bytes) holds no block of {block_size} tokens "
-                             f"({block_bytes} bytes)")
+            raise ValueError(
+                f"the cache memory ({memory_bytes} bytes) holds no block of {block_size} tokens ({block_bytes} bytes)"
+            )
 
         def zeros(width: int) -> torch.Tensor:
             return torch.zeros(layers, blocks * block_size, width, device=device, dtype=dtype)

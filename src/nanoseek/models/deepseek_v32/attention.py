@@ -20,22 +20,31 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         super().__init__(config)
         self.indexer = LightningIndexer(config)
 
-    def attention_mask(self, x: torch.Tensor, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    def attention_mask(
+        self,
+        x: torch.Tensor,
+        q_input: torch.Tensor,
+        kv_input: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor | None:
         """Each query sees only the top-k of what it may see (a mask over the full scores: the sparse gather is the
         decode path's), except in the dense warm-up, which trains the indexer alone. While the indexer learns (a
         training stage is set), also its KL loss against this attention's own distribution over the tokens
         attended to (`indexer.loss`)."""
         B, T, _ = x.shape
-        visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, 1, T, T) \
-            if mask is None else mask
+        visible = (
+            torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, 1, T, T) if mask is None else mask
+        )
         stage = self.indexer.stage if self.training else None
         learning = stage is not None and torch.is_grad_enabled()
         # the indexer learns from its own loss only: its inputs are cut from the main model's graph
         with torch.set_grad_enabled(learning):
             scores = self.indexer(x.detach(), self.q_norm(q_input).detach(), cos, sin)  # [B, T, T]
-        attended = visible if stage == "warmup" else \
-            top_k_mask(scores.detach(), visible[:, 0], self.indexer.topk)[:, None]
+        attended = (
+            visible if stage == "warmup" else top_k_mask(scores.detach(), visible[:, 0], self.indexer.topk)[:, None]
+        )
         if learning:
             with torch.no_grad():
                 target = self.attention_distribution(q_input, kv_input, cos, sin, attended)
@@ -43,8 +52,9 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         return mask if stage == "warmup" else attended
 
     @torch.no_grad()
-    def attention_distribution(self, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor,
-                               sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attention_distribution(
+        self, q_input: torch.Tensor, kv_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """The indexer's target: attention probabilities summed over heads and L1-normalized → [B, T, T] fp32,
         computed in chunks of queries so that only [B, H, chunk, T] scores exist at once."""
         q = torch.cat(self.queries(q_input, cos, sin), dim=-1)  # [B, H, T, qk]
@@ -57,15 +67,23 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             rows.append(probs / probs.sum(dim=-1, keepdim=True))
         return torch.cat(rows, dim=1)
 
-    def index_new_tokens(self, x: torch.Tensor, q_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         store: PagedStore, batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def index_new_tokens(
+        self,
+        x: torch.Tensor,
+        q_input: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        store: PagedStore,
+        batch: PagedBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new tokens' indexer keys go to their slots; → their indexer queries [N, H', D] and weights [N, H']."""
         keys = self.indexer.keys(x, cos, sin)[0]
         store.index_keys.index_copy_(0, batch.slots, keys.to(store.index_keys.dtype))
         return self.indexer.queries(self.q_norm(q_input), cos, sin)[0], self.indexer.weights(x)[0]
 
-    def decode_slots(self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore,
-                     batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_slots(
+        self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore, batch: PagedBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The indexer over each decode sequence's cached keys → the store slots of each token's top-k
         [rows·width, k] and which of them it may see [rows·width, 1, 1, k] (a short sequence in a padded batch has
         fewer than k); a context of at most k tokens is attended whole."""
@@ -79,8 +97,9 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         slots = batch.decode_context.gather(1, best.indices.view(rows, width * k))
         return slots.view(rows * width, k), (best.values > float("-inf")).view(rows * width, 1, 1, k)
 
-    def prefill_mask(self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore,
-                     chunk: PrefillChunk) -> torch.Tensor | None:
+    def prefill_mask(
+        self, index: tuple[torch.Tensor, torch.Tensor] | None, store: PagedStore, chunk: PrefillChunk
+    ) -> torch.Tensor | None:
         """A chunk whose context exceeds k tokens attends to each query's top-k of its context."""
         if index is None or chunk.context.shape[0] <= self.indexer.topk:
             return super().prefill_mask(index, store, chunk)

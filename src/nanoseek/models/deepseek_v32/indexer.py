@@ -19,7 +19,6 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.models.common.rope import apply_rope_half_split
 
-
 SCORE_CHUNK_ELEMENTS = 1 << 24  # per-head products held at once while scoring (64 MiB in fp32)
 
 
@@ -64,7 +63,7 @@ def head_weights(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """x [B, T, dim] → per-token head weights w_h / sqrt(H) [B, T, H], computed in fp32 under any autocast (as
     transformers keeps weights_proj in fp32)."""
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), proj.weight.float()) * proj.out_features ** -0.5
+        return F.linear(x.float(), proj.weight.float()) * proj.out_features**-0.5
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -76,11 +75,11 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> 
     keys_t = keys.float().transpose(-1, -2)
     parts = []
     for start in range(0, T, rows):
-        q_part, w_part = q[:, start: start + rows], weights[:, start: start + rows]
+        q_part, w_part = q[:, start : start + rows], weights[:, start : start + rows]
         n = q_part.shape[1]
         # one [n·H, D] @ [D, S] product per sequence (a [B, 1, D, S] key broadcast against [B, n, ...] would copy
         # the keys n times)
-        dots = torch.bmm(q_part.float().reshape(B, n * H, D) * D ** -0.5, keys_t).view(B, n, H, -1)
+        dots = torch.bmm(q_part.float().reshape(B, n * H, D) * D**-0.5, keys_t).view(B, n, H, -1)
         parts.append(torch.matmul(w_part.unsqueeze(-2), dots.relu()).squeeze(-2))  # [B,n,1,H] @ [B,n,H,S]
     return torch.cat(parts, dim=1)
 

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor, CompressorState, entries_visible
 from nanoseek.models.common.layers import RMSNorm
 from nanoseek.models.common.rope import apply_rope_trailing
+from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor, CompressorState, entries_visible
 from nanoseek.v4config import CSA, SLIDING
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -59,8 +59,9 @@ class HybridAttention(nn.Module):
         self.kv_proj = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.kv_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         # group g's heads [heads·head_dim / o_groups] → o_lora_rank rows of its own block
-        self.out_down = nn.Parameter(torch.empty(config.o_groups * config.o_lora_rank,
-                                                 heads * self.head_dim // config.o_groups))
+        self.out_down = nn.Parameter(
+            torch.empty(config.o_groups * config.o_lora_rank, heads * self.head_dim // config.o_groups)
+        )
         self.out_proj = nn.Linear(config.o_groups * config.o_lora_rank, config.hidden_size, bias=False)
         self.sinks = nn.Parameter(torch.empty(heads))
         self.compressor: Compressor | None = None
@@ -94,7 +95,7 @@ class HybridAttention(nn.Module):
         need not sum to 1."""
         B, H, T, D = q.shape
         # the heads share the keys: one [B, H·T, D] × [B, D, S] product, never H copies of the keys
-        logits = torch.bmm(q.reshape(B, H * T, D), keys.transpose(-1, -2)).view(B, H, T, -1) * self.head_dim ** -0.5
+        logits = torch.bmm(q.reshape(B, H * T, D), keys.transpose(-1, -2)).view(B, H, T, -1) * self.head_dim**-0.5
         logits = logits.float().masked_fill(~visible, -torch.inf)
         sinks = self.sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
         probs = torch.cat([logits, sinks], dim=-1).softmax(dim=-1)[..., :-1]
@@ -111,13 +112,16 @@ class HybridAttention(nn.Module):
 
     def empty_cache(self, x: torch.Tensor) -> AttentionCache:
         """The cache before a sequence's first token, for x's batch rows."""
-        return AttentionCache(x.new_zeros(x.shape[0], 0, self.head_dim), torch.zeros(0, dtype=torch.long,
-                                                                                     device=x.device),
-                              self.compressor.empty(x) if self.compressor else None,
-                              self.indexer.compressor.empty(x) if self.indexer else None)
+        return AttentionCache(
+            x.new_zeros(x.shape[0], 0, self.head_dim),
+            torch.zeros(0, dtype=torch.long, device=x.device),
+            self.compressor.empty(x) if self.compressor else None,
+            self.indexer.compressor.empty(x) if self.indexer else None,
+        )
 
-    def forward(self, x: torch.Tensor, ropes: dict[str, nn.Module], positions: torch.Tensor,
-                cache: AttentionCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ropes: dict[str, nn.Module], positions: torch.Tensor, cache: AttentionCache | None = None
+    ) -> torch.Tensor:
         """x [B, T, dim] at positions [T] → [B, T, dim]. Without a cache, whole causal sequences (positions 0..T-1);
         with one, the tokens after it, which it then holds too. ropes: the "main" and "compress" RotaryEmbedding."""
         rope = ropes[self.rope_kind](positions)
@@ -126,7 +130,7 @@ class HybridAttention(nn.Module):
         if cache is not None:
             keys = torch.cat([cache.keys, keys], dim=1)
             key_positions = torch.cat([cache.key_positions, positions])
-            cache.keys, cache.key_positions = keys[:, -(self.window - 1):], key_positions[-(self.window - 1):]
+            cache.keys, cache.key_positions = keys[:, -(self.window - 1) :], key_positions[-(self.window - 1) :]
         visible = window_visible(positions, key_positions, self.window).expand(x.shape[0], 1, -1, -1)
         scores, n = None, 0
         if self.compressor is not None:
@@ -138,13 +142,14 @@ class HybridAttention(nn.Module):
                 stage = self.indexer.stage if self.training else None
                 learning = stage is not None and torch.is_grad_enabled()
                 with torch.set_grad_enabled(learning):  # the indexer learns from its own loss only
-                    scores = self.indexer(x.detach(), q_latent.detach(), rope, ropes["compress"],
-                                          cache.indexer if cache else None)
+                    scores = self.indexer(
+                        x.detach(), q_latent.detach(), rope, ropes["compress"], cache.indexer if cache else None
+                    )
                 if stage != "warmup":  # the dense warm-up attends to every entry while the indexer learns
                     readable = self.indexer.select(scores.detach(), readable)
                 scores = scores if learning else None
             visible = torch.cat([visible, readable.unsqueeze(1)], dim=-1)
         attended, probs = self.attend(q, keys, visible)
         if scores is not None and self.indexer is not None:
-            self.indexer.learn(probs[..., probs.shape[-1] - n:], scores, visible[:, 0, :, visible.shape[-1] - n:])
+            self.indexer.learn(probs[..., probs.shape[-1] - n :], scores, visible[:, 0, :, visible.shape[-1] - n :])
         return self.output(attended, rope)

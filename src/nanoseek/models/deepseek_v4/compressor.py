@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores, indexer_kl
 from nanoseek.models.common.layers import RMSNorm
 from nanoseek.models.common.rope import apply_rope_trailing
+from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores, indexer_kl
 
 
 @dataclass
@@ -47,8 +47,9 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.empty(rate, width))
         self.kv_norm = RMSNorm(head_dim, eps)
 
-    def pool(self, kv: torch.Tensor, gate: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor] | None = None
-             ) -> torch.Tensor:
+    def pool(
+        self, kv: torch.Tensor, gate: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """kv, gate [B, N, rate, width] of N closed windows (gate with the position bias) → pooled [B, N, head_dim].
         CSA: `previous` is the Ca half (kv, gate [B, rate, head_dim]) of the window before the first, if any."""
         if self.overlap:
@@ -69,7 +70,9 @@ class Compressor(nn.Module):
     def empty(self, x: torch.Tensor) -> CompressorState:
         """The state before a sequence's first token, for x's batch rows."""
         width = self.kv_proj.out_features
-        return CompressorState((x.new_zeros(x.shape[0], 0, width),) * 2, None, x.new_zeros(x.shape[0], 0, self.head_dim))
+        return CompressorState(
+            (x.new_zeros(x.shape[0], 0, width),) * 2, None, x.new_zeros(x.shape[0], 0, self.head_dim)
+        )
 
     def forward(self, x: torch.Tensor, rope: nn.Module, state: CompressorState | None = None) -> torch.Tensor:
         """x [B, T, dim], the tokens after `state` (None: a sequence's first) → every entry so far [B, N, head_dim],
@@ -107,8 +110,9 @@ class CompressedIndexer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = config.index_n_heads, config.index_head_dim, config.index_topk
-        self.compressor = Compressor(config.hidden_size, self.head_dim, config.compress_rate_csa, True,
-                                     config.rms_norm_eps)
+        self.compressor = Compressor(
+            config.hidden_size, self.head_dim, config.compress_rate_csa, True, config.rms_norm_eps
+        )
         self.q_up = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.head_weights = nn.Linear(config.hidden_size, self.n_heads, bias=False)
         self.stage: str | None = None
@@ -126,8 +130,14 @@ class CompressedIndexer(nn.Module):
         chosen = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
         return visible & torch.zeros_like(visible).scatter_(-1, chosen, True)
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                compress_rope: nn.Module, state: CompressorState | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        compress_rope: nn.Module,
+        state: CompressorState | None = None,
+    ) -> torch.Tensor:
         """x [B, T, dim] after `state` → I [B, T, N] against every entry so far (`select` keeps what a query
         reads). rope: cos/sin at the tokens' positions."""
         keys = self.compressor(x, compress_rope, state)

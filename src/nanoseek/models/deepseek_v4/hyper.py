@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
-from nanoseek.models.deepseek_v4.paged import LayerStore, forward_segments
 from nanoseek.models.common.layers import RMSNorm
 from nanoseek.models.common.moe import MoE
 from nanoseek.models.common.paged import PagedBatch
+from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
+from nanoseek.models.deepseek_v4.paged import LayerStore, forward_segments
 from nanoseek.v4config import SLIDING
 
 
@@ -118,16 +118,23 @@ class HyperBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config, hashed=main and config.mlp_layer_types[layer_index] == "hash_moe")
 
-    def forward(self, streams: torch.Tensor, ropes: dict[str, nn.Module], positions: torch.Tensor,
-                token_ids: torch.Tensor, cache: AttentionCache | None = None,
-                paged: tuple[LayerStore, PagedBatch] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        streams: torch.Tensor,
+        ropes: dict[str, nn.Module],
+        positions: torch.Tensor,
+        token_ids: torch.Tensor,
+        cache: AttentionCache | None = None,
+        paged: tuple[LayerStore, PagedBatch] | None = None,
+    ) -> torch.Tensor:
         """streams [B, T, n, dim] at positions [T] (after `cache`, if given) → [B, T, n, dim]; token_ids [B, T]
         route the hash layers. `paged`: the engine's flat batch [1, N, ...] of several sequences, each attending
         with the cache held in the layer's store."""
         x, post, comb = self.attn_hc(streams)
         x = self.attn_norm(x)
-        attended = self.attn(x, ropes, positions, cache) if paged is None else forward_segments(self.attn, x, ropes,
-                                                                                               *paged)
+        attended = (
+            self.attn(x, ropes, positions, cache) if paged is None else forward_segments(self.attn, x, ropes, *paged)
+        )
         streams = HyperConnection.merge(streams, attended, post, comb)
         x, post, comb = self.mlp_hc(streams)
         return HyperConnection.merge(streams, self.mlp(self.mlp_norm(x), token_ids), post, comb)
@@ -150,9 +157,16 @@ class HyperMTP(nn.Module):
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(dim, config.rms_norm_eps)
 
-    def forward(self, streams: torch.Tensor, next_embeddings: torch.Tensor, ropes: dict[str, nn.Module],
-                positions: torch.Tensor, next_ids: torch.Tensor, cache: AttentionCache | None = None,
-                paged: tuple[LayerStore, PagedBatch] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        streams: torch.Tensor,
+        next_embeddings: torch.Tensor,
+        ropes: dict[str, nn.Module],
+        positions: torch.Tensor,
+        next_ids: torch.Tensor,
+        cache: AttentionCache | None = None,
+        paged: tuple[LayerStore, PagedBatch] | None = None,
+    ) -> torch.Tensor:
         """streams [B, T, n, dim] and the next tokens' embeddings [B, T, dim] (ids [B, T]) → [B, T, n, dim]."""
         x = self.e_proj(self.enorm(next_embeddings)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
         return self.block(x, ropes, positions, next_ids, cache, paged)

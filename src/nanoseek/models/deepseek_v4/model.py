@@ -49,14 +49,20 @@ class DeepseekV4Model(DeepseekV3Model):
     def indexers(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, CompressedIndexer)]
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, with_mtp: bool = True,
-                documents: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        with_mtp: bool = True,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor | ModelOutput:
         if documents is not None:  # a compressed entry would pool tokens of two documents
             raise ValueError("DeepSeek-V4 models take no document mask (set train.document_mask false)")
         return super().forward(input_ids, targets, with_mtp)
 
-    def hidden_states(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
-                      documents: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+    def hidden_states(
+        self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor, documents: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple]:
         """→ the residual streams [B, T, n, dim] (MTP reads the streams, not their collapse), and (ropes,
         positions) for MTP's blocks."""
         return self._hyper_layers(x, positions, input_ids), (self._ropes(), positions)
@@ -64,8 +70,9 @@ class DeepseekV4Model(DeepseekV3Model):
     def collapse(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hc_head(hidden)
 
-    def mtp_depth(self, module: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor,
-                  position_args: tuple) -> torch.Tensor:
+    def mtp_depth(
+        self, module: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor, position_args: tuple
+    ) -> torch.Tensor:
         ropes, positions = position_args
         return module(hidden, self.embed(next_ids), ropes, positions[: hidden.shape[1]], next_ids)
 
@@ -73,15 +80,26 @@ class DeepseekV4Model(DeepseekV3Model):
         """V4's two RoPEs: "main" (sliding layers) and "compress" (compressed layers)."""
         return {"main": self.rope, "compress": self.compress_rope}
 
-    def _hyper_layers(self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
-                      caches: list[AttentionCache] | None = None,
-                      paged: tuple[HybridStore, PagedBatch] | None = None) -> torch.Tensor:
+    def _hyper_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        input_ids: torch.Tensor,
+        caches: list[AttentionCache] | None = None,
+        paged: tuple[HybridStore, PagedBatch] | None = None,
+    ) -> torch.Tensor:
         """The embedding [B, T, dim] copied into hc_mult streams, through every block → [B, T, n, dim]."""
         ropes = self._ropes()
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
         for i, layer in enumerate(self.layers):
-            streams = layer(streams, ropes, positions, input_ids, None if caches is None else caches[i],
-                            None if paged is None else (paged[0].layer(i), paged[1]))
+            streams = layer(
+                streams,
+                ropes,
+                positions,
+                input_ids,
+                None if caches is None else caches[i],
+                None if paged is None else (paged[0].layer(i), paged[1]),
+            )
         return streams
 
     def forward_cached(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
@@ -99,5 +117,6 @@ class DeepseekV4Model(DeepseekV3Model):
     def forward_paged(self, input_ids: torch.Tensor, batch: PagedBatch, stores: HybridStore) -> torch.Tensor:
         """The engine's forward (V3's) over V4's store and the batch's segments (deepseek_v4/paged.py): the hidden
         states are the residual streams [N, n, dim]."""
-        return self._hyper_layers(self.embed(input_ids)[None], batch.positions, input_ids[None],
-                                  paged=(stores, batch))[0]
+        return self._hyper_layers(self.embed(input_ids)[None], batch.positions, input_ids[None], paged=(stores, batch))[
+            0
+        ]

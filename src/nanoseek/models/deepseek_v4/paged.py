@@ -21,9 +21,9 @@ from nanoseek.config import ModelConfig
 from nanoseek.models.common.paged import PagedBatch, Segment, SingleRows
 from nanoseek.models.common.rope import apply_rope_trailing
 from nanoseek.models.deepseek_v3.attention import gather
-from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores
 from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
 from nanoseek.models.deepseek_v4.compressor import Compressor, CompressorState
+from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores
 from nanoseek.v4config import CSA, HCA
 
 
@@ -36,8 +36,15 @@ def entries_per_block(rate: int, block_size: int) -> int:
 class CompressorStore:
     """One compressor's paged entries and per-sequence open window."""
 
-    def __init__(self, compressor: Compressor, blocks: int, block_size: int, states: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        compressor: Compressor,
+        blocks: int,
+        block_size: int,
+        states: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.rate, self.overlap, self.block_size = compressor.rate, compressor.overlap, block_size
         self.per_block = entries_per_block(self.rate, block_size)
         width, d = compressor.kv_proj.out_features, compressor.head_dim
@@ -123,11 +130,12 @@ class CompressorStore:
 class LayerStore:
     """A V4 layer's store: the window ring and its compressors' stores."""
 
-    def __init__(self, attn: HybridAttention, blocks: int, block_size: int, states: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self, attn: HybridAttention, blocks: int, block_size: int, states: int, device: torch.device, dtype: torch.dtype
+    ):
         self.window = attn.window
         self.keys = torch.zeros(states, max(1, self.window - 1), attn.head_dim, device=device, dtype=dtype)
-        make = (lambda c: CompressorStore(c, blocks, block_size, states, device, dtype))  # noqa: E731
+        make = lambda c: CompressorStore(c, blocks, block_size, states, device, dtype)  # noqa: E731
         self.compressor = make(attn.compressor) if attn.compressor is not None else None
         self.indexer = make(attn.indexer.compressor) if attn.indexer is not None else None
 
@@ -146,9 +154,12 @@ class LayerStore:
     def load(self, seg: Segment) -> AttentionCache:
         ring_size = self.keys.shape[1]
         positions = torch.arange(max(0, seg.position - ring_size), seg.position, device=self.keys.device)
-        return AttentionCache(self.keys[seg.state, positions % ring_size][None], positions,
-                              self.compressor.load(seg) if self.compressor else None,
-                              self.indexer.load(seg) if self.indexer else None)
+        return AttentionCache(
+            self.keys[seg.state, positions % ring_size][None],
+            positions,
+            self.compressor.load(seg) if self.compressor else None,
+            self.indexer.load(seg) if self.indexer else None,
+        )
 
     def save(self, seg: Segment, cache: AttentionCache) -> None:
         ring_size = self.keys.shape[1]
@@ -161,8 +172,15 @@ class LayerStore:
 class HybridStore:
     """Every V4 layer's LayerStore: what the engine allocates instead of MLA's latent store."""
 
-    def __init__(self, layers: list[nn.Module], blocks: int, block_size: int, states: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        layers: list[nn.Module],
+        blocks: int,
+        block_size: int,
+        states: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.layers = [LayerStore(layer.attn, blocks, block_size, states, device, dtype) for layer in layers]
         self.blocks, self.block_size = blocks, block_size
         self.device, self.dtype = device, dtype
@@ -209,10 +227,18 @@ class HybridLayout:
         """About the cache of a window-long sequence."""
         return self.cache_bytes(config, config.sliding_window, element_size)
 
-    def build(self, model: nn.Module, memory_bytes: int, block_size: int, states: int, device: torch.device,
-              dtype: torch.dtype) -> HybridStore:
+    def build(
+        self,
+        model: nn.Module,
+        memory_bytes: int,
+        block_size: int,
+        states: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> HybridStore:
         """`states` state slots (windows, open compressor windows: one per running sequence, and the prefix cache's
         snapshots), then as many blocks of compressed entries as the rest of the memory holds."""
+
         def sized(blocks: int) -> HybridStore:
             return HybridStore(list(model.layers), blocks, block_size, states, device, dtype)
 
@@ -220,13 +246,16 @@ class HybridLayout:
         block_bytes = sized(1).nbytes - state_bytes
         blocks = (memory_bytes - state_bytes) // max(1, block_bytes)
         if blocks < 1:
-            raise ValueError(f"the cache memory ({memory_bytes} bytes) holds {states} sequence states "
-                             f"({state_bytes} bytes) and no block of {block_size} tokens ({block_bytes} bytes)")
+            raise ValueError(
+                f"the cache memory ({memory_bytes} bytes) holds {states} sequence states "
+                f"({state_bytes} bytes) and no block of {block_size} tokens ({block_bytes} bytes)"
+            )
         return sized(blocks)
 
 
-def decode_rows(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore,
-                rows: SingleRows) -> torch.Tensor:
+def decode_rows(
+    attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore, rows: SingleRows
+) -> torch.Tensor:
     """x [R, 1, dim]: one new token per sequence, all at once → [R, 1, dim]. The same attention as the layer's
     forward over its cache, padded across sequences: the window's ring (a key at ring index j holds the latest
     position ≡ j), every closed entry (CSA: only the indexer's top-k of them are gathered), the token itself."""
@@ -245,11 +274,17 @@ def decode_rows(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Modu
         slots, readable = store.compressor.closed(rows)
         if attn.indexer is not None and store.indexer is not None:
             store.indexer.advance(attn.indexer.compressor, x, ropes["compress"], rows)
-            scores = index_scores(attn.indexer.queries(q_latent, *rope), head_weights(attn.indexer.head_weights, x),
-                                  gather(store.indexer.entries, slots))[:, 0]
+            scores = index_scores(
+                attn.indexer.queries(q_latent, *rope),
+                head_weights(attn.indexer.head_weights, x),
+                gather(store.indexer.entries, slots),
+            )[:, 0]
             # only the top-k entries are gathered: attention's cost stays index_topk however long the context
-            picked = scores.masked_fill(~readable, -torch.inf).topk(min(attn.indexer.topk, scores.shape[-1]),
-                                                                   sorted=False).indices  # order: immaterial
+            picked = (
+                scores.masked_fill(~readable, -torch.inf)
+                .topk(min(attn.indexer.topk, scores.shape[-1]), sorted=False)
+                .indices
+            )  # order: immaterial
             slots, readable = slots.gather(1, picked), readable.gather(1, picked)
         keys = torch.cat([keys, gather(store.compressor.entries, slots)], dim=1)
         visible = torch.cat([visible, readable], dim=1)
@@ -257,8 +292,9 @@ def decode_rows(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Modu
     return attn.output(attended, rope)
 
 
-def forward_segments(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore,
-                     batch: PagedBatch) -> torch.Tensor:
+def forward_segments(
+    attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn.Module], store: LayerStore, batch: PagedBatch
+) -> torch.Tensor:
     """x [1, N, dim], the flat tokens of every segment → [1, N, dim]: the one-token segments (decode rows) all at
     once, then each longer prompt chunk through the layer's forward with its cache loaded from the store, which
     then takes back what changed."""
@@ -271,7 +307,8 @@ def forward_segments(attn: HybridAttention, x: torch.Tensor, ropes: dict[str, nn
             continue
         cache = store.load(seg)
         positions = torch.arange(seg.position, seg.position + seg.length, device=x.device)
-        out[:, seg.start: seg.start + seg.length] = attn(x[:, seg.start: seg.start + seg.length], ropes, positions,
-                                                          cache)
+        out[:, seg.start : seg.start + seg.length] = attn(
+            x[:, seg.start : seg.start + seg.length], ropes, positions, cache
+        )
         store.save(seg, cache)
     return out

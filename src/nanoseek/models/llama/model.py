@@ -30,12 +30,21 @@ class GroupedLayout:
         return 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * context * bytes_per_element
 
     def serving_bytes(self, config: ModelConfig, context: int, element_size: int) -> NoReturn:
-        raise NanoseekError("generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
-                            "layout for transformers to sample from")
+        raise NanoseekError(
+            "generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
+            "layout for transformers to sample from"
+        )
 
     def state_bytes(self, config: ModelConfig, element_size: int) -> int:
         return 0
 
-    def build(self, model: nn.Module, memory_bytes: int, block_size: int, states: int, device: torch.device,
-              dtype: torch.dtype) -> NoReturn:
+    def build(
+        self,
+        model: nn.Module,
+        memory_bytes: int,
+        block_size: int,
+        states: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> NoReturn:
         self.serving_bytes(model.config, 0, 0)
