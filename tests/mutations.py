@@ -66,7 +66,7 @@ MUTATIONS = [
     ),
     Mutation(
         "V4's attention norm read under transformers' saved name only (attn.norm, not the release's attn.kv_norm)",
-        "src/nanoseek/checkpoint/hf_v4.py",
+        "src/nanoseek/models/deepseek_v4/checkpoint.py",
         'key.rpartition(".attn.kv_norm.")',
         'key.rpartition(".attn.norm.")',
         ("tests/test_release_layouts.py", "tests/test_parity_v4.py"),

@@ -35,7 +35,6 @@ def test_training_step_never_syncs_with_the_host(tmp_path):
     from nanoseek.data.dataset import TokenDataset
     from nanoseek.data.sources import Source, default_corpus_files
     from nanoseek.data.tokenizer import train_tokenizer
-    from nanoseek.train.balance import configure_balance
     from nanoseek.train.loader import BatchLoader
     from nanoseek.train.step import TrainStep
 
@@ -44,7 +43,6 @@ def test_training_step_never_syncs_with_the_host(tmp_path):
     cfg = TrainConfig(seq_len=32, batch_size=4, grad_accum=2, max_steps=4, precision="bf16", seq_aux_alpha=1e-3)
     torch.manual_seed(0)
     model = build_model(tiny_config(num_nextn_predict_layers=1, vocab_size=300)).to(CUDA)
-    configure_balance(model.moe_layers(), cfg)
     par = Parallelism(device=CUDA, compute_dtype=torch.bfloat16)
     step = TrainStep(model, build_optimizer(model, cfg, CUDA), cfg, par, BatchLoader(dataset, cfg, par, 0, 2))
     step(0)  # the first step allocates optimizer state: the steady state is what must not sync

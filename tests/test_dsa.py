@@ -15,7 +15,8 @@ from test_train import MICRO_YAML, _corpus_lines
 import nanoseek
 from helpers import V32, tiny_config
 from nanoseek.cli import main
-from nanoseek.train.dsa import configure_indexers, indexer_loss
+from nanoseek.models.common.terms import ForwardTerms
+from nanoseek.train.dsa import configure_indexers
 
 
 def _model(stage: str, **overrides) -> nanoseek.DeepseekV3Model:
@@ -52,8 +53,9 @@ def test_indexer_loss_is_the_kl_to_its_layers_attention(stage):
     ids, _ = _batch()
     attn = model.layers[0].attn
     inputs = {}
-    attn.register_forward_pre_hook(lambda m, args: inputs.setdefault("x", args))
+    handle = attn.register_forward_pre_hook(lambda m, args: inputs.setdefault("x", args) and None)
     model(ids)
+    handle.remove()
     x, cos, sin = inputs["x"][:3]
     with torch.no_grad():
         scores = attn.indexer(x, attn.q_norm(attn.compress(x)[0]), cos, sin)
@@ -62,7 +64,9 @@ def test_indexer_loss_is_the_kl_to_its_layers_attention(stage):
         p = _head_summed_attention(attn, x, cos, sin, allowed)
         log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
         expected = F.kl_div(log_q[allowed], p[allowed], reduction="sum") / (2 * 20)
-    assert attn.indexer.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    terms = ForwardTerms(dsa_stage=stage)
+    attn(x, cos, sin, terms=terms)  # this layer alone: its KL is the terms' mean
+    assert terms.indexer_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert expected.item() > 0.1
     if stage == "sparse":
         assert (allowed.sum(-1) < causal.sum(-1)).any()
@@ -75,8 +79,8 @@ def test_the_two_losses_reach_disjoint_parameters():
     ids, targets = _batch()
     indexers = model.indexers()
     in_indexer = {id(p) for ix in indexers for p in ix.parameters()}
-    output = model(ids, targets, with_mtp=False)
-    kl = indexer_loss(indexers)
+    output = model(ids, targets, with_mtp=False, terms=ForwardTerms(dsa_stage="sparse"))
+    kl = output.terms.indexer_loss
     output.lm_loss.backward(retain_graph=True)
     touched = {id(p) for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert touched and not touched & in_indexer
@@ -94,14 +98,13 @@ def test_dense_warmup_trains_only_the_indexer_toward_attention():
     dense.load_state_dict({k: v for k, v in model.state_dict().items() if ".indexer." not in k})
     ids, targets = _batch()
     with torch.no_grad():
-        assert model(ids, targets).lm_loss.item() == pytest.approx(dense(ids, targets).lm_loss.item(), rel=1e-6)
-    indexer_loss(model.indexers())
+        warm = model(ids, targets, terms=ForwardTerms(dsa_stage="warmup"))
+        assert warm.lm_loss.item() == pytest.approx(dense(ids, targets).lm_loss.item(), rel=1e-6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     kls = []
     for _ in range(40):
-        model(ids, targets)
-        kl = indexer_loss(model.indexers())
+        kl = model(ids, targets, terms=ForwardTerms(dsa_stage="warmup")).terms.indexer_loss
         kl.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -234,8 +237,8 @@ def test_sparse_training_step_under_bf16_autocast():
     losses = {}
     for dtype in (torch.float32, torch.bfloat16):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
-            output = model(ids, targets, with_mtp=False)
-            kl = indexer_loss(model.indexers())
+            output = model(ids, targets, with_mtp=False, terms=ForwardTerms(dsa_stage="sparse"))
+            kl = output.terms.indexer_loss
             (output.lm_loss + kl).backward()
         losses[dtype] = output.lm_loss.item(), kl.item()
         assert kl.dtype == torch.float32 and all(p.grad is not None for ix in model.indexers() for p in ix.parameters())

@@ -12,7 +12,7 @@ import torch
 from helpers import RELEASE_FIXTURES, released
 from nanoseek import ModelConfig, build_model
 from nanoseek.checkpoint.hf import to_hf_state_dict
-from nanoseek.checkpoint.hf_v4 import release_aliases
+from nanoseek.models.deepseek_v4.checkpoint import release_aliases
 
 RELEASES = ["deepseek-v3", "deepseek-v32", "deepseek-v4-flash"]
 SCALES = (".weight_scale_inv", ".scale")  # V3's fp32 inverse scales, V4's ue8m0 ones

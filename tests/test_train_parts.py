@@ -32,16 +32,22 @@ def test_bias_moves_against_load_error():
     assert tracker.window() == pytest.approx(10 / 3)
 
 
-def test_sequence_balance_loss_is_alpha_when_even():
-    """Perfectly even routing and affinities give f_i = 1 and P_i = 1/E, so L = α·Σ 1/E = α."""
+def test_sequence_balance_loss_is_one_when_even():
+    """Perfectly even routing and affinities give f_i = 1 and P_i = 1/E, so Σ f_i·P_i = 1 (before its α); a
+    forward adds α times it to its ForwardTerms."""
+    from nanoseek.models.common.terms import ForwardTerms
+
     moe = MoE(tiny_config())
-    moe.seq_aux_alpha = 0.5
     scores = torch.full((2, 8, 8), 0.3)
     expert_ids = torch.arange(8).repeat(2, 2)  # each expert picked twice per sequence of 8 tokens × top-2
-    assert moe.sequence_balance_loss(scores, expert_ids).item() == pytest.approx(0.5)
+    assert moe.sequence_balance_loss(scores, expert_ids).item() == pytest.approx(1.0)
     skewed = torch.zeros(2, 16, dtype=torch.long)  # everything to expert 0, which also has all the affinity
     skewed_scores = torch.zeros(2, 8, 8).index_fill_(2, torch.tensor([0]), 1.0)
-    assert moe.sequence_balance_loss(skewed_scores, skewed).item() == pytest.approx(0.5 * 8)
+    assert moe.sequence_balance_loss(skewed_scores, skewed).item() == pytest.approx(8.0)
+    x = torch.randn(2, 8, tiny_config().hidden_size, generator=torch.Generator().manual_seed(0))
+    half, whole = ForwardTerms(balance_alpha=0.5), ForwardTerms(balance_alpha=1.0)
+    moe(x, terms=half), moe(x, terms=whole)
+    assert half.balance_loss.item() == pytest.approx(0.5 * whole.balance_loss.item()) and whole.balance_loss > 0
 
 
 def test_overrides_take_the_field_type():

@@ -1,10 +1,6 @@
-"""HF DeepSeek-V2/V3 (or, for the dense baseline, Llama) checkpoint directory ⇄ nanoseek model. The only module
-that knows HF parameter names.
-
-Layout (DeepSeek's release and transformers' DeepseekV3ForCausalLM): config.json + model.safetensors, or shards
-listed in model.safetensors.index.json. Experts are stored one per key (`mlp.experts.E.gate_proj.weight`); ours are
-stacked [E, out, in] with gate and up fused, so loading stacks and saving splits. MTP module k is stored as layer
-num_hidden_layers + k, with copies of the shared embedding and head that we write but never read.
+"""HF or DeepSeek checkpoint directory ⇄ nanoseek model: config.json + model.safetensors, or shards listed in
+model.safetensors.index.json, FP8 blocks dequantized on load. Which file tensor makes which of ours is each
+generation's checkpoint.py (models/registry.py): experts stored one per key are stacked on load and split on save.
 """
 
 from __future__ import annotations
@@ -19,105 +15,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.checkpoint.entry import Entry
 from nanoseek.checkpoint.fp8 import FP8_QUANTIZATION_CONFIG, quantize_state_dict
-from nanoseek.checkpoint.hf_v4 import mtp_key, release_aliases, v4_entries
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
 from nanoseek.fp8.quant import dequantize_blocks
 from nanoseek.llama import halves_to_interleaved, interleaved_to_halves
+from nanoseek.models.common.checkpoint import Entry
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
-from nanoseek.models.registry import build_model
+from nanoseek.models.registry import architecture, build_model
 
-_ATTENTION = {
-    "q_proj": "q_proj",
-    "q_down": "q_a_proj",
-    "q_norm": "q_a_layernorm",
-    "q_up": "q_b_proj",
-    "kv_down": "kv_a_proj_with_mqa",
-    "kv_norm": "kv_a_layernorm",
-    "kv_up": "kv_b_proj",
-    "out_proj": "o_proj",
-    "k_proj": "k_proj",
-    "v_proj": "v_proj",
-}
-# V3.2's lightning indexer: ours → transformers' (and DeepSeek's release) names under self_attn.indexer
-_INDEXER = {
-    "q_up.weight": "wq_b.weight",
-    "k_proj.weight": "wk.weight",
-    "k_norm.weight": "k_norm.weight",
-    "k_norm.bias": "k_norm.bias",
-    "head_weights.weight": "weights_proj.weight",
-}
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def _mlp_entries(ours: str, hf: str) -> list[Entry]:
-    return [
-        Entry(f"{ours}.gate_up.weight", ((f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"),)),
-        Entry(f"{ours}.down.weight", ((f"{hf}.down_proj.weight",),)),
-    ]
-
-
-def _attention_entries(config: ModelConfig, ours: str, hf: str) -> list[Entry]:
-    if config.attention_type == "gqa":
-        return [
-            Entry(
-                f"{ours}.attn.{n}.weight",
-                ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),),
-                rope_head_dim=config.head_dim if n in ("q_proj", "k_proj") else 0,
-            )
-            for n in ("q_proj", "k_proj", "v_proj", "out_proj")
-        ]
-    names = ["kv_down", "kv_norm", "kv_up", "out_proj"]
-    names += ["q_proj"] if config.q_lora_rank is None else ["q_down", "q_norm", "q_up"]
-    entries = [Entry(f"{ours}.attn.{n}.weight", ((f"{hf}.self_attn.{_ATTENTION[n]}.weight",),)) for n in names]
-    if config.sparse_attention:
-        entries += [Entry(f"{ours}.attn.indexer.{n}", ((f"{hf}.self_attn.indexer.{_INDEXER[n]}",),)) for n in _INDEXER]
-    return entries
-
-
-def _block_entries(config: ModelConfig, ours: str, hf: str, layer_index: int) -> list[Entry]:
-    entries = _attention_entries(config, ours, hf)
-    entries += [
-        Entry(f"{ours}.attn_norm.weight", ((f"{hf}.input_layernorm.weight",),)),
-        Entry(f"{ours}.mlp_norm.weight", ((f"{hf}.post_attention_layernorm.weight",),)),
-    ]
-    if not config.is_moe_layer(layer_index):
-        return entries + _mlp_entries(f"{ours}.mlp", f"{hf}.mlp")
-    experts = range(config.n_routed_experts)
-    entries += [
-        Entry(f"{ours}.mlp.router.weight", ((f"{hf}.mlp.gate.weight",),)),
-        Entry(f"{ours}.mlp.router.expert_bias", ((f"{hf}.mlp.gate.e_score_correction_bias",),)),
-        Entry(
-            f"{ours}.mlp.experts.gate_up",
-            tuple((f"{hf}.mlp.experts.{e}.gate_proj.weight", f"{hf}.mlp.experts.{e}.up_proj.weight") for e in experts),
-            True,
-        ),
-        Entry(f"{ours}.mlp.experts.down", tuple((f"{hf}.mlp.experts.{e}.down_proj.weight",) for e in experts), True),
-    ]
-    if config.n_shared_experts:
-        entries += _mlp_entries(f"{ours}.mlp.shared", f"{hf}.mlp.shared_experts")
-    return entries
-
-
 def checkpoint_entries(config: ModelConfig) -> list[Entry]:
-    if config.attention_type == "v4":
-        return v4_entries(config)
-    entries = [
-        Entry("embed.weight", (("model.embed_tokens.weight",),)),
-        Entry("norm.weight", (("model.norm.weight",),)),
-        Entry("head.weight", (("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight",),)),
-    ]
-    for i in range(config.num_hidden_layers):
-        entries += _block_entries(config, f"layers.{i}", f"model.layers.{i}", i)
-    for k in range(config.num_nextn_predict_layers):
-        index = config.num_hidden_layers + k
-        hf = f"model.layers.{index}"
-        entries += [Entry(f"mtp.{k}.{n}.weight", ((f"{hf}.{n}.weight",),)) for n in ("enorm", "hnorm", "eh_proj")]
-        entries += [Entry(f"mtp.{k}.norm.weight", ((f"{hf}.shared_head.norm.weight",),))]
-        entries += _block_entries(config, f"mtp.{k}.block", hf, index)
-    return entries
+    """Every tensor of the config's model and where it lives in the files (its generation's checkpoint.py)."""
+    return architecture(config).checkpoint.entries(config)
 
 
 # ---- reading ------------------------------------------------------------------------------------------------------
@@ -211,14 +123,9 @@ def _assemble(entry: Entry, source: SafetensorsDir, shape: torch.Size, config: M
 
 
 def _mtp_layers_present(config: ModelConfig, source: SafetensorsDir) -> int:
-    found = 0
+    found, layout = 0, architecture(config).checkpoint
     while found < config.num_nextn_predict_layers:
-        key = (
-            mtp_key(found)
-            if config.attention_type == "v4"
-            else f"model.layers.{config.num_hidden_layers + found}.eh_proj.weight"
-        )
-        if key not in source:
+        if layout.mtp_key(config, found) not in source:
             break
         found += 1
     return found
@@ -241,8 +148,7 @@ def load_pretrained(
     except ConfigError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     source = SafetensorsDir(path)
-    if config.attention_type == "v4":
-        source.rename(release_aliases(source.location))
+    source.rename(architecture(config).checkpoint.aliases(source.location))
     mtp_layers = _mtp_layers_present(config, source)
     if mtp_layers < config.num_nextn_predict_layers:
         warnings.warn(
@@ -288,21 +194,9 @@ def load_pretrained(
 
 
 def _written_not_read(key: str, config: ModelConfig) -> bool:
-    """Tensors a checkpoint may carry that we ignore: MTP copies of the shared embedding/head, MTP layers beyond
-    the ones the config asks for, and RoPE tables some exporters store."""
-    if key.endswith("rotary_emb.inv_freq"):
-        return True
-    if config.attention_type == "v4":  # MTP layers beyond the ones the config asks for
-        parts = key.split(".")
-        return key.startswith("model.mtp.") and int(parts[2]) >= config.num_nextn_predict_layers
-    parts = key.split(".")
-    if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= config.num_hidden_layers:
-        return (
-            ".embed_tokens." in key
-            or ".shared_head.head." in key
-            or int(parts[2]) >= config.num_hidden_layers + config.num_nextn_predict_layers
-        )
-    return False
+    """Tensors a checkpoint may carry that we ignore: RoPE tables some exporters store, and what the generation's
+    layout names (copies of shared tensors, MTP layers beyond the ones the config asks for)."""
+    return key.endswith("rotary_emb.inv_freq") or architecture(config).checkpoint.written_not_read(key, config)
 
 
 # ---- writing ------------------------------------------------------------------------------------------------------
@@ -319,11 +213,8 @@ def to_hf_state_dict(model: DeepseekV3Model) -> dict[str, torch.Tensor]:
         for piece, keys in zip(tensor.unbind(0) if entry.stacked else [tensor], entry.parts):
             for key, chunk in zip(keys, piece.chunk(len(keys))):
                 out[key] = chunk.contiguous().clone()
-    v3_mtp_layers = 0 if config.attention_type == "v4" else config.num_nextn_predict_layers
-    for k in range(v3_mtp_layers):  # DeepSeek-V3's layout repeats the shared tensors per MTP layer (V4's does not)
-        hf = f"model.layers.{config.num_hidden_layers + k}"
-        out[f"{hf}.embed_tokens.weight"] = ours["embed.weight"].detach().clone()
-        out[f"{hf}.shared_head.head.weight"] = ours["head.weight"].detach().clone()
+    for key, name in architecture(config).checkpoint.shared_copies(config).items():
+        out[key] = ours[name].detach().clone()
     return out
 
 

@@ -11,6 +11,7 @@ import torch
 from nanoseek.infer.request import Sequence
 from nanoseek.infer.sampler import LogitEdits, LogitShaping, Penalties, RowSettings, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Step
+from nanoseek.infer.transfer import HostTransfer
 from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk, Segment
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.models.deepseek_v4.paged import HybridStore
@@ -122,7 +123,7 @@ class ModelRunner:
         decode_rows = [(seq, seq.draft if j else None) for seq in step.decode for j in range(batch.decode_width)]
         shaping = self._shaping(decode_rows + [(seq, None) for seq, _ in finals], logits.shape[-1])
         sampled_logits = logits if shaping is None else shaping.apply(logits)  # logprobs stay the model's
-        parts: list[torch.Tensor] = []
+        transfer = HostTransfer()
         accepted = None
         sampled = torch.empty(0, dtype=torch.long, device=self.device)
         if step.decode:
@@ -146,14 +147,14 @@ class ModelRunner:
                 )
                 accepted, pairs = verify(dec_logits.view(len(step.decode), 2, -1), drafts, draft_probs, settings)
                 sampled = pairs.flatten()
-                parts.append(accepted.float())
+                transfer.add("accepted", accepted)
             else:
                 sampled = sample(dec_logits, settings)[0]
         if finals:
             sampled = torch.cat(
                 [sampled, sample(sampled_logits[decode_tokens:], self._settings([s for s, _ in finals]))[0]]
             )
-        parts.append(sampled.float())
+        transfer.add("tokens", sampled)
         top = max(
             (
                 s.params.logprobs or 0
@@ -163,18 +164,17 @@ class ModelRunner:
             default=None,
         )
         if top is not None:
-            parts.append(token_logprobs(logits, sampled, top).flatten())
+            transfer.add("logprobs", token_logprobs(logits, sampled, top))
         scored = self._scored_prompt_rows(step, batch)
         prompt_top = max((seq.params.prompt_logprobs for seq, _ in scored), default=0)
         if scored:
             rows = torch.tensor([r for _, seq_rows in scored for r, _ in seq_rows], device=self.device)
             targets = torch.tensor([t for _, seq_rows in scored for _, t in seq_rows], device=self.device)
-            parts.append(token_logprobs(self.model.logits(hidden[rows]), targets, prompt_top).flatten())
+            transfer.add("prompt_logprobs", token_logprobs(self.model.logits(hidden[rows]), targets, prompt_top))
         drafted = self._draft(step, batch, ids, hidden, accepted, sampled, finals) if self.speculate else None
         if drafted is not None:
-            parts.append(drafted[0].float())
-        host = torch.cat(parts).tolist()  # the step's one device → host transfer
-        return self._unpack(step, host, finals, top, drafted, scored, prompt_top)
+            transfer.add("drafts", drafted[0])
+        return self._unpack(step, transfer.fetch(), finals, top, drafted, scored, prompt_top)
 
     def _shaping(self, rows: list[tuple[Sequence, int | None]], vocab: int) -> LogitShaping | None:
         """The logit edits of each sampled row (its sequence, and the draft it follows when it verifies one), or
@@ -286,7 +286,7 @@ class ModelRunner:
     def _unpack(
         self,
         step: Step,
-        host: list[float],
+        host: dict[str, list[float]],
         finals: list[tuple[Sequence, PrefillChunk]],
         top: int | None,
         drafted: tuple[torch.Tensor, torch.Tensor | None] | None,
@@ -295,21 +295,16 @@ class ModelRunner:
     ) -> dict[Sequence, SeqResult]:
         width = 2 if self.speculate else 1
         n_dec = len(step.decode)
-        at = 0
-        flags = host[:n_dec] if self.speculate else [0.0] * n_dec
-        at += n_dec if self.speculate else 0
-        tokens = [int(t) for t in host[at : at + n_dec * width + len(finals)]]
-        at += len(tokens)
+        flags = host.get("accepted", [0.0] * n_dec)
+        tokens = [int(t) for t in host["tokens"]]
         stride = 1 + 2 * top if top is not None else 0
-        logprobs = [host[at + i * stride : at + (i + 1) * stride] for i in range(len(tokens))]
-        at += stride * len(tokens)
+        logprobs = [host.get("logprobs", [])[i * stride : (i + 1) * stride] for i in range(len(tokens))]
         prompt_rows: dict[Sequence, list[list[float]]] = {}
+        scores, at, row = host.get("prompt_logprobs", []), 0, 1 + 2 * prompt_top
         for seq, rows in scored:
-            prompt_rows[seq] = [
-                host[at + i * (1 + 2 * prompt_top) : at + (i + 1) * (1 + 2 * prompt_top)] for i in range(len(rows))
-            ]
-            at += len(rows) * (1 + 2 * prompt_top)
-        drafts = [int(t) for t in host[at:]]
+            prompt_rows[seq] = [scores[at + i * row : at + (i + 1) * row] for i in range(len(rows))]
+            at += len(rows) * row
+        drafts = [int(t) for t in host.get("drafts", [])]
         results: dict[Sequence, SeqResult] = {}
         for i, seq in enumerate(step.decode):
             keep = 2 if flags[i] else 1

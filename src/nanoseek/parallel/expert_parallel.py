@@ -65,6 +65,16 @@ class ExpertParallelExperts(nn.Module):
         return dist_fn.all_to_all_single(x.new_empty(x.shape), unordered, send_splits, recv_splits, group=self.group)
 
 
+def take_sent_bytes(model: DeepseekV3Model) -> int:
+    """The activation bytes this rank's expert-parallel layers sent to other ranks (dispatch + combine, forward
+    only) since the last call; their counters start again from zero."""
+    layers = [moe.experts for moe in model.moe_layers() if isinstance(moe.experts, ExpertParallelExperts)]
+    sent = sum(layer.sent_bytes for layer in layers)
+    for layer in layers:
+        layer.sent_bytes = 0
+    return sent
+
+
 def apply_expert_parallel(model: DeepseekV3Model, mesh: DeviceMesh) -> None:
     """Swaps every MoE layer's experts for their expert-parallel shard (meta tensors stay meta)."""
     for moe in model.moe_layers():

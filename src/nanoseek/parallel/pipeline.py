@@ -24,6 +24,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from nanoseek.errors import ConfigError
+from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.parallel.setup import Parallelism, shard_blocks, shard_experts
 
@@ -41,9 +42,11 @@ class StageModule(nn.Module):
     """One stage: registers only its own modules (shared objects with the pruned model), since the schedule scales
     and syncs the gradients of a stage's parameters, which must not include another stage's on the same rank."""
 
-    def __init__(self, model: DeepseekV3Model, layers: list[int], first: bool, last: bool):
+    def __init__(self, model: DeepseekV3Model, layers: list[int], first: bool, last: bool, balance_alpha: float):
         super().__init__()
         self.first, self.last = first, last
+        # the schedule owns the loss: balance losses ride on the activations' gradients
+        self.terms = ForwardTerms(balance_alpha=balance_alpha, inject_balance=True)
         self.rope = model.rope
         self.blocks = nn.ModuleList(model.layers[i] for i in layers)
         self.embed = model.embed if first else None
@@ -58,12 +61,12 @@ class StageModule(nn.Module):
         T = x.shape[1]
         cos, sin = self.rope(torch.arange(T, device=x.device))
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, terms=self.terms)
         if not self.last:
             return x, embeddings
         outputs, hidden = [self.head(self.norm(x))], x
         for k, module in enumerate(self.mtp, start=1):  # as DeepseekV3Model._mtp_loss: depth k reads t_{i+k}
-            hidden = module(hidden[:, : T - k], embeddings[:, k:], cos[: T - k], sin[: T - k])
+            hidden = module(hidden[:, : T - k], embeddings[:, k:], cos[: T - k], sin[: T - k], terms=self.terms)
             outputs.append(self.head(module.norm(hidden)))
         return tuple(outputs)
 
@@ -103,6 +106,7 @@ def build_pipeline(
     device: torch.device,
     group=None,
     shard: Callable[[list[nn.Module]], None] | None = None,
+    balance_alpha: float = 0.0,
 ) -> tuple[object, list[int]]:
     """Prunes `model` in place to this rank's stages; → (schedule, this rank's stage indices)."""
     if schedule not in SCHEDULES:
@@ -126,9 +130,10 @@ def build_pipeline(
         model.embed = None
     if n_stages - 1 not in mine:
         model.norm, model.head, model.mtp = None, None, nn.ModuleList()
-    for moe in model.moe_layers():
-        moe.inject_aux_loss = True  # the schedule owns the loss: balance losses ride on the activations' grads
-    modules = [StageModule(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == n_stages - 1) for s in mine]
+    modules = [
+        StageModule(model, list(range(bounds[s], bounds[s + 1])), s == 0, s == n_stages - 1, balance_alpha)
+        for s in mine
+    ]
     if shard is not None:  # expert parallelism and FSDP over the data-parallel ranks of the stage, still on meta
         shard(modules)
     model.to_empty(device=device)  # only this rank's shards: the caller initializes or loads the weights afterwards
@@ -171,7 +176,9 @@ class PipelineRunner:
     """Feeds the schedule: the first stage gets the tokens, the last the targets; the losses its loss function
     records on the last stage's rank are summed over all ranks so that every rank (rank 0 logs) knows them."""
 
-    def __init__(self, model: DeepseekV3Model, par: Parallelism, batch_size: int, mtp_weight: float):
+    def __init__(
+        self, model: DeepseekV3Model, par: Parallelism, batch_size: int, mtp_weight: float, balance_alpha: float
+    ):
         self.record: list[torch.Tensor] = []
         self.device, self.n_microbatches, self.dp = par.device, batch_size, par.dp  # a sequence per micro-batch
         shard = None
@@ -193,6 +200,7 @@ class PipelineRunner:
             par.device,
             par.pp_group,
             shard,
+            balance_alpha,
         )
         self.first, self.last = 0 in stages, SCHEDULES[schedule][1] * pp - 1 in stages
         self.model, self.v_shaped = model, SCHEDULES[schedule][2]

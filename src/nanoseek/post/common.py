@@ -23,7 +23,6 @@ from nanoseek.parallel.collectives import save_final_model
 from nanoseek.parallel.setup import Parallelism
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.dsa import configure_indexers
 from nanoseek.train.interrupt import StopRequests, resume_hint
 from nanoseek.train.metrics import MetricsLog
 from nanoseek.train.optim import build_optimizer, lr_factor
@@ -90,7 +89,7 @@ def load_model_dir(
     source: Path, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> tuple[DeepseekV3Model, Tokenizer]:
     """The model (fp32 to train: autocast runs the GEMMs in bf16) and its tokenizer with the chat tokens, the
-    embedding grown if they are new. A V3.2 model trains as in DSA's sparse stage (its loss adds `indexer_loss`)."""
+    embedding grown if they are new."""
     if not (source / "tokenizer.json").is_file():
         raise NanoseekError(f"{source} has no tokenizer.json: give a run or model directory")
     model = load_pretrained(source, device=device, dtype=dtype)
@@ -98,7 +97,6 @@ def load_model_dir(
     add_chat_tokens(tokenizer)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         model = resize_vocab(model, tokenizer.get_vocab_size())
-    configure_indexers(model, "sparse")  # V3.2: top-k attention, each indexer learning from its KL as in pretraining
     return model, tokenizer
 
 

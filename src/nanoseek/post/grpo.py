@@ -31,11 +31,11 @@ from nanoseek.data.tokenizer import end_token_ids
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.engine import Engine, EngineConfig
 from nanoseek.infer.request import SamplingParams
+from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.post.common import PostConfig, PostRun, device_for_run, load_model_dir
 from nanoseek.post.evaluate import accuracy_on
 from nanoseek.post.tasks import Task, get_task, problems
-from nanoseek.train.dsa import indexer_loss
 from nanoseek.train.interrupt import StopRequests
 from nanoseek.train.precision import autocast
 
@@ -162,11 +162,15 @@ def rollout(
 
 
 def token_logprobs(
-    model: DeepseekV3Model, inputs: torch.Tensor, targets: torch.Tensor, temperature: float
+    model: DeepseekV3Model,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    terms: ForwardTerms | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """→ log-probabilities of the targets [N, T] and the entropy at each position [N, T] (without gradient), both
     of the tempered distribution softmax(logits / temperature) the rollouts sampled from."""
-    logp = F.log_softmax(model(inputs).float() / temperature, dim=-1)
+    logp = F.log_softmax(model(inputs, terms=terms).float() / temperature, dim=-1)
     with torch.no_grad():
         entropy = -(logp.exp() * logp).sum(dim=-1)
     return logp.gather(2, targets[..., None])[..., 0], entropy
@@ -190,7 +194,7 @@ def policy_update(
     step: int,
 ) -> dict[str, float]:
     """The minibatch updates of one step over the informative groups → mean statistics (empty if none)."""
-    device, schedule, indexers = next(model.parameters()).device, cfg.schedule(), model.indexers()
+    device, schedule = next(model.parameters()).device, cfg.schedule()
     advantages = group_advantages(batch.rewards, grpo.group_size, grpo.scale_by_std)
     rows = informative_rows(batch.rewards, grpo.group_size)
     if not len(rows):
@@ -206,14 +210,15 @@ def policy_update(
     stats: dict[str, float] = {}
     for (inputs, targets, mask, adv), old_logp in zip(parts, old):
         with autocast(device, schedule):
-            logp, entropy = token_logprobs(model, inputs, targets, grpo.temperature)
+            terms = ForwardTerms(dsa_stage="sparse")  # V3.2: its indexers keep learning, as in DSA's sparse stage
+            logp, entropy = token_logprobs(model, inputs, targets, grpo.temperature, terms)
             ref_logp = None
             if reference is not None:
                 with torch.no_grad():
                     ref_logp = token_logprobs(reference, inputs, targets, grpo.temperature)[0]
         loss, part_stats = grpo_loss(logp, old_logp, adv, mask, grpo, ref_logp)
         part_stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
-        kl = indexer_loss(indexers)
+        kl = terms.indexer_loss
         if kl is not None:  # V3.2: its indexers keep learning where the policy now attends
             loss = loss + kl
             part_stats["indexer_kl"] = kl.detach()

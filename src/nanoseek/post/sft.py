@@ -19,6 +19,7 @@ from tqdm import tqdm
 from nanoseek.data.tokenizer import end_token_ids
 from nanoseek.errors import NanoseekError
 from nanoseek.models.common.loss import IGNORE
+from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.parallel.collectives import clip_grad_norm
 from nanoseek.parallel.setup import Parallelism, init_parallelism, parallelize
@@ -36,7 +37,6 @@ from nanoseek.post.sft_data import (
     split_heldout,
 )
 from nanoseek.post.tasks import get_task, problems
-from nanoseek.train.dsa import indexer_loss
 from nanoseek.train.interrupt import StopRequests
 from nanoseek.train.precision import autocast
 
@@ -112,12 +112,16 @@ def train_step(
         if par.dp > 1:  # FSDP: reduce the gradients once, on the last micro-batch
             model.set_requires_gradient_sync(micro == len(parts) - 1)
         share = float(count) / total
+        terms = ForwardTerms(dsa_stage="sparse")  # V3.2: its indexers keep learning, as in DSA's sparse stage
         with cfg_autocast:
             output = model(
-                inputs.to(device), targets.to(device), documents=None if documents is None else documents.to(device)
+                inputs.to(device),
+                targets.to(device),
+                documents=None if documents is None else documents.to(device),
+                terms=terms,
             )
         loss = output.lm_loss + (mtp_weight * output.mtp_loss if output.mtp_loss is not None else 0.0)
-        kl = indexer_loss(model.indexers())
+        kl = terms.indexer_loss
         if kl is not None:  # V3.2
             loss, kl_value = loss + kl, kl.item()
         (loss * share * par.dp).backward()

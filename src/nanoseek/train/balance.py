@@ -42,8 +42,6 @@ class ImbalanceTracker:
         return (loads.amax(dim=1) / loads.mean(dim=1).clamp(min=1e-9)).mean().item()
 
 
-def configure_balance(moe_layers: list[MoE], cfg: TrainConfig) -> None:
-    """The sequence-wise balance loss's α for the run's balancing mode."""
-    alpha = {"aux-free": cfg.seq_aux_alpha, "aux-loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]
-    for moe in moe_layers:
-        moe.seq_aux_alpha = alpha
+def balance_alpha(cfg: TrainConfig) -> float:
+    """The sequence-wise balance loss's α for the run's balancing mode (a forward's ForwardTerms.balance_alpha)."""
+    return {"aux-free": cfg.seq_aux_alpha, "aux-loss": cfg.aux_loss_alpha, "none": 0.0}[cfg.balance]

@@ -16,34 +16,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
-from nanoseek.models.deepseek_v32.indexer import LightningIndexer
 from nanoseek.models.registry import build_model
 
 
-def configure_indexers(model: DeepseekV3Model, stage: str) -> list[LightningIndexer]:
-    """Sets every indexer's training stage; in the warm-up, everything else stops learning."""
+def configure_indexers(model: DeepseekV3Model, stage: str | None) -> list[nn.Module]:
+    """The model's indexers; in the warm-up, everything else stops learning. (The stage itself goes to each
+    training forward, in its ForwardTerms.)"""
     indexers = model.indexers()
-    for indexer in indexers:
-        indexer.stage = stage
     if indexers and stage == "warmup":
         learning = {id(p) for indexer in indexers for p in indexer.parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in learning)
     return indexers
-
-
-def indexer_loss(indexers: list[LightningIndexer]) -> torch.Tensor | None:
-    """The mean KL of the indexers that ran in the last forward (MTP modules' too), which are then cleared."""
-    losses = [indexer.loss for indexer in indexers if indexer.loss is not None]
-    for indexer in indexers:
-        indexer.loss = None
-    return torch.stack(losses).mean() if losses else None
 
 
 def check_starting_shapes(config: ModelConfig, source: Path) -> None:

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.parallel.collectives import clip_grad_norm, sum_over_ranks
 from nanoseek.parallel.setup import Parallelism
-from nanoseek.train.balance import update_expert_bias
+from nanoseek.train.balance import balance_alpha, update_expert_bias
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.dsa import indexer_loss
 from nanoseek.train.loader import BatchLoader
 from nanoseek.train.optim import lr_factor
 from nanoseek.train.precision import autocast
@@ -41,11 +41,11 @@ class TrainStep:
         par: Parallelism,
         loader: BatchLoader,
         pipeline: PipelineRunner | None = None,
-        indexers: list | None = None,
         warmup: bool = False,
     ):
         self.model, self.optimizer, self.cfg, self.par = model, optimizer, cfg, par
-        self.loader, self.pipeline, self.indexers, self.warmup = loader, pipeline, indexers or [], warmup
+        self.loader, self.pipeline, self.warmup = loader, pipeline, warmup
+        self.balance_alpha = balance_alpha(cfg)
         self.moe_layers = model.moe_layers()
         self.accumulate_sync = par.dp > 1 and pipeline is None  # FSDP: reduce gradients on the last micro-batch
 
@@ -62,19 +62,18 @@ class TrainStep:
             if self.accumulate_sync:
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             x, y, documents = self.loader.next()  # on the device
+            terms = ForwardTerms(balance_alpha=self.balance_alpha, dsa_stage=cfg.dsa)
             with autocast(self.par.device, cfg):
-                result = model(x, y, documents=documents if cfg.document_mask else None)
+                result = model(x, y, documents=documents if cfg.document_mask else None, terms=terms)
             loss = result.lm_loss
             sums[0] += result.lm_loss.detach()
             if result.mtp_loss is not None:
                 loss = loss + cfg.mtp_weight * result.mtp_loss
                 sums[1] += result.mtp_loss.detach()
-            aux = [m.aux_loss for m in self.moe_layers if m.seq_aux_alpha > 0 and m.aux_loss is not None]
-            if aux:
-                aux_total = torch.stack(aux).sum()
-                loss = loss + aux_total
-                sums[2] += aux_total.detach()
-            kl = indexer_loss(self.indexers)
+            if terms.balance_loss is not None:
+                loss = loss + terms.balance_loss
+                sums[2] += terms.balance_loss.detach()
+            kl = terms.indexer_loss
             if kl is not None:
                 loss = kl if self.warmup else loss + kl  # the warm-up's only loss: the rest of the model is frozen
                 sums[3] += kl.detach()

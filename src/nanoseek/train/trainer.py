@@ -25,8 +25,9 @@ from nanoseek.memory import check_training_fits
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.models.registry import build_model
 from nanoseek.parallel.collectives import mean_over_ranks, save_final_model
+from nanoseek.parallel.expert_parallel import take_sent_bytes
 from nanoseek.parallel.setup import Parallelism, explain_failure, init_parallelism, parallelize
-from nanoseek.train.balance import ImbalanceTracker, configure_balance
+from nanoseek.train.balance import ImbalanceTracker, balance_alpha
 from nanoseek.train.checkpoint import (
     check_shapes,
     checkpoint_path,
@@ -226,14 +227,13 @@ def build_parallel_model(spec: RunSpec, par: Parallelism) -> tuple[DeepseekV3Mod
     check_training_fits(
         sum(p.numel() for p in model.parameters()), 12 if cfg.optimizer_moments == "bf16" else 16, par.world, par.device
     )
-    configure_balance(model.moe_layers(), cfg)
     apply_precision(model, cfg)
     pipeline = None
     if par.pp > 1:
         _check_pipeline(spec)  # again: on --resume, the model is the checkpoint's
         from nanoseek.parallel.pipeline import PipelineRunner
 
-        pipeline = PipelineRunner(model, par, cfg.batch_size // par.dp, cfg.mtp_weight)
+        pipeline = PipelineRunner(model, par, cfg.batch_size // par.dp, cfg.mtp_weight, balance_alpha(cfg))
     parallelize(model, par)
     model.to_empty(device=par.device)
     model.reset_parameters(seed=cfg.seed)
@@ -280,7 +280,7 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
     # are read once per logged step (the tokens/s of a log row covers the steps since the previous one).
     interval_start, interval_steps, paused = time.perf_counter(), 0, Stopwatch(device)
     loader = BatchLoader(dataset, cfg, par, start, cfg.grad_accum if pipeline is None else 1)
-    train_step = TrainStep(model, optimizer, cfg, par, loader, pipeline, indexers, warmup)
+    train_step = TrainStep(model, optimizer, cfg, par, loader, pipeline, warmup)
     for step in bar:
         result = train_step(step)
         sums, grad_norm, loads = result.sums, result.grad_norm, result.loads
@@ -309,9 +309,7 @@ def _train_until_stopped(spec: RunSpec, par: Parallelism, show_progress: bool, s
             row.update(tokens_per_s=tokens_per_s, tokens_per_s_steps=throughput.steps, mfu=mfu, mfu_peak=peak.source)
             if par.ep > 1:
                 # all-to-all traffic of this rank since the last row: forward dispatch + combine, same in backward
-                row["a2a_bytes"] = 2 * sum(m.experts.sent_bytes for m in moe_layers) // interval_steps
-                for m in moe_layers:
-                    m.experts.sent_bytes = 0
+                row["a2a_bytes"] = 2 * take_sent_bytes(model) // interval_steps
             if loads:
                 row.update(imbalance=tracker.last(), imbalance_window=tracker.window())
             if evaluating:

@@ -15,6 +15,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.models.common.eager import eager
 from nanoseek.models.common.layers import MLP, KeepsFp32Buffers, linear_compute_dtype, swiglu
+from nanoseek.models.common.terms import ForwardTerms
 
 
 def routing_scores(x: torch.Tensor, weight: torch.Tensor, scoring_func: str) -> torch.Tensor:
@@ -180,12 +181,13 @@ class MoE(KeepsFp32Buffers, nn.Module):
         )
         # Tokens routed to each expert by the latest forward: the load signal for aux-loss-free balancing.
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
-        self.seq_aux_alpha = 0.0  # set by the trainer; > 0 computes the sequence-wise balance loss
-        self.aux_loss: torch.Tensor | None = None
-        self.inject_aux_loss = False  # add its gradient in backward instead of leaving it to the caller's loss
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., dim] → [..., dim]; token_ids [...] are what a hash router routes by."""
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, terms: ForwardTerms | None = None
+    ) -> torch.Tensor:
+        """x [..., dim] → [..., dim]; token_ids [...] are what a hash router routes by. With terms.balance_alpha
+        > 0 (and autograd on), the sequence-wise balance loss goes to terms.balance_loss, or, with
+        terms.inject_balance, into the gradients directly."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, expert_ids, scores = self.router(x, token_ids)
@@ -201,14 +203,18 @@ class MoE(KeepsFp32Buffers, nn.Module):
         y = torch.bmm(weights.unsqueeze(1).to(dtype), unsorted.view(-1, self.top_k, shape[-1]).to(dtype)).squeeze(1)
         if self.shared is not None:
             y = y + self.shared(x)
-        if self.seq_aux_alpha > 0 and torch.is_grad_enabled():
-            self.aux_loss = self.sequence_balance_loss(scores.view(*shape[:-1], -1), expert_ids.view(shape[0], -1))
-            if self.inject_aux_loss:
-                y = _WithLossGradient.apply(y, self.aux_loss)
+        if terms is not None and terms.balance_alpha > 0 and torch.is_grad_enabled():
+            loss = terms.balance_alpha * self.sequence_balance_loss(
+                scores.view(*shape[:-1], -1), expert_ids.view(shape[0], -1)
+            )
+            if terms.inject_balance:
+                y = _WithLossGradient.apply(y, loss)
+            else:
+                terms.add_balance(loss)
         return y.view(shape)
 
     def sequence_balance_loss(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """V3's complementary sequence-wise loss α·Σ_i f_i·P_i, averaged over sequences:
+        """V3's complementary sequence-wise loss Σ_i f_i·P_i (before its α), averaged over sequences:
         f_i = N_r/(K_r·T) · tokens of the sequence routed to i,
         P_i = mean over its tokens of the normalized affinity s_i/Σ_j s_j.
         scores [B, T, E], expert_ids [B, T·k]."""
@@ -217,7 +223,7 @@ class MoE(KeepsFp32Buffers, nn.Module):
         ones = torch.ones_like(expert_ids, dtype=scores.dtype)
         picks = torch.zeros_like(affinity).scatter_add_(1, expert_ids, ones)
         fraction = picks * n_experts / (self.top_k * tokens)
-        return self.seq_aux_alpha * (fraction * affinity).sum(dim=-1).mean()
+        return (fraction * affinity).sum(dim=-1).mean()
 
 
 class _GatherRows(torch.autograd.Function):

@@ -22,6 +22,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.models.common.layers import RMSNorm
 from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk
 from nanoseek.models.common.rope import apply_rope
+from nanoseek.models.common.terms import ForwardTerms
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -92,12 +93,17 @@ class MultiHeadLatentAttention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor:
         """Causal self-attention over a whole sequence (training): up-project the latents, then SDPA. `mask`
         [B, 1, T, T] (True = visible) replaces the causal mask, e.g. to keep packed documents apart."""
         q_input, kv_input = self.compress(x)
-        mask = self.attention_mask(x, q_input, kv_input, cos, sin, mask)
+        mask = self.attention_mask(x, q_input, kv_input, cos, sin, mask, terms)
         if self.recompute and torch.is_grad_enabled():
             y = checkpoint(self.attend_latents, q_input, kv_input, cos, sin, mask, use_reentrant=False)
         else:
@@ -112,8 +118,10 @@ class MultiHeadLatentAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
+        terms: ForwardTerms | None,
     ) -> torch.Tensor | None:
-        """The mask a training forward attends with: the one given (V3.2 narrows it to the indexer's picks)."""
+        """The mask a training forward attends with: the one given (V3.2 narrows it to the indexer's picks, and
+        adds the indexer's loss to `terms`)."""
         return mask
 
     def forward_paged(

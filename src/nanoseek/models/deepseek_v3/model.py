@@ -19,6 +19,7 @@ from nanoseek.models.common.loss import linear_cross_entropy
 from nanoseek.models.common.moe import HashRouter, MoE, Router
 from nanoseek.models.common.paged import PagedBatch, PagedStore
 from nanoseek.models.common.rope import RotaryEmbedding
+from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention
 
 
@@ -28,9 +29,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: MLP | MoE = (
-            MoE(config) if config.is_moe_layer(layer_index) else MLP(config.hidden_size, config.intermediate_size)
-        )
+        self.routed = config.is_moe_layer(layer_index)
+        self.mlp: MLP | MoE = MoE(config) if self.routed else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(
         self,
@@ -39,15 +39,18 @@ class Block(nn.Module):
         sin: torch.Tensor,
         paged: tuple[PagedStore, PagedBatch] | None = None,
         mask: torch.Tensor | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor:
-        """Whole causal sequences (training; `mask` keeps packed documents apart); with `paged` (this layer's latent
-        store, the batch layout), the flat new tokens of an inference forward."""
+        """Whole causal sequences (training; `mask` keeps packed documents apart; `terms` collects the auxiliary
+        losses); with `paged` (this layer's latent store, the batch layout), the flat new tokens of an inference
+        forward."""
         normed = self.attn_norm(x)
         if paged is None:
-            x = x + self.attn(normed, cos, sin, mask)
+            x = x + self.attn(normed, cos, sin, mask, terms)
         else:
             x = x + self.attn.forward_paged(normed, cos, sin, *paged)
-        return x + self.mlp(self.mlp_norm(x))
+        normed = self.mlp_norm(x)
+        return x + (self.mlp(normed, terms=terms) if self.routed else self.mlp(normed))
 
 
 class MTPModule(nn.Module):
@@ -73,9 +76,10 @@ class MTPModule(nn.Module):
         sin: torch.Tensor,
         paged: tuple[PagedStore, PagedBatch] | None = None,
         mask: torch.Tensor | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
-        return self.block(x, cos, sin, paged, mask)
+        return self.block(x, cos, sin, paged, mask, terms)
 
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden)
@@ -87,6 +91,7 @@ class ModelOutput:
     mtp_loss: torch.Tensor | None  # mean over MTP depths of their cross-entropy (the trainer weighs it by λ)
     head_input: torch.Tensor  # [B, T, dim], the final norm's output
     head: nn.Module
+    terms: ForwardTerms  # what the forward was told, and the balance and indexer losses its layers gave back
 
     @cached_property
     def logits(self) -> torch.Tensor:
@@ -178,28 +183,37 @@ class DeepseekV3Model(nn.Module):
         targets: torch.Tensor | None = None,
         with_mtp: bool = True,
         documents: torch.Tensor | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor | ModelOutput:
         """input_ids [B, T] → logits [B, T, vocab]; with targets [B, T] (input_ids shifted by one, -100 = ignore)
         a ModelOutput with the LM loss and, if the model has MTP modules and with_mtp, their loss. `documents`
-        [B, T] (a document number per token) keeps the documents packed in a row from attending to each other."""
+        [B, T] (a document number per token) keeps the documents packed in a row from attending to each other.
+        `terms`: the balance loss's α and DSA's stage in, the layers' auxiliary losses out (ModelOutput.terms)."""
+        terms = ForwardTerms() if terms is None else terms
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden, position_args = self.hidden_states(self.embed(input_ids), positions, input_ids, documents)
+        hidden, position_args = self.hidden_states(self.embed(input_ids), positions, input_ids, documents, terms)
         head_input = self.norm(self.collapse(hidden))
         if targets is None:
             return self.head(head_input)
         lm_loss = linear_cross_entropy(head_input.flatten(0, 1), self.head.weight, targets.flatten())
-        mtp_loss = self._mtp_loss(hidden, input_ids, targets, position_args) if len(self.mtp) and with_mtp else None
-        return ModelOutput(lm_loss, mtp_loss, head_input, self.head)
+        with_mtp = with_mtp and len(self.mtp) > 0
+        mtp_loss = self._mtp_loss(hidden, input_ids, targets, position_args, terms) if with_mtp else None
+        return ModelOutput(lm_loss, mtp_loss, head_input, self.head, terms)
 
     def hidden_states(
-        self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor, documents: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        input_ids: torch.Tensor,
+        documents: torch.Tensor | None,
+        terms: ForwardTerms,
     ) -> tuple[torch.Tensor, tuple]:
         """The embeddings x [B, T, dim] through every layer → the last layer's output (what MTP reads) and what
         positions MTP's blocks attend with: here (cos, sin, mask)."""
         cos, sin = self.rope(positions)
         mask = None if documents is None else document_mask(documents)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask=mask)
+            x = layer(x, cos, sin, mask=mask, terms=terms)
         return x, (cos, sin, mask)
 
     def collapse(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -233,7 +247,12 @@ class DeepseekV3Model(nn.Module):
         return self.head(self.mtp[depth].head_input(hidden))
 
     def _mtp_loss(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, position_args: tuple
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        position_args: tuple,
+        terms: ForwardTerms,
     ) -> torch.Tensor:
         """Depth k at position i sees h_{k-1}[i] and token t_{i+k} and predicts t_{i+k+1} = targets[i+k]; each depth
         is one position shorter, keeping the causal chain."""
@@ -242,7 +261,7 @@ class DeepseekV3Model(nn.Module):
             n = input_ids.shape[1] - k
             if n <= 0:
                 break
-            hidden = self.mtp_depth(module, hidden[:, :n], input_ids[:, k:], position_args)
+            hidden = self.mtp_depth(module, hidden[:, :n], input_ids[:, k:], position_args, terms)
             losses.append(
                 linear_cross_entropy(
                     module.head_input(hidden).flatten(0, 1), self.head.weight, targets[:, k:].flatten()
@@ -251,12 +270,13 @@ class DeepseekV3Model(nn.Module):
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
     def mtp_depth(
-        self, module: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor, position_args: tuple
+        self, module: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor, position_args: tuple, terms: ForwardTerms
     ) -> torch.Tensor:
         """One MTP depth over the first n positions: hidden [B, n, dim], the tokens after them next_ids [B, n]."""
         n = hidden.shape[1]
         cos, sin, mask = position_args
-        return module(hidden, self.embed(next_ids), cos[:n], sin[:n], mask=None if mask is None else mask[..., :n, :n])
+        mask = None if mask is None else mask[..., :n, :n]
+        return module(hidden, self.embed(next_ids), cos[:n], sin[:n], mask=mask, terms=terms)
 
 
 def document_mask(documents: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk
+from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v3.attention import MultiHeadLatentAttention, gather
 from nanoseek.models.deepseek_v32.indexer import LightningIndexer, index_scores, indexer_kl, top_k_mask
 
@@ -28,16 +29,17 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
+        terms: ForwardTerms | None,
     ) -> torch.Tensor | None:
         """Each query sees only the top-k of what it may see (a mask over the full scores: the sparse gather is the
         decode path's), except in the dense warm-up, which trains the indexer alone. While the indexer learns (a
-        training stage is set), also its KL loss against this attention's own distribution over the tokens
-        attended to (`indexer.loss`)."""
+        DSA stage in `terms`, in training), also its KL loss against this attention's own distribution over the
+        tokens attended to, added to terms (add_indexer_kl)."""
         B, T, _ = x.shape
         visible = (
             torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, 1, T, T) if mask is None else mask
         )
-        stage = self.indexer.stage if self.training else None
+        stage = terms.dsa_stage if terms is not None and self.training else None
         learning = stage is not None and torch.is_grad_enabled()
         # the indexer learns from its own loss only: its inputs are cut from the main model's graph
         with torch.set_grad_enabled(learning):
@@ -48,7 +50,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         if learning:
             with torch.no_grad():
                 target = self.attention_distribution(q_input, kv_input, cos, sin, attended)
-            self.indexer.loss = indexer_kl(target, scores, attended[:, 0])
+            terms.add_indexer_kl(indexer_kl(target, scores, attended[:, 0]))
         return mask if stage == "warmup" else attended
 
     @torch.no_grad()

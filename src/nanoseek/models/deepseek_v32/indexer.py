@@ -31,10 +31,6 @@ class LightningIndexer(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.head_weights = nn.Linear(config.hidden_size, self.n_heads, bias=False)
-        # set by the trainer: "warmup" (dense attention, the indexer learns alone) or "sparse" (top-k attention, the
-        # indexer learns on what it selected); None: it only selects. The KL of the last training forward: `loss`
-        self.stage: str | None = None
-        self.loss: torch.Tensor | None = None
 
     def _rotated(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rope, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)

@@ -22,6 +22,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.models.common.layers import RMSNorm
 from nanoseek.models.common.rope import apply_rope_trailing
+from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor, CompressorState, entries_visible
 from nanoseek.v4config import CSA, SLIDING
 
@@ -120,10 +121,16 @@ class HybridAttention(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, ropes: dict[str, nn.Module], positions: torch.Tensor, cache: AttentionCache | None = None
+        self,
+        x: torch.Tensor,
+        ropes: dict[str, nn.Module],
+        positions: torch.Tensor,
+        cache: AttentionCache | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor:
         """x [B, T, dim] at positions [T] → [B, T, dim]. Without a cache, whole causal sequences (positions 0..T-1);
-        with one, the tokens after it, which it then holds too. ropes: the "main" and "compress" RotaryEmbedding."""
+        with one, the tokens after it, which it then holds too. ropes: the "main" and "compress" RotaryEmbedding.
+        While CSA's indexer learns (a DSA stage in `terms`, in training), its KL goes to terms (add_indexer_kl)."""
         rope = ropes[self.rope_kind](positions)
         q, q_latent = self.queries(x, rope)
         keys, key_positions = self.key_values(x, rope), positions
@@ -139,7 +146,7 @@ class HybridAttention(nn.Module):
             keys = torch.cat([keys, entries], dim=1)
             readable = entries_visible(positions, n, self.rate).expand(x.shape[0], -1, -1)
             if self.indexer is not None:
-                stage = self.indexer.stage if self.training else None
+                stage = terms.dsa_stage if terms is not None and self.training else None
                 learning = stage is not None and torch.is_grad_enabled()
                 with torch.set_grad_enabled(learning):  # the indexer learns from its own loss only
                     scores = self.indexer(
@@ -151,5 +158,6 @@ class HybridAttention(nn.Module):
             visible = torch.cat([visible, readable.unsqueeze(1)], dim=-1)
         attended, probs = self.attend(q, keys, visible)
         if scores is not None and self.indexer is not None:
-            self.indexer.learn(probs[..., probs.shape[-1] - n :], scores, visible[:, 0, :, visible.shape[-1] - n :])
+            kl = self.indexer.kl(probs[..., probs.shape[-1] - n :], scores, visible[:, 0, :, visible.shape[-1] - n :])
+            terms.add_indexer_kl(kl)
         return self.output(attended, rope)

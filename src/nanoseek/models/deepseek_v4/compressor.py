@@ -105,7 +105,7 @@ class CompressedIndexer(nn.Module):
     """CSA's lightning indexer: I(t, w) = Σ_h w_h(t) · ReLU(q_h(t) · k_w / sqrt(d)) over compressed keys k_w, in fp32
     (the V3.2 indexer's score over entries instead of tokens). q_h from attention's compressed query. It learns as
     V3.2's does (train/dsa.py): by KL to its layer's attention over the entries, from inputs cut off the model's
-    graph; `stage` and `loss` as LightningIndexer's."""
+    graph, in the DSA stage a forward's ForwardTerms names."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -115,8 +115,6 @@ class CompressedIndexer(nn.Module):
         )
         self.q_up = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.head_weights = nn.Linear(config.hidden_size, self.n_heads, bias=False)
-        self.stage: str | None = None
-        self.loss: torch.Tensor | None = None
 
     def queries(self, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """q_latent [B, T, q_lora_rank] → rotated queries [B, T, H, D]."""
@@ -143,9 +141,9 @@ class CompressedIndexer(nn.Module):
         keys = self.compressor(x, compress_rope, state)
         return index_scores(self.queries(q_latent, *rope), head_weights(self.head_weights, x), keys)
 
-    def learn(self, attention: torch.Tensor, scores: torch.Tensor, attended: torch.Tensor) -> None:
-        """Sets `loss`: DSA's KL from attention's probabilities over the entries [B, H, T, N] (summed over heads,
-        L1-normalized over the attended ones) to softmax(I), over the queries that attend to any entry."""
+    def kl(self, attention: torch.Tensor, scores: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """DSA's KL from attention's probabilities over the entries [B, H, T, N] (summed over heads, L1-normalized
+        over the attended ones) to softmax(I), over the queries that attend to any entry."""
         rows = attended.any(dim=-1)
         target = attention.detach().float().sum(dim=1).masked_fill(~attended, 0)[rows]
-        self.loss = indexer_kl(target / target.sum(dim=-1, keepdim=True), scores[rows], attended[rows])
+        return indexer_kl(target / target.sum(dim=-1, keepdim=True), scores[rows], attended[rows])

@@ -22,6 +22,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.models.common.layers import RMSNorm
 from nanoseek.models.common.moe import MoE
 from nanoseek.models.common.paged import PagedBatch
+from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
 from nanoseek.models.deepseek_v4.paged import LayerStore, forward_segments
 from nanoseek.v4config import SLIDING
@@ -126,18 +127,20 @@ class HyperBlock(nn.Module):
         token_ids: torch.Tensor,
         cache: AttentionCache | None = None,
         paged: tuple[LayerStore, PagedBatch] | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor:
         """streams [B, T, n, dim] at positions [T] (after `cache`, if given) → [B, T, n, dim]; token_ids [B, T]
         route the hash layers. `paged`: the engine's flat batch [1, N, ...] of several sequences, each attending
-        with the cache held in the layer's store."""
+        with the cache held in the layer's store. `terms` collects the auxiliary losses of a training forward."""
         x, post, comb = self.attn_hc(streams)
         x = self.attn_norm(x)
-        attended = (
-            self.attn(x, ropes, positions, cache) if paged is None else forward_segments(self.attn, x, ropes, *paged)
-        )
+        if paged is None:
+            attended = self.attn(x, ropes, positions, cache, terms)
+        else:
+            attended = forward_segments(self.attn, x, ropes, *paged)
         streams = HyperConnection.merge(streams, attended, post, comb)
         x, post, comb = self.mlp_hc(streams)
-        return HyperConnection.merge(streams, self.mlp(self.mlp_norm(x), token_ids), post, comb)
+        return HyperConnection.merge(streams, self.mlp(self.mlp_norm(x), token_ids, terms), post, comb)
 
 
 class HyperMTP(nn.Module):
@@ -166,10 +169,11 @@ class HyperMTP(nn.Module):
         next_ids: torch.Tensor,
         cache: AttentionCache | None = None,
         paged: tuple[LayerStore, PagedBatch] | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor:
         """streams [B, T, n, dim] and the next tokens' embeddings [B, T, dim] (ids [B, T]) → [B, T, n, dim]."""
         x = self.e_proj(self.enorm(next_embeddings)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
-        return self.block(x, ropes, positions, next_ids, cache, paged)
+        return self.block(x, ropes, positions, next_ids, cache, paged, terms)
 
     def head_input(self, streams: torch.Tensor) -> torch.Tensor:
         """[..., n, dim] → what the shared head reads [..., dim]."""

@@ -13,6 +13,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.models.common.paged import PagedBatch
 from nanoseek.models.common.rope import RotaryEmbedding
+from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model, ModelOutput
 from nanoseek.models.deepseek_v4.attention import AttentionCache
 from nanoseek.models.deepseek_v4.compressor import CompressedIndexer
@@ -55,26 +56,32 @@ class DeepseekV4Model(DeepseekV3Model):
         targets: torch.Tensor | None = None,
         with_mtp: bool = True,
         documents: torch.Tensor | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor | ModelOutput:
         if documents is not None:  # a compressed entry would pool tokens of two documents
             raise ValueError("DeepSeek-V4 models take no document mask (set train.document_mask false)")
-        return super().forward(input_ids, targets, with_mtp)
+        return super().forward(input_ids, targets, with_mtp, terms=terms)
 
     def hidden_states(
-        self, x: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor, documents: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        input_ids: torch.Tensor,
+        documents: torch.Tensor | None,
+        terms: ForwardTerms,
     ) -> tuple[torch.Tensor, tuple]:
         """→ the residual streams [B, T, n, dim] (MTP reads the streams, not their collapse), and (ropes,
         positions) for MTP's blocks."""
-        return self._hyper_layers(x, positions, input_ids), (self._ropes(), positions)
+        return self._hyper_layers(x, positions, input_ids, terms=terms), (self._ropes(), positions)
 
     def collapse(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hc_head(hidden)
 
     def mtp_depth(
-        self, module: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor, position_args: tuple
+        self, module: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor, position_args: tuple, terms: ForwardTerms
     ) -> torch.Tensor:
         ropes, positions = position_args
-        return module(hidden, self.embed(next_ids), ropes, positions[: hidden.shape[1]], next_ids)
+        return module(hidden, self.embed(next_ids), ropes, positions[: hidden.shape[1]], next_ids, terms=terms)
 
     def _ropes(self) -> dict[str, nn.Module]:
         """V4's two RoPEs: "main" (sliding layers) and "compress" (compressed layers)."""
@@ -87,6 +94,7 @@ class DeepseekV4Model(DeepseekV3Model):
         input_ids: torch.Tensor,
         caches: list[AttentionCache] | None = None,
         paged: tuple[HybridStore, PagedBatch] | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor:
         """The embedding [B, T, dim] copied into hc_mult streams, through every block → [B, T, n, dim]."""
         ropes = self._ropes()
@@ -99,6 +107,7 @@ class DeepseekV4Model(DeepseekV3Model):
                 input_ids,
                 None if caches is None else caches[i],
                 None if paged is None else (paged[0].layer(i), paged[1]),
+                terms,
             )
         return streams
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.models.common.rope import apply_rope
+from nanoseek.models.common.terms import ForwardTerms
 
 
 class GroupedQueryAttention(nn.Module):
@@ -32,9 +33,15 @@ class GroupedQueryAttention(nn.Module):
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        terms: ForwardTerms | None = None,
     ) -> torch.Tensor:
-        """Causal self-attention over x [B, T, dim] (or under `mask` [B, 1, T, T], True = visible)."""
+        """Causal self-attention over x [B, T, dim] (or under `mask` [B, 1, T, T], True = visible); it adds no
+        auxiliary loss to `terms`."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from nanoseek.checkpoint.entry import Entry
 from nanoseek.config import ModelConfig
+from nanoseek.models.common.checkpoint import Entry
 from nanoseek.v4config import CSA, SLIDING
 
 # ours → DeepSeek's, within a block's attention and a compressor
@@ -81,7 +81,7 @@ def _block(config: ModelConfig, ours: str, theirs: str, layer_type: str, hashed:
     return entries
 
 
-def v4_entries(config: ModelConfig) -> list[Entry]:
+def _entries(config: ModelConfig) -> list[Entry]:
     entries = [
         Entry("embed.weight", (("model.embed_tokens.weight",),)),
         Entry("norm.weight", (("model.norm.weight",),)),
@@ -111,7 +111,8 @@ def _from_release(key: str) -> str:
 
 
 def release_aliases(keys: Iterable[str]) -> dict[str, str]:
-    """DeepSeek's release names present in `keys` → the names v4_entries reads (empty for transformers' form)."""
+    """DeepSeek's release names present in `keys` → the names V4Checkpoint.entries reads (empty for transformers'
+    form)."""
     released = {theirs: ours for ours, theirs in _TOP_LEVEL.items()}
     return {
         key: released.get(key) or _from_release(key)
@@ -120,6 +121,20 @@ def release_aliases(keys: Iterable[str]) -> dict[str, str]:
     }
 
 
-def mtp_key(depth: int) -> str:
-    """A tensor every V4 MTP layer `depth` has, in the names v4_entries reads."""
-    return f"model.mtp.{depth}.e_proj.weight"
+class V4Checkpoint:
+    def entries(self, config: ModelConfig) -> list[Entry]:
+        return _entries(config)
+
+    def aliases(self, keys: Iterable[str]) -> dict[str, str]:
+        return release_aliases(keys)
+
+    def mtp_key(self, config: ModelConfig, depth: int) -> str:
+        return f"model.mtp.{depth}.e_proj.weight"
+
+    def written_not_read(self, key: str, config: ModelConfig) -> bool:
+        """MTP layers beyond the ones the config asks for."""
+        parts = key.split(".")
+        return key.startswith("model.mtp.") and int(parts[2]) >= config.num_nextn_predict_layers
+
+    def shared_copies(self, config: ModelConfig) -> dict[str, str]:
+        return {}  # V4's MTP layers share the embedding and head without copies
