@@ -266,11 +266,6 @@ class ModelConfig:
         head."""
         return self.head_dim if self.attention_type == "gqa" else self.qk_rope_head_dim
 
-    @property
-    def hyper_connections(self) -> bool:
-        """DeepSeek-V4's mHC: hc_mult residual streams instead of one."""
-        return self.attention_type == "v4"
-
     def is_moe_layer(self, layer_index: int) -> bool:
         """DeepSeek's rule; MTP blocks (index >= num_hidden_layers) follow it too, so V3's layer 61 is MoE."""
         return layer_index >= self.first_k_dense_replace and layer_index % self.moe_layer_freq == 0

@@ -14,7 +14,6 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.models.registry import architecture, build_model
 from nanoseek.presets import preset
-from nanoseek.v4config import CSA, HCA
 
 COMPONENTS = (
     "embedding",
@@ -72,33 +71,10 @@ class ModelStats:
         return asdict(self)
 
 
-def _layer_core_flops(config: ModelConfig, layer_type: str, visible: torch.Tensor) -> torch.Tensor:
-    """Forward FLOPs of QKᵀ and AV (and of choosing keys) of one layer, for queries that see `visible` tokens
-    (float64 tensor). V3.2: at most index_topk keys, and its indexer scores every visible token (a dot per indexer
-    head, then the weighted sum over heads). V4: the sliding window, plus the compressed entries of closed windows
-    (HCA all, CSA at most index_topk, its indexer scoring each); one shared key/value head of head_dim."""
-    heads = config.num_attention_heads
-    indexer = 2 * config.index_n_heads * (config.index_head_dim + 1)
-    if config.attention_type == "v4":
-        keys = visible.clamp(max=config.sliding_window)
-        core = torch.zeros_like(visible)
-        if layer_type in (CSA, HCA):
-            entries = torch.floor(
-                visible / (config.compress_rate_csa if layer_type == CSA else config.compress_rate_hca)
-            )
-            keys = keys + (entries.clamp(max=config.index_topk) if layer_type == CSA else entries)
-            core = indexer * entries if layer_type == CSA else core
-        return core + 2 * heads * 2 * config.head_dim * keys
-    attended = visible.clamp(max=config.index_topk) if config.sparse_attention else visible
-    core = 2 * heads * (config.qk_head_dim + config.attention_v_dim) * attended
-    return core + indexer * visible if config.sparse_attention else core
-
-
 def attention_core_flops(config: ModelConfig, visible: torch.Tensor, layers: int | None = None) -> torch.Tensor:
-    """_layer_core_flops summed over the model's layers (V4: each its own type), or over `layers` V3 layers."""
-    if config.attention_type == "v4" and layers is None:
-        return sum(_layer_core_flops(config, t, visible) for t in config.layer_types)
-    return (layers or config.num_hidden_layers) * _layer_core_flops(config, "", visible)
+    """Forward FLOPs of QKᵀ and AV (and of choosing keys) for queries that see `visible` tokens (float64 tensor),
+    summed over the model's layers, or over `layers` MTP layers: the generation's model class counts them."""
+    return architecture(config).model.attention_core_flops(config, visible, layers)
 
 
 def cache_bytes(config: ModelConfig, context: int, bytes_per_element: int = 2) -> int:
@@ -181,7 +157,8 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     depths = config.num_nextn_predict_layers
     mtp_flops = training_flops(mtp_components, elementwise["mtp"], depths, depths) if mtp_unique else 0.0
     layers, nbytes = config.num_hidden_layers, cache_bytes_per_element
-    v3_mtp_layers = 0 if config.attention_type == "v4" else config.num_nextn_predict_layers  # V4's share embed/head
+    # the copies of the embedding and head a checkpoint stores for its MTP layers (V3: one each per layer; V4: none)
+    stored_copies = len(architecture(config).checkpoint.shared_copies(config)) * head_params
     # The papers' MHA baseline for MLA: per-head dimension d_h = qk_nope_head_dim (128 at V2/V3 shape).
     head_dim = config.qk_nope_head_dim if config.attention_type == "mla" else config.head_dim
     mha = 2 * config.num_attention_heads * head_dim * layers * nbytes
@@ -191,7 +168,7 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
         total_params=total,
         active_params=active,
         active_matrix_params=active - elementwise["main"],
-        mtp_params=mtp_unique + 2 * head_params * v3_mtp_layers,
+        mtp_params=mtp_unique + stored_copies,
         mtp_unique_params=mtp_unique,
         components=components,
         active_components=active_components,

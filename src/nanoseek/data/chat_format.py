@@ -34,10 +34,6 @@ def add_chat_tokens(tokenizer: Tokenizer) -> int:
     return tokenizer.add_special_tokens(missing) if missing else 0
 
 
-def has_chat_tokens(tokenizer: Tokenizer) -> bool:
-    return all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS)
-
-
 def encode_chat(
     tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:

@@ -190,7 +190,7 @@ def _run_sft(
         conversations += task_conversations(task, task_examples, cfg.seed)
     device = par.device
     model, tokenizer = load_model_dir(base, device)
-    if pack and model.config.attention_type == "v4":
+    if pack and not model.takes_document_mask:
         raise NanoseekError("--pack needs a document mask, which DeepSeek-V4 models do not take")
     parallelize(model, par)
     train_set, held_set = split_heldout(distinct(conversations), 0.05, cfg.seed)

@@ -23,7 +23,7 @@ from nanoseek.errors import ConfigError, NanoseekError, RunInterrupted
 from nanoseek.flops import model_stats
 from nanoseek.memory import check_training_fits
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
-from nanoseek.models.registry import build_model
+from nanoseek.models.registry import architecture, build_model
 from nanoseek.parallel.collectives import mean_over_ranks, save_final_model
 from nanoseek.parallel.expert_parallel import take_sent_bytes
 from nanoseek.parallel.setup import Parallelism, explain_failure, init_parallelism, parallelize
@@ -117,7 +117,7 @@ def _prepare(spec: RunSpec, stop: StopRequests) -> tuple[RunSpec, Any, TokenData
             f"seq_len {spec.train.seq_len} exceeds the model's max_position_embeddings "
             f"{spec.model.max_position_embeddings}"
         )
-    if spec.model.hyper_connections and spec.train.document_mask:
+    if spec.train.document_mask and not architecture(spec.model).model.takes_document_mask:
         raise NanoseekError(
             "train.document_mask: DeepSeek-V4 takes no document mask (a compressed entry pools the "
             "tokens of its window, whichever documents they belong to)"
@@ -190,13 +190,9 @@ def _check_pipeline(spec: RunSpec) -> None:
         )
     if spec.train.document_mask:
         raise ConfigError("train.document_mask is not supported with --pp (its stages run causal attention)")
-    if spec.model.sparse_attention:
-        raise ConfigError("V3.2's indexer loss is not carried through pipeline stages: train it without --pp")
-    if spec.model.hyper_connections:
-        raise ConfigError(
-            "V4 is not pipelined: its residual streams and the token ids its hash-routed layers need "
-            "do not cross stages; train it without --pp"
-        )
+    refusal = architecture(spec.model).model.pipeline_refusal
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def train(spec: RunSpec, show_progress: bool = True) -> dict[str, Any]:

@@ -106,6 +106,9 @@ class DeepseekV3Model(nn.Module):
 
     architectures: ClassVar[tuple[str, ...]] = ("deepseek_v3",)  # the config.architecture values it builds
     attention: ClassVar[type[nn.Module]] = MultiHeadLatentAttention
+    # what training can ask of the generation before it starts
+    takes_document_mask: ClassVar[bool] = True  # packed documents kept apart (train.document_mask, sft --pack)
+    pipeline_refusal: ClassVar[str | None] = None  # why it cannot train under --pp, if it cannot
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -130,6 +133,13 @@ class DeepseekV3Model(nn.Module):
 
     def block(self, config: ModelConfig, layer_index: int) -> nn.Module:
         return Block(config, layer_index, self.attention)
+
+    @staticmethod
+    def attention_core_flops(config: ModelConfig, visible: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+        """Forward FLOPs of QKᵀ and AV of every layer (or of `layers` MTP layers), for queries that see `visible`
+        tokens (float64 tensor): each head against every visible key (nanoseek info, the trainer's MFU)."""
+        per_layer = 2 * config.num_attention_heads * (config.qk_head_dim + config.attention_v_dim) * visible
+        return (layers or config.num_hidden_layers) * per_layer
 
     def mtp_module(self, config: ModelConfig, layer_index: int) -> nn.Module:
         return MTPModule(config, layer_index, self.attention)

@@ -19,6 +19,7 @@ from nanoseek.models.deepseek_v4.attention import AttentionCache
 from nanoseek.models.deepseek_v4.compressor import CompressedIndexer
 from nanoseek.models.deepseek_v4.hyper import HyperBlock, HyperHead, HyperMTP
 from nanoseek.models.deepseek_v4.paged import HybridStore
+from nanoseek.v4config import CSA, HCA, SLIDING
 
 
 @dataclass
@@ -31,9 +32,31 @@ class HybridCache:
 
 class DeepseekV4Model(DeepseekV3Model):
     architectures = ("deepseek_v4",)
+    takes_document_mask = False  # a compressed entry would pool tokens of two documents
+    pipeline_refusal = (
+        "V4 is not pipelined: its residual streams and the token ids its hash-routed layers need do not cross "
+        "stages; train it without --pp"
+    )
 
     def block(self, config: ModelConfig, layer_index: int) -> nn.Module:
         return HyperBlock(config, layer_index)
+
+    @staticmethod
+    def attention_core_flops(config: ModelConfig, visible: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+        """Per layer by its type: the sliding window, plus the compressed entries of closed windows (HCA all, CSA
+        at most index_topk, its indexer scoring each); one shared key/value head of head_dim. MTP layers slide."""
+        indexer = 2 * config.index_n_heads * (config.index_head_dim + 1)
+
+        def layer(layer_type: str) -> torch.Tensor:
+            keys, core = visible.clamp(max=config.sliding_window), torch.zeros_like(visible)
+            if layer_type in (CSA, HCA):
+                rate = config.compress_rate_csa if layer_type == CSA else config.compress_rate_hca
+                entries = torch.floor(visible / rate)
+                keys = keys + (entries.clamp(max=config.index_topk) if layer_type == CSA else entries)
+                core = indexer * entries if layer_type == CSA else core
+            return core + 2 * config.num_attention_heads * 2 * config.head_dim * keys
+
+        return sum(map(layer, config.layer_types)) if layers is None else layers * layer(SLIDING)
 
     def mtp_module(self, config: ModelConfig, layer_index: int) -> nn.Module:
         return HyperMTP(config, layer_index)
