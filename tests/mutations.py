@@ -37,8 +37,8 @@ MUTATIONS = [
     Mutation(
         "softmax scale without the RoPE dims (1/sqrt(qk_nope) instead of 1/sqrt(qk_nope + qk_rope))",
         "src/nanoseek/config.py",
-        "scale = self.qk_head_dim ** -0.5",
-        "scale = self.qk_nope_head_dim ** -0.5",
+        "scale = self.qk_head_dim**-0.5",
+        "scale = self.qk_nope_head_dim**-0.5",
         ("tests/test_parity_hf.py", "tests/test_parity_v32.py"),
     ),
     Mutation(
