@@ -39,6 +39,12 @@ class ForwardTerms:
         self.indexer_kl_sum = kl if self.indexer_kl_sum is None else self.indexer_kl_sum + kl
         self.indexers_learned = one if self.indexers_learned is None else self.indexers_learned + one
 
+    def indexer_stage(self, training: bool) -> tuple[str | None, bool]:
+        """DSA's stage for an indexer in a module of this training mode (None outside training), and whether the
+        indexer learns in this forward (a stage, and autograd on): what V3.2's and V4's attention both ask."""
+        stage = self.dsa_stage if training else None
+        return stage, stage is not None and torch.is_grad_enabled()
+
     @property
     def indexer_loss(self) -> torch.Tensor | None:
         """The mean KL over the indexers that learned, or None."""

@@ -39,8 +39,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         visible = (
             torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, 1, T, T) if mask is None else mask
         )
-        stage = terms.dsa_stage if terms is not None and self.training else None
-        learning = stage is not None and torch.is_grad_enabled()
+        stage, learning = (None, False) if terms is None else terms.indexer_stage(self.training)
         # the indexer learns from its own loss only: its inputs are cut from the main model's graph
         with torch.set_grad_enabled(learning):
             scores = self.indexer(x.detach(), self.q_norm(q_input).detach(), cos, sin)  # [B, T, T]

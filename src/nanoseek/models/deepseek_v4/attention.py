@@ -146,8 +146,7 @@ class HybridAttention(nn.Module):
             keys = torch.cat([keys, entries], dim=1)
             readable = entries_visible(positions, n, self.rate).expand(x.shape[0], -1, -1)
             if self.indexer is not None:
-                stage = terms.dsa_stage if terms is not None and self.training else None
-                learning = stage is not None and torch.is_grad_enabled()
+                stage, learning = (None, False) if terms is None else terms.indexer_stage(self.training)
                 with torch.set_grad_enabled(learning):  # the indexer learns from its own loss only
                     scores = self.indexer(
                         x.detach(), q_latent.detach(), rope, ropes["compress"], cache.indexer if cache else None
