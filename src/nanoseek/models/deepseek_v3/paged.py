@@ -41,7 +41,7 @@ class LatentLayout:
         [..., index_head_dim]), as many whole blocks as fit."""
         config = model.config
         layers = config.num_hidden_layers + config.num_nextn_predict_layers
-        block_bytes = layers * block_size * config.cache_width * torch.finfo(dtype).bits // 8
+        block_bytes = self.serving_bytes(config, block_size, torch.finfo(dtype).bits // 8)
         blocks = memory_bytes // block_bytes
         if blocks < 1:
             raise ValueError(

@@ -19,6 +19,12 @@ class LlamaModel(DeepseekV3Model):
     attention = GroupedQueryAttention
 
 
+NOT_SERVED = (
+    "generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama layout for transformers to "
+    "sample from"
+)
+
+
 class GroupedLayout:
     """GQA's cache is counted (`nanoseek info`) but not served: the engine's paged store holds MLA latents."""
 
@@ -30,10 +36,7 @@ class GroupedLayout:
         return 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * context * bytes_per_element
 
     def serving_bytes(self, config: ModelConfig, context: int, element_size: int) -> NoReturn:
-        raise NanoseekError(
-            "generation runs over MLA's latent cache; the dense GQA baseline is saved in Llama "
-            "layout for transformers to sample from"
-        )
+        raise NanoseekError(NOT_SERVED)
 
     def state_bytes(self, config: ModelConfig, element_size: int) -> int:
         return 0
@@ -47,4 +50,4 @@ class GroupedLayout:
         device: torch.device,
         dtype: torch.dtype,
     ) -> NoReturn:
-        self.serving_bytes(model.config, 0, 0)
+        raise NanoseekError(NOT_SERVED)
