@@ -41,10 +41,10 @@ from benchmarks.sparse_attention import (
     speed_heading,
     write_report,
 )
-from nanoseek.config import ModelConfig
+from nanoseek.config import DeepseekV3Config, DeepseekV4Config, ModelConfig
 from nanoseek.flops import cache_bytes, model_stats
+from nanoseek.models.deepseek_v4.config import CSA, HCA
 from nanoseek.presets import preset
-from nanoseek.v4config import CSA, HCA
 
 ROOT = Path(__file__).resolve().parent.parent
 V4_SPEED_SHAPE = dict(
@@ -58,14 +58,9 @@ V4_SPEED_SHAPE = dict(
     n_routed_experts=8,
     n_shared_experts=1,
     num_experts_per_tok=2,
-    n_group=1,
-    topk_group=1,
     scoring_func="sqrtsoftplus",
     routed_scaling_factor=1.5,
-    first_k_dense_replace=0,
     num_nextn_predict_layers=0,
-    attention_type="v4",
-    num_key_value_heads=1,
     head_dim=64,
     layer_types=(CSA, HCA),
     mlp_layer_types=("hash_moe", "moe"),
@@ -83,11 +78,11 @@ V4_SPEED_SHAPE = dict(
 
 
 def speed_configs(max_len: int) -> dict[str, ModelConfig]:
-    dense = ModelConfig(**SPEED_SHAPE, max_position_embeddings=max_len)
+    dense = DeepseekV3Config(**SPEED_SHAPE, max_position_embeddings=max_len)
     return {
         "v3": dense,
         "v32": dense.replace(**INDEXER),
-        "v4": ModelConfig(**V4_SPEED_SHAPE, max_position_embeddings=max_len),
+        "v4": DeepseekV4Config(**V4_SPEED_SHAPE, max_position_embeddings=max_len),
     }
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.checkpoint.hf import load_pretrained
-from nanoseek.config import ModelConfig
+from nanoseek.config import DeepseekV3Config, ModelConfig
 from nanoseek.data.tokenizer import load_tokenizer, token_byte_lengths
 from nanoseek.flops import model_stats
 from nanoseek.infer.engine import Engine, EngineConfig
@@ -132,7 +132,7 @@ def decode_rounds(
 def speed(contexts: list[int], batch: int, new_tokens: int, rounds: int, seed: int) -> list[dict]:
     """Per context: both engines prefill the same prompts, then decode them in `rounds` rounds taken in
     alternation (a machine whose speed drifts moves both sides alike); the median round, with the range."""
-    dense = ModelConfig(**SPEED_SHAPE, max_position_embeddings=max(contexts) + 4 * new_tokens + 256)
+    dense = DeepseekV3Config(**SPEED_SHAPE, max_position_embeddings=max(contexts) + 4 * new_tokens + 256)
     engines = {"v3": _engine(dense, seed), "v32": _engine(dense.replace(**INDEXER), seed)}
     for engine in engines.values():  # warm-up: allocator, first-call costs
         _decode_tokens_per_s(engine, _prompts(256, 1, dense.vocab_size, seed + 1), 4)
@@ -314,7 +314,7 @@ def main() -> None:
         "indexer": INDEXER,
     }
     if args.skip != "speed":
-        dense = ModelConfig(**SPEED_SHAPE, max_position_embeddings=max(contexts) + 256)
+        dense = DeepseekV3Config(**SPEED_SHAPE, max_position_embeddings=max(contexts) + 256)
         report["active_params"] = {
             "v3": model_stats(dense).active_params,
             "v32": model_stats(dense.replace(**INDEXER)).active_params,

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import DeepseekV3Config, ModelConfig
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.flops import model_stats
 from nanoseek.train.config import TrainConfig
@@ -141,7 +141,7 @@ def arms(scale: Scale) -> list[Arm]:
 
     def moe(experts: int, top_k: int, width: int, shared: int) -> ModelConfig:
         assert (top_k + shared) * width == 9 * w  # every arm's active expert width is dense's
-        return ModelConfig(
+        return DeepseekV3Config(
             **scale.shape,
             n_routed_experts=experts,
             num_experts_per_tok=top_k,
@@ -151,7 +151,7 @@ def arms(scale: Scale) -> list[Arm]:
         )
 
     return [
-        Arm("dense", ModelConfig(**scale.shape, intermediate_size=9 * w, first_k_dense_replace=layers)),
+        Arm("dense", DeepseekV3Config(**scale.shape, intermediate_size=9 * w, first_k_dense_replace=layers)),
         *(Arm(f"moe-{e}", moe(e, 8, w, 1)) for e in SPARSITY),
         Arm("moe-40-w1.5", moe(40, 5, 3 * w // 2, 1)),
         Arm("moe-128-w0.5", moe(128, 16, w // 2, 2)),

@@ -81,10 +81,11 @@ def analyse(
         flops = _points(runs[arm])[0]
         stats = model_stats(model, seq_len=seq_len)
         cost = costs[arm]
+        moe = model.is_moe_layer(model.num_hidden_layers - 1)  # the dense arms have no experts to report
         per_arm[arm] = {
-            "routed_experts": model.n_routed_experts if model.first_k_dense_replace < model.num_hidden_layers else 0,
-            "top_k": model.num_experts_per_tok,
-            "expert_width": model.moe_intermediate_size,
+            "routed_experts": model.n_routed_experts if moe else 0,
+            "top_k": model.num_experts_per_tok if moe else 0,
+            "expert_width": model.moe_intermediate_size if moe else 0,
             "mtp": use_mtp,
             "total_params": stats.total_params,
             "active_params": stats.active_params,

@@ -16,34 +16,50 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, RopeScaling
+from nanoseek.config import DeepseekV3Config, LlamaConfig
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    """A few-layer V3 shape small enough to run in milliseconds."""
-    base = dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
+    """A few-layer V3 shape small enough to run in milliseconds; V3.2's fields among the overrides make it a V3.2."""
+    return DeepseekV3Config(**TINY).replace(**overrides)
+
+
+def tiny_dense_config(**overrides) -> LlamaConfig:
+    """The dense baseline (Llama layout) at tiny_config's width: 2 key/value heads of 8."""
+    shape = {k: TINY[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
+    base = LlamaConfig(
+        **shape,
         num_attention_heads=4,
-        q_lora_rank=24,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        routed_scaling_factor=2.5,
-        first_k_dense_replace=1,
+        num_key_value_heads=2,
+        head_dim=8,
         max_position_embeddings=128,
         initializer_range=0.02,
     )
-    base.update(overrides)
-    return ModelConfig(**base)
+    return base.replace(**overrides)
+
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    first_k_dense_replace=1,
+    max_position_embeddings=128,
+    initializer_range=0.02,
+)
 
 
 YARN = RopeScaling(

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from helpers import YARN, tiny_config
+from helpers import V32, YARN, tiny_config, tiny_dense_config
 from nanoseek import ConfigError, ModelConfig
+from nanoseek.config import DeepseekV3Config, DeepseekV32Config
 from nanoseek.presets import preset
 
 
@@ -26,25 +27,46 @@ from nanoseek.presets import preset
         (dict(scoring_func="relu"), "scoring_func"),
         (dict(n_group=8, topk_group=1, num_experts_per_tok=2), "topk_group"),
         (dict(num_hidden_layers=2.5), "num_hidden_layers"),
-        (dict(attention_type="mqa"), "attention_type"),
-        (dict(attention_type="gqa", num_key_value_heads=3, head_dim=8, first_k_dense_replace=3), "num_key_value_heads"),
-        (dict(attention_type="gqa", num_key_value_heads=2, head_dim=7, first_k_dense_replace=3), "head_dim"),
-        (dict(attention_type="gqa", num_key_value_heads=2, head_dim=8), "first_k_dense_replace"),
-        (
-            dict(
-                attention_type="gqa",
-                num_key_value_heads=2,
-                head_dim=8,
-                first_k_dense_replace=3,
-                num_nextn_predict_layers=1,
-            ),
-            "num_nextn_predict_layers",
-        ),
+        (dict(attention_type="mqa"), "attention_type"),  # no such field: the class is the architecture
+        (dict(head_dim=8), "head_dim"),  # a Llama's field, not a V3's
+        (dict(index_n_heads=4, index_head_dim=3), "index_head_dim"),  # a V3.2 (V3 + the indexer) and its checks
     ],
 )
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(head_dim=7), "head_dim"),
+        (dict(first_k_dense_replace=1), "first_k_dense_replace"),  # every Llama layer is dense: no such field
+        (dict(num_nextn_predict_layers=1), "num_nextn_predict_layers"),
+        (dict(rope_scaling=YARN), "rope_scaling"),
+    ],
+)
+def test_bad_dense_baseline_names_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        tiny_dense_config(**overrides)
+
+
+def test_each_generation_is_its_own_class():
+    """V3.2 is V3 plus the indexer (a subclass: what reads V3 reads it), V4 and the baseline classes of their own;
+    config.json's model_type picks the class, and the class must agree with the file."""
+    v3 = tiny_config()
+    v32 = v3.replace(**V32)
+    assert type(v3) is DeepseekV3Config and type(v32) is DeepseekV32Config and isinstance(v32, DeepseekV3Config)
+    assert not hasattr(v3, "index_n_heads") and v32.cache_width == v3.cache_width + V32["index_head_dim"]
+    with pytest.raises(ConfigError, match="'index_n_heads'"):  # V3's dense attention is a V3 config
+        v32.replace(index_n_heads=0)
+    for config in (v3, v32, preset("tiny-v4"), tiny_dense_config()):
+        assert type(ModelConfig.from_hf_dict(config.to_hf_dict())) is type(config)
+    with pytest.raises(ConfigError, match="'deepseek_v4' is not a DeepseekV3Config"):
+        DeepseekV3Config.from_hf_dict(preset("tiny-v4").to_hf_dict())
+    with pytest.raises(ConfigError, match="model_type"):
+        ModelConfig.from_hf_dict({"model_type": "mistral"})
 
 
 @pytest.mark.parametrize("style", ["transformers", "deepseek"])

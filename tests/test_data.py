@@ -226,7 +226,6 @@ def test_windows_at_document_starts_and_the_document_mask(tmp_path, tokenizer):
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=8,
-            first_k_dense_replace=2,
         ),
     ):
         model = nanoseek.build_model(config).eval()

@@ -13,7 +13,12 @@ PACKAGE = Path(__file__).parents[1] / "src" / "nanoseek"
 # lowest first: a module imports from its own layer and the ones below, never from one above
 LAYERS = [
     {"errors", "validate", "device", "memory"},
-    {"config", "v4config", "llama", "presets"},
+    {"models.common.config"},  # the configs: no torch, beneath every model
+    {"models.deepseek_v3.config"},
+    {"models.deepseek_v32.config", "models.llama.config"},
+    {"models.deepseek_v4.config"},
+    {"config"},  # registers them all: config.json's model_type → its class
+    {"presets"},  # presets depend on the configs, never the reverse
     {"models", "models.common"},
     {"models.deepseek_v3"},
     {"models.deepseek_v32", "models.llama"},  # V3.2 and the dense baseline: each the diff of V3
@@ -63,8 +68,11 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def _unit(module: str) -> str:
+    """A layer's unit: a top-level module or package; in models/, a generation's package, its config apart."""
     parts = module.split(".")[1:]
-    return ".".join(parts[:2]) if parts[:1] == ["models"] and len(parts) > 1 else ".".join(parts[:1])
+    if parts[:1] != ["models"] or len(parts) == 1:
+        return ".".join(parts[:1])
+    return ".".join(parts[:3]) if parts[2:3] == ["config"] else ".".join(parts[:2])
 
 
 def _layer(module: str) -> int:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import tiny_config
+from helpers import tiny_config, tiny_dense_config
 from nanoseek import build_model
 from nanoseek.flops import model_stats
 from nanoseek.presets import preset
@@ -84,15 +84,12 @@ def test_the_flop_formula_counts_the_matrices_the_forward_multiplies(kind):
     from helpers import V32
     from nanoseek.flops import attention_core_flops
 
-    config = tiny_config(
-        num_nextn_predict_layers=0,
-        **{
-            "mla-dense": dict(first_k_dense_replace=3),
-            "mla-moe": dict(),
-            "v32": dict(first_k_dense_replace=3, **V32),
-            "gqa": dict(attention_type="gqa", num_key_value_heads=2, head_dim=8, first_k_dense_replace=3),
-        }[kind],
-    )
+    config = {
+        "mla-dense": lambda: tiny_config(num_nextn_predict_layers=0, first_k_dense_replace=3),
+        "mla-moe": lambda: tiny_config(num_nextn_predict_layers=0),
+        "v32": lambda: tiny_config(num_nextn_predict_layers=0, first_k_dense_replace=3, **V32),
+        "gqa": tiny_dense_config,
+    }[kind]()
     length = 32
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops})
     with counter, torch.no_grad():
@@ -153,10 +150,10 @@ def test_the_attention_core_is_half_the_square_a_dense_kernel_computes(kind):
 
     from nanoseek.flops import attention_core_flops
 
-    config = tiny_config(
-        num_nextn_predict_layers=0,
-        first_k_dense_replace=3,
-        **(dict(v_head_dim=12) if kind == "mla" else dict(attention_type="gqa", num_key_value_heads=2, head_dim=8)),
+    config = (
+        tiny_config(num_nextn_predict_layers=0, first_k_dense_replace=3, v_head_dim=12)
+        if kind == "mla"
+        else tiny_dense_config()
     )
     length = 32
     counter = FlopCounterMode(display=False)

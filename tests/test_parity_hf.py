@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nanoseek
-from helpers import YARN, assert_logits_match, hf_model, randomize_, tiny_config
+from helpers import YARN, assert_logits_match, hf_model, randomize_, tiny_config, tiny_dense_config
 
 CASES = {
     "v3-qlora-groups": dict(),
@@ -79,7 +79,7 @@ def test_dense_gqa_baseline_matches_transformers_llama(tmp_path):
     transformers' LlamaForCausalLM the same logits, and it loads back unchanged."""
     import transformers
 
-    config = tiny_config(attention_type="gqa", num_key_value_heads=2, head_dim=8, first_k_dense_replace=3)
+    config = tiny_dense_config()
     torch.manual_seed(5)
     ours = nanoseek.build_model(config).eval()
     with torch.no_grad():

@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from helpers import release_name_pattern
-from nanoseek.config import ModelConfig
+from nanoseek.config import DeepseekV4Config, ModelConfig
 from nanoseek.errors import ConfigError
 from nanoseek.models.deepseek_v4.compressor import entries_visible
+from nanoseek.models.deepseek_v4.config import CSA, HCA, SLIDING
 from nanoseek.presets import preset
-from nanoseek.v4config import CSA, HCA, SLIDING
 
 LENGTH = 24  # > the window (6), 12 CSA entries of 2 tokens (top 3 kept), 6 HCA entries of 4
 
@@ -35,14 +35,9 @@ def v4_config(**overrides) -> ModelConfig:
         n_routed_experts=4,
         n_shared_experts=1,
         num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
         routed_scaling_factor=1.5,
         scoring_func="sqrtsoftplus",
-        first_k_dense_replace=0,
         max_position_embeddings=64,
-        attention_type="v4",
-        num_key_value_heads=1,
         head_dim=16,
         layer_types=(SLIDING, CSA, HCA, CSA),
         mlp_layer_types=("hash_moe", "moe", "moe", "moe"),
@@ -59,7 +54,7 @@ def v4_config(**overrides) -> ModelConfig:
         index_topk=3,
         initializer_range=0.2,
     )
-    return ModelConfig(**{**fields, **overrides})
+    return DeepseekV4Config(**fields).replace(**overrides)
 
 
 def v4_hf_model(config: ModelConfig, seed: int = 0):
@@ -177,7 +172,7 @@ def test_v4_config_json_both_ways():
         (dict(mlp_layer_types=("moe", "moe", "moe", "dense")), "must be one of"),
         (dict(index_n_heads=0), "lightning indexer"),
         (dict(num_attention_heads=3), "o_groups"),
-        (dict(first_k_dense_replace=1), "every V4 layer is MoE"),
+        (dict(first_k_dense_replace=1), "unknown config field 'first_k_dense_replace'"),  # every V4 layer is MoE
         (dict(head_dim=4), "RoPE dims"),
     ],
 )

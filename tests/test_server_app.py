@@ -322,7 +322,7 @@ def test_sparse_and_compressed_models_served_over_http_give_the_full_forwards_gr
 
     from helpers import V32, full_forward_greedy, randomize_, tiny_config
     from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer, write_tokenizer_files
-    from nanoseek.v4config import CSA, HCA, SLIDING
+    from nanoseek.models.deepseek_v4.config import CSA, HCA, SLIDING
 
     config = (
         tiny_config(vocab_size=320, **V32)

@@ -295,9 +295,9 @@ def test_v4_trains_resumes_bit_identical_and_is_a_transformers_model(workspace, 
     (which skips the MTP layer) with the same logits."""
     import transformers
 
+    from nanoseek.models.deepseek_v4.config import CSA, HCA, SLIDING
     from nanoseek.train.config import TrainConfig
     from nanoseek.train.trainer import RunSpec, train
-    from nanoseek.v4config import CSA, HCA, SLIDING
 
     monkeypatch.setenv("NANOSEEK_CACHE", str(workspace / "cache"))
     config = nanoseek.preset("tiny-v4").replace(

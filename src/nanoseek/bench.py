@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.checkpoint.hf import load_pretrained, save_pretrained
-from nanoseek.config import ModelConfig
+from nanoseek.config import DeepseekV3Config, ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.flops import model_stats
 from nanoseek.infer.engine import Engine, EngineConfig, SamplingParams
@@ -226,9 +226,10 @@ def run_bench(
     ours, reference, run = _models(spec)
     ours, reference = ours.to(device=device, dtype=dtype), reference.to(device=device, dtype=dtype)
     long_prompt = min(768, ours.config.max_position_embeddings - new_tokens)
-    if ours.config.attention_type != "mla":
+    if not isinstance(ours.config, DeepseekV3Config):
         raise NanoseekError(
-            "nanoseek bench compares MLA models with transformers' DeepseekV3; this is the dense GQA baseline"
+            f"nanoseek bench compares V3-layout models with transformers' DeepseekV3; this is "
+            f"{ours.config.architecture}"
         )
     peak = measure_peak_flops(device, dtype)
     flops_per_token = model_stats(ours.config, seq_len=seq).flops_per_token

@@ -48,7 +48,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     # DeepSeek's long-context comparison: this model beside V3 and V3.2 at their published shapes
     contexts = (
         {"this": long_context(config, stats=stats), "v3": preset_long_context("v3"), "v32": preset_long_context("v32")}
-        if config.attention_type != "gqa"
+        if config.architecture != "llama"
         else {}
     )
     if args.json:
@@ -63,7 +63,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"training FLOPs/token at seq {stats.seq_len}: {_human(stats.flops_per_token)} "
         f"(+{_human(stats.mtp_flops_per_token)} MTP)"
     )
-    kind = config.attention_type.upper()
+    kind = config.attention_kind
     print(
         f"KV cache/token (bf16): {kind} {stats.kv_bytes_per_token:,} B vs MHA {stats.kv_bytes_per_token_mha:,} B "
         f"= {100 * stats.kv_cache_ratio:.2f}% (GQA, 8 query heads per KV head: {stats.kv_bytes_per_token_gqa:,} B)"
@@ -97,7 +97,7 @@ PRESET_SHAPE_FIELDS = (
     "n_group",
     "topk_group",
     "first_k_dense_replace",
-    "attention_type",
+    "architecture",
     "head_dim",
     "layer_types",
     "mlp_layer_types",

@@ -128,7 +128,7 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
         else:
             components[_component(name)] += p.numel()
     head_params = config.vocab_size * config.hidden_size
-    active_fraction = config.num_experts_per_tok / config.n_routed_experts
+    active_fraction = config.active_expert_fraction
 
     def activated(parts: dict[str, int], heads: int = 1) -> dict[str, int]:
         """What a token computes with: the experts it picks, and the head (tied or not; MTP: once per depth), but
@@ -159,8 +159,7 @@ def model_stats(config: ModelConfig, seq_len: int | None = None, cache_bytes_per
     layers, nbytes = config.num_hidden_layers, cache_bytes_per_element
     # the copies of the embedding and head a checkpoint stores for its MTP layers (V3: one each per layer; V4: none)
     stored_copies = len(architecture(config).checkpoint.shared_copies(config)) * head_params
-    # The papers' MHA baseline for MLA: per-head dimension d_h = qk_nope_head_dim (128 at V2/V3 shape).
-    head_dim = config.qk_nope_head_dim if config.attention_type == "mla" else config.head_dim
+    head_dim = config.baseline_head_dim  # the papers' MHA baseline
     mha = 2 * config.num_attention_heads * head_dim * layers * nbytes
     gqa = 2 * max(1, config.num_attention_heads // 8) * head_dim * layers * nbytes
     own = round(cache_bytes(config, seq_len, nbytes) / seq_len)  # V4's depends on the length (the window is bounded)

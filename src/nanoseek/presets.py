@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from nanoseek.config import ModelConfig, RopeScaling
+from nanoseek.config import DeepseekV3Config, DeepseekV4Config, DeepseekV32Config, LlamaConfig, ModelConfig, RopeScaling
 from nanoseek.errors import ConfigError
-from nanoseek.v4config import CSA, HCA, SLIDING
+from nanoseek.models.deepseek_v4.config import CSA, HCA, SLIDING
 
 _V3_YARN = RopeScaling(
     factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0
@@ -14,23 +14,18 @@ _V3_YARN = RopeScaling(
 _V4_YARN = RopeScaling(factor=16.0, original_max_position_embeddings=65536, beta_fast=32, beta_slow=1)
 
 
-def _v4(layers: int, first: str, **shape) -> ModelConfig:
+def _v4(layers: int, first: str, **shape) -> DeepseekV4Config:
     """A V4 shape as DeepSeek's released compress_ratios lay it out: two `first` layers, then CSA and HCA alternating
     (CSA on even layers), one sliding MTP layer; the first three layers hash-routed, sqrt-softplus routing without
     groups, clamped SwiGLU, 1M context."""
-    return ModelConfig(
+    return DeepseekV4Config(
         num_hidden_layers=layers,
-        attention_type="v4",
-        num_key_value_heads=1,
         head_dim=512,
         qk_rope_head_dim=64,
         layer_types=(first, first, *(HCA if i % 2 else CSA for i in range(layers - 2))),
         num_nextn_predict_layers=1,
         mlp_layer_types=("hash_moe",) * 3 + ("moe",) * (layers - 3),
         scoring_func="sqrtsoftplus",
-        n_group=1,
-        topk_group=1,
-        first_k_dense_replace=0,
         routed_scaling_factor=1.5,
         swiglu_limit=10.0,
         max_position_embeddings=1048576,
@@ -44,7 +39,7 @@ def _v4(layers: int, first: str, **shape) -> ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # CPU demo: trains to play-like text in minutes on 2 cores. A V3 in miniature: query compression, sigmoid
     # group-limited routing, a shared expert, a dense first layer and one MTP module.
-    "tiny": ModelConfig(
+    "tiny": DeepseekV3Config(
         vocab_size=4096,
         hidden_size=192,
         intermediate_size=512,
@@ -67,7 +62,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_nextn_predict_layers=1,
     ),
     # tiny with DeepSeek-V3.2's sparse attention: each layer's lightning indexer (8 heads of 32) keeps 64 tokens
-    "tiny-v32": ModelConfig(
+    "tiny-v32": DeepseekV32Config(
         vocab_size=4096,
         hidden_size=192,
         intermediate_size=512,
@@ -94,7 +89,7 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # tiny as DeepSeek-V4: one shared KV head of 64 over a 32-token window, then CSA (entries of 4 tokens, the
     # indexer keeps 16) and HCA (of 16 tokens) layers; 4 residual streams; the first layer hash-routed
-    "tiny-v4": ModelConfig(
+    "tiny-v4": DeepseekV4Config(
         vocab_size=4096,
         hidden_size=192,
         moe_intermediate_size=128,
@@ -105,14 +100,9 @@ PRESETS: dict[str, ModelConfig] = {
         n_routed_experts=8,
         n_shared_experts=1,
         num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
         routed_scaling_factor=1.5,
         scoring_func="sqrtsoftplus",
-        first_k_dense_replace=0,
         max_position_embeddings=256,
-        attention_type="v4",
-        num_key_value_heads=1,
         head_dim=64,
         layer_types=(SLIDING, CSA, HCA, CSA),
         mlp_layer_types=("hash_moe", "moe", "moe", "moe"),
@@ -129,20 +119,17 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # The compute study's dense baseline (Llama 3 style): the tiny shape with GQA and a SwiGLU MLP in every layer,
     # sized to tiny's training FLOPs per token without MTP (13.3M vs 13.2M at seq 128; 2.12M active parameters each).
-    "tiny-dense": ModelConfig(
+    "tiny-dense": LlamaConfig(
         vocab_size=4096,
         hidden_size=192,
         intermediate_size=384,
         num_hidden_layers=4,
         num_attention_heads=4,
-        attention_type="gqa",
         num_key_value_heads=2,
         head_dim=48,
-        first_k_dense_replace=4,
         max_position_embeddings=256,
-        num_nextn_predict_layers=0,
     ),
-    "small": ModelConfig(
+    "small": DeepseekV3Config(
         vocab_size=16384,
         hidden_size=512,
         intermediate_size=1536,
@@ -166,7 +153,7 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # One GPU: ~1B parameters (0.3B active), the size of the GPU throughput and FP8 step-time checks
     # (benchmarks/gpu_check.sh).
-    "1b": ModelConfig(
+    "1b": DeepseekV3Config(
         vocab_size=32768,
         hidden_size=1536,
         intermediate_size=4096,
@@ -187,7 +174,7 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=4096,
         num_nextn_predict_layers=1,
     ),
-    "v2-lite": ModelConfig(
+    "v2-lite": DeepseekV3Config(
         vocab_size=102400,
         hidden_size=2048,
         intermediate_size=10944,
@@ -220,7 +207,7 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=100000,
         eos_token_id=100001,
     ),
-    "v3": ModelConfig(
+    "v3": DeepseekV3Config(
         max_position_embeddings=163840,
         rope_scaling=_V3_YARN,
         num_nextn_predict_layers=1,
@@ -228,7 +215,7 @@ PRESETS: dict[str, ModelConfig] = {
         eos_token_id=1,
     ),
     # V3 with DeepSeek Sparse Attention: 64 indexer heads of 128, top 2048 tokens per query
-    "v32": ModelConfig(
+    "v32": DeepseekV32Config(
         max_position_embeddings=163840,
         rope_scaling=_V3_YARN,
         num_nextn_predict_layers=1,

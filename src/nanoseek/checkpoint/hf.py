@@ -19,8 +19,7 @@ from nanoseek.checkpoint.fp8 import FP8_QUANTIZATION_CONFIG, quantize_state_dict
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
 from nanoseek.fp8.quant import dequantize_blocks
-from nanoseek.llama import halves_to_interleaved, interleaved_to_halves
-from nanoseek.models.common.checkpoint import Entry
+from nanoseek.models.common.checkpoint import Entry, halves_to_interleaved, interleaved_to_halves
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.models.registry import architecture, build_model
 

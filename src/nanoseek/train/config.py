@@ -146,10 +146,10 @@ def resume_train_config(
     changes = {}
     for key in sorted(explicit - {f"model.{name}" for name in DERIVED_MODEL_FIELDS}):
         section, _, name = key.rpartition(".")
-        asked, saved = (
+        asked, saved = (  # a field one of the two generations lacks reads as None
             (getattr(train, name), getattr(saved_train, name))
             if section == "train"
-            else (getattr(model, name), getattr(saved_model, name))
+            else (getattr(model, name, None), getattr(saved_model, name, None))
         )
         if asked == saved:
             continue
@@ -198,9 +198,12 @@ def apply_overrides(
 ) -> tuple[ModelConfig, TrainConfig]:
     """Overrides keyed `model.FIELD` / `train.FIELD` (or a bare field name found in either config)."""
     changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
-    fields = {
-        section: {f.name for f in dataclasses.fields(obj)} for section, obj in (("model", model), ("train", train))
+    # the model's fields, and those of the generations that extend it (V3 + model.index_n_heads is V3.2)
+    current = {
+        "model": model.known_fields(),
+        "train": {f.name: getattr(train, f.name) for f in dataclasses.fields(train)},
     }
+    fields = {section: set(values) for section, values in current.items()}
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
         if not section:
@@ -212,10 +215,9 @@ def apply_overrides(
             ) or difflib.get_close_matches(f"model.{name}", known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else " (use model.FIELD or train.FIELD)"
             raise ConfigError(f"unknown setting {key!r}{hint}")
-        current = getattr(model if section == "model" else train, name)
         if isinstance(value, str):
             try:
-                value = _coerce(value, current)
+                value = _coerce(value, current[section][name])
             except ValueError as e:
                 raise ConfigError(f"setting {key!r}: {e}") from None
         changes[section][name] = value

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from nanoseek.config import ModelConfig
 
 
@@ -18,7 +20,7 @@ class Entry:
     ours: str
     parts: tuple[tuple[str, ...], ...]
     stacked: bool = False
-    rope_head_dim: int = 0  # > 0: GQA q/k rows, reordered for Llama's RoPE layout (nanoseek.llama)
+    rope_head_dim: int = 0  # > 0: GQA q/k rows, reordered for Llama's RoPE layout (below)
 
 
 class CheckpointLayout(Protocol):
@@ -37,3 +39,17 @@ class CheckpointLayout(Protocol):
     def shared_copies(self, config: ModelConfig) -> dict[str, str]:
         """Tensors written again under other names (file name → our tensor): DeepSeek-V3 repeats the embedding and
         head in every MTP layer."""
+
+
+# nanoseek rotates interleaved pairs (x0, x1), (x2, x3), ... of a head, as DeepSeek's weights expect; Llama rotates
+# x_i with x_{i + d/2}. Storing each head's q/k projection rows as [even rows; odd rows] makes the two agree exactly
+# (the same permutation Meta → HF conversions apply), so a saved baseline runs unchanged in transformers.
+def interleaved_to_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """q/k projection rows, per head: nanoseek's pair order → Llama's [evens; odds]."""
+    rows, cols = weight.shape
+    return weight.view(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def halves_to_interleaved(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    rows, cols = weight.shape
+    return weight.view(rows // head_dim, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)

@@ -17,14 +17,12 @@ def rope_inverse_frequencies(config: ModelConfig, kind: str = "main") -> tuple[t
     YaRN keeps the high-frequency pairs (many rotations within the original context) as they are, interpolates the
     low-frequency ones by `factor`, and ramps linearly between the two correction dimensions.
 
-    DeepSeek-V4 has two: "main" (its sliding-window layers: rope_theta, never scaled) and "compress" (the compressed
-    layers: compress_rope_theta with rope_scaling, and no YaRN factor on cos/sin).
+    DeepSeek-V4 has two kinds of layers, each with its own base and scaling (DeepseekV4Config.rope_parameters).
     """
-    v4 = config.attention_type == "v4"
-    dim, base = config.rope_dim, config.compress_rope_theta if kind == "compress" else config.rope_theta
+    base, yarn, scale_cos_sin = config.rope_parameters(kind)
+    dim = config.rope_dim
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    yarn = config.rope_scaling
-    if yarn is None or (v4 and kind == "main"):
+    if yarn is None:
         return inv_freq, 1.0
 
     def correction_dim(rotations: float) -> float:
@@ -37,7 +35,7 @@ def rope_inverse_frequencies(config: ModelConfig, kind: str = "main") -> tuple[t
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (unchanged), 0: interpolate
     inv_freq = inv_freq / yarn.factor * (1 - keep) + inv_freq * keep
-    if v4:
+    if not scale_cos_sin:
         return inv_freq, 1.0
     # mscale/mscale_all_dim both given (as DeepSeek does): their ratio, 1 for V3; the attention temperature itself
     # goes into the softmax scale (ModelConfig.softmax_scale).

@@ -24,7 +24,7 @@ from nanoseek.models.common.layers import RMSNorm
 from nanoseek.models.common.rope import apply_rope_trailing
 from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor, CompressorState, entries_visible
-from nanoseek.v4config import CSA, SLIDING
+from nanoseek.models.deepseek_v4.config import CSA, SLIDING
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from nanoseek.config import ModelConfig
 from nanoseek.models.common.checkpoint import Entry
-from nanoseek.v4config import CSA, SLIDING
+from nanoseek.models.deepseek_v4.config import CSA, SLIDING
 
 # ours → DeepSeek's, within a block's attention and a compressor
 _ATTENTION = {

@@ -24,8 +24,8 @@ from nanoseek.models.common.moe import MoE
 from nanoseek.models.common.paged import PagedBatch
 from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
+from nanoseek.models.deepseek_v4.config import SLIDING
 from nanoseek.models.deepseek_v4.paged import LayerStore, forward_segments
-from nanoseek.v4config import SLIDING
 
 
 def _normed_mixes(streams: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,9 +17,9 @@ from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model, ModelOutput
 from nanoseek.models.deepseek_v4.attention import AttentionCache
 from nanoseek.models.deepseek_v4.compressor import CompressedIndexer
+from nanoseek.models.deepseek_v4.config import CSA, HCA, SLIDING
 from nanoseek.models.deepseek_v4.hyper import HyperBlock, HyperHead, HyperMTP
 from nanoseek.models.deepseek_v4.paged import HybridStore
-from nanoseek.v4config import CSA, HCA, SLIDING
 
 
 @dataclass

@@ -23,8 +23,8 @@ from nanoseek.models.common.rope import apply_rope_trailing
 from nanoseek.models.deepseek_v3.attention import gather
 from nanoseek.models.deepseek_v4.attention import AttentionCache, HybridAttention
 from nanoseek.models.deepseek_v4.compressor import Compressor, CompressorState
+from nanoseek.models.deepseek_v4.config import CSA, HCA
 from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores
-from nanoseek.v4config import CSA, HCA
 
 
 def entries_per_block(rate: int, block_size: int) -> int:

@@ -1,5 +1,6 @@
 """The dense baseline in HF's Llama layout: V3's names for everything but attention (deepseek_v3/checkpoint.py),
-whose q/k rows are reordered between DeepSeek's interleaved RoPE pairs and Llama's halves (nanoseek.llama)."""
+whose q/k rows are reordered between DeepSeek's interleaved RoPE pairs and Llama's halves
+(models/common/checkpoint.py)."""
 
 from __future__ import annotations
 
