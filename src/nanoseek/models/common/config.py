@@ -109,7 +109,8 @@ class ModelConfig:
 
     @property
     def attention_v_dim(self) -> int:
-        raise NotImplementedError
+        """Value width per head: the query/key width unless the attention says otherwise (MLA)."""
+        return self.qk_head_dim
 
     @property
     def rope_dim(self) -> int:

@@ -88,10 +88,6 @@ class DeepseekV4Config(MoEConfig):
         return self.head_dim
 
     @property
-    def attention_v_dim(self) -> int:
-        return self.head_dim
-
-    @property
     def rope_dim(self) -> int:
         """The shared head's trailing rotated part."""
         return self.qk_rope_head_dim

@@ -49,10 +49,6 @@ class LlamaConfig(ModelConfig):
         return self.head_dim
 
     @property
-    def attention_v_dim(self) -> int:
-        return self.head_dim
-
-    @property
     def rope_dim(self) -> int:
         """All of a GQA head."""
         return self.head_dim
