@@ -98,7 +98,7 @@ class DeepseekV3Config(MoEConfig):
 
     def to_hf_dict(self, style: Style = "transformers") -> dict[str, Any]:
         model_type, architecture = self.hf_model_type()
-        v3 = self.scoring_func == "sigmoid"
+        sigmoid = self.scoring_func == "sigmoid"  # DeepSeek-V3's noaux_tc routing
         out: dict[str, Any] = {
             "architectures": [architecture],
             "model_type": model_type,
@@ -106,7 +106,7 @@ class DeepseekV3Config(MoEConfig):
             "num_key_value_heads": self.num_attention_heads,
             "hidden_act": "silu",
             "attention_bias": False,
-            "topk_method": "noaux_tc" if v3 else ("group_limited_greedy" if self.n_group > 1 else "greedy"),
+            "topk_method": "noaux_tc" if sigmoid else ("group_limited_greedy" if self.n_group > 1 else "greedy"),
         }
         rope = self.rope_scaling
         rope_dict = {} if rope is None else {"type": "yarn", **dataclasses.asdict(rope)}

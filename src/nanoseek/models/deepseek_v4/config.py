@@ -62,7 +62,9 @@ class DeepseekV4Config(MoEConfig):
             f"V4's shared key/value head must be even and hold the {rope} RoPE dims, got {head_dim!r}",
         )
         require(rope > 0 and rope % 2 == 0, "qk_rope_head_dim", f"must be positive and even, got {rope}")
-        require(self.q_lora_rank > 0, "q_lora_rank", f"V4 compresses its queries: must be positive, got {rope}")
+        require(
+            self.q_lora_rank > 0, "q_lora_rank", f"V4 compresses its queries: must be positive, got {self.q_lora_rank}"
+        )
         require(
             self.o_groups > 0 and heads % self.o_groups == 0,
             "o_groups",
