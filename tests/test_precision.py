@@ -38,7 +38,7 @@ def test_bf16_load_keeps_the_correction_bias_bit_identical_to_the_file(tmp_path)
         assert moe.router.expert_bias.dtype == torch.float32 and torch.equal(moe.router.expert_bias, bias)
 
 
-def test_fp32_buffers_survive_every_cast():
+def test_kept_dtype_survive_every_cast():
     model = _model_with_distinct_biases()
     inv_freq = model.rope.inv_freq.clone()
     for cast in (

@@ -1,29 +1,29 @@
 """HF or DeepSeek checkpoint directory ⇄ nanoseek model: config.json + model.safetensors, or shards listed in
-model.safetensors.index.json, FP8 blocks dequantized on load. Which file tensor makes which of ours is each
-generation's checkpoint.py (models/registry.py): experts stored one per key are stacked on load and split on save.
+model.safetensors.index.json. Quantized weights (DeepSeek's FP8 and FP4) are dequantized on load, or kept as
+released (`quantized=True`: checkpoint/resident.py). Which file tensor makes which of ours is each generation's
+checkpoint.py (models/registry.py): experts stored one per key are stacked on load and split on save.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from nanoseek.checkpoint.fp8 import FP8_QUANTIZATION_CONFIG, quantize_state_dict
+from nanoseek.checkpoint.files import INDEX_FILE, SafetensorsDir
+from nanoseek.checkpoint.fp8 import quantized_release, read_quantization
+from nanoseek.checkpoint.resident import install_stored, stored_entry, swappable
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
-from nanoseek.fp8.quant import dequantize_blocks
+from nanoseek.fp8.stored import StoredWeight, dequantized_state_dict
 from nanoseek.models.common.checkpoint import Entry, halves_to_interleaved, interleaved_to_halves
 from nanoseek.models.deepseek_v3.model import DeepseekV3Model
 from nanoseek.models.registry import architecture, build_model
-
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def checkpoint_entries(config: ModelConfig) -> list[Entry]:
@@ -32,81 +32,6 @@ def checkpoint_entries(config: ModelConfig) -> list[Entry]:
 
 
 # ---- reading ------------------------------------------------------------------------------------------------------
-class SafetensorsDir:
-    """Lazy access to every tensor of a checkpoint directory, FP8 blocks dequantized on the way out."""
-
-    def __init__(self, path: Path):
-        index = path / INDEX_FILE
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_bytes())["weight_map"]
-            except (ValueError, KeyError, TypeError, RecursionError) as e:  # bad JSON or UTF-8, no weight_map
-                raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
-            # shard names are plain file names in this directory: an index must not point elsewhere on the disk
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")
-                for name in weight_map.values()
-            ):
-                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files in {path}")
-            files = sorted(set(weight_map.values()))
-            missing = [name for name in files if not (path / name).is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{index} names {len(missing)} shard(s) that are not in {path}, e.g. {missing[0]}"
-                )
-        else:
-            files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"no *.safetensors weights in {path}")
-        self.location: dict[str, str] = {}
-        self.handles = {}
-        for name in files:
-            try:
-                handle = safe_open(str(path / name), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"cannot read {path / name} (truncated or not safetensors?): {e}") from None
-            self.handles[name] = handle
-            self.location.update({key: name for key in handle.keys()})
-        self.used: set[str] = set()
-        self.stored_as: dict[str, str] = {}  # a tensor's name in the files, where `rename` gave it another
-
-    def rename(self, aliases: dict[str, str]) -> None:
-        """Reads each tensor `old` of `aliases` under its new name (another exporter's names for the same tensor)."""
-        for old, new in aliases.items():
-            self.location[new] = self.location.pop(old)
-        self.stored_as = {new: old for old, new in aliases.items()}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.location
-
-    def numel(self, key: str) -> int:
-        return math.prod(self.handles[self.location[key]].get_slice(key).get_shape())
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self.location:
-            raise CheckpointError(f"checkpoint is missing tensor {key!r}")
-        self.used.add(key)
-        try:
-            tensor = self.handles[self.location[key]].get_tensor(self.stored_as.get(key, key))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read tensor {key!r} (truncated file?): {e}") from None
-        if key.endswith(".tid2eid"):  # V4's hash-routing table: expert ids per token
-            if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-                raise CheckpointError(f"tensor {key!r} is {tensor.dtype}; a hash-routing table holds integers")
-            return tensor.long()
-        if not tensor.dtype.is_floating_point:
-            raise CheckpointError(f"tensor {key!r} is {tensor.dtype}; weights are floating point")
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale_key = key.removesuffix(".weight") + ".weight_scale_inv"
-            if scale_key not in self.location:
-                raise CheckpointError(f"FP8 tensor {key!r} has no {scale_key!r}")
-            try:
-                tensor = dequantize_blocks(tensor, self.get(scale_key))
-            except ValueError as e:
-                raise CheckpointError(f"{key}: {e}") from None
-        return tensor
-
-
 def _assemble(entry: Entry, source: SafetensorsDir, shape: torch.Size, config: ModelConfig) -> torch.Tensor:
     if entry.ours.endswith("expert_bias") and entry.parts[0][0] not in source and config.scoring_func == "softmax":
         return torch.zeros(shape)  # V2 checkpoints predate aux-loss-free balancing (later ones route with it)
@@ -135,18 +60,29 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-def load_pretrained(
-    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> DeepseekV3Model:
-    """A nanoseek model from a HF DeepSeek-V2/V3 directory (FP8 weights are dequantized)."""
-    path = Path(path)
+def read_config(path: Path) -> tuple[ModelConfig, dict]:
+    """A checkpoint directory's config and its raw config.json."""
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a model directory: no config.json")
     try:
-        config = ModelConfig.load_json(path / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    source = SafetensorsDir(path)
+        raw = json.loads((path / "config.json").read_bytes())
+        return ModelConfig.from_hf_dict(raw), raw
+    except (ConfigError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: {first_line(e)}") from None
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    quantized: bool = False,
+) -> DeepseekV3Model:
+    """A nanoseek model from a HF or DeepSeek release directory (V2, V3, V3.2, V4). Quantized weights are
+    dequantized into `dtype`, or with `quantized` kept as released (FP8 1 byte, FP4 half a byte a parameter, plus
+    scales) and dequantized tile by tile inside their GEMMs: for inference; such a model does not train."""
+    path = Path(path)
+    config, raw = read_config(path)
+    source = SafetensorsDir(path, read_quantization(raw))
     source.rename(architecture(config).checkpoint.aliases(source.location))
     mtp_layers = _mtp_layers_present(config, source)
     if mtp_layers < config.num_nextn_predict_layers:
@@ -160,12 +96,17 @@ def load_pretrained(
     with torch.device("meta"):
         model = build_model(config)
     # cast on meta: the weights are allocated on the device in their dtype, never first in fp32 (the routing biases
-    # and RoPE table stay fp32: KeepsFp32Buffers)
+    # and RoPE table stay fp32: KeepsDtype)
     model.to(dtype or default_dtype(device))
     expected = model.state_dict()  # shapes only: nothing is allocated until the weights match them
     state = {}
+    stored = {}
     for entry in checkpoint_entries(config):
         try:
+            kept = stored_entry(entry, source) if quantized else None
+            if kept is not None:
+                stored[entry.ours] = kept
+                continue
             tensor = _assemble(entry, source, expected[entry.ours].shape, config)
         except (RuntimeError, ValueError) as e:  # pieces whose shapes cannot be joined or reordered
             raise CheckpointError(
@@ -179,6 +120,7 @@ def load_pretrained(
                 f"(expects {tuple(expected[entry.ours].shape)})"
             )
         state[entry.ours] = tensor
+    state |= _install(model, stored, expected, source)
     model.to_empty(device=device)
     model.load_state_dict(state, strict=True)
     unexpected = [
@@ -192,6 +134,25 @@ def load_pretrained(
     return model
 
 
+def _install(
+    model: nn.Module, stored: dict[str, tuple], expected: dict[str, torch.Tensor], source: SafetensorsDir
+) -> dict[str, torch.Tensor]:
+    """Puts the weights that stay quantized into modules that hold them (the others dequantized into the model's
+    dtype); returns the state-dict entries of both."""
+    state = {}
+    kept = swappable(model, stored)
+    for name, (values, scale, encoding) in stored.items():
+        weight = StoredWeight(values, scale, encoding)
+        if tuple(weight.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{name}: stored shape {tuple(weight.shape)} does not match config.json (expects "
+                f"{tuple(expected[name].shape)})"
+            )
+        if name not in kept:
+            state[name] = weight.dequantize(expected[name].dtype)
+    return state | install_stored(model, kept)
+
+
 def _written_not_read(key: str, config: ModelConfig) -> bool:
     """Tensors a checkpoint may carry that we ignore: RoPE tables some exporters store, and what the generation's
     layout names (copies of shared tensors, MTP layers beyond the ones the config asks for)."""
@@ -201,7 +162,7 @@ def _written_not_read(key: str, config: ModelConfig) -> bool:
 # ---- writing ------------------------------------------------------------------------------------------------------
 def to_hf_state_dict(model: DeepseekV3Model) -> dict[str, torch.Tensor]:
     config = model.config
-    ours = model.state_dict()
+    ours = dequantized_state_dict(model)
     out: dict[str, torch.Tensor] = {}
     for entry in checkpoint_entries(config):
         if config.tie_word_embeddings and entry.ours == "head.weight":
@@ -221,14 +182,15 @@ def save_pretrained(
     model: DeepseekV3Model, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30, fp8: bool = False
 ) -> list[str]:
     """Writes config.json and safetensors (sharded with an index past max_shard_bytes) that transformers and
-    load_pretrained read; `fp8` writes DeepSeek-V3's FP8 checkpoint format. Every file is written under a temporary
+    load_pretrained read; `fp8` writes DeepSeek's quantized release of the model's generation (V3's FP8 format, V4's
+    FP8 + FP4 in its own names and config form: checkpoint/fp8.py). Every file is written under a temporary
     name and renamed, so an interrupted save never leaves a half-written file under a real name. Returns the tensor
     names written."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf_state_dict(model)
+    tensors, config = to_hf_state_dict(model), model.config.to_hf_dict()
     if fp8:
-        tensors = quantize_state_dict(tensors)
+        tensors, config = quantized_release(model.config, tensors)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in tensors.items():
@@ -260,9 +222,6 @@ def save_pretrained(
         }
         _write_text_atomic(path / INDEX_FILE, json.dumps(index, indent=2))
     stale.unlink(missing_ok=True)
-    config = model.config.to_hf_dict()
-    if fp8:
-        config["quantization_config"] = FP8_QUANTIZATION_CONFIG
     _write_text_atomic(path / "config.json", json.dumps(config, indent=2) + "\n")
     return list(tensors)
 

@@ -14,19 +14,25 @@ def linear_compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
-class KeepsFp32Buffers:
-    """Mixin for modules whose buffers named in `fp32_buffers` must stay fp32 through every cast (`model.to(bf16)`,
-    `.half()`, `load_pretrained(dtype=...)`): a cast moves them to the new device but keeps their dtype and values.
-    Casting to bf16 and back would not do: the values are rounded on the way (8 distinct routing biases became 2)."""
+class KeepsDtype:
+    """Mixin for modules whose tensors named in `kept_dtype` (buffers or parameters) keep their dtype through every
+    cast (`model.to(bf16)`, `.half()`, `load_pretrained(dtype=...)`): a cast moves them to the new device only.
+    Casting to bf16 and back would not do: the values are rounded on the way (8 distinct routing biases became 2).
+    What DeepSeek keeps in fp32 (routing biases, V4's hyper-connections, sinks, position biases) and the weights
+    kept as released (E4M3, FP4) are held this way."""
 
-    fp32_buffers: tuple[str, ...] = ()
+    kept_dtype: tuple[str, ...] = ()
 
     def _apply(self, fn, recurse=True):
-        kept = {name: getattr(self, name) for name in self.fp32_buffers}
+        kept = {name: getattr(self, name).data for name in self.kept_dtype}
         super()._apply(fn, recurse)
         for name, old in kept.items():
-            device = getattr(self, name).device
-            setattr(self, name, torch.empty_like(old, device=device) if old.is_meta else old.to(device))
+            tensor = getattr(self, name)
+            moved = torch.empty_like(old, device=tensor.device) if old.is_meta else old.to(tensor.device)
+            if isinstance(tensor, nn.Parameter):
+                tensor.data = moved
+            else:
+                setattr(self, name, moved)
         return self
 
 

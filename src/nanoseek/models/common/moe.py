@@ -14,7 +14,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.models.common.eager import eager
-from nanoseek.models.common.layers import MLP, KeepsFp32Buffers, linear_compute_dtype, swiglu
+from nanoseek.models.common.layers import MLP, KeepsDtype, linear_compute_dtype, swiglu
 from nanoseek.models.common.terms import ForwardTerms
 
 
@@ -38,7 +38,7 @@ def gate_weights(scores: torch.Tensor, expert_ids: torch.Tensor, normalize: bool
     return weights * scale
 
 
-class Router(KeepsFp32Buffers, nn.Module):
+class Router(KeepsDtype, nn.Module):
     """Scores every expert, then picks top-k within the best `topk_group` groups.
 
     The correction bias (aux-loss-free balancing) shifts which experts are *selected* but never the gate values,
@@ -46,7 +46,7 @@ class Router(KeepsFp32Buffers, nn.Module):
     model is cast to (DeepSeek's checkpoints and transformers keep it fp32 too).
     """
 
-    fp32_buffers = ("expert_bias",)
+    kept_dtype = ("expert_bias",)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -165,8 +165,8 @@ def sort_by_expert(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tens
     return flat.argsort(stable=True), counts
 
 
-class MoE(KeepsFp32Buffers, nn.Module):
-    fp32_buffers = ("expert_load",)  # token counts: bf16 would stop counting at 256
+class MoE(KeepsDtype, nn.Module):
+    kept_dtype = ("expert_load",)  # token counts: bf16 would stop counting at 256
 
     def __init__(self, config: ModelConfig, hashed: bool = False):
         super().__init__()

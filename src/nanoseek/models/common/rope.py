@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
-from nanoseek.models.common.layers import KeepsFp32Buffers
+from nanoseek.models.common.layers import KeepsDtype
 
 
 def rope_inverse_frequencies(config: ModelConfig, kind: str = "main") -> tuple[torch.Tensor, float]:
@@ -46,8 +46,8 @@ def rope_inverse_frequencies(config: ModelConfig, kind: str = "main") -> tuple[t
     return inv_freq, cos_sin_scale
 
 
-class RotaryEmbedding(KeepsFp32Buffers, nn.Module):
-    fp32_buffers = ("inv_freq",)  # bf16 frequencies would misplace every position past a few hundred
+class RotaryEmbedding(KeepsDtype, nn.Module):
+    kept_dtype = ("inv_freq",)  # bf16 frequencies would misplace every position past a few hundred
 
     def __init__(self, config: ModelConfig, kind: str = "main"):
         super().__init__()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.common.layers import RMSNorm
+from nanoseek.models.common.layers import KeepsDtype, RMSNorm
 from nanoseek.models.common.rope import apply_rope_trailing
 from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor, CompressorState, entries_visible
@@ -47,7 +47,9 @@ class AttentionCache:
     indexer: CompressorState | None = None
 
 
-class HybridAttention(nn.Module):
+class HybridAttention(KeepsDtype, nn.Module):
+    kept_dtype = ("sinks",)  # fp32 in DeepSeek's release, through every cast
+
     def __init__(self, config: ModelConfig, layer_type: str):
         super().__init__()
         heads, self.head_dim = config.num_attention_heads, config.head_dim

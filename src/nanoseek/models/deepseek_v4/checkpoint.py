@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+
 from nanoseek.config import ModelConfig
 from nanoseek.models.common.checkpoint import Entry
 from nanoseek.models.deepseek_v4.config import CSA, SLIDING
@@ -119,6 +121,18 @@ def release_aliases(keys: Iterable[str]) -> dict[str, str]:
         for key in keys
         if key in released or key.startswith(("layers.", "mtp."))
     }
+
+
+def to_release_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors under the names V4Checkpoint.entries gives → under DeepSeek's release names (release_aliases'
+    inverse)."""
+    top_level = dict(_TOP_LEVEL)
+    out = {}
+    for key, tensor in tensors.items():
+        name = top_level.get(key) or key.removeprefix("model.")
+        prefix, dot, leaf = name.rpartition(".attn.norm.")
+        out[f"{prefix}.attn.kv_norm.{leaf}" if dot else name] = tensor
+    return out
 
 
 class V4Checkpoint:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.common.layers import RMSNorm
+from nanoseek.models.common.layers import KeepsDtype, RMSNorm
 from nanoseek.models.common.rope import apply_rope_trailing
 from nanoseek.models.deepseek_v32.indexer import head_weights, index_scores, indexer_kl
 
@@ -37,7 +37,9 @@ class CompressorState:
     entries: torch.Tensor  # [B, N, head_dim]
 
 
-class Compressor(nn.Module):
+class Compressor(KeepsDtype, nn.Module):
+    kept_dtype = ("position_bias",)  # DeepSeek's `ape`: fp32 in its release, through every cast
+
     def __init__(self, dim: int, head_dim: int, rate: int, overlap: bool, eps: float):
         super().__init__()
         self.head_dim, self.rate, self.overlap = head_dim, rate, overlap

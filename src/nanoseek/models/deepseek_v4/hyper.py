@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.common.layers import RMSNorm
+from nanoseek.models.common.layers import KeepsDtype, RMSNorm
 from nanoseek.models.common.moe import MoE
 from nanoseek.models.common.paged import PagedBatch
 from nanoseek.models.common.terms import ForwardTerms
@@ -52,7 +52,9 @@ def _sinkhorn(comb: torch.Tensor, iterations: int, eps: torch.Tensor) -> torch.T
     return comb
 
 
-class HyperConnection(nn.Module):
+class HyperConnection(KeepsDtype, nn.Module):
+    kept_dtype = ("fn", "base", "scale")  # fp32 in DeepSeek's release, through every cast
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         n = self.n = config.hc_mult
@@ -79,15 +81,17 @@ class HyperConnection(nn.Module):
 
     @staticmethod
     def merge(streams: torch.Tensor, output: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """post ⊗ output + combᵀ · streams → the new streams [B, T, n, dim], in the streams' dtype."""
-        dtype = streams.dtype
+        """post ⊗ output + combᵀ · streams → the new streams [B, T, n, dim] in the streams' dtype, mixed in fp32 as
+        DeepSeek's hc_post mixes them (transformers rounds post and comb to bf16 first)."""
         with torch.autocast(streams.device.type, enabled=False):
-            mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
-            return post.to(dtype).unsqueeze(-1) * output.to(dtype).unsqueeze(-2) + mixed
+            mixed = torch.matmul(comb.float().transpose(-1, -2), streams.float())
+            return (post.float().unsqueeze(-1) * output.float().unsqueeze(-2) + mixed).to(streams.dtype)
 
 
-class HyperHead(nn.Module):
+class HyperHead(KeepsDtype, nn.Module):
     """The final collapse of the streams into one hidden state: pre-weights only (sigmoid + ε), no mixing."""
+
+    kept_dtype = ("fn", "base", "scale")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
