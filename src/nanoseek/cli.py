@@ -51,8 +51,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         if config.architecture != "llama"
         else {}
     )
+    from nanoseek.checkpoint.hf import weight_bytes
+
+    weights = weight_bytes(config)
     if args.json:
-        print(json.dumps({**stats.to_dict(), "long_context": contexts}, indent=2))
+        print(json.dumps({**stats.to_dict(), "weight_bytes": weights, "long_context": contexts}, indent=2))
         return
     print(f"{'component':<18}{'total':>10}{'active':>10}")
     for name, count in stats.components.items():
@@ -62,6 +65,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(
         f"training FLOPs/token at seq {stats.seq_len}: {_human(stats.flops_per_token)} "
         f"(+{_human(stats.mtp_flops_per_token)} MTP)"
+    )
+    print(
+        f"weights: {weights['bf16'] / 2**30:,.2f} GiB in bf16; {weights['released'] / 2**30:,.2f} GiB "
+        f"({weights['released'] / weights['bf16']:.3f}x) as DeepSeek releases this generation quantized, resident "
+        "so under serve"
     )
     kind = config.attention_kind
     print(

@@ -12,6 +12,7 @@ quantization_config: nanoseek would otherwise read its integers as something the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,8 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError
-from nanoseek.fp8.fp4 import E8M0, quantize_fp4
-from nanoseek.fp8.quant import quantize_blocks
+from nanoseek.fp8.fp4 import E8M0, FP4_GROUP, quantize_fp4
+from nanoseek.fp8.quant import TILE, quantize_blocks
 from nanoseek.models.deepseek_v4.checkpoint import to_release_names
 
 FP8_QUANTIZATION_CONFIG = {
@@ -167,3 +168,36 @@ def quantized_release(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> 
     """A model's tensors (under to_hf_state_dict's names) → the files and config.json of DeepSeek's quantized
     release of its generation."""
     return _RELEASE_FORMS.get(config.architecture, _v3_release)(config, tensors)
+
+
+def _stored_bytes(shape: tuple[int, ...], encoding: str | None, scale_bytes: int, element_size: int) -> int:
+    """Bytes of one file tensor of (dequantized) shape [..., R, K] as released: values and scales."""
+    if encoding is None:
+        return math.prod(shape) * element_size
+    *lead, rows, cols = shape
+    if encoding == "fp4":
+        return math.prod(lead) * rows * (cols // 2 + scale_bytes * (cols // FP4_GROUP))
+    return math.prod(lead) * (rows * cols + scale_bytes * -(-rows // TILE) * -(-cols // TILE))
+
+
+def _v3_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(
+        _stored_bytes(tuple(t.shape), "fp8" if is_fp8_weight(k, t) else None, 4, t.element_size())
+        for k, t in tensors.items()
+    )
+
+
+def _v4_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(
+        _stored_bytes(tuple(t.shape), v4_released_encoding(k, tuple(t.shape), "fp4"), 1, t.element_size())
+        for k, t in to_release_names(tensors).items()
+    )
+
+
+_RELEASED_BYTES = {"deepseek_v4": _v4_bytes}
+
+
+def released_bytes(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> int:
+    """What `quantized_release` would write, in bytes, counted from the shapes alone (meta tensors will do): the
+    weights a model of `config` keeps resident when loaded from DeepSeek's release with quantized=True."""
+    return _RELEASED_BYTES.get(config.architecture, _v3_bytes)(tensors)

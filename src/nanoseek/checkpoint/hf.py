@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nanoseek.checkpoint.files import INDEX_FILE, SafetensorsDir
-from nanoseek.checkpoint.fp8 import quantized_release, read_quantization
+from nanoseek.checkpoint.fp8 import quantized_release, read_quantization, released_bytes
 from nanoseek.checkpoint.resident import install_stored, stored_entry, swappable
 from nanoseek.config import ModelConfig
 from nanoseek.errors import CheckpointError, ConfigError, describe_write_failure, first_line
@@ -176,6 +176,18 @@ def to_hf_state_dict(model: DeepseekV3Model) -> dict[str, torch.Tensor]:
     for key, name in architecture(config).checkpoint.shared_copies(config).items():
         out[key] = ours[name].detach().clone()
     return out
+
+
+def weight_bytes(config: ModelConfig) -> dict[str, int]:
+    """A model's weight bytes without allocating it: in bf16, and as DeepSeek releases its generation quantized
+    (the bytes `load_pretrained(quantized=True)` keeps resident)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    tensors = to_hf_state_dict(model.to(torch.bfloat16))  # what stays fp32 (KeepsDtype) is counted so
+    return {
+        "bf16": sum(t.numel() * 2 for t in tensors.values()),
+        "released": released_bytes(config, tensors),
+    }
 
 
 def save_pretrained(

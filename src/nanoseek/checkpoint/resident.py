@@ -3,8 +3,8 @@ the swap of their modules for the ones that hold them so (fp8/stored.py).
 
 A linear stays quantized when its file tensors are quantized and join along rows without splitting a scale block
 (V3's gate_proj + up_proj fused into one GEMM: each part a whole number of 128-row blocks; FP4 rows join freely);
-the routed experts when both their GEMMs do. Anything else is dequantized into the model's dtype as before: V4's
-grouped output projection (`wo_a`, not a plain linear here), the rare ragged block.
+the routed experts when both their GEMMs do; a parameter its module lists in `stored_weights` (V4's grouped output
+projection `wo_a`). Anything else is dequantized into the model's dtype as before (the rare ragged block).
 """
 
 from __future__ import annotations
@@ -60,12 +60,14 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
 
 
 def swappable(model: nn.Module, stored: dict[str, Stored]) -> dict[str, Stored]:
-    """The entries of `stored` whose modules can hold them as stored: nn.Linear weights, and routed experts whose
-    gate_up and down are both stored."""
+    """The entries of `stored` whose modules can hold them as stored: nn.Linear weights, routed experts whose
+    gate_up and down are both stored, and the parameters a module lists in `stored_weights`."""
     kept = {}
     for name, weight in stored.items():
         _, _, module = _owner(model, name)
-        if type(module) is nn.Linear and name.endswith(".weight") and module.bias is None:
+        if name.rpartition(".")[2] in getattr(module, "stored_weights", ()):
+            kept[name] = weight
+        elif type(module) is nn.Linear and name.endswith(".weight") and module.bias is None:
             kept[name] = weight
         elif isinstance(module, RoutedExperts):
             prefix = name.rpartition(".")[0]
@@ -86,7 +88,10 @@ def install_stored(model: nn.Module, stored: dict[str, Stored]) -> dict[str, tor
     for name, weight in stored.items():
         state |= {f"{name}.values": weight[0], f"{name}.scale": weight[1]}
         parent, attribute, module = _owner(model, name)
-        if isinstance(module, RoutedExperts):  # gate_up comes first; the down projection is swapped with it
+        if name.rpartition(".")[2] in getattr(module, "stored_weights", ()):
+            delattr(module, name.rpartition(".")[2])  # a parameter's place, taken by a module
+            setattr(module, name.rpartition(".")[2], placeholder(weight))
+        elif isinstance(module, RoutedExperts):  # gate_up comes first; the down projection is swapped with it
             down = stored[name.removesuffix(".gate_up") + ".down"]
             setattr(parent, attribute, QuantizedExperts(placeholder(weight), placeholder(down), module.limit))
         elif not isinstance(module, QuantizedExperts):

@@ -12,13 +12,11 @@ the dequantized model, on CPUs and GPUs alike.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.fp8.fp4 import FP4_GROUP, dequantize_fp4
+from nanoseek.fp8.fp4 import dequantize_fp4
 from nanoseek.fp8.quant import TILE, dequantize_blocks
 from nanoseek.models.common.layers import KeepsDtype, swiglu
 
@@ -104,15 +102,6 @@ class QuantizedExperts(nn.Module):
                 gate, up = matmul_stored(x[start:end], self.gate_up, expert).chunk(2, dim=-1)
                 out[start:end] = matmul_stored(swiglu(gate, up, self.limit), self.down, expert)
         return out
-
-
-def stored_bytes(values_shape: tuple[int, ...], encoding: str, scale_bytes: int = 1) -> int:
-    """Bytes a weight of (dequantized) shape [..., R, K] takes as released: values and scales."""
-    *lead, rows, cols = values_shape
-    lead_count = math.prod(lead)
-    if encoding == "fp4":
-        return lead_count * rows * (cols // 2 + scale_bytes * (cols // FP4_GROUP))
-    return lead_count * (rows * cols + scale_bytes * -(-rows // TILE) * -(-cols // TILE))
 
 
 def resident_bytes(model: nn.Module) -> int:

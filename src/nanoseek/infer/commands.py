@@ -23,7 +23,7 @@ def _engine(args: argparse.Namespace):
     run = Path(args.model)
     tokenizer = load_tokenizer(run / "tokenizer.json")
     device, dtype = resolve_device(args.device, args.dtype)
-    engine = Engine(load_pretrained(run, device, dtype), decode=tokenizer.decode)
+    engine = Engine(load_pretrained(run, device, dtype, quantized=True), decode=tokenizer.decode)
     check_vocab(tokenizer, engine.model.config.vocab_size)
     return engine, tokenizer
 

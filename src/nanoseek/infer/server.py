@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException
 
 from nanoseek.checkpoint.hf import load_pretrained
 from nanoseek.data.tokenizer import TextEncoder, check_vocab, encode_ids, end_token_ids, load_tokenizer
+from nanoseek.fp8.stored import resident_bytes
 from nanoseek.infer import endpoints, protocol, responses
 from nanoseek.infer.chat import ChatTemplate
 from nanoseek.infer.engine import Engine, EngineConfig
@@ -54,7 +56,10 @@ def create_app(
     model_name = model_dir.resolve().name
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     template = ChatTemplate(model_dir)  # checked before the weights load: a broken template fails at once
-    engine = Engine(load_pretrained(model_dir, device, dtype), decode=tokenizer.decode, config=config)
+    model = load_pretrained(model_dir, device, dtype, quantized=True)
+    resident = resident_bytes(model) / 2**30
+    print(f"nanoseek: {model_name} loaded, {resident:.3f} GiB of weights resident", file=sys.stderr, flush=True)
+    engine = Engine(model, decode=tokenizer.decode, config=config)
     check_vocab(tokenizer, engine.model.config.vocab_size)
     stop_tokens = end_token_ids(tokenizer)
     runner = EngineLoop(engine)

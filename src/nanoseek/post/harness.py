@@ -80,7 +80,7 @@ class NanoseekLM(TemplateLM):
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm_eval's CLI passes its default cuda:0; its hf backend falls back to the CPU alike
         chosen, weights = resolve_device(device, dtype)
-        self.model = load_pretrained(source, device=chosen, dtype=weights).eval()
+        self.model = load_pretrained(source, device=chosen, dtype=weights, quantized=True).eval()
         self.tokenizer = load_tokenizer(source / "tokenizer.json")
         self.engine = Engine(self.model, decode=self.tokenizer.decode, config=EngineConfig(max_seqs=int(max_seqs)))
         self.stops = end_token_ids(self.tokenizer)

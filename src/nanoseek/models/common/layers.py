@@ -14,6 +14,12 @@ def linear_compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
+def dense(weight: torch.Tensor | nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A weight as a tensor: itself, or one kept as released (fp8/stored.py: anything with `dequantize`) dequantized
+    into `dtype`, for the few places that read a weight rather than call its linear (MLA's absorbed decode)."""
+    return weight if isinstance(weight, torch.Tensor) else weight.dequantize(dtype)
+
+
 class KeepsDtype:
     """Mixin for modules whose tensors named in `kept_dtype` (buffers or parameters) keep their dtype through every
     cast (`model.to(bf16)`, `.half()`, `load_pretrained(dtype=...)`): a cast moves them to the new device only.

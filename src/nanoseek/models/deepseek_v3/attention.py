@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.common.layers import RMSNorm
+from nanoseek.models.common.layers import RMSNorm, dense
 from nanoseek.models.common.paged import PagedBatch, PagedStore, PrefillChunk
 from nanoseek.models.common.rope import apply_rope
 from nanoseek.models.common.terms import ForwardTerms
@@ -186,9 +186,8 @@ class MultiHeadLatentAttention(nn.Module):
         GEMM per sequence, not one GEMV per head."""
         rows, width, heads = visible.shape[0], visible.shape[1], self.n_heads
         context = context.to(q_nope.dtype)
-        w_uk, w_uv = self.kv_up.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim).split(
-            [self.nope_dim, self.v_dim], dim=1
-        )
+        w_up = dense(self.kv_up.weight, q_nope.dtype)
+        w_uk, w_uv = w_up.view(heads, self.nope_dim + self.v_dim, self.latent_dim).split([self.nope_dim, self.v_dim], 1)
         q_latent = torch.einsum("hnd,hdc->nhc", q_nope, w_uk)  # [n, H, C]
         q_all = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1).reshape(rows, width * heads, -1)
         scores = torch.bmm(q_all, context.transpose(1, 2)).float() * self.softmax_scale  # [rows, width·H, S]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.models.common.layers import dense
 from nanoseek.models.common.rope import apply_rope_half_split
 
 SCORE_CHUNK_ELEMENTS = 1 << 24  # per-head products held at once while scoring (64 MiB in fp32)
@@ -59,7 +60,7 @@ def head_weights(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """x [B, T, dim] → per-token head weights w_h / sqrt(H) [B, T, H], computed in fp32 under any autocast (as
     transformers keeps weights_proj in fp32)."""
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), proj.weight.float()) * proj.out_features**-0.5
+        return F.linear(x.float(), dense(proj.weight, torch.float32).float()) * proj.out_features**-0.5
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.models.common.layers import KeepsDtype, RMSNorm
+from nanoseek.models.common.layers import KeepsDtype, RMSNorm, dense
 from nanoseek.models.common.rope import apply_rope_trailing
 from nanoseek.models.common.terms import ForwardTerms
 from nanoseek.models.deepseek_v4.compressor import CompressedIndexer, Compressor, CompressorState, entries_visible
@@ -49,6 +49,9 @@ class AttentionCache:
 
 class HybridAttention(KeepsDtype, nn.Module):
     kept_dtype = ("sinks",)  # fp32 in DeepSeek's release, through every cast
+    # parameters a quantized checkpoint may replace by a weight kept as released (checkpoint/resident.py): anything
+    # with `dequantize(dtype)`
+    stored_weights = ("out_down",)
 
     def __init__(self, config: ModelConfig, layer_type: str):
         super().__init__()
@@ -110,7 +113,8 @@ class HybridAttention(KeepsDtype, nn.Module):
         o = apply_rope_trailing(attended, cos, -sin).transpose(1, 2)  # [B, T, H, D]
         B, T = o.shape[:2]
         grouped = o.reshape(B, T, self.o_groups, -1)
-        blocks = self.out_down.view(self.o_groups, -1, grouped.shape[-1])  # [G, o_lora_rank, H·D/G]
+        # [G, o_lora_rank, H·D/G]
+        blocks = dense(self.out_down, grouped.dtype).view(self.o_groups, -1, grouped.shape[-1])
         return self.out_proj(torch.einsum("btgi,goi->btgo", grouped, blocks.to(grouped.dtype)).flatten(2))
 
     def empty_cache(self, x: torch.Tensor) -> AttentionCache:

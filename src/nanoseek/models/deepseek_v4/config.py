@@ -79,6 +79,9 @@ class DeepseekV4Config(MoEConfig):
             "hc_sinkhorn_iters",
         ):
             require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        # a window of one token: the serving ring keeps `window - 1` earlier keys, so 1 would decode otherwise than
+        # the full forward (DeepSeek's models slide over 128)
+        require(self.sliding_window >= 2, "sliding_window", f"must be at least 2, got {self.sliding_window}")
         require(self.hc_eps > 0, "hc_eps", f"must be positive, got {self.hc_eps}")
         require(self.swiglu_limit >= 0, "swiglu_limit", f"must be >= 0 (0: no clamp), got {self.swiglu_limit}")
         if CSA in self.layer_types:
