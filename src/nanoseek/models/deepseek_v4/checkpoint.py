@@ -3,7 +3,8 @@ its conversion mapping) behind a `model.` prefix: `model.layers.N.attn.wq_a.weig
 (`ffn.experts.E.w1/w2/w3`), `head.weight`, `model.hc_head.hc_fn`. DeepSeek's release uses the same names without
 the prefix (`layers.N.…`, `embed.weight`, `norm.weight`, `hc_head_fn`). Its MTP layers (`mtp.K.…`: a block's names
 plus `e_proj`, `h_proj`, `enorm`, `hnorm`, `norm`, `hc_head_*`) we write as `model.mtp.K.…`, which transformers skips
-on load. We write the former; `release_aliases` lets the latter load too."""
+on load. We write the former (`export --fp8`: the latter, quantized as released, checkpoint/fp8.py);
+`release_aliases` lets the latter load too, `to_release_names` writes it."""
 
 from __future__ import annotations
 
