@@ -1,8 +1,8 @@
-"""Evidence that the default suite catches a wrong implementation: five deliberate breaks, each in a copy of the
+"""Evidence that the default suite catches a wrong implementation: seven deliberate breaks, each in a copy of the
 checkout, each run against the default-run tests of the files that speak for the broken part (after the same
 files pass on the unbroken copy). Every mutant must fail at least one test; the report lists which.
 
-    .venv/bin/python tests/mutations.py          # ~3 minutes on 2 cores; writes docs/bench/mutations.{md,json}
+    .venv/bin/python tests/mutations.py          # ~1.5 minutes on 2 cores; writes docs/bench/mutations.{md,json}
 
 Not collected by pytest (no test_ prefix): it runs pytest itself, once per mutant.
 """
@@ -36,14 +36,14 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "softmax scale without the RoPE dims (1/sqrt(qk_nope) instead of 1/sqrt(qk_nope + qk_rope))",
-        "src/nanoseek/config.py",
+        "src/nanoseek/models/common/config.py",
         "scale = self.qk_head_dim**-0.5",
         "scale = self.qk_nope_head_dim**-0.5",
         ("tests/test_parity_hf.py", "tests/test_parity_v32.py"),
     ),
     Mutation(
         "YaRN's attention temperature applied once (mscale, not mscale²)",
-        "src/nanoseek/config.py",
+        "src/nanoseek/models/common/config.py",
         "scale *= m * m",
         "scale *= m",
         ("tests/test_parity_hf.py", "tests/test_parity_v32.py"),
@@ -70,6 +70,20 @@ MUTATIONS = [
         'key.rpartition(".attn.kv_norm.")',
         'key.rpartition(".attn.norm.")',
         ("tests/test_release_layouts.py", "tests/test_parity_v4.py"),
+    ),
+    Mutation(
+        "V4's served chunk that begins inside an open compressor window loads none of it",
+        "src/nanoseek/models/deepseek_v4/paged.py",
+        "ring = torch.arange(p - p % self.rate, p, device=self.entries.device) % self.rate",
+        "ring = torch.arange(p, p, device=self.entries.device) % self.rate",
+        ("tests/test_v4_serving.py", "tests/test_parity_v4.py"),
+    ),
+    Mutation(
+        "V4's prefix-cache snapshot keeps the window's keys but not the compressors' open windows",
+        "src/nanoseek/models/deepseek_v4/paged.py",
+        "return [self.keys] + [t for c in (self.compressor, self.indexer) if c is not None for t in c.state_tensors()]",
+        "return [self.keys]",
+        ("tests/test_v4_serving.py", "tests/test_parity_v4.py"),
     ),
 ]
 

@@ -106,6 +106,14 @@ class DeepseekV4Model(DeepseekV3Model):
         ropes, positions = position_args
         return module(hidden, self.embed(next_ids), ropes, positions[: hidden.shape[1]], next_ids, terms=terms)
 
+    def mtp_forward_paged(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: PagedBatch, stores: HybridStore, depth: int = 0
+    ) -> torch.Tensor:
+        """Refused rather than run with V3's arguments: V4's store holds no MTP layer, and a rejected draft would
+        stay in the windows and open compressor windows (HybridLayout.drafts is False; the engine serves V4 without
+        speculation)."""
+        raise NotImplementedError("V4's MTP drafts are not served: its store keeps no state for rejected drafts")
+
     def _ropes(self) -> dict[str, nn.Module]:
         """V4's two RoPEs: "main" (sliding layers) and "compress" (compressed layers)."""
         return {"main": self.rope, "compress": self.compress_rope}
