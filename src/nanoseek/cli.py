@@ -52,10 +52,13 @@ def cmd_info(args: argparse.Namespace) -> None:
         else {}
     )
     from nanoseek.checkpoint.hf import weight_bytes
+    from nanoseek.parallel.tensor_plan import device_bytes
 
     weights = weight_bytes(config)
+    device = device_bytes(config, args.tensor_parallel_size) if args.tensor_parallel_size is not None else None
     if args.json:
-        print(json.dumps({**stats.to_dict(), "weight_bytes": weights, "long_context": contexts}, indent=2))
+        extra = {"per_device": device} if device is not None else {}
+        print(json.dumps({**stats.to_dict(), "weight_bytes": weights, "long_context": contexts, **extra}, indent=2))
         return
     print(f"{'component':<18}{'total':>10}{'active':>10}")
     for name, count in stats.components.items():
@@ -71,6 +74,18 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"({weights['released'] / weights['bf16']:.3f}x) as DeepSeek releases this generation quantized, resident "
         "so under serve"
     )
+    if device is not None:
+        n, held = device["tensor_parallel_size"], device["weight_bytes"]
+        caches = device["cache_bytes_per_sequence"]
+        print(
+            f"per device over {n} (heads, MLPs and vocabulary split, {config.n_routed_experts // n} routed experts "
+            f"each, the cache whole on every one): weights {held['released'] / 2**30:,.2f} GiB as released "
+            f"({held['bf16'] / 2**30:,.2f} GiB in bf16); one sequence's cache at "
+            + " / ".join(f"{int(L):,}" for L in caches)
+            + " tokens: "
+            + " / ".join(f"{b / 2**30:,.2f}" for b in caches.values())
+            + " GiB"
+        )
     kind = config.attention_kind
     print(
         f"KV cache/token (bf16): {kind} {stats.kv_bytes_per_token:,} B vs MHA {stats.kv_bytes_per_token_mha:,} B "
@@ -294,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="preset name, config.json or model directory")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention FLOPs")
+    info.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=None,
+        help="also what each of N devices holds when the model is split over them (weights, a sequence's cache)",
+    )
     info.set_defaults(run=cmd_info)
 
     train = commands.add_parser("train", help="train a model (default: the tiny preset on Shakespeare)")

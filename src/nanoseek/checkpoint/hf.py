@@ -178,12 +178,17 @@ def to_hf_state_dict(model: DeepseekV3Model) -> dict[str, torch.Tensor]:
     return out
 
 
-def weight_bytes(config: ModelConfig) -> dict[str, int]:
-    """A model's weight bytes without allocating it: in bf16, and as DeepSeek releases its generation quantized
-    (the bytes `load_pretrained(quantized=True)` keeps resident)."""
+def meta_tensors(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A model's tensors under to_hf_state_dict's names, in bf16 (what stays fp32, KeepsDtype, so), on meta."""
     with torch.device("meta"):
         model = build_model(config)
-    tensors = to_hf_state_dict(model.to(torch.bfloat16))  # what stays fp32 (KeepsDtype) is counted so
+    return to_hf_state_dict(model.to(torch.bfloat16))
+
+
+def weight_bytes(config: ModelConfig, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """A model's weight bytes (or those of `tensors`, part of its meta_tensors) without allocating it: in bf16, and
+    as DeepSeek releases its generation quantized (the bytes `load_pretrained(quantized=True)` keeps resident)."""
+    tensors = meta_tensors(config) if tensors is None else tensors
     return {
         "bf16": sum(t.numel() * 2 for t in tensors.values()),
         "released": released_bytes(config, tensors),
