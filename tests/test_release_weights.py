@@ -190,3 +190,34 @@ def test_quantization_nanoseek_does_not_implement_is_refused_naming_the_field(re
     save_file(load_file(path / "model.safetensors"), tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=message):
         nanoseek.load_pretrained(tmp_path, quantized=True)
+
+
+def test_served_in_bf16_kept_quantized_is_as_close_to_fp32_as_the_bf16_forward(tmp_path):
+    """What a GPU runs: the release kept quantized in bf16, served by the engine at DeepSeek's geometry (64-token
+    blocks, HCA's 128-token windows spanning two, prompts chunked by a 96-token budget, decode rows together). Every
+    step's logprobs are no further from the fp32 forward's than the bf16 full forward's are (the fp32 bias of the
+    compressor's gate, KeepsDtype, goes into the bf16 cache)."""
+    from nanoseek.infer.engine import Engine, EngineConfig
+    from nanoseek.infer.request import SamplingParams
+
+    config = _config().replace(initializer_range=0.05)
+    nanoseek.save_pretrained(_randomized(config).to(torch.bfloat16), tmp_path, fp8=True)
+    served = nanoseek.load_pretrained(tmp_path, dtype=torch.bfloat16, quantized=True).eval()
+    exact = nanoseek.load_pretrained(tmp_path, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=generator).tolist() for n in (150, 70, 200)]
+    engine = Engine(served, config=EngineConfig(block_size=64, max_seqs=3, token_budget=96))
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=8, min_tokens=8, logprobs=20))
+    engine_off, forward_off = [], []
+    for prompt, completion in zip(prompts, completions):
+        assert completion.finish_reason == "length" and len(completion.logprobs) == 8
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            bf16, fp32 = (m(ids)[0].float().log_softmax(-1) for m in (served, exact))
+        for k, entry in enumerate(completion.logprobs):
+            position, top = len(prompt) - 1 + k, torch.tensor([i for i, _ in entry.top])
+            got = torch.tensor([v for _, v in entry.top])
+            engine_off.append((got - fp32[position, top]).abs().max().item())
+            forward_off.append((bf16[position, top] - fp32[position, top]).abs().max().item())
+    assert max(engine_off) <= 1.25 * max(forward_off), (max(engine_off), max(forward_off))
+    assert sorted(engine_off)[len(engine_off) // 2] <= 1.25 * sorted(forward_off)[len(forward_off) // 2]

@@ -98,7 +98,8 @@ class CompressorStore:
                 first = (positions[closing] < self.rate).view(-1, 1, 1)
                 previous = (self.previous[0][held], self.previous[1][held].masked_fill(first, -torch.inf))
                 d = compressor.head_dim
-                self.previous[0][held], self.previous[1][held] = kv[..., :d], gate[..., :d]
+                # the gate carries the fp32 position bias (KeepsDtype): stored in the cache's dtype, as a chunk's is
+                self.previous[0][held], self.previous[1][held] = kv[..., :d], gate[..., :d].to(self.previous[1].dtype)
             pooled = compressor.kv_norm(compressor.pool(kv[:, None], gate[:, None], previous))  # [C, 1, d]
             window = positions[closing] // self.rate
             cos, sin = rope(window * self.rate)
