@@ -51,11 +51,13 @@ def cmd_info(args: argparse.Namespace) -> None:
         if config.architecture != "llama"
         else {}
     )
-    from nanoseek.checkpoint.hf import weight_bytes
+    from nanoseek.checkpoint.hf import meta_tensors, weight_bytes
     from nanoseek.parallel.tensor_plan import device_bytes
 
-    weights = weight_bytes(config)
-    device = device_bytes(config, args.tensor_parallel_size) if args.tensor_parallel_size is not None else None
+    tensors = meta_tensors(config)  # built once: the whole model's bytes and a device's share
+    weights = weight_bytes(config, tensors)
+    size = args.tensor_parallel_size
+    device = device_bytes(config, size, tensors) if size is not None else None
     if args.json:
         extra = {"per_device": device} if device is not None else {}
         print(json.dumps({**stats.to_dict(), "weight_bytes": weights, "long_context": contexts, **extra}, indent=2))

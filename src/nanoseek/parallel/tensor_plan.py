@@ -98,12 +98,18 @@ def per_device_tensors(tensors: dict[str, torch.Tensor], rank: int, size: int, e
 DEVICE_CONTEXTS = (4096, 131072, 1 << 20)  # what `nanoseek info --tensor-parallel-size` counts the cache at
 
 
-def device_bytes(config: ModelConfig, size: int, contexts: tuple[int, ...] = DEVICE_CONTEXTS) -> dict:
-    """What one device holds when the model is split over `size` ranks, counted from meta shapes: its weights (in
-    bf16, and as DeepSeek releases the generation quantized), and the cache of one sequence at each context (bf16;
-    whole on every rank)."""
+def device_bytes(
+    config: ModelConfig,
+    size: int,
+    tensors: dict[str, torch.Tensor] | None = None,
+    contexts: tuple[int, ...] = DEVICE_CONTEXTS,
+) -> dict:
+    """What one device holds when the model is split over `size` ranks, counted from meta shapes (`tensors`: the
+    model's meta_tensors, if built already): its weights (in bf16, and as DeepSeek releases the generation
+    quantized), and the cache of one sequence at each context (bf16; whole on every rank)."""
     check_tensor_parallel(config, size)
-    tensors = per_device_tensors(meta_tensors(config), 0, size, config.n_routed_experts)
+    tensors = meta_tensors(config) if tensors is None else tensors
+    tensors = per_device_tensors(tensors, 0, size, config.n_routed_experts)
     return {
         "tensor_parallel_size": size,
         "weight_bytes": weight_bytes(config, tensors),
